@@ -1,0 +1,151 @@
+//! One agent as the supervisor keeps it: the stored [`AgentRecord`] (spec, state, pid,
+//! times, exit) and the [`AgentStatus`] view that answers status calls and rides on events.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::sampler::TreeSample;
+use crate::spec::AgentSpec;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    Starting,
+    Running,
+    Stopping,
+    Completed,
+    Failed,
+    /// Ended because a stop was requested, whatever its exit code.
+    Killed,
+    /// agentd restarted and the process was gone.
+    Lost,
+}
+
+impl AgentState {
+    /// The process may still exist.
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            AgentState::Starting | AgentState::Running | AgentState::Stopping
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    Zombie,
+    Completed,
+    Failed,
+    Unknown,
+}
+
+/// How the leader process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Exit {
+    /// The shell's view: the code, or 128 + the signal.
+    pub fn code(self) -> i32 {
+        match self {
+            Exit::Code(code) => code,
+            Exit::Signal(signal) => 128 + signal,
+        }
+    }
+
+    pub fn signal(self) -> Option<i32> {
+        match self {
+            Exit::Code(_) => None,
+            Exit::Signal(signal) => Some(signal),
+        }
+    }
+}
+
+/// Everything stored about an agent. Field changes need a new record version in `store`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub spec: Arc<AgentSpec>,
+    pub state: AgentState,
+    pub agent_dir: PathBuf,
+    /// Leader pid, which is also the process group id.
+    pub pid: Option<i32>,
+    /// The leader's start time in clock ticks since boot (`/proc/PID/stat`), so that after a
+    /// daemon restart a reused pid is never mistaken for the agent.
+    pub start_ticks: Option<u64>,
+    pub started_at: Option<SystemTime>,
+    pub ended_at: Option<SystemTime>,
+    /// `None` while running, and after an exit this daemon could not observe (adopted agent).
+    pub exit: Option<Exit>,
+    pub error: Option<String>,
+    pub progress: f64,
+    pub progress_message: String,
+    /// Started by an earlier daemon and adopted by this one: its exit status cannot be seen.
+    pub adopted: bool,
+}
+
+/// An agent's status at one moment: its record plus the latest health sample.
+#[derive(Debug, Clone)]
+pub struct AgentStatus {
+    pub record: AgentRecord,
+    /// The leader process exists (not yet reaped).
+    pub process_alive: bool,
+    pub process_status: String,
+    pub is_zombie: bool,
+    pub cpu_percent: f64,
+    pub memory_mb: f64,
+    pub num_threads: u32,
+    pub num_processes: u32,
+    pub runtime: Duration,
+    pub health: Health,
+}
+
+impl AgentStatus {
+    pub(crate) fn new(record: &AgentRecord, alive: bool, sample: Option<&TreeSample>) -> Self {
+        let sample = sample.filter(|_| alive);
+        let is_zombie = sample.is_some_and(|s| s.leader_status == "zombie");
+        let process_status = match (alive, sample, record.state) {
+            (true, Some(sample), _) => sample.leader_status.clone(),
+            (true, None, _) => "running".to_string(),
+            (false, _, AgentState::Starting | AgentState::Lost) => "unknown".to_string(),
+            (false, _, _) => "exited".to_string(),
+        };
+        let health = match record.state {
+            AgentState::Starting => Health::Unknown,
+            AgentState::Running | AgentState::Stopping if is_zombie => Health::Zombie,
+            AgentState::Running | AgentState::Stopping => Health::Healthy,
+            AgentState::Completed | AgentState::Killed => Health::Completed,
+            AgentState::Failed => Health::Failed,
+            AgentState::Lost => Health::Unknown,
+        };
+        let runtime = record
+            .started_at
+            .map(|start| {
+                let end = record.ended_at.unwrap_or_else(SystemTime::now);
+                end.duration_since(start).unwrap_or_default()
+            })
+            .unwrap_or_default();
+        AgentStatus {
+            record: record.clone(),
+            process_alive: alive,
+            process_status,
+            is_zombie,
+            cpu_percent: sample.map_or(0.0, |s| s.cpu_percent),
+            memory_mb: sample.map_or(0.0, |s| s.memory_bytes as f64 / (1024.0 * 1024.0)),
+            num_threads: sample.map_or(0, |s| s.num_threads),
+            num_processes: sample.map_or(0, |s| s.num_processes),
+            runtime,
+            health,
+        }
+    }
+
+    pub fn agent_id(&self) -> &str {
+        &self.record.spec.agent_id
+    }
+}

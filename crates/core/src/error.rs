@@ -1,0 +1,59 @@
+//! The supervisor's errors: one variant per real cause, so the server can map each to the
+//! right gRPC status without reading messages.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field can never be accepted as written.
+    #[error("invalid `{field}`: {problem}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
+    #[error("no agent `{id}`")]
+    NotFound { id: String },
+    #[error("agent `{id}` already exists")]
+    AlreadyExists { id: String },
+    /// The working directory the spawn named is missing or not a directory.
+    #[error("spawning agent `{id}`: working directory `{}`: {source}", path.display())]
+    WorkingDir {
+        id: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The operating system refused to start the command (not found, not executable...).
+    #[error("spawning agent `{id}`: cannot run `{program}`: {source}")]
+    Spawn {
+        id: String,
+        program: String,
+        source: std::io::Error,
+    },
+    /// The agent's folder or one of its files could not be prepared.
+    #[error("preparing folder `{}` of agent `{id}`: {source}", path.display())]
+    AgentDir {
+        id: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("agent store: {source}")]
+    Store {
+        #[from]
+        source: sled::Error,
+    },
+    #[error("agent store: record `{key}` is not readable: {source}")]
+    Record {
+        key: String,
+        source: serde_json::Error,
+    },
+    /// Setting up the daemon itself failed (data folder, signal handlers, subreaper).
+    #[error("{what}: {source}")]
+    Setup {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("agentd is shutting down")]
+    ShuttingDown,
+}

@@ -1,0 +1,25 @@
+//! The agentd supervisor: starts agent processes, samples their health, stops them with a
+//! signal ladder, reaps every child, keeps each agent's record in sled and publishes
+//! lifecycle and health events.
+//!
+//! Nothing here knows gRPC. [`Supervisor::start`] spawns the one task that owns the agent
+//! table; everything else talks to it through a cloneable [`SupervisorHandle`].
+
+mod agent;
+mod error;
+mod events;
+mod os;
+mod sampler;
+mod spec;
+mod stop;
+mod store;
+mod supervisor;
+
+pub use agent::{AgentRecord, AgentState, AgentStatus, Exit, Health};
+pub use error::{Error, Result};
+pub use events::{Event, EventFilter, EventKind, Subscription};
+pub use spec::{AgentSpec, Limits, SpawnRequest, StopPolicy};
+pub use stop::{StopOutcome, StopReport};
+pub use supervisor::{
+    ListFilter, ReapReport, StopTarget, Summary, Supervisor, SupervisorConfig, SupervisorHandle,
+};

@@ -1,0 +1,401 @@
+//! What a spawn asks for, and the checks that turn a request into an [`AgentSpec`] before
+//! anything is stored or started.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A spawn as the client sent it, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct SpawnRequest {
+    pub request_id: String,
+    pub agent_id: String,
+    pub parent_agent_id: String,
+    pub agent_name: String,
+    pub agent_type: String,
+    pub model: String,
+    pub prompt: String,
+    pub load_percentage: f64,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub working_dir: String,
+    pub labels: BTreeMap<String, String>,
+    /// Signal name, empty for the default.
+    pub stop_signal: String,
+    pub first_grace: Option<Duration>,
+    pub second_grace: Option<Duration>,
+}
+
+/// A validated spawn: what is stored and what the process is started from. The prompt is
+/// not part of it; it lives in the agent's `prompt.txt`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentSpec {
+    pub agent_id: String,
+    #[serde(default)]
+    pub request_id: String,
+    #[serde(default)]
+    pub parent_agent_id: String,
+    #[serde(default)]
+    pub agent_name: String,
+    #[serde(default)]
+    pub agent_type: String,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub load_percentage: f64,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// `None` means the agent's own folder.
+    #[serde(default)]
+    pub working_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub stop_policy: StopPolicy,
+}
+
+/// The stop ladder: `signal`, wait `first_grace`, `signal` again, wait `second_grace`, SIGKILL.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StopPolicy {
+    #[serde(with = "signal_name")]
+    pub signal: Signal,
+    pub first_grace: Duration,
+    pub second_grace: Duration,
+}
+
+impl Default for StopPolicy {
+    /// The seed's ladder: SIGTERM, 10 s, SIGTERM, 5 s, SIGKILL.
+    fn default() -> Self {
+        StopPolicy {
+            signal: Signal::SIGTERM,
+            first_grace: Duration::from_secs(10),
+            second_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Size limits on what a client may send, so one request cannot exhaust the daemon.
+pub struct Limits;
+
+impl Limits {
+    pub const ID_LEN: usize = 128;
+    pub const TEXT_LEN: usize = 1024;
+    pub const PROMPT_BYTES: usize = 1024 * 1024;
+    pub const COMMAND_ARGS: usize = 4096;
+    pub const COMMAND_BYTES: usize = 256 * 1024;
+    pub const ENV_ENTRIES: usize = 256;
+    pub const ENV_BYTES: usize = 64 * 1024;
+    pub const LABELS: usize = 64;
+    pub const MAX_GRACE: Duration = Duration::from_secs(3600);
+}
+
+impl SpawnRequest {
+    /// Checks every field; `agent_id` must already be filled in (generated when empty).
+    pub(crate) fn validate(self) -> Result<(AgentSpec, String)> {
+        check_id("agent_id", &self.agent_id)?;
+        if !self.parent_agent_id.is_empty() {
+            check_id("parent_agent_id", &self.parent_agent_id)?;
+        }
+        check_len("request_id", &self.request_id, Limits::ID_LEN)?;
+        check_len("agent_name", &self.agent_name, Limits::TEXT_LEN)?;
+        check_len("agent_type", &self.agent_type, Limits::TEXT_LEN)?;
+        check_len("model", &self.model, Limits::TEXT_LEN)?;
+        if self.prompt.len() > Limits::PROMPT_BYTES {
+            return invalid(
+                "prompt",
+                format!(
+                    "{} bytes is over the limit of {} bytes",
+                    self.prompt.len(),
+                    Limits::PROMPT_BYTES
+                ),
+            );
+        }
+        if !(0.0..=100.0).contains(&self.load_percentage) {
+            return invalid(
+                "load_percentage",
+                format!("must be between 0 and 100, got {}", self.load_percentage),
+            );
+        }
+        check_command(&self.command)?;
+        check_env(&self.env)?;
+        check_labels(&self.labels)?;
+        let working_dir = match self.working_dir.as_str() {
+            "" => None,
+            dir if dir.contains('\0') => return invalid("working_dir", "contains a NUL byte"),
+            dir => Some(PathBuf::from(dir)),
+        };
+        let stop_policy =
+            check_stop_policy(&self.stop_signal, self.first_grace, self.second_grace)?;
+        let spec = AgentSpec {
+            agent_id: self.agent_id,
+            request_id: self.request_id,
+            parent_agent_id: self.parent_agent_id,
+            agent_name: self.agent_name,
+            agent_type: self.agent_type,
+            model: self.model,
+            load_percentage: self.load_percentage,
+            command: self.command,
+            env: self.env,
+            working_dir,
+            labels: self.labels,
+            stop_policy,
+        };
+        Ok((spec, self.prompt))
+    }
+}
+
+fn invalid<T>(field: &'static str, problem: impl Into<String>) -> Result<T> {
+    Err(Error::Invalid {
+        field,
+        problem: problem.into(),
+    })
+}
+
+/// An agent id names a folder under the data folder, so it must never be able to escape it.
+pub(crate) fn check_id(field: &'static str, id: &str) -> Result<()> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if id.is_empty() || id.len() > Limits::ID_LEN || !id.chars().all(allowed) {
+        return invalid(
+            field,
+            format!("`{id}` must be 1 to 128 characters of A-Z a-z 0-9 . _ -"),
+        );
+    }
+    if id == "." || id == ".." {
+        return invalid(field, format!("`{id}` is not a usable id"));
+    }
+    Ok(())
+}
+
+fn check_len(field: &'static str, value: &str, max: usize) -> Result<()> {
+    if value.len() > max {
+        return invalid(
+            field,
+            format!("{} bytes is over the limit of {max}", value.len()),
+        );
+    }
+    Ok(())
+}
+
+fn check_command(command: &[String]) -> Result<()> {
+    match command.first() {
+        None => return invalid("command", "is empty: give the program and its arguments"),
+        Some(program) if program.is_empty() => {
+            return invalid("command", "the program (first element) is empty");
+        }
+        Some(_) => {}
+    }
+    if command.len() > Limits::COMMAND_ARGS {
+        return invalid(
+            "command",
+            format!(
+                "{} arguments is over the limit of {}",
+                command.len(),
+                Limits::COMMAND_ARGS
+            ),
+        );
+    }
+    let bytes: usize = command.iter().map(String::len).sum();
+    if bytes > Limits::COMMAND_BYTES {
+        return invalid(
+            "command",
+            format!(
+                "{bytes} bytes is over the limit of {}",
+                Limits::COMMAND_BYTES
+            ),
+        );
+    }
+    if command.iter().any(|arg| arg.contains('\0')) {
+        return invalid("command", "an argument contains a NUL byte");
+    }
+    Ok(())
+}
+
+fn check_env(env: &BTreeMap<String, String>) -> Result<()> {
+    if env.len() > Limits::ENV_ENTRIES {
+        return invalid(
+            "env",
+            format!(
+                "{} entries is over the limit of {}",
+                env.len(),
+                Limits::ENV_ENTRIES
+            ),
+        );
+    }
+    let bytes: usize = env.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > Limits::ENV_BYTES {
+        return invalid(
+            "env",
+            format!("{bytes} bytes is over the limit of {}", Limits::ENV_BYTES),
+        );
+    }
+    for (key, value) in env {
+        if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+            return invalid(
+                "env",
+                format!("`{key}`: names must be non-empty without `=` or NUL, values without NUL"),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    if labels.len() > Limits::LABELS {
+        return invalid(
+            "labels",
+            format!(
+                "{} labels is over the limit of {}",
+                labels.len(),
+                Limits::LABELS
+            ),
+        );
+    }
+    for (key, value) in labels {
+        if key.is_empty() || key.len() > Limits::ID_LEN || value.len() > Limits::TEXT_LEN {
+            return invalid(
+                "labels",
+                format!(
+                    "`{key}`: keys must be 1 to {} bytes, values at most {}",
+                    Limits::ID_LEN,
+                    Limits::TEXT_LEN
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_stop_policy(
+    signal: &str,
+    first_grace: Option<Duration>,
+    second_grace: Option<Duration>,
+) -> Result<StopPolicy> {
+    let default = StopPolicy::default();
+    let signal = match signal {
+        "" => default.signal,
+        name => parse_signal(name).ok_or_else(|| Error::Invalid {
+            field: "stop_policy.stop_signal",
+            problem: format!("`{name}` is not a signal name such as SIGTERM or SIGINT"),
+        })?,
+    };
+    if signal == Signal::SIGKILL || signal == Signal::SIGSTOP {
+        return invalid(
+            "stop_policy.stop_signal",
+            "SIGKILL and SIGSTOP cannot be a graceful stop signal",
+        );
+    }
+    let first_grace = first_grace.unwrap_or(default.first_grace);
+    let second_grace = second_grace.unwrap_or(default.second_grace);
+    for (field, grace) in [
+        ("stop_policy.first_grace", first_grace),
+        ("stop_policy.second_grace", second_grace),
+    ] {
+        if grace > Limits::MAX_GRACE {
+            return invalid(field, format!("{grace:?} is over the limit of 1 hour"));
+        }
+    }
+    Ok(StopPolicy {
+        signal,
+        first_grace,
+        second_grace,
+    })
+}
+
+/// Accepts "SIGTERM", "TERM" and "sigterm".
+fn parse_signal(name: &str) -> Option<Signal> {
+    let upper = name.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse().ok()
+}
+
+mod signal_name {
+    use nix::sys::signal::Signal;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<S: Serializer>(signal: &Signal, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(signal.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse()
+            .map_err(|_| D::Error::custom(format!("unknown signal `{name}`")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(command: &[&str]) -> SpawnRequest {
+        SpawnRequest {
+            agent_id: "a1".into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            ..SpawnRequest::default()
+        }
+    }
+
+    fn field_of(result: Result<(AgentSpec, String)>) -> &'static str {
+        match result {
+            Err(Error::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid-argument error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ids_cannot_escape_the_data_folder() {
+        for id in ["", ".", "..", "../x", "a/b", "a b", &"x".repeat(129)] {
+            assert!(check_id("agent_id", id).is_err(), "{id:?} was accepted");
+        }
+        for id in ["a", "A-1.b_c", "..a", &"x".repeat(128)] {
+            assert!(check_id("agent_id", id).is_ok(), "{id:?} was rejected");
+        }
+    }
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        assert_eq!(field_of(request(&[]).validate()), "command");
+        assert_eq!(field_of(request(&[""]).validate()), "command");
+        let mut r = request(&["true"]);
+        r.load_percentage = 101.0;
+        assert_eq!(field_of(r.validate()), "load_percentage");
+        let mut r = request(&["true"]);
+        r.load_percentage = f64::NAN;
+        assert_eq!(field_of(r.validate()), "load_percentage");
+        let mut r = request(&["true"]);
+        r.prompt = "x".repeat(Limits::PROMPT_BYTES + 1);
+        assert_eq!(field_of(r.validate()), "prompt");
+        let mut r = request(&["true"]);
+        r.env.insert("A=B".into(), "1".into());
+        assert_eq!(field_of(r.validate()), "env");
+        let mut r = request(&["true"]);
+        r.stop_signal = "SIGNOPE".into();
+        assert_eq!(field_of(r.validate()), "stop_policy.stop_signal");
+        let mut r = request(&["true"]);
+        r.stop_signal = "KILL".into();
+        assert_eq!(field_of(r.validate()), "stop_policy.stop_signal");
+    }
+
+    #[test]
+    fn stop_policy_defaults_to_the_seed_ladder_and_parses_names() {
+        let (spec, _) = request(&["true"]).validate().expect("valid");
+        assert_eq!(spec.stop_policy, StopPolicy::default());
+        let mut r = request(&["true"]);
+        r.stop_signal = "int".into();
+        r.first_grace = Some(Duration::from_millis(250));
+        let (spec, _) = r.validate().expect("valid");
+        assert_eq!(spec.stop_policy.signal, Signal::SIGINT);
+        assert_eq!(spec.stop_policy.first_grace, Duration::from_millis(250));
+        assert_eq!(spec.stop_policy.second_grace, Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,199 @@
+//! The stop ladder: the stop signal to the agent's whole process group, a grace period, the
+//! signal again, a second grace period, then SIGKILL. A stop ends the moment the whole group
+//! is gone, not when the leader exits and not after the full waits. Each stopping agent has
+//! its own deadline on the supervisor task, so any number of ladders run at once.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::agent::{AgentState, AgentStatus};
+use crate::events::EventKind;
+use crate::os;
+use crate::supervisor::SupervisorTask;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// The group was gone after the first stop signal.
+    ExitedOnFirstSignal,
+    /// The group needed the second stop signal.
+    Escalated,
+    /// The group needed SIGKILL (or the stop was forced).
+    Killed,
+    /// The agent had already ended before the stop.
+    AlreadyExited,
+}
+
+#[derive(Debug, Clone)]
+pub struct StopReport {
+    pub agent_id: String,
+    pub outcome: StopOutcome,
+    /// From the stop request until the whole group was gone.
+    pub duration: Duration,
+    pub status: AgentStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    FirstSignal,
+    SecondSignal,
+    Kill,
+}
+
+/// A stop under way.
+pub(crate) struct Stop {
+    started: Instant,
+    step: Step,
+    deadline: Instant,
+    /// Everyone who asked for this stop; each gets the report.
+    waiters: Vec<oneshot::Sender<StopReport>>,
+}
+
+/// After SIGKILL the group is signalled and checked again this often until it is gone
+/// (a process in uninterruptible sleep dies only when it wakes).
+const KILL_RECHECK: Duration = Duration::from_secs(1);
+
+impl SupervisorTask {
+    /// Starts stopping an agent, or joins a stop already under way. The agent must exist.
+    pub(crate) fn begin_stop(
+        &mut self,
+        agent_id: &str,
+        force: bool,
+    ) -> oneshot::Receiver<StopReport> {
+        let (waiter, report) = oneshot::channel();
+        let Some(agent) = self.agents.get_mut(agent_id) else {
+            return report;
+        };
+        if let Some(stop) = agent.stop.as_mut() {
+            stop.waiters.push(waiter);
+            if force && stop.step != Step::Kill {
+                self.enter_step(agent_id, Step::Kill);
+            }
+            return report;
+        }
+        let pgid = agent.record.pid.filter(|&pgid| {
+            agent.leader_alive || (agent.group_may_live && os::GroupProbe::default().alive(pgid))
+        });
+        if pgid.is_none() {
+            agent.group_may_live = false;
+            let _ = waiter.send(StopReport {
+                agent_id: agent_id.to_string(),
+                outcome: StopOutcome::AlreadyExited,
+                duration: Duration::ZERO,
+                status: agent.status(),
+            });
+            return report;
+        }
+        let now = Instant::now();
+        agent.stop = Some(Stop {
+            started: now,
+            step: Step::FirstSignal,
+            deadline: now,
+            waiters: vec![waiter],
+        });
+        if agent.leader_alive {
+            agent.record.state = AgentState::Stopping;
+            let record = agent.record.clone();
+            self.persist(&record);
+            self.emit(
+                agent_id,
+                EventKind::Stopping,
+                if force { "force" } else { "graceful" }.to_string(),
+            );
+        }
+        self.enter_step(agent_id, if force { Step::Kill } else { Step::FirstSignal });
+        report
+    }
+
+    /// Sends the step's signal and sets its deadline.
+    fn enter_step(&mut self, agent_id: &str, step: Step) {
+        let Some(agent) = self.agents.get_mut(agent_id) else {
+            return;
+        };
+        let (Some(pgid), Some(stop)) = (agent.record.pid, agent.stop.as_mut()) else {
+            return;
+        };
+        let policy = agent.record.spec.stop_policy;
+        let (signal, wait) = match step {
+            Step::FirstSignal => (policy.signal, policy.first_grace),
+            Step::SecondSignal => (policy.signal, policy.second_grace),
+            Step::Kill => (Signal::SIGKILL, KILL_RECHECK),
+        };
+        self.deadlines
+            .remove(&(stop.deadline, agent_id.to_string()));
+        stop.step = step;
+        stop.deadline = Instant::now() + wait;
+        self.deadlines.insert((stop.deadline, agent_id.to_string()));
+        tracing::info!(%agent_id, ?step, %signal, "stop ladder");
+        let sent = match os::signal_group(pgid, signal) {
+            // A leader that left its group still gets the signal.
+            Ok(false) if agent.leader_alive => os::signal_process(pgid, signal),
+            other => other,
+        };
+        if let Err(error) = sent {
+            tracing::warn!(%agent_id, %error, %signal, "signalling the agent's process group");
+        }
+    }
+
+    /// The current step's grace period ran out: finish if the group is gone, else escalate.
+    pub(crate) fn on_stop_deadline(&mut self, agent_id: &str) {
+        if self.finish_stop_if_gone(agent_id, &mut os::GroupProbe::default()) {
+            return;
+        }
+        let Some(step) = self
+            .agents
+            .get(agent_id)
+            .and_then(|agent| agent.stop.as_ref())
+            .map(|stop| stop.step)
+        else {
+            return;
+        };
+        let next = match step {
+            Step::FirstSignal => Step::SecondSignal,
+            Step::SecondSignal | Step::Kill => Step::Kill,
+        };
+        self.enter_step(agent_id, next);
+    }
+
+    /// Ends the stop and answers its waiters if the leader is reaped and the group is empty.
+    pub(crate) fn finish_stop_if_gone(
+        &mut self,
+        agent_id: &str,
+        probe: &mut os::GroupProbe,
+    ) -> bool {
+        let Some(agent) = self.agents.get_mut(agent_id) else {
+            return false;
+        };
+        if agent.stop.is_none()
+            || agent.leader_alive
+            || agent.record.pid.is_some_and(|pgid| probe.alive(pgid))
+        {
+            return false;
+        }
+        agent.group_may_live = false;
+        let Some(stop) = agent.stop.take() else {
+            return false;
+        };
+        self.deadlines
+            .remove(&(stop.deadline, agent_id.to_string()));
+        let outcome = match stop.step {
+            Step::FirstSignal => StopOutcome::ExitedOnFirstSignal,
+            Step::SecondSignal => StopOutcome::Escalated,
+            Step::Kill => StopOutcome::Killed,
+        };
+        let duration = stop.started.elapsed();
+        tracing::info!(%agent_id, ?outcome, ?duration, "stopped");
+        let status = agent.status();
+        for waiter in stop.waiters {
+            let _ = waiter.send(StopReport {
+                agent_id: agent_id.to_string(),
+                outcome,
+                duration,
+                status: status.clone(),
+            });
+        }
+        true
+    }
+}

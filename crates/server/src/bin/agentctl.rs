@@ -1,0 +1,503 @@
+//! `agentctl`: the command-line client of agentd.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentd_proto::v1 as pb;
+use agentd_server::settings;
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use pb::agent_supervisor_client::AgentSupervisorClient;
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Parser)]
+#[command(version, about = "Talk to a running agentd")]
+struct Options {
+    /// agentd's Unix socket [default: DATA_DIR/agentd.sock, as agentd chooses it]
+    #[arg(long, env = "AGENTD_SOCKET", global = true)]
+    socket: Option<PathBuf>,
+    /// agentd's TCP address instead of the socket, e.g. http://127.0.0.1:7070
+    #[arg(long, env = "AGENTD_ADDR", global = true)]
+    addr: Option<String>,
+    /// Print JSON instead of tables
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Action,
+}
+
+#[derive(Subcommand)]
+enum Action {
+    /// Start an agent: agentctl spawn [OPTIONS] -- PROGRAM [ARGS...]
+    Spawn(Box<SpawnArgs>),
+    /// Show one agent
+    Status { agent_id: String },
+    /// List agents
+    List {
+        /// Only agents in this state (running, completed, failed...); repeatable
+        #[arg(long = "state")]
+        states: Vec<String>,
+        /// Only children of this parent
+        #[arg(long)]
+        parent: Option<String>,
+        /// Only agents with this label, KEY=VALUE; repeatable
+        #[arg(long = "label", value_parser = key_value)]
+        labels: Vec<(String, String)>,
+    },
+    /// Stop agents with the stop ladder (or SIGKILL with --force)
+    Stop {
+        agent_ids: Vec<String>,
+        /// Stop every agent
+        #[arg(long, conflicts_with = "agent_ids")]
+        all: bool,
+        /// SIGKILL the process group at once
+        #[arg(long)]
+        force: bool,
+    },
+    /// Counts, resource use and declared load of all agents
+    Summary,
+    /// Print events as they happen
+    Watch {
+        /// Only this agent; repeatable
+        #[arg(long = "agent")]
+        agent_ids: Vec<String>,
+        /// Only children of this parent
+        #[arg(long)]
+        parent: Option<String>,
+        /// Only this kind (spawned, exited, failed, stopping, killed, health, progress...);
+        /// repeatable
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+        /// First print the current status of every matching agent
+        #[arg(long)]
+        snapshot: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct SpawnArgs {
+    /// Agent id [default: generated]
+    #[arg(long = "id")]
+    agent_id: Option<String>,
+    #[arg(long)]
+    parent: Option<String>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long = "type")]
+    agent_type: Option<String>,
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from this file
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Declared share of the host, 0-100
+    #[arg(long, default_value_t = 0.0)]
+    load: f64,
+    /// KEY=VALUE added to the environment; repeatable
+    #[arg(long = "env", value_parser = key_value)]
+    env: Vec<(String, String)>,
+    /// KEY=VALUE label; repeatable
+    #[arg(long = "label", value_parser = key_value)]
+    labels: Vec<(String, String)>,
+    /// Working directory [default: the agent's folder]
+    #[arg(long)]
+    cwd: Option<String>,
+    /// Idempotency key: repeating it returns the same agent
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Graceful stop signal [default: SIGTERM]
+    #[arg(long)]
+    stop_signal: Option<String>,
+    /// Wait after the first stop signal [default: 10s]
+    #[arg(long, value_parser = settings::parse_duration)]
+    grace: Option<Duration>,
+    /// Wait after the second stop signal [default: 5s]
+    #[arg(long, value_parser = settings::parse_duration)]
+    second_grace: Option<Duration>,
+    /// The program and its arguments
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
+}
+
+fn key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{text}` is not KEY=VALUE"))
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(Options::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            match error.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("agentctl: {} ({:?})", status.message(), status.code()),
+                None => eprintln!("agentctl: {error:#}"),
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(options: Options) -> anyhow::Result<()> {
+    let mut client = connect(&options).await?;
+    let json = options.json;
+    match options.command {
+        Action::Spawn(args) => {
+            let request = spawn_request(*args)?;
+            let status = client.spawn(request).await?.into_inner().status;
+            print_statuses(status.as_slice(), json);
+        }
+        Action::Status { agent_id } => {
+            let request = pb::StatusRequest { agent_id };
+            let status = client.status(request).await?.into_inner().status;
+            print_statuses(status.as_slice(), json);
+        }
+        Action::List {
+            states,
+            parent,
+            labels,
+        } => {
+            let states = states
+                .iter()
+                .map(|s| parse_enum(s, "AGENT_STATE_", pb::AgentState::from_str_name))
+                .collect::<anyhow::Result<_>>()?;
+            let request = pb::ListAgentsRequest {
+                states,
+                parent_agent_id: parent.unwrap_or_default(),
+                labels: labels.into_iter().collect(),
+            };
+            let agents = client.list_agents(request).await?.into_inner().agents;
+            print_statuses(&agents, json);
+        }
+        Action::Stop {
+            agent_ids,
+            all,
+            force,
+        } => {
+            let request = pb::CleanupRequest {
+                agent_ids,
+                all,
+                force,
+            };
+            let results = client.cleanup(request).await?.into_inner().results;
+            print_stop_results(&results, json);
+        }
+        Action::Summary => {
+            let summary = client
+                .get_summary(pb::GetSummaryRequest {})
+                .await?
+                .into_inner();
+            print_summary(&summary, json);
+        }
+        Action::Watch {
+            agent_ids,
+            parent,
+            kinds,
+            snapshot,
+        } => {
+            let kinds = kinds
+                .iter()
+                .map(|k| parse_enum(k, "EVENT_KIND_", pb::EventKind::from_str_name))
+                .collect::<anyhow::Result<_>>()?;
+            let request = pb::WatchAgentsRequest {
+                agent_ids,
+                parent_agent_id: parent.unwrap_or_default(),
+                kinds,
+                include_snapshot: snapshot,
+            };
+            let mut events = client.watch_agents(request).await?.into_inner();
+            while let Some(event) = events.message().await? {
+                print_event(&event, json);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn connect(options: &Options) -> anyhow::Result<AgentSupervisorClient<Channel>> {
+    let target = match (&options.addr, &options.socket) {
+        (Some(addr), _) => addr.clone(),
+        (None, Some(socket)) => format!("unix://{}", socket.display()),
+        (None, None) => {
+            let data_dir = std::env::var_os("AGENTD_DATA_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(settings::default_data_dir);
+            format!("unix://{}", settings::socket_in(&data_dir).display())
+        }
+    };
+    let channel = Endpoint::from_shared(target.clone())
+        .with_context(|| format!("`{target}` is not a usable address"))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to agentd at {target} (is it running?)"))?;
+    Ok(AgentSupervisorClient::new(channel))
+}
+
+fn spawn_request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
+    let prompt = match (&args.prompt, &args.prompt_file) {
+        (Some(prompt), _) => prompt.clone(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .with_context(|| format!("reading prompt file `{}`", file.display()))?,
+        (None, None) => String::new(),
+    };
+    let stop_policy = (args.stop_signal.is_some()
+        || args.grace.is_some()
+        || args.second_grace.is_some())
+    .then(|| pb::StopPolicy {
+        stop_signal: args.stop_signal.unwrap_or_default(),
+        first_grace: args.grace.and_then(|d| d.try_into().ok()),
+        second_grace: args.second_grace.and_then(|d| d.try_into().ok()),
+    });
+    Ok(pb::SpawnRequest {
+        request_id: args.request_id.unwrap_or_default(),
+        agent_id: args.agent_id.unwrap_or_default(),
+        parent_agent_id: args.parent.unwrap_or_default(),
+        agent_name: args.name.unwrap_or_default(),
+        agent_type: args.agent_type.unwrap_or_default(),
+        model: args.model.unwrap_or_default(),
+        prompt,
+        load_percentage: args.load,
+        command: args.command,
+        env: args.env.into_iter().collect(),
+        working_dir: args.cwd.unwrap_or_default(),
+        labels: args.labels.into_iter().collect(),
+        stop_policy,
+    })
+}
+
+/// Accepts `running`, `RUNNING` or the full `AGENT_STATE_RUNNING`.
+fn parse_enum<E: Into<i32>>(
+    text: &str,
+    prefix: &str,
+    parse: fn(&str) -> Option<E>,
+) -> anyhow::Result<i32> {
+    let upper = text.to_ascii_uppercase().replace('-', "_");
+    let full = if upper.starts_with(prefix) {
+        upper
+    } else {
+        format!("{prefix}{upper}")
+    };
+    match parse(&full) {
+        Some(value) => Ok(value.into()),
+        None => bail!(
+            "`{text}` is not a known {}",
+            prefix.trim_end_matches('_').to_lowercase()
+        ),
+    }
+}
+
+/// `AGENT_STATE_RUNNING` -> `running`.
+fn enum_name(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix).unwrap_or(name).to_lowercase()
+}
+
+fn state_name(value: i32) -> String {
+    pb::AgentState::try_from(value)
+        .map(|s| enum_name(s.as_str_name(), "AGENT_STATE_"))
+        .unwrap_or_else(|_| value.to_string())
+}
+
+fn health_name(value: i32) -> String {
+    pb::Health::try_from(value)
+        .map(|h| enum_name(h.as_str_name(), "HEALTH_"))
+        .unwrap_or_else(|_| value.to_string())
+}
+
+fn timestamp_json(time: Option<&prost_types::Timestamp>) -> Value {
+    time.map_or(Value::Null, |t| {
+        json!(t.seconds as f64 + f64::from(t.nanos) / 1e9)
+    })
+}
+
+fn status_json(s: &pb::AgentStatus) -> Value {
+    json!({
+        "agent_id": s.agent_id,
+        "state": state_name(s.state),
+        "health": health_name(s.health),
+        "pid": s.pid,
+        "process_alive": s.process_alive,
+        "process_status": s.process_status,
+        "is_zombie": s.is_zombie,
+        "exit_code": s.exit_code,
+        "exit_signal": s.exit_signal,
+        "cpu_percent": s.cpu_percent,
+        "memory_mb": s.memory_mb,
+        "num_threads": s.num_threads,
+        "num_processes": s.num_processes,
+        "runtime_seconds": s.runtime_seconds,
+        "started_at": timestamp_json(s.started_at.as_ref()),
+        "ended_at": timestamp_json(s.ended_at.as_ref()),
+        "progress": s.progress,
+        "progress_message": s.progress_message,
+        "error": s.error,
+        "cmdline": s.cmdline,
+        "parent_agent_id": s.parent_agent_id,
+        "agent_name": s.agent_name,
+        "agent_type": s.agent_type,
+        "model": s.model,
+        "load_percentage": s.load_percentage,
+        "labels": s.labels,
+        "agent_dir": s.agent_dir,
+        "adopted": s.adopted,
+        "request_id": s.request_id,
+    })
+}
+
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn exit_text(code: Option<i32>, signal: Option<i32>) -> String {
+    match (code, signal) {
+        (_, Some(signal)) => format!("signal {signal}"),
+        (Some(code), None) => code.to_string(),
+        (None, None) => "-".into(),
+    }
+}
+
+fn print_statuses(statuses: &[pb::AgentStatus], json: bool) {
+    if json {
+        let values: Vec<Value> = statuses.iter().map(status_json).collect();
+        let value = match values.as_slice() {
+            [one] => one.clone(),
+            _ => Value::Array(values),
+        };
+        println!("{value:#}");
+        return;
+    }
+    let rows: Vec<Vec<String>> = statuses
+        .iter()
+        .map(|s| {
+            vec![
+                s.agent_id.clone(),
+                state_name(s.state),
+                health_name(s.health),
+                s.pid.to_string(),
+                format!("{:.1}", s.cpu_percent),
+                format!("{:.1}", s.memory_mb),
+                s.num_threads.to_string(),
+                format!("{:.0}s", s.runtime_seconds),
+                format!("{:.0}%", s.progress),
+                exit_text(s.exit_code, s.exit_signal),
+                s.cmdline.join(" "),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "AGENT", "STATE", "HEALTH", "PID", "CPU%", "MEM_MB", "THREADS", "RUNTIME", "PROGRESS",
+            "EXIT", "COMMAND",
+        ],
+        &rows,
+    );
+}
+
+fn print_stop_results(results: &[pb::StopResult], json: bool) {
+    let outcome = |value: i32| {
+        pb::StopOutcome::try_from(value)
+            .map(|o| enum_name(o.as_str_name(), "STOP_OUTCOME_"))
+            .unwrap_or_else(|_| value.to_string())
+    };
+    let seconds = |d: Option<&prost_types::Duration>| {
+        d.map_or(0.0, |d| d.seconds as f64 + f64::from(d.nanos) / 1e9)
+    };
+    if json {
+        let values: Vec<Value> = results
+            .iter()
+            .map(|r| {
+                json!({
+                    "agent_id": r.agent_id,
+                    "outcome": outcome(r.outcome),
+                    "exit_code": r.exit_code,
+                    "exit_signal": r.exit_signal,
+                    "duration_seconds": seconds(r.duration.as_ref()),
+                })
+            })
+            .collect();
+        println!("{:#}", Value::Array(values));
+        return;
+    }
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| {
+            vec![
+                r.agent_id.clone(),
+                outcome(r.outcome),
+                exit_text(r.exit_code, r.exit_signal),
+                format!("{:.3}s", seconds(r.duration.as_ref())),
+            ]
+        })
+        .collect();
+    print_table(&["AGENT", "OUTCOME", "EXIT", "TOOK"], &rows);
+}
+
+fn print_summary(s: &pb::GetSummaryResponse, json: bool) {
+    let value = json!({
+        "total": s.total, "starting": s.starting, "running": s.running,
+        "stopping": s.stopping, "completed": s.completed, "failed": s.failed,
+        "killed": s.killed, "lost": s.lost, "zombies": s.zombies,
+        "total_memory_mb": s.total_memory_mb, "total_cpu_percent": s.total_cpu_percent,
+        "total_load_percentage": s.total_load_percentage,
+    });
+    if json {
+        println!("{value:#}");
+        return;
+    }
+    if let Value::Object(fields) = value {
+        for (name, value) in fields {
+            println!("{name:<22} {value}");
+        }
+    }
+}
+
+fn print_event(event: &pb::AgentEvent, json: bool) {
+    let kind = pb::EventKind::try_from(event.kind)
+        .map(|k| enum_name(k.as_str_name(), "EVENT_KIND_"))
+        .unwrap_or_else(|_| event.kind.to_string());
+    if json {
+        let value = json!({
+            "sequence": event.sequence,
+            "time": timestamp_json(event.time.as_ref()),
+            "agent_id": event.agent_id,
+            "kind": kind,
+            "message": event.message,
+            "status": event.status.as_ref().map(status_json),
+        });
+        println!("{value}");
+        return;
+    }
+    let status = event.status.clone().unwrap_or_default();
+    println!(
+        "#{} {:<9} {} state={} pid={} cpu={:.1}% mem={:.1}MB exit={} {}",
+        event.sequence,
+        kind,
+        event.agent_id,
+        state_name(status.state),
+        status.pid,
+        status.cpu_percent,
+        status.memory_mb,
+        exit_text(status.exit_code, status.exit_signal),
+        event.message
+    );
+}

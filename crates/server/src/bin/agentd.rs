@@ -1,0 +1,111 @@
+//! `agentd`: the per-host agent supervisor daemon.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agentd_core::{Supervisor, SupervisorConfig};
+use agentd_server::{Listener, settings};
+use anyhow::{Context, bail};
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Spawns AI agent processes, watches their health and stops them on request, over gRPC.
+#[derive(Parser)]
+#[command(version)]
+struct Options {
+    /// Folder for the store, the agents' folders and the default socket
+    /// [default: $XDG_STATE_HOME/agentd or ~/.local/state/agentd]
+    #[arg(long, env = "AGENTD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Unix socket to serve on [default: DATA_DIR/agentd.sock]
+    #[arg(long, env = "AGENTD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Also serve on this TCP address (HOST:PORT), without authentication
+    #[arg(long, env = "AGENTD_LISTEN")]
+    listen: Option<String>,
+    /// How often agents' CPU, memory and threads are sampled (500ms, 1s, 2s...)
+    #[arg(long, env = "AGENTD_SAMPLE_INTERVAL", default_value = "1s", value_parser = settings::parse_duration)]
+    sample_interval: Duration,
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive list
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log_level: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let options = Options::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&options.log_level)
+                .with_context(|| format!("invalid --log-level `{}`", options.log_level))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if options.sample_interval < Duration::from_millis(10) {
+        bail!("--sample-interval must be at least 10ms");
+    }
+
+    let data_dir = options.data_dir.unwrap_or_else(settings::default_data_dir);
+    let socket = options
+        .socket
+        .unwrap_or_else(|| settings::socket_in(&data_dir));
+    let mut config = SupervisorConfig::new(data_dir.clone());
+    config.sample_interval = options.sample_interval;
+    let supervisor = Supervisor::start(config)
+        .with_context(|| format!("starting the supervisor in `{}`", data_dir.display()))?;
+
+    let mut listeners = vec![Listener::Unix(bind_unix(&socket)?)];
+    let mut serving = format!("unix://{}", socket.display());
+    if let Some(address) = &options.listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("listening on `{address}`"))?;
+        serving += &format!(" and http://{}", listener.local_addr()?);
+        listeners.push(Listener::Tcp(listener));
+    }
+    println!(
+        "agentd {} ready on {serving} (pid {}, data {})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        data_dir.display()
+    );
+
+    let result = agentd_server::run(listeners, supervisor, shutdown_signal()?).await;
+    let _ = std::fs::remove_file(&socket);
+    result?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Binds the Unix socket with mode 0600, replacing a stale socket but never a live one.
+fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another agentd is already serving on `{}`", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket `{}`", path.display()))?;
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating `{}`", parent.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding socket `{}`", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting socket `{}` to its owner", path.display()))?;
+    Ok(listener)
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
+}

@@ -1,0 +1,244 @@
+//! Every conversion between the `agentd.v1` messages and the supervisor's own types, and the
+//! one mapping from `agentd_core::Error` to a gRPC status.
+
+use std::time::Duration;
+
+use agentd_core::{
+    AgentState, AgentStatus, Error, Event, EventKind, Exit, Health, ReapReport, SpawnRequest,
+    StopOutcome, StopReport, Summary,
+};
+use agentd_proto::v1 as pb;
+use tonic::{Code, Status};
+
+/// Maps each error variant to the status code a client can act on. No `_` arm: a new
+/// variant must choose its code here.
+pub fn error_status(error: Error) -> Status {
+    let code = match &error {
+        Error::Invalid { .. } => Code::InvalidArgument,
+        Error::NotFound { .. } => Code::NotFound,
+        Error::AlreadyExists { .. } => Code::AlreadyExists,
+        Error::WorkingDir { .. } => Code::FailedPrecondition,
+        Error::Spawn { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput => {
+                Code::InvalidArgument
+            }
+            std::io::ErrorKind::PermissionDenied => Code::FailedPrecondition,
+            _ => Code::Internal,
+        },
+        Error::AgentDir { .. } | Error::Store { .. } | Error::Record { .. } => Code::Internal,
+        Error::Setup { .. } => Code::Internal,
+        Error::ShuttingDown => Code::Unavailable,
+    };
+    Status::new(code, error.to_string())
+}
+
+pub fn spawn_request(request: pb::SpawnRequest) -> Result<SpawnRequest, Status> {
+    let policy = request.stop_policy.unwrap_or_default();
+    Ok(SpawnRequest {
+        request_id: request.request_id,
+        agent_id: request.agent_id,
+        parent_agent_id: request.parent_agent_id,
+        agent_name: request.agent_name,
+        agent_type: request.agent_type,
+        model: request.model,
+        prompt: request.prompt,
+        load_percentage: request.load_percentage,
+        command: request.command,
+        env: request.env.into_iter().collect(),
+        working_dir: request.working_dir,
+        labels: request.labels.into_iter().collect(),
+        stop_signal: policy.stop_signal,
+        first_grace: duration("stop_policy.first_grace", policy.first_grace)?,
+        second_grace: duration("stop_policy.second_grace", policy.second_grace)?,
+    })
+}
+
+fn duration(field: &str, value: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
+    value
+        .map(|d| {
+            Duration::try_from(d).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "invalid `{field}`: must be a non-negative duration"
+                ))
+            })
+        })
+        .transpose()
+}
+
+pub fn state(state: AgentState) -> pb::AgentState {
+    match state {
+        AgentState::Starting => pb::AgentState::Starting,
+        AgentState::Running => pb::AgentState::Running,
+        AgentState::Stopping => pb::AgentState::Stopping,
+        AgentState::Completed => pb::AgentState::Completed,
+        AgentState::Failed => pb::AgentState::Failed,
+        AgentState::Killed => pb::AgentState::Killed,
+        AgentState::Lost => pb::AgentState::Lost,
+    }
+}
+
+pub fn state_from(value: i32) -> Result<AgentState, Status> {
+    Ok(match pb::AgentState::try_from(value) {
+        Ok(pb::AgentState::Starting) => AgentState::Starting,
+        Ok(pb::AgentState::Running) => AgentState::Running,
+        Ok(pb::AgentState::Stopping) => AgentState::Stopping,
+        Ok(pb::AgentState::Completed) => AgentState::Completed,
+        Ok(pb::AgentState::Failed) => AgentState::Failed,
+        Ok(pb::AgentState::Killed) => AgentState::Killed,
+        Ok(pb::AgentState::Lost) => AgentState::Lost,
+        Ok(pb::AgentState::Unspecified) | Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "invalid `states`: {value} is not an AgentState"
+            )));
+        }
+    })
+}
+
+fn health(health: Health) -> pb::Health {
+    match health {
+        Health::Healthy => pb::Health::Healthy,
+        Health::Zombie => pb::Health::Zombie,
+        Health::Completed => pb::Health::Completed,
+        Health::Failed => pb::Health::Failed,
+        Health::Unknown => pb::Health::Unknown,
+    }
+}
+
+pub fn event_kind(kind: EventKind) -> pb::EventKind {
+    match kind {
+        EventKind::Spawned => pb::EventKind::Spawned,
+        EventKind::Exited => pb::EventKind::Exited,
+        EventKind::Failed => pb::EventKind::Failed,
+        EventKind::Stopping => pb::EventKind::Stopping,
+        EventKind::Killed => pb::EventKind::Killed,
+        EventKind::Health => pb::EventKind::Health,
+        EventKind::Progress => pb::EventKind::Progress,
+        EventKind::Lost => pb::EventKind::Lost,
+        EventKind::Adopted => pb::EventKind::Adopted,
+        EventKind::Snapshot => pb::EventKind::Snapshot,
+    }
+}
+
+pub fn event_kind_from(value: i32) -> Result<EventKind, Status> {
+    Ok(match pb::EventKind::try_from(value) {
+        Ok(pb::EventKind::Spawned) => EventKind::Spawned,
+        Ok(pb::EventKind::Exited) => EventKind::Exited,
+        Ok(pb::EventKind::Failed) => EventKind::Failed,
+        Ok(pb::EventKind::Stopping) => EventKind::Stopping,
+        Ok(pb::EventKind::Killed) => EventKind::Killed,
+        Ok(pb::EventKind::Health) => EventKind::Health,
+        Ok(pb::EventKind::Progress) => EventKind::Progress,
+        Ok(pb::EventKind::Lost) => EventKind::Lost,
+        Ok(pb::EventKind::Adopted) => EventKind::Adopted,
+        Ok(pb::EventKind::Snapshot) => EventKind::Snapshot,
+        Ok(pb::EventKind::Unspecified) | Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "invalid `kinds`: {value} is not an EventKind"
+            )));
+        }
+    })
+}
+
+pub fn status(status: &AgentStatus) -> pb::AgentStatus {
+    let record = &status.record;
+    let spec = &record.spec;
+    pb::AgentStatus {
+        agent_id: spec.agent_id.clone(),
+        process_alive: status.process_alive,
+        process_status: status.process_status.clone(),
+        exit_code: record.exit.map(Exit::code),
+        is_zombie: status.is_zombie,
+        cpu_percent: status.cpu_percent,
+        memory_mb: status.memory_mb,
+        runtime_seconds: status.runtime.as_secs_f64(),
+        num_threads: status.num_threads,
+        cmdline: spec.command.clone(),
+        health: health(status.health).into(),
+        state: state(record.state).into(),
+        started_at: record.started_at.map(Into::into),
+        progress: record.progress,
+        pid: record
+            .pid
+            .and_then(|pid| u32::try_from(pid).ok())
+            .unwrap_or(0),
+        exit_signal: record.exit.and_then(Exit::signal),
+        ended_at: record.ended_at.map(Into::into),
+        error: record.error.clone().unwrap_or_default(),
+        progress_message: record.progress_message.clone(),
+        parent_agent_id: spec.parent_agent_id.clone(),
+        agent_name: spec.agent_name.clone(),
+        agent_type: spec.agent_type.clone(),
+        model: spec.model.clone(),
+        load_percentage: spec.load_percentage,
+        labels: spec
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        agent_dir: record.agent_dir.to_string_lossy().into_owned(),
+        num_processes: status.num_processes,
+        adopted: record.adopted,
+        request_id: spec.request_id.clone(),
+    }
+}
+
+pub fn event(event: &Event) -> pb::AgentEvent {
+    pb::AgentEvent {
+        sequence: event.sequence,
+        time: Some(event.time.into()),
+        agent_id: event.status.agent_id().to_string(),
+        kind: event_kind(event.kind).into(),
+        status: Some(status(&event.status)),
+        message: event.message.clone(),
+    }
+}
+
+pub fn stop_report(report: &StopReport) -> pb::StopResult {
+    let outcome = match report.outcome {
+        StopOutcome::ExitedOnFirstSignal => pb::StopOutcome::ExitedOnFirstSignal,
+        StopOutcome::Escalated => pb::StopOutcome::Escalated,
+        StopOutcome::Killed => pb::StopOutcome::Killed,
+        StopOutcome::AlreadyExited => pb::StopOutcome::AlreadyExited,
+    };
+    let exit = report.status.record.exit;
+    pb::StopResult {
+        agent_id: report.agent_id.clone(),
+        outcome: outcome.into(),
+        exit_code: exit.map(Exit::code),
+        exit_signal: exit.and_then(Exit::signal),
+        duration: prost_types::Duration::try_from(report.duration).ok(),
+        status: Some(status(&report.status)),
+    }
+}
+
+pub fn check_health(status: &AgentStatus) -> pb::CheckHealthResponse {
+    pb::CheckHealthResponse {
+        healthy: status.process_alive && !status.is_zombie,
+        health: health(status.health).into(),
+        state: state(status.record.state).into(),
+    }
+}
+
+pub fn summary(summary: &Summary) -> pb::GetSummaryResponse {
+    pb::GetSummaryResponse {
+        total: summary.total,
+        starting: summary.starting,
+        running: summary.running,
+        stopping: summary.stopping,
+        completed: summary.completed,
+        failed: summary.failed,
+        killed: summary.killed,
+        lost: summary.lost,
+        zombies: summary.zombies,
+        total_memory_mb: summary.total_memory_mb,
+        total_cpu_percent: summary.total_cpu_percent,
+        total_load_percentage: summary.total_load_percentage,
+    }
+}
+
+pub fn reap_report(report: ReapReport) -> pb::ReapZombiesResponse {
+    pb::ReapZombiesResponse {
+        agent_ids: report.agent_ids,
+        orphans_reaped: report.orphans_reaped,
+    }
+}

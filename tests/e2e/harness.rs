@@ -1,0 +1,300 @@
+//! A daemon per test, helpers that keep each test a few lines, and cleanup that really
+//! kills everything a test started, even when it fails.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use agentd_proto::v1 as pb;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+pub use pb::agent_supervisor_client::AgentSupervisorClient;
+use tonic::transport::{Channel, Endpoint};
+
+pub type Client = AgentSupervisorClient<Channel>;
+
+/// How long any wait in a test may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub struct Daemon {
+    child: Option<Child>,
+    /// Holds the data folder and the socket; removed on drop.
+    pub dir: tempfile::TempDir,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    pub async fn start() -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("agentd-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        Daemon::start_in(dir).await
+    }
+
+    /// Starts a daemon on an existing folder (a restart keeps the data).
+    pub async fn start_in(dir: tempfile::TempDir) -> Daemon {
+        let data_dir = dir.path().join("data");
+        let socket = dir.path().join("agentd.sock");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("agentd.log"))
+            .expect("daemon log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agentd"))
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--sample-interval", "100ms", "--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start agentd");
+        let stdout = child.stdout.take().expect("stdout");
+        let (ready_tx, ready) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let _ = ready_tx.send(line);
+            }
+        });
+        let mut daemon = Daemon {
+            child: Some(child),
+            dir,
+            data_dir,
+            socket,
+        };
+        match ready.recv_timeout(DEADLINE) {
+            Ok(line) if line.contains("ready") => daemon,
+            other => {
+                let log = daemon.log();
+                daemon.kill();
+                panic!("agentd did not become ready: {other:?}\n{log}");
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agentd.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("daemon running").id() as i32
+    }
+
+    pub async fn client(&self) -> Client {
+        let channel = Endpoint::from_shared(format!("unix://{}", self.socket.display()))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to agentd");
+        AgentSupervisorClient::new(channel)
+    }
+
+    /// SIGKILLs the daemon if it still runs, leaving its agents running, and hands over
+    /// the folder for a restart.
+    pub fn crash(mut self) -> tempfile::TempDir {
+        self.kill();
+        let placeholder = tempfile::Builder::new().tempdir().expect("placeholder dir");
+        self.data_dir = placeholder.path().join("data");
+        std::mem::replace(&mut self.dir, placeholder)
+    }
+
+    /// Sends SIGTERM and waits for the daemon to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM agentd");
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait agentd") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agentd did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    /// Kills the daemon, then every process that still carries this test's agent folder in
+    /// its environment (agents, their children, orphans), so no test leaves anything behind.
+    fn drop(&mut self) {
+        self.kill();
+        kill_agents_under(&self.data_dir);
+    }
+}
+
+fn kill_agents_under(data_dir: &Path) {
+    let marker = format!("AGENTD_AGENT_DIR={}/", data_dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|&b| b == 0)
+            .any(|var| var.starts_with(marker.as_bytes()))
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+pub fn sh(script: &str) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script.into()]
+}
+
+pub fn spawn_request(agent_id: &str, command: Vec<String>) -> pb::SpawnRequest {
+    pb::SpawnRequest {
+        agent_id: agent_id.into(),
+        command,
+        ..Default::default()
+    }
+}
+
+/// A ladder short enough for tests: signal, 300 ms, signal, 300 ms, SIGKILL.
+pub fn quick_ladder() -> Option<pb::StopPolicy> {
+    Some(pb::StopPolicy {
+        stop_signal: String::new(),
+        first_grace: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 300_000_000,
+        }),
+        second_grace: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 300_000_000,
+        }),
+    })
+}
+
+pub async fn spawn(client: &mut Client, agent_id: &str, command: Vec<String>) -> pb::AgentStatus {
+    spawn_with(client, spawn_request(agent_id, command)).await
+}
+
+pub async fn spawn_with(client: &mut Client, request: pb::SpawnRequest) -> pb::AgentStatus {
+    client
+        .spawn(request)
+        .await
+        .expect("spawn")
+        .into_inner()
+        .status
+        .expect("status in spawn response")
+}
+
+pub async fn status(client: &mut Client, agent_id: &str) -> pb::AgentStatus {
+    client
+        .status(pb::StatusRequest {
+            agent_id: agent_id.into(),
+        })
+        .await
+        .expect("status")
+        .into_inner()
+        .status
+        .expect("status in response")
+}
+
+/// Polls the agent's status until `done` holds, failing after [`DEADLINE`].
+pub async fn wait_for(
+    client: &mut Client,
+    agent_id: &str,
+    what: &str,
+    done: impl Fn(&pb::AgentStatus) -> bool,
+) -> pb::AgentStatus {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let status = status(client, agent_id).await;
+        if done(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent {agent_id} never became {what}: {status:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn wait_for_state(
+    client: &mut Client,
+    agent_id: &str,
+    state: pb::AgentState,
+) -> pb::AgentStatus {
+    wait_for(client, agent_id, state.as_str_name(), |s| {
+        s.state == state as i32
+    })
+    .await
+}
+
+pub async fn stop(client: &mut Client, agent_ids: &[&str], force: bool) -> Vec<pb::StopResult> {
+    client
+        .cleanup(pb::CleanupRequest {
+            agent_ids: agent_ids.iter().map(|s| s.to_string()).collect(),
+            all: false,
+            force,
+        })
+        .await
+        .expect("cleanup")
+        .into_inner()
+        .results
+}
+
+/// Polls a condition on the host (not the daemon) until it holds.
+pub async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn process_exists(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat_field(&stat, 3) != Some("Z"))
+}
+
+/// Field `n` (1-based, as in proc(5)) of a `/proc/PID/stat` line.
+pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(n - 3)
+}
+
+/// `(pid, state)` of every child of `parent`.
+pub fn children_of(parent: i32) -> Vec<(i32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            (stat_field(&stat, 4)?.parse::<i32>().ok()? == parent)
+                .then(|| (pid, stat_field(&stat, 3).unwrap_or("?").to_string()))
+        })
+        .collect()
+}
+
+pub fn seconds(duration: Option<&prost_types::Duration>) -> f64 {
+    duration.map_or(0.0, |d| d.seconds as f64 + f64::from(d.nanos) / 1e9)
+}

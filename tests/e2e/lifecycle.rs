@@ -1,0 +1,251 @@
+//! Spawning, sampling, exits, reaping.
+
+use agentd_proto::v1 as pb;
+use pb::AgentState;
+use tonic::Code;
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn spawned_agent_runs_with_its_pid_and_live_samples() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    // A busy loop, so CPU is measurably above zero.
+    let spawned = spawn(&mut client, "busy", sh("while :; do :; done")).await;
+    assert_eq!(spawned.state, AgentState::Running as i32);
+    assert!(spawned.pid > 0 && process_exists(spawned.pid as i32));
+    assert!(spawned.process_alive);
+
+    let sampled = wait_for(&mut client, "busy", "sampled", |s| {
+        s.cpu_percent > 0.0 && s.memory_mb > 0.0 && s.num_threads >= 1
+    })
+    .await;
+    assert_eq!(sampled.pid, spawned.pid);
+    assert_eq!(sampled.health, pb::Health::Healthy as i32);
+    assert!(["running", "sleeping"].contains(&sampled.process_status.as_str()));
+    assert_eq!(sampled.cmdline, sh("while :; do :; done"));
+    assert!(!sampled.is_zombie);
+
+    let health = client
+        .check_health(pb::CheckHealthRequest {
+            agent_id: "busy".into(),
+        })
+        .await
+        .expect("check health")
+        .into_inner();
+    assert!(health.healthy);
+    let summary = client
+        .get_summary(pb::GetSummaryRequest {})
+        .await
+        .expect("summary")
+        .into_inner();
+    assert_eq!((summary.total, summary.running), (1, 1));
+    assert!(summary.total_memory_mb > 0.0);
+    stop(&mut client, &["busy"], true).await;
+}
+
+#[tokio::test]
+async fn tree_memory_counts_children_and_identity_reaches_the_agent() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let mut request = spawn_request(
+        "tree",
+        sh(
+            "echo \"$AGENTD_AGENT_ID $AGENTD_PARENT_AGENT_ID $AGENTD_MODEL $GREETING\"; \
+            cat \"$AGENTD_PROMPT_FILE\"; echo oops >&2; sleep 300 & sleep 300 & wait",
+        ),
+    );
+    request.parent_agent_id = "coordinator".into();
+    request.model = "claude".into();
+    request.prompt = "summarise the logs".into();
+    request.load_percentage = 12.5;
+    request.env.insert("GREETING".into(), "hello".into());
+    request.labels.insert("team".into(), "research".into());
+    spawn_with(&mut client, request).await;
+
+    let status = wait_for(&mut client, "tree", "sampled with its children", |s| {
+        s.num_processes >= 3
+    })
+    .await;
+    assert!(status.num_threads >= 3);
+    assert_eq!(status.model, "claude");
+    assert_eq!(status.parent_agent_id, "coordinator");
+    assert_eq!(
+        status.labels.get("team").map(String::as_str),
+        Some("research")
+    );
+    let dir = std::path::PathBuf::from(&status.agent_dir);
+    assert!(dir.starts_with(&daemon.data_dir));
+    let stdout = std::fs::read_to_string(dir.join("stdout.log")).expect("stdout.log");
+    assert_eq!(stdout, "tree coordinator claude hello\nsummarise the logs");
+    let stderr = std::fs::read_to_string(dir.join("stderr.log")).expect("stderr.log");
+    assert_eq!(stderr, "oops\n");
+    assert!(!daemon.log().contains("summarise the logs"));
+
+    let listed = client
+        .list_agents(pb::ListAgentsRequest {
+            labels: [("team".to_string(), "research".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .agents;
+    assert_eq!(listed.len(), 1);
+    let none = client
+        .list_agents(pb::ListAgentsRequest {
+            states: vec![AgentState::Completed as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .agents;
+    assert!(none.is_empty());
+    let summary = client
+        .get_summary(pb::GetSummaryRequest {})
+        .await
+        .expect("summary")
+        .into_inner();
+    assert_eq!(summary.total_load_percentage, 12.5);
+    stop(&mut client, &["tree"], true).await;
+}
+
+#[tokio::test]
+async fn exit_codes_and_signals_are_recorded() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    spawn(&mut client, "zero", vec!["true".into()]).await;
+    spawn(&mut client, "three", sh("exit 3")).await;
+    spawn(&mut client, "killed", sh("kill -KILL $$")).await;
+
+    let zero = wait_for_state(&mut client, "zero", AgentState::Completed).await;
+    assert_eq!((zero.exit_code, zero.exit_signal), (Some(0), None));
+    assert_eq!(zero.health, pb::Health::Completed as i32);
+    assert!(!zero.process_alive && zero.ended_at.is_some());
+
+    let three = wait_for_state(&mut client, "three", AgentState::Failed).await;
+    assert_eq!((three.exit_code, three.exit_signal), (Some(3), None));
+    assert_eq!(three.health, pb::Health::Failed as i32);
+
+    let killed = wait_for_state(&mut client, "killed", AgentState::Failed).await;
+    assert_eq!((killed.exit_code, killed.exit_signal), (Some(137), Some(9)));
+    assert!(killed.error.contains("signal 9"), "{}", killed.error);
+}
+
+#[tokio::test]
+async fn progress_from_the_status_file_is_read_and_bad_files_ignored() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    spawn(
+        &mut client,
+        "reporter",
+        sh("echo 'not json' > \"$AGENTD_STATUS_FILE\"; sleep 0.3; \
+            echo '{\"progress\": 40, \"message\": \"halfway\"}' > \"$AGENTD_STATUS_FILE.tmp\"; \
+            mv \"$AGENTD_STATUS_FILE.tmp\" \"$AGENTD_STATUS_FILE\"; sleep 300"),
+    )
+    .await;
+    let status = wait_for(&mut client, "reporter", "at 40%", |s| s.progress == 40.0).await;
+    assert_eq!(status.progress_message, "halfway");
+    assert_eq!(status.state, AgentState::Running as i32);
+    assert!(daemon.log().contains("ignoring status file"));
+    stop(&mut client, &["reporter"], true).await;
+}
+
+#[tokio::test]
+async fn unstartable_commands_fail_at_once_with_a_record() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+
+    let missing = client
+        .spawn(spawn_request("missing", vec!["/no/such/program".into()]))
+        .await
+        .expect_err("missing program");
+    assert_eq!(missing.code(), Code::InvalidArgument);
+    assert!(
+        missing.message().contains("/no/such/program"),
+        "{}",
+        missing.message()
+    );
+    let status = status(&mut client, "missing").await;
+    assert_eq!(status.state, AgentState::Failed as i32);
+    assert_eq!(status.pid, 0);
+    let error_log =
+        std::fs::read_to_string(std::path::Path::new(&status.agent_dir).join("error.log"))
+            .expect("error.log");
+    assert!(error_log.contains("No such file"), "{error_log}");
+
+    let script = daemon.dir.path().join("not-executable.sh");
+    std::fs::write(&script, "#!/bin/sh\n").expect("write script");
+    let denied = client
+        .spawn(spawn_request(
+            "denied",
+            vec![script.to_string_lossy().into_owned()],
+        ))
+        .await
+        .expect_err("not executable");
+    assert_eq!(denied.code(), Code::FailedPrecondition);
+
+    let mut request = spawn_request("nowhere", vec!["true".into()]);
+    request.working_dir = "/no/such/folder".into();
+    let nowhere = client.spawn(request).await.expect_err("bad working dir");
+    assert_eq!(nowhere.code(), Code::FailedPrecondition);
+    assert!(nowhere.message().contains("/no/such/folder"));
+}
+
+#[tokio::test]
+async fn a_repeated_request_id_starts_no_second_process() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let mut request = spawn_request("", vec!["sleep".into(), "300".into()]);
+    request.request_id = "req-1".into();
+    let first = spawn_with(&mut client, request.clone()).await;
+    let again = spawn_with(&mut client, request).await;
+    assert!(first.agent_id.starts_with("agent-"), "{}", first.agent_id);
+    assert_eq!(
+        (first.agent_id.as_str(), first.pid),
+        (again.agent_id.as_str(), again.pid)
+    );
+    let agents = client
+        .list_agents(pb::ListAgentsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .agents;
+    assert_eq!(agents.len(), 1);
+    stop(&mut client, &[&first.agent_id], true).await;
+}
+
+#[tokio::test]
+async fn orphans_are_reaped_and_no_zombie_remains() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    // Each subshell exits at once, orphaning its `sleep`; agentd is their subreaper.
+    let agent = spawn(
+        &mut client,
+        "orphans",
+        sh("for i in 1 2 3; do (sleep 0.5 &); done; exit 0"),
+    )
+    .await;
+    let daemon_pid = daemon.pid();
+    eventually("agentd adopted the orphaned sleeps", || {
+        let children = children_of(daemon_pid);
+        children
+            .iter()
+            .filter(|(pid, _)| *pid != agent.pid as i32)
+            .count()
+            >= 3
+    })
+    .await;
+    wait_for_state(&mut client, "orphans", AgentState::Completed).await;
+    eventually("every orphan is reaped, no zombie left", || {
+        children_of(daemon_pid).is_empty()
+    })
+    .await;
+    let reaped = client
+        .reap_zombies(pb::ReapZombiesRequest {})
+        .await
+        .expect("reap")
+        .into_inner();
+    assert!(reaped.agent_ids.is_empty() && reaped.orphans_reaped == 0);
+}

@@ -1,0 +1,16 @@
+//! End-to-end tests: each test starts the real `agentd` binary on its own temporary socket
+//! and data folder and talks to it only over gRPC (or through `agentctl`, Python and
+//! grpcurl), the way a user would.
+
+// The rule that only the daemon's reaper waits for children is the daemon's; the tests are
+// another process and wait for what they start.
+#![allow(clippy::disallowed_methods)]
+
+mod harness;
+
+mod clients;
+mod lifecycle;
+mod persistence;
+mod rejects;
+mod stopping;
+mod watching;

@@ -1,0 +1,79 @@
+//! Records survive the daemon: a crash keeps every record and re-adopts running agents; a
+//! SIGTERM stops every agent and exits cleanly.
+
+use agentd_proto::v1 as pb;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use pb::{AgentState, StopOutcome};
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn a_crashed_daemon_keeps_records_and_adopts_running_agents() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    spawn(&mut client, "done", sh("exit 3")).await;
+    wait_for_state(&mut client, "done", AgentState::Failed).await;
+    // Spawn answers once its record and every earlier write are on disk.
+    let survivor = spawn(&mut client, "survivor", vec!["sleep".into(), "300".into()]).await;
+    let victim = spawn(&mut client, "victim", vec!["sleep".into(), "300".into()]).await;
+    drop(client);
+
+    let dir = daemon.crash();
+    assert!(
+        process_exists(survivor.pid as i32),
+        "agents outlive a crashed daemon"
+    );
+    kill(Pid::from_raw(victim.pid as i32), Signal::SIGKILL).expect("kill victim");
+    eventually("the victim is gone", || !process_exists(victim.pid as i32)).await;
+
+    let daemon = Daemon::start_in(dir).await;
+    let mut client = daemon.client().await;
+    let adopted = status(&mut client, "survivor").await;
+    assert_eq!(adopted.state, AgentState::Running as i32);
+    assert_eq!(adopted.pid, survivor.pid);
+    assert!(adopted.adopted && adopted.process_alive);
+    let lost = status(&mut client, "victim").await;
+    assert_eq!(lost.state, AgentState::Lost as i32);
+    assert!(!lost.error.is_empty());
+    let done = status(&mut client, "done").await;
+    assert_eq!(
+        (done.state, done.exit_code),
+        (AgentState::Failed as i32, Some(3))
+    );
+
+    wait_for(&mut client, "survivor", "sampled after adoption", |s| {
+        s.memory_mb > 0.0
+    })
+    .await;
+    let [result] = stop(&mut client, &["survivor"], false)
+        .await
+        .try_into()
+        .expect("one");
+    assert_eq!(
+        result.outcome,
+        StopOutcome::ExitedOnFirstSignal as i32,
+        "{result:?}"
+    );
+    // An adopted agent is not our child: its exit status cannot be read.
+    assert_eq!(result.exit_code, None);
+    assert!(!process_exists(survivor.pid as i32));
+}
+
+#[tokio::test]
+async fn sigterm_stops_every_agent_and_exits_zero() {
+    let mut daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let agent = spawn(&mut client, "worker", vec!["sleep".into(), "300".into()]).await;
+    drop(client);
+    let exit = daemon.terminate();
+    assert!(exit.success(), "agentd exited with {exit}");
+    assert!(!process_exists(agent.pid as i32));
+    assert!(!daemon.socket.exists(), "the socket is removed on exit");
+
+    let daemon = Daemon::start_in(daemon.crash()).await;
+    let mut client = daemon.client().await;
+    let stopped = status(&mut client, "worker").await;
+    assert_eq!(stopped.state, AgentState::Killed as i32);
+    assert_eq!(stopped.exit_signal, Some(15));
+}
