@@ -191,6 +191,15 @@ async fn unstartable_commands_fail_at_once_with_a_record() {
     let nowhere = client.spawn(request).await.expect_err("bad working dir");
     assert_eq!(nowhere.code(), Code::FailedPrecondition);
     assert!(nowhere.message().contains("/no/such/folder"));
+    // Once the cause is fixed, the same id starts; a started id is then taken.
+    let fixed = spawn(&mut client, "nowhere", vec!["sleep".into(), "300".into()]).await;
+    assert!(fixed.pid > 0 && fixed.error.is_empty());
+    let taken = client
+        .spawn(spawn_request("nowhere", vec!["true".into()]))
+        .await
+        .expect_err("taken id");
+    assert_eq!(taken.code(), Code::AlreadyExists);
+    stop(&mut client, &["nowhere"], true).await;
 }
 
 #[tokio::test]

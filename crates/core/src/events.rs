@@ -78,16 +78,20 @@ impl EventBus {
         }
     }
 
-    pub fn emit(&mut self, kind: EventKind, status: AgentStatus, message: String) {
+    /// Stamps the next sequence. The status is only built when someone is watching.
+    pub fn emit(&mut self, kind: EventKind, message: String, status: impl FnOnce() -> AgentStatus) {
         self.last_sequence += 1;
+        if self.sender.receiver_count() == 0 {
+            return;
+        }
         let event = Event {
             sequence: self.last_sequence,
             time: SystemTime::now(),
             kind,
-            status,
+            status: status(),
             message,
         };
-        // No receiver is not an error: nobody is watching.
+        // A failed send means the last watcher left in between: nobody to tell.
         let _ = self.sender.send(Arc::new(event));
     }
 

@@ -273,9 +273,12 @@ impl SupervisorTask {
         mut sigchld: tokio::signal::unix::Signal,
         mut adopted_exits: mpsc::UnboundedReceiver<String>,
     ) {
+        let mut last_group_check = Instant::now();
         loop {
             let next_deadline = self.deadlines.first().map(|(at, _)| *at);
-            let lingering = self.has_lingering_group();
+            let next_group_check = self
+                .has_lingering_group()
+                .then(|| last_group_check + GROUP_CHECK);
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(command) => self.handle(command),
@@ -289,7 +292,10 @@ impl SupervisorTask {
                     self.check_stopping_groups();
                 }
                 () = sleep_until(next_deadline) => self.on_deadlines(),
-                () = tokio::time::sleep(GROUP_CHECK), if lingering => self.check_stopping_groups(),
+                () = sleep_until(next_group_check) => {
+                    last_group_check = Instant::now();
+                    self.check_stopping_groups();
+                }
             }
         }
     }
@@ -352,8 +358,7 @@ impl SupervisorTask {
 
     pub fn emit(&mut self, agent_id: &str, kind: EventKind, message: String) {
         if let Some(agent) = self.agents.get(agent_id) {
-            let status = agent.status();
-            self.events.emit(kind, status, message);
+            self.events.emit(kind, message, || agent.status());
         }
     }
 
@@ -368,7 +373,12 @@ impl SupervisorTask {
             request.agent_id = self.generate_id();
         }
         let (spec, prompt) = request.validate()?;
-        if self.agents.contains_key(&spec.agent_id) {
+        // An id whose earlier spawn never started a process may be tried again.
+        if self
+            .agents
+            .get(&spec.agent_id)
+            .is_some_and(|agent| agent.record.pid.is_some())
+        {
             return Err(Error::AlreadyExists { id: spec.agent_id });
         }
         let agent_id = spec.agent_id.clone();
