@@ -7,6 +7,12 @@ use pb::{AgentState, StopOutcome};
 
 use crate::harness::*;
 
+/// Waits until the agent created `ready` in its folder: its traps are set.
+async fn wait_ready(agent: &pb::AgentStatus) {
+    let ready = std::path::Path::new(&agent.agent_dir).join("ready");
+    eventually("the agent set its traps", || ready.exists()).await;
+}
+
 fn with_quick_ladder(agent_id: &str, command: Vec<String>) -> pb::SpawnRequest {
     pb::SpawnRequest {
         stop_policy: quick_ladder(),
@@ -41,8 +47,11 @@ async fn an_agent_that_exits_on_sigterm_stops_at_once() {
 async fn an_agent_that_ignores_sigterm_is_escalated_to_sigkill() {
     let daemon = Daemon::start().await;
     let mut client = daemon.client().await;
-    let request = with_quick_ladder("stubborn", sh("trap '' TERM; while :; do sleep 0.05; done"));
-    spawn_with(&mut client, request).await;
+    let request = with_quick_ladder(
+        "stubborn",
+        sh("trap '' TERM; touch ready; while :; do sleep 0.05; done"),
+    );
+    wait_ready(&spawn_with(&mut client, request).await).await;
     let [result] = stop(&mut client, &["stubborn"], false)
         .await
         .try_into()
@@ -63,9 +72,9 @@ async fn an_agent_that_needs_the_second_sigterm_is_escalated() {
     // The first SIGTERM only resets the trap; the second one ends the shell.
     let request = with_quick_ladder(
         "second",
-        sh("trap 'trap - TERM' TERM; while :; do sleep 0.05; done"),
+        sh("trap 'trap - TERM' TERM; touch ready; while :; do sleep 0.05; done"),
     );
-    spawn_with(&mut client, request).await;
+    wait_ready(&spawn_with(&mut client, request).await).await;
     let [result] = stop(&mut client, &["second"], false)
         .await
         .try_into()
@@ -128,15 +137,16 @@ async fn many_stubborn_agents_stop_in_about_one_ladder() {
     const AGENTS: usize = 100;
     let daemon = Daemon::start().await;
     let mut client = daemon.client().await;
-    let mut ids = Vec::new();
+    let mut agents = Vec::new();
     for i in 0..AGENTS {
-        let id = format!("stubborn-{i}");
-        spawn_with(
-            &mut client,
-            with_quick_ladder(&id, sh("trap '' TERM; exec sleep 300")),
-        )
-        .await;
-        ids.push(id);
+        let request = with_quick_ladder(
+            &format!("stubborn-{i}"),
+            sh("trap '' TERM; touch ready; exec sleep 300"),
+        );
+        agents.push(spawn_with(&mut client, request).await);
+    }
+    for agent in &agents {
+        wait_ready(agent).await;
     }
     let started = Instant::now();
     let results = client
