@@ -9,11 +9,14 @@ mod agent;
 mod error;
 mod events;
 mod os;
+mod recover;
 mod sampler;
+mod spawn;
 mod spec;
 mod stop;
 mod store;
 mod supervisor;
+mod views;
 
 pub use agent::{AgentRecord, AgentState, AgentStatus, Exit, Health};
 pub use error::{Error, Result};

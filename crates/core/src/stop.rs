@@ -7,12 +7,16 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tokio::sync::oneshot;
+
+use crate::error::Result;
 use tokio::time::Instant;
 
 use crate::agent::{AgentState, AgentStatus};
+use crate::error::Error;
 use crate::events::EventKind;
 use crate::os;
-use crate::supervisor::SupervisorTask;
+use crate::spec::check_id;
+use crate::supervisor::{StopTarget, SupervisorTask};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopOutcome {
@@ -108,7 +112,7 @@ impl SupervisorTask {
     }
 
     /// Sends the step's signal and sets its deadline.
-    fn enter_step(&mut self, agent_id: &str, step: Step) {
+    pub(crate) fn enter_step(&mut self, agent_id: &str, step: Step) {
         let Some(agent) = self.agents.get_mut(agent_id) else {
             return;
         };
@@ -195,5 +199,98 @@ impl SupervisorTask {
             });
         }
         true
+    }
+
+    pub(crate) fn has_lingering_group(&self) -> bool {
+        self.deadlines
+            .iter()
+            .any(|(_, id)| self.agents.get(id).is_some_and(|a| !a.leader_alive))
+    }
+
+    pub(crate) fn check_stopping_groups(&mut self) {
+        let stopping: Vec<String> = self.deadlines.iter().map(|(_, id)| id.clone()).collect();
+        let mut probe = os::GroupProbe::default();
+        for agent_id in stopping {
+            self.finish_stop_if_gone(&agent_id, &mut probe);
+        }
+    }
+
+    pub(crate) fn on_deadlines(&mut self) {
+        let now = Instant::now();
+        while let Some((at, agent_id)) = self.deadlines.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.deadlines.remove(&(at, agent_id.clone()));
+            self.on_stop_deadline(&agent_id);
+        }
+    }
+
+    pub(crate) fn stop(
+        &mut self,
+        target: StopTarget,
+        force: bool,
+        reply: oneshot::Sender<Result<Vec<StopReport>>>,
+    ) {
+        let agent_ids = match target {
+            StopTarget::All => self.agents.keys().cloned().collect(),
+            StopTarget::Agents(ids) if ids.is_empty() => {
+                let _ = reply.send(Err(Error::Invalid {
+                    field: "agent_ids",
+                    problem: "name at least one agent, or stop all".into(),
+                }));
+                return;
+            }
+            StopTarget::Agents(ids) => ids,
+        };
+        if let Some(unknown) = agent_ids.iter().find(|id| !self.agents.contains_key(*id)) {
+            let error = match check_id("agent_ids", unknown) {
+                Err(error) => error,
+                Ok(()) => Error::NotFound {
+                    id: unknown.clone(),
+                },
+            };
+            let _ = reply.send(Err(error));
+            return;
+        }
+        let pending: Vec<_> = agent_ids
+            .iter()
+            .map(|id| self.begin_stop(id, force))
+            .collect();
+        tokio::spawn(async move {
+            let mut reports = Vec::with_capacity(pending.len());
+            for report in pending {
+                match report.await {
+                    Ok(report) => reports.push(report),
+                    Err(_) => {
+                        let _ = reply.send(Err(Error::ShuttingDown));
+                        return;
+                    }
+                }
+            }
+            let _ = reply.send(Ok(reports));
+        });
+    }
+
+    pub(crate) fn shutdown(&mut self, reply: oneshot::Sender<()>) {
+        self.shutting_down = true;
+        let live: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|(_, agent)| agent.leader_alive || agent.group_may_live)
+            .map(|(id, _)| id.clone())
+            .collect();
+        tracing::info!(agents = live.len(), "shutting down: stopping every agent");
+        let pending: Vec<_> = live.iter().map(|id| self.begin_stop(id, false)).collect();
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            for report in pending {
+                let _ = report.await;
+            }
+            if let Err(error) = store.flush().await {
+                tracing::error!(%error, "flushing the store at shutdown");
+            }
+            let _ = reply.send(());
+        });
     }
 }

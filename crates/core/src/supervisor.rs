@@ -7,10 +7,8 @@
 //! it is also the only place that starts processes and reaps children (see `os`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
@@ -21,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::events::{EventBus, EventFilter, EventKind, Subscription};
 use crate::os;
 use crate::sampler::{self, SampleBatch, SampleTarget, TreeSample};
-use crate::spec::{SpawnRequest, check_id};
+use crate::spec::SpawnRequest;
 use crate::stop::{Stop, StopReport};
 use crate::store::Store;
 
@@ -241,25 +239,25 @@ pub(crate) struct Agent {
 }
 
 impl Agent {
-    pub fn status(&self) -> AgentStatus {
+    pub(crate) fn status(&self) -> AgentStatus {
         AgentStatus::new(&self.record, self.leader_alive, self.sample.as_ref())
     }
 }
 
 pub(crate) struct SupervisorTask {
-    pub store: Store,
-    pub events: EventBus,
-    agents_dir: PathBuf,
-    pub agents: BTreeMap<String, Agent>,
+    pub(crate) store: Store,
+    pub(crate) events: EventBus,
+    pub(crate) agents_dir: PathBuf,
+    pub(crate) agents: BTreeMap<String, Agent>,
     /// Leaders that are our children, by pid, for dispatching reaped exits.
-    by_pid: HashMap<i32, String>,
+    pub(crate) by_pid: HashMap<i32, String>,
     /// Idempotency keys of spawns that started a process.
-    by_request: HashMap<String, String>,
+    pub(crate) by_request: HashMap<String, String>,
     /// Stop-ladder deadlines; an agent is here exactly while it is being stopped.
-    pub deadlines: BTreeSet<(Instant, String)>,
-    adopted_exits_tx: mpsc::UnboundedSender<String>,
-    shutting_down: bool,
-    ids_generated: u64,
+    pub(crate) deadlines: BTreeSet<(Instant, String)>,
+    pub(crate) adopted_exits_tx: mpsc::UnboundedSender<String>,
+    pub(crate) shutting_down: bool,
+    pub(crate) ids_generated: u64,
 }
 
 /// While a stopping agent's leader is gone but its group lingers, no SIGCHLD may tell us
@@ -343,121 +341,27 @@ impl SupervisorTask {
         }
     }
 
-    fn agent(&self, agent_id: &str) -> Result<&Agent> {
+    pub(crate) fn agent(&self, agent_id: &str) -> Result<&Agent> {
         self.agents.get(agent_id).ok_or_else(|| Error::NotFound {
             id: agent_id.to_string(),
         })
     }
 
     /// Writes a record; a store failure here has no client to answer, so it is logged.
-    pub fn persist(&self, record: &AgentRecord) {
+    pub(crate) fn persist(&self, record: &AgentRecord) {
         if let Err(error) = self.store.put(record) {
             tracing::error!(agent_id = %record.spec.agent_id, %error, "saving agent record");
         }
     }
 
-    pub fn emit(&mut self, agent_id: &str, kind: EventKind, message: String) {
+    pub(crate) fn emit(&mut self, agent_id: &str, kind: EventKind, message: String) {
         if let Some(agent) = self.agents.get(agent_id) {
             self.events.emit(kind, message, || agent.status());
         }
     }
 
-    fn spawn(&mut self, mut request: SpawnRequest) -> Result<AgentStatus> {
-        if self.shutting_down {
-            return Err(Error::ShuttingDown);
-        }
-        if let Some(agent_id) = self.by_request.get(&request.request_id) {
-            return self.agent(agent_id).map(Agent::status);
-        }
-        if request.agent_id.is_empty() {
-            request.agent_id = self.generate_id();
-        }
-        let (spec, prompt) = request.validate()?;
-        // An id whose earlier spawn never started a process may be tried again.
-        if self
-            .agents
-            .get(&spec.agent_id)
-            .is_some_and(|agent| agent.record.pid.is_some())
-        {
-            return Err(Error::AlreadyExists { id: spec.agent_id });
-        }
-        let agent_id = spec.agent_id.clone();
-        let agent_dir = self.agents_dir.join(&agent_id);
-        let files = AgentFiles::prepare(&agent_id, &agent_dir, &prompt)?;
-        let mut record = AgentRecord {
-            spec: Arc::new(spec),
-            state: AgentState::Starting,
-            agent_dir,
-            pid: None,
-            start_ticks: None,
-            started_at: Some(SystemTime::now()),
-            ended_at: None,
-            exit: None,
-            error: None,
-            progress: 0.0,
-            progress_message: String::new(),
-            adopted: false,
-        };
-        self.store.put(&record)?;
-        match files.launch(&record) {
-            Ok(started) => {
-                record.state = AgentState::Running;
-                record.pid = Some(started.pid);
-                record.start_ticks = started.start_ticks;
-                self.persist(&record);
-                if !record.spec.request_id.is_empty() {
-                    self.by_request
-                        .insert(record.spec.request_id.clone(), agent_id.clone());
-                }
-                self.by_pid.insert(started.pid, agent_id.clone());
-                self.insert(record, true);
-                tracing::info!(%agent_id, pid = started.pid, "spawned");
-                self.emit(&agent_id, EventKind::Spawned, String::new());
-                self.agent(&agent_id).map(Agent::status)
-            }
-            Err(error) => {
-                let message = error.to_string();
-                tracing::warn!(%agent_id, "{message}");
-                let _ = std::fs::write(record.agent_dir.join("error.log"), &message);
-                record.state = AgentState::Failed;
-                record.ended_at = record.started_at;
-                record.error = Some(message.clone());
-                self.persist(&record);
-                self.insert(record, false);
-                self.emit(&agent_id, EventKind::Failed, message);
-                Err(error)
-            }
-        }
-    }
-
-    fn insert(&mut self, record: AgentRecord, alive: bool) {
-        let agent = Agent {
-            record,
-            leader_alive: alive,
-            group_may_live: alive,
-            sample: None,
-            stop: None,
-        };
-        self.agents
-            .insert(agent.record.spec.agent_id.clone(), agent);
-    }
-
-    fn generate_id(&mut self) -> String {
-        let millis = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
-        loop {
-            self.ids_generated += 1;
-            let id = format!("agent-{millis:x}-{}", self.ids_generated);
-            if !self.agents.contains_key(&id) {
-                return id;
-            }
-        }
-    }
-
     /// Reaps every exited child: agent leaders get their exit recorded, orphans are dropped.
-    fn reap(&mut self) -> ReapReport {
+    pub(crate) fn reap(&mut self) -> ReapReport {
         let mut report = ReapReport::default();
         while let Some((pid, exit)) = os::reap_one() {
             match self.by_pid.remove(&pid) {
@@ -474,7 +378,7 @@ impl SupervisorTask {
 
     /// Records how the leader ended. `exit` is `None` for an adopted agent, whose status
     /// only its real parent could read.
-    fn on_leader_exit(&mut self, agent_id: &str, exit: Option<Exit>) {
+    pub(crate) fn on_leader_exit(&mut self, agent_id: &str, exit: Option<Exit>) {
         let Some(agent) = self.agents.get_mut(agent_id) else {
             return;
         };
@@ -505,345 +409,11 @@ impl SupervisorTask {
         self.persist(&record);
         self.emit(agent_id, kind, message);
     }
-
-    fn has_lingering_group(&self) -> bool {
-        self.deadlines
-            .iter()
-            .any(|(_, id)| self.agents.get(id).is_some_and(|a| !a.leader_alive))
-    }
-
-    fn check_stopping_groups(&mut self) {
-        let stopping: Vec<String> = self.deadlines.iter().map(|(_, id)| id.clone()).collect();
-        let mut probe = os::GroupProbe::default();
-        for agent_id in stopping {
-            self.finish_stop_if_gone(&agent_id, &mut probe);
-        }
-    }
-
-    fn on_deadlines(&mut self) {
-        let now = Instant::now();
-        while let Some((at, agent_id)) = self.deadlines.first().cloned() {
-            if at > now {
-                break;
-            }
-            self.deadlines.remove(&(at, agent_id.clone()));
-            self.on_stop_deadline(&agent_id);
-        }
-    }
-
-    fn stop(
-        &mut self,
-        target: StopTarget,
-        force: bool,
-        reply: oneshot::Sender<Result<Vec<StopReport>>>,
-    ) {
-        let agent_ids = match target {
-            StopTarget::All => self.agents.keys().cloned().collect(),
-            StopTarget::Agents(ids) if ids.is_empty() => {
-                let _ = reply.send(Err(Error::Invalid {
-                    field: "agent_ids",
-                    problem: "name at least one agent, or stop all".into(),
-                }));
-                return;
-            }
-            StopTarget::Agents(ids) => ids,
-        };
-        if let Some(unknown) = agent_ids.iter().find(|id| !self.agents.contains_key(*id)) {
-            let error = match check_id("agent_ids", unknown) {
-                Err(error) => error,
-                Ok(()) => Error::NotFound {
-                    id: unknown.clone(),
-                },
-            };
-            let _ = reply.send(Err(error));
-            return;
-        }
-        let pending: Vec<_> = agent_ids
-            .iter()
-            .map(|id| self.begin_stop(id, force))
-            .collect();
-        tokio::spawn(async move {
-            let mut reports = Vec::with_capacity(pending.len());
-            for report in pending {
-                match report.await {
-                    Ok(report) => reports.push(report),
-                    Err(_) => {
-                        let _ = reply.send(Err(Error::ShuttingDown));
-                        return;
-                    }
-                }
-            }
-            let _ = reply.send(Ok(reports));
-        });
-    }
-
-    fn shutdown(&mut self, reply: oneshot::Sender<()>) {
-        self.shutting_down = true;
-        let live: Vec<String> = self
-            .agents
-            .iter()
-            .filter(|(_, agent)| agent.leader_alive || agent.group_may_live)
-            .map(|(id, _)| id.clone())
-            .collect();
-        tracing::info!(agents = live.len(), "shutting down: stopping every agent");
-        let pending: Vec<_> = live.iter().map(|id| self.begin_stop(id, false)).collect();
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            for report in pending {
-                let _ = report.await;
-            }
-            if let Err(error) = store.flush().await {
-                tracing::error!(%error, "flushing the store at shutdown");
-            }
-            let _ = reply.send(());
-        });
-    }
-
-    fn list(&self, filter: &ListFilter) -> Vec<AgentStatus> {
-        self.agents
-            .values()
-            .filter(|agent| {
-                let spec = &agent.record.spec;
-                (filter.states.is_empty() || filter.states.contains(&agent.record.state))
-                    && (filter.parent_agent_id.is_empty()
-                        || filter.parent_agent_id == spec.parent_agent_id)
-                    && filter
-                        .labels
-                        .iter()
-                        .all(|(k, v)| spec.labels.get(k) == Some(v))
-            })
-            .map(Agent::status)
-            .collect()
-    }
-
-    fn summary(&self) -> Summary {
-        let mut summary = Summary::default();
-        for agent in self.agents.values() {
-            let status = agent.status();
-            summary.total += 1;
-            let count = match agent.record.state {
-                AgentState::Starting => &mut summary.starting,
-                AgentState::Running => &mut summary.running,
-                AgentState::Stopping => &mut summary.stopping,
-                AgentState::Completed => &mut summary.completed,
-                AgentState::Failed => &mut summary.failed,
-                AgentState::Killed => &mut summary.killed,
-                AgentState::Lost => &mut summary.lost,
-            };
-            *count += 1;
-            summary.zombies += u32::from(status.is_zombie);
-            summary.total_memory_mb += status.memory_mb;
-            summary.total_cpu_percent += status.cpu_percent;
-            if agent.record.state.is_live() {
-                summary.total_load_percentage += agent.record.spec.load_percentage;
-            }
-        }
-        summary
-    }
-
-    fn sample_targets(&self) -> Vec<SampleTarget> {
-        self.agents
-            .values()
-            .filter(|agent| agent.leader_alive)
-            .filter_map(|agent| {
-                Some(SampleTarget {
-                    agent_id: agent.record.spec.agent_id.clone(),
-                    pid: agent.record.pid?,
-                    status_file: agent.record.agent_dir.join(STATUS_FILE),
-                })
-            })
-            .collect()
-    }
-
-    fn apply_samples(&mut self, batch: SampleBatch) {
-        for (agent_id, sample) in batch.samples {
-            let Some(agent) = self.agents.get_mut(&agent_id) else {
-                continue;
-            };
-            if agent.leader_alive {
-                agent.sample = Some(sample);
-                self.emit(&agent_id, EventKind::Health, String::new());
-            }
-        }
-        for (agent_id, progress) in batch.progress {
-            let Some(agent) = self.agents.get_mut(&agent_id) else {
-                continue;
-            };
-            let record = &mut agent.record;
-            if !record.state.is_live()
-                || (record.progress == progress.progress
-                    && record.progress_message == progress.message)
-            {
-                continue;
-            }
-            record.progress = progress.progress;
-            record.progress_message = progress.message;
-            let record = record.clone();
-            self.persist(&record);
-            self.emit(&agent_id, EventKind::Progress, String::new());
-        }
-    }
-
-    /// Loads every stored agent. Agents an earlier daemon left running are adopted when
-    /// their pid still names the same process (same start time), and marked lost otherwise.
-    fn recover(&mut self) -> Result<()> {
-        for mut record in self.store.load_agents()? {
-            let agent_id = record.spec.agent_id.clone();
-            if record.pid.is_some() && !record.spec.request_id.is_empty() {
-                self.by_request
-                    .insert(record.spec.request_id.clone(), agent_id.clone());
-            }
-            if !record.state.is_live() {
-                self.insert(record, false);
-                continue;
-            }
-            // Same pid and start time: the same process. A zombie is already gone (its new
-            // parent may never reap it).
-            let same_process = record.pid.filter(|&pid| {
-                os::proc_stat(pid).is_some_and(|stat| {
-                    Some(stat.start_ticks) == record.start_ticks && stat.state != 'Z'
-                })
-            });
-            match same_process.map(|pid| (pid, os::pidfd_open(pid))) {
-                Some((pid, Ok(pidfd))) => {
-                    record.state = AgentState::Running;
-                    record.adopted = true;
-                    self.persist(&record);
-                    self.insert(record, true);
-                    self.watch_adopted(agent_id.clone(), pidfd);
-                    tracing::info!(%agent_id, pid, "adopted");
-                    self.emit(&agent_id, EventKind::Adopted, String::new());
-                }
-                _ => {
-                    let message = "the process was gone when agentd restarted".to_string();
-                    record.state = AgentState::Lost;
-                    record.ended_at = Some(SystemTime::now());
-                    record.error = Some(message.clone());
-                    self.persist(&record);
-                    self.insert(record, false);
-                    tracing::warn!(%agent_id, "{message}");
-                    self.emit(&agent_id, EventKind::Lost, message);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// An adopted agent is not our child: its exit arrives through a pidfd.
-    fn watch_adopted(&self, agent_id: String, pidfd: OwnedFd) {
-        let exits = self.adopted_exits_tx.clone();
-        tokio::spawn(async move {
-            match os::wait_for_exit(pidfd).await {
-                Ok(()) => {
-                    let _ = exits.send(agent_id);
-                }
-                Err(error) => {
-                    tracing::error!(%agent_id, %error, "cannot watch adopted agent for its exit");
-                }
-            }
-        });
-    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
-    }
-}
-
-/// The file an agent writes its progress to.
-const STATUS_FILE: &str = "status.json";
-
-/// An agent's folder, made ready for a launch: prompt written, output files open.
-struct AgentFiles {
-    stdout: std::fs::File,
-    stderr: std::fs::File,
-}
-
-impl AgentFiles {
-    fn prepare(agent_id: &str, dir: &Path, prompt: &str) -> Result<AgentFiles> {
-        let failed = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::AgentDir {
-                id: agent_id.to_string(),
-                path,
-                source,
-            }
-        };
-        std::fs::create_dir_all(dir).map_err(failed(dir))?;
-        for stale in [STATUS_FILE, "error.log"] {
-            let _ = std::fs::remove_file(dir.join(stale));
-        }
-        let prompt_file = dir.join("prompt.txt");
-        std::fs::write(&prompt_file, prompt).map_err(failed(&prompt_file))?;
-        let create = |name: &str| {
-            let path = dir.join(name);
-            std::fs::File::create(&path).map_err(failed(&path))
-        };
-        Ok(AgentFiles {
-            stdout: create("stdout.log")?,
-            stderr: create("stderr.log")?,
-        })
-    }
-
-    fn launch(self, record: &AgentRecord) -> Result<os::Started> {
-        let spec = &record.spec;
-        let dir = &record.agent_dir;
-        let working_dir = spec.working_dir.as_deref().unwrap_or(dir);
-        match std::fs::metadata(working_dir) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => {
-                return Err(Error::WorkingDir {
-                    id: spec.agent_id.clone(),
-                    path: working_dir.to_path_buf(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::NotADirectory,
-                        "not a directory",
-                    ),
-                });
-            }
-            Err(source) => {
-                return Err(Error::WorkingDir {
-                    id: spec.agent_id.clone(),
-                    path: working_dir.to_path_buf(),
-                    source,
-                });
-            }
-        }
-        let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
-        let mut env: Vec<(String, String)> = spec
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        env.extend([
-            ("AGENTD_AGENT_ID".into(), spec.agent_id.clone()),
-            (
-                "AGENTD_AGENT_DIR".into(),
-                dir.to_string_lossy().into_owned(),
-            ),
-            (
-                "AGENTD_PARENT_AGENT_ID".into(),
-                spec.parent_agent_id.clone(),
-            ),
-            ("AGENTD_AGENT_NAME".into(), spec.agent_name.clone()),
-            ("AGENTD_AGENT_TYPE".into(), spec.agent_type.clone()),
-            ("AGENTD_MODEL".into(), spec.model.clone()),
-            ("AGENTD_PROMPT_FILE".into(), path("prompt.txt")),
-            ("AGENTD_STATUS_FILE".into(), path(STATUS_FILE)),
-        ]);
-        os::spawn(os::Launch {
-            command: &spec.command,
-            env: &env,
-            working_dir,
-            stdout: self.stdout,
-            stderr: self.stderr,
-        })
-        .map_err(|source| Error::Spawn {
-            id: spec.agent_id.clone(),
-            program: spec.command[0].clone(),
-            source,
-        })
     }
 }

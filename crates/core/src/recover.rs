@@ -1,0 +1,73 @@
+//! What a starting daemon does with the records an earlier one left: adopt the agents that
+//! still run, mark the others lost.
+
+use std::os::fd::OwnedFd;
+use std::time::SystemTime;
+
+use crate::agent::AgentState;
+use crate::error::Result;
+use crate::events::EventKind;
+use crate::os;
+use crate::supervisor::SupervisorTask;
+
+impl SupervisorTask {
+    /// Loads every stored agent. Agents an earlier daemon left running are adopted when
+    /// their pid still names the same process (same start time), and marked lost otherwise.
+    pub(crate) fn recover(&mut self) -> Result<()> {
+        for mut record in self.store.load_agents()? {
+            let agent_id = record.spec.agent_id.clone();
+            if record.pid.is_some() && !record.spec.request_id.is_empty() {
+                self.by_request
+                    .insert(record.spec.request_id.clone(), agent_id.clone());
+            }
+            if !record.state.is_live() {
+                self.insert(record, false);
+                continue;
+            }
+            // Same pid and start time: the same process. A zombie is already gone (its new
+            // parent may never reap it).
+            let same_process = record.pid.filter(|&pid| {
+                os::proc_stat(pid).is_some_and(|stat| {
+                    Some(stat.start_ticks) == record.start_ticks && stat.state != 'Z'
+                })
+            });
+            match same_process.map(|pid| (pid, os::pidfd_open(pid))) {
+                Some((pid, Ok(pidfd))) => {
+                    record.state = AgentState::Running;
+                    record.adopted = true;
+                    self.persist(&record);
+                    self.insert(record, true);
+                    self.watch_adopted(agent_id.clone(), pidfd);
+                    tracing::info!(%agent_id, pid, "adopted");
+                    self.emit(&agent_id, EventKind::Adopted, String::new());
+                }
+                _ => {
+                    let message = "the process was gone when agentd restarted".to_string();
+                    record.state = AgentState::Lost;
+                    record.ended_at = Some(SystemTime::now());
+                    record.error = Some(message.clone());
+                    self.persist(&record);
+                    self.insert(record, false);
+                    tracing::warn!(%agent_id, "{message}");
+                    self.emit(&agent_id, EventKind::Lost, message);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// An adopted agent is not our child: its exit arrives through a pidfd.
+    pub(crate) fn watch_adopted(&self, agent_id: String, pidfd: OwnedFd) {
+        let exits = self.adopted_exits_tx.clone();
+        tokio::spawn(async move {
+            match os::wait_for_exit(pidfd).await {
+                Ok(()) => {
+                    let _ = exits.send(agent_id);
+                }
+                Err(error) => {
+                    tracing::error!(%agent_id, %error, "cannot watch adopted agent for its exit");
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,95 @@
+//! What the supervisor shows: filtered lists, the summary, and the health samples that feed
+//! every status.
+
+use crate::agent::{AgentState, AgentStatus};
+use crate::events::EventKind;
+use crate::sampler::{SampleBatch, SampleTarget};
+use crate::spawn::STATUS_FILE;
+use crate::supervisor::{Agent, ListFilter, Summary, SupervisorTask};
+
+impl SupervisorTask {
+    pub(crate) fn list(&self, filter: &ListFilter) -> Vec<AgentStatus> {
+        self.agents
+            .values()
+            .filter(|agent| {
+                let spec = &agent.record.spec;
+                (filter.states.is_empty() || filter.states.contains(&agent.record.state))
+                    && (filter.parent_agent_id.is_empty()
+                        || filter.parent_agent_id == spec.parent_agent_id)
+                    && filter
+                        .labels
+                        .iter()
+                        .all(|(k, v)| spec.labels.get(k) == Some(v))
+            })
+            .map(Agent::status)
+            .collect()
+    }
+
+    pub(crate) fn summary(&self) -> Summary {
+        let mut summary = Summary::default();
+        for agent in self.agents.values() {
+            let status = agent.status();
+            summary.total += 1;
+            let count = match agent.record.state {
+                AgentState::Starting => &mut summary.starting,
+                AgentState::Running => &mut summary.running,
+                AgentState::Stopping => &mut summary.stopping,
+                AgentState::Completed => &mut summary.completed,
+                AgentState::Failed => &mut summary.failed,
+                AgentState::Killed => &mut summary.killed,
+                AgentState::Lost => &mut summary.lost,
+            };
+            *count += 1;
+            summary.zombies += u32::from(status.is_zombie);
+            summary.total_memory_mb += status.memory_mb;
+            summary.total_cpu_percent += status.cpu_percent;
+            if agent.record.state.is_live() {
+                summary.total_load_percentage += agent.record.spec.load_percentage;
+            }
+        }
+        summary
+    }
+
+    pub(crate) fn sample_targets(&self) -> Vec<SampleTarget> {
+        self.agents
+            .values()
+            .filter(|agent| agent.leader_alive)
+            .filter_map(|agent| {
+                Some(SampleTarget {
+                    agent_id: agent.record.spec.agent_id.clone(),
+                    pid: agent.record.pid?,
+                    status_file: agent.record.agent_dir.join(STATUS_FILE),
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) fn apply_samples(&mut self, batch: SampleBatch) {
+        for (agent_id, sample) in batch.samples {
+            let Some(agent) = self.agents.get_mut(&agent_id) else {
+                continue;
+            };
+            if agent.leader_alive {
+                agent.sample = Some(sample);
+                self.emit(&agent_id, EventKind::Health, String::new());
+            }
+        }
+        for (agent_id, progress) in batch.progress {
+            let Some(agent) = self.agents.get_mut(&agent_id) else {
+                continue;
+            };
+            let record = &mut agent.record;
+            if !record.state.is_live()
+                || (record.progress == progress.progress
+                    && record.progress_message == progress.message)
+            {
+                continue;
+            }
+            record.progress = progress.progress;
+            record.progress_message = progress.message;
+            let record = record.clone();
+            self.persist(&record);
+            self.emit(&agent_id, EventKind::Progress, String::new());
+        }
+    }
+}
