@@ -28,15 +28,24 @@ pub struct Daemon {
 
 impl Daemon {
     pub async fn start() -> Daemon {
+        Daemon::start_with(&[]).await
+    }
+
+    /// Starts a daemon with extra options.
+    pub async fn start_with(options: &[&str]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("agentd-e2e-")
             .tempdir()
             .expect("temp dir");
-        Daemon::start_in(dir).await
+        Daemon::start_in_with(dir, options).await
     }
 
     /// Starts a daemon on an existing folder (a restart keeps the data).
     pub async fn start_in(dir: tempfile::TempDir) -> Daemon {
+        Daemon::start_in_with(dir, &[]).await
+    }
+
+    pub async fn start_in_with(dir: tempfile::TempDir, options: &[&str]) -> Daemon {
         let data_dir = dir.path().join("data");
         let socket = dir.path().join("agentd.sock");
         let log = std::fs::OpenOptions::new()
@@ -50,6 +59,7 @@ impl Daemon {
             .arg("--socket")
             .arg(&socket)
             .args(["--sample-interval", "100ms", "--log-level", "info"])
+            .args(options)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)

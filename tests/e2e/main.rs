@@ -12,5 +12,6 @@ mod clients;
 mod lifecycle;
 mod persistence;
 mod rejects;
+mod resuming;
 mod stopping;
 mod watching;

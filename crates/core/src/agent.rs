@@ -34,7 +34,8 @@ impl AgentState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Health {
     Healthy,
     Zombie,
@@ -91,7 +92,7 @@ pub struct AgentRecord {
 }
 
 /// An agent's status at one moment: its record plus the latest health sample.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentStatus {
     pub record: AgentRecord,
     /// The leader process exists (not yet reaped).

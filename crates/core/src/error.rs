@@ -54,6 +54,18 @@ pub enum Error {
         what: String,
         source: std::io::Error,
     },
+    /// A watch asked to resume from events the log no longer keeps.
+    #[error(
+        "events after sequence {after} are no longer retained (the log was trimmed through \
+         {trimmed_through}): list the agents again and watch with include_snapshot"
+    )]
+    SequenceCompacted { after: u64, trimmed_through: u64 },
+    /// A watch asked to resume from a sequence this daemon never reached.
+    #[error(
+        "sequence {after} is ahead of this daemon's latest event {latest}: list the agents \
+         again and watch with include_snapshot"
+    )]
+    SequenceAhead { after: u64, latest: u64 },
     #[error("agentd is shutting down")]
     ShuttingDown,
 }

@@ -1,17 +1,26 @@
 //! Lifecycle and health events. The supervisor is the only publisher: it stamps each event
-//! with the next sequence number and broadcasts it. Each subscriber reads from a bounded
+//! with the next sequence number, appends it to the event log in the store (health samples
+//! excepted: they are live only) and broadcasts it. Each subscriber reads from a bounded
 //! ring; one that falls behind by more than the ring holds is told so (`Lagged`) instead of
 //! slowing the supervisor or anyone else.
+//!
+//! Sequences survive restarts: they are handed out from blocks reserved on disk first, so
+//! a daemon that crashes skips the rest of its block instead of reusing numbers.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::agent::AgentStatus;
+use crate::error::{Error, Result};
+use crate::spec::AgentSpec;
+use crate::store::Store;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EventKind {
     Spawned,
     Exited,
@@ -25,7 +34,7 @@ pub enum EventKind {
     Snapshot,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
     /// One per-daemon counter; snapshot events repeat the sequence of the last event sent
     /// before them.
@@ -57,47 +66,185 @@ impl EventFilter {
     }
 }
 
-/// What a new subscriber gets, taken atomically: every event after `snapshot` arrives on
-/// `events`, and nothing before it does.
+/// How much of the event log is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct EventRetention {
+    pub max_events: usize,
+    pub max_age: Duration,
+}
+
+impl Default for EventRetention {
+    fn default() -> Self {
+        EventRetention {
+            max_events: 100_000,
+            max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What a new subscriber gets, taken atomically: the snapshot or the replay covers every
+/// event up to the moment of subscribing, and `events` every event after it.
 pub struct Subscription {
     pub snapshot: Vec<Event>,
+    pub replay: Option<Replay>,
     pub events: broadcast::Receiver<Arc<Event>>,
 }
+
+/// Logged events after a sequence, up to the moment of subscribing.
+pub struct Replay {
+    store: Store,
+    after: u64,
+    through: u64,
+}
+
+impl Replay {
+    /// The last sequence the replay covers; live events start after it.
+    pub fn through(&self) -> u64 {
+        self.through
+    }
+
+    /// The events, oldest first, read lazily from the log.
+    pub fn events(&self) -> impl Iterator<Item = Event> + use<> {
+        self.store.events_between(self.after, self.through)
+    }
+}
+
+/// Sequences reserved on disk at a time.
+const SEQUENCE_BLOCK: u64 = 10_000;
+/// Appends between two checks of the log's age limit.
+const TRIM_EVERY: usize = 256;
 
 pub(crate) struct EventBus {
     sender: broadcast::Sender<Arc<Event>>,
     last_sequence: u64,
+    /// Sequences up to here are reserved on disk.
+    reserved: u64,
+    store: Store,
+    retention: EventRetention,
+    /// Events in the log.
+    logged: usize,
+    appended_since_trim: usize,
 }
 
 impl EventBus {
-    pub fn new(capacity: usize) -> Self {
+    /// Continues after every sequence an earlier daemon may have used.
+    pub fn open(store: Store, capacity: usize, retention: EventRetention) -> Result<Self> {
         let (sender, _) = broadcast::channel(capacity.max(1));
-        EventBus {
+        let reserved = store.sequence_reserved()?;
+        let logged = store.count_events();
+        let mut bus = EventBus {
             sender,
-            last_sequence: 0,
-        }
+            last_sequence: reserved,
+            reserved,
+            store,
+            retention,
+            logged,
+            appended_since_trim: 0,
+        };
+        bus.reserve()?;
+        bus.trim();
+        Ok(bus)
     }
 
-    /// Stamps the next sequence. The status is only built when someone is watching.
+    fn reserve(&mut self) -> Result<()> {
+        let up_to = self.last_sequence + SEQUENCE_BLOCK;
+        self.store.reserve_sequences(up_to)?;
+        self.reserved = up_to;
+        Ok(())
+    }
+
+    /// Stamps the next sequence and publishes. The status is only built when the event is
+    /// logged or someone is watching.
     pub fn emit(&mut self, kind: EventKind, message: String, status: impl FnOnce() -> AgentStatus) {
         self.last_sequence += 1;
-        if self.sender.receiver_count() == 0 {
+        if self.last_sequence > self.reserved
+            && let Err(error) = self.reserve()
+        {
+            tracing::error!(%error, "reserving event sequences on disk");
+        }
+        let logged = kind != EventKind::Health;
+        if !logged && self.sender.receiver_count() == 0 {
             return;
         }
-        let event = Event {
+        let event = Arc::new(Event {
             sequence: self.last_sequence,
             time: SystemTime::now(),
             kind,
             status: status(),
             message,
-        };
-        // A failed send means the last watcher left in between: nobody to tell.
-        let _ = self.sender.send(Arc::new(event));
+        });
+        if logged {
+            self.log(&event);
+        }
+        // A failed send means nobody is watching.
+        let _ = self.sender.send(event);
     }
 
-    /// Subscribes, then builds the snapshot from `statuses`, both on the supervisor task, so
-    /// no event falls between them.
-    pub fn subscribe(&self, statuses: impl Iterator<Item = AgentStatus>) -> Subscription {
+    /// Appends to the log. The agent's environment is left out: it may be large and
+    /// secret, and no event shows it.
+    fn log(&mut self, event: &Event) {
+        let mut stored = event.clone();
+        let spec = &stored.status.record.spec;
+        if !spec.env.is_empty() {
+            stored.status.record.spec = Arc::new(AgentSpec {
+                env: BTreeMap::new(),
+                ..AgentSpec::clone(spec)
+            });
+        }
+        if let Err(error) = self.store.append_event(&stored) {
+            tracing::error!(%error, sequence = event.sequence, "logging an event");
+            return;
+        }
+        self.logged += 1;
+        self.appended_since_trim += 1;
+        // Over the count limit every append trims one; the age limit is checked now and then.
+        if self.logged > self.retention.max_events || self.appended_since_trim >= TRIM_EVERY {
+            self.trim();
+        }
+    }
+
+    fn trim(&mut self) {
+        self.appended_since_trim = 0;
+        let retention = self.retention;
+        match self
+            .store
+            .trim_events(retention.max_events, retention.max_age, self.logged)
+        {
+            Ok(removed) => self.logged -= removed,
+            Err(error) => tracing::error!(%error, "trimming the event log"),
+        }
+    }
+
+    /// Subscribes, then builds the snapshot from `statuses` or checks that a resume from
+    /// `after` is possible, all on the supervisor task, so no event falls in between.
+    pub fn subscribe(
+        &self,
+        statuses: impl Iterator<Item = AgentStatus>,
+        after: Option<u64>,
+    ) -> Result<Subscription> {
+        let replay = match after {
+            None => None,
+            Some(after) if after > self.last_sequence => {
+                return Err(Error::SequenceAhead {
+                    after,
+                    latest: self.last_sequence,
+                });
+            }
+            Some(after) => {
+                let trimmed_through = self.store.events_trimmed_through()?;
+                if after < trimmed_through {
+                    return Err(Error::SequenceCompacted {
+                        after,
+                        trimmed_through,
+                    });
+                }
+                Some(Replay {
+                    store: self.store.clone(),
+                    after,
+                    through: self.last_sequence,
+                })
+            }
+        };
         let events = self.sender.subscribe();
         let now = SystemTime::now();
         let snapshot = statuses
@@ -109,6 +256,10 @@ impl EventBus {
                 message: String::new(),
             })
             .collect();
-        Subscription { snapshot, events }
+        Ok(Subscription {
+            snapshot,
+            replay,
+            events,
+        })
     }
 }

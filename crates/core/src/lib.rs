@@ -20,9 +20,10 @@ mod views;
 
 pub use agent::{AgentRecord, AgentState, AgentStatus, Exit, Health};
 pub use error::{Error, Result};
-pub use events::{Event, EventFilter, EventKind, Subscription};
+pub use events::{Event, EventFilter, EventKind, EventRetention, Replay, Subscription};
 pub use spec::{AgentSpec, Limits, SpawnRequest, StopPolicy};
 pub use stop::{StopOutcome, StopReport};
 pub use supervisor::{
     ListFilter, ReapReport, StopTarget, Summary, Supervisor, SupervisorConfig, SupervisorHandle,
+    Watch,
 };

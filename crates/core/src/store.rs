@@ -1,9 +1,11 @@
-//! The agent store: every agent's [`AgentRecord`] in sled, keyed by agent id. Only this
-//! module touches sled. Records are stored as versioned JSON of our own types (never the
-//! protobuf messages), so the API and the storage format can change independently.
+//! The store: every agent's [`AgentRecord`] keyed by agent id, the event log keyed by
+//! sequence, and the sequence reservation, all in sled. Only this module touches sled.
+//! Everything is stored as versioned JSON of our own types (never the protobuf messages), so
+//! the API and the storage format can change independently.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 
@@ -11,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentRecord;
 use crate::error::{Error, Result};
+use crate::events::Event;
 
 /// The stored form of a record. A change to [`AgentRecord`] that old data cannot be read
 /// into adds a variant here and a conversion from the old one.
@@ -21,10 +24,25 @@ enum StoredRecord {
     V1(AgentRecord),
 }
 
+/// The stored form of a logged event.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "version")]
+enum StoredEvent {
+    #[serde(rename = "1")]
+    V1(Event),
+}
+
+/// Keys of the `meta` tree.
+const SEQUENCE_RESERVED: &[u8] = b"sequence_reserved";
+const EVENTS_TRIMMED_THROUGH: &[u8] = b"events_trimmed_through";
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     agents: sled::Tree,
+    /// The event log: sequence (big-endian, so sled's order is sequence order) -> event.
+    events: sled::Tree,
+    meta: sled::Tree,
     /// Wakes the background flusher after a write.
     written: Arc<Notify>,
 }
@@ -35,9 +53,13 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         let db = sled::Config::new().path(path).open()?;
         let agents = db.open_tree("agents")?;
+        let events = db.open_tree("events")?;
+        let meta = db.open_tree("meta")?;
         Ok(Store {
             db,
             agents,
+            events,
+            meta,
             written: Arc::new(Notify::new()),
         })
     }
@@ -80,11 +102,112 @@ impl Store {
         Ok(())
     }
 
+    fn meta_u64(&self, key: &[u8]) -> Result<u64> {
+        Ok(self
+            .meta
+            .get(key)?
+            .and_then(|value| Some(u64::from_be_bytes(value.as_ref().try_into().ok()?)))
+            .unwrap_or(0))
+    }
+
+    /// Every sequence up to this one may have been handed out by an earlier daemon.
+    pub fn sequence_reserved(&self) -> Result<u64> {
+        self.meta_u64(SEQUENCE_RESERVED)
+    }
+
+    /// Records on disk, before returning, that sequences up to `up_to` may be in use, so a
+    /// daemon that crashes never hands one out twice.
+    pub fn reserve_sequences(&self, up_to: u64) -> Result<()> {
+        self.meta.insert(SEQUENCE_RESERVED, &up_to.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The highest sequence removed from the log; resuming from before it would miss events.
+    pub fn events_trimmed_through(&self) -> Result<u64> {
+        self.meta_u64(EVENTS_TRIMMED_THROUGH)
+    }
+
+    pub fn append_event(&self, event: &Event) -> Result<()> {
+        let value = serde_json::to_vec(&StoredEvent::V1(event.clone())).map_err(|source| {
+            Error::Record {
+                key: format!("event {}", event.sequence),
+                source,
+            }
+        })?;
+        self.events.insert(event.sequence.to_be_bytes(), value)?;
+        self.written.notify_one();
+        Ok(())
+    }
+
+    /// How many events the log holds (a full scan: for start-up only).
+    pub fn count_events(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Removes the oldest events while there are more than `keep` or the oldest is older
+    /// than `max_age`, always keeping the newest. Returns how many it removed.
+    pub fn trim_events(&self, keep: usize, max_age: Duration, mut count: usize) -> Result<usize> {
+        let oldest_allowed = SystemTime::now().checked_sub(max_age);
+        let mut removed = 0;
+        let mut trimmed_through = None;
+        while count > 1 {
+            let Some((key, value)) = self.events.first()? else {
+                break;
+            };
+            let too_many = count > keep;
+            let too_old = || {
+                let event = decode_event(&key, &value).ok();
+                matches!((event, oldest_allowed), (Some(e), Some(limit)) if e.time < limit)
+            };
+            if !too_many && !too_old() {
+                break;
+            }
+            self.events.remove(&key)?;
+            trimmed_through = Some(sequence_of(&key));
+            count -= 1;
+            removed += 1;
+        }
+        if let Some(sequence) = trimmed_through {
+            self.meta
+                .insert(EVENTS_TRIMMED_THROUGH, &sequence.to_be_bytes())?;
+        }
+        Ok(removed)
+    }
+
+    /// Logged events with `after < sequence <= through`, oldest first. An entry that cannot
+    /// be read is skipped with an error in the log.
+    pub fn events_between(&self, after: u64, through: u64) -> impl Iterator<Item = Event> + use<> {
+        let start = after.saturating_add(1).to_be_bytes();
+        self.events
+            .range(start..=through.to_be_bytes())
+            .filter_map(|entry| {
+                let (key, value) = entry
+                    .map_err(|error| tracing::error!(%error, "reading the event log"))
+                    .ok()?;
+                decode_event(&key, &value)
+                    .map_err(|error| tracing::error!(%error, "skipping an unreadable event"))
+                    .ok()
+            })
+    }
+
     /// Waits until everything written so far is on disk.
     pub async fn flush(&self) -> Result<()> {
         self.db.flush_async().await?;
         Ok(())
     }
+}
+
+fn sequence_of(key: &[u8]) -> u64 {
+    key.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+fn decode_event(key: &[u8], value: &[u8]) -> Result<Event> {
+    let StoredEvent::V1(event) = serde_json::from_slice(value).map_err(|source| Error::Record {
+        key: format!("event {}", sequence_of(key)),
+        source,
+    })?;
+    Ok(event)
 }
 
 fn decode(key: &str, value: &[u8]) -> Result<AgentRecord> {
@@ -129,6 +252,54 @@ mod tests {
         }
         let store = Store::open(dir.path()).expect("reopens");
         assert_eq!(store.load_agents().expect("loads"), vec![record]);
+    }
+
+    fn event(sequence: u64, time: SystemTime) -> Event {
+        let fixture = include_bytes!("../fixtures/agent-record-v1.json");
+        let record = decode("fixture-1", fixture).expect("decodes");
+        Event {
+            sequence,
+            time,
+            kind: crate::events::EventKind::Spawned,
+            status: crate::agent::AgentStatus::new(&record, false, None),
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_event_log_trims_by_count_and_age_and_remembers_where() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("opens");
+        let old = SystemTime::now() - Duration::from_secs(7200);
+        for sequence in 1..=5 {
+            store.append_event(&event(sequence, old)).expect("append");
+        }
+        for sequence in 6..=10 {
+            store
+                .append_event(&event(sequence, SystemTime::now()))
+                .expect("append");
+        }
+        assert_eq!(
+            store
+                .trim_events(8, Duration::from_secs(86400), 10)
+                .expect("trim"),
+            2
+        );
+        assert_eq!(store.events_trimmed_through().expect("meta"), 2);
+        assert_eq!(
+            store
+                .trim_events(8, Duration::from_secs(3600), 8)
+                .expect("trim"),
+            3
+        );
+        assert_eq!(store.events_trimmed_through().expect("meta"), 5);
+        let left: Vec<u64> = store.events_between(0, 99).map(|e| e.sequence).collect();
+        assert_eq!(left, [6, 7, 8, 9, 10]);
+        let some: Vec<u64> = store.events_between(7, 9).map(|e| e.sequence).collect();
+        assert_eq!(some, [8, 9]);
+        // The newest event always stays, so the log never forgets how far it got.
+        assert_eq!(store.trim_events(0, Duration::ZERO, 5).expect("trim"), 4);
+        assert_eq!(store.count_events(), 1);
     }
 
     #[test]

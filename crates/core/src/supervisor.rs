@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::agent::{AgentRecord, AgentState, AgentStatus, Exit};
 use crate::error::{Error, Result};
-use crate::events::{EventBus, EventFilter, EventKind, Subscription};
+use crate::events::{EventBus, EventFilter, EventKind, EventRetention, Subscription};
 use crate::os;
 use crate::sampler::{self, SampleBatch, SampleTarget, TreeSample};
 use crate::spec::SpawnRequest;
@@ -30,6 +30,7 @@ pub struct SupervisorConfig {
     pub sample_interval: Duration,
     /// Events a subscriber may fall behind by before it is told it lagged.
     pub event_buffer: usize,
+    pub event_retention: EventRetention,
 }
 
 impl SupervisorConfig {
@@ -38,8 +39,19 @@ impl SupervisorConfig {
             data_dir,
             sample_interval: Duration::from_secs(1),
             event_buffer: 8192,
+            event_retention: EventRetention::default(),
         }
     }
+}
+
+/// A subscription request.
+#[derive(Debug, Clone, Default)]
+pub struct Watch {
+    pub filter: EventFilter,
+    /// First send the current status of every matching agent.
+    pub include_snapshot: bool,
+    /// First replay the logged events after this sequence.
+    pub after_sequence: Option<u64>,
 }
 
 /// Which agents `list` returns. Empty fields match everything.
@@ -85,7 +97,7 @@ enum Command {
     Stop(StopTarget, bool, oneshot::Sender<Result<Vec<StopReport>>>),
     Summary(oneshot::Sender<Summary>),
     Reap(oneshot::Sender<ReapReport>),
-    Watch(EventFilter, bool, oneshot::Sender<Subscription>),
+    Watch(Watch, oneshot::Sender<Result<Subscription>>),
     Shutdown(oneshot::Sender<()>),
     SampleTargets(oneshot::Sender<Vec<SampleTarget>>),
     Samples(SampleBatch),
@@ -137,9 +149,9 @@ impl SupervisorHandle {
         self.request(Command::Reap).await
     }
 
-    pub async fn watch(&self, filter: EventFilter, include_snapshot: bool) -> Result<Subscription> {
-        self.request(|reply| Command::Watch(filter, include_snapshot, reply))
-            .await
+    /// Subscribes to events; see [`Watch`].
+    pub async fn watch(&self, watch: Watch) -> Result<Subscription> {
+        self.request(|reply| Command::Watch(watch, reply)).await?
     }
 
     /// Refuses new spawns, stops every agent with its ladder and flushes the store.
@@ -170,9 +182,10 @@ impl Supervisor {
         })?;
         let (commands_tx, commands) = mpsc::channel(1024);
         let (adopted_exits_tx, adopted_exits) = mpsc::unbounded_channel();
+        let events = EventBus::open(store.clone(), config.event_buffer, config.event_retention)?;
         let mut task = SupervisorTask {
             store,
-            events: EventBus::new(config.event_buffer),
+            events,
             agents_dir,
             agents: BTreeMap::new(),
             by_pid: HashMap::new(),
@@ -321,17 +334,20 @@ impl SupervisorTask {
             Command::Reap(reply) => {
                 let _ = reply.send(self.reap());
             }
-            Command::Watch(filter, include_snapshot, reply) => {
-                let statuses: Vec<AgentStatus> = if include_snapshot {
+            Command::Watch(watch, reply) => {
+                let statuses: Vec<AgentStatus> = if watch.include_snapshot {
                     self.agents
                         .values()
                         .map(Agent::status)
-                        .filter(|status| filter.matches_agent(status))
+                        .filter(|status| watch.filter.matches_agent(status))
                         .collect()
                 } else {
                     Vec::new()
                 };
-                let _ = reply.send(self.events.subscribe(statuses.into_iter()));
+                let _ = reply.send(
+                    self.events
+                        .subscribe(statuses.into_iter(), watch.after_sequence),
+                );
             }
             Command::Shutdown(reply) => self.shutdown(reply),
             Command::SampleTargets(reply) => {

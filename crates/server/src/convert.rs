@@ -27,6 +27,7 @@ pub fn error_status(error: Error) -> Status {
         },
         Error::AgentDir { .. } | Error::Store { .. } | Error::Record { .. } => Code::Internal,
         Error::Setup { .. } => Code::Internal,
+        Error::SequenceCompacted { .. } | Error::SequenceAhead { .. } => Code::OutOfRange,
         Error::ShuttingDown => Code::Unavailable,
     };
     Status::new(code, error.to_string())

@@ -5,6 +5,7 @@
 mod convert;
 mod service;
 pub mod settings;
+mod watch;
 
 use std::future::Future;
 use std::time::Duration;
@@ -25,6 +26,13 @@ pub enum Listener {
     Tcp(TcpListener),
 }
 
+/// How the gRPC front behaves, beyond the supervisor's own configuration.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Events queued per watcher before a watcher that does not read is ended.
+    pub watch_buffer: usize,
+}
+
 /// How long open connections get to finish after the agents are stopped.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
@@ -33,6 +41,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 pub async fn run(
     listeners: Vec<Listener>,
     supervisor: SupervisorHandle,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let stop_serving = CancellationToken::new();
@@ -51,6 +60,7 @@ pub async fn run(
     let service = AgentSupervisorServer::new(AgentSupervisorService::new(
         supervisor.clone(),
         stop_serving.clone(),
+        options.watch_buffer,
     ));
 
     let mut servers = tokio::task::JoinSet::new();

@@ -1,33 +1,38 @@
 //! The `agentd.v1.AgentSupervisor` gRPC service: decodes a request, asks the supervisor,
 //! encodes the answer. No supervisor state lives here.
 
-use agentd_core::{EventFilter, ListFilter, StopTarget, SupervisorHandle};
+use std::time::Duration;
+
+use agentd_core::{EventFilter, ListFilter, StopTarget, SupervisorHandle, Watch};
 use agentd_proto::v1 as pb;
 use pb::agent_supervisor_server::AgentSupervisor;
-use tokio::sync::{broadcast::error::RecvError, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::convert::{self, error_status};
+use crate::watch::{self, WatchOptions, WatchStream};
 
 pub struct AgentSupervisorService {
     supervisor: SupervisorHandle,
     /// Cancelled when the daemon shuts down, to end watch streams.
     shutdown: CancellationToken,
+    /// Events queued per watcher before it counts as stuck.
+    watch_buffer: usize,
 }
 
 impl AgentSupervisorService {
-    pub fn new(supervisor: SupervisorHandle, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        supervisor: SupervisorHandle,
+        shutdown: CancellationToken,
+        watch_buffer: usize,
+    ) -> Self {
         AgentSupervisorService {
             supervisor,
             shutdown,
+            watch_buffer,
         }
     }
 }
-
-/// Events queued per watcher between the event bus and the connection.
-const WATCH_QUEUE: usize = 256;
 
 #[tonic::async_trait]
 impl AgentSupervisor for AgentSupervisorService {
@@ -135,13 +140,28 @@ impl AgentSupervisor for AgentSupervisorService {
         Ok(Response::new(convert::reap_report(report)))
     }
 
-    type WatchAgentsStream = ReceiverStream<Result<pb::AgentEvent, Status>>;
+    type WatchAgentsStream = WatchStream;
 
     async fn watch_agents(
         &self,
         request: Request<pb::WatchAgentsRequest>,
     ) -> Result<Response<Self::WatchAgentsStream>, Status> {
         let request = request.into_inner();
+        if request.include_snapshot && request.after_sequence.is_some() {
+            return Err(Status::invalid_argument(
+                "give either `include_snapshot` or `after_sequence`, not both",
+            ));
+        }
+        let health_interval = request
+            .health_interval
+            .map(|interval| {
+                Duration::try_from(interval).map_err(|_| {
+                    Status::invalid_argument(
+                        "invalid `health_interval`: must be a non-negative duration",
+                    )
+                })
+            })
+            .transpose()?;
         let filter = EventFilter {
             agent_ids: request.agent_ids.into_iter().collect(),
             parent_agent_id: request.parent_agent_id,
@@ -153,51 +173,22 @@ impl AgentSupervisor for AgentSupervisorService {
         };
         let subscription = self
             .supervisor
-            .watch(filter.clone(), request.include_snapshot)
+            .watch(Watch {
+                filter: filter.clone(),
+                include_snapshot: request.include_snapshot,
+                after_sequence: request.after_sequence,
+            })
             .await
             .map_err(error_status)?;
-        let (queue, stream) = mpsc::channel(WATCH_QUEUE);
-        let shutdown = self.shutdown.clone();
-        // Ends when the client goes away (a failed send), the daemon shuts down, or the
-        // watcher falls too far behind.
-        tokio::spawn(async move {
-            let mut last_sent = 0;
-            for event in &subscription.snapshot {
-                last_sent = event.sequence;
-                if queue.send(Ok(convert::event(event))).await.is_err() {
-                    return;
-                }
-            }
-            let mut events = subscription.events;
-            loop {
-                let received = tokio::select! {
-                    () = shutdown.cancelled() => {
-                        let _ = queue.send(Err(Status::unavailable("agentd is shutting down"))).await;
-                        return;
-                    }
-                    () = queue.closed() => return,
-                    received = events.recv() => received,
-                };
-                match received {
-                    Ok(event) if filter.matches(&event) => {
-                        last_sent = event.sequence;
-                        if queue.send(Ok(convert::event(&event))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(missed)) => {
-                        let message = format!(
-                            "this watcher fell {missed} events behind and was ended; the last \
-                             event sent was sequence {last_sent}: watch again with include_snapshot"
-                        );
-                        let _ = queue.send(Err(Status::resource_exhausted(message))).await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => return,
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(stream)))
+        let options = WatchOptions {
+            filter,
+            health_interval,
+            buffer: self.watch_buffer,
+        };
+        Ok(Response::new(watch::start(
+            subscription,
+            options,
+            self.shutdown.clone(),
+        )))
     }
 }

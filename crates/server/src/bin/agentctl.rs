@@ -70,8 +70,14 @@ enum Action {
         #[arg(long = "kind")]
         kinds: Vec<String>,
         /// First print the current status of every matching agent
-        #[arg(long)]
+        #[arg(long, conflicts_with = "after")]
         snapshot: bool,
+        /// Resume: first replay the retained events after this sequence
+        #[arg(long)]
+        after: Option<u64>,
+        /// At most one health sample per agent per interval (0 for none)
+        #[arg(long, value_parser = settings::parse_duration)]
+        health_interval: Option<Duration>,
     },
 }
 
@@ -198,6 +204,8 @@ async fn run(options: Options) -> anyhow::Result<()> {
             parent,
             kinds,
             snapshot,
+            after,
+            health_interval,
         } => {
             let kinds = kinds
                 .iter()
@@ -208,6 +216,8 @@ async fn run(options: Options) -> anyhow::Result<()> {
                 parent_agent_id: parent.unwrap_or_default(),
                 kinds,
                 include_snapshot: snapshot,
+                after_sequence: after,
+                health_interval: health_interval.and_then(|d| d.try_into().ok()),
             };
             let mut events = client.watch_agents(request).await?.into_inner();
             while let Some(event) = events.message().await? {

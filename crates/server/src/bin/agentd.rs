@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agentd_core::{Supervisor, SupervisorConfig};
-use agentd_server::{Listener, settings};
+use agentd_core::{EventRetention, Supervisor, SupervisorConfig};
+use agentd_server::{Listener, ServeOptions, settings};
 use anyhow::{Context, bail};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -26,6 +26,16 @@ struct Options {
     /// How often agents' CPU, memory and threads are sampled (500ms, 1s, 2s...)
     #[arg(long, env = "AGENTD_SAMPLE_INTERVAL", default_value = "1s", value_parser = settings::parse_duration)]
     sample_interval: Duration,
+    /// Events queued per watcher; a watcher that lets its queue fill is ended with
+    /// RESOURCE_EXHAUSTED and can resume from the last sequence it got
+    #[arg(long, env = "AGENTD_WATCH_BUFFER", default_value_t = 1024)]
+    watch_buffer: usize,
+    /// Most events kept in the log that watchers resume from
+    #[arg(long, env = "AGENTD_EVENT_RETENTION_COUNT", default_value_t = 100_000)]
+    event_retention_count: usize,
+    /// Oldest event kept in the log (30m, 24h...)
+    #[arg(long, env = "AGENTD_EVENT_RETENTION_AGE", default_value = "24h", value_parser = settings::parse_duration)]
+    event_retention_age: Duration,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
@@ -51,6 +61,10 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| settings::socket_in(&data_dir));
     let mut config = SupervisorConfig::new(data_dir.clone());
     config.sample_interval = options.sample_interval;
+    config.event_retention = EventRetention {
+        max_events: options.event_retention_count.max(1),
+        max_age: options.event_retention_age,
+    };
     let supervisor = Supervisor::start(config)
         .with_context(|| format!("starting the supervisor in `{}`", data_dir.display()))?;
 
@@ -70,7 +84,10 @@ async fn main() -> anyhow::Result<()> {
         data_dir.display()
     );
 
-    let result = agentd_server::run(listeners, supervisor, shutdown_signal()?).await;
+    let serve = ServeOptions {
+        watch_buffer: options.watch_buffer.max(1),
+    };
+    let result = agentd_server::run(listeners, supervisor, serve, shutdown_signal()?).await;
     let _ = std::fs::remove_file(&socket);
     result?;
     tracing::info!("stopped");

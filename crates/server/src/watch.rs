@@ -1,0 +1,207 @@
+//! `WatchAgents`: one forwarding task per watcher moves events from the supervisor's
+//! broadcast ring into the watcher's bounded queue. A watcher whose queue stays full for
+//! [`STUCK_AFTER`], or that falls behind the whole ring, is ended with RESOURCE_EXHAUSTED,
+//! naming the last sequence it was given so it can resume. The supervisor never waits for a
+//! watcher: it only writes to the ring, which overwrites what the slowest has not read.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use agentd_core::{Event, EventFilter, EventKind, Subscription};
+use agentd_proto::v1 as pb;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc::error::SendTimeoutError;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::convert;
+
+/// How long a watcher's queue may stay full before the watcher counts as stuck. Short
+/// bursts (a sample of every agent at once) wait in the broadcast ring meanwhile.
+const STUCK_AFTER: Duration = Duration::from_secs(2);
+
+/// What one watcher asked for beyond the event filter.
+pub struct WatchOptions {
+    pub filter: EventFilter,
+    /// `None`: every health sample; zero: none; otherwise at most one per agent per interval.
+    pub health_interval: Option<Duration>,
+    /// Events queued for the connection before the watcher counts as stuck.
+    pub buffer: usize,
+}
+
+/// The response stream: the watcher's queue, then, if it was ended, the status saying why.
+pub struct WatchStream {
+    queue: mpsc::Receiver<pb::AgentEvent>,
+    end: Option<oneshot::Receiver<Status>>,
+}
+
+impl Stream for WatchStream {
+    type Item = Result<pb::AgentEvent, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.queue.poll_recv(cx) {
+            Poll::Ready(Some(event)) => return Poll::Ready(Some(Ok(event))),
+            Poll::Ready(None) => {}
+            Poll::Pending => return Poll::Pending,
+        }
+        // The queue is drained and closed: the forwarder ended, with a status or without.
+        let Some(end) = self.end.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let ended = Pin::new(end).poll(cx);
+        self.end = None;
+        match ended {
+            Poll::Ready(Ok(status)) => Poll::Ready(Some(Err(status))),
+            _ => Poll::Ready(None),
+        }
+    }
+}
+
+/// Starts the forwarder and returns the stream tonic sends.
+pub fn start(
+    subscription: Subscription,
+    options: WatchOptions,
+    shutdown: CancellationToken,
+) -> WatchStream {
+    let (queue_tx, queue) = mpsc::channel(options.buffer.max(1));
+    let (end_tx, end) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut forwarder = Forwarder {
+            queue: queue_tx,
+            options,
+            last_sequence: 0,
+            health_sent: HashMap::new(),
+        };
+        if let Some(status) = forwarder.run(subscription, shutdown).await {
+            // The status is in place before the queue closes (when `forwarder` drops).
+            let _ = end_tx.send(status);
+        }
+    });
+    WatchStream {
+        queue,
+        end: Some(end),
+    }
+}
+
+struct Forwarder {
+    queue: mpsc::Sender<pb::AgentEvent>,
+    options: WatchOptions,
+    /// The last sequence queued for this watcher.
+    last_sequence: u64,
+    /// When each agent's last health sample was queued, for `health_interval`.
+    health_sent: HashMap<String, Instant>,
+}
+
+/// Why forwarding ended early: the client left.
+struct Gone;
+
+impl Forwarder {
+    /// Returns the status to end the stream with, or `None` when the client went away.
+    async fn run(
+        &mut self,
+        subscription: Subscription,
+        shutdown: CancellationToken,
+    ) -> Option<Status> {
+        let Subscription {
+            snapshot,
+            replay,
+            mut events,
+        } = subscription;
+        // Snapshot and replay wait for the client: they are bounded, and the live events
+        // meanwhile wait in the broadcast ring.
+        for event in &snapshot {
+            self.send(event).await.ok()?;
+        }
+        let mut seam = snapshot.first().map_or(0, |event| event.sequence);
+        if let Some(replay) = replay {
+            seam = replay.through();
+            for event in replay.events() {
+                if self.wanted(&event) {
+                    self.send(&event).await.ok()?;
+                }
+            }
+        }
+        loop {
+            let received = tokio::select! {
+                () = shutdown.cancelled() => {
+                    return Some(Status::unavailable("agentd is shutting down"));
+                }
+                () = self.queue.closed() => return None,
+                received = events.recv() => received,
+            };
+            let event = match received {
+                // At or before the seam: the snapshot or replay already covered it.
+                Ok(event) if event.sequence <= seam => continue,
+                Ok(event) => event,
+                Err(RecvError::Lagged(missed)) => {
+                    return Some(self.ended(format!("fell {missed} events behind the daemon")));
+                }
+                Err(RecvError::Closed) => return None,
+            };
+            if !self.wanted(&event) {
+                continue;
+            }
+            match self
+                .queue
+                .send_timeout(convert::event(&event), STUCK_AFTER)
+                .await
+            {
+                Ok(()) => self.last_sequence = event.sequence,
+                Err(SendTimeoutError::Timeout(_)) => {
+                    let why = format!(
+                        "did not read for {STUCK_AFTER:?} with {} events waiting",
+                        self.options.buffer
+                    );
+                    return Some(self.ended(why));
+                }
+                Err(SendTimeoutError::Closed(_)) => return None,
+            }
+        }
+    }
+
+    async fn send(&mut self, event: &Event) -> Result<(), Gone> {
+        self.queue
+            .send(convert::event(event))
+            .await
+            .map_err(|_| Gone)?;
+        self.last_sequence = event.sequence;
+        Ok(())
+    }
+
+    fn wanted(&mut self, event: &Event) -> bool {
+        if !self.options.filter.matches(event) {
+            return false;
+        }
+        if event.kind != EventKind::Health {
+            return true;
+        }
+        match self.options.health_interval {
+            None => true,
+            Some(interval) if interval.is_zero() => false,
+            Some(interval) => {
+                let now = Instant::now();
+                let agent_id = event.status.agent_id();
+                match self.health_sent.get(agent_id) {
+                    Some(sent) if now.duration_since(*sent) < interval => false,
+                    _ => {
+                        self.health_sent.insert(agent_id.to_string(), now);
+                        true
+                    }
+                }
+            }
+        }
+    }
+
+    fn ended(&self, why: String) -> Status {
+        Status::resource_exhausted(format!(
+            "this watcher {why} and was ended; the last event it was given is sequence {}: \
+             watch again with after_sequence set to it",
+            self.last_sequence
+        ))
+    }
+}
