@@ -9,6 +9,7 @@
 mod harness;
 
 mod clients;
+mod health;
 mod lifecycle;
 mod persistence;
 mod rejects;

@@ -1,12 +1,14 @@
 //! One agent as the supervisor keeps it: the stored [`AgentRecord`] (spec, state, pid,
 //! times, exit) and the [`AgentStatus`] view that answers status calls and rides on events.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::health::{HealthIssue, HealthMetric};
 use crate::sampler::TreeSample;
 use crate::spec::AgentSpec;
 
@@ -42,6 +44,10 @@ pub enum Health {
     Completed,
     Failed,
     Unknown,
+    /// Alive, but no heartbeat within the timeout.
+    Stalled,
+    /// Alive, but over a memory or CPU threshold.
+    OverLimit,
 }
 
 /// How the leader process ended.
@@ -89,6 +95,13 @@ pub struct AgentRecord {
     pub progress_message: String,
     /// Started by an earlier daemon and adopted by this one: its exit status cannot be seen.
     pub adopted: bool,
+    #[serde(default)]
+    pub progress_details: BTreeMap<String, String>,
+    #[serde(default)]
+    pub last_heartbeat: Option<SystemTime>,
+    /// Failed health checks that still hold.
+    #[serde(default)]
+    pub health_issues: Vec<HealthIssue>,
 }
 
 /// An agent's status at one moment: its record plus the latest health sample.
@@ -120,6 +133,17 @@ impl AgentStatus {
         let health = match record.state {
             AgentState::Starting => Health::Unknown,
             AgentState::Running | AgentState::Stopping if is_zombie => Health::Zombie,
+            AgentState::Running | AgentState::Stopping
+                if record
+                    .health_issues
+                    .iter()
+                    .any(|issue| issue.metric == HealthMetric::Heartbeat) =>
+            {
+                Health::Stalled
+            }
+            AgentState::Running | AgentState::Stopping if !record.health_issues.is_empty() => {
+                Health::OverLimit
+            }
             AgentState::Running | AgentState::Stopping => Health::Healthy,
             AgentState::Completed | AgentState::Killed => Health::Completed,
             AgentState::Failed => Health::Failed,

@@ -15,6 +15,12 @@ pub enum Error {
     },
     #[error("no agent `{id}`")]
     NotFound { id: String },
+    /// The agent exists but its process has ended.
+    #[error("agent `{id}` is not running (it is {state:?})")]
+    NotRunning {
+        id: String,
+        state: crate::agent::AgentState,
+    },
     #[error("agent `{id}` already exists")]
     AlreadyExists { id: String },
     /// The working directory the spawn named is missing or not a directory.

@@ -16,6 +16,7 @@ use tokio::sync::broadcast;
 
 use crate::agent::AgentStatus;
 use crate::error::{Error, Result};
+use crate::health::Alert;
 use crate::spec::AgentSpec;
 use crate::store::Store;
 
@@ -32,6 +33,9 @@ pub enum EventKind {
     Lost,
     Adopted,
     Snapshot,
+    Stalled,
+    Alert,
+    Recovered,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,6 +47,9 @@ pub struct Event {
     pub kind: EventKind,
     pub status: AgentStatus,
     pub message: String,
+    /// The measurement behind a STALLED or ALERT event.
+    #[serde(default)]
+    pub alert: Option<Alert>,
 }
 
 /// Which events a subscriber wants. Empty sets mean "all".
@@ -155,7 +162,13 @@ impl EventBus {
 
     /// Stamps the next sequence and publishes. The status is only built when the event is
     /// logged or someone is watching.
-    pub fn emit(&mut self, kind: EventKind, message: String, status: impl FnOnce() -> AgentStatus) {
+    pub fn emit(
+        &mut self,
+        kind: EventKind,
+        message: String,
+        alert: Option<Alert>,
+        status: impl FnOnce() -> AgentStatus,
+    ) {
         self.last_sequence += 1;
         if self.last_sequence > self.reserved
             && let Err(error) = self.reserve()
@@ -172,6 +185,7 @@ impl EventBus {
             kind,
             status: status(),
             message,
+            alert,
         });
         if logged {
             self.log(&event);
@@ -254,6 +268,7 @@ impl EventBus {
                 kind: EventKind::Snapshot,
                 status,
                 message: String::new(),
+                alert: None,
             })
             .collect();
         Ok(Subscription {

@@ -8,6 +8,7 @@
 mod agent;
 mod error;
 mod events;
+mod health;
 mod os;
 mod recover;
 mod sampler;
@@ -21,9 +22,10 @@ mod views;
 pub use agent::{AgentRecord, AgentState, AgentStatus, Exit, Health};
 pub use error::{Error, Result};
 pub use events::{Event, EventFilter, EventKind, EventRetention, Replay, Subscription};
+pub use health::{Alert, HealthAction, HealthIssue, HealthMetric, HealthPolicy, ProgressReport};
 pub use spec::{AgentSpec, Limits, SpawnRequest, StopPolicy};
 pub use stop::{StopOutcome, StopReport};
 pub use supervisor::{
-    ListFilter, ReapReport, StopTarget, Summary, Supervisor, SupervisorConfig, SupervisorHandle,
-    Watch,
+    HealthReport, ListFilter, ReapReport, StopTarget, Summary, Supervisor, SupervisorConfig,
+    SupervisorHandle, Watch,
 };

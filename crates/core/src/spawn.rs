@@ -47,6 +47,9 @@ impl SupervisorTask {
             progress: 0.0,
             progress_message: String::new(),
             adopted: false,
+            progress_details: Default::default(),
+            last_heartbeat: None,
+            health_issues: Vec::new(),
         };
         self.store.put(&record)?;
         match files.launch(&record) {
@@ -87,6 +90,7 @@ impl SupervisorTask {
             group_may_live: alive,
             sample: None,
             stop: None,
+            cpu_samples_over: 0,
         };
         self.agents
             .insert(agent.record.spec.agent_id.clone(), agent);

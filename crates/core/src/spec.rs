@@ -9,6 +9,7 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::health::HealthPolicy;
 
 /// A spawn as the client sent it, before validation.
 #[derive(Debug, Clone, Default)]
@@ -29,6 +30,7 @@ pub struct SpawnRequest {
     pub stop_signal: String,
     pub first_grace: Option<Duration>,
     pub second_grace: Option<Duration>,
+    pub health_policy: HealthPolicy,
 }
 
 /// A validated spawn: what is stored and what the process is started from. The prompt is
@@ -58,6 +60,8 @@ pub struct AgentSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub stop_policy: StopPolicy,
+    #[serde(default)]
+    pub health_policy: HealthPolicy,
 }
 
 /// The stop ladder: `signal`, wait `first_grace`, `signal` again, wait `second_grace`, SIGKILL.
@@ -132,6 +136,7 @@ impl SpawnRequest {
         };
         let stop_policy =
             check_stop_policy(&self.stop_signal, self.first_grace, self.second_grace)?;
+        let health_policy = self.health_policy.validate()?;
         let spec = AgentSpec {
             agent_id: self.agent_id,
             request_id: self.request_id,
@@ -145,6 +150,7 @@ impl SpawnRequest {
             working_dir,
             labels: self.labels,
             stop_policy,
+            health_policy,
         };
         Ok((spec, self.prompt))
     }

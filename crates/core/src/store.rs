@@ -263,6 +263,7 @@ mod tests {
             kind: crate::events::EventKind::Spawned,
             status: crate::agent::AgentStatus::new(&record, false, None),
             message: String::new(),
+            alert: None,
         }
     }
 

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::agent::{AgentRecord, AgentState, AgentStatus, Exit};
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventFilter, EventKind, EventRetention, Subscription};
+use crate::health::{Alert, ProgressReport};
 use crate::os;
 use crate::sampler::{self, SampleBatch, SampleTarget, TreeSample};
 use crate::spec::SpawnRequest;
@@ -82,6 +83,19 @@ pub struct Summary {
     pub total_memory_mb: f64,
     pub total_cpu_percent: f64,
     pub total_load_percentage: f64,
+    pub stalled: u32,
+    pub over_limit: u32,
+    /// Every live agent whose health is not healthy, by agent id.
+    pub unhealthy: Vec<HealthReport>,
+}
+
+/// Why one agent is not healthy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthReport {
+    pub agent_id: String,
+    pub health: crate::agent::Health,
+    pub reason: String,
+    pub since: Option<SystemTime>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -101,6 +115,7 @@ enum Command {
     Shutdown(oneshot::Sender<()>),
     SampleTargets(oneshot::Sender<Vec<SampleTarget>>),
     Samples(SampleBatch),
+    ReportProgress(ProgressReport, oneshot::Sender<Result<AgentStatus>>),
 }
 
 /// A cheap, cloneable way to talk to the supervisor task.
@@ -138,6 +153,12 @@ impl SupervisorHandle {
     /// Stops agents, all ladders concurrently; answers when every one has ended.
     pub async fn stop(&self, target: StopTarget, force: bool) -> Result<Vec<StopReport>> {
         self.request(|reply| Command::Stop(target, force, reply))
+            .await?
+    }
+
+    /// Records an agent's heartbeat and progress.
+    pub async fn report_progress(&self, report: ProgressReport) -> Result<AgentStatus> {
+        self.request(|reply| Command::ReportProgress(report, reply))
             .await?
     }
 
@@ -249,6 +270,8 @@ pub(crate) struct Agent {
     pub group_may_live: bool,
     pub sample: Option<TreeSample>,
     pub stop: Option<Stop>,
+    /// Consecutive samples over the CPU limit.
+    pub cpu_samples_over: u32,
 }
 
 impl Agent {
@@ -354,6 +377,9 @@ impl SupervisorTask {
                 let _ = reply.send(self.sample_targets());
             }
             Command::Samples(batch) => self.apply_samples(batch),
+            Command::ReportProgress(report, reply) => {
+                let _ = reply.send(self.report_progress(report));
+            }
         }
     }
 
@@ -372,7 +398,20 @@ impl SupervisorTask {
 
     pub(crate) fn emit(&mut self, agent_id: &str, kind: EventKind, message: String) {
         if let Some(agent) = self.agents.get(agent_id) {
-            self.events.emit(kind, message, || agent.status());
+            self.events.emit(kind, message, None, || agent.status());
+        }
+    }
+
+    pub(crate) fn emit_alert(
+        &mut self,
+        agent_id: &str,
+        kind: EventKind,
+        message: String,
+        alert: Alert,
+    ) {
+        if let Some(agent) = self.agents.get(agent_id) {
+            self.events
+                .emit(kind, message, Some(alert), || agent.status());
         }
     }
 

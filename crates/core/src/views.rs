@@ -1,11 +1,12 @@
 //! What the supervisor shows: filtered lists, the summary, and the health samples that feed
 //! every status.
 
-use crate::agent::{AgentState, AgentStatus};
+use crate::agent::{AgentState, AgentStatus, Health};
 use crate::events::EventKind;
+use crate::health::HealthPolicy;
 use crate::sampler::{SampleBatch, SampleTarget};
 use crate::spawn::STATUS_FILE;
-use crate::supervisor::{Agent, ListFilter, Summary, SupervisorTask};
+use crate::supervisor::{Agent, HealthReport, ListFilter, Summary, SupervisorTask};
 
 impl SupervisorTask {
     pub(crate) fn list(&self, filter: &ListFilter) -> Vec<AgentStatus> {
@@ -46,6 +47,27 @@ impl SupervisorTask {
             if agent.record.state.is_live() {
                 summary.total_load_percentage += agent.record.spec.load_percentage;
             }
+            match status.health {
+                Health::Stalled => summary.stalled += 1,
+                Health::OverLimit => summary.over_limit += 1,
+                _ => {}
+            }
+            if status.process_alive && status.health != Health::Healthy {
+                let issues = &agent.record.health_issues;
+                summary.unhealthy.push(HealthReport {
+                    agent_id: agent.record.spec.agent_id.clone(),
+                    health: status.health,
+                    reason: match status.health {
+                        Health::Zombie => "the leader process is a zombie".to_string(),
+                        _ => issues
+                            .iter()
+                            .map(|i| i.reason.as_str())
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    },
+                    since: issues.iter().map(|issue| issue.since).min(),
+                });
+            }
         }
         summary
     }
@@ -64,6 +86,8 @@ impl SupervisorTask {
             .collect()
     }
 
+    /// Takes a sampler batch: new samples (each a HEALTH event), progress from status files
+    /// (each a heartbeat), then every health check of every live agent.
     pub(crate) fn apply_samples(&mut self, batch: SampleBatch) {
         for (agent_id, sample) in batch.samples {
             let Some(agent) = self.agents.get_mut(&agent_id) else {
@@ -78,18 +102,26 @@ impl SupervisorTask {
             let Some(agent) = self.agents.get_mut(&agent_id) else {
                 continue;
             };
-            let record = &mut agent.record;
-            if !record.state.is_live()
-                || (record.progress == progress.progress
-                    && record.progress_message == progress.message)
-            {
+            if !agent.leader_alive {
                 continue;
             }
+            let record = &mut agent.record;
+            let changed =
+                record.progress != progress.progress || record.progress_message != progress.message;
             record.progress = progress.progress;
             record.progress_message = progress.message;
-            let record = record.clone();
-            self.persist(&record);
-            self.emit(&agent_id, EventKind::Progress, String::new());
+            self.on_heartbeat(&agent_id, changed);
+        }
+        let checked: Vec<String> = self
+            .agents
+            .values()
+            .filter(|agent| {
+                agent.leader_alive && agent.record.spec.health_policy != HealthPolicy::default()
+            })
+            .map(|agent| agent.record.spec.agent_id.clone())
+            .collect();
+        for agent_id in checked {
+            self.check_health(&agent_id);
         }
     }
 }

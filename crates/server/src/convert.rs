@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use agentd_core::{
-    AgentState, AgentStatus, Error, Event, EventKind, Exit, Health, ReapReport, SpawnRequest,
-    StopOutcome, StopReport, Summary,
+    AgentState, AgentStatus, Alert, Error, Event, EventKind, Exit, Health, HealthAction,
+    HealthMetric, HealthPolicy, ProgressReport, ReapReport, SpawnRequest, StopOutcome, StopReport,
+    Summary,
 };
 use agentd_proto::v1 as pb;
 use tonic::{Code, Status};
@@ -16,6 +17,7 @@ pub fn error_status(error: Error) -> Status {
     let code = match &error {
         Error::Invalid { .. } => Code::InvalidArgument,
         Error::NotFound { .. } => Code::NotFound,
+        Error::NotRunning { .. } => Code::FailedPrecondition,
         Error::AlreadyExists { .. } => Code::AlreadyExists,
         Error::WorkingDir { .. } => Code::FailedPrecondition,
         Error::Spawn { source, .. } => match source.kind() {
@@ -51,7 +53,65 @@ pub fn spawn_request(request: pb::SpawnRequest) -> Result<SpawnRequest, Status> 
         stop_signal: policy.stop_signal,
         first_grace: duration("stop_policy.first_grace", policy.first_grace)?,
         second_grace: duration("stop_policy.second_grace", policy.second_grace)?,
+        health_policy: health_policy(request.health_policy.unwrap_or_default())?,
     })
+}
+
+fn health_policy(policy: pb::HealthPolicy) -> Result<HealthPolicy, Status> {
+    let limit = |value: f64| (value != 0.0).then_some(value);
+    Ok(HealthPolicy {
+        heartbeat_timeout: duration("health_policy.heartbeat_timeout", policy.heartbeat_timeout)?,
+        on_stall: health_action("health_policy.on_stall", policy.on_stall)?,
+        memory_limit_mb: limit(policy.memory_limit_mb),
+        on_memory_limit: health_action("health_policy.on_memory_limit", policy.on_memory_limit)?,
+        cpu_limit_percent: limit(policy.cpu_limit_percent),
+        cpu_limit_samples: policy.cpu_limit_samples,
+        on_cpu_limit: health_action("health_policy.on_cpu_limit", policy.on_cpu_limit)?,
+    })
+}
+
+fn health_action(field: &str, value: i32) -> Result<HealthAction, Status> {
+    match pb::HealthAction::try_from(value) {
+        Ok(pb::HealthAction::Unspecified | pb::HealthAction::Report) => Ok(HealthAction::Report),
+        Ok(pb::HealthAction::Stop) => Ok(HealthAction::Stop),
+        Ok(pb::HealthAction::Restart) => Err(Status::invalid_argument(format!(
+            "invalid `{field}`: HEALTH_ACTION_RESTART needs a restart policy, which agentd does \
+             not have yet: use HEALTH_ACTION_STOP and spawn again"
+        ))),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "invalid `{field}`: {value} is not a HealthAction"
+        ))),
+    }
+}
+
+fn health_action_to(action: HealthAction) -> pb::HealthAction {
+    match action {
+        HealthAction::Report => pb::HealthAction::Report,
+        HealthAction::Stop => pb::HealthAction::Stop,
+    }
+}
+
+pub fn progress_report(request: pb::ReportProgressRequest) -> ProgressReport {
+    ProgressReport {
+        agent_id: request.agent_id,
+        progress: request.progress,
+        message: request.message,
+        details: request.details.into_iter().collect(),
+    }
+}
+
+fn alert(alert: &Alert) -> pb::Alert {
+    let metric = match alert.metric {
+        HealthMetric::Heartbeat => pb::HealthMetric::Heartbeat,
+        HealthMetric::MemoryMb => pb::HealthMetric::MemoryMb,
+        HealthMetric::CpuPercent => pb::HealthMetric::CpuPercent,
+    };
+    pb::Alert {
+        metric: metric.into(),
+        value: alert.value,
+        threshold: alert.threshold,
+        action: health_action_to(alert.action).into(),
+    }
 }
 
 fn duration(field: &str, value: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
@@ -102,6 +162,8 @@ fn health(health: Health) -> pb::Health {
         Health::Completed => pb::Health::Completed,
         Health::Failed => pb::Health::Failed,
         Health::Unknown => pb::Health::Unknown,
+        Health::Stalled => pb::Health::Stalled,
+        Health::OverLimit => pb::Health::OverLimit,
     }
 }
 
@@ -117,6 +179,9 @@ pub fn event_kind(kind: EventKind) -> pb::EventKind {
         EventKind::Lost => pb::EventKind::Lost,
         EventKind::Adopted => pb::EventKind::Adopted,
         EventKind::Snapshot => pb::EventKind::Snapshot,
+        EventKind::Stalled => pb::EventKind::Stalled,
+        EventKind::Alert => pb::EventKind::Alert,
+        EventKind::Recovered => pb::EventKind::Recovered,
     }
 }
 
@@ -132,6 +197,9 @@ pub fn event_kind_from(value: i32) -> Result<EventKind, Status> {
         Ok(pb::EventKind::Lost) => EventKind::Lost,
         Ok(pb::EventKind::Adopted) => EventKind::Adopted,
         Ok(pb::EventKind::Snapshot) => EventKind::Snapshot,
+        Ok(pb::EventKind::Stalled) => EventKind::Stalled,
+        Ok(pb::EventKind::Alert) => EventKind::Alert,
+        Ok(pb::EventKind::Recovered) => EventKind::Recovered,
         Ok(pb::EventKind::Unspecified) | Err(_) => {
             return Err(Status::invalid_argument(format!(
                 "invalid `kinds`: {value} is not an EventKind"
@@ -180,6 +248,24 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
         num_processes: status.num_processes,
         adopted: record.adopted,
         request_id: spec.request_id.clone(),
+        health_reason: record
+            .health_issues
+            .iter()
+            .map(|issue| issue.reason.as_str())
+            .collect::<Vec<_>>()
+            .join("; "),
+        health_since: record
+            .health_issues
+            .iter()
+            .map(|issue| issue.since)
+            .min()
+            .map(Into::into),
+        progress_details: record
+            .progress_details
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        last_heartbeat: record.last_heartbeat.map(Into::into),
     }
 }
 
@@ -191,6 +277,7 @@ pub fn event(event: &Event) -> pb::AgentEvent {
         kind: event_kind(event.kind).into(),
         status: Some(status(&event.status)),
         message: event.message.clone(),
+        alert: event.alert.as_ref().map(alert),
     }
 }
 
@@ -234,6 +321,18 @@ pub fn summary(summary: &Summary) -> pb::GetSummaryResponse {
         total_memory_mb: summary.total_memory_mb,
         total_cpu_percent: summary.total_cpu_percent,
         total_load_percentage: summary.total_load_percentage,
+        stalled: summary.stalled,
+        over_limit: summary.over_limit,
+        unhealthy: summary
+            .unhealthy
+            .iter()
+            .map(|report| pb::AgentHealthReport {
+                agent_id: report.agent_id.clone(),
+                health: health(report.health).into(),
+                reason: report.reason.clone(),
+                since: report.since.map(Into::into),
+            })
+            .collect(),
     }
 }
 

@@ -140,6 +140,21 @@ impl AgentSupervisor for AgentSupervisorService {
         Ok(Response::new(convert::reap_report(report)))
     }
 
+    async fn report_progress(
+        &self,
+        request: Request<pb::ReportProgressRequest>,
+    ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+        let report = convert::progress_report(request.into_inner());
+        let status = self
+            .supervisor
+            .report_progress(report)
+            .await
+            .map_err(error_status)?;
+        Ok(Response::new(pb::ReportProgressResponse {
+            status: Some(convert::status(&status)),
+        }))
+    }
+
     type WatchAgentsStream = WatchStream;
 
     async fn watch_agents(

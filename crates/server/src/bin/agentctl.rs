@@ -123,6 +123,18 @@ struct SpawnArgs {
     /// Wait after the second stop signal [default: 5s]
     #[arg(long, value_parser = settings::parse_duration)]
     second_grace: Option<Duration>,
+    /// The agent must heartbeat (ReportProgress or its status file) at least this often
+    #[arg(long, value_parser = settings::parse_duration)]
+    heartbeat_timeout: Option<Duration>,
+    /// Memory limit of the agent's process tree, in MiB
+    #[arg(long)]
+    memory_limit_mb: Option<f64>,
+    /// CPU limit of the agent's process tree, in percent of one core (3 samples in a row)
+    #[arg(long)]
+    cpu_limit: Option<f64>,
+    /// Stop the agent (instead of only reporting) when it stalls or crosses a limit
+    #[arg(long)]
+    stop_when_unhealthy: bool,
     /// The program and its arguments
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -262,6 +274,20 @@ fn spawn_request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
         first_grace: args.grace.and_then(|d| d.try_into().ok()),
         second_grace: args.second_grace.and_then(|d| d.try_into().ok()),
     });
+    let action = if args.stop_when_unhealthy {
+        pb::HealthAction::Stop
+    } else {
+        pb::HealthAction::Report
+    } as i32;
+    let health_policy = pb::HealthPolicy {
+        heartbeat_timeout: args.heartbeat_timeout.and_then(|d| d.try_into().ok()),
+        on_stall: action,
+        memory_limit_mb: args.memory_limit_mb.unwrap_or(0.0),
+        on_memory_limit: action,
+        cpu_limit_percent: args.cpu_limit.unwrap_or(0.0),
+        cpu_limit_samples: 0,
+        on_cpu_limit: action,
+    };
     Ok(pb::SpawnRequest {
         request_id: args.request_id.unwrap_or_default(),
         agent_id: args.agent_id.unwrap_or_default(),
@@ -276,6 +302,7 @@ fn spawn_request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
         working_dir: args.cwd.unwrap_or_default(),
         labels: args.labels.into_iter().collect(),
         stop_policy,
+        health_policy: Some(health_policy),
     })
 }
 
@@ -354,6 +381,10 @@ fn status_json(s: &pb::AgentStatus) -> Value {
         "agent_dir": s.agent_dir,
         "adopted": s.adopted,
         "request_id": s.request_id,
+        "health_reason": s.health_reason,
+        "health_since": timestamp_json(s.health_since.as_ref()),
+        "last_heartbeat": timestamp_json(s.last_heartbeat.as_ref()),
+        "progress_details": s.progress_details,
     })
 }
 
@@ -469,15 +500,30 @@ fn print_summary(s: &pb::GetSummaryResponse, json: bool) {
         "killed": s.killed, "lost": s.lost, "zombies": s.zombies,
         "total_memory_mb": s.total_memory_mb, "total_cpu_percent": s.total_cpu_percent,
         "total_load_percentage": s.total_load_percentage,
+        "stalled": s.stalled, "over_limit": s.over_limit,
+        "unhealthy": s.unhealthy.iter().map(|u| json!({
+            "agent_id": u.agent_id,
+            "health": health_name(u.health),
+            "reason": u.reason,
+            "since": timestamp_json(u.since.as_ref()),
+        })).collect::<Vec<_>>(),
     });
     if json {
         println!("{value:#}");
         return;
     }
     if let Value::Object(fields) = value {
-        for (name, value) in fields {
+        for (name, value) in fields.iter().filter(|(name, _)| *name != "unhealthy") {
             println!("{name:<22} {value}");
         }
+    }
+    for report in &s.unhealthy {
+        println!(
+            "unhealthy: {} {}: {}",
+            report.agent_id,
+            health_name(report.health),
+            report.reason
+        );
     }
 }
 
