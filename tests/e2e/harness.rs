@@ -260,8 +260,8 @@ pub async fn stop(client: &mut Client, agent_ids: &[&str], force: bool) -> Vec<p
     client
         .cleanup(pb::CleanupRequest {
             agent_ids: agent_ids.iter().map(|s| s.to_string()).collect(),
-            all: false,
             force,
+            ..Default::default()
         })
         .await
         .expect("cleanup")

@@ -55,7 +55,7 @@ async fn tree_memory_counts_children_and_identity_reaches_the_agent() {
             cat \"$AGENTD_PROMPT_FILE\"; echo oops >&2; sleep 300 & sleep 300 & wait",
         ),
     );
-    request.parent_agent_id = "coordinator".into();
+    request.parent_agent_id = "@coordinator".into();
     request.model = "claude".into();
     request.prompt = "summarise the logs".into();
     request.load_percentage = 12.5;
@@ -69,7 +69,7 @@ async fn tree_memory_counts_children_and_identity_reaches_the_agent() {
     .await;
     assert!(status.num_threads >= 3);
     assert_eq!(status.model, "claude");
-    assert_eq!(status.parent_agent_id, "coordinator");
+    assert_eq!(status.parent_agent_id, "@coordinator");
     assert_eq!(
         status.labels.get("team").map(String::as_str),
         Some("research")
@@ -77,7 +77,7 @@ async fn tree_memory_counts_children_and_identity_reaches_the_agent() {
     let dir = std::path::PathBuf::from(&status.agent_dir);
     assert!(dir.starts_with(&daemon.data_dir));
     let stdout = std::fs::read_to_string(dir.join("stdout.log")).expect("stdout.log");
-    assert_eq!(stdout, "tree coordinator claude hello\nsummarise the logs");
+    assert_eq!(stdout, "tree @coordinator claude hello\nsummarise the logs");
     let stderr = std::fs::read_to_string(dir.join("stderr.log")).expect("stderr.log");
     assert_eq!(stderr, "oops\n");
     assert!(!daemon.log().contains("summarise the logs"));

@@ -24,6 +24,10 @@ pub enum AgentState {
     Killed,
     /// agentd restarted and the process was gone.
     Lost,
+    /// Ended; the restart policy starts it again at `next_restart_at`.
+    BackingOff,
+    /// Ran past its `max_runtime` and was stopped.
+    TimedOut,
 }
 
 impl AgentState {
@@ -33,6 +37,11 @@ impl AgentState {
             self,
             AgentState::Starting | AgentState::Running | AgentState::Stopping
         )
+    }
+
+    /// Its declared load counts against the daemon's capacity: live, or coming back.
+    pub fn holds_capacity(self) -> bool {
+        self.is_live() || self == AgentState::BackingOff
     }
 }
 
@@ -102,6 +111,28 @@ pub struct AgentRecord {
     /// Failed health checks that still hold.
     #[serde(default)]
     pub health_issues: Vec<HealthIssue>,
+    /// Times the restart policy started it again.
+    #[serde(default)]
+    pub restart_count: u32,
+    /// How the run before the current one (or the pending restart) ended.
+    #[serde(default)]
+    pub last_exit: Option<Exit>,
+    #[serde(default)]
+    pub next_restart_at: Option<SystemTime>,
+    /// Consecutive short runs, which set the next backoff.
+    #[serde(default)]
+    pub backoff_step: u32,
+}
+
+impl AgentRecord {
+    /// How the current run ended, for messages.
+    pub fn state_text(&self) -> String {
+        match self.exit {
+            Some(Exit::Code(code)) => format!("with code {code}"),
+            Some(Exit::Signal(signal)) => format!("by signal {signal}"),
+            None => format!("{:?}", self.state).to_lowercase(),
+        }
+    }
 }
 
 /// An agent's status at one moment: its record plus the latest health sample.
@@ -146,8 +177,12 @@ impl AgentStatus {
             }
             AgentState::Running | AgentState::Stopping => Health::Healthy,
             AgentState::Completed | AgentState::Killed => Health::Completed,
-            AgentState::Failed => Health::Failed,
+            AgentState::Failed | AgentState::TimedOut => Health::Failed,
             AgentState::Lost => Health::Unknown,
+            AgentState::BackingOff => match record.exit {
+                Some(Exit::Code(0)) => Health::Completed,
+                _ => Health::Failed,
+            },
         };
         let runtime = record
             .started_at

@@ -21,6 +21,23 @@ pub enum Error {
         id: String,
         state: crate::agent::AgentState,
     },
+    /// A spawn names a parent that is no agent (and not an `@coordinator`).
+    #[error(
+        "spawning agent `{id}`: parent agent `{parent}` does not exist (name an external \
+         coordinator as `@{parent}`)"
+    )]
+    UnknownParent { id: String, parent: String },
+    #[error("at capacity: {count} agents are running or coming back, the limit is {max}")]
+    TooManyAgents { max: usize, count: usize },
+    #[error(
+        "at capacity: the agents' declared load is {used}% of {capacity}%, {requested}% more \
+         does not fit"
+    )]
+    OverCapacity {
+        requested: f64,
+        used: f64,
+        capacity: f64,
+    },
     #[error("agent `{id}` already exists")]
     AlreadyExists { id: String },
     /// The working directory the spawn named is missing or not a directory.

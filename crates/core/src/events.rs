@@ -36,6 +36,8 @@ pub enum EventKind {
     Stalled,
     Alert,
     Recovered,
+    Restarting,
+    TimedOut,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::AgentStatus;
 use crate::error::{Error, Result};
 use crate::events::EventKind;
+use crate::stop::StopReason;
 use crate::supervisor::SupervisorTask;
 
 /// What agentd does when a check fails.
@@ -22,6 +23,8 @@ pub enum HealthAction {
     Report,
     /// Also stop the agent with its ladder.
     Stop,
+    /// Stop it and let the restart policy start it again.
+    Restart,
 }
 
 /// One agent's checks beyond being alive. `None` limits are off.
@@ -212,7 +215,10 @@ impl SupervisorTask {
         }
         let policy = agent.record.spec.health_policy.clone();
         let sample = agent.sample.clone();
-        if let Some(timeout) = policy.heartbeat_timeout {
+        // Until the first heartbeat, a startup timeout (if any) is the limit that applies.
+        let starting = agent.record.last_heartbeat.is_none()
+            && agent.record.spec.lifecycle.startup_timeout.is_some();
+        if let Some(timeout) = policy.heartbeat_timeout.filter(|_| !starting) {
             let since = agent.record.last_heartbeat.or(agent.record.started_at);
             let silent = since
                 .and_then(|since| SystemTime::now().duration_since(since).ok())
@@ -297,8 +303,12 @@ impl SupervisorTask {
             reason: reason.clone(),
             since: SystemTime::now(),
         });
-        let stopping = alert.action == HealthAction::Stop;
-        if stopping {
+        let stop_reason = match alert.action {
+            HealthAction::Report => None,
+            HealthAction::Stop => Some(StopReason::Health),
+            HealthAction::Restart => Some(StopReason::HealthRestart),
+        };
+        if stop_reason.is_some() {
             agent.record.error = Some(format!("stopped by agentd: {reason}"));
         }
         let record = agent.record.clone();
@@ -309,9 +319,9 @@ impl SupervisorTask {
             HealthMetric::MemoryMb | HealthMetric::CpuPercent => EventKind::Alert,
         };
         self.emit_alert(agent_id, kind, reason, alert);
-        if stopping {
+        if let Some(stop_reason) = stop_reason {
             // Nobody waits for this stop; its events say how it went.
-            drop(self.begin_stop(agent_id, false));
+            drop(self.begin_stop(agent_id, false, stop_reason));
         }
     }
 

@@ -9,6 +9,7 @@ mod agent;
 mod error;
 mod events;
 mod health;
+mod lifecycle;
 mod os;
 mod recover;
 mod sampler;
@@ -23,9 +24,10 @@ pub use agent::{AgentRecord, AgentState, AgentStatus, Exit, Health};
 pub use error::{Error, Result};
 pub use events::{Event, EventFilter, EventKind, EventRetention, Replay, Subscription};
 pub use health::{Alert, HealthAction, HealthIssue, HealthMetric, HealthPolicy, ProgressReport};
+pub use lifecycle::{Backoff, LifecyclePolicy, ParentExit, RestartPolicy};
 pub use spec::{AgentSpec, Limits, SpawnRequest, StopPolicy};
-pub use stop::{StopOutcome, StopReport};
+pub use stop::{StopOptions, StopOutcome, StopReport};
 pub use supervisor::{
-    HealthReport, ListFilter, ReapReport, StopTarget, Summary, Supervisor, SupervisorConfig,
-    SupervisorHandle, Watch,
+    HealthReport, Limits as DaemonLimits, ListFilter, ReapReport, ShutdownPolicy, StopTarget,
+    Summary, Supervisor, SupervisorConfig, SupervisorHandle, Watch,
 };

@@ -4,21 +4,40 @@
 use std::os::fd::OwnedFd;
 use std::time::SystemTime;
 
+use tokio::time::Instant;
+
 use crate::agent::AgentState;
 use crate::error::Result;
 use crate::events::EventKind;
+use crate::lifecycle::RunEnd;
 use crate::os;
-use crate::supervisor::SupervisorTask;
+use crate::supervisor::{SupervisorTask, Timer};
 
 impl SupervisorTask {
     /// Loads every stored agent. Agents an earlier daemon left running are adopted when
     /// their pid still names the same process (same start time), and marked lost otherwise.
+    /// Restarts that were pending go on at their time; lost agents whose policy restarts
+    /// them are restarted.
     pub(crate) fn recover(&mut self) -> Result<()> {
+        let mut lost = Vec::new();
         for mut record in self.store.load_agents()? {
             let agent_id = record.spec.agent_id.clone();
             if record.pid.is_some() && !record.spec.request_id.is_empty() {
                 self.by_request
                     .insert(record.spec.request_id.clone(), agent_id.clone());
+            }
+            if record.state == AgentState::BackingOff {
+                let wait = record
+                    .next_restart_at
+                    .and_then(|due| due.duration_since(SystemTime::now()).ok())
+                    .unwrap_or_default();
+                self.insert(record, false);
+                let at = Instant::now() + wait;
+                if let Some(agent) = self.agents.get_mut(&agent_id) {
+                    agent.restart_at = Some(at);
+                }
+                self.timers.insert((at, agent_id, Timer::Restart));
+                continue;
             }
             if !record.state.is_live() {
                 self.insert(record, false);
@@ -40,6 +59,7 @@ impl SupervisorTask {
                     self.watch_adopted(agent_id.clone(), pidfd);
                     tracing::info!(%agent_id, pid, "adopted");
                     self.emit(&agent_id, EventKind::Adopted, String::new());
+                    self.schedule_run_limits(&agent_id);
                 }
                 _ => {
                     let message = "the process was gone when agentd restarted".to_string();
@@ -50,8 +70,15 @@ impl SupervisorTask {
                     self.insert(record, false);
                     tracing::warn!(%agent_id, "{message}");
                     self.emit(&agent_id, EventKind::Lost, message);
+                    lost.push(agent_id);
                 }
             }
+        }
+        for agent_id in lost {
+            if let Some(agent) = self.agents.get_mut(&agent_id) {
+                agent.run_over = false;
+            }
+            self.run_ended(&agent_id, RunEnd::Lost);
         }
         Ok(())
     }

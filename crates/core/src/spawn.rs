@@ -31,6 +31,7 @@ impl SupervisorTask {
         {
             return Err(Error::AlreadyExists { id: spec.agent_id });
         }
+        self.admit(&spec)?;
         let agent_id = spec.agent_id.clone();
         let agent_dir = self.agents_dir.join(&agent_id);
         let files = AgentFiles::prepare(&agent_id, &agent_dir, &prompt)?;
@@ -50,6 +51,10 @@ impl SupervisorTask {
             progress_details: Default::default(),
             last_heartbeat: None,
             health_issues: Vec::new(),
+            restart_count: 0,
+            last_exit: None,
+            next_restart_at: None,
+            backoff_step: 0,
         };
         self.store.put(&record)?;
         match files.launch(&record) {
@@ -66,6 +71,7 @@ impl SupervisorTask {
                 self.insert(record, true);
                 tracing::info!(%agent_id, pid = started.pid, "spawned");
                 self.emit(&agent_id, EventKind::Spawned, String::new());
+                self.schedule_run_limits(&agent_id);
                 self.agent(&agent_id).map(Agent::status)
             }
             Err(error) => {
@@ -84,16 +90,8 @@ impl SupervisorTask {
     }
 
     pub(crate) fn insert(&mut self, record: AgentRecord, alive: bool) {
-        let agent = Agent {
-            record,
-            leader_alive: alive,
-            group_may_live: alive,
-            sample: None,
-            stop: None,
-            cpu_samples_over: 0,
-        };
         self.agents
-            .insert(agent.record.spec.agent_id.clone(), agent);
+            .insert(record.spec.agent_id.clone(), Agent::new(record, alive));
     }
 
     pub(crate) fn generate_id(&mut self) -> String {
@@ -115,7 +113,7 @@ impl SupervisorTask {
 pub(crate) const STATUS_FILE: &str = "status.json";
 
 /// An agent's folder, made ready for a launch: prompt written, output files open.
-struct AgentFiles {
+pub(crate) struct AgentFiles {
     stdout: std::fs::File,
     stderr: std::fs::File,
 }
@@ -143,6 +141,27 @@ impl AgentFiles {
         Ok(AgentFiles {
             stdout: create("stdout.log")?,
             stderr: create("stderr.log")?,
+        })
+    }
+
+    /// For a restart: the prompt stays, output is appended to the earlier runs'.
+    pub(crate) fn reopen(agent_id: &str, dir: &Path) -> Result<AgentFiles> {
+        let _ = std::fs::remove_file(dir.join(STATUS_FILE));
+        let open = |name: &str| {
+            let path = dir.join(name);
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|source| Error::AgentDir {
+                    id: agent_id.to_string(),
+                    path,
+                    source,
+                })
+        };
+        Ok(AgentFiles {
+            stdout: open("stdout.log")?,
+            stderr: open("stderr.log")?,
         })
     }
 

@@ -9,7 +9,8 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::health::HealthPolicy;
+use crate::health::{HealthAction, HealthPolicy};
+use crate::lifecycle::{LifecyclePolicy, RestartPolicy};
 
 /// A spawn as the client sent it, before validation.
 #[derive(Debug, Clone, Default)]
@@ -31,6 +32,7 @@ pub struct SpawnRequest {
     pub first_grace: Option<Duration>,
     pub second_grace: Option<Duration>,
     pub health_policy: HealthPolicy,
+    pub lifecycle: LifecyclePolicy,
 }
 
 /// A validated spawn: what is stored and what the process is started from. The prompt is
@@ -62,6 +64,8 @@ pub struct AgentSpec {
     pub stop_policy: StopPolicy,
     #[serde(default)]
     pub health_policy: HealthPolicy,
+    #[serde(default)]
+    pub lifecycle: LifecyclePolicy,
 }
 
 /// The stop ladder: `signal`, wait `first_grace`, `signal` again, wait `second_grace`, SIGKILL.
@@ -104,7 +108,12 @@ impl SpawnRequest {
     pub(crate) fn validate(self) -> Result<(AgentSpec, String)> {
         check_id("agent_id", &self.agent_id)?;
         if !self.parent_agent_id.is_empty() {
-            check_id("parent_agent_id", &self.parent_agent_id)?;
+            // `@name` is an external coordinator: `@` can never appear in an agent id.
+            let parent = &self.parent_agent_id;
+            check_id(
+                "parent_agent_id",
+                parent.strip_prefix('@').unwrap_or(parent),
+            )?;
         }
         check_len("request_id", &self.request_id, Limits::ID_LEN)?;
         check_len("agent_name", &self.agent_name, Limits::TEXT_LEN)?;
@@ -137,6 +146,25 @@ impl SpawnRequest {
         let stop_policy =
             check_stop_policy(&self.stop_signal, self.first_grace, self.second_grace)?;
         let health_policy = self.health_policy.validate()?;
+        let lifecycle = self
+            .lifecycle
+            .validate(health_policy.heartbeat_timeout.is_some())?;
+        let restarts = lifecycle.restart != RestartPolicy::Never;
+        for (field, action) in [
+            ("health_policy.on_stall", health_policy.on_stall),
+            (
+                "health_policy.on_memory_limit",
+                health_policy.on_memory_limit,
+            ),
+            ("health_policy.on_cpu_limit", health_policy.on_cpu_limit),
+        ] {
+            if action == HealthAction::Restart && !restarts {
+                return invalid(
+                    field,
+                    "a restart action needs restart_policy ON_FAILURE or ALWAYS",
+                );
+            }
+        }
         let spec = AgentSpec {
             agent_id: self.agent_id,
             request_id: self.request_id,
@@ -151,6 +179,7 @@ impl SpawnRequest {
             labels: self.labels,
             stop_policy,
             health_policy,
+            lifecycle,
         };
         Ok((spec, self.prompt))
     }

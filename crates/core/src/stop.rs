@@ -8,15 +8,48 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tokio::sync::oneshot;
 
-use crate::error::Result;
 use tokio::time::Instant;
 
 use crate::agent::{AgentState, AgentStatus};
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::events::EventKind;
+use crate::lifecycle::RunEnd;
 use crate::os;
 use crate::spec::check_id;
-use crate::supervisor::{StopTarget, SupervisorTask};
+use crate::supervisor::{ShutdownPolicy, StopTarget, SupervisorTask, Timer};
+
+/// How a client's stop behaves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StopOptions {
+    /// SIGKILL at once instead of the ladder.
+    pub force: bool,
+    /// Also stop every descendant agent, children first.
+    pub cascade: bool,
+}
+
+/// Why an agent is being stopped; it decides the state the agent ends in and whether the
+/// restart policy may start it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// A client asked (Cleanup, or a cascade it asked for).
+    Requested,
+    Shutdown,
+    /// Its parent agent ended for good and its policy says to follow.
+    ParentExited,
+    /// A health check whose action is stop.
+    Health,
+    /// A health check whose action is restart.
+    HealthRestart,
+    MaxRuntime,
+    /// No first heartbeat within the startup timeout.
+    StartupTimeout,
+}
+
+impl StopReason {
+    pub fn client_asked(self) -> bool {
+        matches!(self, StopReason::Requested | StopReason::Shutdown)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopOutcome {
@@ -53,6 +86,7 @@ pub(crate) struct Stop {
     deadline: Instant,
     /// Everyone who asked for this stop; each gets the report.
     waiters: Vec<oneshot::Sender<StopReport>>,
+    pub reason: StopReason,
 }
 
 /// After SIGKILL the group is signalled and checked again this often until it is gone
@@ -65,13 +99,19 @@ impl SupervisorTask {
         &mut self,
         agent_id: &str,
         force: bool,
+        reason: StopReason,
     ) -> oneshot::Receiver<StopReport> {
         let (waiter, report) = oneshot::channel();
+        self.cancel_restart(agent_id);
         let Some(agent) = self.agents.get_mut(agent_id) else {
             return report;
         };
         if let Some(stop) = agent.stop.as_mut() {
             stop.waiters.push(waiter);
+            // A client's stop wins: the agent will not be restarted.
+            if reason.client_asked() {
+                stop.reason = reason;
+            }
             if force && stop.step != Step::Kill {
                 self.enter_step(agent_id, Step::Kill);
             }
@@ -96,6 +136,7 @@ impl SupervisorTask {
             step: Step::FirstSignal,
             deadline: now,
             waiters: vec![waiter],
+            reason,
         });
         if agent.leader_alive {
             agent.record.state = AgentState::Stopping;
@@ -125,11 +166,12 @@ impl SupervisorTask {
             Step::SecondSignal => (policy.signal, policy.second_grace),
             Step::Kill => (Signal::SIGKILL, KILL_RECHECK),
         };
-        self.deadlines
-            .remove(&(stop.deadline, agent_id.to_string()));
+        self.timers
+            .remove(&(stop.deadline, agent_id.to_string(), Timer::StopStep));
         stop.step = step;
         stop.deadline = Instant::now() + wait;
-        self.deadlines.insert((stop.deadline, agent_id.to_string()));
+        self.timers
+            .insert((stop.deadline, agent_id.to_string(), Timer::StopStep));
         tracing::info!(%agent_id, ?step, %signal, "stop ladder");
         let sent = match os::signal_group(pgid, signal) {
             // A leader that left its group still gets the signal.
@@ -180,8 +222,8 @@ impl SupervisorTask {
         let Some(stop) = agent.stop.take() else {
             return false;
         };
-        self.deadlines
-            .remove(&(stop.deadline, agent_id.to_string()));
+        self.timers
+            .remove(&(stop.deadline, agent_id.to_string(), Timer::StopStep));
         let outcome = match stop.step {
             Step::FirstSignal => StopOutcome::ExitedOnFirstSignal,
             Step::SecondSignal => StopOutcome::Escalated,
@@ -198,38 +240,35 @@ impl SupervisorTask {
                 status: status.clone(),
             });
         }
+        self.run_ended(agent_id, RunEnd::Stopped(stop.reason));
         true
     }
 
-    pub(crate) fn has_lingering_group(&self) -> bool {
-        self.deadlines
+    /// Agents being stopped: each has exactly one stop-step timer.
+    fn stopping(&self) -> impl Iterator<Item = &String> {
+        self.timers
             .iter()
-            .any(|(_, id)| self.agents.get(id).is_some_and(|a| !a.leader_alive))
+            .filter(|(_, _, timer)| *timer == Timer::StopStep)
+            .map(|(_, id, _)| id)
+    }
+
+    pub(crate) fn has_lingering_group(&self) -> bool {
+        self.stopping()
+            .any(|id| self.agents.get(id).is_some_and(|a| !a.leader_alive))
     }
 
     pub(crate) fn check_stopping_groups(&mut self) {
-        let stopping: Vec<String> = self.deadlines.iter().map(|(_, id)| id.clone()).collect();
+        let stopping: Vec<String> = self.stopping().cloned().collect();
         let mut probe = os::GroupProbe::default();
         for agent_id in stopping {
             self.finish_stop_if_gone(&agent_id, &mut probe);
         }
     }
 
-    pub(crate) fn on_deadlines(&mut self) {
-        let now = Instant::now();
-        while let Some((at, agent_id)) = self.deadlines.first().cloned() {
-            if at > now {
-                break;
-            }
-            self.deadlines.remove(&(at, agent_id.clone()));
-            self.on_stop_deadline(&agent_id);
-        }
-    }
-
     pub(crate) fn stop(
         &mut self,
         target: StopTarget,
-        force: bool,
+        options: StopOptions,
         reply: oneshot::Sender<Result<Vec<StopReport>>>,
     ) {
         let agent_ids = match target {
@@ -253,9 +292,22 @@ impl SupervisorTask {
             let _ = reply.send(Err(error));
             return;
         }
+        if options.cascade {
+            match self.stop_cascade(agent_ids, options.force) {
+                Some(cascade) => {
+                    tokio::spawn(async move {
+                        let _ = reply.send(Ok(cascade.await));
+                    });
+                }
+                None => {
+                    let _ = reply.send(Err(Error::ShuttingDown));
+                }
+            }
+            return;
+        }
         let pending: Vec<_> = agent_ids
             .iter()
-            .map(|id| self.begin_stop(id, force))
+            .map(|id| self.begin_stop(id, options.force, StopReason::Requested))
             .collect();
         tokio::spawn(async move {
             let mut reports = Vec::with_capacity(pending.len());
@@ -277,11 +329,28 @@ impl SupervisorTask {
         let live: Vec<String> = self
             .agents
             .iter()
-            .filter(|(_, agent)| agent.leader_alive || agent.group_may_live)
+            .filter(|(_, agent)| {
+                agent.leader_alive
+                    || agent.group_may_live
+                    || agent.record.state == AgentState::BackingOff
+            })
             .map(|(id, _)| id.clone())
             .collect();
-        tracing::info!(agents = live.len(), "shutting down: stopping every agent");
-        let pending: Vec<_> = live.iter().map(|id| self.begin_stop(id, false)).collect();
+        let pending: Vec<_> = match self.limits.on_shutdown {
+            ShutdownPolicy::Stop => {
+                tracing::info!(agents = live.len(), "shutting down: stopping every agent");
+                live.iter()
+                    .map(|id| self.begin_stop(id, false, StopReason::Shutdown))
+                    .collect()
+            }
+            ShutdownPolicy::Detach => {
+                tracing::info!(
+                    agents = live.len(),
+                    "shutting down: leaving agents running for the next agentd to adopt"
+                );
+                Vec::new()
+            }
+        };
         let store = self.store.clone();
         tokio::spawn(async move {
             for report in pending {

@@ -18,10 +18,11 @@ use crate::agent::{AgentRecord, AgentState, AgentStatus, Exit};
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventFilter, EventKind, EventRetention, Subscription};
 use crate::health::{Alert, ProgressReport};
+use crate::lifecycle::RunEnd;
 use crate::os;
 use crate::sampler::{self, SampleBatch, SampleTarget, TreeSample};
 use crate::spec::SpawnRequest;
-use crate::stop::{Stop, StopReport};
+use crate::stop::{Stop, StopOptions, StopReason, StopReport};
 use crate::store::Store;
 
 #[derive(Debug, Clone)]
@@ -32,6 +33,37 @@ pub struct SupervisorConfig {
     /// Events a subscriber may fall behind by before it is told it lagged.
     pub event_buffer: usize,
     pub event_retention: EventRetention,
+    pub limits: Limits,
+}
+
+/// What the daemon allows and how it leaves.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// The total declared load (`load_percentage`) the host takes.
+    pub capacity: f64,
+    /// Agents that may be starting, running, stopping or backing off at once.
+    pub max_agents: Option<usize>,
+    pub on_shutdown: ShutdownPolicy,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            capacity: 100.0,
+            max_agents: None,
+            on_shutdown: ShutdownPolicy::Stop,
+        }
+    }
+}
+
+/// What a daemon that is asked to shut down does with its agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShutdownPolicy {
+    /// Stop every agent with its ladder, all at once.
+    #[default]
+    Stop,
+    /// Leave them running; the next agentd adopts them.
+    Detach,
 }
 
 impl SupervisorConfig {
@@ -41,6 +73,7 @@ impl SupervisorConfig {
             sample_interval: Duration::from_secs(1),
             event_buffer: 8192,
             event_retention: EventRetention::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -61,6 +94,8 @@ pub struct ListFilter {
     pub states: HashSet<AgentState>,
     pub parent_agent_id: String,
     pub labels: BTreeMap<String, String>,
+    /// Only this agent and its descendants.
+    pub subtree_of: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +120,11 @@ pub struct Summary {
     pub total_load_percentage: f64,
     pub stalled: u32,
     pub over_limit: u32,
+    pub backing_off: u32,
+    pub timed_out: u32,
+    pub capacity: f64,
+    pub free_capacity: f64,
+    pub max_agents: Option<usize>,
     /// Every live agent whose health is not healthy, by agent id.
     pub unhealthy: Vec<HealthReport>,
 }
@@ -104,11 +144,15 @@ pub struct ReapReport {
     pub orphans_reaped: u32,
 }
 
-enum Command {
+pub(crate) enum Command {
     Spawn(Box<SpawnRequest>, oneshot::Sender<Result<AgentStatus>>),
     Status(String, oneshot::Sender<Result<AgentStatus>>),
-    List(ListFilter, oneshot::Sender<Vec<AgentStatus>>),
-    Stop(StopTarget, bool, oneshot::Sender<Result<Vec<StopReport>>>),
+    List(ListFilter, oneshot::Sender<Result<Vec<AgentStatus>>>),
+    Stop(
+        StopTarget,
+        StopOptions,
+        oneshot::Sender<Result<Vec<StopReport>>>,
+    ),
     Summary(oneshot::Sender<Summary>),
     Reap(oneshot::Sender<ReapReport>),
     Watch(Watch, oneshot::Sender<Result<Subscription>>),
@@ -147,12 +191,12 @@ impl SupervisorHandle {
 
     /// Matching agents, sorted by id.
     pub async fn list(&self, filter: ListFilter) -> Result<Vec<AgentStatus>> {
-        self.request(|reply| Command::List(filter, reply)).await
+        self.request(|reply| Command::List(filter, reply)).await?
     }
 
     /// Stops agents, all ladders concurrently; answers when every one has ended.
-    pub async fn stop(&self, target: StopTarget, force: bool) -> Result<Vec<StopReport>> {
-        self.request(|reply| Command::Stop(target, force, reply))
+    pub async fn stop(&self, target: StopTarget, options: StopOptions) -> Result<Vec<StopReport>> {
+        self.request(|reply| Command::Stop(target, options, reply))
             .await?
     }
 
@@ -202,6 +246,7 @@ impl Supervisor {
             source,
         })?;
         let (commands_tx, commands) = mpsc::channel(1024);
+        let limits = config.limits;
         let (adopted_exits_tx, adopted_exits) = mpsc::unbounded_channel();
         let events = EventBus::open(store.clone(), config.event_buffer, config.event_retention)?;
         let mut task = SupervisorTask {
@@ -211,10 +256,12 @@ impl Supervisor {
             agents: BTreeMap::new(),
             by_pid: HashMap::new(),
             by_request: HashMap::new(),
-            deadlines: BTreeSet::new(),
+            timers: BTreeSet::new(),
             adopted_exits_tx,
             shutting_down: false,
             ids_generated: 0,
+            limits,
+            commands: commands_tx.downgrade(),
         };
         task.recover()?;
         task.reap();
@@ -261,6 +308,19 @@ fn create_private_dir(path: &Path) -> Result<()> {
         })
 }
 
+/// What a pending timer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Timer {
+    /// The current stop-ladder step's grace period ends.
+    StopStep,
+    /// A backing-off agent is due to start again.
+    Restart,
+    /// The current run reaches its `max_runtime`.
+    MaxRuntime,
+    /// The current run must have sent its first heartbeat.
+    StartupTimeout,
+}
+
 /// One agent in the table.
 pub(crate) struct Agent {
     pub record: AgentRecord,
@@ -272,6 +332,31 @@ pub(crate) struct Agent {
     pub stop: Option<Stop>,
     /// Consecutive samples over the CPU limit.
     pub cpu_samples_over: u32,
+    /// The current run has ended and its restart decision is made.
+    pub run_over: bool,
+    /// When the pending restart is due (while backing off).
+    pub restart_at: Option<Instant>,
+    /// When the current run reaches its `max_runtime`.
+    pub max_runtime_at: Option<Instant>,
+    /// When the current run must have sent its first heartbeat.
+    pub startup_deadline: Option<Instant>,
+}
+
+impl Agent {
+    pub(crate) fn new(record: AgentRecord, alive: bool) -> Agent {
+        Agent {
+            record,
+            leader_alive: alive,
+            group_may_live: alive,
+            sample: None,
+            stop: None,
+            cpu_samples_over: 0,
+            run_over: !alive,
+            restart_at: None,
+            max_runtime_at: None,
+            startup_deadline: None,
+        }
+    }
 }
 
 impl Agent {
@@ -289,11 +374,15 @@ pub(crate) struct SupervisorTask {
     pub(crate) by_pid: HashMap<i32, String>,
     /// Idempotency keys of spawns that started a process.
     pub(crate) by_request: HashMap<String, String>,
-    /// Stop-ladder deadlines; an agent is here exactly while it is being stopped.
-    pub(crate) deadlines: BTreeSet<(Instant, String)>,
+    /// Every pending timer: stop-ladder steps, restarts, runtime and startup limits.
+    pub(crate) timers: BTreeSet<(Instant, String, Timer)>,
     pub(crate) adopted_exits_tx: mpsc::UnboundedSender<String>,
     pub(crate) shutting_down: bool,
     pub(crate) ids_generated: u64,
+    pub(crate) limits: Limits,
+    /// Our own command queue, for work that runs as separate tasks (cascading stops); weak,
+    /// so the task still ends when every real handle is gone.
+    pub(crate) commands: mpsc::WeakSender<Command>,
 }
 
 /// While a stopping agent's leader is gone but its group lingers, no SIGCHLD may tell us
@@ -309,7 +398,7 @@ impl SupervisorTask {
     ) {
         let mut last_group_check = Instant::now();
         loop {
-            let next_deadline = self.deadlines.first().map(|(at, _)| *at);
+            let next_timer = self.timers.first().map(|(at, _, _)| *at);
             let next_group_check = self
                 .has_lingering_group()
                 .then(|| last_group_check + GROUP_CHECK);
@@ -325,7 +414,7 @@ impl SupervisorTask {
                     self.on_leader_exit(&agent_id, None);
                     self.check_stopping_groups();
                 }
-                () = sleep_until(next_deadline) => self.on_deadlines(),
+                () = sleep_until(next_timer) => self.on_timers(),
                 () = sleep_until(next_group_check) => {
                     last_group_check = Instant::now();
                     self.check_stopping_groups();
@@ -350,7 +439,7 @@ impl SupervisorTask {
             Command::List(filter, reply) => {
                 let _ = reply.send(self.list(&filter));
             }
-            Command::Stop(target, force, reply) => self.stop(target, force, reply),
+            Command::Stop(target, options, reply) => self.stop(target, options, reply),
             Command::Summary(reply) => {
                 let _ = reply.send(self.summary());
             }
@@ -381,6 +470,13 @@ impl SupervisorTask {
                 let _ = reply.send(self.report_progress(report));
             }
         }
+    }
+
+    /// A handle to this task, for work it hands to other tasks.
+    pub(crate) fn own_handle(&self) -> Option<SupervisorHandle> {
+        Some(SupervisorHandle {
+            commands: self.commands.upgrade()?,
+        })
     }
 
     pub(crate) fn agent(&self, agent_id: &str) -> Result<&Agent> {
@@ -415,6 +511,22 @@ impl SupervisorTask {
         }
     }
 
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        while let Some((at, agent_id, timer)) = self.timers.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.timers.remove(&(at, agent_id.clone(), timer));
+            match timer {
+                Timer::StopStep => self.on_stop_deadline(&agent_id),
+                Timer::Restart => self.restart(&agent_id, at),
+                Timer::MaxRuntime => self.on_max_runtime(&agent_id, at),
+                Timer::StartupTimeout => self.on_startup_timeout(&agent_id, at),
+            }
+        }
+    }
+
     /// Reaps every exited child: agent leaders get their exit recorded, orphans are dropped.
     pub(crate) fn reap(&mut self) -> ReapReport {
         let mut report = ReapReport::default();
@@ -439,30 +551,63 @@ impl SupervisorTask {
         };
         agent.leader_alive = false;
         agent.sample = None;
+        let reason = agent.stop.as_ref().map(|stop| stop.reason);
+        let policy = agent.record.spec.clone();
+        let policy = &policy.lifecycle;
+        let limit_text = |limit: Option<Duration>| limit.map_or(0.0, |l| l.as_secs_f64());
         let record = &mut agent.record;
         record.ended_at = Some(SystemTime::now());
         record.exit = exit;
-        let (state, kind) = match exit {
-            _ if agent.stop.is_some() => (AgentState::Killed, EventKind::Killed),
-            Some(Exit::Code(0)) | None => (AgentState::Completed, EventKind::Exited),
-            Some(_) => (AgentState::Failed, EventKind::Failed),
-        };
-        record.state = state;
-        let message = match exit {
+        let exit_text = match exit {
             Some(Exit::Code(code)) => format!("exited with code {code}"),
             Some(Exit::Signal(signal)) => format!("killed by signal {signal}"),
             None => "exited; exit status unknown (adopted from an earlier agentd)".to_string(),
         };
-        if state == AgentState::Failed {
-            record.error = Some(message.clone());
+        let (state, kind, error) = match reason {
+            Some(StopReason::MaxRuntime) => (
+                AgentState::TimedOut,
+                EventKind::TimedOut,
+                Some(format!(
+                    "ran past its max_runtime of {}s",
+                    limit_text(policy.max_runtime)
+                )),
+            ),
+            Some(StopReason::StartupTimeout) => (
+                AgentState::Failed,
+                EventKind::Failed,
+                Some(format!(
+                    "sent no first heartbeat within its startup_timeout of {}s",
+                    limit_text(policy.startup_timeout)
+                )),
+            ),
+            // The health check already recorded why.
+            Some(StopReason::HealthRestart) => (AgentState::Failed, EventKind::Failed, None),
+            Some(_) => (AgentState::Killed, EventKind::Killed, None),
+            None => match exit {
+                Some(Exit::Code(0)) | None => (AgentState::Completed, EventKind::Exited, None),
+                Some(_) => (
+                    AgentState::Failed,
+                    EventKind::Failed,
+                    Some(exit_text.clone()),
+                ),
+            },
+        };
+        record.state = state;
+        if error.is_some() {
+            record.error = error;
         }
         agent.group_may_live = record
             .pid
             .is_some_and(|pgid| os::GroupProbe::default().alive(pgid));
-        tracing::info!(%agent_id, ?state, "{message}");
+        tracing::info!(%agent_id, ?state, "{exit_text}");
         let record = agent.record.clone();
+        let stopping = agent.stop.is_some();
         self.persist(&record);
-        self.emit(agent_id, kind, message);
+        self.emit(agent_id, kind, exit_text);
+        // A stopped run ends when its whole group is gone (`finish_stop_if_gone`).
+        if !stopping {
+            self.run_ended(agent_id, RunEnd::Exited(exit));
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! every status.
 
 use crate::agent::{AgentState, AgentStatus, Health};
+use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::health::HealthPolicy;
 use crate::sampler::{SampleBatch, SampleTarget};
@@ -9,12 +10,23 @@ use crate::spawn::STATUS_FILE;
 use crate::supervisor::{Agent, HealthReport, ListFilter, Summary, SupervisorTask};
 
 impl SupervisorTask {
-    pub(crate) fn list(&self, filter: &ListFilter) -> Vec<AgentStatus> {
-        self.agents
+    pub(crate) fn list(&self, filter: &ListFilter) -> Result<Vec<AgentStatus>> {
+        let subtree = match &filter.subtree_of {
+            Some(root) if !self.agents.contains_key(root) => {
+                return Err(Error::NotFound { id: root.clone() });
+            }
+            Some(root) => Some(self.subtree(root)),
+            None => None,
+        };
+        Ok(self
+            .agents
             .values()
             .filter(|agent| {
                 let spec = &agent.record.spec;
-                (filter.states.is_empty() || filter.states.contains(&agent.record.state))
+                subtree
+                    .as_ref()
+                    .is_none_or(|subtree| subtree.contains(&spec.agent_id))
+                    && (filter.states.is_empty() || filter.states.contains(&agent.record.state))
                     && (filter.parent_agent_id.is_empty()
                         || filter.parent_agent_id == spec.parent_agent_id)
                     && filter
@@ -23,11 +35,15 @@ impl SupervisorTask {
                         .all(|(k, v)| spec.labels.get(k) == Some(v))
             })
             .map(Agent::status)
-            .collect()
+            .collect())
     }
 
     pub(crate) fn summary(&self) -> Summary {
-        let mut summary = Summary::default();
+        let mut summary = Summary {
+            capacity: self.limits.capacity,
+            max_agents: self.limits.max_agents,
+            ..Summary::default()
+        };
         for agent in self.agents.values() {
             let status = agent.status();
             summary.total += 1;
@@ -39,12 +55,14 @@ impl SupervisorTask {
                 AgentState::Failed => &mut summary.failed,
                 AgentState::Killed => &mut summary.killed,
                 AgentState::Lost => &mut summary.lost,
+                AgentState::BackingOff => &mut summary.backing_off,
+                AgentState::TimedOut => &mut summary.timed_out,
             };
             *count += 1;
             summary.zombies += u32::from(status.is_zombie);
             summary.total_memory_mb += status.memory_mb;
             summary.total_cpu_percent += status.cpu_percent;
-            if agent.record.state.is_live() {
+            if agent.record.state.holds_capacity() {
                 summary.total_load_percentage += agent.record.spec.load_percentage;
             }
             match status.health {
@@ -69,6 +87,7 @@ impl SupervisorTask {
                 });
             }
         }
+        summary.free_capacity = (summary.capacity - summary.total_load_percentage).max(0.0);
         summary
     }
 

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use agentd_core::{
-    AgentState, AgentStatus, Alert, Error, Event, EventKind, Exit, Health, HealthAction,
-    HealthMetric, HealthPolicy, ProgressReport, ReapReport, SpawnRequest, StopOutcome, StopReport,
-    Summary,
+    AgentState, AgentStatus, Alert, Backoff, Error, Event, EventKind, Exit, Health, HealthAction,
+    HealthMetric, HealthPolicy, LifecyclePolicy, ParentExit, ProgressReport, ReapReport,
+    RestartPolicy, SpawnRequest, StopOutcome, StopReport, Summary,
 };
 use agentd_proto::v1 as pb;
 use tonic::{Code, Status};
@@ -17,7 +17,8 @@ pub fn error_status(error: Error) -> Status {
     let code = match &error {
         Error::Invalid { .. } => Code::InvalidArgument,
         Error::NotFound { .. } => Code::NotFound,
-        Error::NotRunning { .. } => Code::FailedPrecondition,
+        Error::NotRunning { .. } | Error::UnknownParent { .. } => Code::FailedPrecondition,
+        Error::TooManyAgents { .. } | Error::OverCapacity { .. } => Code::ResourceExhausted,
         Error::AlreadyExists { .. } => Code::AlreadyExists,
         Error::WorkingDir { .. } => Code::FailedPrecondition,
         Error::Spawn { source, .. } => match source.kind() {
@@ -54,6 +55,63 @@ pub fn spawn_request(request: pb::SpawnRequest) -> Result<SpawnRequest, Status> 
         first_grace: duration("stop_policy.first_grace", policy.first_grace)?,
         second_grace: duration("stop_policy.second_grace", policy.second_grace)?,
         health_policy: health_policy(request.health_policy.unwrap_or_default())?,
+        lifecycle: lifecycle(
+            request.restart_policy,
+            request.restart_backoff.unwrap_or_default(),
+            request.max_restarts,
+            request.max_runtime,
+            request.startup_timeout,
+            request.on_parent_exit,
+        )?,
+    })
+}
+
+fn lifecycle(
+    restart_policy: i32,
+    backoff: pb::RestartBackoff,
+    max_restarts: u32,
+    max_runtime: Option<prost_types::Duration>,
+    startup_timeout: Option<prost_types::Duration>,
+    on_parent_exit: i32,
+) -> Result<LifecyclePolicy, Status> {
+    let restart = match pb::RestartPolicy::try_from(restart_policy) {
+        Ok(pb::RestartPolicy::Unspecified | pb::RestartPolicy::Never) => RestartPolicy::Never,
+        Ok(pb::RestartPolicy::OnFailure) => RestartPolicy::OnFailure,
+        Ok(pb::RestartPolicy::Always) => RestartPolicy::Always,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "invalid `restart_policy`: {restart_policy} is not a RestartPolicy"
+            )));
+        }
+    };
+    let on_parent_exit = match pb::ParentExitPolicy::try_from(on_parent_exit) {
+        Ok(pb::ParentExitPolicy::Unspecified | pb::ParentExitPolicy::Keep) => ParentExit::Keep,
+        Ok(pb::ParentExitPolicy::Stop) => ParentExit::Stop,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "invalid `on_parent_exit`: {on_parent_exit} is not a ParentExitPolicy"
+            )));
+        }
+    };
+    let defaults = Backoff::default();
+    Ok(LifecyclePolicy {
+        restart,
+        backoff: Backoff {
+            initial: duration("restart_backoff.initial", backoff.initial)?
+                .unwrap_or(defaults.initial),
+            max: duration("restart_backoff.max", backoff.max)?.unwrap_or(defaults.max),
+            multiplier: if backoff.multiplier == 0.0 {
+                defaults.multiplier
+            } else {
+                backoff.multiplier
+            },
+            reset_after: duration("restart_backoff.reset_after", backoff.reset_after)?
+                .unwrap_or(defaults.reset_after),
+        },
+        max_restarts: (max_restarts != 0).then_some(max_restarts),
+        max_runtime: duration("max_runtime", max_runtime)?,
+        startup_timeout: duration("startup_timeout", startup_timeout)?,
+        on_parent_exit,
     })
 }
 
@@ -74,10 +132,7 @@ fn health_action(field: &str, value: i32) -> Result<HealthAction, Status> {
     match pb::HealthAction::try_from(value) {
         Ok(pb::HealthAction::Unspecified | pb::HealthAction::Report) => Ok(HealthAction::Report),
         Ok(pb::HealthAction::Stop) => Ok(HealthAction::Stop),
-        Ok(pb::HealthAction::Restart) => Err(Status::invalid_argument(format!(
-            "invalid `{field}`: HEALTH_ACTION_RESTART needs a restart policy, which agentd does \
-             not have yet: use HEALTH_ACTION_STOP and spawn again"
-        ))),
+        Ok(pb::HealthAction::Restart) => Ok(HealthAction::Restart),
         Err(_) => Err(Status::invalid_argument(format!(
             "invalid `{field}`: {value} is not a HealthAction"
         ))),
@@ -88,6 +143,7 @@ fn health_action_to(action: HealthAction) -> pb::HealthAction {
     match action {
         HealthAction::Report => pb::HealthAction::Report,
         HealthAction::Stop => pb::HealthAction::Stop,
+        HealthAction::Restart => pb::HealthAction::Restart,
     }
 }
 
@@ -135,6 +191,8 @@ pub fn state(state: AgentState) -> pb::AgentState {
         AgentState::Failed => pb::AgentState::Failed,
         AgentState::Killed => pb::AgentState::Killed,
         AgentState::Lost => pb::AgentState::Lost,
+        AgentState::BackingOff => pb::AgentState::BackingOff,
+        AgentState::TimedOut => pb::AgentState::TimedOut,
     }
 }
 
@@ -147,6 +205,8 @@ pub fn state_from(value: i32) -> Result<AgentState, Status> {
         Ok(pb::AgentState::Failed) => AgentState::Failed,
         Ok(pb::AgentState::Killed) => AgentState::Killed,
         Ok(pb::AgentState::Lost) => AgentState::Lost,
+        Ok(pb::AgentState::BackingOff) => AgentState::BackingOff,
+        Ok(pb::AgentState::TimedOut) => AgentState::TimedOut,
         Ok(pb::AgentState::Unspecified) | Err(_) => {
             return Err(Status::invalid_argument(format!(
                 "invalid `states`: {value} is not an AgentState"
@@ -182,6 +242,8 @@ pub fn event_kind(kind: EventKind) -> pb::EventKind {
         EventKind::Stalled => pb::EventKind::Stalled,
         EventKind::Alert => pb::EventKind::Alert,
         EventKind::Recovered => pb::EventKind::Recovered,
+        EventKind::Restarting => pb::EventKind::Restarting,
+        EventKind::TimedOut => pb::EventKind::TimedOut,
     }
 }
 
@@ -200,6 +262,8 @@ pub fn event_kind_from(value: i32) -> Result<EventKind, Status> {
         Ok(pb::EventKind::Stalled) => EventKind::Stalled,
         Ok(pb::EventKind::Alert) => EventKind::Alert,
         Ok(pb::EventKind::Recovered) => EventKind::Recovered,
+        Ok(pb::EventKind::Restarting) => EventKind::Restarting,
+        Ok(pb::EventKind::TimedOut) => EventKind::TimedOut,
         Ok(pb::EventKind::Unspecified) | Err(_) => {
             return Err(Status::invalid_argument(format!(
                 "invalid `kinds`: {value} is not an EventKind"
@@ -266,6 +330,16 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         last_heartbeat: record.last_heartbeat.map(Into::into),
+        restart_count: record.restart_count,
+        last_exit_code: record.last_exit.map(Exit::code),
+        last_exit_signal: record.last_exit.and_then(Exit::signal),
+        next_restart_at: record.next_restart_at.map(Into::into),
+        restart_policy: match spec.lifecycle.restart {
+            RestartPolicy::Never => pb::RestartPolicy::Never,
+            RestartPolicy::OnFailure => pb::RestartPolicy::OnFailure,
+            RestartPolicy::Always => pb::RestartPolicy::Always,
+        }
+        .into(),
     }
 }
 
@@ -323,6 +397,13 @@ pub fn summary(summary: &Summary) -> pb::GetSummaryResponse {
         total_load_percentage: summary.total_load_percentage,
         stalled: summary.stalled,
         over_limit: summary.over_limit,
+        backing_off: summary.backing_off,
+        timed_out: summary.timed_out,
+        capacity: summary.capacity,
+        free_capacity: summary.free_capacity,
+        max_agents: summary
+            .max_agents
+            .map_or(0, |max| u32::try_from(max).unwrap_or(u32::MAX)),
         unhealthy: summary
             .unhealthy
             .iter()

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use agentd_core::{EventFilter, ListFilter, StopTarget, SupervisorHandle, Watch};
+use agentd_core::{EventFilter, ListFilter, StopOptions, StopTarget, SupervisorHandle, Watch};
 use agentd_proto::v1 as pb;
 use pb::agent_supervisor_server::AgentSupervisor;
 use tokio_util::sync::CancellationToken;
@@ -75,6 +75,7 @@ impl AgentSupervisor for AgentSupervisorService {
                 .collect::<Result<_, _>>()?,
             parent_agent_id: request.parent_agent_id,
             labels: request.labels.into_iter().collect(),
+            subtree_of: Some(request.subtree_of).filter(|root| !root.is_empty()),
         };
         let agents = self.supervisor.list(filter).await.map_err(error_status)?;
         Ok(Response::new(pb::ListAgentsResponse {
@@ -101,9 +102,13 @@ impl AgentSupervisor for AgentSupervisorService {
                 ));
             }
         };
+        let options = StopOptions {
+            force: request.force,
+            cascade: request.cascade,
+        };
         let reports = self
             .supervisor
-            .stop(target, request.force)
+            .stop(target, options)
             .await
             .map_err(error_status)?;
         Ok(Response::new(pb::CleanupResponse {

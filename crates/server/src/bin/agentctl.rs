@@ -44,6 +44,9 @@ enum Action {
         /// Only agents with this label, KEY=VALUE; repeatable
         #[arg(long = "label", value_parser = key_value)]
         labels: Vec<(String, String)>,
+        /// Only this agent and its descendants
+        #[arg(long)]
+        subtree: Option<String>,
     },
     /// Stop agents with the stop ladder (or SIGKILL with --force)
     Stop {
@@ -54,6 +57,9 @@ enum Action {
         /// SIGKILL the process group at once
         #[arg(long)]
         force: bool,
+        /// Also stop every descendant agent, children first
+        #[arg(long)]
+        cascade: bool,
     },
     /// Counts, resource use and declared load of all agents
     Summary,
@@ -135,6 +141,18 @@ struct SpawnArgs {
     /// Stop the agent (instead of only reporting) when it stalls or crosses a limit
     #[arg(long)]
     stop_when_unhealthy: bool,
+    /// Restart policy: never, on-failure or always
+    #[arg(long, default_value = "never")]
+    restart: String,
+    /// Give up (FAILED) after this many restarts [default: no limit]
+    #[arg(long)]
+    max_restarts: Option<u32>,
+    /// Stop the agent (TIMED_OUT) when one run lasts longer than this
+    #[arg(long, value_parser = settings::parse_duration)]
+    max_runtime: Option<Duration>,
+    /// Stop this agent too when its parent agent ends for good
+    #[arg(long)]
+    stop_with_parent: bool,
     /// The program and its arguments
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -178,6 +196,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
             states,
             parent,
             labels,
+            subtree,
         } => {
             let states = states
                 .iter()
@@ -187,6 +206,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
                 states,
                 parent_agent_id: parent.unwrap_or_default(),
                 labels: labels.into_iter().collect(),
+                subtree_of: subtree.unwrap_or_default(),
             };
             let agents = client.list_agents(request).await?.into_inner().agents;
             print_statuses(&agents, json);
@@ -195,11 +215,13 @@ async fn run(options: Options) -> anyhow::Result<()> {
             agent_ids,
             all,
             force,
+            cascade,
         } => {
             let request = pb::CleanupRequest {
                 agent_ids,
                 all,
                 force,
+                cascade,
             };
             let results = client.cleanup(request).await?.into_inner().results;
             print_stop_results(&results, json);
@@ -303,6 +325,20 @@ fn spawn_request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
         labels: args.labels.into_iter().collect(),
         stop_policy,
         health_policy: Some(health_policy),
+        restart_policy: parse_enum(
+            &args.restart,
+            "RESTART_POLICY_",
+            pb::RestartPolicy::from_str_name,
+        )?,
+        restart_backoff: None,
+        max_restarts: args.max_restarts.unwrap_or(0),
+        max_runtime: args.max_runtime.and_then(|d| d.try_into().ok()),
+        startup_timeout: None,
+        on_parent_exit: if args.stop_with_parent {
+            pb::ParentExitPolicy::Stop
+        } else {
+            pb::ParentExitPolicy::Keep
+        } as i32,
     })
 }
 

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agentd_core::{EventRetention, Supervisor, SupervisorConfig};
+use agentd_core::{DaemonLimits, EventRetention, ShutdownPolicy, Supervisor, SupervisorConfig};
 use agentd_server::{Listener, ServeOptions, settings};
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -36,6 +36,16 @@ struct Options {
     /// Oldest event kept in the log (30m, 24h...)
     #[arg(long, env = "AGENTD_EVENT_RETENTION_AGE", default_value = "24h", value_parser = settings::parse_duration)]
     event_retention_age: Duration,
+    /// Total declared load (`load_percentage`) of the agents this host takes
+    #[arg(long, env = "AGENTD_CAPACITY", default_value_t = 100.0)]
+    capacity: f64,
+    /// Most agents running (or backing off to restart) at once [default: no limit]
+    #[arg(long, env = "AGENTD_MAX_AGENTS")]
+    max_agents: Option<usize>,
+    /// On SIGTERM/SIGINT: `stop` every agent with its ladder, or `detach` and leave them
+    /// running for the next agentd to adopt (upgrades without killing work)
+    #[arg(long, env = "AGENTD_ON_SHUTDOWN", default_value = "stop", value_parser = ["stop", "detach"])]
+    on_shutdown: String,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
@@ -61,6 +71,17 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| settings::socket_in(&data_dir));
     let mut config = SupervisorConfig::new(data_dir.clone());
     config.sample_interval = options.sample_interval;
+    if !(options.capacity.is_finite() && options.capacity >= 0.0) {
+        bail!("--capacity must be a non-negative number");
+    }
+    config.limits = DaemonLimits {
+        capacity: options.capacity,
+        max_agents: options.max_agents,
+        on_shutdown: match options.on_shutdown.as_str() {
+            "detach" => ShutdownPolicy::Detach,
+            _ => ShutdownPolicy::Stop,
+        },
+    };
     config.event_retention = EventRetention {
         max_events: options.event_retention_count.max(1),
         max_age: options.event_retention_age,
