@@ -12,6 +12,7 @@ mod clients;
 mod health;
 mod lifecycle;
 mod persistence;
+mod policies;
 mod rejects;
 mod resuming;
 mod stopping;
