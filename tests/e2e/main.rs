@@ -11,6 +11,7 @@ mod harness;
 mod clients;
 mod health;
 mod lifecycle;
+mod output;
 mod persistence;
 mod policies;
 mod rejects;

@@ -38,6 +38,12 @@ pub enum Error {
         used: f64,
         capacity: f64,
     },
+    /// Remove needs an agent that has ended for good.
+    #[error("agent `{id}` has not ended for good (it is {state:?}): stop it before removing it")]
+    NotFinished {
+        id: String,
+        state: crate::agent::AgentState,
+    },
     #[error("agent `{id}` already exists")]
     AlreadyExists { id: String },
     /// The working directory the spawn named is missing or not a directory.

@@ -38,6 +38,7 @@ pub enum EventKind {
     Recovered,
     Restarting,
     TimedOut,
+    Removed,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

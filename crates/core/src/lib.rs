@@ -10,8 +10,10 @@ mod error;
 mod events;
 mod health;
 mod lifecycle;
+mod logs;
 mod os;
 mod recover;
+mod retention;
 mod sampler;
 mod spawn;
 mod spec;
@@ -25,9 +27,10 @@ pub use error::{Error, Result};
 pub use events::{Event, EventFilter, EventKind, EventRetention, Replay, Subscription};
 pub use health::{Alert, HealthAction, HealthIssue, HealthMetric, HealthPolicy, ProgressReport};
 pub use lifecycle::{Backoff, LifecyclePolicy, ParentExit, RestartPolicy};
+pub use logs::{FolderWatch, LogError, LogFile, LogRotation, LogStream};
 pub use spec::{AgentSpec, Limits, SpawnRequest, StopPolicy};
 pub use stop::{StopOptions, StopOutcome, StopReport};
 pub use supervisor::{
-    HealthReport, Limits as DaemonLimits, ListFilter, ReapReport, ShutdownPolicy, StopTarget,
-    Summary, Supervisor, SupervisorConfig, SupervisorHandle, Watch,
+    FinishedRetention, HealthReport, Limits as DaemonLimits, ListFilter, ReapReport,
+    ShutdownPolicy, StopTarget, Summary, Supervisor, SupervisorConfig, SupervisorHandle, Watch,
 };

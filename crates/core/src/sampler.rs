@@ -11,7 +11,9 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
+use crate::logs::{LogFile, LogRotation, LogStream};
 use crate::os;
+use crate::spawn::STATUS_FILE;
 
 /// A live agent to sample.
 #[derive(Debug, Clone)]
@@ -19,7 +21,8 @@ pub struct SampleTarget {
     pub agent_id: String,
     /// Leader pid and process group id.
     pub pid: i32,
-    pub status_file: PathBuf,
+    /// The agent's folder: its status file and its output.
+    pub dir: PathBuf,
 }
 
 /// One measurement of an agent's process tree: the leader, its descendants, and orphans of
@@ -50,9 +53,11 @@ pub struct SampleBatch {
 /// Largest status file read; a bigger one is ignored with a warning.
 const STATUS_FILE_LIMIT: u64 = 64 * 1024;
 
-/// Runs the sampling loop on its own thread until `deliver` returns false.
+/// Runs the sampling loop on its own thread until `deliver` returns false. Each round also
+/// rotates the live agents' output (the thread already visits them, off the supervisor task).
 pub fn start(
     interval: Duration,
+    rotation: LogRotation,
     mut targets: impl FnMut() -> Option<Vec<SampleTarget>> + Send + 'static,
     mut deliver: impl FnMut(SampleBatch) -> bool + Send + 'static,
 ) -> std::io::Result<()> {
@@ -63,9 +68,11 @@ pub fn start(
             loop {
                 std::thread::sleep(interval);
                 let Some(targets) = targets() else { return };
-                if !deliver(sampler.sample(&targets)) {
+                let batch = sampler.sample(&targets);
+                if !deliver(batch) {
                     return;
                 }
+                rotate_output(&targets, rotation);
             }
         })?;
     Ok(())
@@ -150,21 +157,32 @@ fn read_status_file(
     status_seen: &mut HashMap<String, SystemTime>,
     target: &SampleTarget,
 ) -> Option<Progress> {
-    let modified = std::fs::metadata(&target.status_file)
+    let status_file = target.dir.join(STATUS_FILE);
+    let modified = std::fs::metadata(&status_file)
         .and_then(|m| m.modified())
         .ok()?;
     if status_seen.insert(target.agent_id.clone(), modified) == Some(modified) {
         return None;
     }
-    match read_progress(&target.status_file) {
+    match read_progress(&status_file) {
         Ok(progress) => Some(progress),
         Err(problem) => {
             tracing::warn!(
                 agent_id = %target.agent_id,
-                file = %target.status_file.display(),
+                file = %status_file.display(),
                 "ignoring status file: {problem}"
             );
             None
+        }
+    }
+}
+
+fn rotate_output(targets: &[SampleTarget], rotation: LogRotation) {
+    for target in targets {
+        for stream in [LogStream::Stdout, LogStream::Stderr] {
+            if let Err(error) = LogFile::new(&target.dir, stream).rotate(rotation) {
+                tracing::warn!(agent_id = %target.agent_id, ?stream, %error, "rotating output");
+            }
         }
     }
 }

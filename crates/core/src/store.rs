@@ -191,6 +191,12 @@ impl Store {
             })
     }
 
+    pub fn remove_agent(&self, agent_id: &str) -> Result<()> {
+        self.agents.remove(agent_id.as_bytes())?;
+        self.written.notify_one();
+        Ok(())
+    }
+
     /// Waits until everything written so far is on disk.
     pub async fn flush(&self) -> Result<()> {
         self.db.flush_async().await?;

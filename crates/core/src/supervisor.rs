@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::events::{EventBus, EventFilter, EventKind, EventRetention, Subscription};
 use crate::health::{Alert, ProgressReport};
 use crate::lifecycle::RunEnd;
+use crate::logs::LogRotation;
 use crate::os;
 use crate::sampler::{self, SampleBatch, SampleTarget, TreeSample};
 use crate::spec::SpawnRequest;
@@ -34,6 +35,24 @@ pub struct SupervisorConfig {
     pub event_buffer: usize,
     pub event_retention: EventRetention,
     pub limits: Limits,
+    pub log_rotation: LogRotation,
+    /// How long, and how many, agents that ended for good are kept before they are removed.
+    pub finished_retention: FinishedRetention,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FinishedRetention {
+    pub max_count: usize,
+    pub max_age: Duration,
+}
+
+impl Default for FinishedRetention {
+    fn default() -> Self {
+        FinishedRetention {
+            max_count: 1000,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
 }
 
 /// What the daemon allows and how it leaves.
@@ -74,6 +93,8 @@ impl SupervisorConfig {
             event_buffer: 8192,
             event_retention: EventRetention::default(),
             limits: Limits::default(),
+            log_rotation: LogRotation::default(),
+            finished_retention: FinishedRetention::default(),
         }
     }
 }
@@ -160,6 +181,7 @@ pub(crate) enum Command {
     SampleTargets(oneshot::Sender<Vec<SampleTarget>>),
     Samples(SampleBatch),
     ReportProgress(ProgressReport, oneshot::Sender<Result<AgentStatus>>),
+    Remove(String, oneshot::Sender<Result<AgentStatus>>),
 }
 
 /// A cheap, cloneable way to talk to the supervisor task.
@@ -203,6 +225,12 @@ impl SupervisorHandle {
     /// Records an agent's heartbeat and progress.
     pub async fn report_progress(&self, report: ProgressReport) -> Result<AgentStatus> {
         self.request(|reply| Command::ReportProgress(report, reply))
+            .await?
+    }
+
+    /// Deletes an agent that has ended for good: record, folder, output.
+    pub async fn remove(&self, agent_id: String) -> Result<AgentStatus> {
+        self.request(|reply| Command::Remove(agent_id, reply))
             .await?
     }
 
@@ -262,6 +290,7 @@ impl Supervisor {
             ids_generated: 0,
             limits,
             commands: commands_tx.downgrade(),
+            finished_retention: config.finished_retention,
         };
         task.recover()?;
         task.reap();
@@ -273,6 +302,7 @@ impl Supervisor {
         let (targets, deliver) = (handle.clone(), handle.clone());
         sampler::start(
             config.sample_interval,
+            config.log_rotation,
             move || {
                 let (reply, answer) = oneshot::channel();
                 targets
@@ -383,6 +413,7 @@ pub(crate) struct SupervisorTask {
     /// Our own command queue, for work that runs as separate tasks (cascading stops); weak,
     /// so the task still ends when every real handle is gone.
     pub(crate) commands: mpsc::WeakSender<Command>,
+    pub(crate) finished_retention: FinishedRetention,
 }
 
 /// While a stopping agent's leader is gone but its group lingers, no SIGCHLD may tell us
@@ -468,6 +499,9 @@ impl SupervisorTask {
             Command::Samples(batch) => self.apply_samples(batch),
             Command::ReportProgress(report, reply) => {
                 let _ = reply.send(self.report_progress(report));
+            }
+            Command::Remove(agent_id, reply) => {
+                let _ = reply.send(self.remove(&agent_id));
             }
         }
     }

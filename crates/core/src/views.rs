@@ -6,7 +6,6 @@ use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::health::HealthPolicy;
 use crate::sampler::{SampleBatch, SampleTarget};
-use crate::spawn::STATUS_FILE;
 use crate::supervisor::{Agent, HealthReport, ListFilter, Summary, SupervisorTask};
 
 impl SupervisorTask {
@@ -99,14 +98,14 @@ impl SupervisorTask {
                 Some(SampleTarget {
                     agent_id: agent.record.spec.agent_id.clone(),
                     pid: agent.record.pid?,
-                    status_file: agent.record.agent_dir.join(STATUS_FILE),
+                    dir: agent.record.agent_dir.clone(),
                 })
             })
             .collect()
     }
 
     /// Takes a sampler batch: new samples (each a HEALTH event), progress from status files
-    /// (each a heartbeat), then every health check of every live agent.
+    /// (each a heartbeat), then every health check of every live agent, then retention.
     pub(crate) fn apply_samples(&mut self, batch: SampleBatch) {
         for (agent_id, sample) in batch.samples {
             let Some(agent) = self.agents.get_mut(&agent_id) else {
@@ -142,5 +141,6 @@ impl SupervisorTask {
         for agent_id in checked {
             self.check_health(&agent_id);
         }
+        self.apply_retention();
     }
 }

@@ -17,7 +17,9 @@ pub fn error_status(error: Error) -> Status {
     let code = match &error {
         Error::Invalid { .. } => Code::InvalidArgument,
         Error::NotFound { .. } => Code::NotFound,
-        Error::NotRunning { .. } | Error::UnknownParent { .. } => Code::FailedPrecondition,
+        Error::NotRunning { .. } | Error::UnknownParent { .. } | Error::NotFinished { .. } => {
+            Code::FailedPrecondition
+        }
         Error::TooManyAgents { .. } | Error::OverCapacity { .. } => Code::ResourceExhausted,
         Error::AlreadyExists { .. } => Code::AlreadyExists,
         Error::WorkingDir { .. } => Code::FailedPrecondition,
@@ -244,6 +246,7 @@ pub fn event_kind(kind: EventKind) -> pb::EventKind {
         EventKind::Recovered => pb::EventKind::Recovered,
         EventKind::Restarting => pb::EventKind::Restarting,
         EventKind::TimedOut => pb::EventKind::TimedOut,
+        EventKind::Removed => pb::EventKind::Removed,
     }
 }
 
@@ -264,6 +267,7 @@ pub fn event_kind_from(value: i32) -> Result<EventKind, Status> {
         Ok(pb::EventKind::Recovered) => EventKind::Recovered,
         Ok(pb::EventKind::Restarting) => EventKind::Restarting,
         Ok(pb::EventKind::TimedOut) => EventKind::TimedOut,
+        Ok(pb::EventKind::Removed) => EventKind::Removed,
         Ok(pb::EventKind::Unspecified) | Err(_) => {
             return Err(Status::invalid_argument(format!(
                 "invalid `kinds`: {value} is not an EventKind"

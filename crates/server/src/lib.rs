@@ -3,6 +3,7 @@
 //! optionally a TCP address. `bin/agentd.rs` parses options, binds and calls [`run`].
 
 mod convert;
+mod logs;
 mod service;
 pub mod settings;
 mod watch;

@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::convert::{self, error_status};
+use crate::logs;
 use crate::watch::{self, WatchOptions, WatchStream};
+use tokio_stream::wrappers::ReceiverStream;
 
 pub struct AgentSupervisorService {
     supervisor: SupervisorHandle,
@@ -156,6 +158,36 @@ impl AgentSupervisor for AgentSupervisorService {
             .await
             .map_err(error_status)?;
         Ok(Response::new(pb::ReportProgressResponse {
+            status: Some(convert::status(&status)),
+        }))
+    }
+
+    type StreamLogsStream = ReceiverStream<Result<pb::LogChunk, Status>>;
+
+    async fn stream_logs(
+        &self,
+        request: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let stream = logs::stream(
+            self.supervisor.clone(),
+            request.into_inner(),
+            self.shutdown.clone(),
+        )
+        .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::RemoveResponse>, Status> {
+        let agent_id = request.into_inner().agent_id;
+        let status = self
+            .supervisor
+            .remove(agent_id)
+            .await
+            .map_err(error_status)?;
+        Ok(Response::new(pb::RemoveResponse {
             status: Some(convert::status(&status)),
         }))
     }

@@ -63,6 +63,22 @@ enum Action {
     },
     /// Counts, resource use and declared load of all agents
     Summary,
+    /// Print an agent's output (both streams unless --stdout or --stderr)
+    Logs {
+        agent_id: String,
+        /// Keep printing new output until the agent has ended
+        #[arg(short, long)]
+        follow: bool,
+        /// Start at the last N lines of each stream
+        #[arg(long, default_value_t = 0)]
+        tail: u32,
+        #[arg(long, conflicts_with = "stderr")]
+        stdout: bool,
+        #[arg(long)]
+        stderr: bool,
+    },
+    /// Delete agents that have ended: record, folder and output
+    Rm { agent_ids: Vec<String> },
     /// Print events as they happen
     Watch {
         /// Only this agent; repeatable
@@ -225,6 +241,51 @@ async fn run(options: Options) -> anyhow::Result<()> {
             };
             let results = client.cleanup(request).await?.into_inner().results;
             print_stop_results(&results, json);
+        }
+        Action::Logs {
+            agent_id,
+            follow,
+            tail,
+            stdout,
+            stderr,
+        } => {
+            let stream = match (stdout, stderr) {
+                (true, _) => pb::LogStream::Stdout,
+                (_, true) => pb::LogStream::Stderr,
+                _ => pb::LogStream::Unspecified,
+            };
+            let request = pb::StreamLogsRequest {
+                agent_id,
+                stream: stream.into(),
+                tail,
+                follow,
+                ..Default::default()
+            };
+            let mut chunks = client.stream_logs(request).await?.into_inner();
+            use std::io::Write;
+            while let Some(chunk) = chunks.message().await? {
+                // Raw bytes: output need not be UTF-8.
+                let written = if chunk.stream == pb::LogStream::Stderr as i32 {
+                    std::io::stderr().write_all(&chunk.data)
+                } else {
+                    std::io::stdout().write_all(&chunk.data)
+                };
+                if written.is_err() {
+                    break;
+                }
+            }
+        }
+        Action::Rm { agent_ids } => {
+            for agent_id in agent_ids {
+                client
+                    .remove(pb::RemoveRequest {
+                        agent_id: agent_id.clone(),
+                    })
+                    .await?;
+                if !json {
+                    println!("removed {agent_id}");
+                }
+            }
         }
         Action::Summary => {
             let summary = client

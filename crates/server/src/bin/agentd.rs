@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agentd_core::{DaemonLimits, EventRetention, ShutdownPolicy, Supervisor, SupervisorConfig};
+use agentd_core::{
+    DaemonLimits, EventRetention, FinishedRetention, LogRotation, ShutdownPolicy, Supervisor,
+    SupervisorConfig,
+};
 use agentd_server::{Listener, ServeOptions, settings};
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -46,6 +49,19 @@ struct Options {
     /// running for the next agentd to adopt (upgrades without killing work)
     #[arg(long, env = "AGENTD_ON_SHUTDOWN", default_value = "stop", value_parser = ["stop", "detach"])]
     on_shutdown: String,
+    /// Output an agent's stdout.log or stderr.log holds before older bytes rotate into a
+    /// segment file (64M, 512K...)
+    #[arg(long, env = "AGENTD_LOG_MAX_BYTES", default_value = "64M", value_parser = settings::parse_size)]
+    log_max_bytes: u64,
+    /// Rotated segments kept per stream
+    #[arg(long, env = "AGENTD_LOG_KEEP", default_value_t = 4)]
+    log_keep: usize,
+    /// Agents that ended for good are removed (record, folder, output) beyond this many
+    #[arg(long, env = "AGENTD_RETAIN_FINISHED_COUNT", default_value_t = 1000)]
+    retain_finished_count: usize,
+    /// ...and once they ended longer ago than this (7d = 168h)
+    #[arg(long, env = "AGENTD_RETAIN_FINISHED_AGE", default_value = "168h", value_parser = settings::parse_duration)]
+    retain_finished_age: Duration,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
@@ -81,6 +97,14 @@ async fn main() -> anyhow::Result<()> {
             "detach" => ShutdownPolicy::Detach,
             _ => ShutdownPolicy::Stop,
         },
+    };
+    config.log_rotation = LogRotation {
+        max_bytes: options.log_max_bytes.max(4096),
+        keep: options.log_keep,
+    };
+    config.finished_retention = FinishedRetention {
+        max_count: options.retain_finished_count,
+        max_age: options.retain_finished_age,
     };
     config.event_retention = EventRetention {
         max_events: options.event_retention_count.max(1),
