@@ -280,7 +280,12 @@ async fn remove_refuses_a_running_agent_and_cleans_an_ended_one() {
         .expect("status");
     assert_eq!(removed.state, AgentState::Killed as i32);
     let dir = std::path::PathBuf::from(&running.agent_dir);
-    eventually("the folder is deleted", || !dir.exists()).await;
+    assert!(!dir.exists(), "the folder is moved away at once");
+    let trash = daemon.data_dir.join("trash");
+    eventually("the folder is deleted", || {
+        std::fs::read_dir(&trash).is_ok_and(|mut entries| entries.next().is_none())
+    })
+    .await;
     let gone = client
         .status(pb::StatusRequest {
             agent_id: "busy".into(),
@@ -288,8 +293,23 @@ async fn remove_refuses_a_running_agent_and_cleans_an_ended_one() {
         .await
         .expect_err("removed");
     assert_eq!(gone.code(), Code::NotFound);
-    // The id is free again.
+    // The id is free again, at once.
+    let again = spawn(&mut client, "busy", vec!["sleep".into(), "300".into()]).await;
+    assert_eq!(again.agent_dir, running.agent_dir);
+    stop(&mut client, &["busy"], true).await;
+    let removed_again = client
+        .remove(pb::RemoveRequest {
+            agent_id: "busy".into(),
+        })
+        .await
+        .expect("remove again");
+    drop(removed_again);
     spawn(&mut client, "busy", vec!["true".into()]).await;
+    wait_for_state(&mut client, "busy", AgentState::Completed).await;
+    assert!(
+        dir.exists(),
+        "the folder of the new agent was deleted with the old one"
+    );
     let missing = client
         .remove(pb::RemoveRequest {
             agent_id: "nobody".into(),

@@ -30,13 +30,27 @@ impl SupervisorTask {
         self.emit(agent_id, EventKind::Removed, String::new());
         if let Some(agent) = self.agents.remove(agent_id) {
             self.by_request.retain(|_, id| id != agent_id);
+            // The folder moves out of `agents/` at once, so the id can be spawned again right
+            // away; deleting a large output can take a while, so that is off the task.
             let dir = agent.record.agent_dir;
-            // Deleting a large output can take a while; it is off the supervisor task.
-            tokio::task::spawn_blocking(move || {
-                if let Err(error) = std::fs::remove_dir_all(&dir) {
-                    tracing::warn!(dir = %dir.display(), %error, "removing an agent's folder");
+            let nanos = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            let trash = self.trash_dir.join(format!("{agent_id}-{nanos}"));
+            match std::fs::rename(&dir, &trash) {
+                Ok(()) => {
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(error) = std::fs::remove_dir_all(&trash) {
+                            tracing::warn!(dir = %trash.display(), %error, "deleting a removed agent's folder");
+                        }
+                    });
                 }
-            });
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "moving a removed agent's folder away");
+                }
+            }
         }
         tracing::info!(%agent_id, "removed");
         Ok(status)

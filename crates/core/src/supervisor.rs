@@ -261,8 +261,12 @@ impl Supervisor {
     /// anything else in the process starts children.
     pub fn start(config: SupervisorConfig) -> Result<SupervisorHandle> {
         let agents_dir = config.data_dir.join("agents");
+        let trash_dir = config.data_dir.join("trash");
         create_private_dir(&config.data_dir)?;
         create_private_dir(&agents_dir)?;
+        // Folders of removed agents that an earlier daemon did not finish deleting.
+        let _ = std::fs::remove_dir_all(&trash_dir);
+        create_private_dir(&trash_dir)?;
         let store = Store::open(&config.data_dir.join("store"))?;
         store.start_background_flush();
         os::become_subreaper().map_err(|source| Error::Setup {
@@ -291,6 +295,7 @@ impl Supervisor {
             limits,
             commands: commands_tx.downgrade(),
             finished_retention: config.finished_retention,
+            trash_dir,
         };
         task.recover()?;
         task.reap();
@@ -414,6 +419,8 @@ pub(crate) struct SupervisorTask {
     /// so the task still ends when every real handle is gone.
     pub(crate) commands: mpsc::WeakSender<Command>,
     pub(crate) finished_retention: FinishedRetention,
+    /// Removed agents' folders wait here to be deleted.
+    pub(crate) trash_dir: PathBuf,
 }
 
 /// While a stopping agent's leader is gone but its group lingers, no SIGCHLD may tell us
