@@ -269,6 +269,15 @@ pub async fn stop(client: &mut Client, agent_ids: &[&str], force: bool) -> Vec<p
         .results
 }
 
+/// The next event of a watch, failing after [`DEADLINE`].
+pub async fn next_event(events: &mut tonic::Streaming<pb::AgentEvent>) -> pb::AgentEvent {
+    tokio::time::timeout(DEADLINE, events.message())
+        .await
+        .expect("an event within the deadline")
+        .expect("stream healthy")
+        .expect("stream still open")
+}
+
 /// Polls a condition on the host (not the daemon) until it holds.
 pub async fn eventually(what: &str, condition: impl Fn() -> bool) {
     let deadline = Instant::now() + DEADLINE;

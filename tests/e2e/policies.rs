@@ -56,14 +56,6 @@ async fn watch_agent(client: &mut Client, agent_id: &str) -> tonic::Streaming<pb
         .into_inner()
 }
 
-async fn next_event(events: &mut tonic::Streaming<pb::AgentEvent>) -> pb::AgentEvent {
-    tokio::time::timeout(DEADLINE, events.message())
-        .await
-        .expect("an event within the deadline")
-        .expect("stream healthy")
-        .expect("stream open")
-}
-
 /// Reads events until `done` holds for one; returns all read, that one included.
 async fn events_until(
     events: &mut tonic::Streaming<pb::AgentEvent>,

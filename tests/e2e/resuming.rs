@@ -36,14 +36,6 @@ async fn watch(
         .into_inner()
 }
 
-async fn next_event(events: &mut tonic::Streaming<pb::AgentEvent>) -> pb::AgentEvent {
-    tokio::time::timeout(DEADLINE, events.message())
-        .await
-        .expect("an event within the deadline")
-        .expect("stream healthy")
-        .expect("stream still open")
-}
-
 /// Reads events until one of `kind` for `agent_id` arrives; returns all read.
 async fn read_until(
     events: &mut tonic::Streaming<pb::AgentEvent>,

@@ -5,14 +5,6 @@ use pb::{AgentState, EventKind};
 
 use crate::harness::*;
 
-async fn next_event(events: &mut tonic::Streaming<pb::AgentEvent>) -> pb::AgentEvent {
-    tokio::time::timeout(DEADLINE, events.message())
-        .await
-        .expect("an event within the deadline")
-        .expect("stream healthy")
-        .expect("stream still open")
-}
-
 #[tokio::test]
 async fn watchers_get_every_lifecycle_event_in_order() {
     let daemon = Daemon::start().await;
