@@ -232,6 +232,10 @@ impl LogFile {
     /// Moves the oldest bytes of the main file into a segment once it holds more than the
     /// limit, and deletes segments past `keep`. Returns whether it rotated.
     pub fn rotate(&self, rotation: LogRotation) -> io::Result<bool> {
+        // The cheap check first: a stream that never grew past the limit needs no listing.
+        if self.end_offset()? <= rotation.max_bytes {
+            return Ok(false);
+        }
         let mut segments = self.segments()?;
         let start = Self::main_start(&segments);
         let end = self.end_offset()?;
