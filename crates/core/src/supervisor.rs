@@ -392,9 +392,7 @@ impl Agent {
             startup_deadline: None,
         }
     }
-}
 
-impl Agent {
     pub(crate) fn status(&self) -> AgentStatus {
         AgentStatus::new(&self.record, self.leader_alive, self.sample.as_ref())
     }
