@@ -598,6 +598,9 @@ fn print_summary(s: &pb::GetSummaryResponse, json: bool) {
         "total_memory_mb": s.total_memory_mb, "total_cpu_percent": s.total_cpu_percent,
         "total_load_percentage": s.total_load_percentage,
         "stalled": s.stalled, "over_limit": s.over_limit,
+        "backing_off": s.backing_off, "timed_out": s.timed_out,
+        "capacity": s.capacity, "free_capacity": s.free_capacity,
+        "max_agents": s.max_agents,
         "unhealthy": s.unhealthy.iter().map(|u| json!({
             "agent_id": u.agent_id,
             "health": health_name(u.health),
