@@ -276,6 +276,36 @@ class Circus:
             self.process.wait()
 
 
+def cpu_seconds(pid):
+    """User plus system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_idle(system, n, seconds):
+    """The supervisor's own RSS and CPU with `n` idle agents, over `seconds`."""
+    names = [f"idle-{i}" for i in range(n)]
+    with ThreadPoolExecutor(getattr(system, "in_flight", IN_FLIGHT)) as pool:
+        list(pool.map(lambda name: system.spawn(name, sleeper_cmd()), names))
+    pid = system.process.pid
+    before, started = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    cpu = (cpu_seconds(pid) - before) / (time.monotonic() - started) * 100
+    rows = {f"idle {n}: RSS (MB)": rss_mb(pid), f"idle {n}: CPU (% of a core)": cpu}
+    system.stop_all(names)
+    system.clear(names)
+    return rows
+
+
 def measure(system, n, trials, stubborn, work):
     """One run of every workload; returns {row: value}."""
     rows = {}
@@ -344,11 +374,14 @@ def main():
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--stubborn", type=int, default=100)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--idle", type=int, default=1000, help="agents for the idle-cost rows")
+    parser.add_argument("--idle-seconds", type=float, default=30)
     parser.add_argument("--smoke", action="store_true", help="agentd only, tiny N")
     parser.add_argument("--venv", help="a venv with the peers (created when missing)")
     args = parser.parse_args()
     if args.smoke:
         args.n, args.trials, args.stubborn, args.runs = 6, 3, 2, 1
+        args.idle, args.idle_seconds = 6, 1
 
     base = tempfile.mkdtemp(prefix="agentd-bench-")
     try:
@@ -380,7 +413,9 @@ def main():
             if venv_bin:
                 systems += [
                     ("supervisord", lambda work: Supervisord(
-                        work, venv_bin, programs(args.n, args.trials, args.stubborn, work))),
+                        work, venv_bin,
+                        programs(args.n, args.trials, args.stubborn, work)
+                        + [(f"idle-{i}", sleeper_cmd(), None) for i in range(args.idle)])),
                     ("circus", lambda work: Circus(work, venv_bin)),
                 ]
             for name, start in systems:
@@ -388,6 +423,8 @@ def main():
                 system = start(work)
                 try:
                     rows = measure(system, args.n, args.trials, args.stubborn, work)
+                    if args.idle:
+                        rows.update(measure_idle(system, args.idle, args.idle_seconds))
                 finally:
                     system.close()
                 for row, value in rows.items():
