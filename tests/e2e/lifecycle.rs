@@ -45,6 +45,51 @@ async fn spawned_agent_runs_with_its_pid_and_live_samples() {
 }
 
 #[tokio::test]
+async fn processes_forked_under_an_idle_leader_are_counted_and_dropped() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    // The leader sleeps in `wait` throughout, so the sampler skips re-reading it: the tree
+    // changes below it, where processes do run.
+    spawn(
+        &mut client,
+        "deep",
+        sh("( sleep 1; sleep 300 & sleep 300 & wait ) & wait"),
+    )
+    .await;
+    wait_for(&mut client, "deep", "the grandchildren are counted", |s| {
+        s.num_processes == 4
+    })
+    .await;
+    let children = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default()
+    };
+    let leader = status(&mut client, "deep").await.pid;
+    let subshell: u32 = children(leader)
+        .split_whitespace()
+        .next()
+        .and_then(|pid| pid.parse().ok())
+        .expect("the subshell");
+    let grandchild: i32 = children(subshell)
+        .split_whitespace()
+        .next()
+        .and_then(|pid| pid.parse().ok())
+        .expect("a grandchild");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(grandchild),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill a grandchild");
+    wait_for(
+        &mut client,
+        "deep",
+        "the killed grandchild is dropped",
+        |s| s.num_processes == 3,
+    )
+    .await;
+    stop(&mut client, &["deep"], true).await;
+}
+
+#[tokio::test]
 async fn tree_memory_counts_children_and_identity_reaches_the_agent() {
     let daemon = Daemon::start().await;
     let mut client = daemon.client().await;

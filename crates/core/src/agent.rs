@@ -156,7 +156,7 @@ impl AgentStatus {
         let sample = sample.filter(|_| alive);
         let is_zombie = sample.is_some_and(|s| s.leader_status == "zombie");
         let process_status = match (alive, sample, record.state) {
-            (true, Some(sample), _) => sample.leader_status.clone(),
+            (true, Some(sample), _) => sample.leader_status.to_string(),
             (true, None, _) => "running".to_string(),
             (false, _, AgentState::Starting | AgentState::Lost) => "unknown".to_string(),
             (false, _, _) => "exited".to_string(),

@@ -172,15 +172,16 @@ impl EventBus {
         alert: Option<Alert>,
         status: impl FnOnce() -> AgentStatus,
     ) {
+        let logged = kind != EventKind::Health;
+        // A health sample nobody watches is not an event: it takes no sequence number.
+        if !logged && self.sender.receiver_count() == 0 {
+            return;
+        }
         self.last_sequence += 1;
         if self.last_sequence > self.reserved
             && let Err(error) = self.reserve()
         {
             tracing::error!(%error, "reserving event sequences on disk");
-        }
-        let logged = kind != EventKind::Health;
-        if !logged && self.sender.receiver_count() == 0 {
-            return;
         }
         let event = Arc::new(Event {
             sequence: self.last_sequence,

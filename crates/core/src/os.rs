@@ -110,14 +110,9 @@ impl GroupProbe {
 
 /// Process groups with at least one member that is not a zombie.
 fn live_groups() -> HashSet<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return HashSet::new();
-    };
-    entries
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(proc_stat)
-        .filter(|stat| !matches!(stat.state, 'Z' | 'X' | 'x'))
-        .map(|stat| stat.pgrp)
+    all_processes()
+        .filter(|(_, stat)| !matches!(stat.state, 'Z' | 'X' | 'x'))
+        .map(|(_, stat)| stat.pgrp)
         .collect()
 }
 
@@ -148,28 +143,139 @@ pub struct ProcStat {
     pub ppid: i32,
     pub pgrp: i32,
     pub num_threads: u32,
+    /// Start time in clock ticks after boot: with the pid, it names one process for good.
     pub start_ticks: u64,
+    /// User plus system time, in clock ticks.
+    pub cpu_ticks: u64,
+    /// Resident set size, in pages.
+    pub rss_pages: u64,
 }
 
+/// Reads `/proc/PID/stat`: one `open` and one `read`, everything the sampler needs.
 pub fn proc_stat(pid: i32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_proc_stat(&text)
+    let mut buffer = [0u8; 1024];
+    let text = read_small(&format!("/proc/{pid}/stat"), &mut buffer)?;
+    parse_proc_stat(text)
+}
+
+/// Reads `/proc/PID/schedstat`: nanoseconds on the CPU and times scheduled. Both change
+/// whenever the process runs, and the file is much cheaper to produce than `stat`. `None`
+/// when the process is gone or the kernel keeps no such file.
+pub fn proc_schedstat(pid: i32) -> Option<(u64, u64)> {
+    let mut buffer = [0u8; 128];
+    let text = read_small(&format!("/proc/{pid}/schedstat"), &mut buffer)?;
+    let mut fields = text.split_ascii_whitespace();
+    let run_ns = fields.next()?.parse().ok()?;
+    let timeslices = fields.nth(1)?.parse().ok()?;
+    Some((run_ns, timeslices))
+}
+
+/// Reads a `/proc` file that fits in `buffer` with one `read` (the kernel formats these
+/// files whole on the first read).
+fn read_small<'a>(path: &str, buffer: &'a mut [u8]) -> Option<&'a str> {
+    use std::io::Read;
+    let len = File::open(path).ok()?.read(buffer).ok()?;
+    std::str::from_utf8(&buffer[..len]).ok()
 }
 
 /// Parses a `/proc/PID/stat` line. The command name may hold spaces and parentheses, so
 /// fields are counted from the last `)`.
 fn parse_proc_stat(text: &str) -> Option<ProcStat> {
     let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `fields[0]` is field 3 of proc(5).
-    let field = |n: usize| fields.get(n - 3).copied();
+    // Field 3 of proc(5) is the first after the command name.
+    let mut fields = rest.split_ascii_whitespace();
+    let mut next = |field: usize, after: &mut usize| {
+        let value = fields.nth(field - *after - 1);
+        *after = field;
+        value
+    };
+    let mut at = 2;
+    let state = next(3, &mut at)?.chars().next()?;
+    let ppid = next(4, &mut at)?.parse().ok()?;
+    let pgrp = next(5, &mut at)?.parse().ok()?;
+    let utime: u64 = next(14, &mut at)?.parse().ok()?;
+    let stime: u64 = next(15, &mut at)?.parse().ok()?;
+    let num_threads = next(20, &mut at)?.parse().ok()?;
+    let start_ticks = next(22, &mut at)?.parse().ok()?;
+    let rss_pages = next(24, &mut at)?.parse().ok()?;
     Some(ProcStat {
-        state: field(3)?.chars().next()?,
-        ppid: field(4)?.parse().ok()?,
-        pgrp: field(5)?.parse().ok()?,
-        num_threads: field(20)?.parse().ok()?,
-        start_ticks: field(22)?.parse().ok()?,
+        state,
+        ppid,
+        pgrp,
+        num_threads,
+        start_ticks,
+        cpu_ticks: utime + stime,
+        rss_pages,
     })
+}
+
+/// The direct children of `pid`, read from each of its threads' `children` file (a child
+/// belongs to the thread that forked it). `None` when the kernel has no such files
+/// (`CONFIG_PROC_CHILDREN` is off).
+pub fn proc_children(pid: i32, num_threads: u32, children: &mut Vec<i32>) -> Option<()> {
+    let mut read = |tid: &str| -> Option<()> {
+        let path = format!("/proc/{pid}/task/{tid}/children");
+        const SIZE: usize = 4096;
+        let mut buffer = [0u8; SIZE];
+        let mut text = read_small(&path, &mut buffer)?;
+        let long;
+        // The kernel fills a read with whole entries: one that ends near the end of the
+        // buffer may have more to come.
+        if text.len() > SIZE - 16 {
+            long = std::fs::read_to_string(&path).ok()?;
+            text = &long;
+        }
+        children.extend(
+            text.split_ascii_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok()),
+        );
+        Some(())
+    };
+    if num_threads <= 1 {
+        return read(&pid.to_string());
+    }
+    let mut any = None;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        if let Some(tid) = task
+            .ok()
+            .and_then(|task| task.file_name().into_string().ok())
+        {
+            any = any.or(read(&tid));
+        }
+    }
+    any
+}
+
+/// Every process on the host, for kernels without `children` files.
+pub fn all_processes() -> impl Iterator<Item = (i32, ProcStat)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| Some((pid, proc_stat(pid)?)))
+}
+
+/// Seconds since boot, on the clock that `start_ticks` counts from.
+pub fn uptime() -> Option<f64> {
+    let mut buffer = [0u8; 64];
+    read_small("/proc/uptime", &mut buffer)?
+        .split_ascii_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Clock ticks per second and bytes per page, the units of `/proc/PID/stat`.
+pub fn proc_units() -> (u64, u64) {
+    use nix::unistd::{SysconfVar, sysconf};
+    let get = |var, fallback| match sysconf(var) {
+        Ok(Some(value)) if value > 0 => value as u64,
+        _ => fallback,
+    };
+    (
+        get(SysconfVar::CLK_TCK, 100),
+        get(SysconfVar::PAGE_SIZE, 4096),
+    )
 }
 
 /// The psutil name of a `/proc` state letter.
@@ -230,6 +336,8 @@ mod tests {
                 pgrp: 4242,
                 num_threads: 3,
                 start_ticks: 98765,
+                cpu_ticks: 3,
+                rss_pages: 50,
             }
         );
         assert!(parse_proc_stat("garbage").is_none());

@@ -2,17 +2,21 @@
 //! which agents are live, measures each agent's whole process tree (CPU, memory, threads,
 //! leader state) and reads the progress the agent wrote to its status file, then hands the
 //! batch back. Status calls answer from the latest batch and never wait for a sample.
+//!
+//! The cost is per process in an agent's tree, never per process on the host: each member
+//! costs one read of `/proc/PID/stat` and one of its `children` file, and each agent one
+//! `stat` of its status file. Output files are checked every interval while they grow and
+//! every [`QUIET_OUTPUT_EVERY`] intervals once they stop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
-use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
 use crate::logs::{LogFile, LogRotation, LogStream};
-use crate::os;
+use crate::os::{self, ProcStat};
 use crate::spawn::STATUS_FILE;
 
 /// A live agent to sample.
@@ -29,7 +33,8 @@ pub struct SampleTarget {
 /// its process group that were reparented to agentd.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TreeSample {
-    pub leader_status: String,
+    /// The leader's state, as psutil names it.
+    pub leader_status: &'static str,
     pub cpu_percent: f64,
     pub memory_bytes: u64,
     pub num_threads: u32,
@@ -53,6 +58,10 @@ pub struct SampleBatch {
 /// Largest status file read; a bigger one is ignored with a warning.
 const STATUS_FILE_LIMIT: u64 = 64 * 1024;
 
+/// Output that did not grow at its last check is checked again after this many intervals, so
+/// a rotation can be late by this many intervals of output after a quiet spell.
+const QUIET_OUTPUT_EVERY: u64 = 8;
+
 /// Runs the sampling loop on its own thread until `deliver` returns false. Each round also
 /// rotates the live agents' output (the thread already visits them, off the supervisor task).
 pub fn start(
@@ -64,7 +73,8 @@ pub fn start(
     std::thread::Builder::new()
         .name("agentd-sampler".into())
         .spawn(move || {
-            let mut sampler = Sampler::default();
+            let mut sampler = Sampler::new();
+            let mut output = OutputChecks::default();
             loop {
                 std::thread::sleep(interval);
                 let Some(targets) = targets() else { return };
@@ -72,84 +82,227 @@ pub fn start(
                 if !deliver(batch) {
                     return;
                 }
-                rotate_output(&targets, rotation);
+                output.rotate(&targets, rotation);
             }
         })?;
     Ok(())
 }
 
-#[derive(Default)]
 struct Sampler {
-    system: Option<System>,
+    clock_ticks: f64,
+    page_size: u64,
+    round: u64,
+    /// Seconds since boot at the previous round.
+    last_uptime: Option<f64>,
+    /// Every process measured in the previous round.
+    last: HashMap<i32, Member>,
+    /// False once the kernel turned out to have no `/proc/PID/task/TID/children` files: the
+    /// tree then comes from a scan of all of `/proc`.
+    children_files: bool,
     /// Modification time of each agent's status file when it was last read.
     status_seen: HashMap<String, SystemTime>,
 }
 
+/// What a round learned about one process of an agent's tree.
+#[derive(Clone)]
+struct Member {
+    stat: ProcStat,
+    children: Vec<i32>,
+    /// Run time and times scheduled. While they stay the same the process has not run, so
+    /// it has not used CPU, forked, exited or changed its threads, and `stat` and `children`
+    /// still hold (memory can only shrink, and is read again every [`REREAD_IDLE_EVERY`]).
+    ran: Option<(u64, u64)>,
+    /// The round `stat` and `children` were read in.
+    read_in: u64,
+}
+
+/// An idle process's `stat` and `children` are read again after this many rounds.
+const REREAD_IDLE_EVERY: u64 = 8;
+
+/// One sampling round's view of the processes in agents' trees.
+struct Round<'a> {
+    number: u64,
+    last: &'a HashMap<i32, Member>,
+    now: HashMap<i32, Member>,
+    /// Every process's children, from a scan of `/proc`, when there are no children files.
+    scanned: Option<HashMap<i32, Vec<i32>>>,
+    /// Processes that started at or after this tick since boot ran only inside this round.
+    since_tick: Option<u64>,
+}
+
+impl Round<'_> {
+    /// Measures `pid`, pushes its children onto `stack` and returns its stat and the CPU
+    /// ticks it used since the previous round. `parent` is the process whose children list
+    /// named `pid`: a pid that was reused since is somebody else's and is skipped.
+    fn visit(
+        &mut self,
+        pid: i32,
+        parent: Option<i32>,
+        stack: &mut Vec<(i32, Option<i32>)>,
+    ) -> Option<(ProcStat, u64)> {
+        let ran = os::proc_schedstat(pid);
+        if let Some(before) = self.last.get(&pid)
+            && ran.is_some()
+            && before.ran == ran
+            && self.number - before.read_in < REREAD_IDLE_EVERY
+        {
+            stack.extend(before.children.iter().map(|&child| (child, Some(pid))));
+            let stat = before.stat;
+            self.now.insert(pid, before.clone());
+            return Some((stat, 0));
+        }
+        let stat = os::proc_stat(pid)?;
+        if parent.is_some_and(|parent| parent != stat.ppid) {
+            return None;
+        }
+        let mut children = Vec::new();
+        match &self.scanned {
+            Some(map) => children.extend(map.get(&pid).into_iter().flatten()),
+            None => {
+                os::proc_children(pid, stat.num_threads, &mut children);
+            }
+        }
+        let used = match self.last.get(&pid) {
+            Some(before) if before.stat.start_ticks == stat.start_ticks => {
+                stat.cpu_ticks.saturating_sub(before.stat.cpu_ticks)
+            }
+            _ if self.since_tick.is_some_and(|tick| stat.start_ticks >= tick) => stat.cpu_ticks,
+            _ => 0,
+        };
+        stack.extend(children.iter().map(|&child| (child, Some(pid))));
+        self.now.insert(
+            pid,
+            Member {
+                stat,
+                children,
+                ran,
+                read_in: self.number,
+            },
+        );
+        Some((stat, used))
+    }
+}
+
 impl Sampler {
+    fn new() -> Sampler {
+        let (clock_ticks, page_size) = os::proc_units();
+        Sampler {
+            clock_ticks: clock_ticks as f64,
+            page_size,
+            round: 0,
+            last_uptime: None,
+            last: HashMap::new(),
+            children_files: true,
+            status_seen: HashMap::new(),
+        }
+    }
+
     fn sample(&mut self, targets: &[SampleTarget]) -> SampleBatch {
         let mut batch = SampleBatch::default();
         if targets.is_empty() {
             self.status_seen.clear();
+            self.last.clear();
             return batch;
         }
-        if self.system.is_none() {
-            match System::new() {
-                Ok(system) => self.system = Some(system),
-                Err(error) => {
-                    tracing::warn!(%error, "cannot read processes; skipping this sample");
-                    return batch;
-                }
-            }
+        self.round += 1;
+        let uptime = os::uptime();
+        let elapsed = uptime.zip(self.last_uptime).map(|(now, then)| now - then);
+        // Orphans reparented to agentd (a subreaper) still belong to their agent's group.
+        let own_pid = std::process::id() as i32;
+        let mut own = Vec::new();
+        if self.children_files && os::proc_children(own_pid, u32::MAX, &mut own).is_none() {
+            tracing::info!("no /proc children files: sampling scans all of /proc");
+            self.children_files = false;
         }
-        let Some(system) = self.system.as_mut() else {
-            return batch;
-        };
-        system.refresh_processes_specifics(
-            ProcessesToUpdate::All,
-            true,
-            ProcessRefreshKind::nothing().with_cpu().with_memory(),
-        );
-        let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-        for (pid, process) in system.processes() {
-            if process.thread_kind().is_some() {
-                continue;
+        let scanned = (!self.children_files).then(|| {
+            let mut map: HashMap<i32, Vec<i32>> = HashMap::new();
+            for (pid, stat) in os::all_processes() {
+                map.entry(stat.ppid).or_default().push(pid);
             }
-            if let Some(parent) = process.parent() {
-                children
-                    .entry(parent.as_u32() as i32)
-                    .or_default()
-                    .push(pid.as_u32() as i32);
-            }
-        }
-        // Orphans reparented to agentd still belong to their agent's process group.
-        let leaders: std::collections::HashSet<i32> = targets.iter().map(|t| t.pid).collect();
+            own = map.get(&own_pid).cloned().unwrap_or_default();
+            map
+        });
+        let leaders: HashSet<i32> = targets.iter().map(|t| t.pid).collect();
         let mut orphans_by_group: HashMap<i32, Vec<i32>> = HashMap::new();
-        for &child in children
-            .get(&(std::process::id() as i32))
-            .into_iter()
-            .flatten()
-        {
-            if leaders.contains(&child) {
-                continue;
-            }
+        for child in own.into_iter().filter(|child| !leaders.contains(child)) {
             if let Some(stat) = os::proc_stat(child) {
                 orphans_by_group.entry(stat.pgrp).or_default().push(child);
             }
         }
+        let mut round = Round {
+            number: self.round,
+            last: &self.last,
+            now: HashMap::with_capacity(self.last.len()),
+            scanned,
+            since_tick: self
+                .last_uptime
+                .map(|seconds| (seconds * self.clock_ticks) as u64),
+        };
         for target in targets {
-            let mut roots = vec![target.pid];
-            roots.extend(orphans_by_group.get(&target.pid).into_iter().flatten());
-            if let Some(sample) = measure_tree(system, &children, &roots) {
+            let mut roots = vec![(target.pid, None)];
+            roots.extend(
+                orphans_by_group
+                    .get(&target.pid)
+                    .into_iter()
+                    .flatten()
+                    .map(|&orphan| (orphan, None)),
+            );
+            if let Some((mut sample, ticks)) = measure_tree(&mut round, roots, self.page_size) {
+                if let Some(seconds) = elapsed.filter(|&seconds| seconds > 0.0) {
+                    sample.cpu_percent = ticks as f64 / self.clock_ticks / seconds * 100.0;
+                }
                 batch.samples.push((target.agent_id.clone(), sample));
             }
             if let Some(progress) = read_status_file(&mut self.status_seen, target) {
                 batch.progress.push((target.agent_id.clone(), progress));
             }
         }
-        self.status_seen
-            .retain(|id, _| targets.iter().any(|t| &t.agent_id == id));
+        self.last = round.now;
+        self.last_uptime = uptime;
+        if self.status_seen.len() > targets.len() {
+            let live: HashSet<&str> = targets.iter().map(|t| t.agent_id.as_str()).collect();
+            self.status_seen.retain(|id, _| live.contains(id.as_str()));
+        }
         batch
     }
+}
+
+/// Measures the tree under `stack` (the leader first, then orphans of its group); returns
+/// the sample with its CPU still in ticks used since the previous round.
+fn measure_tree(
+    round: &mut Round<'_>,
+    mut stack: Vec<(i32, Option<i32>)>,
+    page_size: u64,
+) -> Option<(TreeSample, u64)> {
+    let (leader, _) = *stack.first()?;
+    let mut sample = TreeSample {
+        leader_status: "",
+        cpu_percent: 0.0,
+        memory_bytes: 0,
+        num_threads: 0,
+        num_processes: 0,
+    };
+    let mut ticks = 0;
+    let mut seen = HashSet::new();
+    while let Some((pid, parent)) = stack.pop() {
+        if !seen.insert(pid) {
+            continue;
+        }
+        let Some((stat, used)) = round.visit(pid, parent, &mut stack) else {
+            if pid == leader {
+                return None;
+            }
+            continue;
+        };
+        if pid == leader {
+            sample.leader_status = os::state_name(stat.state);
+        }
+        ticks += used;
+        sample.memory_bytes += stat.rss_pages * page_size;
+        sample.num_threads += stat.num_threads;
+        sample.num_processes += 1;
+    }
+    Some((sample, ticks))
 }
 
 /// Reads an agent's status file when it changed since the last read.
@@ -177,46 +330,62 @@ fn read_status_file(
     }
 }
 
-fn rotate_output(targets: &[SampleTarget], rotation: LogRotation) {
-    for target in targets {
-        for stream in [LogStream::Stdout, LogStream::Stderr] {
-            if let Err(error) = LogFile::new(&target.dir, stream).rotate(rotation) {
-                tracing::warn!(agent_id = %target.agent_id, ?stream, %error, "rotating output");
-            }
-        }
-    }
+/// When each live agent's output is next checked for rotation, and its size then.
+#[derive(Default)]
+struct OutputChecks {
+    round: u64,
+    agents: HashMap<String, OutputCheck>,
 }
 
-fn measure_tree(
-    system: &System,
-    children: &HashMap<i32, Vec<i32>>,
-    roots: &[i32],
-) -> Option<TreeSample> {
-    let leader = os::proc_stat(roots[0])?;
-    let mut sample = TreeSample {
-        leader_status: os::state_name(leader.state).to_string(),
-        cpu_percent: 0.0,
-        memory_bytes: 0,
-        num_threads: 0,
-        num_processes: 0,
-    };
-    let mut stack = roots.to_vec();
-    let mut seen = std::collections::HashSet::new();
-    while let Some(pid) = stack.pop() {
-        if !seen.insert(pid) {
-            continue;
+struct OutputCheck {
+    next_round: u64,
+    ends: [u64; 2],
+}
+
+impl OutputChecks {
+    fn rotate(&mut self, targets: &[SampleTarget], rotation: LogRotation) {
+        self.round += 1;
+        let round = self.round;
+        for target in targets {
+            let check = self
+                .agents
+                .entry(target.agent_id.clone())
+                .or_insert(OutputCheck {
+                    next_round: round,
+                    ends: [0; 2],
+                });
+            if check.next_round > round {
+                continue;
+            }
+            let mut grew = false;
+            for (end, stream) in check
+                .ends
+                .iter_mut()
+                .zip([LogStream::Stdout, LogStream::Stderr])
+            {
+                let file = LogFile::new(&target.dir, stream);
+                let now = match file.end_offset() {
+                    Ok(now) => now,
+                    Err(error) => {
+                        tracing::warn!(agent_id = %target.agent_id, ?stream, %error, "checking output");
+                        continue;
+                    }
+                };
+                grew |= now != *end;
+                *end = now;
+                if now > rotation.max_bytes
+                    && let Err(error) = file.rotate(rotation)
+                {
+                    tracing::warn!(agent_id = %target.agent_id, ?stream, %error, "rotating output");
+                }
+            }
+            check.next_round = round + if grew { 1 } else { QUIET_OUTPUT_EVERY };
         }
-        if let Some(process) = system.process(Pid::from_u32(pid as u32)) {
-            sample.cpu_percent += f64::from(process.cpu_usage());
-            sample.memory_bytes += process.memory();
+        if self.agents.len() > targets.len() {
+            let live: HashSet<&str> = targets.iter().map(|t| t.agent_id.as_str()).collect();
+            self.agents.retain(|id, _| live.contains(id.as_str()));
         }
-        if let Some(stat) = os::proc_stat(pid) {
-            sample.num_threads += stat.num_threads;
-            sample.num_processes += 1;
-        }
-        stack.extend(children.get(&pid).into_iter().flatten());
     }
-    Some(sample)
 }
 
 /// Parses `{"progress": 0-100, "message": "..."}`.
