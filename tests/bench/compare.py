@@ -1,20 +1,23 @@
-"""agentd against supervisord and circus on the same work, in one run, from Python.
+"""agentd against supervisord and circus on the same work, in one run.
 
-Each system is started fresh on a temporary folder and driven through its own API: agentd over
-gRPC (grpcio, Unix socket), supervisord over XML-RPC (Unix socket), circus over ZeroMQ (ipc).
-Every workload runs `--runs` times; the table shows the median with min and max, and the
-agentd/peer ratio of the medians (below 1 means agentd is faster).
+Each system is started fresh on a temporary folder and driven from Python through its own API:
+agentd over gRPC (grpcio, Unix socket), supervisord over XML-RPC (Unix socket), circus over
+ZeroMQ (ipc). agentd is also driven from Rust (`crates/server/benches/agentd.rs`, run through
+cargo each run), which adds the "agentd (Rust)" column and the rows only it runs: 10,000 idle
+agents and the watch fan-out. Every workload runs `--runs` times; the Markdown table shows the
+median with min and max, and agentd (Python) / peer for each row.
 
     cargo build --release
-    python3 tests/bench/compare.py                 # creates a venv with the peers, ~5 min
-    python3 tests/bench/compare.py --smoke         # agentd only, tiny N (what CI runs)
+    python3 tests/bench/compare.py                 # creates a venv with the peers, ~25 min
+    python3 tests/bench/compare.py --smoke --cargo-profile dev --agentd target/debug/agentd
 
-Workloads (issue 6): spawn latency with one request in flight and wall time for N with several
-in flight; status latency and listing all N; exit visibility; stopping N agents that obey
-SIGTERM and 100 that ignore it with a 2 s grace.
+Workloads (BENCHMARKS.md): spawn latency with one request in flight; wall time to spawn N with
+several in flight; status latency and listing all N; stopping N agents that obey SIGTERM and 100
+that ignore it with a 2 s grace; exit visibility; the supervisor's RSS and CPU with idle agents.
 """
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -291,97 +294,171 @@ def rss_mb(pid):
     return float("nan")
 
 
+def spawn_parallel(system, names, argv, grace=None):
+    with ThreadPoolExecutor(getattr(system, "in_flight", IN_FLIGHT)) as pool:
+        list(pool.map(lambda name: system.spawn(name, argv, grace=grace), names))
+
+
 def measure_idle(system, n, seconds):
     """The supervisor's own RSS and CPU with `n` idle agents, over `seconds`."""
     names = [f"idle-{i}" for i in range(n)]
-    with ThreadPoolExecutor(getattr(system, "in_flight", IN_FLIGHT)) as pool:
-        list(pool.map(lambda name: system.spawn(name, sleeper_cmd()), names))
+    spawn_parallel(system, names, sleeper_cmd())
     pid = system.process.pid
     before, started = cpu_seconds(pid), time.monotonic()
     time.sleep(seconds)
     cpu = (cpu_seconds(pid) - before) / (time.monotonic() - started) * 100
-    rows = {f"idle {n}: RSS (MB)": rss_mb(pid), f"idle {n}: CPU (% of a core)": cpu}
+    rows = {f"{n} idle agents: supervisor RSS (MB)": rss_mb(pid),
+            f"{n} idle agents: supervisor CPU (% of a core)": cpu}
     system.stop_all(names)
     system.clear(names)
     return rows
 
 
-def measure(system, n, trials, stubborn, work):
-    """One run of every workload; returns {row: value}."""
+def measure(system, args, work):
+    """One run of every workload but the idle ones; returns {row: value}. Row names are the
+    ones the Rust client (crates/server/benches/agentd.rs) prints."""
     rows = {}
-    names = [f"sleep-{i}" for i in range(n)]
+    names = [f"lat-{i}" for i in range(args.latency_spawns)]
     latencies = []
-    for name in names[: n // 2]:
+    for name in names:
         started = time.perf_counter()
         system.spawn(name, sleeper_cmd())
         latencies.append((time.perf_counter() - started) * 1000)
     rows["spawn p50 (ms), 1 in flight"] = pct(latencies, 50)
     rows["spawn p99 (ms), 1 in flight"] = pct(latencies, 99)
-    started = time.perf_counter()
-    with ThreadPoolExecutor(getattr(system, "in_flight", IN_FLIGHT)) as pool:
-        list(pool.map(lambda name: system.spawn(name, sleeper_cmd()), names[n // 2:]))
-    rows[f"spawn {n - n // 2} running, wall (s), {IN_FLIGHT} in flight*"] = time.perf_counter() - started
-
-    status = []
-    for i in range(trials * 20):
-        started = time.perf_counter()
-        system.status(names[i % n])
-        status.append((time.perf_counter() - started) * 1000)
-    rows["status p50 (ms)"] = pct(status, 50)
-    rows["status p99 (ms)"] = pct(status, 99)
-    started = time.perf_counter()
-    listed = system.list_all()
-    rows[f"list all {n} (ms)"] = (time.perf_counter() - started) * 1000
-    assert listed >= n, f"{system.name} listed {listed} of {n}"
-
-    started = time.perf_counter()
     system.stop_all(names)
-    rows[f"stop {n} obeying SIGTERM (s)"] = time.perf_counter() - started
     system.clear(names)
 
+    for n in args.n:
+        names = [f"sleep-{i}" for i in range(n)]
+        started = time.perf_counter()
+        spawn_parallel(system, names, sleeper_cmd())
+        rows[f"spawn {n} until running, wall (s), {IN_FLIGHT} in flight"] = \
+            time.perf_counter() - started
+        status = []
+        for i in range(args.status_calls):
+            started = time.perf_counter()
+            system.status(names[i % n])
+            status.append((time.perf_counter() - started) * 1000)
+        rows[f"status p50 (ms), {n} agents"] = pct(status, 50)
+        rows[f"status p99 (ms), {n} agents"] = pct(status, 99)
+        started = time.perf_counter()
+        listed = system.list_all()
+        rows[f"list all {n} with status (ms)"] = (time.perf_counter() - started) * 1000
+        assert listed >= n, f"{system.name} listed {listed} of {n}"
+        started = time.perf_counter()
+        system.stop_all(names)
+        rows[f"stop {n} obeying SIGTERM (s)"] = time.perf_counter() - started
+        system.clear(names)
+
     delays = []
-    for i in range(trials):
+    for i in range(args.trials):
         stamp = os.path.join(work, f"ts-{i}")
         seen = system.exit_visible(f"exit-{i}", stamp)
         with open(stamp) as f:
             delays.append((seen - int(f.read().strip())) / 1e6)
     rows["exit visible p50 (ms)"] = pct(delays, 50)
     rows["exit visible p99 (ms)"] = pct(delays, 99)
-    system.clear([f"exit-{i}" for i in range(trials)])
+    system.clear([f"exit-{i}" for i in range(args.trials)])
 
-    stubborn_names = [f"stubborn-{i}" for i in range(stubborn)]
-    with ThreadPoolExecutor(getattr(system, "in_flight", IN_FLIGHT)) as pool:
-        list(pool.map(lambda name: system.spawn(name, stubborn_cmd(), grace=2), stubborn_names))
+    stubborn_names = [f"stubborn-{i}" for i in range(args.stubborn)]
+    spawn_parallel(system, stubborn_names, stubborn_cmd(), grace=2)
     started = time.perf_counter()
     system.stop_all(stubborn_names)
-    rows[f"stop {stubborn} ignoring SIGTERM, 2 s grace (s)"] = time.perf_counter() - started
+    rows[f"stop {args.stubborn} ignoring SIGTERM, 2 s grace (s)"] = time.perf_counter() - started
     system.clear(stubborn_names)
     return rows
 
 
-def programs(n, trials, stubborn, work):
+def programs(args, work):
+    """Everything supervisord must know up front."""
     return (
-        [(f"sleep-{i}", sleeper_cmd(), None) for i in range(n)]
-        + [(f"exit-{i}", exit_cmd(os.path.join(work, f"ts-{i}")), None) for i in range(trials)]
-        + [(f"stubborn-{i}", stubborn_cmd(), 2) for i in range(stubborn)]
+        [(f"lat-{i}", sleeper_cmd(), None) for i in range(args.latency_spawns)]
+        + [(f"sleep-{i}", sleeper_cmd(), None) for i in range(max(args.n))]
+        + [(f"exit-{i}", exit_cmd(os.path.join(work, f"ts-{i}")), None)
+           for i in range(args.trials)]
+        + [(f"stubborn-{i}", stubborn_cmd(), 2) for i in range(args.stubborn)]
+        + [(f"idle-{i}", sleeper_cmd(), None) for i in range(peer_idle(args))]
     )
+
+
+def peer_idle(args):
+    return max([n for n in args.idle if n <= args.peer_idle_max], default=0)
+
+
+def rust_rows(args):
+    """The same workloads from the Rust client: one run of its benchmark, as {row: value}."""
+    command = [
+        "cargo", "bench", "--quiet", "--profile", args.cargo_profile, "-p", "agentd-server",
+        "--bench", "agentd", "--", "--json", "--n", ",".join(map(str, args.n)),
+        "--latency-spawns", str(args.latency_spawns), "--status-calls", str(args.status_calls),
+        "--trials", str(args.trials), "--stubborn", str(args.stubborn),
+        "--idle", ",".join(map(str, args.idle)), "--idle-seconds", str(args.idle_seconds),
+        "--subscribers", str(args.subscribers), "--fanout", str(args.fanout),
+    ]
+    out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def cell(values):
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def print_table(results, columns, peers, args):
+    """A Markdown table: median (min-max) per system, then agentd (Python) / peer."""
+    print(f"median (min-max) over {args.runs} runs; the ratios compare agentd driven from "
+          "Python with each peer driven from Python (below 1: agentd is faster or lighter)\n")
+    header = ["workload"] + columns + [f"agentd/{peer}" for peer in peers]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row, by_system in results.items():
+        cells = [row] + [cell(by_system.get(column, [])) for column in columns]
+        mine = by_system.get("agentd (Python)")
+        for peer in peers:
+            theirs = by_system.get(peer)
+            ratio = "-"
+            if mine and theirs and statistics.median(theirs):
+                ratio = f"{statistics.median(mine) / statistics.median(theirs):.2f}"
+            cells.append(ratio)
+        print("| " + " | ".join(cells) + " |")
+    if peers:
+        print(f"\ncircus runs spawns 1 in flight, the most its arbiter accepts; the others "
+              f"{IN_FLIGHT}.")
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--agentd", default=os.path.join(ROOT, "target/release/agentd"))
-    parser.add_argument("--n", type=int, default=200)
+    ints = lambda text: [int(n) for n in text.split(",")]  # noqa: E731
+    parser.add_argument("--n", type=ints, default=[200, 1000],
+                        help="agent counts for the spawn/status/list/stop rows")
+    parser.add_argument("--latency-spawns", type=int, default=200)
+    parser.add_argument("--status-calls", type=int, default=5000)
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--stubborn", type=int, default=100)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--idle", type=int, default=1000, help="agents for the idle-cost rows")
+    parser.add_argument("--idle", type=ints, default=[1000, 10000],
+                        help="agent counts for the idle-cost rows")
+    parser.add_argument("--peer-idle-max", type=int, default=1000,
+                        help="largest idle count run from Python (the peers and agentd)")
     parser.add_argument("--idle-seconds", type=float, default=30)
+    parser.add_argument("--subscribers", type=int, default=100)
+    parser.add_argument("--fanout", type=int, default=1000)
+    parser.add_argument("--no-rust", action="store_true", help="skip the Rust-client column")
+    parser.add_argument("--cargo-profile", default="bench",
+                        help="cargo profile of the Rust client and its agentd")
     parser.add_argument("--smoke", action="store_true", help="agentd only, tiny N")
     parser.add_argument("--venv", help="a venv with the peers (created when missing)")
     args = parser.parse_args()
     if args.smoke:
-        args.n, args.trials, args.stubborn, args.runs = 6, 3, 2, 1
-        args.idle, args.idle_seconds = 6, 1
+        args.n, args.latency_spawns, args.status_calls = [6], 6, 20
+        args.trials, args.stubborn, args.runs = 3, 2, 1
+        args.idle, args.peer_idle_max, args.idle_seconds = [6], 6, 1
+        args.subscribers, args.fanout = 3, 6
 
     base = tempfile.mkdtemp(prefix="agentd-bench-")
     try:
@@ -408,51 +485,38 @@ def main():
             sys.path.append(site)
 
         results = {}
+
+        def record(column, rows):
+            for row, value in rows.items():
+                results.setdefault(row, {}).setdefault(column, []).append(value)
+
+        peers = ["supervisord", "circus"] if venv_bin else []
         for run in range(args.runs):
-            systems = [("agentd", lambda work: Agentd(work, args.agentd, stubs))]
+            systems = [("agentd (Python)", lambda work: Agentd(work, args.agentd, stubs))]
             if venv_bin:
                 systems += [
-                    ("supervisord", lambda work: Supervisord(
-                        work, venv_bin,
-                        programs(args.n, args.trials, args.stubborn, work)
-                        + [(f"idle-{i}", sleeper_cmd(), None) for i in range(args.idle)])),
+                    ("supervisord", lambda work: Supervisord(work, venv_bin, programs(args, work))),
                     ("circus", lambda work: Circus(work, venv_bin)),
                 ]
             for name, start in systems:
-                work = tempfile.mkdtemp(prefix=f"{name}-", dir=base)
+                work = tempfile.mkdtemp(prefix=name.split()[0] + "-", dir=base)
                 system = start(work)
                 try:
-                    rows = measure(system, args.n, args.trials, args.stubborn, work)
-                    if args.idle:
-                        rows.update(measure_idle(system, args.idle, args.idle_seconds))
+                    rows = measure(system, args, work)
+                    for n in args.idle:
+                        if n <= args.peer_idle_max:
+                            rows.update(measure_idle(system, n, args.idle_seconds))
                 finally:
                     system.close()
-                for row, value in rows.items():
-                    results.setdefault(row, {}).setdefault(name, []).append(value)
+                record(name, rows)
                 print(f"run {run + 1}/{args.runs}: {name} done", file=sys.stderr)
+            if not args.no_rust:
+                # Rows only the Rust client runs (10k idle, fan-out) come last.
+                record("agentd (Rust)", rust_rows(args))
+                print(f"run {run + 1}/{args.runs}: agentd (Rust) done", file=sys.stderr)
 
-        names = ["agentd"] + (["supervisord", "circus"] if venv_bin else [])
-        header = f"{'':48}" + "".join(f"{n:>24}" for n in names)
-        if venv_bin:
-            header += f"{'agentd/supervisord':>20}{'agentd/circus':>16}"
-        print(f"median (min-max) over {args.runs} runs; N={args.n}, {args.trials} exit trials, "
-              f"{args.stubborn} SIGTERM-ignoring agents")
-        print(header)
-        for row, by_system in results.items():
-            line = f"{row:48}"
-            for n in names:
-                values = by_system.get(n, [])
-                cell = f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
-                line += f"{cell:>24}"
-            if venv_bin:
-                mine = statistics.median(by_system["agentd"])
-                for peer in ("supervisord", "circus"):
-                    theirs = statistics.median(by_system[peer])
-                    line += f"{mine / theirs if theirs else float('nan'):>20.2f}" if peer == "supervisord" \
-                        else f"{mine / theirs if theirs else float('nan'):>16.2f}"
-            print(line)
-        if venv_bin:
-            print("* circus: 1 in flight, the most its arbiter accepts")
+        columns = ([] if args.no_rust else ["agentd (Rust)"]) + ["agentd (Python)"] + peers
+        print_table(results, columns, peers, args)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -1,0 +1,508 @@
+//! Every workload of the benchmark (BENCHMARKS.md), driven from a Rust gRPC client against a
+//! release `agentd` on a temporary socket and data folder. Each workload starts its own daemon.
+//! Prints a table, or one JSON object of rows with `--json` (which `tests/bench/compare.py`
+//! shows as the "agentd (Rust)" column next to the Python-driven peers).
+//!
+//! ```sh
+//! cargo bench -p agentd-server --bench agentd                 # N=200,1000, 1000 and 10k idle
+//! cargo bench -p agentd-server --bench agentd -- --smoke      # tiny N, a few seconds
+//! ```
+//!
+//! Nothing here asserts a timing; it only fails when agentd does something wrong (an RPC
+//! error, a lost event, an agent that did not run).
+
+#![allow(clippy::disallowed_methods)] // it waits for the daemons it starts
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use agentd_proto::v1 as pb;
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use pb::agent_supervisor_client::AgentSupervisorClient;
+use tokio::sync::Semaphore;
+use tonic::transport::{Channel, Endpoint};
+
+type Client = AgentSupervisorClient<Channel>;
+
+#[derive(Parser)]
+struct Options {
+    /// Agent counts for the spawn, status, list and stop rows.
+    #[arg(long, value_delimiter = ',', default_value = "200,1000")]
+    n: Vec<usize>,
+    /// Sequential spawns for the one-in-flight latency rows.
+    #[arg(long, default_value_t = 200)]
+    latency_spawns: usize,
+    /// Status calls for the status rows.
+    #[arg(long, default_value_t = 5000)]
+    status_calls: usize,
+    /// Exit-visibility trials.
+    #[arg(long, default_value_t = 100)]
+    trials: usize,
+    /// Agents that ignore SIGTERM, stopped with a 2 s grace.
+    #[arg(long, default_value_t = 100)]
+    stubborn: usize,
+    /// Agent counts for the idle-cost rows.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    idle: Vec<usize>,
+    #[arg(long, default_value_t = 30.0)]
+    idle_seconds: f64,
+    /// Watchers for the fan-out rows.
+    #[arg(long, default_value_t = 100)]
+    subscribers: usize,
+    /// Agents spawned and stopped while the watchers watch.
+    #[arg(long, default_value_t = 1000)]
+    fanout: usize,
+    /// Requests in flight for the wall-time rows.
+    #[arg(long, default_value_t = 8)]
+    in_flight: usize,
+    /// Print the rows as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Tiny sizes, so CI can check that the program still works.
+    #[arg(long)]
+    smoke: bool,
+    /// Accepted for `cargo bench`, which passes it.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// A release `agentd` on its own temporary socket and data folder, killed on drop.
+struct Daemon {
+    process: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    async fn start() -> Result<Daemon> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("agentd.sock");
+        let process = Command::new(env!("CARGO_BIN_EXE_agentd"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--log-level", "warn", "--event-retention-count", "1000000"])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting agentd")?;
+        let daemon = Daemon {
+            process,
+            socket,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !daemon.socket.exists() {
+            ensure!(Instant::now() < deadline, "agentd did not create its socket");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(daemon)
+    }
+
+    async fn client(&self) -> Result<Client> {
+        let channel = Endpoint::from_shared(format!("unix://{}", self.socket.display()))?
+            .connect()
+            .await?;
+        Ok(AgentSupervisorClient::new(channel).max_decoding_message_size(256 << 20))
+    }
+
+    /// Stops every agent at once and waits for agentd to exit.
+    async fn close(mut self) -> Result<()> {
+        self.client()
+            .await?
+            .cleanup(pb::CleanupRequest {
+                all: true,
+                force: true,
+                ..Default::default()
+            })
+            .await?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.process.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        self.process.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+fn sleeper(agent_id: String) -> pb::SpawnRequest {
+    pb::SpawnRequest {
+        agent_id,
+        command: vec!["sleep".into(), "3600".into()],
+        ..Default::default()
+    }
+}
+
+fn ms(elapsed: Duration) -> f64 {
+    elapsed.as_secs_f64() * 1000.0
+}
+
+fn pct(values: &mut [f64], p: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[((values.len() as f64 * p / 100.0) as usize).min(values.len() - 1)]
+}
+
+/// Spawns with `in_flight` requests outstanding; returns the wall time until every Spawn
+/// answered, which agentd does once the agent is RUNNING.
+async fn spawn_all(
+    client: &Client,
+    requests: Vec<pb::SpawnRequest>,
+    in_flight: usize,
+) -> Result<Duration> {
+    let permits = Arc::new(Semaphore::new(in_flight));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(requests.len());
+    for request in requests {
+        let permit = permits.clone().acquire_owned().await?;
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let answer = client.spawn(request).await;
+            drop(permit);
+            answer
+        }));
+    }
+    for task in tasks {
+        let status = task.await??.into_inner().status.unwrap_or_default();
+        ensure!(
+            status.state == pb::AgentState::Running as i32,
+            "agent {} is {:?}, not running",
+            status.agent_id,
+            status.state()
+        );
+    }
+    Ok(started.elapsed())
+}
+
+/// One-in-flight spawn latencies in milliseconds.
+async fn spawn_latencies(client: &mut Client, prefix: &str, count: usize) -> Result<Vec<f64>> {
+    let mut latencies = Vec::with_capacity(count);
+    for i in 0..count {
+        let started = Instant::now();
+        client.spawn(sleeper(format!("{prefix}-{i}"))).await?;
+        latencies.push(ms(started.elapsed()));
+    }
+    Ok(latencies)
+}
+
+type Rows = BTreeMap<String, f64>;
+
+async fn spawn_status_list_stop(options: &Options, n: usize, rows: &mut Rows) -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let mut client = daemon.client().await?;
+    let wall = spawn_all(
+        &client,
+        (0..n).map(|i| sleeper(format!("s-{i}"))).collect(),
+        options.in_flight,
+    )
+    .await?;
+    rows.insert(
+        format!("spawn {n} until running, wall (s), {} in flight", options.in_flight),
+        wall.as_secs_f64(),
+    );
+    let mut status = Vec::with_capacity(options.status_calls);
+    for i in 0..options.status_calls {
+        let started = Instant::now();
+        client
+            .status(pb::StatusRequest {
+                agent_id: format!("s-{}", i % n),
+            })
+            .await?;
+        status.push(ms(started.elapsed()));
+    }
+    rows.insert(format!("status p50 (ms), {n} agents"), pct(&mut status, 50.0));
+    rows.insert(format!("status p99 (ms), {n} agents"), pct(&mut status, 99.0));
+    let started = Instant::now();
+    let listed = client
+        .list_agents(pb::ListAgentsRequest::default())
+        .await?
+        .into_inner()
+        .agents
+        .len();
+    rows.insert(format!("list all {n} with status (ms)"), ms(started.elapsed()));
+    ensure!(listed == n, "listed {listed} of {n} agents");
+    let started = Instant::now();
+    client
+        .cleanup(pb::CleanupRequest {
+            all: true,
+            ..Default::default()
+        })
+        .await?;
+    rows.insert(
+        format!("stop {n} obeying SIGTERM (s)"),
+        started.elapsed().as_secs_f64(),
+    );
+    daemon.close().await
+}
+
+async fn spawn_latency(options: &Options, rows: &mut Rows) -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let mut client = daemon.client().await?;
+    let mut latencies = spawn_latencies(&mut client, "l", options.latency_spawns).await?;
+    rows.insert("spawn p50 (ms), 1 in flight".into(), pct(&mut latencies, 50.0));
+    rows.insert("spawn p99 (ms), 1 in flight".into(), pct(&mut latencies, 99.0));
+    daemon.close().await
+}
+
+/// The agent stamps the wall clock in nanoseconds and exits; the delay runs from that stamp
+/// until the EXITED event reaches the client.
+async fn exit_visible(options: &Options, rows: &mut Rows) -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let mut client = daemon.client().await?;
+    let stamps = tempfile::tempdir()?;
+    let mut delays = Vec::with_capacity(options.trials);
+    for i in 0..options.trials {
+        let agent_id = format!("exit-{i}");
+        let stamp = stamps.path().join(&agent_id);
+        let mut events = client
+            .watch_agents(pb::WatchAgentsRequest {
+                agent_ids: vec![agent_id.clone()],
+                kinds: vec![pb::EventKind::Exited as i32],
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        client
+            .spawn(pb::SpawnRequest {
+                agent_id,
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!("date +%s%N > {}", stamp.display()),
+                ],
+                ..Default::default()
+            })
+            .await?;
+        events.message().await?.context("the watch ended")?;
+        let seen = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+        let stamped: u128 = std::fs::read_to_string(&stamp)?.trim().parse()?;
+        delays.push(seen.saturating_sub(stamped) as f64 / 1e6);
+    }
+    rows.insert("exit visible p50 (ms)".into(), pct(&mut delays, 50.0));
+    rows.insert("exit visible p99 (ms)".into(), pct(&mut delays, 99.0));
+    daemon.close().await
+}
+
+async fn stop_stubborn(options: &Options, rows: &mut Rows) -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let mut client = daemon.client().await?;
+    let requests = (0..options.stubborn)
+        .map(|i| pb::SpawnRequest {
+            agent_id: format!("stubborn-{i}"),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "trap '' TERM; exec sleep 3600".into(),
+            ],
+            stop_policy: Some(pb::StopPolicy {
+                first_grace: Some(prost_types::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                }),
+                second_grace: Some(prost_types::Duration::default()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect();
+    spawn_all(&client, requests, options.in_flight).await?;
+    let started = Instant::now();
+    client
+        .cleanup(pb::CleanupRequest {
+            all: true,
+            ..Default::default()
+        })
+        .await?;
+    rows.insert(
+        format!("stop {} ignoring SIGTERM, 2 s grace (s)", options.stubborn),
+        started.elapsed().as_secs_f64(),
+    );
+    daemon.close().await
+}
+
+/// User plus system CPU seconds of a process, and its resident memory in MB.
+fn cpu_and_rss(pid: u32) -> Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("odd /proc stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("no VmRSS")?
+        .parse()?;
+    // CLK_TCK is 100 on every Linux this runs on; sysconf would say the same.
+    Ok((ticks / 100.0, rss_kb / 1024.0))
+}
+
+async fn idle_cost(options: &Options, n: usize, rows: &mut Rows) -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let client = daemon.client().await?;
+    spawn_all(
+        &client,
+        (0..n).map(|i| sleeper(format!("idle-{i}"))).collect(),
+        options.in_flight,
+    )
+    .await?;
+    let pid = daemon.process.id();
+    let (before, _) = cpu_and_rss(pid)?;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(options.idle_seconds)).await;
+    let (after, rss) = cpu_and_rss(pid)?;
+    let cpu = (after - before) / started.elapsed().as_secs_f64() * 100.0;
+    rows.insert(format!("{n} idle agents: supervisor RSS (MB)"), rss);
+    rows.insert(format!("{n} idle agents: supervisor CPU (% of a core)"), cpu);
+    daemon.close().await
+}
+
+/// What one watcher received: every sequence number in order, and when the last arrived.
+type Watched = (Vec<u64>, Instant);
+
+async fn watch_everything(mut client: Client) -> Result<tokio::task::JoinHandle<Watched>> {
+    let mut events = client
+        .watch_agents(pb::WatchAgentsRequest::default())
+        .await?
+        .into_inner();
+    Ok(tokio::spawn(async move {
+        let mut sequences = Vec::new();
+        let mut last = Instant::now();
+        while let Ok(Some(event)) = events.message().await {
+            sequences.push(event.sequence);
+            last = Instant::now();
+        }
+        (sequences, last)
+    }))
+}
+
+/// Spawn latency with and without watchers, then `fanout` agents spawned and stopped while
+/// every watcher watches every event: delivery rate, and a check that nobody missed one.
+async fn fan_out(options: &Options, rows: &mut Rows) -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let mut client = daemon.client().await?;
+    let subscribers = options.subscribers;
+    let mut alone = spawn_latencies(&mut client, "alone", options.latency_spawns).await?;
+    rows.insert("fan-out: spawn p50 (ms), no watchers".into(), pct(&mut alone, 50.0));
+    rows.insert("fan-out: spawn p99 (ms), no watchers".into(), pct(&mut alone, 99.0));
+    client
+        .cleanup(pb::CleanupRequest {
+            all: true,
+            force: true,
+            ..Default::default()
+        })
+        .await?;
+
+    let mut watchers = Vec::with_capacity(subscribers);
+    for _ in 0..subscribers {
+        watchers.push(watch_everything(daemon.client().await?).await?);
+    }
+    let mut watched = spawn_latencies(&mut client, "watched", options.latency_spawns).await?;
+    rows.insert(
+        format!("fan-out: spawn p50 (ms), {subscribers} watchers"),
+        pct(&mut watched, 50.0),
+    );
+    rows.insert(
+        format!("fan-out: spawn p99 (ms), {subscribers} watchers"),
+        pct(&mut watched, 99.0),
+    );
+    let started = Instant::now();
+    spawn_all(
+        &client,
+        (0..options.fanout)
+            .map(|i| sleeper(format!("burst-{i}")))
+            .collect(),
+        options.in_flight,
+    )
+    .await?;
+    client
+        .cleanup(pb::CleanupRequest {
+            all: true,
+            ..Default::default()
+        })
+        .await?;
+    // The daemon's exit ends every stream once the last event is out.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.process.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let mut delivered = 0usize;
+    let mut lost = 0u64;
+    let mut finished = started;
+    for watcher in watchers {
+        let (sequences, last_arrived) = tokio::time::timeout(Duration::from_secs(120), watcher)
+            .await
+            .context("a watcher never finished")??;
+        let (Some(&first), Some(&last)) = (sequences.first(), sequences.last()) else {
+            bail!("a watcher received nothing");
+        };
+        // Sequences go up by one: a watcher of everything that saw first..=last saw them all.
+        lost += (last - first + 1) - sequences.len() as u64;
+        delivered += sequences.len();
+        finished = finished.max(last_arrived);
+    }
+    let elapsed = (finished - started).as_secs_f64();
+    rows.insert(
+        format!(
+            "fan-out: events/s delivered to {subscribers} watchers, {} spawned and stopped",
+            options.fanout
+        ),
+        delivered as f64 / elapsed,
+    );
+    rows.insert(
+        format!("fan-out: events lost across {subscribers} watchers"),
+        lost as f64,
+    );
+    ensure!(lost == 0, "watchers missed {lost} events");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut options = Options::parse();
+    if options.smoke {
+        options.n = vec![5];
+        options.latency_spawns = 5;
+        options.status_calls = 20;
+        options.trials = 3;
+        options.stubborn = 2;
+        options.idle = vec![5];
+        options.idle_seconds = 0.5;
+        options.subscribers = 3;
+        options.fanout = 5;
+    }
+    let mut rows = Rows::new();
+    spawn_latency(&options, &mut rows).await?;
+    for &n in &options.n {
+        spawn_status_list_stop(&options, n, &mut rows).await?;
+    }
+    exit_visible(&options, &mut rows).await?;
+    stop_stubborn(&options, &mut rows).await?;
+    fan_out(&options, &mut rows).await?;
+    for &n in &options.idle {
+        idle_cost(&options, n, &mut rows).await?;
+    }
+    if options.json {
+        println!("{}", serde_json::to_string(&rows)?);
+    } else {
+        let width = rows.keys().map(String::len).max().unwrap_or(0);
+        for (row, value) in &rows {
+            println!("{row:<width$}  {value:>10.3}");
+        }
+    }
+    Ok(())
+}
