@@ -45,6 +45,39 @@ async fn spawned_agent_runs_with_its_pid_and_live_samples() {
 }
 
 #[tokio::test]
+async fn many_spawns_in_flight_on_one_connection_all_answer() {
+    let daemon = Daemon::start().await;
+    let client = daemon.client().await;
+    // Each Spawn answers after a flush; flushes that all ran at once used to take every one
+    // of sled's I/O threads and never finish.
+    let mut spawns = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let mut client = client.clone();
+        spawns.spawn(async move {
+            let sleeper = vec!["sleep".to_string(), "300".to_string()];
+            spawn(&mut client, &format!("p{i}"), sleeper).await
+        });
+    }
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(30), spawns.join_all())
+        .await
+        .expect("every spawn answered");
+    assert!(
+        answered
+            .iter()
+            .all(|status| status.state == AgentState::Running as i32)
+    );
+    let mut client = client;
+    client
+        .cleanup(pb::CleanupRequest {
+            all: true,
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .expect("cleanup");
+}
+
+#[tokio::test]
 async fn processes_forked_under_an_idle_leader_are_counted_and_dropped() {
     let daemon = Daemon::start().await;
     let mut client = daemon.client().await;

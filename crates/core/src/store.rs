@@ -5,9 +5,10 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::Notify;
+use tokio::sync::{Mutex, Notify};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,8 +44,24 @@ pub struct Store {
     /// The event log: sequence (big-endian, so sled's order is sequence order) -> event.
     events: sled::Tree,
     meta: sled::Tree,
-    /// Wakes the background flusher after a write.
-    written: Arc<Notify>,
+    durability: Arc<Durability>,
+}
+
+/// Group commit. One flush runs at a time and covers every write made before it began; a
+/// caller whose writes it covered returns without flushing again. sled's `flush_async` waits
+/// on sled's small thread pool for log writes queued to that same pool, so many flushes at
+/// once can take every pool thread and never finish: one at a time is a correctness rule,
+/// not only a saving.
+#[derive(Default)]
+struct Durability {
+    /// Counts writes.
+    written: AtomicU64,
+    /// The `written` count the last finished flush covered.
+    flushed: AtomicU64,
+    /// Held while a flush runs; waiting on it queues callers in order.
+    flushing: Mutex<()>,
+    /// Wakes the background flusher.
+    wake: Notify,
 }
 
 impl Store {
@@ -60,18 +77,31 @@ impl Store {
             agents,
             events,
             meta,
-            written: Arc::new(Notify::new()),
+            durability: Arc::default(),
         })
     }
 
-    /// Writes reach the disk within one flush of being made, not at sled's next periodic
-    /// flush, so a daemon killed right after a transition still has it on restart. Flushes
-    /// coalesce: writes made while one runs are covered by the next.
+    fn wrote(&self) {
+        self.durability.written.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Wakes the background flusher if anything was written since the last flush.
+    pub fn flush_soon(&self) {
+        let durability = &self.durability;
+        if durability.written.load(Ordering::SeqCst) > durability.flushed.load(Ordering::SeqCst) {
+            durability.wake.notify_one();
+        }
+    }
+
+    /// Writes reach the disk within one flush of the supervisor turn that made them (see
+    /// [`Store::flush_soon`]), not at sled's next periodic flush, so a daemon killed right
+    /// after a transition still has it on restart. Flushes coalesce: writes made while one
+    /// runs are covered by the next.
     pub fn start_background_flush(&self) {
         let store = self.clone();
         tokio::spawn(async move {
             loop {
-                store.written.notified().await;
+                store.durability.wake.notified().await;
                 if let Err(error) = store.flush().await {
                     tracing::error!(%error, "flushing the agent store");
                 }
@@ -98,7 +128,7 @@ impl Store {
             }
         })?;
         self.agents.insert(record.spec.agent_id.as_bytes(), value)?;
-        self.written.notify_one();
+        self.wrote();
         Ok(())
     }
 
@@ -136,7 +166,7 @@ impl Store {
             }
         })?;
         self.events.insert(event.sequence.to_be_bytes(), value)?;
-        self.written.notify_one();
+        self.wrote();
         Ok(())
     }
 
@@ -193,13 +223,22 @@ impl Store {
 
     pub fn remove_agent(&self, agent_id: &str) -> Result<()> {
         self.agents.remove(agent_id.as_bytes())?;
-        self.written.notify_one();
+        self.wrote();
         Ok(())
     }
 
     /// Waits until everything written so far is on disk.
     pub async fn flush(&self) -> Result<()> {
+        let durability = &self.durability;
+        let wanted = durability.written.load(Ordering::SeqCst);
+        let _flushing = durability.flushing.lock().await;
+        // The flush that ran while this caller waited may have covered its writes.
+        if durability.flushed.load(Ordering::SeqCst) >= wanted {
+            return Ok(());
+        }
+        let covering = durability.written.load(Ordering::SeqCst);
         self.db.flush_async().await?;
+        durability.flushed.fetch_max(covering, Ordering::SeqCst);
         Ok(())
     }
 }

@@ -188,6 +188,9 @@ pub(crate) enum Command {
 #[derive(Clone)]
 pub struct SupervisorHandle {
     commands: mpsc::Sender<Command>,
+    /// Lets a caller wait for its change to reach the disk on its own task, not the
+    /// supervisor's.
+    store: Store,
 }
 
 impl SupervisorHandle {
@@ -202,8 +205,12 @@ impl SupervisorHandle {
 
     /// Starts an agent; answers once its record is on disk.
     pub async fn spawn(&self, request: SpawnRequest) -> Result<AgentStatus> {
-        self.request(|reply| Command::Spawn(Box::new(request), reply))
-            .await?
+        let spawned = self
+            .request(|reply| Command::Spawn(Box::new(request), reply))
+            .await?;
+        // Answer only once the record (or the failure) is on disk.
+        self.store.flush().await?;
+        spawned
     }
 
     pub async fn status(&self, agent_id: String) -> Result<AgentStatus> {
@@ -282,7 +289,7 @@ impl Supervisor {
         let (adopted_exits_tx, adopted_exits) = mpsc::unbounded_channel();
         let events = EventBus::open(store.clone(), config.event_buffer, config.event_retention)?;
         let mut task = SupervisorTask {
-            store,
+            store: store.clone(),
             events,
             agents_dir,
             agents: BTreeMap::new(),
@@ -303,6 +310,7 @@ impl Supervisor {
 
         let handle = SupervisorHandle {
             commands: commands_tx,
+            store: store.clone(),
         };
         let (targets, deliver) = (handle.clone(), handle.clone());
         sampler::start(
@@ -456,18 +464,15 @@ impl SupervisorTask {
                     self.check_stopping_groups();
                 }
             }
+            // Once per turn, not per write: a Spawn's own flush then covers all of its writes.
+            self.store.flush_soon();
         }
     }
 
     fn handle(&mut self, command: Command) {
         match command {
             Command::Spawn(request, reply) => {
-                let result = self.spawn(*request);
-                let store = self.store.clone();
-                tokio::spawn(async move {
-                    let flushed = store.flush().await;
-                    let _ = reply.send(result.and_then(|status| flushed.map(|()| status)));
-                });
+                let _ = reply.send(self.spawn(*request));
             }
             Command::Status(agent_id, reply) => {
                 let _ = reply.send(self.agent(&agent_id).map(Agent::status));
@@ -515,6 +520,7 @@ impl SupervisorTask {
     pub(crate) fn own_handle(&self) -> Option<SupervisorHandle> {
         Some(SupervisorHandle {
             commands: self.commands.upgrade()?,
+            store: self.store.clone(),
         })
     }
 

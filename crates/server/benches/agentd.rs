@@ -97,7 +97,10 @@ impl Daemon {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !daemon.socket.exists() {
-            ensure!(Instant::now() < deadline, "agentd did not create its socket");
+            ensure!(
+                Instant::now() < deadline,
+                "agentd did not create its socket"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(daemon)
@@ -207,7 +210,10 @@ async fn spawn_status_list_stop(options: &Options, n: usize, rows: &mut Rows) ->
     )
     .await?;
     rows.insert(
-        format!("spawn {n} until running, wall (s), {} in flight", options.in_flight),
+        format!(
+            "spawn {n} until running, wall (s), {} in flight",
+            options.in_flight
+        ),
         wall.as_secs_f64(),
     );
     let mut status = Vec::with_capacity(options.status_calls);
@@ -220,8 +226,14 @@ async fn spawn_status_list_stop(options: &Options, n: usize, rows: &mut Rows) ->
             .await?;
         status.push(ms(started.elapsed()));
     }
-    rows.insert(format!("status p50 (ms), {n} agents"), pct(&mut status, 50.0));
-    rows.insert(format!("status p99 (ms), {n} agents"), pct(&mut status, 99.0));
+    rows.insert(
+        format!("status p50 (ms), {n} agents"),
+        pct(&mut status, 50.0),
+    );
+    rows.insert(
+        format!("status p99 (ms), {n} agents"),
+        pct(&mut status, 99.0),
+    );
     let started = Instant::now();
     let listed = client
         .list_agents(pb::ListAgentsRequest::default())
@@ -229,7 +241,10 @@ async fn spawn_status_list_stop(options: &Options, n: usize, rows: &mut Rows) ->
         .into_inner()
         .agents
         .len();
-    rows.insert(format!("list all {n} with status (ms)"), ms(started.elapsed()));
+    rows.insert(
+        format!("list all {n} with status (ms)"),
+        ms(started.elapsed()),
+    );
     ensure!(listed == n, "listed {listed} of {n} agents");
     let started = Instant::now();
     client
@@ -249,8 +264,14 @@ async fn spawn_latency(options: &Options, rows: &mut Rows) -> Result<()> {
     let daemon = Daemon::start().await?;
     let mut client = daemon.client().await?;
     let mut latencies = spawn_latencies(&mut client, "l", options.latency_spawns).await?;
-    rows.insert("spawn p50 (ms), 1 in flight".into(), pct(&mut latencies, 50.0));
-    rows.insert("spawn p99 (ms), 1 in flight".into(), pct(&mut latencies, 99.0));
+    rows.insert(
+        "spawn p50 (ms), 1 in flight".into(),
+        pct(&mut latencies, 50.0),
+    );
+    rows.insert(
+        "spawn p99 (ms), 1 in flight".into(),
+        pct(&mut latencies, 99.0),
+    );
     daemon.close().await
 }
 
@@ -367,7 +388,10 @@ async fn idle_cost(options: &Options, n: usize, rows: &mut Rows) -> Result<()> {
     let (after, rss) = cpu_and_rss(pid)?;
     let cpu = (after - before) / started.elapsed().as_secs_f64() * 100.0;
     rows.insert(format!("{n} idle agents: supervisor RSS (MB)"), rss);
-    rows.insert(format!("{n} idle agents: supervisor CPU (% of a core)"), cpu);
+    rows.insert(
+        format!("{n} idle agents: supervisor CPU (% of a core)"),
+        cpu,
+    );
     daemon.close().await
 }
 
@@ -397,8 +421,14 @@ async fn fan_out(options: &Options, rows: &mut Rows) -> Result<()> {
     let mut client = daemon.client().await?;
     let subscribers = options.subscribers;
     let mut alone = spawn_latencies(&mut client, "alone", options.latency_spawns).await?;
-    rows.insert("fan-out: spawn p50 (ms), no watchers".into(), pct(&mut alone, 50.0));
-    rows.insert("fan-out: spawn p99 (ms), no watchers".into(), pct(&mut alone, 99.0));
+    rows.insert(
+        "fan-out: spawn p50 (ms), no watchers".into(),
+        pct(&mut alone, 50.0),
+    );
+    rows.insert(
+        "fan-out: spawn p99 (ms), no watchers".into(),
+        pct(&mut alone, 99.0),
+    );
     client
         .cleanup(pb::CleanupRequest {
             all: true,
