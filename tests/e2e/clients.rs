@@ -108,6 +108,19 @@ async fn agentctl_spawns_shows_and_stops() {
     let stopped = agentctl(&["stop", "cli"]);
     assert!(stopped.contains("exited_on_first_signal"), "{stopped}");
 
+    // A reader that went away (`agentctl list | head`) ends agentctl quietly, not in a panic.
+    let (reader, writer) = nix::unistd::pipe().expect("pipe");
+    drop(reader);
+    let listed = Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .arg("list")
+        .stdout(std::process::Stdio::from(writer))
+        .output()
+        .expect("agentctl");
+    let stderr = String::from_utf8_lossy(&listed.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
     let failed = Command::new(env!("CARGO_BIN_EXE_agentctl"))
         .arg("--socket")
         .arg(&daemon.socket)

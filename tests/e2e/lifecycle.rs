@@ -123,6 +123,55 @@ async fn processes_forked_under_an_idle_leader_are_counted_and_dropped() {
 }
 
 #[tokio::test]
+async fn cpu_of_worker_threads_counts_while_the_main_thread_waits() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    // The main thread blocks in join() for good; only the worker thread runs.
+    let script = "import threading\n\
+        def spin():\n    while True: pass\n\
+        worker = threading.Thread(target=spin)\n\
+        worker.start()\n\
+        worker.join()\n";
+    spawn(
+        &mut client,
+        "threads",
+        vec!["python3".into(), "-c".into(), script.into()],
+    )
+    .await;
+    let mut samples = client
+        .watch_agents(pb::WatchAgentsRequest {
+            agent_ids: vec!["threads".into()],
+            kinds: vec![pb::EventKind::Health as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    // Every sample sees the worker burn CPU: not a few zeros and then a sample that adds them
+    // all up. (On a loaded machine one 100 ms sample may still catch no clock tick.)
+    let (mut measured, mut zeros_in_a_row) = (0, 0);
+    while measured < 20 {
+        let status = next_event(&mut samples).await.status.expect("status");
+        if status.num_threads < 2 {
+            continue;
+        }
+        measured += 1;
+        zeros_in_a_row = if status.cpu_percent == 0.0 {
+            zeros_in_a_row + 1
+        } else {
+            0
+        };
+        assert!(zeros_in_a_row < 3, "three samples in a row measured no CPU");
+        assert!(
+            status.cpu_percent <= 250.0,
+            "one busy thread measured {}% CPU",
+            status.cpu_percent
+        );
+    }
+    stop(&mut client, &["threads"], true).await;
+}
+
+#[tokio::test]
 async fn tree_memory_counts_children_and_identity_reaches_the_agent() {
     let daemon = Daemon::start().await;
     let mut client = daemon.client().await;

@@ -108,9 +108,10 @@ struct Sampler {
 struct Member {
     stat: ProcStat,
     children: Vec<i32>,
-    /// Run time and times scheduled. While they stay the same the process has not run, so
-    /// it has not used CPU, forked, exited or changed its threads, and `stat` and `children`
-    /// still hold (memory can only shrink, and is read again every [`REREAD_IDLE_EVERY`]).
+    /// Run time and times scheduled of the main thread. While they stay the same, a
+    /// single-threaded process has not run, so it has not used CPU, forked, exited or started
+    /// threads, and `stat` and `children` still hold (memory can only shrink, and is read
+    /// again every [`REREAD_IDLE_EVERY`] rounds).
     ran: Option<(u64, u64)>,
     /// The round `stat` and `children` were read in.
     read_in: u64,
@@ -141,9 +142,11 @@ impl Round<'_> {
         stack: &mut Vec<(i32, Option<i32>)>,
     ) -> Option<(ProcStat, u64)> {
         let ran = os::proc_schedstat(pid);
+        // `schedstat` is the main thread's alone, so it speaks for single-threaded processes.
         if let Some(before) = self.last.get(&pid)
             && ran.is_some()
             && before.ran == ran
+            && before.stat.num_threads == 1
             && self.number - before.read_in < REREAD_IDLE_EVERY
         {
             stack.extend(before.children.iter().map(|&child| (child, Some(pid))));

@@ -180,8 +180,17 @@ fn key_value(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{text}` is not KEY=VALUE"))
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
+    // Like other Unix tools, end quietly when the reader goes away (`agentctl list | head`)
+    // instead of panicking on the failed write: Rust ignores SIGPIPE by default.
+    // SAFETY: setting a signal back to its default action installs no handler.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
     match run(Options::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
