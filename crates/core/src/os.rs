@@ -182,22 +182,20 @@ fn read_small<'a>(path: &str, buffer: &'a mut [u8]) -> Option<&'a str> {
 /// fields are counted from the last `)`.
 fn parse_proc_stat(text: &str) -> Option<ProcStat> {
     let rest = &text[text.rfind(')')? + 1..];
-    // Field 3 of proc(5) is the first after the command name.
-    let mut fields = rest.split_ascii_whitespace();
-    let mut next = |field: usize, after: &mut usize| {
-        let value = fields.nth(field - *after - 1);
-        *after = field;
-        value
-    };
-    let mut at = 2;
-    let state = next(3, &mut at)?.chars().next()?;
-    let ppid = next(4, &mut at)?.parse().ok()?;
-    let pgrp = next(5, &mut at)?.parse().ok()?;
-    let utime: u64 = next(14, &mut at)?.parse().ok()?;
-    let stime: u64 = next(15, &mut at)?.parse().ok()?;
-    let num_threads = next(20, &mut at)?.parse().ok()?;
-    let start_ticks = next(22, &mut at)?.parse().ok()?;
-    let rss_pages = next(24, &mut at)?.parse().ok()?;
+    // Field 3 of proc(5) is the first after the command name; the last one used is 24.
+    let mut fields = [""; 22];
+    for (slot, value) in fields.iter_mut().zip(rest.split_ascii_whitespace()) {
+        *slot = value;
+    }
+    let field = |n: usize| fields[n - 3];
+    let state = field(3).chars().next()?;
+    let ppid = field(4).parse().ok()?;
+    let pgrp = field(5).parse().ok()?;
+    let utime: u64 = field(14).parse().ok()?;
+    let stime: u64 = field(15).parse().ok()?;
+    let num_threads = field(20).parse().ok()?;
+    let start_ticks = field(22).parse().ok()?;
+    let rss_pages = field(24).parse().ok()?;
     Some(ProcStat {
         state,
         ppid,

@@ -213,6 +213,8 @@ impl Sampler {
         // Orphans reparented to agentd (a subreaper) still belong to their agent's group.
         let own_pid = std::process::id() as i32;
         let mut own = Vec::new();
+        // agentd has several threads, and a child belongs to the one that forked it: say
+        // "many" so that every thread's list is read.
         if self.children_files && os::proc_children(own_pid, u32::MAX, &mut own).is_none() {
             tracing::info!("no /proc children files: sampling scans all of /proc");
             self.children_files = false;

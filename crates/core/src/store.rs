@@ -47,11 +47,12 @@ pub struct Store {
     durability: Arc<Durability>,
 }
 
-/// Group commit. One flush runs at a time and covers every write made before it began; a
-/// caller whose writes it covered returns without flushing again. sled's `flush_async` waits
-/// on sled's small thread pool for log writes queued to that same pool, so many flushes at
-/// once can take every pool thread and never finish: one at a time is a correctness rule,
-/// not only a saving.
+/// Group commit. One `flush_async` runs at a time and covers every write made before it
+/// began; a caller whose writes it covered returns without flushing again. sled's
+/// `flush_async` waits on sled's small thread pool for log writes queued to that same pool, so
+/// many at once can take every pool thread and never finish: one at a time is a correctness
+/// rule, not only a saving. (The sequence reservation's rare synchronous flush, once per
+/// block of sequences, runs on the supervisor's thread and takes no pool thread to wait.)
 #[derive(Default)]
 struct Durability {
     /// Counts writes.
@@ -295,7 +296,17 @@ mod tests {
             record.state = AgentState::Completed;
             store.put(&record).expect("put again");
         }
-        let store = Store::open(dir.path()).expect("reopens");
+        // sled's flusher thread lets go of the folder's lock a moment after the drop.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let store = loop {
+            match Store::open(dir.path()) {
+                Ok(store) => break store,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(error) => panic!("reopening the store: {error}"),
+            }
+        };
         assert_eq!(store.load_agents().expect("loads"), vec![record]);
     }
 

@@ -113,23 +113,36 @@ impl Daemon {
         Ok(AgentSupervisorClient::new(channel).max_decoding_message_size(256 << 20))
     }
 
-    /// Stops every agent at once and waits for agentd to exit.
-    async fn close(mut self) -> Result<()> {
-        self.client()
-            .await?
-            .cleanup(pb::CleanupRequest {
-                all: true,
-                force: true,
-                ..Default::default()
-            })
-            .await?;
+    /// Asks agentd to shut down: it stops what is left, and its exit ends every stream.
+    fn terminate(&self) -> Result<()> {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.process.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         )?;
+        Ok(())
+    }
+
+    /// Stops every agent at once and waits for agentd to exit.
+    async fn close(mut self) -> Result<()> {
+        stop_all(&mut self.client().await?, true).await?;
+        self.terminate()?;
         self.process.wait()?;
         Ok(())
     }
+}
+
+/// One Cleanup of every agent (with the ladder, or SIGKILL when `force`); returns how long
+/// it took to answer, which is once every agent has ended.
+async fn stop_all(client: &mut Client, force: bool) -> Result<Duration> {
+    let started = Instant::now();
+    client
+        .cleanup(pb::CleanupRequest {
+            all: true,
+            force,
+            ..Default::default()
+        })
+        .await?;
+    Ok(started.elapsed())
 }
 
 impl Drop for Daemon {
@@ -154,6 +167,16 @@ fn ms(elapsed: Duration) -> f64 {
 fn pct(values: &mut [f64], p: f64) -> f64 {
     values.sort_by(f64::total_cmp);
     values[((values.len() as f64 * p / 100.0) as usize).min(values.len() - 1)]
+}
+
+/// Adds the rows "{what} p50 (ms){context}" and "{what} p99 (ms){context}".
+fn insert_percentiles(rows: &mut Rows, what: &str, context: &str, values: &mut [f64]) {
+    for p in [50, 99] {
+        rows.insert(
+            format!("{what} p{p} (ms){context}"),
+            pct(values, f64::from(p)),
+        );
+    }
 }
 
 /// Spawns with `in_flight` requests outstanding; returns the wall time until every Spawn
@@ -226,14 +249,7 @@ async fn spawn_status_list_stop(options: &Options, n: usize, rows: &mut Rows) ->
             .await?;
         status.push(ms(started.elapsed()));
     }
-    rows.insert(
-        format!("status p50 (ms), {n} agents"),
-        pct(&mut status, 50.0),
-    );
-    rows.insert(
-        format!("status p99 (ms), {n} agents"),
-        pct(&mut status, 99.0),
-    );
+    insert_percentiles(rows, "status", &format!(", {n} agents"), &mut status);
     let started = Instant::now();
     let listed = client
         .list_agents(pb::ListAgentsRequest::default())
@@ -246,16 +262,10 @@ async fn spawn_status_list_stop(options: &Options, n: usize, rows: &mut Rows) ->
         ms(started.elapsed()),
     );
     ensure!(listed == n, "listed {listed} of {n} agents");
-    let started = Instant::now();
-    client
-        .cleanup(pb::CleanupRequest {
-            all: true,
-            ..Default::default()
-        })
-        .await?;
+    let stopped = stop_all(&mut client, false).await?;
     rows.insert(
         format!("stop {n} obeying SIGTERM (s)"),
-        started.elapsed().as_secs_f64(),
+        stopped.as_secs_f64(),
     );
     daemon.close().await
 }
@@ -264,14 +274,7 @@ async fn spawn_latency(options: &Options, rows: &mut Rows) -> Result<()> {
     let daemon = Daemon::start().await?;
     let mut client = daemon.client().await?;
     let mut latencies = spawn_latencies(&mut client, "l", options.latency_spawns).await?;
-    rows.insert(
-        "spawn p50 (ms), 1 in flight".into(),
-        pct(&mut latencies, 50.0),
-    );
-    rows.insert(
-        "spawn p99 (ms), 1 in flight".into(),
-        pct(&mut latencies, 99.0),
-    );
+    insert_percentiles(rows, "spawn", ", 1 in flight", &mut latencies);
     daemon.close().await
 }
 
@@ -309,8 +312,7 @@ async fn exit_visible(options: &Options, rows: &mut Rows) -> Result<()> {
         let stamped: u128 = std::fs::read_to_string(&stamp)?.trim().parse()?;
         delays.push(seen.saturating_sub(stamped) as f64 / 1e6);
     }
-    rows.insert("exit visible p50 (ms)".into(), pct(&mut delays, 50.0));
-    rows.insert("exit visible p99 (ms)".into(), pct(&mut delays, 99.0));
+    insert_percentiles(rows, "exit visible", "", &mut delays);
     daemon.close().await
 }
 
@@ -337,16 +339,10 @@ async fn stop_stubborn(options: &Options, rows: &mut Rows) -> Result<()> {
         })
         .collect();
     spawn_all(&client, requests, options.in_flight).await?;
-    let started = Instant::now();
-    client
-        .cleanup(pb::CleanupRequest {
-            all: true,
-            ..Default::default()
-        })
-        .await?;
+    let stopped = stop_all(&mut client, false).await?;
     rows.insert(
         format!("stop {} ignoring SIGTERM, 2 s grace (s)", options.stubborn),
-        started.elapsed().as_secs_f64(),
+        stopped.as_secs_f64(),
     );
     daemon.close().await
 }
@@ -421,35 +417,16 @@ async fn fan_out(options: &Options, rows: &mut Rows) -> Result<()> {
     let mut client = daemon.client().await?;
     let subscribers = options.subscribers;
     let mut alone = spawn_latencies(&mut client, "alone", options.latency_spawns).await?;
-    rows.insert(
-        "fan-out: spawn p50 (ms), no watchers".into(),
-        pct(&mut alone, 50.0),
-    );
-    rows.insert(
-        "fan-out: spawn p99 (ms), no watchers".into(),
-        pct(&mut alone, 99.0),
-    );
-    client
-        .cleanup(pb::CleanupRequest {
-            all: true,
-            force: true,
-            ..Default::default()
-        })
-        .await?;
+    insert_percentiles(rows, "fan-out: spawn", ", no watchers", &mut alone);
+    stop_all(&mut client, true).await?;
 
     let mut watchers = Vec::with_capacity(subscribers);
     for _ in 0..subscribers {
         watchers.push(watch_everything(daemon.client().await?).await?);
     }
     let mut watched = spawn_latencies(&mut client, "watched", options.latency_spawns).await?;
-    rows.insert(
-        format!("fan-out: spawn p50 (ms), {subscribers} watchers"),
-        pct(&mut watched, 50.0),
-    );
-    rows.insert(
-        format!("fan-out: spawn p99 (ms), {subscribers} watchers"),
-        pct(&mut watched, 99.0),
-    );
+    let context = format!(", {subscribers} watchers");
+    insert_percentiles(rows, "fan-out: spawn", &context, &mut watched);
     let started = Instant::now();
     spawn_all(
         &client,
@@ -459,17 +436,8 @@ async fn fan_out(options: &Options, rows: &mut Rows) -> Result<()> {
         options.in_flight,
     )
     .await?;
-    client
-        .cleanup(pb::CleanupRequest {
-            all: true,
-            ..Default::default()
-        })
-        .await?;
-    // The daemon's exit ends every stream once the last event is out.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.process.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
+    stop_all(&mut client, false).await?;
+    daemon.terminate()?;
     let mut delivered = 0usize;
     let mut lost = 0u64;
     let mut finished = started;
