@@ -46,6 +46,23 @@ impl Daemon {
     }
 
     pub async fn start_in_with(dir: tempfile::TempDir, options: &[&str]) -> Daemon {
+        Daemon::start_in_with_env(dir, options, &[]).await
+    }
+
+    /// Starts a daemon with extra options and environment variables.
+    pub async fn start_with_env(options: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("agentd-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        Daemon::start_in_with_env(dir, options, env).await
+    }
+
+    pub async fn start_in_with_env(
+        dir: tempfile::TempDir,
+        options: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let data_dir = dir.path().join("data");
         let socket = dir.path().join("agentd.sock");
         let log = std::fs::OpenOptions::new()
@@ -60,6 +77,7 @@ impl Daemon {
             .arg(&socket)
             .args(["--sample-interval", "100ms", "--log-level", "info"])
             .args(options)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -117,14 +135,22 @@ impl Daemon {
 
     /// Sends SIGTERM and waits for the daemon to exit.
     pub fn terminate(&mut self) -> ExitStatus {
+        kill(Pid::from_raw(self.pid()), Signal::SIGTERM).expect("SIGTERM agentd");
+        self.wait_exit("on SIGTERM")
+    }
+
+    /// Waits for the daemon to exit on its own.
+    pub fn wait_exit(&mut self, why: &str) -> ExitStatus {
         let mut child = self.child.take().expect("daemon running");
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM agentd");
         let deadline = Instant::now() + DEADLINE;
         loop {
             if let Some(status) = child.try_wait().expect("wait agentd") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "agentd did not exit on SIGTERM");
+            if Instant::now() > deadline {
+                self.child = Some(child);
+                panic!("agentd did not exit {why}\n{}", self.log());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -288,8 +314,9 @@ pub async fn eventually(what: &str, condition: impl Fn() -> bool) {
 }
 
 pub fn process_exists(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat_field(&stat, 3) != Some("Z"))
+    // Bytes, not text: the kernel may cut a process name in the middle of a character.
+    std::fs::read(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat_field(&String::from_utf8_lossy(&stat), 3) != Some("Z"))
 }
 
 /// Field `n` (1-based, as in proc(5)) of a `/proc/PID/stat` line.
@@ -307,7 +334,8 @@ pub fn children_of(parent: i32) -> Vec<(i32, String)> {
         .flatten()
         .filter_map(|entry| {
             let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let stat = std::fs::read(entry.path().join("stat")).ok()?;
+            let stat = String::from_utf8_lossy(&stat);
             (stat_field(&stat, 4)?.parse::<i32>().ok()? == parent)
                 .then(|| (pid, stat_field(&stat, 3).unwrap_or("?").to_string()))
         })

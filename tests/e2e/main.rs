@@ -14,6 +14,7 @@ mod lifecycle;
 mod output;
 mod persistence;
 mod policies;
+mod recovery;
 mod rejects;
 mod resuming;
 mod stopping;

@@ -131,6 +131,10 @@ pub(crate) struct EventBus {
     reserved: u64,
     store: Store,
     retention: EventRetention,
+    /// Set when sequences could not be reserved on disk: from then on nothing is published
+    /// (an unreserved number could be handed out twice after a crash) and the supervisor
+    /// stops.
+    broken: Option<Error>,
     /// Events in the log.
     logged: usize,
     appended_since_trim: usize,
@@ -148,6 +152,7 @@ impl EventBus {
             reserved,
             store,
             retention,
+            broken: None,
             logged,
             appended_since_trim: 0,
         };
@@ -177,12 +182,17 @@ impl EventBus {
         if !logged && self.sender.receiver_count() == 0 {
             return;
         }
-        self.last_sequence += 1;
-        if self.last_sequence > self.reserved
+        if self.broken.is_some() {
+            return;
+        }
+        if self.last_sequence + 1 > self.reserved
             && let Err(error) = self.reserve()
         {
-            tracing::error!(%error, "reserving event sequences on disk");
+            tracing::error!(%error, "reserving event sequences on disk; publishing stops");
+            self.broken = Some(error);
+            return;
         }
+        self.last_sequence += 1;
         let event = Arc::new(Event {
             sequence: self.last_sequence,
             time: SystemTime::now(),
@@ -219,6 +229,11 @@ impl EventBus {
         if self.logged > self.retention.max_events || self.appended_since_trim >= TRIM_EVERY {
             self.trim();
         }
+    }
+
+    /// Why events can no longer be published, if they cannot.
+    pub fn failure(&self) -> Option<&Error> {
+        self.broken.as_ref()
     }
 
     fn trim(&mut self) {

@@ -154,8 +154,7 @@ pub struct ProcStat {
 /// Reads `/proc/PID/stat`: one `open` and one `read`, everything the sampler needs.
 pub fn proc_stat(pid: i32) -> Option<ProcStat> {
     let mut buffer = [0u8; 1024];
-    let text = read_small(&format!("/proc/{pid}/stat"), &mut buffer)?;
-    parse_proc_stat(text)
+    parse_proc_stat(read_small(&format!("/proc/{pid}/stat"), &mut buffer)?)
 }
 
 /// Reads `/proc/PID/schedstat`: nanoseconds on the CPU and times scheduled. Both change
@@ -163,39 +162,51 @@ pub fn proc_stat(pid: i32) -> Option<ProcStat> {
 /// when the process is gone or the kernel keeps no such file.
 pub fn proc_schedstat(pid: i32) -> Option<(u64, u64)> {
     let mut buffer = [0u8; 128];
-    let text = read_small(&format!("/proc/{pid}/schedstat"), &mut buffer)?;
-    let mut fields = text.split_ascii_whitespace();
-    let run_ns = fields.next()?.parse().ok()?;
-    let timeslices = fields.nth(1)?.parse().ok()?;
+    let mut fields = words(read_small(&format!("/proc/{pid}/schedstat"), &mut buffer)?);
+    let run_ns = number(fields.next()?)?;
+    let timeslices = number(fields.nth(1)?)?;
     Some((run_ns, timeslices))
 }
 
 /// Reads a `/proc` file that fits in `buffer` with one `read` (the kernel formats these
-/// files whole on the first read).
-fn read_small<'a>(path: &str, buffer: &'a mut [u8]) -> Option<&'a str> {
+/// files whole on the first read). The bytes are not text: a command name is cut at 15
+/// bytes, in the middle of a UTF-8 character if need be.
+fn read_small<'a>(path: &str, buffer: &'a mut [u8]) -> Option<&'a [u8]> {
     use std::io::Read;
     let len = File::open(path).ok()?.read(buffer).ok()?;
-    std::str::from_utf8(&buffer[..len]).ok()
+    Some(&buffer[..len])
 }
 
-/// Parses a `/proc/PID/stat` line. The command name may hold spaces and parentheses, so
-/// fields are counted from the last `)`.
-fn parse_proc_stat(text: &str) -> Option<ProcStat> {
-    let rest = &text[text.rfind(')')? + 1..];
+/// The whitespace-separated words of a `/proc` file.
+fn words(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    bytes
+        .split(u8::is_ascii_whitespace)
+        .filter(|word| !word.is_empty())
+}
+
+/// A decimal number from `/proc`.
+fn number<T: std::str::FromStr>(word: &[u8]) -> Option<T> {
+    std::str::from_utf8(word).ok()?.parse().ok()
+}
+
+/// Parses a `/proc/PID/stat` line. The command name may hold spaces, parentheses and bytes
+/// that are not UTF-8, so fields are counted from the last `)`.
+fn parse_proc_stat(bytes: &[u8]) -> Option<ProcStat> {
+    let name_end = bytes.iter().rposition(|&b| b == b')')?;
     // Field 3 of proc(5) is the first after the command name; the last one used is 24.
-    let mut fields = [""; 22];
-    for (slot, value) in fields.iter_mut().zip(rest.split_ascii_whitespace()) {
+    let mut fields: [&[u8]; 22] = [b""; 22];
+    for (slot, value) in fields.iter_mut().zip(words(&bytes[name_end + 1..])) {
         *slot = value;
     }
     let field = |n: usize| fields[n - 3];
-    let state = field(3).chars().next()?;
-    let ppid = field(4).parse().ok()?;
-    let pgrp = field(5).parse().ok()?;
-    let utime: u64 = field(14).parse().ok()?;
-    let stime: u64 = field(15).parse().ok()?;
-    let num_threads = field(20).parse().ok()?;
-    let start_ticks = field(22).parse().ok()?;
-    let rss_pages = field(24).parse().ok()?;
+    let state = char::from(*field(3).first()?);
+    let ppid = number(field(4))?;
+    let pgrp = number(field(5))?;
+    let utime: u64 = number(field(14))?;
+    let stime: u64 = number(field(15))?;
+    let num_threads = number(field(20))?;
+    let start_ticks = number(field(22))?;
+    let rss_pages = number(field(24))?;
     Some(ProcStat {
         state,
         ppid,
@@ -220,13 +231,10 @@ pub fn proc_children(pid: i32, num_threads: u32, children: &mut Vec<i32>) -> Opt
         // The kernel fills a read with whole entries: one that ends near the end of the
         // buffer may have more to come.
         if text.len() > SIZE - 16 {
-            long = std::fs::read_to_string(&path).ok()?;
+            long = std::fs::read(&path).ok()?;
             text = &long;
         }
-        children.extend(
-            text.split_ascii_whitespace()
-                .filter_map(|c| c.parse::<i32>().ok()),
-        );
+        children.extend(words(text).filter_map(number::<i32>));
         Some(())
     };
     if num_threads <= 1 {
@@ -256,11 +264,7 @@ pub fn all_processes() -> impl Iterator<Item = (i32, ProcStat)> {
 /// Seconds since boot, on the clock that `start_ticks` counts from.
 pub fn uptime() -> Option<f64> {
     let mut buffer = [0u8; 64];
-    read_small("/proc/uptime", &mut buffer)?
-        .split_ascii_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    number(words(read_small("/proc/uptime", &mut buffer)?).next()?)
 }
 
 /// Clock ticks per second and bytes per page, the units of `/proc/PID/stat`.
@@ -325,7 +329,7 @@ mod tests {
     fn stat_parsing_survives_odd_command_names() {
         let line = "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 98765 1000 50 \
                     18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
-        let stat = parse_proc_stat(line).expect("parses");
+        let stat = parse_proc_stat(line.as_bytes()).expect("parses");
         assert_eq!(
             stat,
             ProcStat {
@@ -338,7 +342,11 @@ mod tests {
                 rss_pages: 50,
             }
         );
-        assert!(parse_proc_stat("garbage").is_none());
+        assert!(parse_proc_stat(b"garbage").is_none());
+        // The kernel cuts a name at 15 bytes, in the middle of a character if need be.
+        let mut cut = b"77 (ai-\xd0\xb0\xd0\xb3\xd0\xb5\xd0\xbd\xd1) S".to_vec();
+        cut.extend_from_slice(&line.as_bytes()[line.find(") S").expect("state") + 3..]);
+        assert_eq!(parse_proc_stat(&cut), Some(stat));
     }
 
     #[test]

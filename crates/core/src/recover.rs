@@ -20,7 +20,9 @@ impl SupervisorTask {
     /// them are restarted.
     pub(crate) fn recover(&mut self) -> Result<()> {
         let mut lost = Vec::new();
-        for mut record in self.store.load_agents()? {
+        let records = self.store.load_agents()?;
+        self.records_set_aside = u32::try_from(self.store.set_aside_count()).unwrap_or(u32::MAX);
+        for mut record in records {
             let agent_id = record.spec.agent_id.clone();
             if record.pid.is_some() && !record.spec.request_id.is_empty() {
                 self.by_request

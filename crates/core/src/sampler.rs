@@ -64,25 +64,38 @@ const QUIET_OUTPUT_EVERY: u64 = 8;
 
 /// Runs the sampling loop on its own thread until `deliver` returns false. Each round also
 /// rotates the live agents' output (the thread already visits them, off the supervisor task).
+/// If the thread panics, `died` is told why: a daemon whose samples stopped must not go on.
 pub fn start(
     interval: Duration,
     rotation: LogRotation,
     mut targets: impl FnMut() -> Option<Vec<SampleTarget>> + Send + 'static,
     mut deliver: impl FnMut(SampleBatch) -> bool + Send + 'static,
+    died: impl FnOnce(String) + Send + 'static,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("agentd-sampler".into())
         .spawn(move || {
-            let mut sampler = Sampler::new();
-            let mut output = OutputChecks::default();
-            loop {
-                std::thread::sleep(interval);
-                let Some(targets) = targets() else { return };
-                let batch = sampler.sample(&targets);
-                if !deliver(batch) {
-                    return;
+            let rounds = std::panic::AssertUnwindSafe(|| {
+                let mut sampler = Sampler::new();
+                let mut output = OutputChecks::default();
+                loop {
+                    std::thread::sleep(interval);
+                    let Some(targets) = targets() else { return };
+                    #[cfg(debug_assertions)]
+                    if !targets.is_empty()
+                        && std::env::var_os("AGENTD_TEST_PANIC").is_some_and(|v| v == "sampler")
+                    {
+                        panic!("AGENTD_TEST_PANIC=sampler");
+                    }
+                    let batch = sampler.sample(&targets);
+                    if !deliver(batch) {
+                        return;
+                    }
+                    output.rotate(&targets, rotation);
                 }
-                output.rotate(&targets, rotation);
+            });
+            if std::panic::catch_unwind(rounds).is_err() {
+                died("the sampler thread panicked".into());
             }
         })?;
     Ok(())

@@ -220,7 +220,7 @@ impl AgentFiles {
         })
         .map_err(|source| Error::Spawn {
             id: spec.agent_id.clone(),
-            program: spec.command[0].clone(),
+            program: spec.command.first().cloned().unwrap_or_default(),
             source,
         })
     }

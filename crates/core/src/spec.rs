@@ -78,7 +78,7 @@ pub struct StopPolicy {
 }
 
 impl Default for StopPolicy {
-    /// The seed's ladder: SIGTERM, 10 s, SIGTERM, 5 s, SIGKILL.
+    /// SIGTERM, 10 s, SIGTERM, 5 s, SIGKILL.
     fn default() -> Self {
         StopPolicy {
             signal: Signal::SIGTERM,
@@ -422,7 +422,7 @@ mod tests {
     }
 
     #[test]
-    fn stop_policy_defaults_to_the_seed_ladder_and_parses_names() {
+    fn stop_policy_defaults_to_sigterm_10s_5s_and_parses_names() {
         let (spec, _) = request(&["true"]).validate().expect("valid");
         assert_eq!(spec.stop_policy, StopPolicy::default());
         let mut r = request(&["true"]);

@@ -44,6 +44,8 @@ pub struct Store {
     /// The event log: sequence (big-endian, so sled's order is sequence order) -> event.
     events: sled::Tree,
     meta: sled::Tree,
+    /// Records that could not be loaded, kept byte for byte for a person to look at.
+    set_aside: sled::Tree,
     durability: Arc<Durability>,
 }
 
@@ -73,11 +75,13 @@ impl Store {
         let agents = db.open_tree("agents")?;
         let events = db.open_tree("events")?;
         let meta = db.open_tree("meta")?;
+        let set_aside = db.open_tree("set_aside")?;
         Ok(Store {
             db,
             agents,
             events,
             meta,
+            set_aside,
             durability: Arc::default(),
         })
     }
@@ -110,15 +114,37 @@ impl Store {
         });
     }
 
-    /// Every stored record, in agent id order.
+    /// Every readable stored record, in agent id order. A record that cannot be read, or
+    /// that could never run (no command), is moved to the `set_aside` tree with its bytes
+    /// intact and logged, so one bad record never keeps the daemon from serving the rest.
     pub fn load_agents(&self) -> Result<Vec<AgentRecord>> {
-        self.agents
-            .iter()
-            .map(|entry| {
-                let (key, value) = entry?;
-                decode(&String::from_utf8_lossy(&key), &value)
-            })
-            .collect()
+        let mut records = Vec::new();
+        for entry in self.agents.iter() {
+            let (key, value) = entry?;
+            let id = String::from_utf8_lossy(&key).into_owned();
+            let problem = match decode(&id, &value) {
+                Ok(record) if !record.spec.command.is_empty() && record.spec.agent_id == id => {
+                    records.push(record);
+                    continue;
+                }
+                Ok(_) => "it has no command, or another agent's id".to_string(),
+                Err(error) => error.to_string(),
+            };
+            tracing::error!(
+                agent_id = %id,
+                "setting aside an unreadable agent record (its bytes are kept in the store's \
+                 `set_aside` tree): {problem}"
+            );
+            self.set_aside.insert(&key, value)?;
+            self.agents.remove(&key)?;
+            self.wrote();
+        }
+        Ok(records)
+    }
+
+    /// How many records were set aside as unreadable, now or by an earlier daemon.
+    pub fn set_aside_count(&self) -> usize {
+        self.set_aside.len()
     }
 
     pub fn put(&self, record: &AgentRecord) -> Result<()> {
@@ -357,6 +383,31 @@ mod tests {
         // The newest event always stays, so the log never forgets how far it got.
         assert_eq!(store.trim_events(0, Duration::ZERO, 5).expect("trim"), 4);
         assert_eq!(store.count_events(), 1);
+    }
+
+    #[test]
+    fn unreadable_records_are_set_aside_and_the_rest_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("opens");
+        let fixture = include_bytes!("../fixtures/agent-record-v1.json");
+        let good = decode("fixture-1", fixture).expect("decodes");
+        store.put(&good).expect("put");
+        let mut no_command = good.clone();
+        no_command.spec = Arc::new(crate::spec::AgentSpec {
+            agent_id: "empty".into(),
+            command: Vec::new(),
+            ..crate::spec::AgentSpec::clone(&good.spec)
+        });
+        store.put(&no_command).expect("put");
+        store
+            .agents
+            .insert(b"garbled", &b"{not json"[..])
+            .expect("insert");
+        assert_eq!(store.load_agents().expect("loads"), vec![good.clone()]);
+        assert_eq!(store.set_aside_count(), 2);
+        let kept = store.set_aside.get(b"garbled").expect("get");
+        assert_eq!(kept.as_deref(), Some(&b"{not json"[..]));
+        assert_eq!(store.load_agents().expect("loads again"), vec![good]);
     }
 
     #[test]

@@ -146,6 +146,8 @@ pub struct Summary {
     pub capacity: f64,
     pub free_capacity: f64,
     pub max_agents: Option<usize>,
+    /// Stored records that could not be loaded and were set aside.
+    pub records_set_aside: u32,
     /// Every live agent whose health is not healthy, by agent id.
     pub unhealthy: Vec<HealthReport>,
 }
@@ -182,6 +184,9 @@ pub(crate) enum Command {
     Samples(SampleBatch),
     ReportProgress(ProgressReport, oneshot::Sender<Result<AgentStatus>>),
     Remove(String, oneshot::Sender<Result<AgentStatus>>),
+    /// Something the supervisor depends on broke (the sampler thread died): it stops, and
+    /// the daemon exits non-zero instead of limping.
+    Fatal(String),
 }
 
 /// A cheap, cloneable way to talk to the supervisor task.
@@ -258,6 +263,12 @@ impl SupervisorHandle {
     pub async fn shutdown(&self) -> Result<()> {
         self.request(Command::Shutdown).await
     }
+
+    /// Completes when the supervisor task has stopped. Before a shutdown that means it
+    /// failed (the reason is in the log): the daemon must then exit, not serve errors.
+    pub async fn stopped(&self) {
+        self.commands.closed().await;
+    }
 }
 
 pub struct Supervisor;
@@ -303,6 +314,8 @@ impl Supervisor {
             commands: commands_tx.downgrade(),
             finished_retention: config.finished_retention,
             trash_dir,
+            failure: None,
+            records_set_aside: 0,
         };
         task.recover()?;
         task.reap();
@@ -312,7 +325,7 @@ impl Supervisor {
             commands: commands_tx,
             store: store.clone(),
         };
-        let (targets, deliver) = (handle.clone(), handle.clone());
+        let (targets, deliver, died) = (handle.clone(), handle.clone(), handle.clone());
         sampler::start(
             config.sample_interval,
             config.log_rotation,
@@ -329,6 +342,9 @@ impl Supervisor {
                     .commands
                     .blocking_send(Command::Samples(batch))
                     .is_ok()
+            },
+            move |problem| {
+                let _ = died.commands.blocking_send(Command::Fatal(problem));
             },
         )
         .map_err(|source| Error::Setup {
@@ -427,6 +443,10 @@ pub(crate) struct SupervisorTask {
     pub(crate) finished_retention: FinishedRetention,
     /// Removed agents' folders wait here to be deleted.
     pub(crate) trash_dir: PathBuf,
+    /// Why the task must stop, once something it depends on broke.
+    failure: Option<String>,
+    /// Stored records that could not be loaded (counted at start).
+    pub(crate) records_set_aside: u32,
 }
 
 /// While a stopping agent's leader is gone but its group lingers, no SIGCHLD may tell us
@@ -466,11 +486,24 @@ impl SupervisorTask {
             }
             // Once per turn, not per write: a Spawn's own flush then covers all of its writes.
             self.store.flush_soon();
+            if let Some(error) = self.events.failure() {
+                self.failure = Some(format!("events can no longer be numbered: {error}"));
+            }
+            if let Some(problem) = &self.failure {
+                tracing::error!("the supervisor stops: {problem}");
+                return;
+            }
         }
     }
 
     fn handle(&mut self, command: Command) {
         match command {
+            #[cfg(debug_assertions)]
+            Command::Spawn(..)
+                if std::env::var_os("AGENTD_TEST_PANIC").is_some_and(|v| v == "supervisor") =>
+            {
+                panic!("AGENTD_TEST_PANIC=supervisor");
+            }
             Command::Spawn(request, reply) => {
                 let _ = reply.send(self.spawn(*request));
             }
@@ -513,6 +546,7 @@ impl SupervisorTask {
             Command::Remove(agent_id, reply) => {
                 let _ = reply.send(self.remove(&agent_id));
             }
+            Command::Fatal(problem) => self.failure = Some(problem),
         }
     }
 

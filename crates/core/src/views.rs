@@ -41,6 +41,7 @@ impl SupervisorTask {
         let mut summary = Summary {
             capacity: self.limits.capacity,
             max_agents: self.limits.max_agents,
+            records_set_aside: self.records_set_aside,
             ..Summary::default()
         };
         for agent in self.agents.values() {

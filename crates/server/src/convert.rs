@@ -379,7 +379,7 @@ pub fn stop_report(report: &StopReport) -> pb::StopResult {
 
 pub fn check_health(status: &AgentStatus) -> pb::CheckHealthResponse {
     pb::CheckHealthResponse {
-        healthy: status.process_alive && !status.is_zombie,
+        healthy: status.health == Health::Healthy,
         health: health(status.health).into(),
         state: state(status.record.state).into(),
     }
@@ -408,6 +408,7 @@ pub fn summary(summary: &Summary) -> pb::GetSummaryResponse {
         max_agents: summary
             .max_agents
             .map_or(0, |max| u32::try_from(max).unwrap_or(u32::MAX)),
+        records_set_aside: summary.records_set_aside,
         unhealthy: summary
             .unhealthy
             .iter()

@@ -88,6 +88,15 @@ pub async fn run(
             ended.context("server task")?.context("serving gRPC")?;
             anyhow::bail!("a listener stopped serving unexpectedly");
         }
+        () = supervisor.stopped() => {
+            // Never limp: health says so at once, and the daemon exits non-zero so that
+            // systemd or Kubernetes start it again (it adopts the agents that still run).
+            health
+                .set_not_serving::<AgentSupervisorServer<AgentSupervisorService>>()
+                .await;
+            stop_serving.cancel();
+            anyhow::bail!("the supervisor stopped unexpectedly (its reason is logged above)");
+        }
     }
     health
         .set_not_serving::<AgentSupervisorServer<AgentSupervisorService>>()

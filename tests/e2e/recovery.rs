@@ -1,0 +1,91 @@
+//! What a user hits when things go wrong: odd process names, a daemon killed mid-work, a
+//! supervisor that breaks. agentd must come back knowing every process it started, and must
+//! never limp on.
+
+use agentd_proto::v1 as pb;
+use pb::AgentState;
+
+use crate::harness::*;
+
+/// The kernel cuts a process name at 15 bytes, here in the middle of a Cyrillic letter.
+#[tokio::test]
+async fn an_agent_with_a_non_ascii_name_is_sampled_adopted_and_stopped() {
+    let daemon = Daemon::start().await;
+    let program = daemon.dir.path().join("ai-агент-исследователь");
+    std::fs::copy("/bin/sleep", &program).expect("copy sleep");
+    let mut client = daemon.client().await;
+    let mut request = spawn_request(
+        "researcher",
+        vec![program.display().to_string(), "300".into()],
+    );
+    request.restart_policy = pb::RestartPolicy::OnFailure as i32;
+    let spawned = spawn_with(&mut client, request).await;
+    wait_for(&mut client, "researcher", "sampled", |s| {
+        s.memory_mb > 0.0 && s.num_threads == 1 && s.num_processes == 1
+    })
+    .await;
+    drop(client);
+
+    let daemon = Daemon::start_in(daemon.crash()).await;
+    let mut client = daemon.client().await;
+    let adopted = status(&mut client, "researcher").await;
+    assert_eq!(
+        (adopted.state, adopted.pid, adopted.adopted),
+        (AgentState::Running as i32, spawned.pid, true),
+        "{adopted:#?}"
+    );
+    assert_eq!(
+        running_copies_of(&program),
+        [spawned.pid as i32],
+        "exactly one copy runs after the restart"
+    );
+    client
+        .cleanup(pb::CleanupRequest {
+            all: true,
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .expect("cleanup all");
+    assert!(!process_exists(spawned.pid as i32), "the agent is stopped");
+}
+
+#[tokio::test]
+async fn a_panicking_supervisor_makes_the_daemon_exit_non_zero() {
+    let mut daemon = Daemon::start_with_env(&[], &[("AGENTD_TEST_PANIC", "supervisor")]).await;
+    let mut client = daemon.client().await;
+    let refused = client
+        .spawn(spawn_request("a", vec!["sleep".into(), "300".into()]))
+        .await
+        .expect_err("the supervisor panics on a spawn");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let exit = daemon.wait_exit("after its supervisor panicked");
+    assert!(!exit.success(), "agentd exited with {exit}");
+    assert!(daemon.log().contains("supervisor stopped unexpectedly"));
+}
+
+#[tokio::test]
+async fn a_panicking_sampler_makes_the_daemon_exit_non_zero() {
+    let mut daemon = Daemon::start_with_env(&[], &[("AGENTD_TEST_PANIC", "sampler")]).await;
+    let mut client = daemon.client().await;
+    // The sampler only panics once it has an agent to sample.
+    spawn(&mut client, "a", vec!["sleep".into(), "300".into()]).await;
+    let exit = daemon.wait_exit("after its sampler panicked");
+    assert!(!exit.success(), "agentd exited with {exit}");
+    assert!(daemon.log().contains("the sampler thread panicked"));
+}
+
+/// Live processes running `program`.
+fn running_copies_of(program: &std::path::Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            process_exists(pid)
+                && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == program)
+        })
+        .collect()
+}
