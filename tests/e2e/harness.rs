@@ -173,28 +173,30 @@ impl Drop for Daemon {
 }
 
 fn kill_agents_under(data_dir: &Path) {
+    for pid in processes_under(data_dir) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Live processes that carry an agent folder under `data_dir` in their environment: agents,
+/// their children, orphans.
+pub fn processes_under(data_dir: &Path) -> Vec<i32> {
     let marker = format!("AGENTD_AGENT_DIR={}/", data_dir.display());
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
+        return Vec::new();
     };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if environ
-            .split(|&b| b == 0)
-            .any(|var| var.starts_with(marker.as_bytes()))
-        {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-    }
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+                environ
+                    .split(|&b| b == 0)
+                    .any(|var| var.starts_with(marker.as_bytes()))
+            })
+        })
+        .filter(|&pid| process_exists(pid))
+        .collect()
 }
 
 pub fn sh(script: &str) -> Vec<String> {

@@ -89,3 +89,81 @@ fn running_copies_of(program: &std::path::Path) -> Vec<i32> {
         })
         .collect()
 }
+
+/// 8 clients spawn as fast as they can and agentd is killed with SIGKILL while spawns are
+/// in flight. After the restart every acknowledged agent runs once, and no process agentd
+/// started runs unknown to it.
+#[tokio::test]
+async fn a_crash_during_a_spawn_storm_leaves_no_unknown_process() {
+    let daemon = Daemon::start().await;
+    let client = daemon.client().await;
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut storm = tokio::task::JoinSet::new();
+    for worker in 0..8 {
+        let (mut client, acknowledged) = (client.clone(), acknowledged.clone());
+        storm.spawn(async move {
+            for n in 0.. {
+                let request = spawn_request(
+                    &format!("w{worker}-{n}"),
+                    vec!["sleep".into(), "300".into()],
+                );
+                match client.spawn(request).await {
+                    Ok(answer) => {
+                        let status = answer.into_inner().status.expect("status");
+                        if let Ok(mut acknowledged) = acknowledged.lock() {
+                            acknowledged.push((status.agent_id, status.pid));
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+    eventually("200 spawns are acknowledged", || {
+        acknowledged.lock().is_ok_and(|a| a.len() >= 200)
+    })
+    .await;
+    let dir = daemon.crash();
+    while storm.join_next().await.is_some() {}
+    let acknowledged = acknowledged.lock().expect("lock").clone();
+
+    let daemon = Daemon::start_in(dir).await;
+    let mut client = daemon.client().await;
+    let agents = client
+        .list_agents(pb::ListAgentsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .agents;
+    for (agent_id, pid) in &acknowledged {
+        let agent = agents.iter().find(|a| &a.agent_id == agent_id);
+        assert!(
+            agent.is_some_and(|a| a.state == AgentState::Running as i32 && a.pid == *pid),
+            "acknowledged agent {agent_id} (pid {pid}) is not running as it was: {agent:#?}"
+        );
+    }
+    let known: std::collections::HashSet<i32> = agents
+        .iter()
+        .filter(|a| a.state == AgentState::Running as i32)
+        .map(|a| a.pid as i32)
+        .collect();
+    eventually(
+        "every process agentd started is one of its running agents",
+        || {
+            processes_under(&daemon.data_dir)
+                .iter()
+                .all(|pid| known.contains(pid))
+        },
+    )
+    .await;
+    client
+        .cleanup(pb::CleanupRequest {
+            all: true,
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .expect("cleanup all");
+    let left = processes_under(&daemon.data_dir);
+    assert!(left.is_empty(), "still running after cleanup: {left:?}");
+}

@@ -261,6 +261,43 @@ pub fn all_processes() -> impl Iterator<Item = (i32, ProcStat)> {
         .filter_map(|pid| Some((pid, proc_stat(pid)?)))
 }
 
+/// A live process group leader whose environment names an agent folder of this daemon.
+#[derive(Debug, Clone)]
+pub struct MarkedLeader {
+    pub pid: i32,
+    pub stat: ProcStat,
+    pub agent_id: String,
+}
+
+/// Every live process group leader that carries `AGENTD_AGENT_DIR=<agents_dir>/<id>` and the
+/// matching `AGENTD_AGENT_ID` in its environment: what agentd started, whatever its records
+/// say. A scan of all of `/proc` (and each leader's environment): for start-up only.
+pub fn marked_leaders(agents_dir: &Path) -> Vec<MarkedLeader> {
+    let own = std::process::id() as i32;
+    let mut dir_marker = b"AGENTD_AGENT_DIR=".to_vec();
+    dir_marker.extend_from_slice(agents_dir.as_os_str().as_encoded_bytes());
+    dir_marker.push(b'/');
+    all_processes()
+        .filter(|(pid, stat)| {
+            *pid != own && stat.pgrp == *pid && !matches!(stat.state, 'Z' | 'X' | 'x')
+        })
+        .filter_map(|(pid, stat)| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let mut vars = environ.split(|&b| b == 0);
+            let id = vars
+                .clone()
+                .find_map(|var| var.strip_prefix(dir_marker.as_slice()))?;
+            let id_var = [b"AGENTD_AGENT_ID=".as_slice(), id].concat();
+            vars.any(|var| var == id_var.as_slice())
+                .then(|| MarkedLeader {
+                    pid,
+                    stat,
+                    agent_id: String::from_utf8_lossy(id).into_owned(),
+                })
+        })
+        .collect()
+}
+
 /// Seconds since boot, on the clock that `start_ticks` counts from.
 pub fn uptime() -> Option<f64> {
     let mut buffer = [0u8; 64];

@@ -277,10 +277,16 @@ impl Supervisor {
     /// Opens the store, adopts or marks lost the agents of an earlier daemon, and starts the
     /// supervisor task and the sampler. Must be called inside a tokio runtime, before
     /// anything else in the process starts children.
-    pub fn start(config: SupervisorConfig) -> Result<SupervisorHandle> {
+    pub fn start(mut config: SupervisorConfig) -> Result<SupervisorHandle> {
+        create_private_dir(&config.data_dir)?;
+        // Agents get absolute paths, and a restart recognises them whatever its own folder.
+        config.data_dir =
+            std::fs::canonicalize(&config.data_dir).map_err(|source| Error::Setup {
+                what: format!("resolving `{}`", config.data_dir.display()),
+                source,
+            })?;
         let agents_dir = config.data_dir.join("agents");
         let trash_dir = config.data_dir.join("trash");
-        create_private_dir(&config.data_dir)?;
         create_private_dir(&agents_dir)?;
         // Folders of removed agents that an earlier daemon did not finish deleting.
         let _ = std::fs::remove_dir_all(&trash_dir);
