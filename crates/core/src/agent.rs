@@ -45,6 +45,31 @@ impl AgentState {
     }
 }
 
+/// Why an agent's run ended, in one place; the state keeps its meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// Still running (or never started).
+    #[default]
+    Unspecified,
+    /// Exited on its own with a known exit code.
+    Exited,
+    /// Killed by a signal agentd did not send.
+    Signaled,
+    /// A stop a client, a shutdown or its parent asked for.
+    Stopped,
+    /// Ran past its `max_runtime`, or sent no first heartbeat within its `startup_timeout`.
+    TimedOut,
+    /// Stopped by the action of a failed health check.
+    HealthAction,
+    /// The process could not be started.
+    StartFailed,
+    /// Killed by the kernel for running out of memory (set by containment).
+    OomKilled,
+    /// Gone, and how it ended could not be learned.
+    Lost,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
@@ -122,6 +147,12 @@ pub struct AgentRecord {
     /// Consecutive short runs, which set the next backoff.
     #[serde(default)]
     pub backoff_step: u32,
+    /// Why the current (or last) run ended.
+    #[serde(default)]
+    pub end_reason: EndReason,
+    /// How long the last run lasted, measured on the monotonic clock.
+    #[serde(default)]
+    pub ran_for: Option<Duration>,
 }
 
 impl AgentRecord {
@@ -152,7 +183,14 @@ pub struct AgentStatus {
 }
 
 impl AgentStatus {
-    pub(crate) fn new(record: &AgentRecord, alive: bool, sample: Option<&TreeSample>) -> Self {
+    /// `running_for`: how long the current run has lasted on the monotonic clock, while it
+    /// runs; once it ended, the record's `ran_for` is shown.
+    pub(crate) fn new(
+        record: &AgentRecord,
+        alive: bool,
+        sample: Option<&TreeSample>,
+        running_for: Option<Duration>,
+    ) -> Self {
         let sample = sample.filter(|_| alive);
         let is_zombie = sample.is_some_and(|s| s.leader_status == "zombie");
         let process_status = match (alive, sample, record.state) {
@@ -184,13 +222,14 @@ impl AgentStatus {
                 _ => Health::Failed,
             },
         };
-        let runtime = record
-            .started_at
-            .map(|start| {
-                let end = record.ended_at.unwrap_or_else(SystemTime::now);
-                end.duration_since(start).unwrap_or_default()
-            })
-            .unwrap_or_default();
+        let runtime = running_for.or(record.ran_for).unwrap_or_else(|| {
+            // A record from before `ran_for` was kept: wall time is all there is.
+            let end = record.ended_at.unwrap_or_else(SystemTime::now);
+            record
+                .started_at
+                .and_then(|start| end.duration_since(start).ok())
+                .unwrap_or_default()
+        });
         AgentStatus {
             record: record.clone(),
             process_alive: alive,

@@ -1,18 +1,15 @@
 //! Health that means something for agents: a heartbeat that must keep coming (agents hang
 //! on network calls) and memory and CPU thresholds over the whole process tree (agents leak
 //! and spin). A failed check sets the agent's health with a reason, emits an event with the
-//! measurement, and, when the policy says so, stops the agent.
+//! measurement, and, when the policy says so, stops the agent. The checks themselves run in
+//! the machine (`machine.rs`); here are the policies and the reports agents send.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::AgentStatus;
 use crate::error::{Error, Result};
-use crate::events::EventKind;
-use crate::stop::StopReason;
-use crate::supervisor::SupervisorTask;
 
 /// What agentd does when a check fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -126,7 +123,7 @@ impl HealthPolicy {
 }
 
 impl ProgressReport {
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if let Some(progress) = self.progress
             && !(0.0..=100.0).contains(&progress)
         {
@@ -156,188 +153,6 @@ impl ProgressReport {
             );
         }
         Ok(())
-    }
-}
-
-impl SupervisorTask {
-    /// A heartbeat from the ReportProgress RPC.
-    pub(crate) fn report_progress(&mut self, report: ProgressReport) -> Result<AgentStatus> {
-        report.validate()?;
-        let agent = self
-            .agents
-            .get_mut(&report.agent_id)
-            .ok_or_else(|| Error::NotFound {
-                id: report.agent_id.clone(),
-            })?;
-        if !agent.leader_alive {
-            return Err(Error::NotRunning {
-                id: report.agent_id,
-                state: agent.record.state,
-            });
-        }
-        let record = &mut agent.record;
-        let carries_progress =
-            report.progress.is_some() || !report.message.is_empty() || !report.details.is_empty();
-        let changed = carries_progress
-            && (report.progress.is_some_and(|p| p != record.progress)
-                || report.message != record.progress_message
-                || report.details != record.progress_details);
-        if carries_progress {
-            record.progress = report.progress.unwrap_or(record.progress);
-            record.progress_message = report.message;
-            record.progress_details = report.details;
-        }
-        self.on_heartbeat(&report.agent_id, changed);
-        self.agent(&report.agent_id).map(|agent| agent.status())
-    }
-
-    /// Records a heartbeat (and new progress when `progress_changed`), clearing a stall.
-    pub(crate) fn on_heartbeat(&mut self, agent_id: &str, progress_changed: bool) {
-        let Some(agent) = self.agents.get_mut(agent_id) else {
-            return;
-        };
-        agent.record.last_heartbeat = Some(SystemTime::now());
-        let record = agent.record.clone();
-        self.persist(&record);
-        if progress_changed {
-            self.emit(agent_id, EventKind::Progress, String::new());
-        }
-        self.clear_issue(agent_id, HealthMetric::Heartbeat, "heartbeat resumed");
-    }
-
-    /// Runs every check of a live agent; called once per sampling interval.
-    pub(crate) fn check_health(&mut self, agent_id: &str) {
-        let Some(agent) = self.agents.get_mut(agent_id) else {
-            return;
-        };
-        if !agent.leader_alive || agent.stop.is_some() {
-            return;
-        }
-        let policy = agent.record.spec.health_policy.clone();
-        let sample = agent.sample.clone();
-        // Until the first heartbeat, a startup timeout (if any) is the limit that applies.
-        let starting = agent.record.last_heartbeat.is_none()
-            && agent.record.spec.lifecycle.startup_timeout.is_some();
-        if let Some(timeout) = policy.heartbeat_timeout.filter(|_| !starting) {
-            let since = agent.record.last_heartbeat.or(agent.record.started_at);
-            let silent = since
-                .and_then(|since| SystemTime::now().duration_since(since).ok())
-                .unwrap_or_default();
-            if silent > timeout {
-                let reason = format!(
-                    "no heartbeat for {:.1}s (timeout {:.1}s)",
-                    silent.as_secs_f64(),
-                    timeout.as_secs_f64()
-                );
-                let alert = Alert {
-                    metric: HealthMetric::Heartbeat,
-                    value: silent.as_secs_f64(),
-                    threshold: timeout.as_secs_f64(),
-                    action: policy.on_stall,
-                };
-                self.raise_issue(agent_id, alert, reason);
-            }
-        }
-        let Some(sample) = sample else { return };
-        if let Some(limit) = policy.memory_limit_mb {
-            let memory_mb = sample.memory_bytes as f64 / (1024.0 * 1024.0);
-            if memory_mb > limit {
-                let reason = format!("memory {memory_mb:.1} MB is over the {limit} MB limit");
-                let alert = Alert {
-                    metric: HealthMetric::MemoryMb,
-                    value: memory_mb,
-                    threshold: limit,
-                    action: policy.on_memory_limit,
-                };
-                self.raise_issue(agent_id, alert, reason);
-            } else {
-                self.clear_issue(
-                    agent_id,
-                    HealthMetric::MemoryMb,
-                    "memory back under its limit",
-                );
-            }
-        }
-        if let Some(limit) = policy.cpu_limit_percent {
-            let Some(agent) = self.agents.get_mut(agent_id) else {
-                return;
-            };
-            if sample.cpu_percent > limit {
-                agent.cpu_samples_over += 1;
-            } else {
-                agent.cpu_samples_over = 0;
-            }
-            if agent.cpu_samples_over >= policy.cpu_limit_samples {
-                let reason = format!(
-                    "CPU {:.0}% over the {limit}% limit for {} samples",
-                    sample.cpu_percent, agent.cpu_samples_over
-                );
-                let alert = Alert {
-                    metric: HealthMetric::CpuPercent,
-                    value: sample.cpu_percent,
-                    threshold: limit,
-                    action: policy.on_cpu_limit,
-                };
-                self.raise_issue(agent_id, alert, reason);
-            } else if agent.cpu_samples_over == 0 {
-                self.clear_issue(
-                    agent_id,
-                    HealthMetric::CpuPercent,
-                    "CPU back under its limit",
-                );
-            }
-        }
-    }
-
-    /// Records a failed check once (until it clears), emits its event and acts on it.
-    fn raise_issue(&mut self, agent_id: &str, alert: Alert, reason: String) {
-        let Some(agent) = self.agents.get_mut(agent_id) else {
-            return;
-        };
-        let issues = &mut agent.record.health_issues;
-        if issues.iter().any(|issue| issue.metric == alert.metric) {
-            return;
-        }
-        issues.push(HealthIssue {
-            metric: alert.metric,
-            reason: reason.clone(),
-            since: SystemTime::now(),
-        });
-        let stop_reason = match alert.action {
-            HealthAction::Report => None,
-            HealthAction::Stop => Some(StopReason::Health),
-            HealthAction::Restart => Some(StopReason::HealthRestart),
-        };
-        if stop_reason.is_some() {
-            agent.record.error = Some(format!("stopped by agentd: {reason}"));
-        }
-        let record = agent.record.clone();
-        self.persist(&record);
-        tracing::warn!(%agent_id, ?alert, "{reason}");
-        let kind = match alert.metric {
-            HealthMetric::Heartbeat => EventKind::Stalled,
-            HealthMetric::MemoryMb | HealthMetric::CpuPercent => EventKind::Alert,
-        };
-        self.emit_alert(agent_id, kind, reason, alert);
-        if let Some(stop_reason) = stop_reason {
-            // Nobody waits for this stop; its events say how it went.
-            drop(self.begin_stop(agent_id, false, stop_reason));
-        }
-    }
-
-    fn clear_issue(&mut self, agent_id: &str, metric: HealthMetric, message: &str) {
-        let Some(agent) = self.agents.get_mut(agent_id) else {
-            return;
-        };
-        let issues = &mut agent.record.health_issues;
-        let before = issues.len();
-        issues.retain(|issue| issue.metric != metric);
-        if issues.len() == before {
-            return;
-        }
-        let record = agent.record.clone();
-        self.persist(&record);
-        self.emit(agent_id, EventKind::Recovered, message.to_string());
     }
 }
 

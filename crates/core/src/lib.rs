@@ -8,21 +8,21 @@
 mod agent;
 mod error;
 mod events;
+mod files;
 mod health;
 mod lifecycle;
 mod logs;
+mod machine;
 mod os;
 mod recover;
-mod retention;
 mod sampler;
-mod spawn;
 mod spec;
 mod stop;
 mod store;
 mod supervisor;
-mod views;
+mod table;
 
-pub use agent::{AgentRecord, AgentState, AgentStatus, Exit, Health};
+pub use agent::{AgentRecord, AgentState, AgentStatus, EndReason, Exit, Health};
 pub use error::{Error, Result};
 pub use events::{Event, EventFilter, EventKind, EventRetention, Replay, Subscription};
 pub use health::{Alert, HealthAction, HealthIssue, HealthMetric, HealthPolicy, ProgressReport};

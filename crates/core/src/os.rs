@@ -1,6 +1,7 @@
 //! Every effect the supervisor has on the operating system: starting a process in its own
 //! group, signalling groups, reaping children, reading `/proc`. Nothing else in the crate
-//! calls `kill`, `waitpid` or `fork`.
+//! calls `kill`, `waitpid` or `fork`. The supervisor task reaches them through the [`Os`]
+//! trait, the one seam a containment backend (cgroups) plugs into; [`System`] is the host.
 //!
 //! Architecture invariant: [`reap_one`] is the only `waitpid` in the daemon, and it runs on
 //! the supervisor task, the same task that calls [`spawn`] (std's `spawn` waits for a child
@@ -13,6 +14,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill, killpg};
@@ -22,6 +24,96 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::agent::Exit;
+
+/// What the supervisor task asks of the operating system.
+pub(crate) trait Os: Send + Sync {
+    /// Starts a leader process in its own group; [`Os::reap_one`] collects its exit.
+    fn spawn(&self, launch: Launch<'_>) -> io::Result<Started>;
+    /// Sends a signal to every process of a group; `Ok(false)`: the group is gone.
+    fn signal_group(&self, pgid: i32, signal: Signal) -> io::Result<bool>;
+    /// Sends a signal to one process; `Ok(false)`: it is gone.
+    fn signal_process(&self, pid: i32, signal: Signal) -> io::Result<bool>;
+    /// Reaps one exited child, if there is one.
+    fn reap_one(&self) -> Option<(i32, Exit)>;
+    /// Does the group still have a member that is not a zombie?
+    fn group_alive(&self, pgid: i32) -> bool;
+    /// Which of these groups still have a member that is not a zombie (one scan for all).
+    fn live_groups(&self, pgids: &[i32]) -> HashSet<i32>;
+    fn proc_stat(&self, pid: i32) -> Option<ProcStat>;
+    /// How long the process has run, from its start time and the boot clock.
+    fn running_for(&self, stat: &ProcStat) -> Option<Duration>;
+    /// A descriptor that becomes readable when a process that is not our child exits.
+    fn pidfd_open(&self, pid: i32) -> io::Result<OwnedFd>;
+    /// Leaders that carry an agent folder under `agents_dir` in their environment.
+    fn marked_leaders(&self, agents_dir: &Path) -> Vec<MarkedLeader>;
+    /// Clock ticks per second and bytes per page, the units of `/proc/PID/stat`.
+    fn proc_units(&self) -> (u64, u64);
+}
+
+/// The host itself.
+pub(crate) struct System {
+    units: (u64, u64),
+}
+
+impl System {
+    pub fn new() -> System {
+        System {
+            units: proc_units(),
+        }
+    }
+}
+
+impl Os for System {
+    fn spawn(&self, launch: Launch<'_>) -> io::Result<Started> {
+        spawn(launch)
+    }
+
+    fn signal_group(&self, pgid: i32, signal: Signal) -> io::Result<bool> {
+        signal_group(pgid, signal)
+    }
+
+    fn signal_process(&self, pid: i32, signal: Signal) -> io::Result<bool> {
+        signal_process(pid, signal)
+    }
+
+    fn reap_one(&self) -> Option<(i32, Exit)> {
+        reap_one()
+    }
+
+    fn group_alive(&self, pgid: i32) -> bool {
+        GroupProbe::default().alive(pgid)
+    }
+
+    fn live_groups(&self, pgids: &[i32]) -> HashSet<i32> {
+        let mut probe = GroupProbe::default();
+        pgids
+            .iter()
+            .copied()
+            .filter(|&pgid| probe.alive(pgid))
+            .collect()
+    }
+
+    fn proc_stat(&self, pid: i32) -> Option<ProcStat> {
+        proc_stat(pid)
+    }
+
+    fn running_for(&self, stat: &ProcStat) -> Option<Duration> {
+        let started = stat.start_ticks as f64 / self.units.0 as f64;
+        Some(Duration::from_secs_f64((uptime()? - started).max(0.0)))
+    }
+
+    fn pidfd_open(&self, pid: i32) -> io::Result<OwnedFd> {
+        pidfd_open(pid)
+    }
+
+    fn marked_leaders(&self, agents_dir: &Path) -> Vec<MarkedLeader> {
+        marked_leaders(agents_dir)
+    }
+
+    fn proc_units(&self) -> (u64, u64) {
+        self.units
+    }
+}
 
 /// Makes orphaned descendants of agents our children, so that we can reap them.
 pub fn become_subreaper() -> io::Result<()> {

@@ -15,9 +15,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
+use crate::files::STATUS_FILE;
 use crate::logs::{LogFile, LogRotation, LogStream};
 use crate::os::{self, ProcStat};
-use crate::spawn::STATUS_FILE;
 
 /// A live agent to sample.
 #[derive(Debug, Clone)]

@@ -343,7 +343,7 @@ mod tests {
             sequence,
             time,
             kind: crate::events::EventKind::Spawned,
-            status: crate::agent::AgentStatus::new(&record, false, None),
+            status: crate::agent::AgentStatus::new(&record, false, None, None),
             message: String::new(),
             alert: None,
         }

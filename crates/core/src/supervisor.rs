@@ -1,30 +1,40 @@
-//! The supervisor task: the one owner of the agent table. It runs a single `select!` over
-//! client commands, SIGCHLD, exits of adopted agents, stop-ladder deadlines and health
-//! samples. Everyone else holds a [`SupervisorHandle`] and sends it a [`Command`] with a
-//! oneshot reply.
+//! The supervisor task: the one owner of the agent table, and the driver of every agent's
+//! lifecycle machine. It runs a single `select!` over client commands, SIGCHLD, exits of
+//! adopted agents, the machines' deadlines and group checks, feeds each event to the machine
+//! it concerns as an input, and carries out the effects the machine returns through the one
+//! OS seam (`os::Os`), the store and the event bus. Everyone else holds a
+//! [`SupervisorHandle`] and sends it a [`Command`] with a oneshot reply.
 //!
 //! Architecture invariants: only this task mutates agents, writes the store or emits events;
 //! it is also the only place that starts processes and reaps children (see `os`).
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 
-use crate::agent::{AgentRecord, AgentState, AgentStatus, Exit};
+use crate::agent::{AgentRecord, AgentState, AgentStatus, EndReason, Exit};
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventFilter, EventKind, EventRetention, Subscription};
-use crate::health::{Alert, ProgressReport};
-use crate::lifecycle::RunEnd;
+use crate::files::AgentFiles;
+use crate::health::{HealthPolicy, ProgressReport};
+use crate::lifecycle::ParentExit;
 use crate::logs::LogRotation;
-use crate::os;
-use crate::sampler::{self, SampleBatch, SampleTarget, TreeSample};
-use crate::spec::SpawnRequest;
-use crate::stop::{Stop, StopOptions, StopReason, StopReport};
+use crate::machine::{AgentMachine, Effect, Now};
+use crate::os::{self, Os};
+use crate::recover;
+use crate::sampler::{self, SampleBatch, TreeSample};
+use crate::spec::{SpawnRequest, check_id};
+use crate::stop::{StopOptions, StopOutcome, StopReason, StopReport};
 use crate::store::Store;
+use crate::table::AgentTable;
 
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
@@ -180,10 +190,12 @@ pub(crate) enum Command {
     Reap(oneshot::Sender<ReapReport>),
     Watch(Watch, oneshot::Sender<Result<Subscription>>),
     Shutdown(oneshot::Sender<()>),
-    SampleTargets(oneshot::Sender<Vec<SampleTarget>>),
+    SampleTargets(oneshot::Sender<Vec<sampler::SampleTarget>>),
     Samples(SampleBatch),
     ReportProgress(ProgressReport, oneshot::Sender<Result<AgentStatus>>),
     Remove(String, oneshot::Sender<Result<AgentStatus>>),
+    /// The process groups a group check found empty (agent id, group id).
+    GroupsGone(Vec<(String, i32)>),
     /// Something the supervisor depends on broke (the sampler thread died): it stops, and
     /// the daemon exits non-zero instead of limping.
     Fatal(String),
@@ -274,9 +286,9 @@ impl SupervisorHandle {
 pub struct Supervisor;
 
 impl Supervisor {
-    /// Opens the store, adopts or marks lost the agents of an earlier daemon, and starts the
-    /// supervisor task and the sampler. Must be called inside a tokio runtime, before
-    /// anything else in the process starts children.
+    /// Opens the store, recovers the agents of an earlier daemon, and starts the supervisor
+    /// task and the sampler. Must be called inside a tokio runtime, before anything else in
+    /// the process starts children.
     pub fn start(mut config: SupervisorConfig) -> Result<SupervisorHandle> {
         create_private_dir(&config.data_dir)?;
         // Agents get absolute paths, and a restart recognises them whatever its own folder.
@@ -302,24 +314,26 @@ impl Supervisor {
             source,
         })?;
         let (commands_tx, commands) = mpsc::channel(1024);
-        let limits = config.limits;
         let (adopted_exits_tx, adopted_exits) = mpsc::unbounded_channel();
         let events = EventBus::open(store.clone(), config.event_buffer, config.event_retention)?;
+        let os: Arc<dyn Os> = Arc::new(os::System::new());
         let mut task = SupervisorTask {
+            page_size: os.proc_units().1,
+            os,
             store: store.clone(),
             events,
             agents_dir,
-            agents: BTreeMap::new(),
-            by_pid: HashMap::new(),
-            by_request: HashMap::new(),
-            timers: BTreeSet::new(),
+            trash_dir,
+            table: AgentTable::default(),
+            deadlines: BTreeSet::new(),
+            stop_waiters: HashMap::new(),
             adopted_exits_tx,
             shutting_down: false,
             ids_generated: 0,
-            limits,
-            commands: commands_tx.downgrade(),
+            limits: config.limits,
             finished_retention: config.finished_retention,
-            trash_dir,
+            commands: commands_tx.downgrade(),
+            group_check_running: false,
             failure: None,
             records_set_aside: 0,
         };
@@ -373,90 +387,38 @@ fn create_private_dir(path: &Path) -> Result<()> {
         })
 }
 
-/// What a pending timer is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Timer {
-    /// The current stop-ladder step's grace period ends.
-    StopStep,
-    /// A backing-off agent is due to start again.
-    Restart,
-    /// The current run reaches its `max_runtime`.
-    MaxRuntime,
-    /// The current run must have sent its first heartbeat.
-    StartupTimeout,
-}
-
-/// One agent in the table.
-pub(crate) struct Agent {
-    pub record: AgentRecord,
-    /// The leader has not been reaped yet (for an adopted agent: has not exited).
-    pub leader_alive: bool,
-    /// The process group may still have members, so a stop must signal it.
-    pub group_may_live: bool,
-    pub sample: Option<TreeSample>,
-    pub stop: Option<Stop>,
-    /// Consecutive samples over the CPU limit.
-    pub cpu_samples_over: u32,
-    /// The current run has ended and its restart decision is made.
-    pub run_over: bool,
-    /// When the pending restart is due (while backing off).
-    pub restart_at: Option<Instant>,
-    /// When the current run reaches its `max_runtime`.
-    pub max_runtime_at: Option<Instant>,
-    /// When the current run must have sent its first heartbeat.
-    pub startup_deadline: Option<Instant>,
-}
-
-impl Agent {
-    pub(crate) fn new(record: AgentRecord, alive: bool) -> Agent {
-        Agent {
-            record,
-            leader_alive: alive,
-            group_may_live: alive,
-            sample: None,
-            stop: None,
-            cpu_samples_over: 0,
-            run_over: !alive,
-            restart_at: None,
-            max_runtime_at: None,
-            startup_deadline: None,
-        }
-    }
-
-    pub(crate) fn status(&self) -> AgentStatus {
-        AgentStatus::new(&self.record, self.leader_alive, self.sample.as_ref())
-    }
-}
-
 pub(crate) struct SupervisorTask {
-    pub(crate) store: Store,
-    pub(crate) events: EventBus,
-    pub(crate) agents_dir: PathBuf,
-    pub(crate) agents: BTreeMap<String, Agent>,
-    /// Leaders that are our children, by pid, for dispatching reaped exits.
-    pub(crate) by_pid: HashMap<i32, String>,
-    /// Idempotency keys of spawns that started a process.
-    pub(crate) by_request: HashMap<String, String>,
-    /// Every pending timer: stop-ladder steps, restarts, runtime and startup limits.
-    pub(crate) timers: BTreeSet<(Instant, String, Timer)>,
-    pub(crate) adopted_exits_tx: mpsc::UnboundedSender<String>,
-    pub(crate) shutting_down: bool,
-    pub(crate) ids_generated: u64,
-    pub(crate) limits: Limits,
-    /// Our own command queue, for work that runs as separate tasks (cascading stops); weak,
-    /// so the task still ends when every real handle is gone.
-    pub(crate) commands: mpsc::WeakSender<Command>,
-    pub(crate) finished_retention: FinishedRetention,
+    os: Arc<dyn Os>,
+    store: Store,
+    events: EventBus,
+    agents_dir: PathBuf,
     /// Removed agents' folders wait here to be deleted.
-    pub(crate) trash_dir: PathBuf,
+    trash_dir: PathBuf,
+    table: AgentTable,
+    /// Every machine's deadline, so the loop sleeps until the first.
+    deadlines: BTreeSet<(Instant, String)>,
+    /// Everyone waiting for a stop under way, by agent.
+    stop_waiters: HashMap<String, Vec<oneshot::Sender<StopReport>>>,
+    adopted_exits_tx: mpsc::UnboundedSender<String>,
+    shutting_down: bool,
+    ids_generated: u64,
+    limits: Limits,
+    finished_retention: FinishedRetention,
+    /// Our own command queue, for work that runs as separate tasks (cascading stops, group
+    /// checks); weak, so the task still ends when every real handle is gone.
+    commands: mpsc::WeakSender<Command>,
+    /// A group check runs on a blocking thread; at most one at a time.
+    group_check_running: bool,
+    page_size: u64,
     /// Why the task must stop, once something it depends on broke.
     failure: Option<String>,
     /// Stored records that could not be loaded (counted at start).
-    pub(crate) records_set_aside: u32,
+    records_set_aside: u32,
 }
 
 /// While a stopping agent's leader is gone but its group lingers, no SIGCHLD may tell us
-/// when the rest exits (they need not be our children), so the group is checked this often.
+/// when the rest exits (they need not be our children), so the groups are checked this
+/// often, on a blocking thread (a check may scan all of `/proc`).
 const GROUP_CHECK: Duration = Duration::from_millis(20);
 
 impl SupervisorTask {
@@ -466,12 +428,12 @@ impl SupervisorTask {
         mut sigchld: tokio::signal::unix::Signal,
         mut adopted_exits: mpsc::UnboundedReceiver<String>,
     ) {
-        let mut last_group_check = Instant::now();
+        let mut last_group_check = tokio::time::Instant::now();
         loop {
-            let next_timer = self.timers.first().map(|(at, _, _)| *at);
-            let next_group_check = self
-                .has_lingering_group()
-                .then(|| last_group_check + GROUP_CHECK);
+            let next_deadline = self.deadlines.first().map(|(at, _)| (*at).into());
+            let next_group_check = (!self.group_check_running
+                && self.table.machines().any(AgentMachine::watches_group))
+            .then(|| last_group_check + GROUP_CHECK);
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(command) => self.handle(command),
@@ -480,14 +442,11 @@ impl SupervisorTask {
                 Some(()) = sigchld.recv() => {
                     self.reap();
                 }
-                Some(agent_id) = adopted_exits.recv() => {
-                    self.on_leader_exit(&agent_id, None);
-                    self.check_stopping_groups();
-                }
-                () = sleep_until(next_timer) => self.on_timers(),
+                Some(agent_id) = adopted_exits.recv() => self.leader_exited(&agent_id, None),
+                () = sleep_until(next_deadline) => self.on_deadlines(),
                 () = sleep_until(next_group_check) => {
-                    last_group_check = Instant::now();
-                    self.check_stopping_groups();
+                    last_group_check = tokio::time::Instant::now();
+                    self.check_groups();
                 }
             }
             // Once per turn, not per write: a Spawn's own flush then covers all of its writes.
@@ -514,23 +473,28 @@ impl SupervisorTask {
                 let _ = reply.send(self.spawn(*request));
             }
             Command::Status(agent_id, reply) => {
-                let _ = reply.send(self.agent(&agent_id).map(Agent::status));
+                let now = Instant::now();
+                let _ = reply.send(self.table.get(&agent_id).map(|m| m.status(now)));
             }
             Command::List(filter, reply) => {
-                let _ = reply.send(self.list(&filter));
+                let _ = reply.send(self.table.list(&filter, Instant::now()));
             }
             Command::Stop(target, options, reply) => self.stop(target, options, reply),
             Command::Summary(reply) => {
-                let _ = reply.send(self.summary());
+                let summary =
+                    self.table
+                        .summary(&self.limits, self.records_set_aside, Instant::now());
+                let _ = reply.send(summary);
             }
             Command::Reap(reply) => {
                 let _ = reply.send(self.reap());
             }
             Command::Watch(watch, reply) => {
+                let now = Instant::now();
                 let statuses: Vec<AgentStatus> = if watch.include_snapshot {
-                    self.agents
-                        .values()
-                        .map(Agent::status)
+                    self.table
+                        .machines()
+                        .map(|machine| machine.status(now))
                         .filter(|status| watch.filter.matches_agent(status))
                         .collect()
                 } else {
@@ -543,160 +507,703 @@ impl SupervisorTask {
             }
             Command::Shutdown(reply) => self.shutdown(reply),
             Command::SampleTargets(reply) => {
-                let _ = reply.send(self.sample_targets());
+                let _ = reply.send(self.table.sample_targets());
             }
-            Command::Samples(batch) => self.apply_samples(batch),
+            Command::Samples(batch) => self.samples(batch),
             Command::ReportProgress(report, reply) => {
                 let _ = reply.send(self.report_progress(report));
             }
             Command::Remove(agent_id, reply) => {
                 let _ = reply.send(self.remove(&agent_id));
             }
+            Command::GroupsGone(gone) => {
+                self.group_check_running = false;
+                for (agent_id, pgid) in gone {
+                    let same_group = self
+                        .table
+                        .get(&agent_id)
+                        .is_ok_and(|m| m.record().pid == Some(pgid));
+                    if same_group {
+                        self.input(&agent_id, |m, now, out| m.group_gone(now, out));
+                    }
+                }
+            }
             Command::Fatal(problem) => self.failure = Some(problem),
         }
     }
 
-    /// A handle to this task, for work it hands to other tasks.
-    pub(crate) fn own_handle(&self) -> Option<SupervisorHandle> {
-        Some(SupervisorHandle {
-            commands: self.commands.upgrade()?,
-            store: self.store.clone(),
-        })
-    }
-
-    pub(crate) fn agent(&self, agent_id: &str) -> Result<&Agent> {
-        self.agents.get(agent_id).ok_or_else(|| Error::NotFound {
-            id: agent_id.to_string(),
-        })
-    }
-
-    /// Writes a record; a store failure here has no client to answer, so it is logged.
-    pub(crate) fn persist(&self, record: &AgentRecord) {
-        if let Err(error) = self.store.put(record) {
-            tracing::error!(agent_id = %record.spec.agent_id, %error, "saving agent record");
+    /// The moment an input happens.
+    fn now(&self) -> Now {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u64(self.ids_generated);
+        let unit = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
+        Now {
+            mono: Instant::now(),
+            wall: SystemTime::now(),
+            jitter: 2.0 * unit - 1.0,
+            shutting_down: self.shutting_down,
         }
     }
 
-    pub(crate) fn emit(&mut self, agent_id: &str, kind: EventKind, message: String) {
-        if let Some(agent) = self.agents.get(agent_id) {
-            self.events.emit(kind, message, None, || agent.status());
-        }
-    }
-
-    pub(crate) fn emit_alert(
+    /// Feeds one input to an agent's machine, keeps its deadline in the timer set, and
+    /// carries out the effects. `None` when there is no such agent.
+    fn input<R>(
         &mut self,
         agent_id: &str,
-        kind: EventKind,
-        message: String,
-        alert: Alert,
-    ) {
-        if let Some(agent) = self.agents.get(agent_id) {
-            self.events
-                .emit(kind, message, Some(alert), || agent.status());
+        input: impl FnOnce(&mut AgentMachine, Now, &mut Vec<Effect>) -> R,
+    ) -> Option<R> {
+        let now = self.now();
+        let machine = self.table.get_mut(agent_id)?;
+        let before = machine.deadline();
+        let mut effects = Vec::new();
+        let result = input(machine, now, &mut effects);
+        let after = machine.deadline();
+        if before != after {
+            if let Some(at) = before {
+                self.deadlines.remove(&(at, agent_id.to_string()));
+            }
+            if let Some(at) = after {
+                self.deadlines.insert((at, agent_id.to_string()));
+            }
+        }
+        self.carry_out(agent_id, now, effects);
+        Some(result)
+    }
+
+    fn carry_out(&mut self, agent_id: &str, now: Now, effects: Vec<Effect>) {
+        for effect in effects {
+            let Ok(machine) = self.table.get(agent_id) else {
+                return;
+            };
+            match effect {
+                Effect::Persist => {
+                    if let Err(error) = self.store.put(machine.record()) {
+                        tracing::error!(%agent_id, %error, "saving agent record");
+                    }
+                }
+                Effect::Emit {
+                    kind,
+                    message,
+                    alert,
+                } => {
+                    if kind != EventKind::Health {
+                        tracing::info!(%agent_id, ?kind, "{message}");
+                    }
+                    self.events
+                        .emit(kind, message, alert, || machine.status(now.mono));
+                }
+                Effect::Signal(signal) => {
+                    let Some(pgid) = machine.record().pid else {
+                        continue;
+                    };
+                    tracing::info!(%agent_id, %signal, "stop ladder");
+                    let sent = match self.os.signal_group(pgid, signal) {
+                        // A leader that left its group still gets the signal.
+                        Ok(false) if machine.leader_alive() => self.os.signal_process(pgid, signal),
+                        other => other,
+                    };
+                    if let Err(error) = sent {
+                        tracing::warn!(%agent_id, %error, %signal, "signalling the agent's process group");
+                    }
+                }
+                Effect::StopFinished { outcome, duration } => {
+                    let status = machine.status(now.mono);
+                    tracing::info!(%agent_id, ?outcome, ?duration, "stopped");
+                    for waiter in self.stop_waiters.remove(agent_id).unwrap_or_default() {
+                        let _ = waiter.send(StopReport {
+                            agent_id: agent_id.to_string(),
+                            outcome,
+                            duration,
+                            status: status.clone(),
+                        });
+                    }
+                }
+                Effect::EndedForGood => self.stop_followers(agent_id),
+                // The loop checks every group that `watches_group`.
+                Effect::WatchGroup => {}
+                Effect::Launch => self.launch(agent_id),
+            }
         }
     }
 
-    fn on_timers(&mut self) {
+    /// Starts (again) the process of an agent whose machine is starting.
+    fn launch(&mut self, agent_id: &str) {
+        let Ok(machine) = self.table.get(agent_id) else {
+            return;
+        };
+        let record = machine.record();
+        let launched = AgentFiles::reopen(agent_id, &record.agent_dir)
+            .and_then(|files| files.launch(record, self.os.as_ref()));
+        // A failed restart is the machine's to handle; nobody waits for the error.
+        let _ = self.launched(agent_id, launched);
+    }
+
+    /// Feeds a launch's result to the machine; answers with the error, if it failed.
+    fn launched(&mut self, agent_id: &str, launched: Result<os::Started>) -> Result<()> {
+        match launched {
+            Ok(started) => {
+                let request_id = self
+                    .table
+                    .get(agent_id)
+                    .map(|m| m.record().spec.request_id.clone())
+                    .unwrap_or_default();
+                self.table.child_started(agent_id, started.pid, &request_id);
+                self.input(agent_id, |m, now, out| {
+                    m.started(now, started.pid, started.start_ticks, out);
+                });
+                // The first reading at once, so status right after Spawn is not all zeros.
+                if let Some(stat) = self.os.proc_stat(started.pid) {
+                    let sample = TreeSample {
+                        leader_status: os::state_name(stat.state),
+                        cpu_percent: 0.0,
+                        memory_bytes: stat.rss_pages * self.page_size,
+                        num_threads: stat.num_threads,
+                        num_processes: 1,
+                    };
+                    self.input(agent_id, |m, _, out| m.sampled(sample, out));
+                }
+                Ok(())
+            }
+            Err(error) => {
+                let message = error.to_string();
+                if let Ok(machine) = self.table.get(agent_id) {
+                    let log = machine.record().agent_dir.join("error.log");
+                    let _ = std::fs::write(log, &message);
+                }
+                self.input(agent_id, |m, now, out| m.start_failed(now, message, out));
+                Err(error)
+            }
+        }
+    }
+
+    fn spawn(&mut self, mut request: SpawnRequest) -> Result<AgentStatus> {
+        if self.shutting_down {
+            return Err(Error::ShuttingDown);
+        }
         let now = Instant::now();
-        while let Some((at, agent_id, timer)) = self.timers.first().cloned() {
+        if let Some(agent_id) = self.table.by_request(&request.request_id) {
+            return self.table.get(agent_id).map(|m| m.status(now));
+        }
+        if request.agent_id.is_empty() {
+            request.agent_id = self.generate_id();
+        }
+        let (spec, prompt) = request.validate()?;
+        // An id whose earlier spawn never started a process may be tried again.
+        if self
+            .table
+            .get(&spec.agent_id)
+            .is_ok_and(|m| m.record().pid.is_some())
+        {
+            return Err(Error::AlreadyExists { id: spec.agent_id });
+        }
+        self.table.admit(&spec, &self.limits)?;
+        let agent_id = spec.agent_id.clone();
+        let agent_dir = self.agents_dir.join(&agent_id);
+        let files = AgentFiles::prepare(&agent_id, &agent_dir, &prompt)?;
+        let record = AgentRecord {
+            spec: Arc::new(spec),
+            state: AgentState::Starting,
+            agent_dir,
+            pid: None,
+            start_ticks: None,
+            started_at: Some(SystemTime::now()),
+            ended_at: None,
+            exit: None,
+            error: None,
+            progress: 0.0,
+            progress_message: String::new(),
+            adopted: false,
+            progress_details: Default::default(),
+            last_heartbeat: None,
+            health_issues: Vec::new(),
+            restart_count: 0,
+            last_exit: None,
+            next_restart_at: None,
+            backoff_step: 0,
+            end_reason: EndReason::Unspecified,
+            ran_for: None,
+        };
+        let machine = AgentMachine::starting(record, self.now());
+        // The STARTING record reaches the disk before the process exists.
+        self.store.put(machine.record())?;
+        let launched = files.launch(machine.record(), self.os.as_ref());
+        self.table.insert(machine);
+        self.launched(&agent_id, launched)?;
+        self.table.get(&agent_id).map(|m| m.status(Instant::now()))
+    }
+
+    fn generate_id(&mut self) -> String {
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        loop {
+            self.ids_generated += 1;
+            let id = format!("agent-{millis:x}-{}", self.ids_generated);
+            if !self.table.contains(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn on_deadlines(&mut self) {
+        let now = Instant::now();
+        while let Some((at, agent_id)) = self.deadlines.first().cloned() {
             if at > now {
                 break;
             }
-            self.timers.remove(&(at, agent_id.clone(), timer));
-            match timer {
-                Timer::StopStep => self.on_stop_deadline(&agent_id),
-                Timer::Restart => self.restart(&agent_id, at),
-                Timer::MaxRuntime => self.on_max_runtime(&agent_id, at),
-                Timer::StartupTimeout => self.on_startup_timeout(&agent_id, at),
-            }
+            self.deadlines.remove(&(at, agent_id.clone()));
+            self.input(&agent_id, |m, now, out| m.timeout(now, out));
         }
     }
 
     /// Reaps every exited child: agent leaders get their exit recorded, orphans are dropped.
-    pub(crate) fn reap(&mut self) -> ReapReport {
+    fn reap(&mut self) -> ReapReport {
         let mut report = ReapReport::default();
-        while let Some((pid, exit)) = os::reap_one() {
-            match self.by_pid.remove(&pid) {
+        while let Some((pid, exit)) = self.os.reap_one() {
+            match self.table.take_child(pid) {
                 Some(agent_id) => {
-                    self.on_leader_exit(&agent_id, Some(exit));
+                    self.leader_exited(&agent_id, Some(exit));
                     report.agent_ids.push(agent_id);
                 }
                 None => report.orphans_reaped += 1,
             }
         }
-        self.check_stopping_groups();
         report
     }
 
-    /// Records how the leader ended. `exit` is `None` for an adopted agent, whose status
-    /// only its real parent could read.
-    pub(crate) fn on_leader_exit(&mut self, agent_id: &str, exit: Option<Exit>) {
-        let Some(agent) = self.agents.get_mut(agent_id) else {
+    /// The leader exited; `exit` is `None` for an adopted agent, whose status only its real
+    /// parent could read.
+    fn leader_exited(&mut self, agent_id: &str, exit: Option<Exit>) {
+        let Some(pgid) = self.table.get(agent_id).ok().and_then(|m| m.record().pid) else {
             return;
         };
-        agent.leader_alive = false;
-        agent.sample = None;
-        let reason = agent.stop.as_ref().map(|stop| stop.reason);
-        let policy = agent.record.spec.clone();
-        let policy = &policy.lifecycle;
-        let limit_text = |limit: Option<Duration>| limit.map_or(0.0, |l| l.as_secs_f64());
-        let record = &mut agent.record;
-        record.ended_at = Some(SystemTime::now());
-        record.exit = exit;
-        let exit_text = match exit {
-            Some(Exit::Code(code)) => format!("exited with code {code}"),
-            Some(Exit::Signal(signal)) => format!("killed by signal {signal}"),
-            None => "exited; exit status unknown (adopted from an earlier agentd)".to_string(),
+        // Usually one `kill(-pgid, 0)` that finds nothing; a scan only when the group lives on.
+        let group_alive = self.os.group_alive(pgid);
+        self.input(agent_id, |m, now, out| {
+            m.leader_exited(now, exit, group_alive, out);
+        });
+    }
+
+    /// Checks, on a blocking thread, the groups of stops whose leader is gone.
+    fn check_groups(&mut self) {
+        let groups: Vec<(String, i32)> = self
+            .table
+            .machines()
+            .filter(|m| m.watches_group())
+            .filter_map(|m| Some((m.agent_id().to_string(), m.record().pid?)))
+            .collect();
+        let Some(commands) = self.commands.upgrade() else {
+            return;
         };
-        let (state, kind, error) = match reason {
-            Some(StopReason::MaxRuntime) => (
-                AgentState::TimedOut,
-                EventKind::TimedOut,
-                Some(format!(
-                    "ran past its max_runtime of {}s",
-                    limit_text(policy.max_runtime)
-                )),
-            ),
-            Some(StopReason::StartupTimeout) => (
-                AgentState::Failed,
-                EventKind::Failed,
-                Some(format!(
-                    "sent no first heartbeat within its startup_timeout of {}s",
-                    limit_text(policy.startup_timeout)
-                )),
-            ),
-            // The health check already recorded why.
-            Some(StopReason::HealthRestart) => (AgentState::Failed, EventKind::Failed, None),
-            Some(_) => (AgentState::Killed, EventKind::Killed, None),
-            None => match exit {
-                Some(Exit::Code(0)) | None => (AgentState::Completed, EventKind::Exited, None),
-                Some(_) => (
-                    AgentState::Failed,
-                    EventKind::Failed,
-                    Some(exit_text.clone()),
-                ),
-            },
+        self.group_check_running = true;
+        let os = self.os.clone();
+        tokio::task::spawn_blocking(move || {
+            let pgids: Vec<i32> = groups.iter().map(|(_, pgid)| *pgid).collect();
+            let live = os.live_groups(&pgids);
+            let gone = groups
+                .into_iter()
+                .filter(|(_, pgid)| !live.contains(pgid))
+                .collect();
+            let _ = commands.blocking_send(Command::GroupsGone(gone));
+        });
+    }
+
+    /// Starts stopping an agent, or joins a stop under way; the receiver gets the report.
+    fn begin_stop(
+        &mut self,
+        agent_id: &str,
+        force: bool,
+        reason: StopReason,
+    ) -> oneshot::Receiver<StopReport> {
+        let (waiter, report) = oneshot::channel();
+        let Ok(machine) = self.table.get(agent_id) else {
+            return report;
         };
-        record.state = state;
-        if error.is_some() {
-            record.error = error;
+        // Members of an ended run's group are stopped too, if there are any left.
+        if !machine.leader_alive()
+            && machine.may_linger()
+            && !machine.watches_group()
+            && machine
+                .record()
+                .pid
+                .is_none_or(|pgid| !self.os.group_alive(pgid))
+        {
+            self.input(agent_id, |m, now, out| m.group_gone(now, out));
         }
-        agent.group_may_live = record
-            .pid
-            .is_some_and(|pgid| os::GroupProbe::default().alive(pgid));
-        tracing::info!(%agent_id, ?state, "{exit_text}");
-        let record = agent.record.clone();
-        let stopping = agent.stop.is_some();
-        self.persist(&record);
-        self.emit(agent_id, kind, exit_text);
-        // A stopped run ends when its whole group is gone (`finish_stop_if_gone`).
-        if !stopping {
-            self.run_ended(agent_id, RunEnd::Exited(exit));
+        self.stop_waiters
+            .entry(agent_id.to_string())
+            .or_default()
+            .push(waiter);
+        let pending = self.input(agent_id, |m, now, out| m.stop(now, force, reason, out));
+        if pending != Some(true)
+            && let Some(waiter) = self
+                .stop_waiters
+                .get_mut(agent_id)
+                .and_then(|waiters| waiters.pop())
+            && let Ok(machine) = self.table.get(agent_id)
+        {
+            let _ = waiter.send(StopReport {
+                agent_id: agent_id.to_string(),
+                outcome: StopOutcome::AlreadyExited,
+                duration: Duration::ZERO,
+                status: machine.status(Instant::now()),
+            });
         }
+        report
+    }
+
+    /// The agent ended for good: children that asked to follow their parent are stopped.
+    fn stop_followers(&mut self, agent_id: &str) {
+        let followers = self.table.ids_where(|child| {
+            let spec = &child.record().spec;
+            spec.parent_agent_id == agent_id
+                && spec.lifecycle.on_parent_exit == ParentExit::Stop
+                && (child.leader_alive() || child.record().state == AgentState::BackingOff)
+        });
+        for child in followers {
+            tracing::info!(agent_id = %child, parent = %agent_id, "stopping: its parent ended");
+            drop(self.begin_stop(&child, false, StopReason::ParentExited));
+        }
+    }
+
+    fn stop(
+        &mut self,
+        target: StopTarget,
+        options: StopOptions,
+        reply: oneshot::Sender<Result<Vec<StopReport>>>,
+    ) {
+        let agent_ids: Vec<String> = match target {
+            StopTarget::All => self.table.ids().cloned().collect(),
+            StopTarget::Agents(ids) if ids.is_empty() => {
+                let _ = reply.send(Err(Error::Invalid {
+                    field: "agent_ids",
+                    problem: "name at least one agent, or stop all".into(),
+                }));
+                return;
+            }
+            StopTarget::Agents(ids) => ids,
+        };
+        if let Some(unknown) = agent_ids.iter().find(|id| !self.table.contains(id)) {
+            let error = match check_id("agent_ids", unknown) {
+                Err(error) => error,
+                Ok(()) => Error::NotFound {
+                    id: unknown.clone(),
+                },
+            };
+            let _ = reply.send(Err(error));
+            return;
+        }
+        if options.cascade {
+            match self.stop_cascade(agent_ids, options.force) {
+                Some(cascade) => {
+                    tokio::spawn(async move {
+                        let _ = reply.send(Ok(cascade.await));
+                    });
+                }
+                None => {
+                    let _ = reply.send(Err(Error::ShuttingDown));
+                }
+            }
+            return;
+        }
+        let pending: Vec<_> = agent_ids
+            .iter()
+            .map(|id| self.begin_stop(id, options.force, StopReason::Requested))
+            .collect();
+        tokio::spawn(async move {
+            let mut reports = Vec::with_capacity(pending.len());
+            for report in pending {
+                match report.await {
+                    Ok(report) => reports.push(report),
+                    Err(_) => {
+                        let _ = reply.send(Err(Error::ShuttingDown));
+                        return;
+                    }
+                }
+            }
+            let _ = reply.send(Ok(reports));
+        });
+    }
+
+    /// Stops `roots` and all their descendants, children before parents, branches at once.
+    fn stop_cascade(
+        &self,
+        roots: Vec<String>,
+        force: bool,
+    ) -> Option<Pin<Box<dyn Future<Output = Vec<StopReport>> + Send>>> {
+        let handle = SupervisorHandle {
+            commands: self.commands.upgrade()?,
+            store: self.store.clone(),
+        };
+        let children = Arc::new(self.table.children());
+        // A root that is inside another root's tree is stopped as part of it.
+        let covered: BTreeSet<String> = roots
+            .iter()
+            .flat_map(|root| {
+                self.table
+                    .subtree(root)
+                    .into_iter()
+                    .filter(move |id| id != root)
+            })
+            .collect();
+        let roots: Vec<String> = roots.into_iter().filter(|r| !covered.contains(r)).collect();
+        Some(Box::pin(async move {
+            let mut trees = tokio::task::JoinSet::new();
+            for root in roots {
+                trees.spawn(stop_subtree(handle.clone(), root, children.clone(), force));
+            }
+            let mut reports = Vec::new();
+            while let Some(done) = trees.join_next().await {
+                reports.extend(done.unwrap_or_default());
+            }
+            reports
+        }))
+    }
+
+    fn shutdown(&mut self, reply: oneshot::Sender<()>) {
+        self.shutting_down = true;
+        let live = self.table.ids_where(|m| {
+            m.leader_alive() || m.may_linger() || m.record().state == AgentState::BackingOff
+        });
+        let pending: Vec<_> = match self.limits.on_shutdown {
+            ShutdownPolicy::Stop => {
+                tracing::info!(agents = live.len(), "shutting down: stopping every agent");
+                live.iter()
+                    .map(|id| self.begin_stop(id, false, StopReason::Shutdown))
+                    .collect()
+            }
+            ShutdownPolicy::Detach => {
+                tracing::info!(
+                    agents = live.len(),
+                    "shutting down: leaving agents running for the next agentd to adopt"
+                );
+                Vec::new()
+            }
+        };
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            for report in pending {
+                let _ = report.await;
+            }
+            if let Err(error) = store.flush().await {
+                tracing::error!(%error, "flushing the store at shutdown");
+            }
+            let _ = reply.send(());
+        });
+    }
+
+    /// A sampler batch: new samples (each a HEALTH event), progress from status files (each
+    /// a heartbeat), every health check of every running agent, then retention.
+    fn samples(&mut self, batch: SampleBatch) {
+        for (agent_id, sample) in batch.samples {
+            self.input(&agent_id, |m, _, out| m.sampled(sample, out));
+        }
+        for (agent_id, progress) in batch.progress {
+            self.input(&agent_id, |m, now, out| {
+                let update = |record: &mut AgentRecord| {
+                    let changed = record.progress != progress.progress
+                        || record.progress_message != progress.message;
+                    record.progress = progress.progress;
+                    record.progress_message = progress.message;
+                    changed
+                };
+                m.heartbeat(now, update, out);
+            });
+        }
+        let checked = self.table.ids_where(|m| {
+            m.leader_alive() && m.record().spec.health_policy != HealthPolicy::default()
+        });
+        for agent_id in checked {
+            self.input(&agent_id, |m, now, out| m.check_health(now, out));
+        }
+        self.apply_retention();
+    }
+
+    /// A heartbeat from the ReportProgress RPC.
+    fn report_progress(&mut self, report: ProgressReport) -> Result<AgentStatus> {
+        report.validate()?;
+        let machine = self.table.get(&report.agent_id)?;
+        if !machine.leader_alive() {
+            return Err(Error::NotRunning {
+                id: report.agent_id,
+                state: machine.record().state,
+            });
+        }
+        let agent_id = report.agent_id.clone();
+        self.input(&agent_id, |m, now, out| {
+            let update = |record: &mut AgentRecord| {
+                let carries = report.progress.is_some()
+                    || !report.message.is_empty()
+                    || !report.details.is_empty();
+                if !carries {
+                    return false;
+                }
+                let changed = report.progress.is_some_and(|p| p != record.progress)
+                    || report.message != record.progress_message
+                    || report.details != record.progress_details;
+                record.progress = report.progress.unwrap_or(record.progress);
+                record.progress_message = report.message;
+                record.progress_details = report.details;
+                changed
+            };
+            m.heartbeat(now, update, out);
+        });
+        self.table.get(&agent_id).map(|m| m.status(Instant::now()))
+    }
+
+    /// Deletes the agent's record, folder and output, if it has ended for good.
+    fn remove(&mut self, agent_id: &str) -> Result<AgentStatus> {
+        let machine = self.table.get(agent_id)?;
+        let lingering = machine.may_linger()
+            && machine
+                .record()
+                .pid
+                .is_some_and(|pgid| self.os.group_alive(pgid));
+        if !machine.has_ended() || lingering {
+            return Err(Error::NotFinished {
+                id: agent_id.to_string(),
+                state: machine.record().state,
+            });
+        }
+        let status = machine.status(Instant::now());
+        self.store.remove_agent(agent_id)?;
+        self.events
+            .emit(EventKind::Removed, String::new(), None, || status.clone());
+        if let Some(machine) = self.table.remove(agent_id) {
+            // The folder moves out of `agents/` at once, so the id can be spawned again right
+            // away; deleting a large output can take a while, so that is off the task.
+            let dir = &machine.record().agent_dir;
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            let trash = self.trash_dir.join(format!("{agent_id}-{nanos}"));
+            match std::fs::rename(dir, &trash) {
+                Ok(()) => {
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(error) = std::fs::remove_dir_all(&trash) {
+                            tracing::warn!(dir = %trash.display(), %error, "deleting a removed agent's folder");
+                        }
+                    });
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "moving a removed agent's folder away");
+                }
+            }
+        }
+        tracing::info!(%agent_id, "removed");
+        Ok(status)
+    }
+
+    /// Removes the agents that ended for good longest ago, beyond the count limit or past
+    /// the age limit.
+    fn apply_retention(&mut self) {
+        let retention = self.finished_retention;
+        let mut finished: Vec<(SystemTime, String)> = self
+            .table
+            .machines()
+            .filter(|m| m.has_ended())
+            .map(|m| {
+                let record = m.record();
+                let ended = record.ended_at.unwrap_or(UNIX_EPOCH);
+                (ended, record.spec.agent_id.clone())
+            })
+            .collect();
+        let Some(oldest_allowed) = SystemTime::now().checked_sub(retention.max_age) else {
+            return;
+        };
+        finished.sort();
+        let over = finished.len().saturating_sub(retention.max_count);
+        let expired: Vec<String> = finished
+            .into_iter()
+            .enumerate()
+            .filter(|(index, (ended, _))| *index < over || *ended < oldest_allowed)
+            .map(|(_, (_, agent_id))| agent_id)
+            .collect();
+        for agent_id in expired {
+            match self.remove(&agent_id) {
+                Ok(_) => tracing::info!(%agent_id, "removed by retention"),
+                Err(Error::NotFinished { .. }) => {}
+                Err(error) => tracing::warn!(%agent_id, %error, "retention could not remove"),
+            }
+        }
+    }
+
+    /// Loads every stored agent and learns what became of it while agentd was away.
+    fn recover(&mut self) -> Result<()> {
+        let records = self.store.load_agents()?;
+        self.records_set_aside = u32::try_from(self.store.set_aside_count()).unwrap_or(u32::MAX);
+        for found in recover::recover(records, self.os.as_ref(), &self.agents_dir) {
+            let agent_id = found.record.spec.agent_id.clone();
+            let now = self.now();
+            let mut effects = Vec::new();
+            let machine = AgentMachine::recovered(found.record, found.how, now, &mut effects);
+            if let Some(at) = machine.deadline() {
+                self.deadlines.insert((at, agent_id.clone()));
+            }
+            self.table.insert(machine);
+            if let Some(pidfd) = found.pidfd {
+                self.watch_adopted(agent_id.clone(), pidfd);
+            }
+            self.carry_out(&agent_id, now, effects);
+        }
+        Ok(())
+    }
+
+    /// An adopted agent is not our child: its exit arrives through a pidfd.
+    fn watch_adopted(&self, agent_id: String, pidfd: std::os::fd::OwnedFd) {
+        let exits = self.adopted_exits_tx.clone();
+        tokio::spawn(async move {
+            match os::wait_for_exit(pidfd).await {
+                Ok(()) => {
+                    let _ = exits.send(agent_id);
+                }
+                Err(error) => {
+                    tracing::error!(%agent_id, %error, "cannot watch adopted agent for its exit");
+                }
+            }
+        });
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
+fn stop_subtree(
+    handle: SupervisorHandle,
+    root: String,
+    children: Arc<HashMap<String, Vec<String>>>,
+    force: bool,
+) -> Pin<Box<dyn Future<Output = Vec<StopReport>> + Send>> {
+    Box::pin(async move {
+        let mut branches = tokio::task::JoinSet::new();
+        for child in children.get(&root).into_iter().flatten() {
+            branches.spawn(stop_subtree(
+                handle.clone(),
+                child.clone(),
+                children.clone(),
+                force,
+            ));
+        }
+        let mut reports = Vec::new();
+        while let Some(done) = branches.join_next().await {
+            reports.extend(done.unwrap_or_default());
+        }
+        let options = StopOptions {
+            force,
+            cascade: false,
+        };
+        match handle
+            .stop(StopTarget::Agents(vec![root.clone()]), options)
+            .await
+        {
+            Ok(own) => reports.extend(own),
+            Err(error) => tracing::warn!(agent_id = %root, %error, "cascading stop"),
+        }
+        reports
+    })
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use agentd_core::{
-    AgentState, AgentStatus, Alert, Backoff, Error, Event, EventKind, Exit, Health, HealthAction,
-    HealthMetric, HealthPolicy, LifecyclePolicy, ParentExit, ProgressReport, ReapReport,
-    RestartPolicy, SpawnRequest, StopOutcome, StopReport, Summary,
+    AgentState, AgentStatus, Alert, Backoff, EndReason, Error, Event, EventKind, Exit, Health,
+    HealthAction, HealthMetric, HealthPolicy, LifecyclePolicy, ParentExit, ProgressReport,
+    ReapReport, RestartPolicy, SpawnRequest, StopOutcome, StopReport, Summary,
 };
 use agentd_proto::v1 as pb;
 use tonic::{Code, Status};
@@ -344,6 +344,21 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
             RestartPolicy::Always => pb::RestartPolicy::Always,
         }
         .into(),
+        end_reason: end_reason(record.end_reason).into(),
+    }
+}
+
+fn end_reason(reason: EndReason) -> pb::EndReason {
+    match reason {
+        EndReason::Unspecified => pb::EndReason::Unspecified,
+        EndReason::Exited => pb::EndReason::Exited,
+        EndReason::Signaled => pb::EndReason::Signaled,
+        EndReason::Stopped => pb::EndReason::Stopped,
+        EndReason::TimedOut => pb::EndReason::TimedOut,
+        EndReason::HealthAction => pb::EndReason::HealthAction,
+        EndReason::StartFailed => pb::EndReason::StartFailed,
+        EndReason::OomKilled => pb::EndReason::OomKilled,
+        EndReason::Lost => pb::EndReason::Lost,
     }
 }
 

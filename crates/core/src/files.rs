@@ -1,0 +1,125 @@
+//! An agent's folder: its prompt, its output files and status file, made ready for a
+//! launch; and the launch itself, with the environment that tells the agent who it is.
+
+use std::path::Path;
+
+use crate::agent::AgentRecord;
+use crate::error::{Error, Result};
+use crate::os::{self, Os};
+
+/// The file an agent writes its progress to.
+pub(crate) const STATUS_FILE: &str = "status.json";
+
+/// An agent's folder, made ready for a launch: prompt written, output files open.
+pub(crate) struct AgentFiles {
+    stdout: std::fs::File,
+    stderr: std::fs::File,
+}
+
+impl AgentFiles {
+    pub(crate) fn prepare(agent_id: &str, dir: &Path, prompt: &str) -> Result<AgentFiles> {
+        let failed = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::AgentDir {
+                id: agent_id.to_string(),
+                path,
+                source,
+            }
+        };
+        std::fs::create_dir_all(dir).map_err(failed(dir))?;
+        for stale in [STATUS_FILE, "error.log"] {
+            let _ = std::fs::remove_file(dir.join(stale));
+        }
+        let prompt_file = dir.join("prompt.txt");
+        std::fs::write(&prompt_file, prompt).map_err(failed(&prompt_file))?;
+        let create = |name: &str| {
+            let path = dir.join(name);
+            std::fs::File::create(&path).map_err(failed(&path))
+        };
+        Ok(AgentFiles {
+            stdout: create("stdout.log")?,
+            stderr: create("stderr.log")?,
+        })
+    }
+
+    /// For a restart: the prompt stays, output is appended to the earlier runs'.
+    pub(crate) fn reopen(agent_id: &str, dir: &Path) -> Result<AgentFiles> {
+        let _ = std::fs::remove_file(dir.join(STATUS_FILE));
+        let open = |name: &str| {
+            let path = dir.join(name);
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|source| Error::AgentDir {
+                    id: agent_id.to_string(),
+                    path,
+                    source,
+                })
+        };
+        Ok(AgentFiles {
+            stdout: open("stdout.log")?,
+            stderr: open("stderr.log")?,
+        })
+    }
+
+    pub(crate) fn launch(self, record: &AgentRecord, os: &dyn Os) -> Result<os::Started> {
+        let spec = &record.spec;
+        let dir = &record.agent_dir;
+        let working_dir = spec.working_dir.as_deref().unwrap_or(dir);
+        match std::fs::metadata(working_dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::WorkingDir {
+                    id: spec.agent_id.clone(),
+                    path: working_dir.to_path_buf(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotADirectory,
+                        "not a directory",
+                    ),
+                });
+            }
+            Err(source) => {
+                return Err(Error::WorkingDir {
+                    id: spec.agent_id.clone(),
+                    path: working_dir.to_path_buf(),
+                    source,
+                });
+            }
+        }
+        let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        let mut env: Vec<(String, String)> = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        env.extend([
+            ("AGENTD_AGENT_ID".into(), spec.agent_id.clone()),
+            (
+                "AGENTD_AGENT_DIR".into(),
+                dir.to_string_lossy().into_owned(),
+            ),
+            (
+                "AGENTD_PARENT_AGENT_ID".into(),
+                spec.parent_agent_id.clone(),
+            ),
+            ("AGENTD_AGENT_NAME".into(), spec.agent_name.clone()),
+            ("AGENTD_AGENT_TYPE".into(), spec.agent_type.clone()),
+            ("AGENTD_MODEL".into(), spec.model.clone()),
+            ("AGENTD_PROMPT_FILE".into(), path("prompt.txt")),
+            ("AGENTD_STATUS_FILE".into(), path(STATUS_FILE)),
+        ]);
+        os.spawn(os::Launch {
+            command: &spec.command,
+            env: &env,
+            working_dir,
+            stdout: self.stdout,
+            stderr: self.stderr,
+        })
+        .map_err(|source| Error::Spawn {
+            id: spec.agent_id.clone(),
+            program: spec.command.first().cloned().unwrap_or_default(),
+            source,
+        })
+    }
+}

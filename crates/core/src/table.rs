@@ -1,0 +1,248 @@
+//! The agent table: every agent's machine by id, with the indexes that find one by leader pid
+//! or by spawn request id, and the questions asked of the whole table (lists, the summary,
+//! trees, capacity). Only the supervisor task holds it, so only it changes it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Instant;
+
+use crate::agent::{AgentState, AgentStatus, Health};
+use crate::error::{Error, Result};
+use crate::machine::AgentMachine;
+use crate::sampler::SampleTarget;
+use crate::spec::AgentSpec;
+use crate::supervisor::{HealthReport, Limits, ListFilter, Summary};
+
+#[derive(Default)]
+pub(crate) struct AgentTable {
+    agents: BTreeMap<String, AgentMachine>,
+    /// Leaders that are our children, by pid, for dispatching reaped exits.
+    by_pid: HashMap<i32, String>,
+    /// Idempotency keys of spawns that started a process.
+    by_request: HashMap<String, String>,
+}
+
+impl AgentTable {
+    pub fn get(&self, agent_id: &str) -> Result<&AgentMachine> {
+        self.agents.get(agent_id).ok_or_else(|| Error::NotFound {
+            id: agent_id.to_string(),
+        })
+    }
+
+    pub fn get_mut(&mut self, agent_id: &str) -> Option<&mut AgentMachine> {
+        self.agents.get_mut(agent_id)
+    }
+
+    pub fn contains(&self, agent_id: &str) -> bool {
+        self.agents.contains_key(agent_id)
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = &String> {
+        self.agents.keys()
+    }
+
+    pub fn machines(&self) -> impl Iterator<Item = &AgentMachine> {
+        self.agents.values()
+    }
+
+    /// Ids of the agents that match `keep`.
+    pub fn ids_where(&self, keep: impl Fn(&AgentMachine) -> bool) -> Vec<String> {
+        self.agents
+            .iter()
+            .filter(|(_, machine)| keep(machine))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    pub fn insert(&mut self, machine: AgentMachine) {
+        let record = machine.record();
+        let agent_id = record.spec.agent_id.clone();
+        if record.pid.is_some() && !record.spec.request_id.is_empty() {
+            self.by_request
+                .insert(record.spec.request_id.clone(), agent_id.clone());
+        }
+        self.agents.insert(agent_id, machine);
+    }
+
+    pub fn remove(&mut self, agent_id: &str) -> Option<AgentMachine> {
+        self.by_request.retain(|_, id| id != agent_id);
+        self.by_pid.retain(|_, id| id != agent_id);
+        self.agents.remove(agent_id)
+    }
+
+    /// A leader that is our child: its reaped exit belongs to this agent.
+    pub fn child_started(&mut self, agent_id: &str, pid: i32, request_id: &str) {
+        self.by_pid.insert(pid, agent_id.to_string());
+        if !request_id.is_empty() {
+            self.by_request
+                .insert(request_id.to_string(), agent_id.to_string());
+        }
+    }
+
+    pub fn take_child(&mut self, pid: i32) -> Option<String> {
+        self.by_pid.remove(&pid)
+    }
+
+    pub fn by_request(&self, request_id: &str) -> Option<&String> {
+        self.by_request.get(request_id)
+    }
+
+    pub fn list(&self, filter: &ListFilter, now: Instant) -> Result<Vec<AgentStatus>> {
+        let subtree = match &filter.subtree_of {
+            Some(root) if !self.contains(root) => {
+                return Err(Error::NotFound { id: root.clone() });
+            }
+            Some(root) => Some(self.subtree(root)),
+            None => None,
+        };
+        Ok(self
+            .agents
+            .values()
+            .filter(|machine| {
+                let record = machine.record();
+                let spec = &record.spec;
+                subtree
+                    .as_ref()
+                    .is_none_or(|subtree| subtree.contains(&spec.agent_id))
+                    && (filter.states.is_empty() || filter.states.contains(&record.state))
+                    && (filter.parent_agent_id.is_empty()
+                        || filter.parent_agent_id == spec.parent_agent_id)
+                    && filter
+                        .labels
+                        .iter()
+                        .all(|(k, v)| spec.labels.get(k) == Some(v))
+            })
+            .map(|machine| machine.status(now))
+            .collect())
+    }
+
+    pub fn summary(&self, limits: &Limits, records_set_aside: u32, now: Instant) -> Summary {
+        let mut summary = Summary {
+            capacity: limits.capacity,
+            max_agents: limits.max_agents,
+            records_set_aside,
+            ..Summary::default()
+        };
+        for machine in self.agents.values() {
+            let status = machine.status(now);
+            let record = machine.record();
+            summary.total += 1;
+            let count = match record.state {
+                AgentState::Starting => &mut summary.starting,
+                AgentState::Running => &mut summary.running,
+                AgentState::Stopping => &mut summary.stopping,
+                AgentState::Completed => &mut summary.completed,
+                AgentState::Failed => &mut summary.failed,
+                AgentState::Killed => &mut summary.killed,
+                AgentState::Lost => &mut summary.lost,
+                AgentState::BackingOff => &mut summary.backing_off,
+                AgentState::TimedOut => &mut summary.timed_out,
+            };
+            *count += 1;
+            summary.zombies += u32::from(status.is_zombie);
+            summary.total_memory_mb += status.memory_mb;
+            summary.total_cpu_percent += status.cpu_percent;
+            if record.state.holds_capacity() {
+                summary.total_load_percentage += record.spec.load_percentage;
+            }
+            match status.health {
+                Health::Stalled => summary.stalled += 1,
+                Health::OverLimit => summary.over_limit += 1,
+                _ => {}
+            }
+            if status.process_alive && status.health != Health::Healthy {
+                let issues = &record.health_issues;
+                summary.unhealthy.push(HealthReport {
+                    agent_id: record.spec.agent_id.clone(),
+                    health: status.health,
+                    reason: match status.health {
+                        Health::Zombie => "the leader process is a zombie".to_string(),
+                        _ => issues
+                            .iter()
+                            .map(|i| i.reason.as_str())
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    },
+                    since: issues.iter().map(|issue| issue.since).min(),
+                });
+            }
+        }
+        summary.free_capacity = (summary.capacity - summary.total_load_percentage).max(0.0);
+        summary
+    }
+
+    pub fn sample_targets(&self) -> Vec<SampleTarget> {
+        self.agents
+            .values()
+            .filter(|machine| machine.leader_alive())
+            .filter_map(|machine| {
+                let record = machine.record();
+                Some(SampleTarget {
+                    agent_id: record.spec.agent_id.clone(),
+                    pid: record.pid?,
+                    dir: record.agent_dir.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Refuses a spawn that would pass the daemon's capacity or agent limit, or that names
+    /// a parent agent that does not exist.
+    pub fn admit(&self, spec: &AgentSpec, limits: &Limits) -> Result<()> {
+        let parent = &spec.parent_agent_id;
+        if !parent.is_empty() && !parent.starts_with('@') && !self.contains(parent) {
+            return Err(Error::UnknownParent {
+                id: spec.agent_id.clone(),
+                parent: parent.clone(),
+            });
+        }
+        let (count, load) = self
+            .agents
+            .values()
+            .map(AgentMachine::record)
+            .filter(|record| record.state.holds_capacity())
+            .fold((0usize, 0.0f64), |(count, load), record| {
+                (count + 1, load + record.spec.load_percentage)
+            });
+        if let Some(max) = limits.max_agents
+            && count >= max
+        {
+            return Err(Error::TooManyAgents { max, count });
+        }
+        if load + spec.load_percentage > limits.capacity + 1e-9 {
+            return Err(Error::OverCapacity {
+                requested: spec.load_percentage,
+                used: load,
+                capacity: limits.capacity,
+            });
+        }
+        Ok(())
+    }
+
+    /// Each agent's children, by the parent links.
+    pub fn children(&self) -> HashMap<String, Vec<String>> {
+        let mut children: HashMap<String, Vec<String>> = HashMap::new();
+        for machine in self.agents.values() {
+            let spec = &machine.record().spec;
+            if !spec.parent_agent_id.is_empty() {
+                children
+                    .entry(spec.parent_agent_id.clone())
+                    .or_default()
+                    .push(spec.agent_id.clone());
+            }
+        }
+        children
+    }
+
+    /// The agent and all its descendants.
+    pub fn subtree(&self, root: &str) -> BTreeSet<String> {
+        let children = self.children();
+        let mut subtree = BTreeSet::new();
+        let mut stack = vec![root.to_string()];
+        while let Some(id) = stack.pop() {
+            if subtree.insert(id.clone()) {
+                stack.extend(children.get(&id).into_iter().flatten().cloned());
+            }
+        }
+        subtree
+    }
+}
