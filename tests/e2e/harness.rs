@@ -178,10 +178,29 @@ fn kill_agents_under(data_dir: &Path) {
     }
 }
 
-/// Live processes that carry an agent folder under `data_dir` in their environment: agents,
-/// their children, orphans.
+/// Live processes that carry an agent folder under `data_dir` in their environment (agents,
+/// their children, orphans), and the keeper of `data_dir`.
 pub fn processes_under(data_dir: &Path) -> Vec<i32> {
+    let mut processes = agents_under(data_dir);
+    processes.extend(keeper_of(data_dir));
+    processes
+}
+
+/// The keeper of `data_dir`, if one runs.
+pub fn keeper_of(data_dir: &Path) -> Option<i32> {
+    let marker = format!("{}={}", agentd_core::KEEPER_DIR_VAR, data_dir.display());
+    with_environment(|var| var == marker.as_bytes())
+        .into_iter()
+        .next()
+}
+
+/// Live processes that carry an agent folder under `data_dir` in their environment.
+pub fn agents_under(data_dir: &Path) -> Vec<i32> {
     let marker = format!("AGENTD_AGENT_DIR={}/", data_dir.display());
+    with_environment(|var| var.starts_with(marker.as_bytes()))
+}
+
+fn with_environment(wanted: impl Fn(&[u8]) -> bool) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -189,11 +208,8 @@ pub fn processes_under(data_dir: &Path) -> Vec<i32> {
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
-                environ
-                    .split(|&b| b == 0)
-                    .any(|var| var.starts_with(marker.as_bytes()))
-            })
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|environ| environ.split(|&b| b == 0).any(&wanted))
         })
         .filter(|&pid| process_exists(pid))
         .collect()

@@ -356,16 +356,16 @@ async fn a_repeated_request_id_starts_no_second_process() {
 async fn orphans_are_reaped_and_no_zombie_remains() {
     let daemon = Daemon::start().await;
     let mut client = daemon.client().await;
-    // Each subshell exits at once, orphaning its `sleep`; agentd is their subreaper.
+    // Each subshell exits at once, orphaning its `sleep`; agentd's keeper is their subreaper.
     let agent = spawn(
         &mut client,
         "orphans",
         sh("for i in 1 2 3; do (sleep 0.5 &); done; exit 0"),
     )
     .await;
-    let daemon_pid = daemon.pid();
-    eventually("agentd adopted the orphaned sleeps", || {
-        let children = children_of(daemon_pid);
+    let keeper = keeper_of(&daemon.data_dir).expect("a keeper runs");
+    eventually("the keeper adopted the orphaned sleeps", || {
+        let children = children_of(keeper);
         children
             .iter()
             .filter(|(pid, _)| *pid != agent.pid as i32)
@@ -375,7 +375,10 @@ async fn orphans_are_reaped_and_no_zombie_remains() {
     .await;
     wait_for_state(&mut client, "orphans", AgentState::Completed).await;
     eventually("every orphan is reaped, no zombie left", || {
-        children_of(daemon_pid).is_empty()
+        children_of(keeper).is_empty()
+            && children_of(daemon.pid())
+                .iter()
+                .all(|(pid, _)| *pid == keeper)
     })
     .await;
     let reaped = client

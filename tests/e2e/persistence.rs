@@ -1,5 +1,6 @@
-//! Records survive the daemon: a crash keeps every record and re-adopts running agents; a
-//! SIGTERM stops every agent and exits cleanly.
+//! Records survive the daemon: a crash keeps every record, re-adopts running agents and
+//! learns how every agent that ended meanwhile ended; a SIGTERM stops every agent and exits
+//! cleanly.
 
 use agentd_proto::v1 as pb;
 use nix::sys::signal::{Signal, kill};
@@ -33,9 +34,17 @@ async fn a_crashed_daemon_keeps_records_and_adopts_running_agents() {
     assert_eq!(adopted.state, AgentState::Running as i32);
     assert_eq!(adopted.pid, survivor.pid);
     assert!(adopted.adopted && adopted.process_alive);
-    let lost = status(&mut client, "victim").await;
-    assert_eq!(lost.state, AgentState::Lost as i32);
-    assert!(!lost.error.is_empty());
+    // It was killed while agentd was down, and its keeper saw how.
+    let victim = status(&mut client, "victim").await;
+    assert_eq!(
+        (victim.state, victim.exit_signal, victim.end_reason),
+        (
+            AgentState::Failed as i32,
+            Some(9),
+            pb::EndReason::Signaled as i32
+        ),
+        "{victim:#?}"
+    );
     let done = status(&mut client, "done").await;
     assert_eq!(
         (done.state, done.exit_code),
@@ -55,8 +64,8 @@ async fn a_crashed_daemon_keeps_records_and_adopts_running_agents() {
         StopOutcome::ExitedOnFirstSignal as i32,
         "{result:?}"
     );
-    // An adopted agent is not our child: its exit status cannot be read.
-    assert_eq!(result.exit_code, None);
+    // An adopted agent's exit status comes from its keeper.
+    assert_eq!(result.exit_code, Some(128 + 15));
     assert!(!process_exists(survivor.pid as i32));
 }
 
@@ -70,6 +79,10 @@ async fn sigterm_stops_every_agent_and_exits_zero() {
     assert!(exit.success(), "agentd exited with {exit}");
     assert!(!process_exists(agent.pid as i32));
     assert!(!daemon.socket.exists(), "the socket is removed on exit");
+    eventually("the keeper left with nothing to keep", || {
+        keeper_of(&daemon.data_dir).is_none()
+    })
+    .await;
 
     let daemon = Daemon::start_in(daemon.crash()).await;
     let mut client = daemon.client().await;

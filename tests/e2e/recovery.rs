@@ -150,7 +150,7 @@ async fn a_crash_during_a_spawn_storm_leaves_no_unknown_process() {
     eventually(
         "every process agentd started is one of its running agents",
         || {
-            processes_under(&daemon.data_dir)
+            agents_under(&daemon.data_dir)
                 .iter()
                 .all(|pid| known.contains(pid))
         },
@@ -164,6 +164,58 @@ async fn a_crash_during_a_spawn_storm_leaves_no_unknown_process() {
         })
         .await
         .expect("cleanup all");
-    let left = processes_under(&daemon.data_dir);
+    let left = agents_under(&daemon.data_dir);
     assert!(left.is_empty(), "still running after cleanup: {left:?}");
+}
+
+/// The keeper stays the parent of every agent across a daemon crash, so an exit while agentd
+/// is down, and one after it came back, are both known exactly.
+#[tokio::test]
+async fn exits_while_agentd_is_down_and_after_it_returns_are_reported_exactly() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let three = sh("trap 'exit 3' USR1; echo ready; while :; do sleep 0.05; done");
+    let three = spawn(&mut client, "exits-3", three).await;
+    let victim = spawn(&mut client, "victim", vec!["sleep".into(), "300".into()]).await;
+    let stdout = std::path::Path::new(&three.agent_dir).join("stdout.log");
+    eventually("the trap is set", || {
+        std::fs::read_to_string(&stdout).is_ok_and(|out| out.contains("ready"))
+    })
+    .await;
+    drop(client);
+
+    let dir = daemon.crash();
+    kill(Pid::from_raw(three.pid as i32), Signal::SIGUSR1).expect("signal the agent");
+    eventually("it exited while agentd was down", || {
+        !process_exists(three.pid as i32)
+    })
+    .await;
+
+    let daemon = Daemon::start_in(dir).await;
+    let mut client = daemon.client().await;
+    let three = status(&mut client, "exits-3").await;
+    assert_eq!(
+        (three.state, three.exit_code, three.end_reason),
+        (
+            AgentState::Failed as i32,
+            Some(3),
+            pb::EndReason::Exited as i32
+        ),
+        "{three:#?}"
+    );
+    let adopted = status(&mut client, "victim").await;
+    assert!(adopted.adopted && adopted.process_alive);
+    kill(Pid::from_raw(victim.pid as i32), Signal::SIGKILL).expect("kill the adopted agent");
+    let killed = wait_for(&mut client, "victim", "ended", |s| !s.process_alive).await;
+    assert_eq!(
+        (killed.state, killed.exit_signal, killed.end_reason),
+        (
+            AgentState::Failed as i32,
+            Some(9),
+            pb::EndReason::Signaled as i32
+        ),
+        "an adopted agent killed by a signal never ends COMPLETED: {killed:#?}"
+    );
 }

@@ -1,10 +1,12 @@
 //! An agent's folder: its prompt, its output files and status file, made ready for a
 //! launch; and the launch itself, with the environment that tells the agent who it is.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use crate::agent::AgentRecord;
 use crate::error::{Error, Result};
+use crate::keeper::{KEEPER_DIR_VAR, SpawnOrder};
 use crate::os::{self, Os};
 
 /// The file an agent writes its progress to.
@@ -12,8 +14,8 @@ pub(crate) const STATUS_FILE: &str = "status.json";
 
 /// An agent's folder, made ready for a launch: prompt written, output files open.
 pub(crate) struct AgentFiles {
-    stdout: std::fs::File,
-    stderr: std::fs::File,
+    stdout: PathBuf,
+    stderr: PathBuf,
 }
 
 impl AgentFiles {
@@ -32,9 +34,11 @@ impl AgentFiles {
         }
         let prompt_file = dir.join("prompt.txt");
         std::fs::write(&prompt_file, prompt).map_err(failed(&prompt_file))?;
+        // Empty at the start; the keeper opens them for appending.
         let create = |name: &str| {
             let path = dir.join(name);
-            std::fs::File::create(&path).map_err(failed(&path))
+            std::fs::File::create(&path).map_err(failed(&path))?;
+            Ok::<_, Error>(path)
         };
         Ok(AgentFiles {
             stdout: create("stdout.log")?,
@@ -43,24 +47,12 @@ impl AgentFiles {
     }
 
     /// For a restart: the prompt stays, output is appended to the earlier runs'.
-    pub(crate) fn reopen(agent_id: &str, dir: &Path) -> Result<AgentFiles> {
+    pub(crate) fn reopen(dir: &Path) -> AgentFiles {
         let _ = std::fs::remove_file(dir.join(STATUS_FILE));
-        let open = |name: &str| {
-            let path = dir.join(name);
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|source| Error::AgentDir {
-                    id: agent_id.to_string(),
-                    path,
-                    source,
-                })
-        };
-        Ok(AgentFiles {
-            stdout: open("stdout.log")?,
-            stderr: open("stderr.log")?,
-        })
+        AgentFiles {
+            stdout: dir.join("stdout.log"),
+            stderr: dir.join("stderr.log"),
+        }
     }
 
     pub(crate) fn launch(self, record: &AgentRecord, os: &dyn Os) -> Result<os::Started> {
@@ -88,11 +80,10 @@ impl AgentFiles {
             }
         }
         let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
-        let mut env: Vec<(String, String)> = spec
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        // The daemon's environment, then the spawn's, then agentd's own variables: a later
+        // entry wins.
+        let mut env: Vec<(String, String)> = daemon_env().to_vec();
+        env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.extend([
             ("AGENTD_AGENT_ID".into(), spec.agent_id.clone()),
             (
@@ -109,10 +100,11 @@ impl AgentFiles {
             ("AGENTD_PROMPT_FILE".into(), path("prompt.txt")),
             ("AGENTD_STATUS_FILE".into(), path(STATUS_FILE)),
         ]);
-        os.spawn(os::Launch {
-            command: &spec.command,
-            env: &env,
-            working_dir,
+        os.spawn(SpawnOrder {
+            agent_id: spec.agent_id.clone(),
+            command: spec.command.clone(),
+            env,
+            working_dir: working_dir.to_path_buf(),
             stdout: self.stdout,
             stderr: self.stderr,
         })
@@ -122,4 +114,16 @@ impl AgentFiles {
             source,
         })
     }
+}
+
+/// agentd's own environment, which every agent starts from. Variables that are not UTF-8
+/// cannot travel to the keeper and are left out.
+fn daemon_env() -> &'static [(String, String)] {
+    static ENV: OnceLock<Vec<(String, String)>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        std::env::vars_os()
+            .filter_map(|(key, value)| Some((key.into_string().ok()?, value.into_string().ok()?)))
+            .filter(|(key, _)| key != KEEPER_DIR_VAR)
+            .collect()
+    })
 }

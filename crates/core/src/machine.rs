@@ -124,10 +124,10 @@ pub(crate) enum Recovered {
     Running { ran_for: Duration },
     /// Its process ended while agentd was away, and how is known; so is how long it ran,
     /// when the keeper saw it start.
-    #[cfg_attr(not(test), expect(dead_code, reason = "the keeper is not there yet"))]
     Exited {
         exit: Exit,
         ran_for: Option<Duration>,
+        at: SystemTime,
     },
     /// Its process is gone, and how it ended cannot be learned.
     Gone,
@@ -203,7 +203,7 @@ impl AgentMachine {
                     machine.stop(now, false, StopReason::Requested, out);
                 }
             }
-            Recovered::Exited { exit, ran_for } => {
+            Recovered::Exited { exit, ran_for, at } => {
                 let started = ran_for.and_then(|ran| now.mono.checked_sub(ran));
                 machine.run = Run::new(&machine.record, started.unwrap_or(now.mono));
                 machine.phase = if was_stopping {
@@ -211,7 +211,9 @@ impl AgentMachine {
                 } else {
                     Phase::Running
                 };
-                machine.leader_exited(now, Some(exit), false, out);
+                // It ended when the keeper reaped it, not now.
+                let then = Now { wall: at, ..now };
+                machine.leader_exited(then, Some(exit), false, out);
             }
             Recovered::Gone => {
                 let record = &mut machine.record;

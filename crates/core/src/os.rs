@@ -24,11 +24,13 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::agent::Exit;
+use crate::keeper::{KeeperClient, SpawnOrder};
 
 /// What the supervisor task asks of the operating system.
 pub(crate) trait Os: Send + Sync {
-    /// Starts a leader process in its own group; [`Os::reap_one`] collects its exit.
-    fn spawn(&self, launch: Launch<'_>) -> io::Result<Started>;
+    /// Starts a leader process in its own group, as a child of the keeper, which reports
+    /// its exit.
+    fn spawn(&self, order: SpawnOrder) -> io::Result<Started>;
     /// Sends a signal to every process of a group; `Ok(false)`: the group is gone.
     fn signal_group(&self, pgid: i32, signal: Signal) -> io::Result<bool>;
     /// Sends a signal to one process; `Ok(false)`: it is gone.
@@ -50,22 +52,28 @@ pub(crate) trait Os: Send + Sync {
     fn proc_units(&self) -> (u64, u64);
 }
 
-/// The host itself.
+/// The host itself, with the keeper that starts the agents.
 pub(crate) struct System {
     units: (u64, u64),
+    keeper: KeeperClient,
 }
 
 impl System {
-    pub fn new() -> System {
+    pub fn new(keeper: KeeperClient) -> System {
         System {
             units: proc_units(),
+            keeper,
         }
+    }
+
+    pub fn keeper(&self) -> &KeeperClient {
+        &self.keeper
     }
 }
 
 impl Os for System {
-    fn spawn(&self, launch: Launch<'_>) -> io::Result<Started> {
-        spawn(launch)
+    fn spawn(&self, order: SpawnOrder) -> io::Result<Started> {
+        self.keeper.spawn(order)
     }
 
     fn signal_group(&self, pgid: i32, signal: Signal) -> io::Result<bool> {
@@ -123,6 +131,7 @@ pub fn become_subreaper() -> io::Result<()> {
 /// What to start and where its output goes.
 pub struct Launch<'a> {
     pub command: &'a [String],
+    /// The whole environment: nothing is inherited.
     pub env: &'a [(String, String)],
     pub working_dir: &'a Path,
     pub stdout: File,
@@ -135,8 +144,8 @@ pub struct Started {
     pub start_ticks: Option<u64>,
 }
 
-/// Starts the command as the leader of a new process group. The child is never waited for
-/// here: [`reap_one`] collects its exit.
+/// Starts the command as the leader of a new process group (in the keeper). The child is
+/// never waited for here: [`reap_one`] collects its exit.
 pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
     let (program, args) = launch
         .command
@@ -144,6 +153,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
     let child = Command::new(program)
         .args(args)
+        .env_clear()
         .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .current_dir(launch.working_dir)
         .stdin(Stdio::null())

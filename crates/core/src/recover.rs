@@ -14,6 +14,7 @@ use std::path::Path;
 use nix::sys::signal::Signal;
 
 use crate::agent::{AgentRecord, AgentState};
+use crate::keeper::{KeptChild, KeptExit};
 use crate::machine::Recovered;
 use crate::os::{MarkedLeader, Os};
 
@@ -22,11 +23,32 @@ pub(crate) struct Found {
     /// The record, with the pid of a run it did not know about filled in.
     pub record: AgentRecord,
     pub how: Recovered,
-    /// An adopted agent that is not our child: its exit arrives through this descriptor.
-    pub pidfd: Option<OwnedFd>,
+    pub watch: ExitWatch,
 }
 
-pub(crate) fn recover(records: Vec<AgentRecord>, os: &dyn Os, agents_dir: &Path) -> Vec<Found> {
+/// How the exit of an adopted agent will be learned.
+pub(crate) enum ExitWatch {
+    /// It is not running.
+    None,
+    /// It is the keeper's child: the keeper reports its exit.
+    Keeper,
+    /// It is nobody's we know (its keeper died, or an older agentd started it): a pidfd says
+    /// when it ends, but not how.
+    Pidfd(OwnedFd),
+}
+
+/// What the keeper knows: its children that run, and the exits agentd has not acknowledged.
+pub(crate) struct KeeperState {
+    pub children: Vec<KeptChild>,
+    pub exits: Vec<KeptExit>,
+}
+
+pub(crate) fn recover(
+    records: Vec<AgentRecord>,
+    os: &dyn Os,
+    agents_dir: &Path,
+    keeper: &KeeperState,
+) -> Vec<Found> {
     let mut marked: HashMap<String, Vec<MarkedLeader>> = HashMap::new();
     for leader in os.marked_leaders(agents_dir) {
         marked
@@ -36,7 +58,7 @@ pub(crate) fn recover(records: Vec<AgentRecord>, os: &dyn Os, agents_dir: &Path)
     }
     let found = records
         .into_iter()
-        .map(|record| find(record, os, &mut marked))
+        .map(|record| find(record, os, &mut marked, keeper))
         .collect();
     // Processes of agents with no record at all: their spawn was never acknowledged.
     for leader in marked.into_values().flatten() {
@@ -56,13 +78,31 @@ fn find(
     mut record: AgentRecord,
     os: &dyn Os,
     marked: &mut HashMap<String, Vec<MarkedLeader>>,
+    keeper: &KeeperState,
 ) -> Found {
     let agent_id = record.spec.agent_id.clone();
     let leaders = marked.remove(&agent_id).unwrap_or_default();
     let was_live = record.state.is_live() || record.state == AgentState::BackingOff;
     if !was_live {
         // Younger leaders carrying an ended agent's folder are its descendants.
-        return as_found(record, Recovered::AsStored, None);
+        return as_found(record, Recovered::AsStored, ExitWatch::None);
+    }
+    // The keeper saw it end while agentd was away.
+    if record.state.is_live()
+        && let Some(kept) = keeper.exits.iter().find(|exit| {
+            exit.agent_id == agent_id
+                && record.pid.is_none_or(|pid| pid == exit.pid)
+                && (record.start_ticks.is_none() || exit.start_ticks == record.start_ticks)
+        })
+    {
+        let how = Recovered::Exited {
+            exit: kept.exit,
+            ran_for: Some(kept.ran_for),
+            at: kept.at,
+        };
+        record.pid = Some(kept.pid);
+        record.start_ticks = kept.start_ticks;
+        return as_found(record, how, ExitWatch::None);
     }
     // Same pid and start time: the same process. A zombie is already gone (its new parent
     // may never reap it).
@@ -98,26 +138,33 @@ fn find(
                 leader.stat
             }
             None if record.state == AgentState::BackingOff => {
-                return as_found(record, Recovered::AsStored, None);
+                return as_found(record, Recovered::AsStored, ExitWatch::None);
             }
-            None => return as_found(record, Recovered::Gone, None),
+            None => return as_found(record, Recovered::Gone, ExitWatch::None),
         },
     };
     let Some(pid) = record.pid else {
-        return as_found(record, Recovered::Gone, None);
+        return as_found(record, Recovered::Gone, ExitWatch::None);
     };
+    let ran_for = os.running_for(&stat).unwrap_or_default();
+    let running = Recovered::Running { ran_for };
+    let kept = keeper.children.iter().any(|child| {
+        child.pid == pid
+            && child.agent_id == agent_id
+            && child.start_ticks == Some(stat.start_ticks)
+    });
+    if kept {
+        return as_found(record, running, ExitWatch::Keeper);
+    }
     match os.pidfd_open(pid) {
-        Ok(pidfd) => {
-            let ran_for = os.running_for(&stat).unwrap_or_default();
-            as_found(record, Recovered::Running { ran_for }, Some(pidfd))
-        }
+        Ok(pidfd) => as_found(record, running, ExitWatch::Pidfd(pidfd)),
         Err(error) => {
             tracing::warn!(%agent_id, pid, %error, "cannot watch the agent's process");
-            as_found(record, Recovered::Gone, None)
+            as_found(record, Recovered::Gone, ExitWatch::None)
         }
     }
 }
 
-fn as_found(record: AgentRecord, how: Recovered, pidfd: Option<OwnedFd>) -> Found {
-    Found { record, how, pidfd }
+fn as_found(record: AgentRecord, how: Recovered, watch: ExitWatch) -> Found {
+    Found { record, how, watch }
 }

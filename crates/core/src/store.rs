@@ -254,6 +254,12 @@ impl Store {
         Ok(())
     }
 
+    /// Puts everything written so far on disk, on this thread (for start-up).
+    pub fn flush_now(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Waits until everything written so far is on disk.
     pub async fn flush(&self) -> Result<()> {
         let durability = &self.durability;

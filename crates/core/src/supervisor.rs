@@ -25,11 +25,12 @@ use crate::error::{Error, Result};
 use crate::events::{EventBus, EventFilter, EventKind, EventRetention, Subscription};
 use crate::files::AgentFiles;
 use crate::health::{HealthPolicy, ProgressReport};
+use crate::keeper::{AckSink, ExitStream, KeeperClient, KeptExit};
 use crate::lifecycle::ParentExit;
 use crate::logs::LogRotation;
 use crate::machine::{AgentMachine, Effect, Now};
 use crate::os::{self, Os};
-use crate::recover;
+use crate::recover::{self, ExitWatch, KeeperState};
 use crate::sampler::{self, SampleBatch, TreeSample};
 use crate::spec::{SpawnRequest, check_id};
 use crate::stop::{StopOptions, StopOutcome, StopReason, StopReport};
@@ -48,6 +49,9 @@ pub struct SupervisorConfig {
     pub log_rotation: LogRotation,
     /// How long, and how many, agents that ended for good are kept before they are removed.
     pub finished_retention: FinishedRetention,
+    /// The agentd executable, which runs as the keeper when given `KEEPER_ARG`; `None`:
+    /// this process's own executable.
+    pub keeper_program: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +109,7 @@ impl SupervisorConfig {
             limits: Limits::default(),
             log_rotation: LogRotation::default(),
             finished_retention: FinishedRetention::default(),
+            keeper_program: None,
         }
     }
 }
@@ -196,6 +201,8 @@ pub(crate) enum Command {
     Remove(String, oneshot::Sender<Result<AgentStatus>>),
     /// The process groups a group check found empty (agent id, group id).
     GroupsGone(Vec<(String, i32)>),
+    /// The keeper reaped one of its children.
+    KeptExit(KeptExit),
     /// Something the supervisor depends on broke (the sampler thread died): it stops, and
     /// the daemon exits non-zero instead of limping.
     Fatal(String),
@@ -313,13 +320,28 @@ impl Supervisor {
             what: "listening for SIGCHLD".into(),
             source,
         })?;
+        let program = match config.keeper_program.clone() {
+            Some(program) => program,
+            None => std::env::current_exe().map_err(|source| Error::Setup {
+                what: "finding agentd's own executable to run the keeper".into(),
+                source,
+            })?,
+        };
+        let keeper_failed = |source| Error::Setup {
+            what: format!("reaching the keeper in `{}`", config.data_dir.display()),
+            source,
+        };
+        let (keeper, kept_exits, ack_sink) =
+            KeeperClient::reach(&config.data_dir, &program).map_err(keeper_failed)?;
+        let (children, exits) = keeper.hello().map_err(keeper_failed)?;
+        let system = Arc::new(os::System::new(keeper));
         let (commands_tx, commands) = mpsc::channel(1024);
         let (adopted_exits_tx, adopted_exits) = mpsc::unbounded_channel();
+        let (acks, ack_queue) = mpsc::unbounded_channel();
         let events = EventBus::open(store.clone(), config.event_buffer, config.event_retention)?;
-        let os: Arc<dyn Os> = Arc::new(os::System::new());
         let mut task = SupervisorTask {
-            page_size: os.proc_units().1,
-            os,
+            page_size: system.proc_units().1,
+            os: system.clone(),
             store: store.clone(),
             events,
             agents_dir,
@@ -328,6 +350,7 @@ impl Supervisor {
             deadlines: BTreeSet::new(),
             stop_waiters: HashMap::new(),
             adopted_exits_tx,
+            acks,
             shutting_down: false,
             ids_generated: 0,
             limits: config.limits,
@@ -337,9 +360,18 @@ impl Supervisor {
             failure: None,
             records_set_aside: 0,
         };
-        task.recover()?;
+        let recovered_exits: Vec<i32> = exits.iter().map(|exit| exit.pid).collect();
+        task.recover(KeeperState { children, exits })?;
         task.reap();
+        // What recovery learned is on disk before the keeper may forget it.
+        store.flush_now()?;
+        system
+            .keeper()
+            .ack(recovered_exits)
+            .map_err(keeper_failed)?;
         tokio::spawn(task.run(commands, sigchld, adopted_exits));
+        tokio::spawn(forward_kept_exits(kept_exits, commands_tx.clone()));
+        tokio::spawn(acknowledge_exits(ack_queue, ack_sink, store.clone()));
 
         let handle = SupervisorHandle {
             commands: commands_tx,
@@ -400,6 +432,8 @@ pub(crate) struct SupervisorTask {
     /// Everyone waiting for a stop under way, by agent.
     stop_waiters: HashMap<String, Vec<oneshot::Sender<StopReport>>>,
     adopted_exits_tx: mpsc::UnboundedSender<String>,
+    /// Exits from the keeper that are handled; acknowledged once on disk.
+    acks: mpsc::UnboundedSender<Ack>,
     shutting_down: bool,
     ids_generated: u64,
     limits: Limits,
@@ -528,6 +562,17 @@ impl SupervisorTask {
                     }
                 }
             }
+            Command::KeptExit(exit) => {
+                if let Some(agent_id) = self.table.take_child(exit.pid) {
+                    let same_run = self.table.get(&agent_id).is_ok_and(|m| {
+                        exit.start_ticks.is_none() || m.record().start_ticks == exit.start_ticks
+                    });
+                    if same_run {
+                        self.leader_exited(&agent_id, Some(exit.exit));
+                    }
+                }
+                let _ = self.acks.send(Ack::Exit(exit.pid));
+            }
             Command::Fatal(problem) => self.failure = Some(problem),
         }
     }
@@ -632,8 +677,7 @@ impl SupervisorTask {
             return;
         };
         let record = machine.record();
-        let launched = AgentFiles::reopen(agent_id, &record.agent_dir)
-            .and_then(|files| files.launch(record, self.os.as_ref()));
+        let launched = AgentFiles::reopen(&record.agent_dir).launch(record, self.os.as_ref());
         // A failed restart is the machine's to handle; nobody waits for the error.
         let _ = self.launched(agent_id, launched);
     }
@@ -982,12 +1026,18 @@ impl SupervisorTask {
             }
         };
         let store = self.store.clone();
+        let acks = self.acks.clone();
         tokio::spawn(async move {
             for report in pending {
                 let _ = report.await;
             }
             if let Err(error) = store.flush().await {
                 tracing::error!(%error, "flushing the store at shutdown");
+            }
+            // The keeper forgets the exits it reported, and exits once it keeps nothing.
+            let (drained, done) = oneshot::channel();
+            if acks.send(Ack::Drain(drained)).is_ok() {
+                let _ = done.await;
             }
             let _ = reply.send(());
         });
@@ -1132,10 +1182,10 @@ impl SupervisorTask {
     }
 
     /// Loads every stored agent and learns what became of it while agentd was away.
-    fn recover(&mut self) -> Result<()> {
+    fn recover(&mut self, keeper: KeeperState) -> Result<()> {
         let records = self.store.load_agents()?;
         self.records_set_aside = u32::try_from(self.store.set_aside_count()).unwrap_or(u32::MAX);
-        for found in recover::recover(records, self.os.as_ref(), &self.agents_dir) {
+        for found in recover::recover(records, self.os.as_ref(), &self.agents_dir, &keeper) {
             let agent_id = found.record.spec.agent_id.clone();
             let now = self.now();
             let mut effects = Vec::new();
@@ -1143,9 +1193,17 @@ impl SupervisorTask {
             if let Some(at) = machine.deadline() {
                 self.deadlines.insert((at, agent_id.clone()));
             }
+            let (pid, request_id) = (
+                machine.record().pid,
+                machine.record().spec.request_id.clone(),
+            );
             self.table.insert(machine);
-            if let Some(pidfd) = found.pidfd {
-                self.watch_adopted(agent_id.clone(), pidfd);
+            match (found.watch, pid) {
+                (ExitWatch::Keeper, Some(pid)) => {
+                    self.table.child_started(&agent_id, pid, &request_id);
+                }
+                (ExitWatch::Pidfd(pidfd), _) => self.watch_adopted(agent_id.clone(), pidfd),
+                _ => {}
             }
             self.carry_out(&agent_id, now, effects);
         }
@@ -1165,6 +1223,59 @@ impl SupervisorTask {
                 }
             }
         });
+    }
+}
+
+/// Hands every exit the keeper reports to the supervisor task. The keeper going away is
+/// fatal: agentd exits, and the next one starts a keeper and adopts the agents.
+async fn forward_kept_exits(mut exits: ExitStream, commands: mpsc::Sender<Command>) {
+    while let Some(exit) = exits.next().await {
+        if commands.send(Command::KeptExit(exit)).await.is_err() {
+            return;
+        }
+    }
+    let _ = commands
+        .send(Command::Fatal("the keeper exited".into()))
+        .await;
+}
+
+/// A message for the task that acknowledges exits to the keeper.
+enum Ack {
+    /// The exit of this pid is handled.
+    Exit(i32),
+    /// Answer once everything sent before is acknowledged.
+    Drain(oneshot::Sender<()>),
+}
+
+/// Acknowledges handled exits in batches, each once a flush has put it on disk.
+async fn acknowledge_exits(
+    mut queue: mpsc::UnboundedReceiver<Ack>,
+    mut sink: AckSink,
+    store: Store,
+) {
+    while let Some(first) = queue.recv().await {
+        let (mut pids, mut drained) = (Vec::new(), Vec::new());
+        let mut take = |ack| match ack {
+            Ack::Exit(pid) => pids.push(pid),
+            Ack::Drain(done) => drained.push(done),
+        };
+        take(first);
+        while let Ok(ack) = queue.try_recv() {
+            take(ack);
+        }
+        if !pids.is_empty() {
+            match store.flush().await {
+                Ok(()) => {
+                    if let Err(error) = sink.ack(pids).await {
+                        tracing::error!(%error, "acknowledging exits to the keeper");
+                    }
+                }
+                Err(error) => tracing::error!(%error, "flushing exits before acknowledging them"),
+            }
+        }
+        for done in drained {
+            let _ = done.send(());
+        }
     }
 }
 

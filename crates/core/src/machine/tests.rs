@@ -618,6 +618,7 @@ fn recovery_reports_a_known_exit_with_its_code_and_an_unknown_end_as_lost() {
     let how = Recovered::Exited {
         exit: Exit::Code(3),
         ran_for: Some(Duration::from_secs(4)),
+        at: clock.wall - Duration::from_secs(60),
     };
     let machine = AgentMachine::recovered(
         stored(AgentState::Running, |_| {}),
@@ -631,6 +632,7 @@ fn recovery_reports_a_known_exit_with_its_code_and_an_unknown_end_as_lost() {
         (AgentState::Failed, Some(Exit::Code(3)))
     );
     assert_eq!(record.ran_for, Some(Duration::from_secs(4)));
+    assert_eq!(record.ended_at, Some(clock.wall - Duration::from_secs(60)));
 
     let mut out = Vec::new();
     let record = stored(AgentState::Running, |spec| {
