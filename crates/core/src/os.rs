@@ -437,6 +437,16 @@ pub fn state_name(state: char) -> &'static str {
     }
 }
 
+/// Hands memory that the allocator holds free back to the kernel. After many agents are
+/// removed at once, their memory is free but scattered through the heap, where glibc would
+/// keep it resident for good.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}
+
 /// A pidfd for a process that is not our child (an adopted agent): it becomes readable when
 /// the process exits.
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {

@@ -33,6 +33,12 @@ enum StoredEvent {
     V1(Event),
 }
 
+/// sled's page cache. Its default (1 GiB) lets it grow with the event log and every record
+/// ever written (measured: 23, 104, 164 MB after 1, 5, 10 rounds of 1000 agents). Reads
+/// from sled are rare (start-up, replays to resuming watchers); writes need only the tree
+/// edges they touch, so a small cache costs nothing that was measured.
+const CACHE_BYTES: u64 = 4 << 20;
+
 /// Keys of the `meta` tree.
 const SEQUENCE_RESERVED: &[u8] = b"sequence_reserved";
 const EVENTS_TRIMMED_THROUGH: &[u8] = b"events_trimmed_through";
@@ -71,7 +77,10 @@ impl Store {
     /// Opens (or creates) the store. sled locks the folder, so a second daemon on the same
     /// data folder fails here.
     pub fn open(path: &Path) -> Result<Store> {
-        let db = sled::Config::new().path(path).open()?;
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .open()?;
         let agents = db.open_tree("agents")?;
         let events = db.open_tree("events")?;
         let meta = db.open_tree("meta")?;

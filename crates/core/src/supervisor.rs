@@ -15,6 +15,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -346,6 +347,7 @@ impl Supervisor {
             events,
             agents_dir,
             trash_dir,
+            trash_emptying: Arc::default(),
             table: AgentTable::default(),
             deadlines: BTreeSet::new(),
             stop_waiters: HashMap::new(),
@@ -426,6 +428,8 @@ pub(crate) struct SupervisorTask {
     agents_dir: PathBuf,
     /// Removed agents' folders wait here to be deleted.
     trash_dir: PathBuf,
+    /// A blocking thread is deleting the trash.
+    trash_emptying: Arc<AtomicBool>,
     table: AgentTable,
     /// Every machine's deadline, so the loop sleeps until the first.
     deadlines: BTreeSet<(Instant, String)>,
@@ -1130,13 +1134,7 @@ impl SupervisorTask {
                 .as_nanos();
             let trash = self.trash_dir.join(format!("{agent_id}-{nanos}"));
             match std::fs::rename(dir, &trash) {
-                Ok(()) => {
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(error) = std::fs::remove_dir_all(&trash) {
-                            tracing::warn!(dir = %trash.display(), %error, "deleting a removed agent's folder");
-                        }
-                    });
-                }
+                Ok(()) => self.empty_trash(),
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
                 Err(error) => {
                     tracing::warn!(dir = %dir.display(), %error, "moving a removed agent's folder away");
@@ -1145,6 +1143,37 @@ impl SupervisorTask {
         }
         tracing::info!(%agent_id, "removed");
         Ok(status)
+    }
+
+    /// Deletes the folders in the trash on one blocking thread, never more: retention may
+    /// remove a thousand agents in one turn, and a thread each would leave agentd holding
+    /// their stacks and malloc arenas.
+    fn empty_trash(&mut self) {
+        if self.trash_emptying.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (trash_dir, emptying) = (self.trash_dir.clone(), self.trash_emptying.clone());
+        tokio::task::spawn_blocking(move || {
+            loop {
+                for entry in std::fs::read_dir(&trash_dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let path = entry.path();
+                    if let Err(error) = std::fs::remove_dir_all(&path) {
+                        tracing::warn!(dir = %path.display(), %error, "deleting a removed agent's folder");
+                    }
+                }
+                emptying.store(false, Ordering::SeqCst);
+                // A folder moved in after the last listing is deleted now, unless a new
+                // round already started for it.
+                let more = std::fs::read_dir(&trash_dir).is_ok_and(|mut d| d.next().is_some());
+                if !more || emptying.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+            }
+        });
     }
 
     /// Removes the agents that ended for good longest ago, beyond the count limit or past
@@ -1172,12 +1201,19 @@ impl SupervisorTask {
             .filter(|(index, (ended, _))| *index < over || *ended < oldest_allowed)
             .map(|(_, (_, agent_id))| agent_id)
             .collect();
+        let mut removed = 0;
         for agent_id in expired {
             match self.remove(&agent_id) {
-                Ok(_) => tracing::info!(%agent_id, "removed by retention"),
+                Ok(_) => {
+                    removed += 1;
+                    tracing::info!(%agent_id, "removed by retention");
+                }
                 Err(Error::NotFinished { .. }) => {}
                 Err(error) => tracing::warn!(%agent_id, %error, "retention could not remove"),
             }
+        }
+        if removed > 0 {
+            os::release_free_memory();
         }
     }
 

@@ -4,7 +4,8 @@
 //! shows as the "agentd (Rust)" column next to the Python-driven peers).
 //!
 //! ```sh
-//! cargo bench -p agentd-server --bench agentd                 # N=200,1000, 1000 and 10k idle
+//! cargo bench -p agentd-server --bench agentd                 # N=200,1000, 1000 and 10k idle,
+//!                                                              # 10 rounds of 1000 short agents
 //! cargo bench -p agentd-server --bench agentd -- --smoke      # tiny N, a few seconds
 //! ```
 //!
@@ -56,6 +57,12 @@ struct Options {
     /// Agents spawned and stopped while the watchers watch.
     #[arg(long, default_value_t = 1000)]
     fanout: usize,
+    /// Agents per round of the memory-under-churn rows.
+    #[arg(long, default_value_t = 1000)]
+    churn: usize,
+    /// Rounds of the memory-under-churn rows; RSS is reported after rounds 1, 5 and 10.
+    #[arg(long, default_value_t = 10)]
+    churn_rounds: usize,
     /// Requests in flight for the wall-time rows.
     #[arg(long, default_value_t = 8)]
     in_flight: usize,
@@ -74,11 +81,17 @@ struct Options {
 struct Daemon {
     process: Child,
     socket: PathBuf,
+    data_dir: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Daemon {
+    /// A daemon that keeps every event, so a fan-out watcher can never be told it fell behind.
     async fn start() -> Result<Daemon> {
+        Daemon::start_with(&["--event-retention-count", "1000000"]).await
+    }
+
+    async fn start_with(options: &[&str]) -> Result<Daemon> {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("agentd.sock");
         let process = Command::new(env!("CARGO_BIN_EXE_agentd"))
@@ -86,13 +99,15 @@ impl Daemon {
             .arg(dir.path().join("data"))
             .arg("--socket")
             .arg(&socket)
-            .args(["--log-level", "warn", "--event-retention-count", "1000000"])
+            .args(["--log-level", "warn"])
+            .args(options)
             .stdout(Stdio::null())
             .spawn()
             .context("starting agentd")?;
         let daemon = Daemon {
             process,
             socket,
+            data_dir: dir.path().join("data"),
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -111,6 +126,29 @@ impl Daemon {
             .connect()
             .await?;
         Ok(AgentSupervisorClient::new(channel).max_decoding_message_size(256 << 20))
+    }
+
+    /// The keeper agentd started (the parent of every agent), found by the variable in its
+    /// environment.
+    fn keeper(&self) -> Result<u32> {
+        let marker = format!(
+            "{}={}",
+            agentd_core::KEEPER_DIR_VAR,
+            std::fs::canonicalize(&self.data_dir)?.display()
+        );
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+                continue;
+            };
+            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            if environ
+                .split(|&b| b == 0)
+                .any(|var| var == marker.as_bytes())
+            {
+                return Ok(pid);
+            }
+        }
+        bail!("no keeper runs for {}", self.data_dir.display())
     }
 
     /// Asks agentd to shut down: it stops what is left, and its exit ends every stream.
@@ -377,19 +415,68 @@ async fn idle_cost(options: &Options, n: usize, rows: &mut Rows) -> Result<()> {
         options.in_flight,
     )
     .await?;
-    let pid = daemon.process.id();
+    let (pid, keeper) = (daemon.process.id(), daemon.keeper()?);
     let (before, _) = cpu_and_rss(pid)?;
+    let (keeper_before, _) = cpu_and_rss(keeper)?;
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(options.idle_seconds)).await;
     let (after, rss) = cpu_and_rss(pid)?;
-    let cpu = (after - before) / started.elapsed().as_secs_f64() * 100.0;
+    let (keeper_after, keeper_rss) = cpu_and_rss(keeper)?;
+    let seconds = started.elapsed().as_secs_f64();
     rows.insert(format!("{n} idle agents: supervisor RSS (MB)"), rss);
     rows.insert(
         format!("{n} idle agents: supervisor CPU (% of a core)"),
-        cpu,
+        (after - before) / seconds * 100.0,
+    );
+    rows.insert(format!("{n} idle agents: keeper RSS (MB)"), keeper_rss);
+    rows.insert(
+        format!("{n} idle agents: keeper CPU (% of a core)"),
+        (keeper_after - keeper_before) / seconds * 100.0,
     );
     daemon.close().await
 }
+
+/// Rounds of short agents spawned and stopped, default retention: agentd's resident memory
+/// must level off, not grow with every agent it has ever run. RSS is read once retention has
+/// brought the agents it keeps back to its limit, so every round is measured holding the same
+/// number of agents.
+async fn churn(options: &Options, rows: &mut Rows) -> Result<()> {
+    let daemon = Daemon::start_with(&[]).await?;
+    let mut client = daemon.client().await?;
+    let pid = daemon.process.id();
+    rows.insert(
+        "churn: RSS of a fresh daemon (MB)".into(),
+        cpu_and_rss(pid)?.1,
+    );
+    let n = options.churn;
+    for round in 1..=options.churn_rounds {
+        let agents = (0..n).map(|i| sleeper(format!("churn-{round}-{i}")));
+        spawn_all(&client, agents.collect(), options.in_flight).await?;
+        stop_all(&mut client, false).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client
+            .get_summary(pb::GetSummaryRequest {})
+            .await?
+            .into_inner()
+            .total as usize
+            > RETAINED_FINISHED.max(n)
+        {
+            ensure!(
+                Instant::now() < deadline,
+                "retention never removed old agents"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if [1, 5, 10].contains(&round) {
+            let rss = cpu_and_rss(pid)?.1;
+            rows.insert(format!("churn: RSS after {round} x {n} agents (MB)"), rss);
+        }
+    }
+    daemon.close().await
+}
+
+/// agentd's default `--retain-finished-count`.
+const RETAINED_FINISHED: usize = 1000;
 
 /// What one watcher received: every sequence number in order, and when the last arrived.
 type Watched = (Vec<u64>, Instant);
@@ -482,6 +569,7 @@ async fn main() -> Result<()> {
         options.idle_seconds = 0.5;
         options.subscribers = 3;
         options.fanout = 5;
+        options.churn = 5;
     }
     let mut rows = Rows::new();
     spawn_latency(&options, &mut rows).await?;
@@ -494,6 +582,7 @@ async fn main() -> Result<()> {
     for &n in &options.idle {
         idle_cost(&options, n, &mut rows).await?;
     }
+    churn(&options, &mut rows).await?;
     if options.json {
         println!("{}", serde_json::to_string(&rows)?);
     } else {
