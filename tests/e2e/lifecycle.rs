@@ -15,6 +15,11 @@ async fn spawned_agent_runs_with_its_pid_and_live_samples() {
     assert_eq!(spawned.state, AgentState::Running as i32);
     assert!(spawned.pid > 0 && process_exists(spawned.pid as i32));
     assert!(spawned.process_alive);
+    // The first reading is taken at spawn, not a sampling interval later.
+    assert!(
+        spawned.memory_mb > 0.0 && spawned.num_threads >= 1 && spawned.num_processes == 1,
+        "{spawned:#?}"
+    );
 
     let sampled = wait_for(&mut client, "busy", "sampled", |s| {
         s.cpu_percent > 0.0 && s.memory_mb > 0.0 && s.num_threads >= 1

@@ -167,7 +167,7 @@ async fn many_stubborn_agents_stop_in_about_one_ladder() {
     );
     // One ladder is 0.6 s; one after another would be a minute.
     assert!(
-        took < Duration::from_secs(4),
+        took < Duration::from_secs(20),
         "stopping {AGENTS} agents took {took:?}"
     );
     let summary = client

@@ -81,10 +81,37 @@ pub async fn stream(
         .await
         .map_err(error_status)?;
     let dir = status.record.agent_dir.clone();
+    // Finding the last lines may read hundreds of MB backwards: not on the runtime thread.
+    let (tail, wanted, folder) = (request.tail, streams.to_vec(), dir.clone());
+    let cursors = tokio::task::spawn_blocking(move || start_cursors(&folder, &wanted, tail))
+        .await
+        .map_err(|error| Status::internal(format!("finding where to start: {error}")))??;
+    let (queue, chunks) = mpsc::channel(16);
+    let mut sender = Sender {
+        queue,
+        supervisor,
+        agent_id: request.agent_id,
+        dir,
+        ended: !status.record.state.holds_capacity(),
+    };
+    tokio::spawn(async move {
+        if let Err(status) = sender.run(cursors, ends, request.follow, shutdown).await {
+            let _ = sender.queue.send(Err(status)).await;
+        }
+    });
+    Ok(ReceiverStream::new(chunks))
+}
+
+/// Where each stream starts: at an offset, at its last `tail` lines, or at its oldest byte.
+fn start_cursors(
+    dir: &std::path::Path,
+    streams: &[(LogStream, Option<u64>)],
+    tail: u32,
+) -> Result<Vec<Cursor>, Status> {
     let mut cursors = Vec::new();
     for &(stream, offset) in streams {
-        let log = LogFile::new(&dir, stream);
-        let start = match (request.tail, offset) {
+        let log = LogFile::new(dir, stream);
+        let start = match (tail, offset) {
             (0, Some(offset)) => offset,
             (0, None) => log.first_offset().map_err(read_error)?,
             (lines, _) => log.tail_offset(lines).map_err(log_error)?,
@@ -102,20 +129,7 @@ pub async fn stream(
             offset: start,
         });
     }
-    let (queue, chunks) = mpsc::channel(16);
-    let mut sender = Sender {
-        queue,
-        supervisor,
-        agent_id: request.agent_id,
-        dir,
-        ended: !status.record.state.holds_capacity(),
-    };
-    tokio::spawn(async move {
-        if let Err(status) = sender.run(cursors, ends, request.follow, shutdown).await {
-            let _ = sender.queue.send(Err(status)).await;
-        }
-    });
-    Ok(ReceiverStream::new(chunks))
+    Ok(cursors)
 }
 
 struct Sender {
