@@ -313,6 +313,20 @@ pub async fn stop(client: &mut Client, agent_ids: &[&str], force: bool) -> Vec<p
         .results
 }
 
+/// SIGKILLs every agent at once and waits until they are gone.
+pub async fn kill_all(client: &mut Client) -> Vec<pb::StopResult> {
+    client
+        .cleanup(pb::CleanupRequest {
+            all: true,
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .expect("cleanup all")
+        .into_inner()
+        .results
+}
+
 /// The next event of a watch, failing after [`DEADLINE`].
 pub async fn next_event(events: &mut tonic::Streaming<pb::AgentEvent>) -> pb::AgentEvent {
     tokio::time::timeout(DEADLINE, events.message())

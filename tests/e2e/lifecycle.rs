@@ -72,14 +72,7 @@ async fn many_spawns_in_flight_on_one_connection_all_answer() {
             .all(|status| status.state == AgentState::Running as i32)
     );
     let mut client = client;
-    client
-        .cleanup(pb::CleanupRequest {
-            all: true,
-            force: true,
-            ..Default::default()
-        })
-        .await
-        .expect("cleanup");
+    kill_all(&mut client).await;
 }
 
 #[tokio::test]

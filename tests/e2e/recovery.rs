@@ -39,14 +39,7 @@ async fn an_agent_with_a_non_ascii_name_is_sampled_adopted_and_stopped() {
         [spawned.pid as i32],
         "exactly one copy runs after the restart"
     );
-    client
-        .cleanup(pb::CleanupRequest {
-            all: true,
-            force: true,
-            ..Default::default()
-        })
-        .await
-        .expect("cleanup all");
+    kill_all(&mut client).await;
     assert!(!process_exists(spawned.pid as i32), "the agent is stopped");
 }
 
@@ -156,14 +149,7 @@ async fn a_crash_during_a_spawn_storm_leaves_no_unknown_process() {
         },
     )
     .await;
-    client
-        .cleanup(pb::CleanupRequest {
-            all: true,
-            force: true,
-            ..Default::default()
-        })
-        .await
-        .expect("cleanup all");
+    kill_all(&mut client).await;
     let left = agents_under(&daemon.data_dir);
     assert!(left.is_empty(), "still running after cleanup: {left:?}");
 }

@@ -156,6 +156,33 @@ pub struct AgentRecord {
 }
 
 impl AgentRecord {
+    /// The record of an agent about to start for the first time.
+    pub(crate) fn new(spec: Arc<AgentSpec>, agent_dir: PathBuf, now: SystemTime) -> AgentRecord {
+        AgentRecord {
+            spec,
+            state: AgentState::Starting,
+            agent_dir,
+            pid: None,
+            start_ticks: None,
+            started_at: Some(now),
+            ended_at: None,
+            exit: None,
+            error: None,
+            progress: 0.0,
+            progress_message: String::new(),
+            adopted: false,
+            progress_details: BTreeMap::new(),
+            last_heartbeat: None,
+            health_issues: Vec::new(),
+            restart_count: 0,
+            last_exit: None,
+            next_restart_at: None,
+            backoff_step: 0,
+            end_reason: EndReason::Unspecified,
+            ran_for: None,
+        }
+    }
+
     /// How the current run ended, for messages.
     pub fn state_text(&self) -> String {
         match self.exit {

@@ -105,11 +105,16 @@ enum Reply {
     Exited(KeptExit),
 }
 
-/// agentd's side: the control connection, used only from the supervisor task.
+/// agentd's side: the control connection, used only from the supervisor task. `None` once
+/// a call failed: a reply that came late would answer the next question, so the connection
+/// is never used again.
 pub(crate) struct KeeperClient {
-    control: Mutex<BufReader<UnixStream>>,
+    control: Mutex<Option<BufReader<UnixStream>>>,
     socket: PathBuf,
 }
+
+/// How long the keeper may take to answer; it answers in microseconds unless it is stuck.
+const ANSWER_WITHIN: Duration = Duration::from_secs(30);
 
 impl KeeperClient {
     /// Connects to the keeper of `data_dir`, starting one (`program` with [`KEEPER_ARG`]) if
@@ -128,8 +133,9 @@ impl KeeperClient {
                     UnixStream::connect(&socket)?
                 }
             };
+            stream.set_read_timeout(Some(ANSWER_WITHIN))?;
             let client = KeeperClient {
-                control: Mutex::new(BufReader::new(stream)),
+                control: Mutex::new(Some(BufReader::new(stream))),
                 socket: socket.clone(),
             };
             let (exits, acks) = client.watch()?;
@@ -202,17 +208,28 @@ impl KeeperClient {
 
     fn call(&self, request: &Request) -> io::Result<Reply> {
         let mut control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(connection) = control.as_mut() else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the keeper stopped answering earlier; restart agentd",
+            ));
+        };
         let mut line = serde_json::to_vec(request).map_err(io::Error::other)?;
         line.push(b'\n');
-        control.get_mut().write_all(&line)?;
         let mut answer = String::new();
-        if control.read_line(&mut answer)? == 0 {
-            return Err(io::Error::new(
+        let exchanged = connection
+            .get_mut()
+            .write_all(&line)
+            .and_then(|()| connection.read_line(&mut answer));
+        match exchanged {
+            Ok(0) => Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the keeper closed the connection",
-            ));
+            )),
+            Ok(_) => serde_json::from_str(&answer).map_err(io::Error::other),
+            Err(error) => Err(error),
         }
-        serde_json::from_str(&answer).map_err(io::Error::other)
+        .inspect_err(|_| *control = None)
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::agent::{AgentRecord, AgentState, AgentStatus, EndReason, Exit};
+use crate::agent::{AgentRecord, AgentState, AgentStatus, Exit};
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventFilter, EventKind, EventRetention, Subscription};
 use crate::files::AgentFiles;
@@ -748,29 +748,7 @@ impl SupervisorTask {
         let agent_id = spec.agent_id.clone();
         let agent_dir = self.agents_dir.join(&agent_id);
         let files = AgentFiles::prepare(&agent_id, &agent_dir, &prompt)?;
-        let record = AgentRecord {
-            spec: Arc::new(spec),
-            state: AgentState::Starting,
-            agent_dir,
-            pid: None,
-            start_ticks: None,
-            started_at: Some(SystemTime::now()),
-            ended_at: None,
-            exit: None,
-            error: None,
-            progress: 0.0,
-            progress_message: String::new(),
-            adopted: false,
-            progress_details: Default::default(),
-            last_heartbeat: None,
-            health_issues: Vec::new(),
-            restart_count: 0,
-            last_exit: None,
-            next_restart_at: None,
-            backoff_step: 0,
-            end_reason: EndReason::Unspecified,
-            ran_for: None,
-        };
+        let record = AgentRecord::new(Arc::new(spec), agent_dir, SystemTime::now());
         let machine = AgentMachine::starting(record, self.now());
         // The STARTING record reaches the disk before the process exists.
         self.store.put(machine.record())?;

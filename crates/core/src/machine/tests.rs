@@ -76,29 +76,24 @@ fn spec(change: impl FnOnce(&mut AgentSpec)) -> AgentSpec {
 }
 
 fn record(spec: AgentSpec) -> AgentRecord {
-    AgentRecord {
-        agent_dir: format!("/data/agents/{}", spec.agent_id).into(),
-        spec: Arc::new(spec),
-        state: AgentState::Starting,
-        pid: None,
-        start_ticks: None,
-        started_at: None,
-        ended_at: None,
-        exit: None,
-        error: None,
-        progress: 0.0,
-        progress_message: String::new(),
-        adopted: false,
-        progress_details: Default::default(),
-        last_heartbeat: None,
-        health_issues: Vec::new(),
-        restart_count: 0,
-        last_exit: None,
-        next_restart_at: None,
-        backoff_step: 0,
-        end_reason: EndReason::Unspecified,
-        ran_for: None,
-    }
+    let dir = format!("/data/agents/{}", spec.agent_id).into();
+    AgentRecord::new(Arc::new(spec), dir, SystemTime::UNIX_EPOCH)
+}
+
+/// The leader dies of the SIGTERM a millisecond later; returns the effects.
+fn terminated(machine: &mut AgentMachine, clock: &mut Clock) -> Vec<Effect> {
+    let mut out = Vec::new();
+    machine.leader_exited(
+        clock.advance(ms(1)),
+        Some(Exit::Signal(15)),
+        false,
+        &mut out,
+    );
+    out
+}
+
+fn ended_as(machine: &AgentMachine) -> (AgentState, EndReason) {
+    (machine.record().state, machine.record().end_reason)
 }
 
 /// A machine whose process has started, and the clock it lives by.
@@ -332,17 +327,10 @@ fn max_runtime_stops_the_run_and_ends_it_timed_out() {
     );
     let out = fire(&mut machine, &mut clock);
     assert_eq!(signals(&out), [Signal::SIGTERM]);
-    let mut out = Vec::new();
-    machine.leader_exited(
-        clock.advance(ms(1)),
-        Some(Exit::Signal(15)),
-        false,
-        &mut out,
-    );
+    let out = terminated(&mut machine, &mut clock);
     assert_eq!(kinds(&out), [EventKind::TimedOut]);
-    let record = machine.record();
     assert_eq!(
-        (record.state, record.end_reason),
+        ended_as(&machine),
         (AgentState::TimedOut, EndReason::TimedOut)
     );
     assert!(machine.has_ended(), "only ALWAYS restarts a timed-out run");
@@ -361,16 +349,9 @@ fn a_startup_timeout_fails_a_silent_start_and_a_first_heartbeat_lifts_it() {
     assert!(out.is_empty());
     let out = fire(&mut machine, &mut clock);
     assert_eq!(signals(&out), [Signal::SIGTERM]);
-    let mut out = Vec::new();
-    machine.leader_exited(
-        clock.advance(ms(1)),
-        Some(Exit::Signal(15)),
-        false,
-        &mut out,
-    );
-    let record = machine.record();
+    terminated(&mut machine, &mut clock);
     assert_eq!(
-        (record.state, record.end_reason),
+        ended_as(&machine),
         (AgentState::Failed, EndReason::TimedOut)
     );
 
@@ -418,16 +399,9 @@ fn a_stall_with_the_stop_action_stops_the_agent_for_good() {
     machine.check_health(clock.advance(ms(1100)), &mut out);
     assert_eq!(kinds(&out), [EventKind::Stalled, EventKind::Stopping]);
     assert_eq!(signals(&out), [Signal::SIGTERM]);
-    let mut out = Vec::new();
-    machine.leader_exited(
-        clock.advance(ms(1)),
-        Some(Exit::Signal(15)),
-        false,
-        &mut out,
-    );
-    let record = machine.record();
+    terminated(&mut machine, &mut clock);
     assert_eq!(
-        (record.state, record.end_reason),
+        ended_as(&machine),
         (AgentState::Killed, EndReason::HealthAction)
     );
     assert!(
@@ -452,12 +426,7 @@ fn a_client_stop_wins_over_a_health_restart() {
     );
     let mut out = Vec::new();
     machine.stop(clock.advance(ms(1)), false, StopReason::Requested, &mut out);
-    machine.leader_exited(
-        clock.advance(ms(1)),
-        Some(Exit::Signal(15)),
-        false,
-        &mut out,
-    );
+    terminated(&mut machine, &mut clock);
     assert!(machine.has_ended());
     assert_eq!(machine.record().end_reason, EndReason::Stopped);
 }
@@ -550,9 +519,8 @@ fn a_failed_first_start_ends_the_agent_and_a_failed_restart_backs_off() {
     let mut machine = AgentMachine::starting(record(spec(|_| {})), clock.now());
     let mut out = Vec::new();
     machine.start_failed(clock.now(), "no such file".into(), &mut out);
-    let record = machine.record();
     assert_eq!(
-        (record.state, record.end_reason),
+        ended_as(&machine),
         (AgentState::Failed, EndReason::StartFailed)
     );
     assert!(machine.has_ended());
