@@ -73,9 +73,12 @@ class Agentd:
         self.process = subprocess.Popen(
             [binary, "--data-dir", os.path.join(work, "data"), "--socket", self.socket,
              "--log-level", "warn", "--event-retention-count", "1000000"],
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, text=True,
         )
-        wait_until(lambda: os.path.exists(self.socket), "agentd socket")
+        # Ready once it says so: the socket file exists a moment before it accepts.
+        line = self.process.stdout.readline()
+        if "ready" not in line:
+            raise RuntimeError(f"agentd did not start: {line!r}")
         self.local = threading.local()
 
     def stub(self):

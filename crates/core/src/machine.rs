@@ -240,10 +240,6 @@ impl AgentMachine {
         self.phase
     }
 
-    pub fn agent_id(&self) -> &str {
-        &self.record.spec.agent_id
-    }
-
     /// The leader process exists (not yet reaped, or for an adopted agent, not yet exited).
     pub fn leader_alive(&self) -> bool {
         match self.phase {

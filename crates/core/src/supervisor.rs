@@ -358,6 +358,7 @@ impl Supervisor {
             limits: config.limits,
             finished_retention: config.finished_retention,
             commands: commands_tx.downgrade(),
+            groups_watched: HashSet::new(),
             group_check_running: false,
             failure: None,
             records_set_aside: 0,
@@ -445,6 +446,8 @@ pub(crate) struct SupervisorTask {
     /// Our own command queue, for work that runs as separate tasks (cascading stops, group
     /// checks); weak, so the task still ends when every real handle is gone.
     commands: mpsc::WeakSender<Command>,
+    /// Agents whose stop waits for a group that outlived its leader.
+    groups_watched: HashSet<String>,
     /// A group check runs on a blocking thread; at most one at a time.
     group_check_running: bool,
     page_size: u64,
@@ -469,9 +472,8 @@ impl SupervisorTask {
         let mut last_group_check = tokio::time::Instant::now();
         loop {
             let next_deadline = self.deadlines.first().map(|(at, _)| (*at).into());
-            let next_group_check = (!self.group_check_running
-                && self.table.machines().any(AgentMachine::watches_group))
-            .then(|| last_group_check + GROUP_CHECK);
+            let next_group_check = (!self.group_check_running && !self.groups_watched.is_empty())
+                .then(|| last_group_check + GROUP_CHECK);
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(command) => self.handle(command),
@@ -607,6 +609,11 @@ impl SupervisorTask {
         let mut effects = Vec::new();
         let result = input(machine, now, &mut effects);
         let after = machine.deadline();
+        if machine.watches_group() {
+            self.groups_watched.insert(agent_id.to_string());
+        } else {
+            self.groups_watched.remove(agent_id);
+        }
         if before != after {
             if let Some(at) = before {
                 self.deadlines.remove(&(at, agent_id.to_string()));
@@ -814,10 +821,9 @@ impl SupervisorTask {
     /// Checks, on a blocking thread, the groups of stops whose leader is gone.
     fn check_groups(&mut self) {
         let groups: Vec<(String, i32)> = self
-            .table
-            .machines()
-            .filter(|m| m.watches_group())
-            .filter_map(|m| Some((m.agent_id().to_string(), m.record().pid?)))
+            .groups_watched
+            .iter()
+            .filter_map(|id| Some((id.clone(), self.table.get(id).ok()?.record().pid?)))
             .collect();
         let Some(commands) = self.commands.upgrade() else {
             return;

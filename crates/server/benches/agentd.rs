@@ -94,30 +94,34 @@ impl Daemon {
     async fn start_with(options: &[&str]) -> Result<Daemon> {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("agentd.sock");
-        let process = Command::new(env!("CARGO_BIN_EXE_agentd"))
+        let mut process = Command::new(env!("CARGO_BIN_EXE_agentd"))
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--socket")
             .arg(&socket)
             .args(["--log-level", "warn"])
             .args(options)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .context("starting agentd")?;
+        // Ready once it says so: the socket file exists a moment before it accepts.
+        let stdout = process.stdout.take().context("agentd's stdout")?;
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+                .map(|_| line)
+        });
+        let data_dir = dir.path().join("data");
         let daemon = Daemon {
             process,
             socket,
-            data_dir: dir.path().join("data"),
+            data_dir,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !daemon.socket.exists() {
-            ensure!(
-                Instant::now() < deadline,
-                "agentd did not create its socket"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let line = tokio::time::timeout(Duration::from_secs(30), ready)
+            .await
+            .context("agentd did not become ready")???;
+        ensure!(line.contains("ready"), "agentd did not start: {line:?}");
         Ok(daemon)
     }
 
