@@ -6,9 +6,11 @@
 //! table; everything else talks to it through a cloneable [`SupervisorHandle`].
 
 mod agent;
+mod config;
 mod error;
 mod events;
 mod files;
+mod handle;
 mod health;
 mod keeper;
 mod lifecycle;
@@ -24,15 +26,16 @@ mod supervisor;
 mod table;
 
 pub use agent::{AgentRecord, AgentState, AgentStatus, EndReason, Exit, Health};
+pub use config::{FinishedRetention, Limits as DaemonLimits, ShutdownPolicy, SupervisorConfig};
 pub use error::{Error, Result};
 pub use events::{Event, EventFilter, EventKind, EventRetention, Replay, Subscription};
+pub use handle::{
+    HealthReport, ListFilter, ReapReport, StopTarget, Summary, SupervisorHandle, Watch,
+};
 pub use health::{Alert, HealthAction, HealthIssue, HealthMetric, HealthPolicy, ProgressReport};
 pub use keeper::{KEEPER_ARG, KEEPER_DIR_VAR, run_keeper};
 pub use lifecycle::{Backoff, LifecyclePolicy, ParentExit, RestartPolicy};
 pub use logs::{FolderWatch, LogError, LogFile, LogRotation, LogStream};
 pub use spec::{AgentSpec, Limits, SpawnRequest, StopPolicy};
 pub use stop::{StopOptions, StopOutcome, StopReport};
-pub use supervisor::{
-    FinishedRetention, HealthReport, Limits as DaemonLimits, ListFilter, ReapReport,
-    ShutdownPolicy, StopTarget, Summary, Supervisor, SupervisorConfig, SupervisorHandle, Watch,
-};
+pub use supervisor::Supervisor;

@@ -9,7 +9,7 @@
 //! it is also the only place that starts processes and reaps children (see `os`).
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
@@ -22,13 +22,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agent::{AgentRecord, AgentState, AgentStatus, Exit};
+use crate::config::{FinishedRetention, Limits, ShutdownPolicy, SupervisorConfig};
 use crate::error::{Error, Result};
-use crate::events::{EventBus, EventFilter, EventKind, EventRetention, Subscription};
+use crate::events::{EventBus, EventKind};
 use crate::files::AgentFiles;
+use crate::handle::{Command, ReapReport, StopTarget, SupervisorHandle};
 use crate::health::{HealthPolicy, ProgressReport};
-use crate::keeper::{AckSink, ExitStream, KeeperClient, KeptExit};
+use crate::keeper::{AckSink, ExitStream, KeeperClient};
 use crate::lifecycle::ParentExit;
-use crate::logs::LogRotation;
 use crate::machine::{AgentMachine, Effect, Now};
 use crate::os::{self, Os};
 use crate::recover::{self, ExitWatch, KeeperState};
@@ -37,259 +38,6 @@ use crate::spec::{SpawnRequest, check_id};
 use crate::stop::{StopOptions, StopOutcome, StopReason, StopReport};
 use crate::store::Store;
 use crate::table::AgentTable;
-
-#[derive(Debug, Clone)]
-pub struct SupervisorConfig {
-    /// Holds the store (`store/`) and one folder per agent (`agents/ID/`).
-    pub data_dir: PathBuf,
-    pub sample_interval: Duration,
-    /// Events a subscriber may fall behind by before it is told it lagged.
-    pub event_buffer: usize,
-    pub event_retention: EventRetention,
-    pub limits: Limits,
-    pub log_rotation: LogRotation,
-    /// How long, and how many, agents that ended for good are kept before they are removed.
-    pub finished_retention: FinishedRetention,
-    /// The agentd executable, which runs as the keeper when given `KEEPER_ARG`; `None`:
-    /// this process's own executable.
-    pub keeper_program: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FinishedRetention {
-    pub max_count: usize,
-    pub max_age: Duration,
-}
-
-impl Default for FinishedRetention {
-    fn default() -> Self {
-        FinishedRetention {
-            max_count: 1000,
-            max_age: Duration::from_secs(7 * 24 * 3600),
-        }
-    }
-}
-
-/// What the daemon allows and how it leaves.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Limits {
-    /// The total declared load (`load_percentage`) the host takes.
-    pub capacity: f64,
-    /// Agents that may be starting, running, stopping or backing off at once.
-    pub max_agents: Option<usize>,
-    pub on_shutdown: ShutdownPolicy,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            capacity: 100.0,
-            max_agents: None,
-            on_shutdown: ShutdownPolicy::Stop,
-        }
-    }
-}
-
-/// What a daemon that is asked to shut down does with its agents.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ShutdownPolicy {
-    /// Stop every agent with its ladder, all at once.
-    #[default]
-    Stop,
-    /// Leave them running; the next agentd adopts them.
-    Detach,
-}
-
-impl SupervisorConfig {
-    pub fn new(data_dir: PathBuf) -> Self {
-        SupervisorConfig {
-            data_dir,
-            sample_interval: Duration::from_secs(1),
-            event_buffer: 8192,
-            event_retention: EventRetention::default(),
-            limits: Limits::default(),
-            log_rotation: LogRotation::default(),
-            finished_retention: FinishedRetention::default(),
-            keeper_program: None,
-        }
-    }
-}
-
-/// A subscription request.
-#[derive(Debug, Clone, Default)]
-pub struct Watch {
-    pub filter: EventFilter,
-    /// First send the current status of every matching agent.
-    pub include_snapshot: bool,
-    /// First replay the logged events after this sequence.
-    pub after_sequence: Option<u64>,
-}
-
-/// Which agents `list` returns. Empty fields match everything.
-#[derive(Debug, Clone, Default)]
-pub struct ListFilter {
-    pub states: HashSet<AgentState>,
-    pub parent_agent_id: String,
-    pub labels: BTreeMap<String, String>,
-    /// Only this agent and its descendants.
-    pub subtree_of: Option<String>,
-}
-
-#[derive(Debug, Clone)]
-pub enum StopTarget {
-    Agents(Vec<String>),
-    All,
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Summary {
-    pub total: u32,
-    pub starting: u32,
-    pub running: u32,
-    pub stopping: u32,
-    pub completed: u32,
-    pub failed: u32,
-    pub killed: u32,
-    pub lost: u32,
-    pub zombies: u32,
-    pub total_memory_mb: f64,
-    pub total_cpu_percent: f64,
-    pub total_load_percentage: f64,
-    pub stalled: u32,
-    pub over_limit: u32,
-    pub backing_off: u32,
-    pub timed_out: u32,
-    pub capacity: f64,
-    pub free_capacity: f64,
-    pub max_agents: Option<usize>,
-    /// Stored records that could not be loaded and were set aside.
-    pub records_set_aside: u32,
-    /// Every live agent whose health is not healthy, by agent id.
-    pub unhealthy: Vec<HealthReport>,
-}
-
-/// Why one agent is not healthy.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HealthReport {
-    pub agent_id: String,
-    pub health: crate::agent::Health,
-    pub reason: String,
-    pub since: Option<SystemTime>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ReapReport {
-    pub agent_ids: Vec<String>,
-    pub orphans_reaped: u32,
-}
-
-pub(crate) enum Command {
-    Spawn(Box<SpawnRequest>, oneshot::Sender<Result<AgentStatus>>),
-    Status(String, oneshot::Sender<Result<AgentStatus>>),
-    List(ListFilter, oneshot::Sender<Result<Vec<AgentStatus>>>),
-    Stop(
-        StopTarget,
-        StopOptions,
-        oneshot::Sender<Result<Vec<StopReport>>>,
-    ),
-    Summary(oneshot::Sender<Summary>),
-    Reap(oneshot::Sender<ReapReport>),
-    Watch(Watch, oneshot::Sender<Result<Subscription>>),
-    Shutdown(oneshot::Sender<()>),
-    SampleTargets(oneshot::Sender<Vec<sampler::SampleTarget>>),
-    Samples(SampleBatch),
-    ReportProgress(ProgressReport, oneshot::Sender<Result<AgentStatus>>),
-    Remove(String, oneshot::Sender<Result<AgentStatus>>),
-    /// The process groups a group check found empty (agent id, group id).
-    GroupsGone(Vec<(String, i32)>),
-    /// The keeper reaped one of its children.
-    KeptExit(KeptExit),
-    /// Something the supervisor depends on broke (the sampler thread died): it stops, and
-    /// the daemon exits non-zero instead of limping.
-    Fatal(String),
-}
-
-/// A cheap, cloneable way to talk to the supervisor task.
-#[derive(Clone)]
-pub struct SupervisorHandle {
-    commands: mpsc::Sender<Command>,
-    /// Lets a caller wait for its change to reach the disk on its own task, not the
-    /// supervisor's.
-    store: Store,
-}
-
-impl SupervisorHandle {
-    async fn request<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(command(reply))
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        answer.await.map_err(|_| Error::ShuttingDown)
-    }
-
-    /// Starts an agent; answers once its record is on disk.
-    pub async fn spawn(&self, request: SpawnRequest) -> Result<AgentStatus> {
-        let spawned = self
-            .request(|reply| Command::Spawn(Box::new(request), reply))
-            .await?;
-        // Answer only once the record (or the failure) is on disk.
-        self.store.flush().await?;
-        spawned
-    }
-
-    pub async fn status(&self, agent_id: String) -> Result<AgentStatus> {
-        self.request(|reply| Command::Status(agent_id, reply))
-            .await?
-    }
-
-    /// Matching agents, sorted by id.
-    pub async fn list(&self, filter: ListFilter) -> Result<Vec<AgentStatus>> {
-        self.request(|reply| Command::List(filter, reply)).await?
-    }
-
-    /// Stops agents, all ladders concurrently; answers when every one has ended.
-    pub async fn stop(&self, target: StopTarget, options: StopOptions) -> Result<Vec<StopReport>> {
-        self.request(|reply| Command::Stop(target, options, reply))
-            .await?
-    }
-
-    /// Records an agent's heartbeat and progress.
-    pub async fn report_progress(&self, report: ProgressReport) -> Result<AgentStatus> {
-        self.request(|reply| Command::ReportProgress(report, reply))
-            .await?
-    }
-
-    /// Deletes an agent that has ended for good: record, folder, output.
-    pub async fn remove(&self, agent_id: String) -> Result<AgentStatus> {
-        self.request(|reply| Command::Remove(agent_id, reply))
-            .await?
-    }
-
-    pub async fn summary(&self) -> Result<Summary> {
-        self.request(Command::Summary).await
-    }
-
-    pub async fn reap(&self) -> Result<ReapReport> {
-        self.request(Command::Reap).await
-    }
-
-    /// Subscribes to events; see [`Watch`].
-    pub async fn watch(&self, watch: Watch) -> Result<Subscription> {
-        self.request(|reply| Command::Watch(watch, reply)).await?
-    }
-
-    /// Refuses new spawns, stops every agent with its ladder and flushes the store.
-    pub async fn shutdown(&self) -> Result<()> {
-        self.request(Command::Shutdown).await
-    }
-
-    /// Completes when the supervisor task has stopped. Before a shutdown that means it
-    /// failed (the reason is in the log): the daemon must then exit, not serve errors.
-    pub async fn stopped(&self) {
-        self.commands.closed().await;
-    }
-}
 
 pub struct Supervisor;
 

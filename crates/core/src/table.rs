@@ -6,11 +6,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 
 use crate::agent::{AgentState, AgentStatus, Health};
+use crate::config::Limits;
 use crate::error::{Error, Result};
+use crate::handle::{HealthReport, ListFilter, Summary};
 use crate::machine::AgentMachine;
 use crate::sampler::SampleTarget;
 use crate::spec::AgentSpec;
-use crate::supervisor::{HealthReport, Limits, ListFilter, Summary};
 
 #[derive(Default)]
 pub(crate) struct AgentTable {

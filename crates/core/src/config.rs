@@ -1,0 +1,85 @@
+//! How the supervisor is configured: its data folder, sampling, event and agent retention,
+//! capacity, and what it does with its agents when it shuts down.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::events::EventRetention;
+use crate::logs::LogRotation;
+
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// Holds the store (`store/`) and one folder per agent (`agents/ID/`).
+    pub data_dir: PathBuf,
+    pub sample_interval: Duration,
+    /// Events a subscriber may fall behind by before it is told it lagged.
+    pub event_buffer: usize,
+    pub event_retention: EventRetention,
+    pub limits: Limits,
+    pub log_rotation: LogRotation,
+    /// How long, and how many, agents that ended for good are kept before they are removed.
+    pub finished_retention: FinishedRetention,
+    /// The agentd executable, which runs as the keeper when given `KEEPER_ARG`; `None`:
+    /// this process's own executable.
+    pub keeper_program: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FinishedRetention {
+    pub max_count: usize,
+    pub max_age: Duration,
+}
+
+impl Default for FinishedRetention {
+    fn default() -> Self {
+        FinishedRetention {
+            max_count: 1000,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// What the daemon allows and how it leaves.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// The total declared load (`load_percentage`) the host takes.
+    pub capacity: f64,
+    /// Agents that may be starting, running, stopping or backing off at once.
+    pub max_agents: Option<usize>,
+    pub on_shutdown: ShutdownPolicy,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            capacity: 100.0,
+            max_agents: None,
+            on_shutdown: ShutdownPolicy::Stop,
+        }
+    }
+}
+
+/// What a daemon that is asked to shut down does with its agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShutdownPolicy {
+    /// Stop every agent with its ladder, all at once.
+    #[default]
+    Stop,
+    /// Leave them running; the next agentd adopts them.
+    Detach,
+}
+
+impl SupervisorConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        SupervisorConfig {
+            data_dir,
+            sample_interval: Duration::from_secs(1),
+            event_buffer: 8192,
+            event_retention: EventRetention::default(),
+            limits: Limits::default(),
+            log_rotation: LogRotation::default(),
+            finished_retention: FinishedRetention::default(),
+            keeper_program: None,
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The way in: [`SupervisorHandle`], a cheap cloneable handle that sends the supervisor task a
+//! [`Command`] with a oneshot reply, and the questions and answers that travel with them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::SystemTime;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::agent::{AgentState, AgentStatus};
+use crate::error::{Error, Result};
+use crate::events::{EventFilter, Subscription};
+use crate::health::ProgressReport;
+use crate::keeper::KeptExit;
+use crate::sampler::{SampleBatch, SampleTarget};
+use crate::spec::SpawnRequest;
+use crate::stop::{StopOptions, StopReport};
+use crate::store::Store;
+
+/// A subscription request.
+#[derive(Debug, Clone, Default)]
+pub struct Watch {
+    pub filter: EventFilter,
+    /// First send the current status of every matching agent.
+    pub include_snapshot: bool,
+    /// First replay the logged events after this sequence.
+    pub after_sequence: Option<u64>,
+}
+
+/// Which agents `list` returns. Empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub states: HashSet<AgentState>,
+    pub parent_agent_id: String,
+    pub labels: BTreeMap<String, String>,
+    /// Only this agent and its descendants.
+    pub subtree_of: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum StopTarget {
+    Agents(Vec<String>),
+    All,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    pub total: u32,
+    pub starting: u32,
+    pub running: u32,
+    pub stopping: u32,
+    pub completed: u32,
+    pub failed: u32,
+    pub killed: u32,
+    pub lost: u32,
+    pub zombies: u32,
+    pub total_memory_mb: f64,
+    pub total_cpu_percent: f64,
+    pub total_load_percentage: f64,
+    pub stalled: u32,
+    pub over_limit: u32,
+    pub backing_off: u32,
+    pub timed_out: u32,
+    pub capacity: f64,
+    pub free_capacity: f64,
+    pub max_agents: Option<usize>,
+    /// Stored records that could not be loaded and were set aside.
+    pub records_set_aside: u32,
+    /// Every live agent whose health is not healthy, by agent id.
+    pub unhealthy: Vec<HealthReport>,
+}
+
+/// Why one agent is not healthy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthReport {
+    pub agent_id: String,
+    pub health: crate::agent::Health,
+    pub reason: String,
+    pub since: Option<SystemTime>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReapReport {
+    pub agent_ids: Vec<String>,
+    pub orphans_reaped: u32,
+}
+
+pub(crate) enum Command {
+    Spawn(Box<SpawnRequest>, oneshot::Sender<Result<AgentStatus>>),
+    Status(String, oneshot::Sender<Result<AgentStatus>>),
+    List(ListFilter, oneshot::Sender<Result<Vec<AgentStatus>>>),
+    Stop(
+        StopTarget,
+        StopOptions,
+        oneshot::Sender<Result<Vec<StopReport>>>,
+    ),
+    Summary(oneshot::Sender<Summary>),
+    Reap(oneshot::Sender<ReapReport>),
+    Watch(Watch, oneshot::Sender<Result<Subscription>>),
+    Shutdown(oneshot::Sender<()>),
+    SampleTargets(oneshot::Sender<Vec<SampleTarget>>),
+    Samples(SampleBatch),
+    ReportProgress(ProgressReport, oneshot::Sender<Result<AgentStatus>>),
+    Remove(String, oneshot::Sender<Result<AgentStatus>>),
+    /// The process groups a group check found empty (agent id, group id).
+    GroupsGone(Vec<(String, i32)>),
+    /// The keeper reaped one of its children.
+    KeptExit(KeptExit),
+    /// Something the supervisor depends on broke (the sampler thread died): it stops, and
+    /// the daemon exits non-zero instead of limping.
+    Fatal(String),
+}
+
+/// A cheap, cloneable way to talk to the supervisor task.
+#[derive(Clone)]
+pub struct SupervisorHandle {
+    pub(crate) commands: mpsc::Sender<Command>,
+    /// Lets a caller wait for its change to reach the disk on its own task, not the
+    /// supervisor's.
+    pub(crate) store: Store,
+}
+
+impl SupervisorHandle {
+    async fn request<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Starts an agent; answers once its record is on disk.
+    pub async fn spawn(&self, request: SpawnRequest) -> Result<AgentStatus> {
+        let spawned = self
+            .request(|reply| Command::Spawn(Box::new(request), reply))
+            .await?;
+        // Answer only once the record (or the failure) is on disk.
+        self.store.flush().await?;
+        spawned
+    }
+
+    pub async fn status(&self, agent_id: String) -> Result<AgentStatus> {
+        self.request(|reply| Command::Status(agent_id, reply))
+            .await?
+    }
+
+    /// Matching agents, sorted by id.
+    pub async fn list(&self, filter: ListFilter) -> Result<Vec<AgentStatus>> {
+        self.request(|reply| Command::List(filter, reply)).await?
+    }
+
+    /// Stops agents, all ladders concurrently; answers when every one has ended.
+    pub async fn stop(&self, target: StopTarget, options: StopOptions) -> Result<Vec<StopReport>> {
+        self.request(|reply| Command::Stop(target, options, reply))
+            .await?
+    }
+
+    /// Records an agent's heartbeat and progress.
+    pub async fn report_progress(&self, report: ProgressReport) -> Result<AgentStatus> {
+        self.request(|reply| Command::ReportProgress(report, reply))
+            .await?
+    }
+
+    /// Deletes an agent that has ended for good: record, folder, output.
+    pub async fn remove(&self, agent_id: String) -> Result<AgentStatus> {
+        self.request(|reply| Command::Remove(agent_id, reply))
+            .await?
+    }
+
+    pub async fn summary(&self) -> Result<Summary> {
+        self.request(Command::Summary).await
+    }
+
+    pub async fn reap(&self) -> Result<ReapReport> {
+        self.request(Command::Reap).await
+    }
+
+    /// Subscribes to events; see [`Watch`].
+    pub async fn watch(&self, watch: Watch) -> Result<Subscription> {
+        self.request(|reply| Command::Watch(watch, reply)).await?
+    }
+
+    /// Refuses new spawns, stops every agent with its ladder and flushes the store.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.request(Command::Shutdown).await
+    }
+
+    /// Completes when the supervisor task has stopped. Before a shutdown that means it
+    /// failed (the reason is in the log): the daemon must then exit, not serve errors.
+    pub async fn stopped(&self) {
+        self.commands.closed().await;
+    }
+}
