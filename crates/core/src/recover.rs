@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::time::SystemTime;
 
 use nix::sys::signal::Signal;
 
@@ -113,6 +114,7 @@ fn find(
             os.proc_stat(pid)
                 .filter(|stat| Some(stat.start_ticks) == record.start_ticks && stat.state != 'Z')
         });
+    let unrecorded = same.is_none();
     let stat = match same {
         Some(stat) => stat,
         // Else the run whose record did not reach the disk: the oldest leader carrying the
@@ -147,6 +149,9 @@ fn find(
         return as_found(record, Recovered::Gone, ExitWatch::None);
     };
     let ran_for = os.running_for(&stat).unwrap_or_default();
+    if unrecorded {
+        record.started_at = SystemTime::now().checked_sub(ran_for);
+    }
     let running = Recovered::Running { ran_for };
     let kept = keeper.children.iter().any(|child| {
         child.pid == pid
