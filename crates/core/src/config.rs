@@ -19,9 +19,6 @@ pub struct SupervisorConfig {
     pub log_rotation: LogRotation,
     /// How long, and how many, agents that ended for good are kept before they are removed.
     pub finished_retention: FinishedRetention,
-    /// The agentd executable, which runs as the keeper when given `KEEPER_ARG`; `None`:
-    /// this process's own executable.
-    pub keeper_program: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +76,6 @@ impl SupervisorConfig {
             limits: Limits::default(),
             log_rotation: LogRotation::default(),
             finished_retention: FinishedRetention::default(),
-            keeper_program: None,
         }
     }
 }

@@ -65,9 +65,6 @@ pub(crate) enum Effect {
     },
     /// The agent will not run again: its children that follow their parent must stop.
     EndedForGood,
-    /// The leader is gone but its group may live on: check it until it is gone, then answer
-    /// with `group_gone`.
-    WatchGroup,
 }
 
 /// A stop under way.
@@ -258,7 +255,8 @@ impl AgentMachine {
         }
     }
 
-    /// A stop under way whose leader is gone: the driver watches the group.
+    /// A stop under way whose leader is gone: the driver checks the group until it is gone,
+    /// then answers with `group_gone`.
     pub fn watches_group(&self) -> bool {
         matches!(self.phase, Phase::Stopping(stop) if !stop.leader_alive)
     }
@@ -449,7 +447,6 @@ impl AgentMachine {
             Some(mut stop) if group_alive => {
                 stop.leader_alive = false;
                 self.phase = Phase::Stopping(stop);
-                out.push(Effect::WatchGroup);
             }
             Some(stop) => self.finish_stop(now, stop, out),
             None => self.end_run(now, RunEnd::Exited(exit), group_alive, out),
@@ -675,7 +672,6 @@ impl AgentMachine {
     /// Stops what is left of a run that already ended: members of its group.
     fn stop_leftovers(&mut self, now: Now, reason: StopReason, first: Step, out: &mut Vec<Effect>) {
         self.enter_step(now, Stop::new(now, reason, false, true), first, out);
-        out.push(Effect::WatchGroup);
     }
 
     fn finish_stop(&mut self, now: Now, stop: Stop, out: &mut Vec<Effect>) {

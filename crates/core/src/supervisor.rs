@@ -6,7 +6,8 @@
 //! [`SupervisorHandle`] and sends it a [`Command`] with a oneshot reply.
 //!
 //! Architecture invariants: only this task mutates agents, writes the store or emits events;
-//! it is also the only place that starts processes and reaps children (see `os`).
+//! it is also the only place in agentd that asks the keeper to start processes and that
+//! reaps children (see `os` and `keeper`).
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -69,13 +70,11 @@ impl Supervisor {
             what: "listening for SIGCHLD".into(),
             source,
         })?;
-        let program = match config.keeper_program.clone() {
-            Some(program) => program,
-            None => std::env::current_exe().map_err(|source| Error::Setup {
-                what: "finding agentd's own executable to run the keeper".into(),
-                source,
-            })?,
-        };
+        // The keeper is this same executable, run with `KEEPER_ARG`.
+        let program = std::env::current_exe().map_err(|source| Error::Setup {
+            what: "finding agentd's own executable to run the keeper".into(),
+            source,
+        })?;
         let keeper_failed = |source| Error::Setup {
             what: format!("reaching the keeper in `{}`", config.data_dir.display()),
             source,
@@ -333,9 +332,8 @@ impl SupervisorTask {
 
     /// The moment an input happens.
     fn now(&self) -> Now {
-        let mut hasher = RandomState::new().build_hasher();
-        hasher.write_u64(self.ids_generated);
-        let unit = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
+        // Each `RandomState` is keyed afresh: its hash of nothing is a random draw.
+        let unit = (RandomState::new().build_hasher().finish() >> 11) as f64 / (1u64 << 53) as f64;
         Now {
             mono: Instant::now(),
             wall: SystemTime::now(),
@@ -423,8 +421,6 @@ impl SupervisorTask {
                     }
                 }
                 Effect::EndedForGood => self.stop_followers(agent_id),
-                // The loop checks every group that `watches_group`.
-                Effect::WatchGroup => {}
                 Effect::Launch => self.launch(agent_id),
             }
         }
@@ -538,7 +534,8 @@ impl SupervisorTask {
         }
     }
 
-    /// Reaps every exited child: agent leaders get their exit recorded, orphans are dropped.
+    /// Reaps every exited child of agentd: the keeper, and the agents it leaves to agentd
+    /// should it die (their exits are recorded); anything else is dropped.
     fn reap(&mut self) -> ReapReport {
         let mut report = ReapReport::default();
         while let Some((pid, exit)) = self.os.reap_one() {
@@ -553,8 +550,8 @@ impl SupervisorTask {
         report
     }
 
-    /// The leader exited; `exit` is `None` for an adopted agent, whose status only its real
-    /// parent could read.
+    /// The leader exited; `exit` is `None` for an agent watched through a pidfd, whose
+    /// status only its real parent could read.
     fn leader_exited(&mut self, agent_id: &str, exit: Option<Exit>) {
         let Some(pgid) = self.table.get(agent_id).ok().and_then(|m| m.record().pid) else {
             return;
@@ -953,6 +950,9 @@ impl SupervisorTask {
     fn recover(&mut self, keeper: KeeperState) -> Result<()> {
         let records = self.store.load_agents()?;
         self.records_set_aside = u32::try_from(self.store.set_aside_count()).unwrap_or(u32::MAX);
+        // Every agent is in the table before any effect runs: an agent that ended for good
+        // stops the children that follow it, whatever their place in id order.
+        let mut pending = Vec::new();
         for found in recover::recover(records, self.os.as_ref(), &self.agents_dir, &keeper) {
             let agent_id = found.record.spec.agent_id.clone();
             let now = self.now();
@@ -973,6 +973,9 @@ impl SupervisorTask {
                 (ExitWatch::Pidfd(pidfd), _) => self.watch_adopted(agent_id.clone(), pidfd),
                 _ => {}
             }
+            pending.push((agent_id, now, effects));
+        }
+        for (agent_id, now, effects) in pending {
             self.carry_out(&agent_id, now, effects);
         }
         Ok(())
