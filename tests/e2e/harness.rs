@@ -24,6 +24,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub data_dir: PathBuf,
     pub socket: PathBuf,
+    /// agentd's cgroup root (`/agentd/...`) as its ready line says, when agents get cgroups.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -96,9 +98,16 @@ impl Daemon {
             dir,
             data_dir,
             socket,
+            cgroup_root: None,
         };
         match ready.recv_timeout(DEADLINE) {
-            Ok(line) if line.contains("ready") => daemon,
+            Ok(line) if line.contains("ready") => {
+                daemon.cgroup_root = line
+                    .split_once(", root ")
+                    .and_then(|(_, rest)| rest.split(',').next())
+                    .map(PathBuf::from);
+                daemon
+            }
             other => {
                 let log = daemon.log();
                 daemon.kill();
@@ -128,6 +137,8 @@ impl Daemon {
     /// the folder for a restart.
     pub fn crash(mut self) -> tempfile::TempDir {
         self.kill();
+        // The next daemon in the folder takes over the cgroups too.
+        self.cgroup_root = None;
         let placeholder = tempfile::Builder::new().tempdir().expect("placeholder dir");
         self.data_dir = placeholder.path().join("data");
         std::mem::replace(&mut self.dir, placeholder)
@@ -169,7 +180,59 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
         kill_agents_under(&self.data_dir);
+        if let Some(root) = &self.cgroup_root {
+            remove_cgroups(root);
+        }
     }
+}
+
+/// The folders of a cgroup path in every hierarchy mounted under /sys/fs/cgroup (the v2
+/// one and any v1 ones), where it exists.
+pub fn cgroup_dirs(cgroup: &Path) -> Vec<PathBuf> {
+    let rel = cgroup.strip_prefix("/").unwrap_or(cgroup);
+    let base = Path::new("/sys/fs/cgroup");
+    std::iter::once(base.to_path_buf())
+        .chain(
+            std::fs::read_dir(base)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|entry| entry.path()),
+        )
+        .map(|hierarchy| hierarchy.join(rel))
+        .filter(|dir| dir.join("cgroup.procs").exists())
+        .collect()
+}
+
+/// Kills whatever is left in a daemon's cgroups and removes them, children first; then the
+/// `agentd` folder above, unless another test's daemon still uses it.
+fn remove_cgroups(root: &Path) {
+    for dir in cgroup_dirs(root) {
+        let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        let mut dirs: Vec<PathBuf> = walk_dirs(&dir);
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for dir in dirs {
+            let deadline = Instant::now() + DEADLINE;
+            // A killed process leaves its cgroup a moment after the signal.
+            while std::fs::remove_dir(&dir).is_err() && Instant::now() < deadline {
+                let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut dirs = vec![dir.to_path_buf()];
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            dirs.extend(walk_dirs(&entry.path()));
+        }
+    }
+    dirs
 }
 
 fn kill_agents_under(data_dir: &Path) {

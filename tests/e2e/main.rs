@@ -9,6 +9,7 @@
 mod harness;
 
 mod clients;
+mod containment;
 mod health;
 mod lifecycle;
 mod output;

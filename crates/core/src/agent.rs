@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::Containment;
 use crate::health::{HealthIssue, HealthMetric};
+use crate::os::Hold;
 use crate::sampler::TreeSample;
 use crate::spec::AgentSpec;
 
@@ -28,6 +30,8 @@ pub enum AgentState {
     BackingOff,
     /// Ran past its `max_runtime` and was stopped.
     TimedOut,
+    /// Frozen by a Pause until a Resume.
+    Paused,
 }
 
 impl AgentState {
@@ -35,7 +39,7 @@ impl AgentState {
     pub fn is_live(self) -> bool {
         matches!(
             self,
-            AgentState::Starting | AgentState::Running | AgentState::Stopping
+            AgentState::Starting | AgentState::Running | AgentState::Stopping | AgentState::Paused
         )
     }
 
@@ -153,6 +157,15 @@ pub struct AgentRecord {
     /// How long the last run lasted, measured on the monotonic clock.
     #[serde(default)]
     pub ran_for: Option<Duration>,
+    /// How its processes are held.
+    #[serde(default)]
+    pub containment: Containment,
+    /// Its cgroup, relative to each hierarchy's mount point.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// Limits enforced without a cgroup, and how.
+    #[serde(default)]
+    pub limit_fallbacks: Vec<String>,
 }
 
 impl AgentRecord {
@@ -180,7 +193,18 @@ impl AgentRecord {
             backoff_step: 0,
             end_reason: EndReason::Unspecified,
             ran_for: None,
+            containment: Containment::ProcessGroup,
+            cgroup: None,
+            limit_fallbacks: Vec::new(),
         }
+    }
+
+    /// How its processes are held, for signals and probes; `None` before its first start.
+    pub(crate) fn hold(&self) -> Option<Hold<'_>> {
+        Some(Hold {
+            pgid: self.pid?,
+            cgroup: self.cgroup.as_deref(),
+        })
     }
 
     /// How the current run ended, for messages.
@@ -228,6 +252,7 @@ impl AgentStatus {
         };
         let health = match record.state {
             AgentState::Starting => Health::Unknown,
+            AgentState::Paused => Health::Healthy,
             AgentState::Running | AgentState::Stopping if is_zombie => Health::Zombie,
             AgentState::Running | AgentState::Stopping
                 if record

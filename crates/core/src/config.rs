@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::cgroup::CgroupSetting;
 use crate::events::EventRetention;
 use crate::logs::LogRotation;
 
@@ -19,6 +20,8 @@ pub struct SupervisorConfig {
     pub log_rotation: LogRotation,
     /// How long, and how many, agents that ended for good are kept before they are removed.
     pub finished_retention: FinishedRetention,
+    /// Whether agents get cgroups, and where.
+    pub cgroups: CgroupSetting,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +79,7 @@ impl SupervisorConfig {
             limits: Limits::default(),
             log_rotation: LogRotation::default(),
             finished_retention: FinishedRetention::default(),
+            cgroups: CgroupSetting::default(),
         }
     }
 }

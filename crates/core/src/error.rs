@@ -13,6 +13,12 @@ pub enum Error {
         field: &'static str,
         problem: String,
     },
+    /// The request is valid, but this host (or agentd's privileges) cannot carry it out.
+    #[error("`{field}` cannot be enforced here: {problem}")]
+    Unsupported {
+        field: &'static str,
+        problem: String,
+    },
     #[error("no agent `{id}`")]
     NotFound { id: String },
     /// The agent exists but its process has ended.

@@ -39,6 +39,10 @@ pub enum EventKind {
     Restarting,
     TimedOut,
     Removed,
+    Paused,
+    Resumed,
+    /// The kernel's OOM killer ended the run (over `memory_max_mb`).
+    OomKilled,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

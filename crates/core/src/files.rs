@@ -19,7 +19,13 @@ pub(crate) struct AgentFiles {
 }
 
 impl AgentFiles {
-    pub(crate) fn prepare(agent_id: &str, dir: &Path, prompt: &str) -> Result<AgentFiles> {
+    /// `owner`: the user and group the agent runs as, who then own its folder and files.
+    pub(crate) fn prepare(
+        agent_id: &str,
+        dir: &Path,
+        prompt: &str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<AgentFiles> {
         let failed = |path: &Path| {
             let path = path.to_path_buf();
             move |source| Error::AgentDir {
@@ -40,10 +46,16 @@ impl AgentFiles {
             std::fs::File::create(&path).map_err(failed(&path))?;
             Ok::<_, Error>(path)
         };
-        Ok(AgentFiles {
+        let files = AgentFiles {
             stdout: create("stdout.log")?,
             stderr: create("stderr.log")?,
-        })
+        };
+        if let Some((uid, gid)) = owner {
+            for path in [dir, &prompt_file, &files.stdout, &files.stderr] {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(failed(path))?;
+            }
+        }
+        Ok(files)
     }
 
     /// For a restart: the prompt stays, output is appended to the earlier runs'.
@@ -107,6 +119,12 @@ impl AgentFiles {
             working_dir: working_dir.to_path_buf(),
             stdout: self.stdout,
             stderr: self.stderr,
+            resources: spec.resources.clone(),
+            cgroups: Vec::new(),
+            setup: os::ProcessSetup {
+                run_as: spec.run_as.clone(),
+                ..os::ProcessSetup::default()
+            },
         })
         .map_err(|source| Error::Spawn {
             id: spec.agent_id.clone(),

@@ -65,6 +65,10 @@ pub struct Summary {
     pub max_agents: Option<usize>,
     /// Stored records that could not be loaded and were set aside.
     pub records_set_aside: u32,
+    pub paused: u32,
+    /// How new agents are held, and what the host offers (hierarchy, root, controllers).
+    pub containment: crate::cgroup::Containment,
+    pub containment_detail: String,
     /// Every live agent whose health is not healthy, by agent id.
     pub unhealthy: Vec<HealthReport>,
 }
@@ -101,6 +105,8 @@ pub(crate) enum Command {
     Samples(SampleBatch),
     ReportProgress(ProgressReport, oneshot::Sender<Result<AgentStatus>>),
     Remove(String, oneshot::Sender<Result<AgentStatus>>),
+    /// Pause (`true`) or resume (`false`) these agents.
+    Pause(Vec<String>, bool, oneshot::Sender<Result<Vec<AgentStatus>>>),
     /// The process groups a group check found empty (agent id, group id).
     GroupsGone(Vec<(String, i32)>),
     /// The keeper reaped one of its children.
@@ -165,6 +171,16 @@ impl SupervisorHandle {
     pub async fn remove(&self, agent_id: String) -> Result<AgentStatus> {
         self.request(|reply| Command::Remove(agent_id, reply))
             .await?
+    }
+
+    /// Freezes running agents (`pause` true) or thaws paused ones; all or none: answers
+    /// with an error, changing nothing, if one of them is unknown or has ended.
+    pub async fn pause(&self, agent_ids: Vec<String>, pause: bool) -> Result<Vec<AgentStatus>> {
+        let statuses = self
+            .request(|reply| Command::Pause(agent_ids, pause, reply))
+            .await??;
+        self.store.flush().await?;
+        Ok(statuses)
     }
 
     pub async fn summary(&self) -> Result<Summary> {

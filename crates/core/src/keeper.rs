@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::agent::Exit;
 use crate::os;
+use crate::spec::Resources;
 
 /// The argument that makes the agentd binary run as the keeper.
 pub const KEEPER_ARG: &str = "--run-as-keeper";
@@ -73,6 +74,14 @@ pub(crate) struct SpawnOrder {
     /// Opened for appending (created if missing).
     pub stdout: PathBuf,
     pub stderr: PathBuf,
+    /// What the agent may use; agentd turns it into cgroup limits and `setup`.
+    #[serde(skip)]
+    pub resources: Resources,
+    /// `cgroup.procs` files the child joins before it runs the command.
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
+    #[serde(default)]
+    pub setup: os::ProcessSetup,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -80,7 +89,7 @@ pub(crate) struct SpawnOrder {
 enum Request {
     /// The children that run and the exits not yet acknowledged.
     Hello,
-    Spawn(SpawnOrder),
+    Spawn(Box<SpawnOrder>),
     /// Turns this connection into a stream of exits; acks may then arrive on it.
     Watch,
     Ack(Vec<i32>),
@@ -158,8 +167,13 @@ impl KeeperClient {
 
     /// Starts a process through the keeper.
     pub fn spawn(&self, order: SpawnOrder) -> io::Result<os::Started> {
-        match self.call(&Request::Spawn(order))? {
-            Reply::Spawned { pid, start_ticks } => Ok(os::Started { pid, start_ticks }),
+        match self.call(&Request::Spawn(Box::new(order)))? {
+            Reply::Spawned { pid, start_ticks } => Ok(os::Started {
+                pid,
+                start_ticks,
+                cgroup: None,
+                fallbacks: Vec::new(),
+            }),
             Reply::Failed {
                 errno: Some(errno), ..
             } => Err(io::Error::from_raw_os_error(errno)),
@@ -277,10 +291,14 @@ fn start(data_dir: &Path, socket: &Path, program: &Path) -> io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(data_dir.join("keeper.log"))?;
+    let log = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(data_dir.join("keeper.log"))?
+    };
     let listener_fd = listener.as_raw_fd();
     let mut command = std::process::Command::new(program);
     command
@@ -444,7 +462,7 @@ async fn connection(stream: tokio::net::UnixStream, kept: Shared) -> io::Result<
                     exits: kept.exits.values().cloned().collect(),
                 }
             }
-            Request::Spawn(order) => spawn(order, &kept),
+            Request::Spawn(order) => spawn(*order, &kept),
             Request::Watch => {
                 let (sender, receiver) = mpsc::unbounded_channel();
                 lock(&kept).watchers.push(sender);
@@ -495,6 +513,8 @@ fn spawn(order: SpawnOrder, kept: &Shared) -> Reply {
                 working_dir: &order.working_dir,
                 stdout,
                 stderr,
+                cgroups: &order.cgroups,
+                setup: &order.setup,
             })
         });
     match started {

@@ -6,6 +6,7 @@
 //! table; everything else talks to it through a cloneable [`SupervisorHandle`].
 
 mod agent;
+mod cgroup;
 mod config;
 mod error;
 mod events;
@@ -26,6 +27,7 @@ mod supervisor;
 mod table;
 
 pub use agent::{AgentRecord, AgentState, AgentStatus, EndReason, Exit, Health};
+pub use cgroup::{CgroupSetting, Containment};
 pub use config::{FinishedRetention, Limits as DaemonLimits, ShutdownPolicy, SupervisorConfig};
 pub use error::{Error, Result};
 pub use events::{Event, EventFilter, EventKind, EventRetention, Replay, Subscription};
@@ -36,6 +38,6 @@ pub use health::{Alert, HealthAction, HealthIssue, HealthMetric, HealthPolicy, P
 pub use keeper::{KEEPER_ARG, KEEPER_DIR_VAR, run_keeper};
 pub use lifecycle::{Backoff, LifecyclePolicy, ParentExit, RestartPolicy};
 pub use logs::{FolderWatch, LogError, LogFile, LogRotation, LogStream};
-pub use spec::{AgentSpec, Limits, SpawnRequest, StopPolicy};
+pub use spec::{AgentSpec, Limits, Resources, RunAs, SpawnRequest, StopPolicy};
 pub use stop::{StopOptions, StopOutcome, StopReport};
 pub use supervisor::Supervisor;

@@ -289,7 +289,7 @@ pub struct FolderWatch {
     inotify: AsyncFd<InotifyFd>,
 }
 
-struct InotifyFd(Inotify);
+pub(crate) struct InotifyFd(pub(crate) Inotify);
 
 impl AsRawFd for InotifyFd {
     fn as_raw_fd(&self) -> RawFd {

@@ -15,11 +15,13 @@
 //! until the group is gone. The stop finishes when the leader has exited and its group is
 //! empty ([`AgentMachine::leader_exited`], [`AgentMachine::group_gone`]).
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 
 use crate::agent::{AgentRecord, AgentState, AgentStatus, EndReason, Exit};
+use crate::cgroup::Containment;
 use crate::events::EventKind;
 use crate::health::{Alert, HealthAction, HealthIssue, HealthMetric};
 use crate::lifecycle::{RunEnd, wants_restart};
@@ -65,6 +67,18 @@ pub(crate) enum Effect {
     },
     /// The agent will not run again: its children that follow their parent must stop.
     EndedForGood,
+    /// Freeze (or thaw) every process of the agent.
+    Freeze(bool),
+}
+
+/// A process that started, and how it is held.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Launched {
+    pub pid: i32,
+    pub start_ticks: Option<u64>,
+    pub containment: Containment,
+    pub cgroup: Option<PathBuf>,
+    pub limit_fallbacks: Vec<String>,
 }
 
 /// A stop under way.
@@ -90,6 +104,10 @@ pub(crate) enum Phase {
         restart: bool,
     },
     Running,
+    /// Frozen since `since`: health checks wait, `max_runtime` keeps counting.
+    Paused {
+        since: Instant,
+    },
     Stopping(Stop),
     /// The run ended; the restart policy starts it again at `due`. `lingering`: members of the
     /// last run's group may outlive its leader.
@@ -107,6 +125,9 @@ pub(crate) enum Phase {
 struct Run {
     started: Instant,
     last_heartbeat: Option<Instant>,
+    /// Where heartbeat silence is counted from before the first heartbeat: the start, moved
+    /// on by the time spent paused.
+    quiet_since: Instant,
     max_runtime_at: Option<Instant>,
     /// When the first heartbeat must have come, until it has.
     startup_deadline: Option<Instant>,
@@ -190,8 +211,13 @@ impl AgentMachine {
                 if machine.record.last_heartbeat.is_some() {
                     machine.run.last_heartbeat = Some(now.mono);
                 }
-                machine.phase = Phase::Running;
-                machine.record.state = AgentState::Running;
+                // A frozen agent stays frozen across a restart of agentd.
+                if machine.record.state == AgentState::Paused {
+                    machine.phase = Phase::Paused { since: now.mono };
+                } else {
+                    machine.phase = Phase::Running;
+                    machine.record.state = AgentState::Running;
+                }
                 machine.record.adopted = true;
                 out.push(Effect::Persist);
                 machine.emit(out, EventKind::Adopted, String::new());
@@ -210,7 +236,7 @@ impl AgentMachine {
                 };
                 // It ended when the keeper reaped it, not now.
                 let then = Now { wall: at, ..now };
-                machine.leader_exited(then, Some(exit), false, out);
+                machine.leader_exited(then, Some(exit), false, false, out);
             }
             Recovered::Gone => {
                 let record = &mut machine.record;
@@ -240,7 +266,7 @@ impl AgentMachine {
     /// The leader process exists (not yet reaped, or for an adopted agent, not yet exited).
     pub fn leader_alive(&self) -> bool {
         match self.phase {
-            Phase::Running => true,
+            Phase::Running | Phase::Paused { .. } => true,
             Phase::Stopping(stop) => stop.leader_alive,
             _ => false,
         }
@@ -249,7 +275,7 @@ impl AgentMachine {
     /// Members of its process group may still run (the driver checks before relying on it).
     pub fn may_linger(&self) -> bool {
         match self.phase {
-            Phase::Running | Phase::Stopping(_) => true,
+            Phase::Running | Phase::Paused { .. } | Phase::Stopping(_) => true,
             Phase::BackingOff { lingering, .. } | Phase::Ended { lingering } => lingering,
             Phase::Starting { .. } => false,
         }
@@ -287,19 +313,23 @@ impl AgentMachine {
                     (a, b) => a.or(b),
                 }
             }
+            Phase::Paused { .. } => self.run.max_runtime_at,
             Phase::Starting { .. } | Phase::Ended { .. } => None,
         }
     }
 
     /// The process started.
-    pub fn started(&mut self, now: Now, pid: i32, start_ticks: Option<u64>, out: &mut Vec<Effect>) {
+    pub fn started(&mut self, now: Now, launched: Launched, out: &mut Vec<Effect>) {
         let Phase::Starting { restart } = self.phase else {
             return;
         };
         let record = &mut self.record;
         record.state = AgentState::Running;
-        record.pid = Some(pid);
-        record.start_ticks = start_ticks;
+        record.pid = Some(launched.pid);
+        record.start_ticks = launched.start_ticks;
+        record.containment = launched.containment;
+        record.cgroup = launched.cgroup;
+        record.limit_fallbacks = launched.limit_fallbacks;
         record.started_at = Some(now.wall);
         record.ended_at = None;
         record.ran_for = None;
@@ -346,16 +376,23 @@ impl AgentMachine {
     }
 
     /// The leader exited: `exit` is how, when it could be learned. `group_alive`: other
-    /// members of its process group still run.
+    /// members of its process group (or cgroup) still run. `oom_killed`: the kernel's OOM
+    /// killer killed a member of its cgroup during the run.
     pub fn leader_exited(
         &mut self,
         now: Now,
         exit: Option<Exit>,
         group_alive: bool,
+        oom_killed: bool,
         out: &mut Vec<Effect>,
     ) {
         let stop = match self.phase {
             Phase::Running => None,
+            Phase::Paused { .. } => {
+                // What is left of the tree must be able to run, and be stopped.
+                out.push(Effect::Freeze(false));
+                None
+            }
             Phase::Stopping(stop) if stop.leader_alive => Some(stop),
             _ => return,
         };
@@ -404,6 +441,19 @@ impl AgentMachine {
                 EventKind::Killed,
                 EndReason::Stopped,
                 None,
+            ),
+            None if oom_killed && exit != Some(Exit::Code(0)) => (
+                AgentState::Failed,
+                EventKind::OomKilled,
+                EndReason::OomKilled,
+                Some(format!(
+                    "{exit_text}: the kernel's OOM killer ended it at its memory limit{}",
+                    self.record
+                        .spec
+                        .resources
+                        .memory_max_mb
+                        .map_or(String::new(), |mb| format!(" of {mb} MB"))
+                )),
             ),
             None => match exit {
                 Some(Exit::Code(0)) => (
@@ -477,7 +527,11 @@ impl AgentMachine {
         let first = if force { Step::Kill } else { Step::FirstSignal };
         match self.phase {
             Phase::Starting { .. } | Phase::Ended { lingering: false } => false,
-            Phase::Running => {
+            Phase::Running | Phase::Paused { .. } => {
+                if matches!(self.phase, Phase::Paused { .. }) {
+                    // Thawed first, so that it can handle its stop signal.
+                    out.push(Effect::Freeze(false));
+                }
                 self.record.state = AgentState::Stopping;
                 out.push(Effect::Persist);
                 let how = if force { "force" } else { "graceful" };
@@ -530,6 +584,9 @@ impl AgentMachine {
                 self.record.next_restart_at = None;
                 self.phase = Phase::Starting { restart: true };
                 out.push(Effect::Launch);
+            }
+            Phase::Paused { .. } if self.run.max_runtime_at.is_some_and(|at| now.mono >= at) => {
+                self.stop(now, false, StopReason::MaxRuntime, out);
             }
             Phase::Running => {
                 let run = self.run;
@@ -584,7 +641,7 @@ impl AgentMachine {
         let awaiting_first = self.run.last_heartbeat.is_none()
             && self.record.spec.lifecycle.startup_timeout.is_some();
         if let Some(timeout) = policy.heartbeat_timeout.filter(|_| !awaiting_first) {
-            let since = self.run.last_heartbeat.unwrap_or(self.run.started);
+            let since = self.run.last_heartbeat.unwrap_or(self.run.quiet_since);
             let silent = now.mono.saturating_duration_since(since);
             if silent > timeout {
                 let reason = format!(
@@ -644,6 +701,49 @@ impl AgentMachine {
             } else if over == 0 {
                 self.clear_issue(HealthMetric::CpuPercent, "CPU back under its limit", out);
             }
+        }
+    }
+
+    /// Freezes a running agent. `Err` with its state when it is not running; pausing a
+    /// paused agent changes nothing.
+    pub fn pause(&mut self, now: Now, out: &mut Vec<Effect>) -> Result<(), AgentState> {
+        match self.phase {
+            Phase::Paused { .. } => Ok(()),
+            Phase::Running => {
+                self.phase = Phase::Paused { since: now.mono };
+                self.record.state = AgentState::Paused;
+                out.push(Effect::Freeze(true));
+                out.push(Effect::Persist);
+                self.emit(out, EventKind::Paused, String::new());
+                Ok(())
+            }
+            _ => Err(self.record.state),
+        }
+    }
+
+    /// Thaws a paused agent; heartbeat silence is counted as if the pause had not happened.
+    /// Resuming a running agent changes nothing.
+    pub fn resume(&mut self, now: Now, out: &mut Vec<Effect>) -> Result<(), AgentState> {
+        match self.phase {
+            Phase::Running => Ok(()),
+            Phase::Paused { since } => {
+                let paused = now.mono.saturating_duration_since(since);
+                let run = &mut self.run;
+                run.last_heartbeat = run.last_heartbeat.map(|at| at + paused);
+                run.quiet_since += paused;
+                run.startup_deadline = run.startup_deadline.map(|at| at + paused);
+                self.phase = Phase::Running;
+                self.record.state = AgentState::Running;
+                out.push(Effect::Freeze(false));
+                out.push(Effect::Persist);
+                self.emit(
+                    out,
+                    EventKind::Resumed,
+                    format!("after {:.1}s paused", paused.as_secs_f64()),
+                );
+                Ok(())
+            }
+            _ => Err(self.record.state),
         }
     }
 
@@ -811,6 +911,7 @@ impl Run {
         Run {
             started,
             last_heartbeat: None,
+            quiet_since: started,
             max_runtime_at: lifecycle.max_runtime.map(|limit| started + limit),
             startup_deadline: lifecycle.startup_timeout.map(|limit| started + limit),
             cpu_samples_over: 0,

@@ -1,7 +1,8 @@
 //! Every effect the supervisor has on the operating system: starting a process in its own
-//! group, signalling groups, reaping children, reading `/proc`. Nothing else in the crate
-//! calls `kill`, `waitpid` or `fork`. The supervisor task reaches them through the [`Os`]
-//! trait, the one seam a containment backend (cgroups) plugs into; [`System`] is the host.
+//! group (and cgroup), signalling, freezing, reaping children, reading `/proc`. Nothing else
+//! in the crate calls `kill`, `waitpid` or `fork`. The supervisor task reaches them through
+//! the [`Os`] trait; [`System`] is the host, with the cgroups it found at start (`cgroup`)
+//! or, without them, process groups and `setrlimit`.
 //!
 //! Architecture invariant: [`reap_one`] is the only `waitpid` in the daemon, and it runs on
 //! the supervisor task, the same task that calls [`spawn`] (std's `spawn` waits for a child
@@ -12,7 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -23,24 +24,55 @@ use nix::unistd::Pid;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use serde::{Deserialize, Serialize};
+
 use crate::agent::Exit;
+use crate::cgroup::{Cgroups, Containment, Controller, Detected};
+use crate::error::{Error, Result};
 use crate::keeper::{KeeperClient, SpawnOrder};
+use crate::spec::{AgentSpec, Resources, RunAs};
+
+/// How an agent's processes are held together: the leader's process group, and the
+/// agent's cgroup when it has one (then the cgroup is the truth about membership).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hold<'a> {
+    pub pgid: i32,
+    pub cgroup: Option<&'a Path>,
+}
 
 /// What the supervisor task asks of the operating system.
 pub(crate) trait Os: Send + Sync {
-    /// Starts a leader process in its own group, as a child of the keeper, which reports
-    /// its exit.
+    /// How new agents are held, and a line that says what the host offers.
+    fn containment(&self) -> (Containment, String);
+    /// Refuses limits (and a user) this host cannot enforce for a new agent.
+    fn check_spec(&self, spec: &AgentSpec) -> Result<()>;
+    /// Starts a leader process in its own group (and cgroup), as a child of the keeper,
+    /// which reports its exit.
     fn spawn(&self, order: SpawnOrder) -> io::Result<Started>;
-    /// Sends a signal to every process of a group; `Ok(false)`: the group is gone.
-    fn signal_group(&self, pgid: i32, signal: Signal) -> io::Result<bool>;
+    /// Sends a signal to every process held; `Ok(false)`: none is left.
+    fn signal_group(&self, hold: Hold<'_>, signal: Signal) -> io::Result<bool>;
     /// Sends a signal to one process; `Ok(false)`: it is gone.
     fn signal_process(&self, pid: i32, signal: Signal) -> io::Result<bool>;
+    /// Freezes (or thaws) every process held.
+    fn freeze(&self, hold: Hold<'_>, frozen: bool) -> io::Result<()>;
     /// Reaps one exited child, if there is one.
     fn reap_one(&self) -> Option<(i32, Exit)>;
-    /// Does the group still have a member that is not a zombie?
-    fn group_alive(&self, pgid: i32) -> bool;
-    /// Which of these groups still have a member that is not a zombie (one scan for all).
+    /// Is a process that is not a zombie still held?
+    fn group_alive(&self, hold: Hold<'_>) -> bool;
+    /// Which of these process groups still have a member that is not a zombie (one scan for
+    /// all).
     fn live_groups(&self, pgids: &[i32]) -> HashSet<i32>;
+    /// Did the kernel's OOM killer kill a member of this cgroup in its current run?
+    fn oom_killed(&self, cgroup: &Path) -> bool;
+    /// `cgroup.events` of a cgroup, to watch for it becoming empty.
+    fn cgroup_events(&self, cgroup: &Path) -> Option<PathBuf>;
+    /// Removes an agent's cgroup; fails while a process is in it.
+    fn remove_cgroup(&self, cgroup: &Path) -> io::Result<()>;
+    /// Every agent cgroup under agentd's root, by agent id, with its members.
+    fn agent_cgroups(&self) -> Vec<(String, PathBuf, Vec<i32>)>;
+    /// Removes agentd's cgroup root once it is empty (at shutdown).
+    fn remove_cgroup_root(&self);
+
     fn proc_stat(&self, pid: i32) -> Option<ProcStat>;
     /// How long the process has run, from its start time and the boot clock.
     fn running_for(&self, stat: &ProcStat) -> Option<Duration>;
@@ -52,32 +84,208 @@ pub(crate) trait Os: Send + Sync {
     fn proc_units(&self) -> (u64, u64);
 }
 
-/// The host itself, with the keeper that starts the agents.
+/// The host itself, with the keeper that starts the agents and the cgroups found at start.
 pub(crate) struct System {
     units: (u64, u64),
     keeper: KeeperClient,
+    cgroups: Option<Cgroups>,
+    described: String,
+    root: bool,
 }
 
 impl System {
-    pub fn new(keeper: KeeperClient) -> System {
+    pub fn new(keeper: KeeperClient, detected: Detected) -> System {
+        let described = detected.describe();
         System {
             units: proc_units(),
             keeper,
+            cgroups: match detected {
+                Detected::Cgroups(cgroups) => Some(cgroups),
+                Detected::None(_) => None,
+            },
+            described,
+            root: nix::unistd::geteuid().is_root(),
         }
     }
 
     pub fn keeper(&self) -> &KeeperClient {
         &self.keeper
     }
+
+    /// What stands in for a limit the host has no cgroup controller for, and a line for
+    /// each such limit that says how it is enforced instead.
+    fn fallbacks(&self, resources: &Resources) -> (ProcessSetup, Vec<String>) {
+        let has = |controller| self.cgroups.as_ref().is_some_and(|c| c.has(controller));
+        let mut setup = ProcessSetup {
+            nice: resources.nice,
+            ..ProcessSetup::default()
+        };
+        if let Some(files) = resources.open_files_max {
+            setup.rlimits.push((Rlimit::OpenFiles, u64::from(files)));
+        }
+        let mut notes = Vec::new();
+        if let Some(bytes) = resources.memory_max_bytes()
+            && !has(Controller::Memory)
+        {
+            setup.rlimits.push((Rlimit::AddressSpace, bytes));
+            notes.push(
+                "memory_max_mb: RLIMIT_AS, a limit on each process's address space, not on \
+                 resident memory; allocations fail instead of an OOM kill"
+                    .to_string(),
+            );
+        }
+        if let Some(pids) = resources.pids_max
+            && !has(Controller::Pids)
+        {
+            setup.rlimits.push((Rlimit::Processes, u64::from(pids)));
+            notes.push(
+                "pids_max: RLIMIT_NPROC, which counts every process of the agent's user and \
+                 does not bind root"
+                    .to_string(),
+            );
+        }
+        if !resources.cpus.is_empty() && !has(Controller::Cpuset) {
+            setup.cpus = resources.cpus.clone();
+            notes.push(
+                "cpus: sched_setaffinity, which a process of the agent may widen again".to_string(),
+            );
+        }
+        (setup, notes)
+    }
 }
 
 impl Os for System {
-    fn spawn(&self, order: SpawnOrder) -> io::Result<Started> {
-        self.keeper.spawn(order)
+    fn containment(&self) -> (Containment, String) {
+        let containment = self
+            .cgroups
+            .as_ref()
+            .map_or(Containment::ProcessGroup, |c| c.containment);
+        (containment, self.described.clone())
     }
 
-    fn signal_group(&self, pgid: i32, signal: Signal) -> io::Result<bool> {
-        signal_group(pgid, signal)
+    fn check_spec(&self, spec: &AgentSpec) -> Result<()> {
+        let resources = &spec.resources;
+        let unsupported = |field, problem: String| Err(Error::Unsupported { field, problem });
+        if spec.run_as.is_some() && !self.root {
+            return unsupported(
+                "user",
+                "agentd does not run as root, so it cannot start an agent as another user".into(),
+            );
+        }
+        let has = |controller| self.cgroups.as_ref().is_some_and(|c| c.has(controller));
+        let v2_memory = has(Controller::Memory)
+            && self
+                .cgroups
+                .as_ref()
+                .is_some_and(|c| c.v2(Controller::Memory));
+        if resources.memory_high_mb.is_some() && !v2_memory {
+            return unsupported(
+                "resources.memory_high_mb",
+                format!(
+                    "needs the memory controller of cgroup v2, and this host offers {}",
+                    self.described
+                ),
+            );
+        }
+        if resources.cpu_max_cores.is_some() && !has(Controller::Cpu) {
+            return unsupported(
+                "resources.cpu_max_cores",
+                format!(
+                    "needs a cgroup cpu controller (setrlimit cannot share a CPU), and this \
+                     host offers {}",
+                    self.described
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, mut order: SpawnOrder) -> io::Result<Started> {
+        let (setup, fallbacks) = self.fallbacks(&order.resources);
+        order.setup = ProcessSetup {
+            run_as: order.setup.run_as.take(),
+            ..setup
+        };
+        let cgroup = match &self.cgroups {
+            Some(cgroups) => {
+                let rel = cgroups.path_of(&order.agent_id);
+                // A fresh cgroup per run: its counters (OOM kills) start at zero. One that
+                // still holds a process of an earlier run is kept.
+                let _ = cgroups.remove(&rel);
+                order.cgroups = cgroups.prepare(&rel, &order.resources)?;
+                Some(rel)
+            }
+            None => None,
+        };
+        let started = self.keeper.spawn(order);
+        if let (Err(_), Some(cgroups), Some(rel)) = (&started, &self.cgroups, &cgroup) {
+            let _ = cgroups.remove(rel);
+        }
+        let started = started?;
+        Ok(Started {
+            cgroup,
+            fallbacks,
+            ..started
+        })
+    }
+
+    fn signal_group(&self, hold: Hold<'_>, signal: Signal) -> io::Result<bool> {
+        match (&self.cgroups, hold.cgroup) {
+            (Some(cgroups), Some(cgroup)) => cgroups.signal(cgroup, signal),
+            _ => signal_group(hold.pgid, signal),
+        }
+    }
+
+    fn freeze(&self, hold: Hold<'_>, frozen: bool) -> io::Result<()> {
+        match (&self.cgroups, hold.cgroup) {
+            (Some(cgroups), Some(cgroup)) => cgroups.freeze(cgroup, frozen),
+            _ => {
+                let signal = if frozen {
+                    Signal::SIGSTOP
+                } else {
+                    Signal::SIGCONT
+                };
+                signal_group(hold.pgid, signal).map(drop)
+            }
+        }
+    }
+
+    fn oom_killed(&self, cgroup: &Path) -> bool {
+        self.cgroups
+            .as_ref()
+            .is_some_and(|cgroups| cgroups.oom_kills(cgroup) > 0)
+    }
+
+    fn cgroup_events(&self, cgroup: &Path) -> Option<PathBuf> {
+        Some(self.cgroups.as_ref()?.events_file(cgroup))
+    }
+
+    fn remove_cgroup(&self, cgroup: &Path) -> io::Result<()> {
+        match &self.cgroups {
+            Some(cgroups) => cgroups.remove(cgroup),
+            None => Ok(()),
+        }
+    }
+
+    fn agent_cgroups(&self) -> Vec<(String, PathBuf, Vec<i32>)> {
+        let Some(cgroups) = &self.cgroups else {
+            return Vec::new();
+        };
+        cgroups
+            .agent_cgroups()
+            .into_iter()
+            .map(|id| {
+                let rel = cgroups.path_of(&id);
+                let members = cgroups.members(&rel);
+                (id, rel, members)
+            })
+            .collect()
+    }
+
+    fn remove_cgroup_root(&self) {
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.remove_root();
+        }
     }
 
     fn signal_process(&self, pid: i32, signal: Signal) -> io::Result<bool> {
@@ -88,8 +296,11 @@ impl Os for System {
         reap_one()
     }
 
-    fn group_alive(&self, pgid: i32) -> bool {
-        GroupProbe::default().alive(pgid)
+    fn group_alive(&self, hold: Hold<'_>) -> bool {
+        match (&self.cgroups, hold.cgroup) {
+            (Some(cgroups), Some(cgroup)) => cgroups.populated(cgroup),
+            _ => GroupProbe::default().alive(hold.pgid),
+        }
     }
 
     fn live_groups(&self, pgids: &[i32]) -> HashSet<i32> {
@@ -136,22 +347,139 @@ pub struct Launch<'a> {
     pub working_dir: &'a Path,
     pub stdout: File,
     pub stderr: File,
+    /// `cgroup.procs` files to join before the command runs.
+    pub cgroups: &'a [PathBuf],
+    pub setup: &'a ProcessSetup,
 }
 
 /// A started leader process.
 pub struct Started {
     pub pid: i32,
     pub start_ticks: Option<u64>,
+    /// Its cgroup, relative to the hierarchies.
+    pub cgroup: Option<PathBuf>,
+    /// Limits enforced without a cgroup, and how.
+    pub fallbacks: Vec<String>,
 }
 
-/// Starts the command as the leader of a new process group (in the keeper). The child is
-/// never waited for here: [`reap_one`] collects its exit.
+/// A resource limit set with `setrlimit` (soft and hard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rlimit {
+    AddressSpace,
+    Processes,
+    OpenFiles,
+}
+
+/// What a new process sets up for itself between `fork` and `exec`, after joining its
+/// cgroups: limits, priority, affinity, and last its user.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProcessSetup {
+    pub rlimits: Vec<(Rlimit, u64)>,
+    pub nice: Option<i32>,
+    /// `sched_setaffinity`, where no cpuset controller holds the agent.
+    pub cpus: Vec<u32>,
+    pub run_as: Option<RunAs>,
+}
+
+/// [`ProcessSetup`] turned into plain values before the fork, so the child only makes
+/// system calls.
+struct ChildSetup {
+    cgroup_fds: Vec<i32>,
+    rlimits: Vec<(nix::libc::__rlimit_resource_t, nix::libc::rlimit)>,
+    nice: Option<i32>,
+    cpus: Option<nix::libc::cpu_set_t>,
+    run_as: Option<(u32, u32, Vec<nix::libc::gid_t>)>,
+}
+
+impl ChildSetup {
+    fn new(setup: &ProcessSetup, cgroup_fds: Vec<i32>) -> ChildSetup {
+        use nix::libc;
+        let rlimits = setup
+            .rlimits
+            .iter()
+            .map(|&(which, value)| {
+                let resource = match which {
+                    Rlimit::AddressSpace => libc::RLIMIT_AS,
+                    Rlimit::Processes => libc::RLIMIT_NPROC,
+                    Rlimit::OpenFiles => libc::RLIMIT_NOFILE,
+                };
+                let limit = libc::rlimit {
+                    rlim_cur: value,
+                    rlim_max: value,
+                };
+                (resource, limit)
+            })
+            .collect();
+        let cpus = (!setup.cpus.is_empty()).then(|| {
+            // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET sets one bit of it and
+            // ignores CPUs beyond its size (validation keeps them below 4096).
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                for &cpu in &setup.cpus {
+                    libc::CPU_SET(cpu as usize, &mut set);
+                }
+                set
+            }
+        });
+        ChildSetup {
+            cgroup_fds,
+            rlimits,
+            nice: setup.nice,
+            cpus,
+            run_as: setup
+                .run_as
+                .as_ref()
+                .map(|run_as| (run_as.uid, run_as.gid, run_as.groups.clone())),
+        }
+    }
+
+    /// Runs in the child between `fork` and `exec`: system calls only, no allocation.
+    fn apply(&self) -> io::Result<()> {
+        use nix::libc;
+        let check = |result: libc::c_int| {
+            if result < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        crate::cgroup::join_self(&self.cgroup_fds)?;
+        for (resource, limit) in &self.rlimits {
+            // SAFETY: a valid resource and a pointer to a live rlimit.
+            check(unsafe { libc::setrlimit(*resource, limit) })?;
+        }
+        if let Some(nice) = self.nice {
+            // SAFETY: plain integers.
+            check(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) })?;
+        }
+        if let Some(set) = &self.cpus {
+            // SAFETY: a pointer to a live cpu_set_t and its size.
+            check(unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(set), set) })?;
+        }
+        if let Some((uid, gid, groups)) = &self.run_as {
+            // SAFETY: a pointer to the groups and their count, then plain ids; groups first,
+            // then the group, then the user (after which nothing else could be changed).
+            check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
+            check(unsafe { libc::setgid(*gid) })?;
+            check(unsafe { libc::setuid(*uid) })?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts the command as the leader of a new process group (in the keeper), in its
+/// cgroups from its first instruction on. The child is never waited for here:
+/// [`reap_one`] collects its exit.
 pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
+    use std::os::fd::AsRawFd;
     let (program, args) = launch
         .command
         .split_first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
-    let child = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(args)
         .env_clear()
         .envs(launch.env.iter().map(|(k, v)| (k, v)))
@@ -159,8 +487,26 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         .stdin(Stdio::null())
         .stdout(launch.stdout)
         .stderr(launch.stderr)
-        .process_group(0)
-        .spawn()?;
+        .process_group(0);
+    // Open until the child has forked: it writes itself into each.
+    let cgroup_files = launch
+        .cgroups
+        .iter()
+        .map(|path| std::fs::OpenOptions::new().write(true).open(path))
+        .collect::<io::Result<Vec<File>>>()?;
+    if !cgroup_files.is_empty() || *launch.setup != ProcessSetup::default() {
+        let setup = ChildSetup::new(
+            launch.setup,
+            cgroup_files.iter().map(AsRawFd::as_raw_fd).collect(),
+        );
+        // SAFETY: `apply` makes only async-signal-safe system calls on values prepared
+        // before the fork.
+        unsafe {
+            command.pre_exec(move || setup.apply());
+        }
+    }
+    let child = command.spawn()?;
+    drop(cgroup_files);
     let pid = i32::try_from(child.id())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "pid out of range"))?;
     // Dropping a std `Child` neither waits nor kills.
@@ -168,6 +514,8 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
     Ok(Started {
         pid,
         start_ticks: proc_stat(pid).map(|stat| stat.start_ticks),
+        cgroup: None,
+        fallbacks: Vec::new(),
     })
 }
 
@@ -505,3 +853,54 @@ mod tests {
         assert!(["running", "sleeping"].contains(&state_name(stat.state)));
     }
 }
+
+/// Tells which watched files were modified: `cgroup.events` of cgroups whose emptying a
+/// stop waits for. Clones share one inotify descriptor.
+#[derive(Clone)]
+pub(crate) struct ChangeWatch {
+    inotify: std::sync::Arc<AsyncFd<crate::logs::InotifyFd>>,
+}
+
+impl ChangeWatch {
+    pub fn new() -> io::Result<ChangeWatch> {
+        use nix::sys::inotify::{InitFlags, Inotify};
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        // SAFETY: the inotify descriptor is valid and owned by `InotifyFd`, which the
+        // `AsyncFd` owns until it is dropped.
+        let inotify = unsafe {
+            AsyncFd::register_with_interest(crate::logs::InotifyFd(inotify), Interest::READABLE)
+        }
+        .map_err(io::Error::from)?;
+        Ok(ChangeWatch {
+            inotify: std::sync::Arc::new(inotify),
+        })
+    }
+
+    pub fn add(&self, path: &Path) -> io::Result<WatchDescriptor> {
+        use nix::sys::inotify::AddWatchFlags;
+        Ok(self
+            .inotify
+            .get_ref()
+            .0
+            .add_watch(path, AddWatchFlags::IN_MODIFY)?)
+    }
+
+    pub fn remove(&self, watch: WatchDescriptor) {
+        // Fails only when the file is already gone, which removed the watch.
+        let _ = self.inotify.get_ref().0.rm_watch(watch);
+    }
+
+    /// Waits for changes; returns the watches whose file changed.
+    pub async fn changed(&self) -> io::Result<Vec<WatchDescriptor>> {
+        loop {
+            let mut ready = self.inotify.readable().await?;
+            match ready.get_inner().0.read_events() {
+                Ok(events) => return Ok(events.into_iter().map(|event| event.wd).collect()),
+                Err(Errno::EAGAIN) => ready.clear_ready(),
+                Err(errno) => return Err(errno.into()),
+            }
+        }
+    }
+}
+
+pub(crate) use nix::sys::inotify::WatchDescriptor;

@@ -2,14 +2,17 @@
 //! whether its process still runs (the same pid with the same start time), and every process
 //! agentd started whatever the records say (they carry their agent folder in their
 //! environment), so that a spawn or a restart whose record missed the disk before a crash
-//! is adopted under its record, and one with no record at all is killed. What each finding
+//! is adopted under its record, and one with no record at all is killed. Where agents have
+//! cgroups, the cgroups are the truth about membership: every process in a running agent's
+//! cgroup is adopted with it, and the processes of any other cgroup under agentd's root
+//! (no record, or an agent that has ended) are strays, to be killed. What each finding
 //! means for the agent is the machine's business ([`AgentMachine::recovered`]).
 //!
 //! [`AgentMachine::recovered`]: crate::machine::AgentMachine::recovered
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use nix::sys::signal::Signal;
@@ -17,7 +20,7 @@ use nix::sys::signal::Signal;
 use crate::agent::{AgentRecord, AgentState};
 use crate::keeper::{KeptChild, KeptExit};
 use crate::machine::Recovered;
-use crate::os::{MarkedLeader, Os};
+use crate::os::{Hold, MarkedLeader, Os};
 
 /// One stored agent as recovery found it.
 pub(crate) struct Found {
@@ -44,12 +47,20 @@ pub(crate) struct KeeperState {
     pub exits: Vec<KeptExit>,
 }
 
+/// Everything recovery found: the stored agents, and the cgroups whose processes belong to
+/// no running agent (killed already; each is removed once empty).
+pub(crate) struct Recovery {
+    pub found: Vec<Found>,
+    pub strays: Vec<PathBuf>,
+}
+
 pub(crate) fn recover(
     records: Vec<AgentRecord>,
     os: &dyn Os,
     agents_dir: &Path,
     keeper: &KeeperState,
-) -> Vec<Found> {
+) -> Recovery {
+    let cgroups = os.agent_cgroups();
     let mut marked: HashMap<String, Vec<MarkedLeader>> = HashMap::new();
     for leader in os.marked_leaders(agents_dir) {
         marked
@@ -57,9 +68,9 @@ pub(crate) fn recover(
             .or_default()
             .push(leader);
     }
-    let found = records
+    let found: Vec<Found> = records
         .into_iter()
-        .map(|record| find(record, os, &mut marked, keeper))
+        .map(|record| find(record, os, &mut marked, keeper, &cgroups))
         .collect();
     // Processes of agents with no record at all: their spawn was never acknowledged.
     for leader in marked.into_values().flatten() {
@@ -68,11 +79,41 @@ pub(crate) fn recover(
             pid = leader.pid,
             "killing a process agentd started but has no record of (its spawn was cut short)"
         );
-        if let Err(error) = os.signal_group(leader.pid, Signal::SIGKILL) {
+        let hold = Hold {
+            pgid: leader.pid,
+            cgroup: None,
+        };
+        if let Err(error) = os.signal_group(hold, Signal::SIGKILL) {
             tracing::error!(pid = leader.pid, %error, "killing an unrecorded agent process");
         }
     }
-    found
+    let running: HashSet<&str> = found
+        .iter()
+        .filter(|found| matches!(found.how, Recovered::Running { .. }))
+        .map(|found| found.record.spec.agent_id.as_str())
+        .collect();
+    let mut strays = Vec::new();
+    for (agent_id, cgroup, members) in &cgroups {
+        if running.contains(agent_id.as_str()) {
+            continue;
+        }
+        if let Some(&pgid) = members.first() {
+            tracing::warn!(
+                %agent_id,
+                processes = members.len(),
+                "killing processes left in the cgroup of an agent that is not running"
+            );
+            let hold = Hold {
+                pgid,
+                cgroup: Some(cgroup),
+            };
+            if let Err(error) = os.signal_group(hold, Signal::SIGKILL) {
+                tracing::error!(%agent_id, %error, "killing a stray cgroup's processes");
+            }
+        }
+        strays.push(cgroup.clone());
+    }
+    Recovery { found, strays }
 }
 
 fn find(
@@ -80,6 +121,7 @@ fn find(
     os: &dyn Os,
     marked: &mut HashMap<String, Vec<MarkedLeader>>,
     keeper: &KeeperState,
+    cgroups: &[(String, PathBuf, Vec<i32>)],
 ) -> Found {
     let agent_id = record.spec.agent_id.clone();
     let leaders = marked.remove(&agent_id).unwrap_or_default();
@@ -137,6 +179,14 @@ fn find(
                 record.start_ticks = Some(leader.stat.start_ticks);
                 record.ended_at = None;
                 record.error = None;
+                // Its cgroup is the one it is in.
+                record.cgroup = cgroups
+                    .iter()
+                    .find(|(_, _, members)| members.contains(&leader.pid))
+                    .map(|(_, cgroup, _)| cgroup.clone());
+                if record.cgroup.is_some() {
+                    record.containment = os.containment().0;
+                }
                 leader.stat
             }
             None if record.state == AgentState::BackingOff => {

@@ -3,9 +3,12 @@
 //! leader state) and reads the progress the agent wrote to its status file, then hands the
 //! batch back. Status calls answer from the latest batch and never wait for a sample.
 //!
-//! The cost is per process in an agent's tree, never per process on the host: each member
-//! costs one read of `/proc/PID/stat` and one of its `children` file, and each agent one
-//! `stat` of its status file. Output files are checked every interval while they grow and
+//! An agent in a cgroup is measured through it: `cpu.stat` (one small read) says whether
+//! anything in it ran since the last round; only then are its memory, `cgroup.procs`,
+//! `cgroup.threads` and the leader's `stat` read, whatever the tree's size. Without a
+//! cgroup the cost is per process in the agent's tree, never per process on the host: each
+//! member costs one read of `/proc/PID/stat` and one of its `children` file. Each agent
+//! costs one `stat` of its status file. Output files are checked every interval while they grow and
 //! every [`QUIET_OUTPUT_EVERY`] intervals once they stop.
 
 use std::collections::{HashMap, HashSet};
@@ -15,6 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
+use crate::cgroup::Cgroups;
 use crate::files::STATUS_FILE;
 use crate::logs::{LogFile, LogRotation, LogStream};
 use crate::os::{self, ProcStat};
@@ -27,6 +31,8 @@ pub struct SampleTarget {
     pub pid: i32,
     /// The agent's folder: its status file and its output.
     pub dir: PathBuf,
+    /// Its cgroup, which then is what is measured.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// One measurement of an agent's process tree: the leader, its descendants, and orphans of
@@ -68,6 +74,7 @@ const QUIET_OUTPUT_EVERY: u64 = 8;
 pub fn start(
     interval: Duration,
     rotation: LogRotation,
+    cgroups: Option<Cgroups>,
     mut targets: impl FnMut() -> Option<Vec<SampleTarget>> + Send + 'static,
     mut deliver: impl FnMut(SampleBatch) -> bool + Send + 'static,
     died: impl FnOnce(String) + Send + 'static,
@@ -76,7 +83,7 @@ pub fn start(
         .name("agentd-sampler".into())
         .spawn(move || {
             let rounds = std::panic::AssertUnwindSafe(|| {
-                let mut sampler = Sampler::new();
+                let mut sampler = Sampler::new(cgroups);
                 let mut output = OutputChecks::default();
                 loop {
                     std::thread::sleep(interval);
@@ -114,6 +121,18 @@ struct Sampler {
     children_files: bool,
     /// Modification time of each agent's status file when it was last read.
     status_seen: HashMap<String, SystemTime>,
+    cgroups: Option<Cgroups>,
+    /// Each cgroup agent's last reading, by agent id.
+    last_cgroups: HashMap<String, CgroupReading>,
+}
+
+/// An agent's cgroup as a round found it.
+#[derive(Clone)]
+struct CgroupReading {
+    cpu_usec: u64,
+    sample: TreeSample,
+    /// The round memory, members and the leader were read in.
+    read_in: u64,
 }
 
 /// What a round learned about one process of an agent's tree.
@@ -200,7 +219,7 @@ impl Round<'_> {
 }
 
 impl Sampler {
-    fn new() -> Sampler {
+    fn new(cgroups: Option<Cgroups>) -> Sampler {
         let (clock_ticks, page_size) = os::proc_units();
         Sampler {
             clock_ticks: clock_ticks as f64,
@@ -210,7 +229,55 @@ impl Sampler {
             last: HashMap::new(),
             children_files: true,
             status_seen: HashMap::new(),
+            cgroups,
+            last_cgroups: HashMap::new(),
         }
+    }
+
+    /// Measures an agent through its cgroup. An agent whose cgroup used no CPU since the
+    /// last round has not forked, exited or grown: its last reading holds (read again every
+    /// [`REREAD_IDLE_EVERY`] rounds).
+    fn measure_cgroup(
+        &self,
+        cgroups: &Cgroups,
+        target: &SampleTarget,
+        cgroup: &std::path::Path,
+        elapsed: Option<f64>,
+        now: &mut HashMap<String, CgroupReading>,
+    ) -> Option<TreeSample> {
+        let cpu_usec = cgroups.cpu_usec(cgroup)?;
+        let last = self.last_cgroups.get(&target.agent_id);
+        let used = last.map_or(0, |last| cpu_usec.saturating_sub(last.cpu_usec));
+        let cpu_percent = elapsed
+            .filter(|&seconds| seconds > 0.0)
+            .map_or(0.0, |seconds| used as f64 / 1e6 / seconds * 100.0);
+        let mut reading = match last {
+            Some(last) if used == 0 && self.round - last.read_in < REREAD_IDLE_EVERY => {
+                last.clone()
+            }
+            _ => {
+                let leader = os::proc_stat(target.pid)?;
+                let usage = cgroups.usage(cgroup);
+                CgroupReading {
+                    cpu_usec,
+                    sample: TreeSample {
+                        leader_status: os::state_name(leader.state),
+                        cpu_percent: 0.0,
+                        memory_bytes: usage
+                            .memory_bytes
+                            .unwrap_or(leader.rss_pages * self.page_size),
+                        num_threads: usage.threads.max(leader.num_threads),
+                        num_processes: usage.processes.max(1),
+                    },
+                    read_in: self.round,
+                }
+            }
+        };
+        reading.cpu_usec = cpu_usec;
+        reading.sample.cpu_percent = cpu_percent;
+        let sample = reading.sample.clone();
+        now.insert(target.agent_id.clone(), reading);
+        Some(sample)
     }
 
     fn sample(&mut self, targets: &[SampleTarget]) -> SampleBatch {
@@ -247,6 +314,8 @@ impl Sampler {
                 orphans_by_group.entry(stat.pgrp).or_default().push(child);
             }
         }
+        let mut cgroup_readings = HashMap::new();
+        let cgroups = self.cgroups.take();
         let mut round = Round {
             number: self.round,
             last: &self.last,
@@ -257,6 +326,17 @@ impl Sampler {
                 .map(|seconds| (seconds * self.clock_ticks) as u64),
         };
         for target in targets {
+            if let (Some(cgroups), Some(cgroup)) = (&cgroups, &target.cgroup) {
+                if let Some(sample) =
+                    self.measure_cgroup(cgroups, target, cgroup, elapsed, &mut cgroup_readings)
+                {
+                    batch.samples.push((target.agent_id.clone(), sample));
+                }
+                if let Some(progress) = read_status_file(&mut self.status_seen, target) {
+                    batch.progress.push((target.agent_id.clone(), progress));
+                }
+                continue;
+            }
             let mut roots = vec![(target.pid, None)];
             roots.extend(
                 orphans_by_group
@@ -276,6 +356,8 @@ impl Sampler {
             }
         }
         self.last = round.now;
+        self.cgroups = cgroups;
+        self.last_cgroups = cgroup_readings;
         self.last_uptime = uptime;
         if self.status_seen.len() > targets.len() {
             let live: HashSet<&str> = targets.iter().map(|t| t.agent_id.as_str()).collect();

@@ -33,6 +33,195 @@ pub struct SpawnRequest {
     pub second_grace: Option<Duration>,
     pub health_policy: HealthPolicy,
     pub lifecycle: LifecyclePolicy,
+    pub resources: Resources,
+    /// A user name or numeric id to run as (agentd must be root); empty: agentd's own.
+    pub user: String,
+    /// A group name or numeric id; empty: the user's primary group.
+    pub group: String,
+}
+
+/// What an agent may use. `None` or empty: no limit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Resources {
+    /// Hard limit: the kernel's OOM killer ends the agent above it.
+    pub memory_max_mb: Option<f64>,
+    /// Throttled above it (cgroup v2 only).
+    pub memory_high_mb: Option<f64>,
+    /// CPU time per wall-clock time: 0.5 is half a core.
+    pub cpu_max_cores: Option<f64>,
+    /// Processes and threads in the agent's tree.
+    pub pids_max: Option<u32>,
+    /// CPUs the agent may run on.
+    pub cpus: Vec<u32>,
+    pub nice: Option<i32>,
+    /// `RLIMIT_NOFILE`.
+    pub open_files_max: Option<u32>,
+}
+
+impl Resources {
+    pub fn is_empty(&self) -> bool {
+        *self == Resources::default()
+    }
+
+    /// Range checks; what the host can enforce is checked where the host is known.
+    fn validate(&self) -> Result<()> {
+        const MAX_MB: f64 = 1024.0 * 1024.0 * 1024.0;
+        for (field, value) in [
+            ("resources.memory_max_mb", self.memory_max_mb),
+            ("resources.memory_high_mb", self.memory_high_mb),
+        ] {
+            if let Some(mb) = value
+                && !(1.0..=MAX_MB).contains(&mb)
+            {
+                return invalid(
+                    field,
+                    format!("{mb} MB is out of range: give 1 MB to 1 PB, or 0 for no limit"),
+                );
+            }
+        }
+        if let (Some(high), Some(max)) = (self.memory_high_mb, self.memory_max_mb)
+            && high > max
+        {
+            return invalid(
+                "resources.memory_high_mb",
+                format!("{high} MB is above memory_max_mb {max} MB"),
+            );
+        }
+        if let Some(cores) = self.cpu_max_cores
+            && !(0.01..=4096.0).contains(&cores)
+        {
+            return invalid(
+                "resources.cpu_max_cores",
+                format!("{cores} is out of range: give 0.01 to 4096 cores, or 0 for no limit"),
+            );
+        }
+        let online = online_cpus();
+        if self.cpus.len() > 4096 {
+            return invalid("resources.cpus", "lists more than 4096 CPUs");
+        }
+        if let Some(cpu) = self.cpus.iter().find(|&&cpu| cpu >= online) {
+            return invalid(
+                "resources.cpus",
+                format!(
+                    "CPU {cpu} does not exist: this host has CPUs 0 to {}",
+                    online - 1
+                ),
+            );
+        }
+        if let Some(nice) = self.nice
+            && !(-20..=19).contains(&nice)
+        {
+            return invalid(
+                "resources.nice",
+                format!("{nice} is not between -20 and 19"),
+            );
+        }
+        if let Some(files) = self.open_files_max {
+            let most = std::fs::read_to_string("/proc/sys/fs/nr_open")
+                .ok()
+                .and_then(|text| text.trim().parse::<u32>().ok())
+                .unwrap_or(1 << 20);
+            if !(1..=most).contains(&files) {
+                return invalid(
+                    "resources.open_files_max",
+                    format!("{files} is out of range: give 1 to {most} (fs.nr_open)"),
+                );
+            }
+        }
+        if self.pids_max == Some(0) {
+            return invalid("resources.pids_max", "0 processes cannot run anything");
+        }
+        Ok(())
+    }
+}
+
+/// How many CPUs the host has (the highest number plus one).
+fn online_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .ok()
+        .and_then(|n| u32::try_from(n.get()).ok())
+        .into_iter()
+        .chain(
+            std::fs::read_to_string("/sys/devices/system/cpu/online")
+                .ok()
+                .and_then(|text| {
+                    let last = text.trim().rsplit([',', '-']).next()?.parse::<u32>().ok()?;
+                    Some(last + 1)
+                }),
+        )
+        .max()
+        .unwrap_or(1)
+}
+
+/// Who an agent runs as, resolved when it is spawned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunAs {
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups: the user's, from the group database.
+    pub groups: Vec<u32>,
+}
+
+impl RunAs {
+    /// Looks up `user` (and `group`) by name or number. `Ok(None)` when neither is given.
+    pub(crate) fn resolve(user: &str, group: &str) -> Result<Option<RunAs>> {
+        use nix::unistd::{Gid, Group, Uid, User};
+        if user.is_empty() && group.is_empty() {
+            return Ok(None);
+        }
+        let unknown = |field, problem: String| Error::Invalid { field, problem };
+        let entry = if user.is_empty() {
+            User::from_uid(Uid::current())
+        } else if let Ok(uid) = user.parse::<u32>() {
+            User::from_uid(Uid::from_raw(uid))
+        } else {
+            User::from_name(user)
+        }
+        .ok()
+        .flatten();
+        let (name, uid, primary) = match (entry, user.parse::<u32>()) {
+            (Some(entry), _) => (entry.name, entry.uid.as_raw(), entry.gid.as_raw()),
+            // A numeric id with no entry in the user database runs with its own number as
+            // its group, as `setpriv --reuid` would.
+            (None, Ok(uid)) => (uid.to_string(), uid, uid),
+            (None, Err(_)) => {
+                return Err(unknown(
+                    "user",
+                    format!("no user `{user}` in this host's user database"),
+                ));
+            }
+        };
+        let gid = if group.is_empty() {
+            primary
+        } else if let Ok(gid) = group.parse::<u32>() {
+            gid
+        } else {
+            Group::from_name(group)
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    unknown(
+                        "group",
+                        format!("no group `{group}` in this host's group database"),
+                    )
+                })?
+                .gid
+                .as_raw()
+        };
+        let groups = std::ffi::CString::new(name.clone())
+            .ok()
+            .and_then(|c_name| nix::unistd::getgrouplist(&c_name, Gid::from_raw(gid)).ok())
+            .map(|groups| groups.into_iter().map(Gid::as_raw).collect())
+            .unwrap_or_else(|| vec![gid]);
+        Ok(Some(RunAs {
+            user: name,
+            uid,
+            gid,
+            groups,
+        }))
+    }
 }
 
 /// A validated spawn: what is stored and what the process is started from. The prompt is
@@ -66,6 +255,10 @@ pub struct AgentSpec {
     pub health_policy: HealthPolicy,
     #[serde(default)]
     pub lifecycle: LifecyclePolicy,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default)]
+    pub run_as: Option<RunAs>,
 }
 
 /// The stop ladder: `signal`, wait `first_grace`, `signal` again, wait `second_grace`, SIGKILL.
@@ -165,6 +358,10 @@ impl SpawnRequest {
                 );
             }
         }
+        self.resources.validate()?;
+        check_len("user", &self.user, Limits::TEXT_LEN)?;
+        check_len("group", &self.group, Limits::TEXT_LEN)?;
+        let run_as = RunAs::resolve(&self.user, &self.group)?;
         let spec = AgentSpec {
             agent_id: self.agent_id,
             request_id: self.request_id,
@@ -180,6 +377,8 @@ impl SpawnRequest {
             stop_policy,
             health_policy,
             lifecycle,
+            resources: self.resources,
+            run_as,
         };
         Ok((spec, self.prompt))
     }
@@ -419,6 +618,29 @@ mod tests {
         let mut r = request(&["true"]);
         r.stop_signal = "KILL".into();
         assert_eq!(field_of(r.validate()), "stop_policy.stop_signal");
+        let mut r = request(&["true"]);
+        r.resources.memory_max_mb = Some(-1.0);
+        assert_eq!(field_of(r.validate()), "resources.memory_max_mb");
+        let mut r = request(&["true"]);
+        r.resources.cpu_max_cores = Some(f64::NAN);
+        assert_eq!(field_of(r.validate()), "resources.cpu_max_cores");
+        let mut r = request(&["true"]);
+        r.resources.cpus = vec![100_000];
+        assert_eq!(field_of(r.validate()), "resources.cpus");
+        let mut r = request(&["true"]);
+        r.resources.nice = Some(20);
+        assert_eq!(field_of(r.validate()), "resources.nice");
+        let mut r = request(&["true"]);
+        r.resources.memory_max_mb = Some(100.0);
+        r.resources.memory_high_mb = Some(200.0);
+        assert_eq!(field_of(r.validate()), "resources.memory_high_mb");
+        let mut r = request(&["true"]);
+        r.user = "no-such-user-agentd".into();
+        assert_eq!(field_of(r.validate()), "user");
+        let mut r = request(&["true"]);
+        r.user = "root".into();
+        r.group = "no-such-group-agentd".into();
+        assert_eq!(field_of(r.validate()), "group");
     }
 
     #[test]

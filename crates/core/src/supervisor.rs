@@ -23,6 +23,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agent::{AgentRecord, AgentState, AgentStatus, Exit};
+use crate::cgroup;
 use crate::config::{FinishedRetention, Limits, ShutdownPolicy, SupervisorConfig};
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventKind};
@@ -31,7 +32,7 @@ use crate::handle::{Command, ReapReport, StopTarget, SupervisorHandle};
 use crate::health::{HealthPolicy, ProgressReport};
 use crate::keeper::{AckSink, ExitStream, KeeperClient};
 use crate::lifecycle::ParentExit;
-use crate::machine::{AgentMachine, Effect, Now};
+use crate::machine::{AgentMachine, Effect, Launched, Now};
 use crate::os::{self, Os};
 use crate::recover::{self, ExitWatch, KeeperState};
 use crate::sampler::{self, SampleBatch, TreeSample};
@@ -60,7 +61,18 @@ impl Supervisor {
         // Folders of removed agents that an earlier daemon did not finish deleting.
         let _ = std::fs::remove_dir_all(&trash_dir);
         create_private_dir(&trash_dir)?;
-        let store = Store::open(&config.data_dir.join("store"))?;
+        let store_dir = config.data_dir.join("store");
+        let store = Store::open(&store_dir)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Private even when the data folder is opened for agents of other users.
+            std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o700)).map_err(
+                |source| Error::Setup {
+                    what: format!("making `{}` private", store_dir.display()),
+                    source,
+                },
+            )?;
+        }
         store.start_background_flush();
         os::become_subreaper().map_err(|source| Error::Setup {
             what: "becoming a child subreaper".into(),
@@ -82,7 +94,17 @@ impl Supervisor {
         let (keeper, kept_exits, ack_sink) =
             KeeperClient::reach(&config.data_dir, &program).map_err(keeper_failed)?;
         let (children, exits) = keeper.hello().map_err(keeper_failed)?;
-        let system = Arc::new(os::System::new(keeper));
+        let detected = cgroup::detect(&config.cgroups, &config.data_dir);
+        tracing::info!("containment: {}", detected.describe());
+        let sampler_cgroups = match &detected {
+            cgroup::Detected::Cgroups(cgroups) => Some(cgroups.clone()),
+            cgroup::Detected::None(_) => None,
+        };
+        let system = Arc::new(os::System::new(keeper, detected));
+        let cgroup_watch = os::ChangeWatch::new().map_err(|source| Error::Setup {
+            what: "watching cgroups with inotify".into(),
+            source,
+        })?;
         let (commands_tx, commands) = mpsc::channel(1024);
         let (adopted_exits_tx, adopted_exits) = mpsc::unbounded_channel();
         let (acks, ack_queue) = mpsc::unbounded_channel();
@@ -107,6 +129,9 @@ impl Supervisor {
             commands: commands_tx.downgrade(),
             groups_watched: HashSet::new(),
             group_check_running: false,
+            cgroup_watch,
+            cgroups_watched: HashMap::new(),
+            strays: HashMap::new(),
             failure: None,
             records_set_aside: 0,
         };
@@ -131,6 +156,7 @@ impl Supervisor {
         sampler::start(
             config.sample_interval,
             config.log_rotation,
+            sampler_cgroups,
             move || {
                 let (reply, answer) = oneshot::channel();
                 targets
@@ -197,6 +223,12 @@ pub(crate) struct SupervisorTask {
     groups_watched: HashSet<String>,
     /// A group check runs on a blocking thread; at most one at a time.
     group_check_running: bool,
+    /// Agents whose stop waits for their cgroup to empty, by inotify watch on its
+    /// `cgroup.events` (these are not in `groups_watched`).
+    cgroup_watch: os::ChangeWatch,
+    cgroups_watched: HashMap<os::WatchDescriptor, String>,
+    /// Cgroups of no running agent whose processes were killed at start, until empty.
+    strays: HashMap<os::WatchDescriptor, PathBuf>,
     page_size: u64,
     /// Why the task must stop, once something it depends on broke.
     failure: Option<String>,
@@ -217,6 +249,7 @@ impl SupervisorTask {
         mut adopted_exits: mpsc::UnboundedReceiver<String>,
     ) {
         let mut last_group_check = tokio::time::Instant::now();
+        let cgroup_watch = self.cgroup_watch.clone();
         loop {
             let next_deadline = self.deadlines.first().map(|(at, _)| (*at).into());
             let next_group_check = (!self.group_check_running && !self.groups_watched.is_empty())
@@ -230,6 +263,10 @@ impl SupervisorTask {
                     self.reap();
                 }
                 Some(agent_id) = adopted_exits.recv() => self.leader_exited(&agent_id, None),
+                changed = cgroup_watch.changed() => match changed {
+                    Ok(watches) => self.cgroups_changed(watches),
+                    Err(error) => self.failure = Some(format!("watching cgroups: {error}")),
+                },
                 () = sleep_until(next_deadline) => self.on_deadlines(),
                 () = sleep_until(next_group_check) => {
                     last_group_check = tokio::time::Instant::now();
@@ -268,10 +305,14 @@ impl SupervisorTask {
             }
             Command::Stop(target, options, reply) => self.stop(target, options, reply),
             Command::Summary(reply) => {
-                let summary =
+                let mut summary =
                     self.table
                         .summary(&self.limits, self.records_set_aside, Instant::now());
+                (summary.containment, summary.containment_detail) = self.os.containment();
                 let _ = reply.send(summary);
+            }
+            Command::Pause(agent_ids, pause, reply) => {
+                let _ = reply.send(self.pause(&agent_ids, pause));
             }
             Command::Reap(reply) => {
                 let _ = reply.send(self.reap());
@@ -355,10 +396,16 @@ impl SupervisorTask {
         let mut effects = Vec::new();
         let result = input(machine, now, &mut effects);
         let after = machine.deadline();
-        if machine.watches_group() {
-            self.groups_watched.insert(agent_id.to_string());
-        } else {
-            self.groups_watched.remove(agent_id);
+        let watches = machine.watches_group();
+        let cgroup = machine.record().cgroup.clone();
+        match cgroup {
+            Some(cgroup) => self.watch_cgroup(agent_id, &cgroup, watches),
+            None if watches => {
+                self.groups_watched.insert(agent_id.to_string());
+            }
+            None => {
+                self.groups_watched.remove(agent_id);
+            }
         }
         if before != after {
             if let Some(at) = before {
@@ -395,17 +442,27 @@ impl SupervisorTask {
                         .emit(kind, message, alert, || machine.status(now.mono));
                 }
                 Effect::Signal(signal) => {
-                    let Some(pgid) = machine.record().pid else {
+                    let Some(hold) = machine.record().hold() else {
                         continue;
                     };
                     tracing::info!(%agent_id, %signal, "stop ladder");
-                    let sent = match self.os.signal_group(pgid, signal) {
+                    let sent = match self.os.signal_group(hold, signal) {
                         // A leader that left its group still gets the signal.
-                        Ok(false) if machine.leader_alive() => self.os.signal_process(pgid, signal),
+                        Ok(false) if machine.leader_alive() => {
+                            self.os.signal_process(hold.pgid, signal)
+                        }
                         other => other,
                     };
                     if let Err(error) = sent {
-                        tracing::warn!(%agent_id, %error, %signal, "signalling the agent's process group");
+                        tracing::warn!(%agent_id, %error, %signal, "signalling the agent's processes");
+                    }
+                }
+                Effect::Freeze(frozen) => {
+                    let Some(hold) = machine.record().hold() else {
+                        continue;
+                    };
+                    if let Err(error) = self.os.freeze(hold, frozen) {
+                        tracing::warn!(%agent_id, %error, frozen, "freezing the agent's processes");
                     }
                 }
                 Effect::StopFinished { outcome, duration } => {
@@ -420,7 +477,10 @@ impl SupervisorTask {
                         });
                     }
                 }
-                Effect::EndedForGood => self.stop_followers(agent_id),
+                Effect::EndedForGood => {
+                    self.remove_cgroup_if_empty(agent_id);
+                    self.stop_followers(agent_id);
+                }
                 Effect::Launch => self.launch(agent_id),
             }
         }
@@ -432,6 +492,11 @@ impl SupervisorTask {
             return;
         };
         let record = machine.record();
+        if record.spec.run_as.is_some()
+            && let Err(error) = self.open_for_other_users()
+        {
+            tracing::warn!(%agent_id, %error, "restarting an agent that runs as another user");
+        }
         let launched = AgentFiles::reopen(&record.agent_dir).launch(record, self.os.as_ref());
         // A failed restart is the machine's to handle; nobody waits for the error.
         let _ = self.launched(agent_id, launched);
@@ -447,9 +512,17 @@ impl SupervisorTask {
                     .map(|m| m.record().spec.request_id.clone())
                     .unwrap_or_default();
                 self.table.child_started(agent_id, started.pid, &request_id);
-                self.input(agent_id, |m, now, out| {
-                    m.started(now, started.pid, started.start_ticks, out);
-                });
+                let launched = Launched {
+                    pid: started.pid,
+                    start_ticks: started.start_ticks,
+                    containment: match started.cgroup {
+                        Some(_) => self.os.containment().0,
+                        None => cgroup::Containment::ProcessGroup,
+                    },
+                    cgroup: started.cgroup,
+                    limit_fallbacks: started.fallbacks,
+                };
+                self.input(agent_id, |m, now, out| m.started(now, launched, out));
                 // The first reading at once, so status right after Spawn is not all zeros.
                 if let Some(stat) = self.os.proc_stat(started.pid) {
                     let sample = TreeSample {
@@ -487,6 +560,7 @@ impl SupervisorTask {
             request.agent_id = self.generate_id();
         }
         let (spec, prompt) = request.validate()?;
+        self.os.check_spec(&spec)?;
         // An id whose earlier spawn never started a process may be tried again.
         if self
             .table
@@ -498,7 +572,12 @@ impl SupervisorTask {
         self.table.admit(&spec, &self.limits)?;
         let agent_id = spec.agent_id.clone();
         let agent_dir = self.agents_dir.join(&agent_id);
-        let files = AgentFiles::prepare(&agent_id, &agent_dir, &prompt)?;
+        let owner = spec.run_as.as_ref().map(|run_as| (run_as.uid, run_as.gid));
+        if owner.is_some() {
+            // Another user must be able to reach its folder, though not list the others.
+            self.open_for_other_users()?;
+        }
+        let files = AgentFiles::prepare(&agent_id, &agent_dir, &prompt, owner)?;
         let record = AgentRecord::new(Arc::new(spec), agent_dir, SystemTime::now());
         let machine = AgentMachine::starting(record, self.now());
         // The STARTING record reaches the disk before the process exists.
@@ -507,6 +586,28 @@ impl SupervisorTask {
         self.table.insert(machine);
         self.launched(&agent_id, launched)?;
         self.table.get(&agent_id).map(|m| m.status(Instant::now()))
+    }
+
+    /// Lets other users traverse (not list or read) the data folder and `agents/`, so an
+    /// agent that runs as another user reaches its own folder. Everything else in the data
+    /// folder stays private (the store is 0700, the sockets and logs 0600).
+    fn open_for_other_users(&self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(data_dir) = self.agents_dir.parent() else {
+            return Ok(());
+        };
+        for dir in [data_dir, self.agents_dir.as_path()] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(
+                |source| Error::Setup {
+                    what: format!(
+                        "letting agents that run as other users reach `{}`",
+                        dir.display()
+                    ),
+                    source,
+                },
+            )?;
+        }
+        Ok(())
     }
 
     fn generate_id(&mut self) -> String {
@@ -553,14 +654,163 @@ impl SupervisorTask {
     /// The leader exited; `exit` is `None` for an agent watched through a pidfd, whose
     /// status only its real parent could read.
     fn leader_exited(&mut self, agent_id: &str, exit: Option<Exit>) {
-        let Some(pgid) = self.table.get(agent_id).ok().and_then(|m| m.record().pid) else {
+        let Some(record) = self.table.get(agent_id).ok().map(AgentMachine::record) else {
             return;
         };
-        // Usually one `kill(-pgid, 0)` that finds nothing; a scan only when the group lives on.
-        let group_alive = self.os.group_alive(pgid);
+        let Some(hold) = record.hold() else {
+            return;
+        };
+        // One read of `cgroup.events`; or usually one `kill(-pgid, 0)` that finds nothing,
+        // and a scan only when the group lives on.
+        let group_alive = self.os.group_alive(hold);
+        let oom_killed = hold.cgroup.is_some_and(|cgroup| self.os.oom_killed(cgroup));
         self.input(agent_id, |m, now, out| {
-            m.leader_exited(now, exit, group_alive, out);
+            m.leader_exited(now, exit, group_alive, oom_killed, out);
         });
+    }
+
+    /// Starts or ends the inotify watch on an agent's `cgroup.events`. A cgroup that is
+    /// already empty when the watch starts is reported at once.
+    fn watch_cgroup(&mut self, agent_id: &str, cgroup: &Path, watch: bool) {
+        let watched = self
+            .cgroups_watched
+            .iter()
+            .find(|(_, id)| id.as_str() == agent_id)
+            .map(|(wd, _)| *wd);
+        match (watched, watch) {
+            (Some(wd), false) => {
+                self.cgroups_watched.remove(&wd);
+                self.cgroup_watch.remove(wd);
+            }
+            (None, true) => {
+                let added = self
+                    .os
+                    .cgroup_events(cgroup)
+                    .map(|events| self.cgroup_watch.add(&events));
+                match added {
+                    Some(Ok(wd)) => {
+                        self.cgroups_watched.insert(wd, agent_id.to_string());
+                    }
+                    Some(Err(error)) => {
+                        tracing::debug!(%agent_id, %error, "cgroup gone before it was watched");
+                    }
+                    None => {}
+                }
+                self.cgroups_changed(Vec::new());
+            }
+            _ => {}
+        }
+    }
+
+    /// Some watched `cgroup.events` changed: the stops whose cgroup is empty are over.
+    /// Every watched cgroup is checked (one small read each): an empty `changed` asks
+    /// for that too.
+    fn cgroups_changed(&mut self, changed: Vec<os::WatchDescriptor>) {
+        self.strays_changed(&changed);
+        let candidates: Vec<String> = if changed.is_empty() {
+            self.cgroups_watched.values().cloned().collect()
+        } else {
+            changed
+                .iter()
+                .filter_map(|wd| self.cgroups_watched.get(wd).cloned())
+                .collect()
+        };
+        for agent_id in candidates {
+            let empty = self
+                .table
+                .get(&agent_id)
+                .ok()
+                .and_then(|m| m.record().hold())
+                .is_none_or(|hold| !self.os.group_alive(hold));
+            if empty {
+                self.input(&agent_id, |m, now, out| m.group_gone(now, out));
+                self.remove_cgroup_if_empty(&agent_id);
+            }
+        }
+    }
+
+    /// An agent that ended for good gives its cgroup back once no process is left in it.
+    fn remove_cgroup_if_empty(&mut self, agent_id: &str) {
+        let Ok(machine) = self.table.get(agent_id) else {
+            return;
+        };
+        let record = machine.record();
+        if let (true, Some(cgroup)) = (machine.has_ended(), &record.cgroup)
+            && !record.hold().is_some_and(|hold| self.os.group_alive(hold))
+            && let Err(error) = self.os.remove_cgroup(cgroup)
+        {
+            tracing::warn!(%agent_id, %error, cgroup = %cgroup.display(), "removing the agent's cgroup");
+        }
+    }
+
+    /// A cgroup under agentd's root that no running agent owns: its processes were killed,
+    /// and it is removed once empty.
+    fn watch_stray(&mut self, cgroup: PathBuf) {
+        let Some(events) = self.os.cgroup_events(&cgroup) else {
+            return;
+        };
+        // An error: it is already gone.
+        if let Ok(wd) = self.cgroup_watch.add(&events) {
+            self.strays.insert(wd, cgroup);
+            self.strays_changed(&[wd]);
+        }
+    }
+
+    fn strays_changed(&mut self, changed: &[os::WatchDescriptor]) {
+        for wd in changed {
+            let Some(cgroup) = self.strays.get(wd) else {
+                continue;
+            };
+            let hold = os::Hold {
+                pgid: 0,
+                cgroup: Some(cgroup),
+            };
+            if !self.os.group_alive(hold) {
+                if let Err(error) = self.os.remove_cgroup(cgroup) {
+                    tracing::warn!(cgroup = %cgroup.display(), %error, "removing a stray cgroup");
+                }
+                self.cgroup_watch.remove(*wd);
+                self.strays.remove(wd);
+            }
+        }
+    }
+
+    /// Pauses or resumes agents, all or none.
+    fn pause(&mut self, agent_ids: &[String], pause: bool) -> Result<Vec<AgentStatus>> {
+        if agent_ids.is_empty() {
+            return Err(Error::Invalid {
+                field: "agent_ids",
+                problem: "name at least one agent".into(),
+            });
+        }
+        for agent_id in agent_ids {
+            check_id("agent_ids", agent_id)?;
+            let record = self.table.get(agent_id)?.record();
+            if !matches!(record.state, AgentState::Running | AgentState::Paused) {
+                return Err(Error::NotRunning {
+                    id: agent_id.clone(),
+                    state: record.state,
+                });
+            }
+        }
+        let mut statuses = Vec::with_capacity(agent_ids.len());
+        for agent_id in agent_ids {
+            let done = self.input(agent_id, |m, now, out| {
+                if pause {
+                    m.pause(now, out)
+                } else {
+                    m.resume(now, out)
+                }
+            });
+            if let Some(Err(state)) = done {
+                return Err(Error::NotRunning {
+                    id: agent_id.clone(),
+                    state,
+                });
+            }
+            statuses.push(self.table.get(agent_id)?.status(Instant::now()));
+        }
+        Ok(statuses)
     }
 
     /// Checks, on a blocking thread, the groups of stops whose leader is gone.
@@ -603,8 +853,8 @@ impl SupervisorTask {
             && !machine.watches_group()
             && machine
                 .record()
-                .pid
-                .is_none_or(|pgid| !self.os.group_alive(pgid))
+                .hold()
+                .is_none_or(|hold| !self.os.group_alive(hold))
         {
             self.input(agent_id, |m, now, out| m.group_gone(now, out));
         }
@@ -760,10 +1010,13 @@ impl SupervisorTask {
         };
         let store = self.store.clone();
         let acks = self.acks.clone();
+        let os = self.os.clone();
         tokio::spawn(async move {
             for report in pending {
                 let _ = report.await;
             }
+            // Each stopped agent gave its cgroup back; the root goes too if nothing is left.
+            os.remove_cgroup_root();
             if let Err(error) = store.flush().await {
                 tracing::error!(%error, "flushing the store at shutdown");
             }
@@ -841,8 +1094,8 @@ impl SupervisorTask {
         let lingering = machine.may_linger()
             && machine
                 .record()
-                .pid
-                .is_some_and(|pgid| self.os.group_alive(pgid));
+                .hold()
+                .is_some_and(|hold| self.os.group_alive(hold));
         if !machine.has_ended() || lingering {
             return Err(Error::NotFinished {
                 id: agent_id.to_string(),
@@ -850,6 +1103,11 @@ impl SupervisorTask {
             });
         }
         let status = machine.status(Instant::now());
+        if let Some(cgroup) = &machine.record().cgroup
+            && let Err(error) = self.os.remove_cgroup(cgroup)
+        {
+            tracing::warn!(%agent_id, %error, "removing the agent's cgroup");
+        }
         self.store.remove_agent(agent_id)?;
         self.events
             .emit(EventKind::Removed, String::new(), None, || status.clone());
@@ -953,7 +1211,11 @@ impl SupervisorTask {
         // Every agent is in the table before any effect runs: an agent that ended for good
         // stops the children that follow it, whatever their place in id order.
         let mut pending = Vec::new();
-        for found in recover::recover(records, self.os.as_ref(), &self.agents_dir, &keeper) {
+        let recovery = recover::recover(records, self.os.as_ref(), &self.agents_dir, &keeper);
+        for stray in recovery.strays {
+            self.watch_stray(stray);
+        }
+        for found in recovery.found {
             let agent_id = found.record.spec.agent_id.clone();
             let now = self.now();
             let mut effects = Vec::new();

@@ -137,6 +137,7 @@ impl AgentTable {
                 AgentState::Lost => &mut summary.lost,
                 AgentState::BackingOff => &mut summary.backing_off,
                 AgentState::TimedOut => &mut summary.timed_out,
+                AgentState::Paused => &mut summary.paused,
             };
             *count += 1;
             summary.zombies += u32::from(status.is_zombie);
@@ -181,6 +182,7 @@ impl AgentTable {
                     agent_id: record.spec.agent_id.clone(),
                     pid: record.pid?,
                     dir: record.agent_dir.clone(),
+                    cgroup: record.cgroup.clone(),
                 })
             })
             .collect()

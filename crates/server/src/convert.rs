@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use agentd_core::{
-    AgentState, AgentStatus, Alert, Backoff, EndReason, Error, Event, EventKind, Exit, Health,
-    HealthAction, HealthMetric, HealthPolicy, LifecyclePolicy, ParentExit, ProgressReport,
-    ReapReport, RestartPolicy, SpawnRequest, StopOutcome, StopReport, Summary,
+    AgentState, AgentStatus, Alert, Backoff, Containment, EndReason, Error, Event, EventKind, Exit,
+    Health, HealthAction, HealthMetric, HealthPolicy, LifecyclePolicy, ParentExit, ProgressReport,
+    ReapReport, Resources, RestartPolicy, SpawnRequest, StopOutcome, StopReport, Summary,
 };
 use agentd_proto::v1 as pb;
 use tonic::{Code, Status};
@@ -17,9 +17,10 @@ pub fn error_status(error: Error) -> Status {
     let code = match &error {
         Error::Invalid { .. } => Code::InvalidArgument,
         Error::NotFound { .. } => Code::NotFound,
-        Error::NotRunning { .. } | Error::UnknownParent { .. } | Error::NotFinished { .. } => {
-            Code::FailedPrecondition
-        }
+        Error::NotRunning { .. }
+        | Error::UnknownParent { .. }
+        | Error::NotFinished { .. }
+        | Error::Unsupported { .. } => Code::FailedPrecondition,
         Error::TooManyAgents { .. } | Error::OverCapacity { .. } => Code::ResourceExhausted,
         Error::AlreadyExists { .. } => Code::AlreadyExists,
         Error::WorkingDir { .. } => Code::FailedPrecondition,
@@ -65,7 +66,45 @@ pub fn spawn_request(request: pb::SpawnRequest) -> Result<SpawnRequest, Status> 
             request.startup_timeout,
             request.on_parent_exit,
         )?,
+        resources: resources(request.resources.unwrap_or_default()),
+        user: request.user,
+        group: request.group,
     })
+}
+
+/// Zero means no limit; ranges are the supervisor's to check.
+fn resources(resources: pb::Resources) -> Resources {
+    let positive = |value: f64| (value != 0.0).then_some(value);
+    let count = |value: u32| (value != 0).then_some(value);
+    Resources {
+        memory_max_mb: positive(resources.memory_max_mb),
+        memory_high_mb: positive(resources.memory_high_mb),
+        cpu_max_cores: positive(resources.cpu_max_cores),
+        pids_max: count(resources.pids_max),
+        cpus: resources.cpus,
+        nice: resources.nice,
+        open_files_max: count(resources.open_files_max),
+    }
+}
+
+fn resources_message(resources: &Resources) -> pb::Resources {
+    pb::Resources {
+        memory_max_mb: resources.memory_max_mb.unwrap_or(0.0),
+        memory_high_mb: resources.memory_high_mb.unwrap_or(0.0),
+        cpu_max_cores: resources.cpu_max_cores.unwrap_or(0.0),
+        pids_max: resources.pids_max.unwrap_or(0),
+        cpus: resources.cpus.clone(),
+        nice: resources.nice,
+        open_files_max: resources.open_files_max.unwrap_or(0),
+    }
+}
+
+fn containment(containment: Containment) -> pb::Containment {
+    match containment {
+        Containment::CgroupV2 => pb::Containment::CgroupV2,
+        Containment::CgroupHybrid => pb::Containment::CgroupHybrid,
+        Containment::ProcessGroup => pb::Containment::ProcessGroup,
+    }
 }
 
 fn lifecycle(
@@ -195,6 +234,7 @@ pub fn state(state: AgentState) -> pb::AgentState {
         AgentState::Lost => pb::AgentState::Lost,
         AgentState::BackingOff => pb::AgentState::BackingOff,
         AgentState::TimedOut => pb::AgentState::TimedOut,
+        AgentState::Paused => pb::AgentState::Paused,
     }
 }
 
@@ -209,6 +249,7 @@ pub fn state_from(value: i32) -> Result<AgentState, Status> {
         Ok(pb::AgentState::Lost) => AgentState::Lost,
         Ok(pb::AgentState::BackingOff) => AgentState::BackingOff,
         Ok(pb::AgentState::TimedOut) => AgentState::TimedOut,
+        Ok(pb::AgentState::Paused) => AgentState::Paused,
         Ok(pb::AgentState::Unspecified) | Err(_) => {
             return Err(Status::invalid_argument(format!(
                 "invalid `states`: {value} is not an AgentState"
@@ -247,6 +288,9 @@ pub fn event_kind(kind: EventKind) -> pb::EventKind {
         EventKind::Restarting => pb::EventKind::Restarting,
         EventKind::TimedOut => pb::EventKind::TimedOut,
         EventKind::Removed => pb::EventKind::Removed,
+        EventKind::Paused => pb::EventKind::Paused,
+        EventKind::Resumed => pb::EventKind::Resumed,
+        EventKind::OomKilled => pb::EventKind::OomKilled,
     }
 }
 
@@ -268,6 +312,9 @@ pub fn event_kind_from(value: i32) -> Result<EventKind, Status> {
         Ok(pb::EventKind::Restarting) => EventKind::Restarting,
         Ok(pb::EventKind::TimedOut) => EventKind::TimedOut,
         Ok(pb::EventKind::Removed) => EventKind::Removed,
+        Ok(pb::EventKind::Paused) => EventKind::Paused,
+        Ok(pb::EventKind::Resumed) => EventKind::Resumed,
+        Ok(pb::EventKind::OomKilled) => EventKind::OomKilled,
         Ok(pb::EventKind::Unspecified) | Err(_) => {
             return Err(Status::invalid_argument(format!(
                 "invalid `kinds`: {value} is not an EventKind"
@@ -345,6 +392,21 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
         }
         .into(),
         end_reason: end_reason(record.end_reason).into(),
+        containment: containment(record.containment).into(),
+        cgroup: record
+            .cgroup
+            .as_ref()
+            .map_or(String::new(), |cgroup| format!("/{}", cgroup.display())),
+        resources: (!spec.resources.is_empty()).then(|| resources_message(&spec.resources)),
+        user: spec
+            .run_as
+            .as_ref()
+            .map_or(String::new(), |run_as| run_as.user.clone()),
+        group: spec
+            .run_as
+            .as_ref()
+            .map_or(String::new(), |run_as| run_as.gid.to_string()),
+        limit_fallbacks: record.limit_fallbacks.clone(),
     }
 }
 
@@ -424,6 +486,9 @@ pub fn summary(summary: &Summary) -> pb::GetSummaryResponse {
             .max_agents
             .map_or(0, |max| u32::try_from(max).unwrap_or(u32::MAX)),
         records_set_aside: summary.records_set_aside,
+        paused: summary.paused,
+        containment: containment(summary.containment).into(),
+        containment_detail: summary.containment_detail.clone(),
         unhealthy: summary
             .unhealthy
             .iter()

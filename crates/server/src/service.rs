@@ -34,6 +34,19 @@ impl AgentSupervisorService {
             watch_buffer,
         }
     }
+
+    async fn pause_or_resume(
+        &self,
+        agent_ids: Vec<String>,
+        pause: bool,
+    ) -> Result<Vec<pb::AgentStatus>, Status> {
+        let statuses = self
+            .supervisor
+            .pause(agent_ids, pause)
+            .await
+            .map_err(error_status)?;
+        Ok(statuses.iter().map(convert::status).collect())
+    }
 }
 
 #[tonic::async_trait]
@@ -190,6 +203,26 @@ impl AgentSupervisor for AgentSupervisorService {
         Ok(Response::new(pb::RemoveResponse {
             status: Some(convert::status(&status)),
         }))
+    }
+
+    async fn pause(
+        &self,
+        request: Request<pb::PauseRequest>,
+    ) -> Result<Response<pb::PauseResponse>, Status> {
+        let statuses = self
+            .pause_or_resume(request.into_inner().agent_ids, true)
+            .await?;
+        Ok(Response::new(pb::PauseResponse { statuses }))
+    }
+
+    async fn resume(
+        &self,
+        request: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::ResumeResponse>, Status> {
+        let statuses = self
+            .pause_or_resume(request.into_inner().agent_ids, false)
+            .await?;
+        Ok(Response::new(pb::ResumeResponse { statuses }))
     }
 
     type WatchAgentsStream = WatchStream;

@@ -46,6 +46,14 @@ impl Clock {
     }
 }
 
+fn launched(pid: i32, start_ticks: Option<u64>) -> Launched {
+    Launched {
+        pid,
+        start_ticks,
+        ..Launched::default()
+    }
+}
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
@@ -70,6 +78,8 @@ fn spec(change: impl FnOnce(&mut AgentSpec)) -> AgentSpec {
         },
         health_policy: HealthPolicy::default(),
         lifecycle: LifecyclePolicy::default(),
+        resources: Default::default(),
+        run_as: None,
     };
     change(&mut spec);
     spec
@@ -87,6 +97,7 @@ fn terminated(machine: &mut AgentMachine, clock: &mut Clock) -> Vec<Effect> {
         clock.advance(ms(1)),
         Some(Exit::Signal(15)),
         false,
+        false,
         &mut out,
     );
     out
@@ -101,7 +112,7 @@ fn running(change: impl FnOnce(&mut AgentSpec)) -> (AgentMachine, Clock) {
     let clock = Clock::new();
     let mut machine = AgentMachine::starting(record(spec(change)), clock.now());
     let mut out = Vec::new();
-    machine.started(clock.now(), 4242, Some(1), &mut out);
+    machine.started(clock.now(), launched(4242, Some(1)), &mut out);
     assert_eq!(kinds(&out), [EventKind::Spawned]);
     assert_eq!(machine.phase(), Phase::Running);
     (machine, clock)
@@ -156,7 +167,7 @@ fn a_stop_signals_once_and_ends_when_the_leader_exits_with_an_empty_group() {
 
     let mut out = Vec::new();
     let now = clock.advance(ms(50));
-    machine.leader_exited(now, Some(Exit::Signal(15)), false, &mut out);
+    machine.leader_exited(now, Some(Exit::Signal(15)), false, false, &mut out);
     assert_eq!(finished(&out), Some(StopOutcome::ExitedOnFirstSignal));
     assert_eq!(kinds(&out), [EventKind::Killed]);
     assert!(out.contains(&Effect::EndedForGood));
@@ -184,7 +195,7 @@ fn the_ladder_escalates_to_a_second_signal_then_sigkill_and_repeats_it() {
     assert_eq!(signals(&fire(&mut machine, &mut clock)), [Signal::SIGKILL]);
 
     let mut out = Vec::new();
-    machine.leader_exited(clock.now(), Some(Exit::Signal(9)), false, &mut out);
+    machine.leader_exited(clock.now(), Some(Exit::Signal(9)), false, false, &mut out);
     assert_eq!(finished(&out), Some(StopOutcome::Killed));
 }
 
@@ -194,7 +205,13 @@ fn a_stop_waits_for_a_group_that_outlives_its_leader() {
     let mut out = Vec::new();
     machine.stop(clock.now(), false, StopReason::Requested, &mut out);
     let mut out = Vec::new();
-    machine.leader_exited(clock.advance(ms(10)), Some(Exit::Code(0)), true, &mut out);
+    machine.leader_exited(
+        clock.advance(ms(10)),
+        Some(Exit::Code(0)),
+        true,
+        false,
+        &mut out,
+    );
     assert!(
         machine.watches_group(),
         "the group is checked until it is gone"
@@ -244,7 +261,7 @@ fn a_natural_exit_reports_its_code_or_signal_and_never_completes_without_code_0(
     ] {
         let (mut machine, mut clock) = running(|_| {});
         let mut out = Vec::new();
-        machine.leader_exited(clock.advance(ms(1)), exit, false, &mut out);
+        machine.leader_exited(clock.advance(ms(1)), exit, false, false, &mut out);
         let record = machine.record();
         assert_eq!(
             (record.state, record.end_reason, record.exit),
@@ -269,7 +286,13 @@ fn restarts_back_off_within_the_jitter_grow_and_reset_after_a_long_run() {
     for (run, jitter) in [(0, -1.0), (1, 1.0), (2, 0.0), (3, 0.5), (4, -0.5)] {
         clock.jitter = jitter;
         let mut out = Vec::new();
-        machine.leader_exited(clock.advance(ms(20)), Some(Exit::Code(1)), false, &mut out);
+        machine.leader_exited(
+            clock.advance(ms(20)),
+            Some(Exit::Code(1)),
+            false,
+            false,
+            &mut out,
+        );
         assert_eq!(kinds(&out), [EventKind::Failed, EventKind::Restarting]);
         assert_eq!(machine.record().state, AgentState::BackingOff);
         let due = machine.deadline().expect("restart due");
@@ -277,7 +300,7 @@ fn restarts_back_off_within_the_jitter_grow_and_reset_after_a_long_run() {
         let launch = fire(&mut machine, &mut clock);
         assert_eq!(launch, [Effect::Launch]);
         let mut out = Vec::new();
-        machine.started(clock.now(), 5000 + run, Some(2), &mut out);
+        machine.started(clock.now(), launched(5000 + run, Some(2)), &mut out);
         assert_eq!(machine.record().restart_count, run as u32 + 1);
         assert_eq!(machine.record().end_reason, EndReason::Unspecified);
     }
@@ -288,6 +311,7 @@ fn restarts_back_off_within_the_jitter_grow_and_reset_after_a_long_run() {
     machine.leader_exited(
         clock.advance(Duration::from_secs(10)),
         Some(Exit::Code(1)),
+        false,
         false,
         &mut out,
     );
@@ -302,11 +326,23 @@ fn max_restarts_gives_up_and_ends_failed() {
         spec.lifecycle.max_restarts = Some(1);
     });
     let mut out = Vec::new();
-    machine.leader_exited(clock.advance(ms(5)), Some(Exit::Code(0)), false, &mut out);
+    machine.leader_exited(
+        clock.advance(ms(5)),
+        Some(Exit::Code(0)),
+        false,
+        false,
+        &mut out,
+    );
     fire(&mut machine, &mut clock);
-    machine.started(clock.now(), 2, None, &mut out);
+    machine.started(clock.now(), launched(2, None), &mut out);
     let mut out = Vec::new();
-    machine.leader_exited(clock.advance(ms(5)), Some(Exit::Code(0)), false, &mut out);
+    machine.leader_exited(
+        clock.advance(ms(5)),
+        Some(Exit::Code(0)),
+        false,
+        false,
+        &mut out,
+    );
     assert_eq!(kinds(&out), [EventKind::Exited, EventKind::Failed]);
     let record = machine.record();
     assert_eq!(record.state, AgentState::Failed);
@@ -474,7 +510,13 @@ fn a_stop_during_backoff_cancels_the_restart() {
         spec.lifecycle.restart = RestartPolicy::Always;
     });
     let mut out = Vec::new();
-    machine.leader_exited(clock.advance(ms(5)), Some(Exit::Code(0)), false, &mut out);
+    machine.leader_exited(
+        clock.advance(ms(5)),
+        Some(Exit::Code(0)),
+        false,
+        false,
+        &mut out,
+    );
     assert_eq!(machine.record().state, AgentState::BackingOff);
     let mut out = Vec::new();
     assert!(!machine.stop(clock.now(), false, StopReason::Requested, &mut out));
@@ -488,7 +530,13 @@ fn a_stop_during_backoff_cancels_the_restart() {
 fn a_group_left_behind_is_stopped_later_without_a_second_end() {
     let (mut machine, mut clock) = running(|_| {});
     let mut out = Vec::new();
-    machine.leader_exited(clock.advance(ms(5)), Some(Exit::Code(0)), true, &mut out);
+    machine.leader_exited(
+        clock.advance(ms(5)),
+        Some(Exit::Code(0)),
+        true,
+        false,
+        &mut out,
+    );
     assert_eq!(machine.phase(), Phase::Ended { lingering: true });
     let mut out = Vec::new();
     assert!(machine.stop(clock.now(), false, StopReason::Requested, &mut out));
@@ -515,7 +563,13 @@ fn shutting_down_starts_nothing_again() {
     });
     clock.shutting_down = true;
     let mut out = Vec::new();
-    machine.leader_exited(clock.advance(ms(5)), Some(Exit::Code(1)), false, &mut out);
+    machine.leader_exited(
+        clock.advance(ms(5)),
+        Some(Exit::Code(1)),
+        false,
+        false,
+        &mut out,
+    );
     assert!(machine.has_ended());
 }
 
@@ -535,7 +589,13 @@ fn a_failed_first_start_ends_the_agent_and_a_failed_restart_backs_off() {
         spec.lifecycle.restart = RestartPolicy::OnFailure;
     });
     let mut out = Vec::new();
-    machine.leader_exited(clock.advance(ms(5)), Some(Exit::Code(1)), false, &mut out);
+    machine.leader_exited(
+        clock.advance(ms(5)),
+        Some(Exit::Code(1)),
+        false,
+        false,
+        &mut out,
+    );
     assert_eq!(fire(&mut machine, &mut clock), [Effect::Launch]);
     let mut out = Vec::new();
     machine.start_failed(clock.now(), "gone".into(), &mut out);
@@ -640,5 +700,98 @@ fn recovery_keeps_a_pending_restart_and_bounds_it_by_the_backoff_max() {
     assert_eq!(
         machine.deadline(),
         Some(clock.mono + Duration::from_secs(30))
+    );
+}
+
+#[test]
+fn a_pause_suspends_heartbeat_checks_and_resume_counts_only_the_unpaused_silence() {
+    let (mut machine, mut clock) = running(|spec| {
+        spec.health_policy.heartbeat_timeout = Some(Duration::from_secs(1));
+    });
+    let mut out = Vec::new();
+    machine
+        .pause(clock.advance(ms(600)), &mut out)
+        .expect("a running agent pauses");
+    assert_eq!(out[0], Effect::Freeze(true));
+    assert_eq!(kinds(&out), [EventKind::Paused]);
+    assert_eq!(machine.record().state, AgentState::Paused);
+    assert!(machine.leader_alive());
+    let mut out = Vec::new();
+    machine.check_health(clock.advance(Duration::from_secs(60)), &mut out);
+    assert!(out.is_empty(), "no stall while paused: {out:?}");
+    let mut out = Vec::new();
+    machine.resume(clock.now(), &mut out).expect("resumes");
+    assert_eq!(out[0], Effect::Freeze(false));
+    assert_eq!(kinds(&out), [EventKind::Resumed]);
+    // 600 ms before the pause and 300 ms after it: 900 ms of silence.
+    let mut out = Vec::new();
+    machine.check_health(clock.advance(ms(300)), &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    machine.check_health(clock.advance(ms(200)), &mut out);
+    assert_eq!(kinds(&out), [EventKind::Stalled]);
+    // Only a running or paused agent can be paused or resumed.
+    let (mut ended, mut clock) = running(|_| {});
+    terminated(&mut ended, &mut clock);
+    assert_eq!(
+        ended.pause(clock.now(), &mut Vec::new()),
+        Err(AgentState::Failed)
+    );
+}
+
+#[test]
+fn max_runtime_keeps_counting_while_paused_and_a_stop_thaws_first() {
+    let (mut machine, mut clock) = running(|spec| {
+        spec.lifecycle.max_runtime = Some(Duration::from_secs(2));
+    });
+    let started = clock.mono;
+    machine
+        .pause(clock.advance(ms(500)), &mut Vec::new())
+        .expect("pauses");
+    assert_eq!(machine.deadline(), Some(started + Duration::from_secs(2)));
+    let out = fire(&mut machine, &mut clock);
+    assert_eq!(
+        out[0],
+        Effect::Freeze(false),
+        "thawed before it is signalled"
+    );
+    assert_eq!(signals(&out), [Signal::SIGTERM]);
+    terminated(&mut machine, &mut clock);
+    assert_eq!(
+        ended_as(&machine),
+        (AgentState::TimedOut, EndReason::TimedOut)
+    );
+}
+
+#[test]
+fn an_oom_kill_ends_the_run_oom_killed_and_on_failure_restarts_it() {
+    let (mut machine, mut clock) = running(|spec| {
+        spec.lifecycle.restart = RestartPolicy::OnFailure;
+        spec.resources.memory_max_mb = Some(64.0);
+    });
+    let mut out = Vec::new();
+    machine.leader_exited(
+        clock.advance(ms(50)),
+        Some(Exit::Signal(9)),
+        false,
+        true,
+        &mut out,
+    );
+    assert_eq!(kinds(&out), [EventKind::OomKilled, EventKind::Restarting]);
+    assert_eq!(machine.record().end_reason, EndReason::OomKilled);
+    let error = machine.record().error.clone().unwrap_or_default();
+    assert!(error.contains("64 MB"), "{error}");
+    assert!(matches!(machine.phase(), Phase::BackingOff { .. }));
+    // A clean exit after an OOM kill of a child is still a clean exit.
+    let (mut machine, mut clock) = running(|_| {});
+    machine.leader_exited(
+        clock.advance(ms(50)),
+        Some(Exit::Code(0)),
+        false,
+        true,
+        &mut Vec::new(),
+    );
+    assert_eq!(
+        ended_as(&machine),
+        (AgentState::Completed, EndReason::Exited)
     );
 }

@@ -79,6 +79,16 @@ enum Action {
     },
     /// Delete agents that have ended: record, folder and output
     Rm { agent_ids: Vec<String> },
+    /// Freeze running agents, every process of each
+    Pause {
+        #[arg(required = true)]
+        agent_ids: Vec<String>,
+    },
+    /// Thaw paused agents
+    Resume {
+        #[arg(required = true)]
+        agent_ids: Vec<String>,
+    },
     /// Print events as they happen
     Watch {
         /// Only this agent; repeatable
@@ -169,6 +179,33 @@ struct SpawnArgs {
     /// Stop this agent too when its parent agent ends for good
     #[arg(long)]
     stop_with_parent: bool,
+    /// Hard memory limit in MiB: the OOM killer ends the agent above it
+    #[arg(long, value_name = "MB")]
+    memory_max: Option<f64>,
+    /// Memory in MiB above which the agent is throttled (cgroup v2 only)
+    #[arg(long, value_name = "MB")]
+    memory_high: Option<f64>,
+    /// CPU limit in cores: 0.5 is half of one core
+    #[arg(long, value_name = "CORES")]
+    cpu_max: Option<f64>,
+    /// Most processes and threads in the agent's tree
+    #[arg(long)]
+    pids_max: Option<u32>,
+    /// CPUs to run on, such as 0,2 or 0-3
+    #[arg(long, value_parser = cpu_list)]
+    cpus: Option<CpuList>,
+    /// Scheduling priority, -20 to 19
+    #[arg(long, allow_hyphen_values = true)]
+    nice: Option<i32>,
+    /// Most open files per process (RLIMIT_NOFILE)
+    #[arg(long)]
+    open_files: Option<u32>,
+    /// Run as this user (name or id; agentd must run as root)
+    #[arg(long)]
+    user: Option<String>,
+    /// Run with this group (name or id) [default: the user's]
+    #[arg(long)]
+    group: Option<String>,
     /// The program and its arguments
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -296,6 +333,16 @@ async fn run(options: Options) -> anyhow::Result<()> {
                 }
             }
         }
+        Action::Pause { agent_ids } => {
+            let request = pb::PauseRequest { agent_ids };
+            let statuses = client.pause(request).await?.into_inner().statuses;
+            print_statuses(&statuses, json);
+        }
+        Action::Resume { agent_ids } => {
+            let request = pb::ResumeRequest { agent_ids };
+            let statuses = client.resume(request).await?.into_inner().statuses;
+            print_statuses(&statuses, json);
+        }
         Action::Summary => {
             let summary = client
                 .get_summary(pb::GetSummaryRequest {})
@@ -409,7 +456,38 @@ fn spawn_request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
         } else {
             pb::ParentExitPolicy::Keep
         } as i32,
+        resources: Some(pb::Resources {
+            memory_max_mb: args.memory_max.unwrap_or(0.0),
+            memory_high_mb: args.memory_high.unwrap_or(0.0),
+            cpu_max_cores: args.cpu_max.unwrap_or(0.0),
+            pids_max: args.pids_max.unwrap_or(0),
+            cpus: args.cpus.map(|list| list.0).unwrap_or_default(),
+            nice: args.nice,
+            open_files_max: args.open_files.unwrap_or(0),
+        }),
+        user: args.user.unwrap_or_default(),
+        group: args.group.unwrap_or_default(),
     })
+}
+
+#[derive(Clone)]
+struct CpuList(Vec<u32>);
+
+/// Parses `0,2,4-7`.
+fn cpu_list(text: &str) -> Result<CpuList, String> {
+    let number = |part: &str| {
+        part.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("`{part}` is not a CPU number (a list looks like 0,2,4-7)"))
+    };
+    let mut cpus = Vec::new();
+    for part in text.split(',') {
+        match part.split_once('-') {
+            Some((first, last)) => cpus.extend(number(first)?..=number(last)?),
+            None => cpus.push(number(part)?),
+        }
+    }
+    Ok(CpuList(cpus))
 }
 
 /// Accepts `running`, `RUNNING` or the full `AGENT_STATE_RUNNING`.
@@ -491,6 +569,12 @@ fn status_json(s: &pb::AgentStatus) -> Value {
         "health_since": timestamp_json(s.health_since.as_ref()),
         "last_heartbeat": timestamp_json(s.last_heartbeat.as_ref()),
         "progress_details": s.progress_details,
+        "containment": pb::Containment::try_from(s.containment)
+            .map(|c| enum_name(c.as_str_name(), "CONTAINMENT_"))
+            .unwrap_or_default(),
+        "cgroup": s.cgroup,
+        "user": s.user,
+        "limit_fallbacks": s.limit_fallbacks,
     })
 }
 
@@ -610,6 +694,8 @@ fn print_summary(s: &pb::GetSummaryResponse, json: bool) {
         "backing_off": s.backing_off, "timed_out": s.timed_out,
         "capacity": s.capacity, "free_capacity": s.free_capacity,
         "max_agents": s.max_agents,
+        "paused": s.paused,
+        "containment": s.containment_detail,
         "unhealthy": s.unhealthy.iter().map(|u| json!({
             "agent_id": u.agent_id,
             "health": health_name(u.health),

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentd_core::{
-    DaemonLimits, EventRetention, FinishedRetention, LogRotation, ShutdownPolicy, Supervisor,
-    SupervisorConfig,
+    CgroupSetting, DaemonLimits, EventRetention, FinishedRetention, LogRotation, ShutdownPolicy,
+    Supervisor, SupervisorConfig,
 };
 use agentd_server::{Listener, ServeOptions, settings};
 use anyhow::{Context, bail};
@@ -62,6 +62,14 @@ struct Options {
     /// ...and once they ended longer ago than this (7d = 168h)
     #[arg(long, env = "AGENTD_RETAIN_FINISHED_AGE", default_value = "168h", value_parser = settings::parse_duration)]
     retain_finished_age: Duration,
+    /// `auto`: each agent gets its own cgroup where the host allows (stops reach every
+    /// descendant, limits, freezing); `off`: process groups and setrlimit only
+    #[arg(long, env = "AGENTD_CGROUPS", default_value = "auto", value_parser = ["auto", "off"])]
+    cgroups: String,
+    /// agentd's cgroup, a path inside the hierarchy, for agentd alone [default: a child of
+    /// agentd's own cgroup where it is delegated, else /agentd/<data folder, escaped>]
+    #[arg(long, env = "AGENTD_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
@@ -129,8 +137,13 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
         max_events: options.event_retention_count.max(1),
         max_age: options.event_retention_age,
     };
+    config.cgroups = CgroupSetting {
+        off: options.cgroups == "off",
+        root: options.cgroup_root,
+    };
     let supervisor = Supervisor::start(config)
         .with_context(|| format!("starting the supervisor in `{}`", data_dir.display()))?;
+    let containment = supervisor.summary().await?.containment_detail;
 
     let mut listeners = vec![Listener::Unix(bind_unix(&socket)?)];
     let mut serving = format!("unix://{}", socket.display());
@@ -142,7 +155,7 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
         listeners.push(Listener::Tcp(listener));
     }
     println!(
-        "agentd {} ready on {serving} (pid {}, data {})",
+        "agentd {} ready on {serving} (pid {}, data {}, agents in {containment})",
         env!("CARGO_PKG_VERSION"),
         std::process::id(),
         data_dir.display()
