@@ -396,14 +396,28 @@ fn absent(error: &io::Error) -> bool {
     error.kind() == io::ErrorKind::NotFound
 }
 
+/// Where a new agent process goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joins {
+    /// Its v2 cgroup folder, which the process is cloned into.
+    pub v2: PathBuf,
+    /// v1 `cgroup.procs` files it writes itself into between clone and exec.
+    pub v1_procs: Vec<PathBuf>,
+}
+
 /// What an agent's cgroup holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Usage {
     /// Memory charged to the cgroup (resident and page cache), when a memory controller
     /// counts it.
     pub memory_bytes: Option<u64>,
-    pub processes: u32,
+    pub members: Vec<i32>,
     pub threads: u32,
+}
+
+/// `usage_usec` of a `cpu.stat`.
+pub fn usage_usec(cpu_stat: &[u8]) -> Option<u64> {
+    keyed(std::str::from_utf8(cpu_stat).ok()?, "usage_usec")
 }
 
 impl Cgroups {
@@ -430,6 +444,11 @@ impl Cgroups {
                 controllers.join(", ")
             }
         )
+    }
+
+    /// agentd's root, relative to each hierarchy's mount point.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// The cgroup of an agent, relative to each hierarchy.
@@ -471,18 +490,18 @@ impl Cgroups {
             })
     }
 
-    /// Creates the agent's cgroup with its limits, or sets them again on the one a
-    /// previous run used. Returns the `cgroup.procs` files the new process writes itself
-    /// into before it runs the agent's command.
-    pub fn prepare(&self, rel: &Path, resources: &Resources) -> io::Result<Vec<PathBuf>> {
+    /// Creates the agent's cgroup with its limits. Returns where the new process goes: the
+    /// v2 folder (it is born there, `CLONE_INTO_CGROUP`) and the v1 `cgroup.procs` files it
+    /// writes itself into before it runs the agent's command.
+    pub fn prepare(&self, rel: &Path, resources: &Resources) -> io::Result<Joins> {
         let v2 = self.unified.join(rel);
         create_dir(&v2)?;
-        let mut joins = vec![v2.join("cgroup.procs")];
+        let mut v1_procs = Vec::new();
         for (controller, dir) in self.v1_dirs(rel) {
-            // Memory is joined always, for accounting and to learn of OOM kills; the others
-            // only when the agent has a limit of theirs.
+            // Each v1 cgroup costs a mkdir and a migration on the spawn path: only for an
+            // agent with a limit of that controller.
             let needed = match controller {
-                Controller::Memory => true,
+                Controller::Memory => resources.memory_max_mb.is_some(),
                 Controller::Cpu => resources.cpu_max_cores.is_some(),
                 Controller::Pids => resources.pids_max.is_some(),
                 Controller::Cpuset => !resources.cpus.is_empty(),
@@ -499,10 +518,10 @@ impl Cgroups {
             } else {
                 create_dir(&dir)?;
             }
-            joins.push(dir.join("cgroup.procs"));
+            v1_procs.push(dir.join("cgroup.procs"));
         }
         self.write_limits(rel, resources)?;
-        Ok(joins)
+        Ok(Joins { v2, v1_procs })
     }
 
     fn write_limits(&self, rel: &Path, resources: &Resources) -> io::Result<()> {
@@ -522,34 +541,26 @@ impl Cgroups {
             // The whole agent is one unit: an OOM kill takes all of it.
             write(Controller::Memory, "memory.oom.group", "1".into())?;
         }
-        let max = resources.memory_max_bytes();
-        let high = resources.memory_high_mb.map(mb_to_bytes);
-        if v2(Controller::Memory) {
-            let limit = |bytes: Option<u64>| bytes.map_or("max".into(), |b| b.to_string());
-            write(Controller::Memory, "memory.max", limit(max))?;
-            write(Controller::Memory, "memory.high", limit(high))?;
-            // The limit is on memory, not memory plus swap.
-            if max.is_some() {
+        // A new cgroup has no limit: only the ones asked for are written.
+        if let Some(max) = resources.memory_max_bytes() {
+            if v2(Controller::Memory) {
+                write(Controller::Memory, "memory.max", max.to_string())?;
+                // The limit is on memory, not memory plus swap.
                 let _ = write(Controller::Memory, "memory.swap.max", "0".into());
+            } else {
+                write(Controller::Memory, "memory.limit_in_bytes", max.to_string())?;
+                // memsw (memory plus swap) exists only with swap accounting on.
+                let memsw = self
+                    .dir(Controller::Memory, rel)
+                    .map(|dir| dir.join("memory.memsw.limit_in_bytes"))
+                    .filter(|file| file.exists());
+                if let Some(file) = memsw {
+                    fs::write(file, max.to_string())?;
+                }
             }
-        } else if self.has(Controller::Memory) {
-            let limit = max.map_or("-1".into(), |b| b.to_string());
-            // memsw may not be lowered below the memory limit, nor the limit raised above it.
-            let memsw = self
-                .dir(Controller::Memory, rel)
-                .map(|dir| dir.join("memory.memsw.limit_in_bytes"))
-                .filter(|file| file.exists());
-            if max.is_none()
-                && let Some(file) = &memsw
-            {
-                fs::write(file, "-1")?;
-            }
-            write(Controller::Memory, "memory.limit_in_bytes", limit.clone())?;
-            if max.is_some()
-                && let Some(file) = &memsw
-            {
-                fs::write(file, &limit)?;
-            }
+        }
+        if let Some(high) = resources.memory_high_mb.map(mb_to_bytes) {
+            write(Controller::Memory, "memory.high", high.to_string())?;
         }
         if let Some(cores) = resources.cpu_max_cores {
             const PERIOD: u64 = 100_000;
@@ -637,30 +648,30 @@ impl Cgroups {
             .unwrap_or(0)
     }
 
-    /// CPU time from `cpu.stat`, there in v2 even without controllers: one small read
-    /// that tells whether anything in the cgroup ran.
-    pub fn cpu_usec(&self, rel: &Path) -> Option<u64> {
-        let stat = fs::read_to_string(self.unified.join(rel).join("cpu.stat")).ok()?;
-        keyed(&stat, "usage_usec")
+    /// `cpu.stat`, there in v2 even without controllers: it tells whether anything in the
+    /// cgroup ran.
+    pub fn cpu_stat_file(&self, rel: &Path) -> PathBuf {
+        self.unified.join(rel).join("cpu.stat")
     }
 
     /// Memory charged to the cgroup (resident and page cache), where a memory controller
     /// counts it; the processes and threads in it.
     pub fn usage(&self, rel: &Path) -> Usage {
-        let lines = |file: &str| {
-            fs::read(self.unified.join(rel).join(file))
-                .map(|bytes| bytes.iter().filter(|&&b| b == b'\n').count() as u32)
-                .unwrap_or(0)
-        };
-        let memory_bytes = match self.place(Controller::Memory) {
-            Some(Place::V2) => read_number(&self.unified.join(rel).join("memory.current")),
-            Some(Place::V1(mount)) => read_number(&mount.join(rel).join("memory.usage_in_bytes")),
-            None => None,
-        };
+        let threads = fs::read(self.unified.join(rel).join("cgroup.threads"))
+            .map(|bytes| bytes.iter().filter(|&&b| b == b'\n').count() as u32)
+            .unwrap_or(0);
         Usage {
-            memory_bytes,
-            processes: lines("cgroup.procs"),
-            threads: lines("cgroup.threads"),
+            memory_bytes: self.memory_bytes(rel),
+            members: self.members(rel),
+            threads,
+        }
+    }
+
+    /// Memory charged to the cgroup, where a memory controller counts it for this agent.
+    pub fn memory_bytes(&self, rel: &Path) -> Option<u64> {
+        match self.place(Controller::Memory)? {
+            Place::V2 => read_number(&self.unified.join(rel).join("memory.current")),
+            Place::V1(mount) => read_number(&mount.join(rel).join("memory.usage_in_bytes")),
         }
     }
 

@@ -174,6 +174,11 @@ impl EventBus {
 
     /// Stamps the next sequence and publishes. The status is only built when the event is
     /// logged or someone is watching.
+    /// Someone subscribes to events (and so may want every HEALTH sample).
+    pub fn watched(&self) -> bool {
+        self.sender.receiver_count() > 0
+    }
+
     pub fn emit(
         &mut self,
         kind: EventKind,

@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use crate::agent::AgentRecord;
 use crate::error::{Error, Result};
 use crate::keeper::{KEEPER_DIR_VAR, SpawnOrder};
+use crate::launch::ProcessSetup;
 use crate::os::{self, Os};
 
 /// The file an agent writes its progress to.
@@ -120,10 +121,10 @@ impl AgentFiles {
             stdout: self.stdout,
             stderr: self.stderr,
             resources: spec.resources.clone(),
-            cgroups: Vec::new(),
-            setup: os::ProcessSetup {
+            joins: None,
+            setup: ProcessSetup {
                 run_as: spec.run_as.clone(),
-                ..os::ProcessSetup::default()
+                ..ProcessSetup::default()
             },
         })
         .map_err(|source| Error::Spawn {

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::events::{EventFilter, Subscription};
 use crate::health::ProgressReport;
 use crate::keeper::KeptExit;
-use crate::sampler::{SampleBatch, SampleTarget};
+use crate::sampler::SampleBatch;
 use crate::spec::SpawnRequest;
 use crate::stop::{StopOptions, StopReport};
 use crate::store::Store;
@@ -101,7 +101,8 @@ pub(crate) enum Command {
     Reap(oneshot::Sender<ReapReport>),
     Watch(Watch, oneshot::Sender<Result<Subscription>>),
     Shutdown(oneshot::Sender<()>),
-    SampleTargets(oneshot::Sender<Vec<SampleTarget>>),
+    /// The live agents to sample, unless they are the same as at the generation given.
+    SampleTargets(Option<u64>, oneshot::Sender<crate::sampler::RoundStart>),
     Samples(SampleBatch),
     ReportProgress(ProgressReport, oneshot::Sender<Result<AgentStatus>>),
     Remove(String, oneshot::Sender<Result<AgentStatus>>),

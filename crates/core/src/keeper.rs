@@ -31,6 +31,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::agent::Exit;
+use crate::cgroup::Joins;
+use crate::launch::{self, ProcessSetup};
 use crate::os;
 use crate::spec::Resources;
 
@@ -77,11 +79,11 @@ pub(crate) struct SpawnOrder {
     /// What the agent may use; agentd turns it into cgroup limits and `setup`.
     #[serde(skip)]
     pub resources: Resources,
-    /// `cgroup.procs` files the child joins before it runs the command.
+    /// Its cgroups: the v2 one it is created in, and v1 ones it joins.
     #[serde(default)]
-    pub cgroups: Vec<PathBuf>,
+    pub joins: Option<Joins>,
     #[serde(default)]
-    pub setup: os::ProcessSetup,
+    pub setup: ProcessSetup,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -507,13 +509,13 @@ fn spawn(order: SpawnOrder, kept: &Shared) -> Reply {
     let started = open(&order.stdout)
         .and_then(|stdout| Ok((stdout, open(&order.stderr)?)))
         .and_then(|(stdout, stderr)| {
-            os::spawn(os::Launch {
+            launch::spawn(launch::Launch {
                 command: &order.command,
                 env: &order.env,
                 working_dir: &order.working_dir,
                 stdout,
                 stderr,
-                cgroups: &order.cgroups,
+                joins: order.joins.as_ref(),
                 setup: &order.setup,
             })
         });

@@ -14,6 +14,7 @@ mod files;
 mod handle;
 mod health;
 mod keeper;
+mod launch;
 mod lifecycle;
 mod logs;
 mod machine;

@@ -12,9 +12,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -24,13 +22,12 @@ use nix::unistd::Pid;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use serde::{Deserialize, Serialize};
-
 use crate::agent::Exit;
 use crate::cgroup::{Cgroups, Containment, Controller, Detected};
 use crate::error::{Error, Result};
 use crate::keeper::{KeeperClient, SpawnOrder};
-use crate::spec::{AgentSpec, Resources, RunAs};
+use crate::launch::{ProcessSetup, Rlimit};
+use crate::spec::{AgentSpec, Resources};
 
 /// How an agent's processes are held together: the leader's process group, and the
 /// agent's cgroup when it has one (then the cgroup is the truth about membership).
@@ -212,7 +209,7 @@ impl Os for System {
                 // A fresh cgroup per run: its counters (OOM kills) start at zero. One that
                 // still holds a process of an earlier run is kept.
                 let _ = cgroups.remove(&rel);
-                order.cgroups = cgroups.prepare(&rel, &order.resources)?;
+                order.joins = Some(cgroups.prepare(&rel, &order.resources)?);
                 Some(rel)
             }
             None => None,
@@ -334,22 +331,32 @@ impl Os for System {
     }
 }
 
+/// Raises the soft limit on open files to the hard one, for agentd alone (the keeper, which
+/// starts the agents, already runs): the sampler keeps a descriptor per agent. Returns the
+/// limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    use nix::libc;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the rlimit passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) < 0 {
+            return 1024;
+        }
+        let soft = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        if soft < limit.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+            return limit.rlim_max;
+        }
+        soft
+    }
+}
+
 /// Makes orphaned descendants of agents our children, so that we can reap them.
 pub fn become_subreaper() -> io::Result<()> {
     nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
-}
-
-/// What to start and where its output goes.
-pub struct Launch<'a> {
-    pub command: &'a [String],
-    /// The whole environment: nothing is inherited.
-    pub env: &'a [(String, String)],
-    pub working_dir: &'a Path,
-    pub stdout: File,
-    pub stderr: File,
-    /// `cgroup.procs` files to join before the command runs.
-    pub cgroups: &'a [PathBuf],
-    pub setup: &'a ProcessSetup,
 }
 
 /// A started leader process.
@@ -360,163 +367,6 @@ pub struct Started {
     pub cgroup: Option<PathBuf>,
     /// Limits enforced without a cgroup, and how.
     pub fallbacks: Vec<String>,
-}
-
-/// A resource limit set with `setrlimit` (soft and hard).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Rlimit {
-    AddressSpace,
-    Processes,
-    OpenFiles,
-}
-
-/// What a new process sets up for itself between `fork` and `exec`, after joining its
-/// cgroups: limits, priority, affinity, and last its user.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ProcessSetup {
-    pub rlimits: Vec<(Rlimit, u64)>,
-    pub nice: Option<i32>,
-    /// `sched_setaffinity`, where no cpuset controller holds the agent.
-    pub cpus: Vec<u32>,
-    pub run_as: Option<RunAs>,
-}
-
-/// [`ProcessSetup`] turned into plain values before the fork, so the child only makes
-/// system calls.
-struct ChildSetup {
-    cgroup_fds: Vec<i32>,
-    rlimits: Vec<(nix::libc::__rlimit_resource_t, nix::libc::rlimit)>,
-    nice: Option<i32>,
-    cpus: Option<nix::libc::cpu_set_t>,
-    run_as: Option<(u32, u32, Vec<nix::libc::gid_t>)>,
-}
-
-impl ChildSetup {
-    fn new(setup: &ProcessSetup, cgroup_fds: Vec<i32>) -> ChildSetup {
-        use nix::libc;
-        let rlimits = setup
-            .rlimits
-            .iter()
-            .map(|&(which, value)| {
-                let resource = match which {
-                    Rlimit::AddressSpace => libc::RLIMIT_AS,
-                    Rlimit::Processes => libc::RLIMIT_NPROC,
-                    Rlimit::OpenFiles => libc::RLIMIT_NOFILE,
-                };
-                let limit = libc::rlimit {
-                    rlim_cur: value,
-                    rlim_max: value,
-                };
-                (resource, limit)
-            })
-            .collect();
-        let cpus = (!setup.cpus.is_empty()).then(|| {
-            // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET sets one bit of it and
-            // ignores CPUs beyond its size (validation keeps them below 4096).
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                for &cpu in &setup.cpus {
-                    libc::CPU_SET(cpu as usize, &mut set);
-                }
-                set
-            }
-        });
-        ChildSetup {
-            cgroup_fds,
-            rlimits,
-            nice: setup.nice,
-            cpus,
-            run_as: setup
-                .run_as
-                .as_ref()
-                .map(|run_as| (run_as.uid, run_as.gid, run_as.groups.clone())),
-        }
-    }
-
-    /// Runs in the child between `fork` and `exec`: system calls only, no allocation.
-    fn apply(&self) -> io::Result<()> {
-        use nix::libc;
-        let check = |result: libc::c_int| {
-            if result < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        };
-        crate::cgroup::join_self(&self.cgroup_fds)?;
-        for (resource, limit) in &self.rlimits {
-            // SAFETY: a valid resource and a pointer to a live rlimit.
-            check(unsafe { libc::setrlimit(*resource, limit) })?;
-        }
-        if let Some(nice) = self.nice {
-            // SAFETY: plain integers.
-            check(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) })?;
-        }
-        if let Some(set) = &self.cpus {
-            // SAFETY: a pointer to a live cpu_set_t and its size.
-            check(unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(set), set) })?;
-        }
-        if let Some((uid, gid, groups)) = &self.run_as {
-            // SAFETY: a pointer to the groups and their count, then plain ids; groups first,
-            // then the group, then the user (after which nothing else could be changed).
-            check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
-            check(unsafe { libc::setgid(*gid) })?;
-            check(unsafe { libc::setuid(*uid) })?;
-        }
-        Ok(())
-    }
-}
-
-/// Starts the command as the leader of a new process group (in the keeper), in its
-/// cgroups from its first instruction on. The child is never waited for here:
-/// [`reap_one`] collects its exit.
-pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
-    use std::os::fd::AsRawFd;
-    let (program, args) = launch
-        .command
-        .split_first()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
-    let mut command = Command::new(program);
-    command
-        .args(args)
-        .env_clear()
-        .envs(launch.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(launch.working_dir)
-        .stdin(Stdio::null())
-        .stdout(launch.stdout)
-        .stderr(launch.stderr)
-        .process_group(0);
-    // Open until the child has forked: it writes itself into each.
-    let cgroup_files = launch
-        .cgroups
-        .iter()
-        .map(|path| std::fs::OpenOptions::new().write(true).open(path))
-        .collect::<io::Result<Vec<File>>>()?;
-    if !cgroup_files.is_empty() || *launch.setup != ProcessSetup::default() {
-        let setup = ChildSetup::new(
-            launch.setup,
-            cgroup_files.iter().map(AsRawFd::as_raw_fd).collect(),
-        );
-        // SAFETY: `apply` makes only async-signal-safe system calls on values prepared
-        // before the fork.
-        unsafe {
-            command.pre_exec(move || setup.apply());
-        }
-    }
-    let child = command.spawn()?;
-    drop(cgroup_files);
-    let pid = i32::try_from(child.id())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "pid out of range"))?;
-    // Dropping a std `Child` neither waits nor kills.
-    drop(child);
-    Ok(Started {
-        pid,
-        start_ticks: proc_stat(pid).map(|stat| stat.start_ticks),
-        cgroup: None,
-        fallbacks: Vec::new(),
-    })
 }
 
 /// Sends `signal` to every process of the group. `Ok(false)`: the group no longer exists.

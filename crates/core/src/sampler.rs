@@ -12,6 +12,7 @@
 //! every [`QUIET_OUTPUT_EVERY`] intervals once they stop.
 
 use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -68,14 +69,25 @@ const STATUS_FILE_LIMIT: u64 = 64 * 1024;
 /// a rotation can be late by this many intervals of output after a quiet spell.
 const QUIET_OUTPUT_EVERY: u64 = 8;
 
+/// What the supervisor answers the sampler at the start of a round.
+pub struct RoundStart {
+    /// The live agents to sample, with their generation; `None` when they are the same as
+    /// at the generation the sampler gave.
+    pub targets: Option<(u64, Vec<SampleTarget>)>,
+    /// Someone watches events: every sample is sent, even one equal to the agent's last.
+    pub watched: bool,
+}
+
 /// Runs the sampling loop on its own thread until `deliver` returns false. Each round also
 /// rotates the live agents' output (the thread already visits them, off the supervisor task).
 /// If the thread panics, `died` is told why: a daemon whose samples stopped must not go on.
+/// `targets(generation)` asks for the live agents unless they did not change since then.
 pub fn start(
     interval: Duration,
     rotation: LogRotation,
     cgroups: Option<Cgroups>,
-    mut targets: impl FnMut() -> Option<Vec<SampleTarget>> + Send + 'static,
+    open_files: u64,
+    mut targets: impl FnMut(Option<u64>) -> Option<RoundStart> + Send + 'static,
     mut deliver: impl FnMut(SampleBatch) -> bool + Send + 'static,
     died: impl FnOnce(String) + Send + 'static,
 ) -> std::io::Result<()> {
@@ -83,22 +95,31 @@ pub fn start(
         .name("agentd-sampler".into())
         .spawn(move || {
             let rounds = std::panic::AssertUnwindSafe(|| {
-                let mut sampler = Sampler::new(cgroups);
+                let mut sampler = Sampler::new(cgroups, open_files);
                 let mut output = OutputChecks::default();
+                let mut live: Option<(u64, Vec<SampleTarget>)> = None;
                 loop {
                     std::thread::sleep(interval);
-                    let Some(targets) = targets() else { return };
+                    let Some(answer) = targets(live.as_ref().map(|(generation, _)| *generation))
+                    else {
+                        return;
+                    };
+                    if answer.targets.is_some() {
+                        live = answer.targets;
+                    }
+                    sampler.send_unchanged = answer.watched;
+                    let targets: &[SampleTarget] = live.as_ref().map_or(&[], |(_, t)| t);
                     #[cfg(debug_assertions)]
                     if !targets.is_empty()
                         && std::env::var_os("AGENTD_TEST_PANIC").is_some_and(|v| v == "sampler")
                     {
                         panic!("AGENTD_TEST_PANIC=sampler");
                     }
-                    let batch = sampler.sample(&targets);
+                    let (batch, ran) = sampler.sample(targets);
                     if !deliver(batch) {
                         return;
                     }
-                    output.rotate(&targets, rotation);
+                    output.rotate(targets, &ran, rotation);
                 }
             });
             if std::panic::catch_unwind(rounds).is_err() {
@@ -121,18 +142,206 @@ struct Sampler {
     children_files: bool,
     /// Modification time of each agent's status file when it was last read.
     status_seen: HashMap<String, SystemTime>,
-    cgroups: Option<Cgroups>,
-    /// Each cgroup agent's last reading, by agent id.
-    last_cgroups: HashMap<String, CgroupReading>,
+    /// Agents with a cgroup are measured through it.
+    cgroups: Option<CgroupSampler>,
+    /// The last sample sent for each agent: an unchanged one is not sent again, unless
+    /// someone watches events (`send_unchanged`).
+    sent: HashMap<String, TreeSample>,
+    send_unchanged: bool,
+}
+
+/// Adds the sample to the batch unless it is the one last sent for the agent (and nobody
+/// watches, who would want every sample as a HEALTH event).
+fn send_if_changed(
+    sent: &mut HashMap<String, TreeSample>,
+    send_unchanged: bool,
+    batch: &mut SampleBatch,
+    target: &SampleTarget,
+    sample: TreeSample,
+) {
+    match sent.get_mut(&target.agent_id) {
+        Some(last) if *last == sample && !send_unchanged => return,
+        Some(last) => *last = sample.clone(),
+        None => {
+            sent.insert(target.agent_id.clone(), sample.clone());
+        }
+    }
+    batch.samples.push((target.agent_id.clone(), sample));
+}
+
+/// Measures agents through their cgroups. A cgroup that used no CPU since the last round
+/// ran nothing: nothing in it forked, exited, grew or wrote its status file, so its last
+/// reading holds (memory, which reclaim can shrink, is read again every
+/// [`REREAD_IDLE_CGROUP_EVERY`] rounds). An idle agent costs one `pread` of its `cpu.stat`,
+/// and when the `cpu.stat` of agentd's root says that no agent ran at all, not even that.
+struct CgroupSampler {
+    cgroups: Cgroups,
+    /// Each agent's last reading, by agent id, and the round it was last sampled in.
+    last: HashMap<String, CgroupReading>,
+    /// Each agent's `cpu.stat`, kept open: a `pread` at offset 0 costs about a tenth of an
+    /// open, read and close of a cgroup file.
+    cpu_stat: HashMap<String, File>,
+    /// At most this many are kept open; beyond, `cpu.stat` is opened for each read.
+    keep_open: usize,
+    /// The root's `cpu.stat` and its last `usage_usec`.
+    root_stat: Option<File>,
+    root_usec: Option<u64>,
+    /// No agent ran since the last round.
+    all_idle: bool,
 }
 
 /// An agent's cgroup as a round found it.
-#[derive(Clone)]
 struct CgroupReading {
+    leader: i32,
     cpu_usec: u64,
     sample: TreeSample,
-    /// The round memory, members and the leader were read in.
+    /// The round its memory was last read in.
     read_in: u64,
+    /// The last round it was sampled in.
+    seen_in: u64,
+}
+
+impl CgroupReading {
+    /// The cgroup ran nothing since the last round: the reading holds, with no CPU used,
+    /// and its memory read again now and then.
+    fn idle(&mut self, cgroups: &Cgroups, cgroup: &std::path::Path, round: u64) -> TreeSample {
+        if round - self.read_in >= REREAD_IDLE_CGROUP_EVERY {
+            if let Some(bytes) = cgroups.memory_bytes(cgroup) {
+                self.sample.memory_bytes = bytes;
+            }
+            self.read_in = round;
+        }
+        self.seen_in = round;
+        self.sample.cpu_percent = 0.0;
+        self.sample.clone()
+    }
+}
+
+/// An idle cgroup's memory is read again after this many rounds.
+const REREAD_IDLE_CGROUP_EVERY: u64 = 30;
+
+impl CgroupSampler {
+    fn new(cgroups: Cgroups, open_files: u64) -> CgroupSampler {
+        CgroupSampler {
+            root_stat: File::open(cgroups.cpu_stat_file(cgroups.root())).ok(),
+            cgroups,
+            last: HashMap::new(),
+            cpu_stat: HashMap::new(),
+            // Half the descriptors agentd may open, the rest for clients and files.
+            keep_open: usize::try_from(open_files / 2).unwrap_or(usize::MAX),
+            root_usec: None,
+            all_idle: false,
+        }
+    }
+
+    /// Reads the root's `cpu.stat` once per round.
+    fn begin_round(&mut self) {
+        let usec = self.root_stat.as_ref().and_then(pread_usage_usec);
+        self.all_idle = usec.is_some() && usec == self.root_usec;
+        self.root_usec = usec;
+    }
+
+    /// The agent's sample, and whether its cgroup ran since the last round.
+    fn measure(
+        &mut self,
+        target: &SampleTarget,
+        cgroup: &std::path::Path,
+        round: u64,
+        page_size: u64,
+        elapsed: Option<f64>,
+    ) -> Option<(TreeSample, bool)> {
+        if self.all_idle
+            && let Some(last) = self.last.get_mut(&target.agent_id)
+            && last.leader == target.pid
+        {
+            return Some((last.idle(&self.cgroups, cgroup, round), false));
+        }
+        let cpu_usec = self.cpu_usec(&target.agent_id, cgroup)?;
+        let last = self
+            .last
+            .get_mut(&target.agent_id)
+            .filter(|last| last.leader == target.pid && last.cpu_usec <= cpu_usec);
+        let used = last.as_ref().map(|last| cpu_usec - last.cpu_usec);
+        let cpu_percent = elapsed
+            .filter(|&seconds| seconds > 0.0)
+            .map_or(0.0, |seconds| {
+                used.unwrap_or(0) as f64 / 1e6 / seconds * 100.0
+            });
+        if let Some(last) = last
+            && used == Some(0)
+        {
+            return Some((last.idle(&self.cgroups, cgroup, round), false));
+        }
+        let leader = os::proc_stat(target.pid)?;
+        let usage = self.cgroups.usage(cgroup);
+        // Without a memory controller for it, memory is its members' resident sets.
+        let memory_bytes = usage.memory_bytes.unwrap_or_else(|| {
+            usage
+                .members
+                .iter()
+                .filter_map(|&pid| os::proc_stat(pid))
+                .map(|stat| stat.rss_pages * page_size)
+                .sum()
+        });
+        let sample = TreeSample {
+            leader_status: os::state_name(leader.state),
+            cpu_percent,
+            memory_bytes,
+            num_threads: usage.threads.max(leader.num_threads),
+            num_processes: (usage.members.len() as u32).max(1),
+        };
+        let reading = CgroupReading {
+            leader: target.pid,
+            cpu_usec,
+            sample: sample.clone(),
+            read_in: round,
+            seen_in: round,
+        };
+        match self.last.get_mut(&target.agent_id) {
+            Some(last) => *last = reading,
+            None => {
+                self.last.insert(target.agent_id.clone(), reading);
+            }
+        }
+        Some((sample, used != Some(0)))
+    }
+
+    /// `usage_usec` of the agent's `cpu.stat`, read from the descriptor kept for it (opened
+    /// again if its cgroup was made anew for a restart).
+    fn cpu_usec(&mut self, agent_id: &str, cgroup: &std::path::Path) -> Option<u64> {
+        if !self.cpu_stat.contains_key(agent_id) && self.cpu_stat.len() >= self.keep_open {
+            return pread_usage_usec(&File::open(self.cgroups.cpu_stat_file(cgroup)).ok()?);
+        }
+        for fresh in [false, true] {
+            if fresh || !self.cpu_stat.contains_key(agent_id) {
+                let file = File::open(self.cgroups.cpu_stat_file(cgroup)).ok()?;
+                self.cpu_stat.insert(agent_id.to_string(), file);
+            }
+            if let Some(usec) = self.cpu_stat.get(agent_id).and_then(pread_usage_usec) {
+                return Some(usec);
+            }
+        }
+        None
+    }
+
+    /// Forgets agents that were not sampled this round.
+    fn finish_round(&mut self, round: u64) {
+        let before = self.last.len();
+        self.last.retain(|_, reading| reading.seen_in == round);
+        if self.last.len() != before || self.cpu_stat.len() > self.last.len() {
+            let last = &self.last;
+            self.cpu_stat
+                .retain(|agent_id, _| last.contains_key(agent_id));
+        }
+    }
+}
+
+/// `usage_usec` of a `cpu.stat` kept open.
+fn pread_usage_usec(file: &File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buffer = [0u8; 512];
+    let len = file.read_at(&mut buffer, 0).ok()?;
+    crate::cgroup::usage_usec(&buffer[..len])
 }
 
 /// What a round learned about one process of an agent's tree.
@@ -219,7 +428,7 @@ impl Round<'_> {
 }
 
 impl Sampler {
-    fn new(cgroups: Option<Cgroups>) -> Sampler {
+    fn new(cgroups: Option<Cgroups>, open_files: u64) -> Sampler {
         let (clock_ticks, page_size) = os::proc_units();
         Sampler {
             clock_ticks: clock_ticks as f64,
@@ -229,63 +438,22 @@ impl Sampler {
             last: HashMap::new(),
             children_files: true,
             status_seen: HashMap::new(),
-            cgroups,
-            last_cgroups: HashMap::new(),
+            cgroups: cgroups.map(|cgroups| CgroupSampler::new(cgroups, open_files)),
+            sent: HashMap::new(),
+            send_unchanged: true,
         }
     }
 
-    /// Measures an agent through its cgroup. An agent whose cgroup used no CPU since the
-    /// last round has not forked, exited or grown: its last reading holds (read again every
-    /// [`REREAD_IDLE_EVERY`] rounds).
-    fn measure_cgroup(
-        &self,
-        cgroups: &Cgroups,
-        target: &SampleTarget,
-        cgroup: &std::path::Path,
-        elapsed: Option<f64>,
-        now: &mut HashMap<String, CgroupReading>,
-    ) -> Option<TreeSample> {
-        let cpu_usec = cgroups.cpu_usec(cgroup)?;
-        let last = self.last_cgroups.get(&target.agent_id);
-        let used = last.map_or(0, |last| cpu_usec.saturating_sub(last.cpu_usec));
-        let cpu_percent = elapsed
-            .filter(|&seconds| seconds > 0.0)
-            .map_or(0.0, |seconds| used as f64 / 1e6 / seconds * 100.0);
-        let mut reading = match last {
-            Some(last) if used == 0 && self.round - last.read_in < REREAD_IDLE_EVERY => {
-                last.clone()
-            }
-            _ => {
-                let leader = os::proc_stat(target.pid)?;
-                let usage = cgroups.usage(cgroup);
-                CgroupReading {
-                    cpu_usec,
-                    sample: TreeSample {
-                        leader_status: os::state_name(leader.state),
-                        cpu_percent: 0.0,
-                        memory_bytes: usage
-                            .memory_bytes
-                            .unwrap_or(leader.rss_pages * self.page_size),
-                        num_threads: usage.threads.max(leader.num_threads),
-                        num_processes: usage.processes.max(1),
-                    },
-                    read_in: self.round,
-                }
-            }
-        };
-        reading.cpu_usec = cpu_usec;
-        reading.sample.cpu_percent = cpu_percent;
-        let sample = reading.sample.clone();
-        now.insert(target.agent_id.clone(), reading);
-        Some(sample)
-    }
-
-    fn sample(&mut self, targets: &[SampleTarget]) -> SampleBatch {
+    /// Samples every target; sends only the samples that changed since the last one sent.
+    /// Also says, per target, whether it may have run (an idle cgroup did not).
+    fn sample(&mut self, targets: &[SampleTarget]) -> (SampleBatch, Vec<bool>) {
         let mut batch = SampleBatch::default();
+        let mut ran = Vec::with_capacity(targets.len());
         if targets.is_empty() {
             self.status_seen.clear();
             self.last.clear();
-            return batch;
+            self.sent.clear();
+            return (batch, ran);
         }
         self.round += 1;
         let uptime = os::uptime();
@@ -314,8 +482,10 @@ impl Sampler {
                 orphans_by_group.entry(stat.pgrp).or_default().push(child);
             }
         }
-        let mut cgroup_readings = HashMap::new();
-        let cgroups = self.cgroups.take();
+        let mut cgroups = self.cgroups.take();
+        if let Some(cgroups) = &mut cgroups {
+            cgroups.begin_round();
+        }
         let mut round = Round {
             number: self.round,
             last: &self.last,
@@ -326,17 +496,26 @@ impl Sampler {
                 .map(|seconds| (seconds * self.clock_ticks) as u64),
         };
         for target in targets {
-            if let (Some(cgroups), Some(cgroup)) = (&cgroups, &target.cgroup) {
-                if let Some(sample) =
-                    self.measure_cgroup(cgroups, target, cgroup, elapsed, &mut cgroup_readings)
-                {
-                    batch.samples.push((target.agent_id.clone(), sample));
+            if let (Some(cgroups), Some(cgroup)) = (&mut cgroups, &target.cgroup) {
+                let measured = cgroups.measure(target, cgroup, self.round, self.page_size, elapsed);
+                let active = measured.as_ref().is_none_or(|(_, ran)| *ran);
+                ran.push(active);
+                if let Some((sample, _)) = measured {
+                    send_if_changed(
+                        &mut self.sent,
+                        self.send_unchanged,
+                        &mut batch,
+                        target,
+                        sample,
+                    );
                 }
-                if let Some(progress) = read_status_file(&mut self.status_seen, target) {
+                // Only a cgroup that ran can have written its status file.
+                if active && let Some(progress) = read_status_file(&mut self.status_seen, target) {
                     batch.progress.push((target.agent_id.clone(), progress));
                 }
                 continue;
             }
+            ran.push(true);
             let mut roots = vec![(target.pid, None)];
             roots.extend(
                 orphans_by_group
@@ -349,21 +528,33 @@ impl Sampler {
                 if let Some(seconds) = elapsed.filter(|&seconds| seconds > 0.0) {
                     sample.cpu_percent = ticks as f64 / self.clock_ticks / seconds * 100.0;
                 }
-                batch.samples.push((target.agent_id.clone(), sample));
+                send_if_changed(
+                    &mut self.sent,
+                    self.send_unchanged,
+                    &mut batch,
+                    target,
+                    sample,
+                );
             }
             if let Some(progress) = read_status_file(&mut self.status_seen, target) {
                 batch.progress.push((target.agent_id.clone(), progress));
             }
         }
         self.last = round.now;
+        if let Some(cgroups) = &mut cgroups {
+            cgroups.finish_round(self.round);
+        }
         self.cgroups = cgroups;
-        self.last_cgroups = cgroup_readings;
         self.last_uptime = uptime;
+        if self.sent.len() > targets.len() {
+            let live: HashSet<&str> = targets.iter().map(|t| t.agent_id.as_str()).collect();
+            self.sent.retain(|id, _| live.contains(id.as_str()));
+        }
         if self.status_seen.len() > targets.len() {
             let live: HashSet<&str> = targets.iter().map(|t| t.agent_id.as_str()).collect();
             self.status_seen.retain(|id, _| live.contains(id.as_str()));
         }
-        batch
+        (batch, ran)
     }
 }
 
@@ -443,17 +634,22 @@ struct OutputCheck {
 }
 
 impl OutputChecks {
-    fn rotate(&mut self, targets: &[SampleTarget], rotation: LogRotation) {
+    /// `ran[i]`: target `i` may have run since the last round (one that did not cannot
+    /// have written output).
+    fn rotate(&mut self, targets: &[SampleTarget], ran: &[bool], rotation: LogRotation) {
         self.round += 1;
         let round = self.round;
-        for target in targets {
-            let check = self
-                .agents
-                .entry(target.agent_id.clone())
-                .or_insert(OutputCheck {
+        for (target, _) in targets.iter().zip(ran).filter(|(_, ran)| **ran) {
+            if !self.agents.contains_key(&target.agent_id) {
+                let check = OutputCheck {
                     next_round: round,
                     ends: [0; 2],
-                });
+                };
+                self.agents.insert(target.agent_id.clone(), check);
+            }
+            let Some(check) = self.agents.get_mut(&target.agent_id) else {
+                continue;
+            };
             if check.next_round > round {
                 continue;
             }

@@ -94,6 +94,7 @@ impl Supervisor {
         let (keeper, kept_exits, ack_sink) =
             KeeperClient::reach(&config.data_dir, &program).map_err(keeper_failed)?;
         let (children, exits) = keeper.hello().map_err(keeper_failed)?;
+        let open_files = os::raise_open_files_limit();
         let detected = cgroup::detect(&config.cgroups, &config.data_dir);
         tracing::info!("containment: {}", detected.describe());
         let sampler_cgroups = match &detected {
@@ -134,6 +135,7 @@ impl Supervisor {
             strays: HashMap::new(),
             failure: None,
             records_set_aside: 0,
+            targets_generation: 0,
         };
         let recovered_exits: Vec<i32> = exits.iter().map(|exit| exit.pid).collect();
         task.recover(KeeperState { children, exits })?;
@@ -157,11 +159,12 @@ impl Supervisor {
             config.sample_interval,
             config.log_rotation,
             sampler_cgroups,
-            move || {
+            open_files,
+            move |known| {
                 let (reply, answer) = oneshot::channel();
                 targets
                     .commands
-                    .blocking_send(Command::SampleTargets(reply))
+                    .blocking_send(Command::SampleTargets(known, reply))
                     .ok()?;
                 answer.blocking_recv().ok()
             },
@@ -234,6 +237,8 @@ pub(crate) struct SupervisorTask {
     failure: Option<String>,
     /// Stored records that could not be loaded (counted at start).
     records_set_aside: u32,
+    /// Changes whenever the set of agents to sample (live leaders and their pids) may have.
+    targets_generation: u64,
 }
 
 /// While a stopping agent's leader is gone but its group lingers, no SIGCHLD may tell us
@@ -334,8 +339,13 @@ impl SupervisorTask {
                 );
             }
             Command::Shutdown(reply) => self.shutdown(reply),
-            Command::SampleTargets(reply) => {
-                let _ = reply.send(self.table.sample_targets());
+            Command::SampleTargets(known, reply) => {
+                let generation = self.targets_generation;
+                let _ = reply.send(sampler::RoundStart {
+                    targets: (known != Some(generation))
+                        .then(|| (generation, self.table.sample_targets())),
+                    watched: self.events.watched(),
+                });
             }
             Command::Samples(batch) => self.samples(batch),
             Command::ReportProgress(report, reply) => {
@@ -393,13 +403,21 @@ impl SupervisorTask {
         let now = self.now();
         let machine = self.table.get_mut(agent_id)?;
         let before = machine.deadline();
+        let sampled_as = (machine.leader_alive(), machine.record().pid);
         let mut effects = Vec::new();
         let result = input(machine, now, &mut effects);
         let after = machine.deadline();
+        if sampled_as != (machine.leader_alive(), machine.record().pid) {
+            self.targets_generation += 1;
+        }
         let watches = machine.watches_group();
-        let cgroup = machine.record().cgroup.clone();
-        match cgroup {
-            Some(cgroup) => self.watch_cgroup(agent_id, &cgroup, watches),
+        match &machine.record().cgroup {
+            // Only a stop under way (rare) clones the path.
+            Some(cgroup) if watches || !self.cgroups_watched.is_empty() => {
+                let cgroup = cgroup.clone();
+                self.watch_cgroup(agent_id, &cgroup, watches);
+            }
+            Some(_) => {}
             None if watches => {
                 self.groups_watched.insert(agent_id.to_string());
             }

@@ -312,12 +312,58 @@ async fn spawn_status_list_stop(options: &Options, n: usize, rows: &mut Rows) ->
     daemon.close().await
 }
 
+/// The same daemon options with a cgroup per agent (where the host has cgroups) and
+/// without: the row suffix, and the options.
+const CONTAINMENTS: [(&str, &[&str]); 2] = [("", &[]), (", no cgroups", &["--cgroups", "off"])];
+
+/// Spawn latency with a cgroup per agent and without: one daemon each, spawns taking turns
+/// between them, so that the disk's flush latency (which varies by milliseconds from one
+/// minute to the next on this VM) weighs on both alike.
 async fn spawn_latency(options: &Options, rows: &mut Rows) -> Result<()> {
-    let daemon = Daemon::start().await?;
-    let mut client = daemon.client().await?;
-    let mut latencies = spawn_latencies(&mut client, "l", options.latency_spawns).await?;
-    insert_percentiles(rows, "spawn", ", 1 in flight", &mut latencies);
-    daemon.close().await
+    let mut daemons = Vec::new();
+    for (suffix, flags) in CONTAINMENTS {
+        let daemon = Daemon::start_with(flags).await?;
+        let client = daemon.client().await?;
+        daemons.push((
+            suffix,
+            daemon,
+            client,
+            Vec::with_capacity(options.latency_spawns),
+        ));
+    }
+    for i in 0..options.latency_spawns {
+        for (_, _, client, latencies) in &mut daemons {
+            let started = Instant::now();
+            client.spawn(sleeper(format!("l-{i}"))).await?;
+            latencies.push(ms(started.elapsed()));
+        }
+    }
+    // Each spawn with a cgroup against the one without that followed it: the cgroup's own
+    // cost, with less of the disk's noise than the difference of two medians.
+    let mut differences: Vec<f64> = daemons[0]
+        .3
+        .iter()
+        .zip(&daemons[1].3)
+        .map(|(with, without)| with - without)
+        .collect();
+    differences.sort_by(f64::total_cmp);
+    rows.insert(
+        "spawn: with a cgroup minus without, median of pairs (ms)".into(),
+        differences
+            .get(differences.len() / 2)
+            .copied()
+            .unwrap_or(0.0),
+    );
+    for (suffix, daemon, _, mut latencies) in daemons {
+        insert_percentiles(
+            rows,
+            "spawn",
+            &format!(", 1 in flight{suffix}"),
+            &mut latencies,
+        );
+        daemon.close().await?;
+    }
+    Ok(())
 }
 
 /// The agent stamps the wall clock in nanoseconds and exits; the delay runs from that stamp
@@ -410,8 +456,13 @@ fn cpu_and_rss(pid: u32) -> Result<(f64, f64)> {
     Ok((ticks / 100.0, rss_kb / 1024.0))
 }
 
-async fn idle_cost(options: &Options, n: usize, rows: &mut Rows) -> Result<()> {
-    let daemon = Daemon::start().await?;
+async fn idle_cost(
+    options: &Options,
+    n: usize,
+    (suffix, flags): (&str, &[&str]),
+    rows: &mut Rows,
+) -> Result<()> {
+    let daemon = Daemon::start_with(flags).await?;
     let client = daemon.client().await?;
     spawn_all(
         &client,
@@ -427,14 +478,17 @@ async fn idle_cost(options: &Options, n: usize, rows: &mut Rows) -> Result<()> {
     let (after, rss) = cpu_and_rss(pid)?;
     let (keeper_after, keeper_rss) = cpu_and_rss(keeper)?;
     let seconds = started.elapsed().as_secs_f64();
-    rows.insert(format!("{n} idle agents: supervisor RSS (MB)"), rss);
+    rows.insert(format!("{n} idle agents{suffix}: supervisor RSS (MB)"), rss);
     rows.insert(
-        format!("{n} idle agents: supervisor CPU (% of a core)"),
+        format!("{n} idle agents{suffix}: supervisor CPU (% of a core)"),
         (after - before) / seconds * 100.0,
     );
-    rows.insert(format!("{n} idle agents: keeper RSS (MB)"), keeper_rss);
     rows.insert(
-        format!("{n} idle agents: keeper CPU (% of a core)"),
+        format!("{n} idle agents{suffix}: keeper RSS (MB)"),
+        keeper_rss,
+    );
+    rows.insert(
+        format!("{n} idle agents{suffix}: keeper CPU (% of a core)"),
         (keeper_after - keeper_before) / seconds * 100.0,
     );
     daemon.close().await
@@ -584,7 +638,9 @@ async fn main() -> Result<()> {
     stop_stubborn(&options, &mut rows).await?;
     fan_out(&options, &mut rows).await?;
     for &n in &options.idle {
-        idle_cost(&options, n, &mut rows).await?;
+        for containment in CONTAINMENTS {
+            idle_cost(&options, n, containment, &mut rows).await?;
+        }
     }
     churn(&options, &mut rows).await?;
     if options.json {
