@@ -495,6 +495,11 @@ impl Cgroups {
     /// writes itself into before it runs the agent's command.
     pub fn prepare(&self, rel: &Path, resources: &Resources) -> io::Result<Joins> {
         let v2 = self.unified.join(rel);
+        if v2.exists() {
+            // A restart: a fresh cgroup, so its counters (OOM kills) start at zero. One that
+            // still holds a process of the earlier run is kept.
+            let _ = self.remove(rel);
+        }
         create_dir(&v2)?;
         let mut v1_procs = Vec::new();
         for (controller, dir) in self.v1_dirs(rel) {

@@ -38,6 +38,19 @@ use crate::spec::Resources;
 
 /// The argument that makes the agentd binary run as the keeper.
 pub const KEEPER_ARG: &str = "--run-as-keeper";
+/// The keeper's protocol version: 1 starts agents in cgroups (`SpawnOrder::joins`). A
+/// keeper left running by an older agentd would ignore the cgroups it is given.
+const VERSION: u32 = 1;
+const CGROUPS_VERSION: u32 = 1;
+
+/// What the keeper says when agentd connects.
+pub(crate) struct Hello {
+    pub children: Vec<KeptChild>,
+    pub exits: Vec<KeptExit>,
+    /// It starts agents in the cgroups it is given.
+    pub cgroups: bool,
+}
+
 /// The keeper's socket, in the data folder.
 pub(crate) const SOCKET: &str = "keeper.sock";
 /// Set in the keeper's own environment (never in an agent's), so it can be found.
@@ -103,6 +116,9 @@ enum Reply {
     State {
         children: Vec<KeptChild>,
         exits: Vec<KeptExit>,
+        /// What the keeper knows how to do; absent from a keeper older than cgroups.
+        #[serde(default)]
+        version: u32,
     },
     Spawned {
         pid: i32,
@@ -160,9 +176,17 @@ impl KeeperClient {
 
     /// The children that still run and the exits not yet acknowledged. Ask after
     /// [`KeeperClient::watch`], so that no exit falls in between (one may come both ways).
-    pub fn hello(&self) -> io::Result<(Vec<KeptChild>, Vec<KeptExit>)> {
+    pub fn hello(&self) -> io::Result<Hello> {
         match self.call(&Request::Hello)? {
-            Reply::State { children, exits } => Ok((children, exits)),
+            Reply::State {
+                children,
+                exits,
+                version,
+            } => Ok(Hello {
+                children,
+                exits,
+                cgroups: version >= CGROUPS_VERSION,
+            }),
             other => Err(unexpected(&other)),
         }
     }
@@ -462,6 +486,7 @@ async fn connection(stream: tokio::net::UnixStream, kept: Shared) -> io::Result<
                         })
                         .collect(),
                     exits: kept.exits.values().cloned().collect(),
+                    version: VERSION,
                 }
             }
             Request::Spawn(order) => spawn(*order, &kept),

@@ -69,7 +69,6 @@ pub(crate) trait Os: Send + Sync {
     fn agent_cgroups(&self) -> Vec<(String, PathBuf, Vec<i32>)>;
     /// Removes agentd's cgroup root once it is empty (at shutdown).
     fn remove_cgroup_root(&self);
-
     fn proc_stat(&self, pid: i32) -> Option<ProcStat>;
     /// How long the process has run, from its start time and the boot clock.
     fn running_for(&self, stat: &ProcStat) -> Option<Duration>;
@@ -170,11 +169,10 @@ impl Os for System {
             );
         }
         let has = |controller| self.cgroups.as_ref().is_some_and(|c| c.has(controller));
-        let v2_memory = has(Controller::Memory)
-            && self
-                .cgroups
-                .as_ref()
-                .is_some_and(|c| c.v2(Controller::Memory));
+        let v2_memory = self
+            .cgroups
+            .as_ref()
+            .is_some_and(|c| c.v2(Controller::Memory));
         if resources.memory_high_mb.is_some() && !v2_memory {
             return unsupported(
                 "resources.memory_high_mb",
@@ -206,9 +204,6 @@ impl Os for System {
         let cgroup = match &self.cgroups {
             Some(cgroups) => {
                 let rel = cgroups.path_of(&order.agent_id);
-                // A fresh cgroup per run: its counters (OOM kills) start at zero. One that
-                // still holds a process of an earlier run is kept.
-                let _ = cgroups.remove(&rel);
                 order.joins = Some(cgroups.prepare(&rel, &order.resources)?);
                 Some(rel)
             }

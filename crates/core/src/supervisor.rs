@@ -93,9 +93,18 @@ impl Supervisor {
         };
         let (keeper, kept_exits, ack_sink) =
             KeeperClient::reach(&config.data_dir, &program).map_err(keeper_failed)?;
-        let (children, exits) = keeper.hello().map_err(keeper_failed)?;
+        let hello = keeper.hello().map_err(keeper_failed)?;
+        let (children, exits) = (hello.children, hello.exits);
         let open_files = os::raise_open_files_limit();
-        let detected = cgroup::detect(&config.cgroups, &config.data_dir);
+        let detected = if hello.cgroups {
+            cgroup::detect(&config.cgroups, &config.data_dir)
+        } else {
+            cgroup::Detected::None(
+                "the keeper that runs was started by an older agentd and cannot start agents \
+                 in cgroups; new agents get cgroups once it has exited"
+                    .into(),
+            )
+        };
         tracing::info!("containment: {}", detected.describe());
         let sampler_cgroups = match &detected {
             cgroup::Detected::Cgroups(cgroups) => Some(cgroups.clone()),
@@ -1026,6 +1035,10 @@ impl SupervisorTask {
                 Vec::new()
             }
         };
+        // Agents that ended earlier and whose cgroup emptied since give it back now.
+        for agent_id in self.table.ids_where(|m| m.has_ended()) {
+            self.remove_cgroup_if_empty(&agent_id);
+        }
         let store = self.store.clone();
         let acks = self.acks.clone();
         let os = self.os.clone();
