@@ -161,14 +161,10 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
     let v1_fds = v1_files.iter().map(AsRawFd::as_raw_fd).collect();
     let pid = match launch.joins {
         Some(joins) => {
-            match clone_into(&launch, &joins.v2, ChildSetup::new(launch.setup, v1_fds)) {
+            match clone_into(&launch, &joins.v2, ChildSetup::new(launch.setup, v1_fds))? {
+                Some(pid) => pid,
                 // clone3 or CLONE_INTO_CGROUP unknown to this kernel: join after the fork.
-                Err(error)
-                    if matches!(
-                        error.raw_os_error(),
-                        Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL)
-                    ) =>
-                {
+                None => {
                     let mut files = v1_files
                         .iter()
                         .map(File::try_clone)
@@ -179,12 +175,11 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
                             .open(joins.v2.join("cgroup.procs"))?,
                     );
                     let fds = files.iter().map(AsRawFd::as_raw_fd).collect();
-                    let pid =
-                        command_spawn(launch, Some(ChildSetup::new(&Default::default(), fds)));
+                    let setup = ChildSetup::new(launch.setup, fds);
+                    let pid = command_spawn(launch, Some(setup));
                     drop(files);
                     pid?
                 }
-                other => other?,
             }
         }
         None if *launch.setup == ProcessSetup::default() => command_spawn(launch, None)?,
@@ -310,8 +305,9 @@ fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
 }
 
 /// Creates the process inside `cgroup` and runs the command in it; answers once `execve`
-/// succeeded, or with the error that stopped the child.
-fn clone_into(launch: &Launch<'_>, cgroup: &Path, setup: ChildSetup) -> io::Result<i32> {
+/// succeeded, or with the error that stopped the child. `Ok(None)`: this kernel has no
+/// `clone3` or no `CLONE_INTO_CGROUP` (before 5.7), and nothing was started.
+fn clone_into(launch: &Launch<'_>, cgroup: &Path, setup: ChildSetup) -> io::Result<Option<i32>> {
     let exec = Exec::new(launch)?;
     let (argv, envp) = (pointers(&exec.argv), pointers(&exec.envp));
     let cwd = c_string(launch.working_dir.as_os_str().as_bytes())?;
@@ -339,7 +335,11 @@ fn clone_into(launch: &Launch<'_>, cgroup: &Path, setup: ChildSetup) -> io::Resu
         )
     };
     if pid < 0 {
-        return Err(io::Error::last_os_error());
+        let error = io::Error::last_os_error();
+        return match error.raw_os_error() {
+            Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL) => Ok(None),
+            _ => Err(error),
+        };
     }
     if pid == 0 {
         // SAFETY: in the new process; only system calls on values prepared above.
@@ -362,7 +362,7 @@ fn clone_into(launch: &Launch<'_>, cgroup: &Path, setup: ChildSetup) -> io::Resu
     // (the child then exits, and the reaper collects it).
     let mut errno = [0u8; 4];
     match nix::unistd::read(&report_read, &mut errno) {
-        Ok(0) => Ok(pid),
+        Ok(0) => Ok(Some(pid)),
         Ok(_) => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno))),
         Err(error) => Err(error.into()),
     }

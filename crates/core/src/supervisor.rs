@@ -145,6 +145,7 @@ impl Supervisor {
             failure: None,
             records_set_aside: 0,
             targets_generation: 0,
+            spawns: (0, 0),
         };
         let recovered_exits: Vec<i32> = exits.iter().map(|exit| exit.pid).collect();
         task.recover(KeeperState { children, exits })?;
@@ -248,6 +249,8 @@ pub(crate) struct SupervisorTask {
     records_set_aside: u32,
     /// Changes whenever the set of agents to sample (live leaders and their pids) may have.
     targets_generation: u64,
+    /// Spawns since the heap was last trimmed, and since the last sample.
+    spawns: (u32, u32),
 }
 
 /// While a stopping agent's leader is gone but its group lingers, no SIGCHLD may tell us
@@ -611,6 +614,10 @@ impl SupervisorTask {
         self.store.put(machine.record())?;
         let launched = files.launch(machine.record(), self.os.as_ref());
         self.table.insert(machine);
+        self.spawns = (
+            self.spawns.0.saturating_add(1),
+            self.spawns.1.saturating_add(1),
+        );
         self.launched(&agent_id, launched)?;
         self.table.get(&agent_id).map(|m| m.status(Instant::now()))
     }
@@ -1085,6 +1092,21 @@ impl SupervisorTask {
             self.input(&agent_id, |m, now, out| m.check_health(now, out));
         }
         self.apply_retention();
+        self.trim_after_spawn_burst();
+    }
+
+    /// Once a burst of spawns is over (none since the last sample), hands the heap it left
+    /// free back to the kernel: the burst's transient allocations otherwise stay resident
+    /// (10,000 agents spawned 8 at a time left 85 MB of heap, 33 MB of it in use).
+    fn trim_after_spawn_burst(&mut self) {
+        const BURST: u32 = 1000;
+        let (since_trim, in_interval) = self.spawns;
+        if since_trim >= BURST && in_interval == 0 {
+            os::release_free_memory();
+            self.spawns = (0, 0);
+        } else {
+            self.spawns.1 = 0;
+        }
     }
 
     /// A heartbeat from the ReportProgress RPC.
