@@ -63,15 +63,14 @@ pub struct ProcessSetup {
 /// system calls.
 struct ChildSetup {
     cgroup_fds: Vec<i32>,
-    rlimits: Vec<(nix::libc::__rlimit_resource_t, nix::libc::rlimit)>,
+    rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     nice: Option<i32>,
-    cpus: Option<nix::libc::cpu_set_t>,
-    run_as: Option<(u32, u32, Vec<nix::libc::gid_t>)>,
+    cpus: Option<libc::cpu_set_t>,
+    run_as: Option<(u32, u32, Vec<libc::gid_t>)>,
 }
 
 impl ChildSetup {
     fn new(setup: &ProcessSetup, cgroup_fds: Vec<i32>) -> ChildSetup {
-        use nix::libc;
         let rlimits = setup
             .rlimits
             .iter()
@@ -89,11 +88,12 @@ impl ChildSetup {
             })
             .collect();
         let cpus = (!setup.cpus.is_empty()).then(|| {
-            // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET sets one bit of it and
-            // ignores CPUs beyond its size (validation keeps them below 4096).
+            // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET sets one bit of it, for
+            // CPUs within its size (1024) only.
             unsafe {
                 let mut set: libc::cpu_set_t = std::mem::zeroed();
-                for &cpu in &setup.cpus {
+                let bits = 8 * std::mem::size_of::<libc::cpu_set_t>();
+                for &cpu in setup.cpus.iter().filter(|&&cpu| (cpu as usize) < bits) {
                     libc::CPU_SET(cpu as usize, &mut set);
                 }
                 set
@@ -113,7 +113,6 @@ impl ChildSetup {
 
     /// Runs in the child between `fork` and `exec`: system calls only, no allocation.
     fn apply(&self) -> io::Result<()> {
-        use nix::libc;
         let check = |result: libc::c_int| {
             if result < 0 {
                 Err(io::Error::last_os_error())

@@ -3,12 +3,12 @@
 //! leader state) and reads the progress the agent wrote to its status file, then hands the
 //! batch back. Status calls answer from the latest batch and never wait for a sample.
 //!
-//! An agent in a cgroup is measured through it: `cpu.stat` (one small read) says whether
-//! anything in it ran since the last round; only then are its memory, `cgroup.procs`,
-//! `cgroup.threads` and the leader's `stat` read, whatever the tree's size. Without a
-//! cgroup the cost is per process in the agent's tree, never per process on the host: each
-//! member costs one read of `/proc/PID/stat` and one of its `children` file. Each agent
-//! costs one `stat` of its status file. Output files are checked every interval while they grow and
+//! An agent in a cgroup is measured through it: `cpu.stat` (a `pread` on a descriptor kept
+//! open) says whether anything in it ran since the last round; only then are its memory,
+//! `cgroup.procs`, `cgroup.threads`, the leader's `stat` and its status file read, whatever
+//! the tree's size. Without a cgroup the cost is per process in the agent's tree, never per
+//! process on the host: each member costs one read of `/proc/PID/stat` and one of its
+//! `children` file, and each agent one `stat` of its status file. Output files are checked every interval while they grow and
 //! every [`QUIET_OUTPUT_EVERY`] intervals once they stop.
 
 use std::collections::{HashMap, HashSet};
@@ -146,26 +146,28 @@ struct Sampler {
     cgroups: Option<CgroupSampler>,
     /// The last sample sent for each agent: an unchanged one is not sent again, unless
     /// someone watches events (`send_unchanged`).
-    sent: HashMap<String, TreeSample>,
+    sent: HashMap<String, (i32, TreeSample)>,
     send_unchanged: bool,
 }
 
 /// Adds the sample to the batch unless it is the one last sent for the agent (and nobody
 /// watches, who would want every sample as a HEALTH event).
 fn send_if_changed(
-    sent: &mut HashMap<String, TreeSample>,
+    sent: &mut HashMap<String, (i32, TreeSample)>,
     send_unchanged: bool,
     batch: &mut SampleBatch,
     target: &SampleTarget,
     sample: TreeSample,
 ) {
+    let this = (target.pid, sample);
     match sent.get_mut(&target.agent_id) {
-        Some(last) if *last == sample && !send_unchanged => return,
-        Some(last) => *last = sample.clone(),
+        Some(last) if *last == this && !send_unchanged => return,
+        Some(last) => *last = this.clone(),
         None => {
-            sent.insert(target.agent_id.clone(), sample.clone());
+            sent.insert(target.agent_id.clone(), this.clone());
         }
     }
+    let (_, sample) = this;
     batch.samples.push((target.agent_id.clone(), sample));
 }
 
