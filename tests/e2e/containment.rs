@@ -633,3 +633,41 @@ async fn limits_out_of_range_or_beyond_the_host_are_refused_by_name() {
         .expect_err("an agent that ended");
     assert_eq!(paused.code(), Code::FailedPrecondition);
 }
+
+#[tokio::test]
+async fn a_daemon_that_is_not_root_keeps_process_groups_and_refuses_other_users() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: starting agentd as another user needs the test to run as root");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("user database")
+        .expect("a nobody user");
+    let daemon = Daemon::start_as(nobody.uid.as_raw(), nobody.gid.as_raw()).await;
+    let mut client = daemon.client().await;
+    let summary = client
+        .get_summary(pb::GetSummaryRequest {})
+        .await
+        .expect("summary")
+        .into_inner();
+    assert_eq!(summary.containment(), Containment::ProcessGroup);
+    assert!(
+        summary
+            .containment_detail
+            .contains("cannot use cgroup root"),
+        "it says why: {}",
+        summary.containment_detail
+    );
+    let agent = spawn(&mut client, "plain", vec!["sleep".into(), "300".into()]).await;
+    assert_eq!(agent.containment, Containment::ProcessGroup as i32);
+    let refused = client
+        .spawn(pb::SpawnRequest {
+            user: "root".into(),
+            ..spawn_request("as-root", sh("true"))
+        })
+        .await
+        .expect_err("a user other than agentd's needs root");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("not run as root"), "{refused:?}");
+    kill_all(&mut client).await;
+}

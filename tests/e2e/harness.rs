@@ -60,11 +60,32 @@ impl Daemon {
         Daemon::start_in_with_env(dir, options, env).await
     }
 
+    /// Starts a daemon that runs as another user (the test must be root), in a folder that
+    /// user owns.
+    pub async fn start_as(uid: u32, gid: u32) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("agentd-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the folder");
+        Daemon::launch(dir, &[], &[], Some((uid, gid))).await
+    }
+
     pub async fn start_in_with_env(
         dir: tempfile::TempDir,
         options: &[&str],
         env: &[(&str, &str)],
     ) -> Daemon {
+        Daemon::launch(dir, options, env, None).await
+    }
+
+    async fn launch(
+        dir: tempfile::TempDir,
+        options: &[&str],
+        env: &[(&str, &str)],
+        user: Option<(u32, u32)>,
+    ) -> Daemon {
+        use std::os::unix::process::CommandExt;
         let data_dir = dir.path().join("data");
         let socket = dir.path().join("agentd.sock");
         let log = std::fs::OpenOptions::new()
@@ -72,7 +93,11 @@ impl Daemon {
             .append(true)
             .open(dir.path().join("agentd.log"))
             .expect("daemon log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_agentd"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_agentd"));
+        if let Some((uid, gid)) = user {
+            command.uid(uid).gid(gid).env("HOME", dir.path());
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--socket")
