@@ -18,6 +18,14 @@ async fn cgroups(client: &mut Client) -> Option<Containment> {
         .into_inner();
     match summary.containment() {
         Containment::ProcessGroup | Containment::Unspecified => {
+            // As root with a cgroup v2 hierarchy mounted, agentd must have found it.
+            let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+                .is_ok_and(|mounts| mounts.contains(" - cgroup2 "));
+            assert!(
+                !(mounted && nix::unistd::geteuid().is_root()),
+                "agentd runs as root on a host with cgroup v2 but found no cgroups: {}",
+                summary.containment_detail
+            );
             println!(
                 "skipped: no usable cgroups here: {}",
                 summary.containment_detail

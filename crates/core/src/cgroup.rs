@@ -185,13 +185,13 @@ fn prepare_hybrid(
     root: &Path,
     v1: &[(Controller, PathBuf)],
 ) -> io::Result<Vec<(Controller, Place)>> {
-    fs::create_dir_all(unified.join(root))?;
+    create_root(&unified.join(root))?;
     let mut controllers = Vec::new();
     for (controller, mount) in v1 {
         let made = if *controller == Controller::Cpuset {
             create_cpuset_dirs(mount, root)
         } else {
-            fs::create_dir_all(mount.join(root))
+            create_root(&mount.join(root))
         };
         match made {
             Ok(()) => controllers.push((*controller, Place::V1(mount.clone()))),
@@ -225,7 +225,7 @@ fn prepare_v2(
             }
         }
     }
-    fs::create_dir_all(unified.join(root))?;
+    create_root(&unified.join(root))?;
     // From the top down: each level enables what it has for the next.
     let mut level = unified.to_path_buf();
     let mut enabled = Vec::new();
@@ -261,18 +261,37 @@ fn prepare_v2(
 /// Creates the root's folders in a v1 cpuset hierarchy: a new cpuset is empty until its
 /// CPUs and memory nodes are copied from its parent.
 fn create_cpuset_dirs(mount: &Path, root: &Path) -> io::Result<()> {
-    let mut level = mount.to_path_buf();
-    for part in root.components() {
-        let parent = level.clone();
-        level.push(part);
-        match fs::create_dir(&level) {
-            Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(error) => return Err(error),
+    racing_removal(|| {
+        let mut level = mount.to_path_buf();
+        for part in root.components() {
+            let parent = level.clone();
+            level.push(part);
+            match fs::create_dir(&level) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(error) => return Err(error),
+            }
+            copy_cpuset(&parent, &level)?;
         }
-        copy_cpuset(&parent, &level)?;
+        Ok(())
+    })
+}
+
+/// Creates agentd's root and the folders above it.
+fn create_root(dir: &Path) -> io::Result<()> {
+    racing_removal(|| fs::create_dir_all(dir))
+}
+
+/// Another daemon that shuts down removes the shared `agentd` folder once it is empty, which
+/// may happen between the creation of that folder and of ours inside it: then try again.
+fn racing_removal(mut create: impl FnMut() -> io::Result<()>) -> io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match create() {
+            Err(error) if error.kind() == io::ErrorKind::NotFound && tries < 8 => tries += 1,
+            other => return other,
+        }
     }
-    Ok(())
 }
 
 fn copy_cpuset(parent: &Path, child: &Path) -> io::Result<()> {
