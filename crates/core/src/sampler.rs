@@ -498,38 +498,36 @@ impl Sampler {
                 .map(|seconds| (seconds * self.clock_ticks) as u64),
         };
         for target in targets {
-            if let (Some(cgroups), Some(cgroup)) = (&mut cgroups, &target.cgroup) {
-                let measured = cgroups.measure(target, cgroup, self.round, self.page_size, elapsed);
-                let active = measured.as_ref().is_none_or(|(_, ran)| *ran);
-                ran.push(active);
-                if let Some((sample, _)) = measured {
-                    send_if_changed(
-                        &mut self.sent,
-                        self.send_unchanged,
-                        &mut batch,
-                        target,
-                        sample,
+            let (sample, active) = match (&mut cgroups, &target.cgroup) {
+                (Some(cgroups), Some(cgroup)) => {
+                    let measured =
+                        cgroups.measure(target, cgroup, self.round, self.page_size, elapsed);
+                    let active = measured.as_ref().is_none_or(|(_, ran)| *ran);
+                    (measured.map(|(sample, _)| sample), active)
+                }
+                _ => {
+                    let mut roots = vec![(target.pid, None)];
+                    roots.extend(
+                        orphans_by_group
+                            .get(&target.pid)
+                            .into_iter()
+                            .flatten()
+                            .map(|&orphan| (orphan, None)),
                     );
+                    let sample = measure_tree(&mut round, roots, self.page_size).map(
+                        |(mut sample, ticks)| {
+                            if let Some(seconds) = elapsed.filter(|&seconds| seconds > 0.0) {
+                                sample.cpu_percent =
+                                    ticks as f64 / self.clock_ticks / seconds * 100.0;
+                            }
+                            sample
+                        },
+                    );
+                    (sample, true)
                 }
-                // Only a cgroup that ran can have written its status file.
-                if active && let Some(progress) = read_status_file(&mut self.status_seen, target) {
-                    batch.progress.push((target.agent_id.clone(), progress));
-                }
-                continue;
-            }
-            ran.push(true);
-            let mut roots = vec![(target.pid, None)];
-            roots.extend(
-                orphans_by_group
-                    .get(&target.pid)
-                    .into_iter()
-                    .flatten()
-                    .map(|&orphan| (orphan, None)),
-            );
-            if let Some((mut sample, ticks)) = measure_tree(&mut round, roots, self.page_size) {
-                if let Some(seconds) = elapsed.filter(|&seconds| seconds > 0.0) {
-                    sample.cpu_percent = ticks as f64 / self.clock_ticks / seconds * 100.0;
-                }
+            };
+            ran.push(active);
+            if let Some(sample) = sample {
                 send_if_changed(
                     &mut self.sent,
                     self.send_unchanged,
@@ -538,7 +536,8 @@ impl Sampler {
                     sample,
                 );
             }
-            if let Some(progress) = read_status_file(&mut self.status_seen, target) {
+            // A cgroup that ran nothing cannot have written its status file.
+            if active && let Some(progress) = read_status_file(&mut self.status_seen, target) {
                 batch.progress.push((target.agent_id.clone(), progress));
             }
         }

@@ -795,6 +795,7 @@ impl SupervisorTask {
             let Some(cgroup) = self.strays.get(wd) else {
                 continue;
             };
+            // Strays exist only with cgroups, so the cgroup answers; there is no leader.
             let hold = os::Hold {
                 pgid: 0,
                 cgroup: Some(cgroup),
