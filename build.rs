@@ -1,6 +1,6 @@
 //! Compiles `proto/agentd/v1/*.proto` with protox (pure Rust, no system `protoc`) into the
-//! tonic/prost code of `agentd-proto`, and writes the descriptor set that server reflection
-//! serves.
+//! tonic/prost code of `agentd-proto`, the proto3 JSON mapping of every message (pbjson), and
+//! the descriptor set that server reflection serves.
 
 use std::path::PathBuf;
 
@@ -10,11 +10,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let descriptors = protox::compile(protos, ["proto"])?;
+    let encoded = prost::Message::encode_to_vec(&descriptors);
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out_dir.join("agentd_descriptor.bin"),
-        prost::Message::encode_to_vec(&descriptors),
-    )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    std::fs::write(out_dir.join("agentd_descriptor.bin"), &encoded)?;
+    // Well-known types come from pbjson-types, whose Timestamp and Duration know their JSON
+    // forms ("2026-11-27T10:00:00Z", "1.5s").
+    tonic_prost_build::configure()
+        .compile_well_known_types(true)
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .compile_fds(descriptors)?;
+    // Default values are written too, so `jq .restartCount` says 0 rather than null.
+    pbjson_build::Builder::new()
+        .register_descriptors(&encoded)?
+        .emit_fields()
+        .build(&[".agentd"])?;
     Ok(())
 }

@@ -102,9 +102,16 @@ async fn agentctl_spawns_shows_and_stops() {
     );
     let json: serde_json::Value =
         serde_json::from_str(&agentctl(&["status", "cli", "--json"])).expect("json status");
-    assert_eq!(json["state"], "running");
+    // The proto3 JSON mapping: enums by name, lowerCamelCase, defaults written.
+    assert_eq!(json["state"], "AGENT_STATE_RUNNING");
     assert_eq!(json["model"], "m1");
+    assert_eq!(json["restartCount"], 0);
     assert!(json["pid"].as_u64().is_some_and(|pid| pid > 0));
+    assert!(
+        json["startedAt"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("20"))
+    );
     let stopped = agentctl(&["stop", "cli"]);
     assert!(stopped.contains("exited_on_first_signal"), "{stopped}");
 

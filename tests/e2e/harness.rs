@@ -319,11 +319,11 @@ pub fn spawn_request(agent_id: &str, command: Vec<String>) -> pb::SpawnRequest {
 pub fn quick_ladder() -> Option<pb::StopPolicy> {
     Some(pb::StopPolicy {
         stop_signal: String::new(),
-        first_grace: Some(prost_types::Duration {
+        first_grace: Some(pbjson_types::Duration {
             seconds: 0,
             nanos: 300_000_000,
         }),
-        second_grace: Some(prost_types::Duration {
+        second_grace: Some(pbjson_types::Duration {
             seconds: 0,
             nanos: 300_000_000,
         }),
@@ -462,6 +462,15 @@ pub fn children_of(parent: i32) -> Vec<(i32, String)> {
         .collect()
 }
 
-pub fn seconds(duration: Option<&prost_types::Duration>) -> f64 {
+pub fn seconds(duration: Option<&pbjson_types::Duration>) -> f64 {
     duration.map_or(0.0, |d| d.seconds as f64 + f64::from(d.nanos) / 1e9)
+}
+
+/// A protobuf Timestamp as wall time.
+pub fn system_time(timestamp: Option<&pbjson_types::Timestamp>) -> std::time::SystemTime {
+    let timestamp = timestamp.expect("timestamp");
+    let seconds = u64::try_from(timestamp.seconds).expect("after 1970");
+    std::time::UNIX_EPOCH
+        + Duration::from_secs(seconds)
+        + Duration::from_nanos(u64::try_from(timestamp.nanos).expect("nanos"))
 }

@@ -1,6 +1,6 @@
 //! Health that means something for agents: heartbeats, stalls, memory and CPU thresholds.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use agentd_proto::v1 as pb;
 use pb::{EventKind, Health, HealthAction, HealthMetric};
@@ -8,8 +8,8 @@ use tonic::Code;
 
 use crate::harness::*;
 
-fn prost_duration(duration: Duration) -> Option<prost_types::Duration> {
-    Some(duration.try_into().expect("duration"))
+fn prost_duration(duration: Duration) -> Option<pbjson_types::Duration> {
+    Some(duration.into())
 }
 
 fn with_health(agent_id: &str, command: Vec<String>, policy: pb::HealthPolicy) -> pb::SpawnRequest {
@@ -17,10 +17,6 @@ fn with_health(agent_id: &str, command: Vec<String>, policy: pb::HealthPolicy) -
         health_policy: Some(policy),
         ..spawn_request(agent_id, command)
     }
-}
-
-fn system_time(timestamp: Option<&prost_types::Timestamp>) -> SystemTime {
-    SystemTime::try_from(timestamp.cloned().expect("timestamp")).expect("time")
 }
 
 async fn watch_agent(client: &mut Client, agent_id: &str) -> tonic::Streaming<pb::AgentEvent> {

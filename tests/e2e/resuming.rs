@@ -256,7 +256,7 @@ async fn health_samples_can_be_limited_or_turned_off_per_watcher() {
     let mut client = daemon.client().await;
     let request = |interval: Option<Duration>| pb::WatchAgentsRequest {
         agent_ids: vec!["sampled".into()],
-        health_interval: interval.map(|d| d.try_into().expect("duration")),
+        health_interval: interval.map(Into::into),
         ..Default::default()
     };
     let mut every = watch(&mut client, request(None)).await;

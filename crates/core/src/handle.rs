@@ -34,6 +34,18 @@ pub struct ListFilter {
     pub labels: BTreeMap<String, String>,
     /// Only this agent and its descendants.
     pub subtree_of: Option<String>,
+    /// Only agents whose id sorts after this one: where the previous page ended.
+    pub after: Option<String>,
+    /// At most this many agents.
+    pub limit: usize,
+}
+
+/// One page of a list, in agent id order.
+#[derive(Debug, Clone, Default)]
+pub struct ListPage {
+    pub agents: Vec<AgentStatus>,
+    /// More agents match after the last one here.
+    pub more: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +83,8 @@ pub struct Summary {
     pub containment_detail: String,
     /// Every live agent whose health is not healthy, by agent id.
     pub unhealthy: Vec<HealthReport>,
+    /// The store's size on disk (records and the event log).
+    pub store_bytes: u64,
 }
 
 /// Why one agent is not healthy.
@@ -91,7 +105,7 @@ pub struct ReapReport {
 pub(crate) enum Command {
     Spawn(Box<SpawnRequest>, oneshot::Sender<Result<AgentStatus>>),
     Status(String, oneshot::Sender<Result<AgentStatus>>),
-    List(ListFilter, oneshot::Sender<Result<Vec<AgentStatus>>>),
+    List(ListFilter, oneshot::Sender<Result<ListPage>>),
     Stop(
         StopTarget,
         StopOptions,
@@ -152,7 +166,7 @@ impl SupervisorHandle {
     }
 
     /// Matching agents, sorted by id.
-    pub async fn list(&self, filter: ListFilter) -> Result<Vec<AgentStatus>> {
+    pub async fn list(&self, filter: ListFilter) -> Result<ListPage> {
         self.request(|reply| Command::List(filter, reply)).await?
     }
 

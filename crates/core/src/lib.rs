@@ -19,6 +19,7 @@ mod lifecycle;
 mod logs;
 mod machine;
 mod os;
+mod recorder;
 mod recover;
 mod sampler;
 mod spec;
@@ -33,12 +34,13 @@ pub use config::{FinishedRetention, Limits as DaemonLimits, ShutdownPolicy, Supe
 pub use error::{Error, Result};
 pub use events::{Event, EventFilter, EventKind, EventRetention, Replay, Subscription};
 pub use handle::{
-    HealthReport, ListFilter, ReapReport, StopTarget, Summary, SupervisorHandle, Watch,
+    HealthReport, ListFilter, ListPage, ReapReport, StopTarget, Summary, SupervisorHandle, Watch,
 };
 pub use health::{Alert, HealthAction, HealthIssue, HealthMetric, HealthPolicy, ProgressReport};
 pub use keeper::{KEEPER_ARG, KEEPER_DIR_VAR, run_keeper};
 pub use lifecycle::{Backoff, LifecyclePolicy, ParentExit, RestartPolicy};
 pub use logs::{FolderWatch, LogError, LogFile, LogRotation, LogStream};
+pub use recorder::Recorder;
 pub use spec::{AgentSpec, Limits, Resources, RunAs, SpawnRequest, StopPolicy};
 pub use stop::{StopOptions, StopOutcome, StopReport};
 pub use supervisor::Supervisor;

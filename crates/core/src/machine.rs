@@ -60,6 +60,8 @@ pub(crate) enum Effect {
     },
     /// Start the process again (a restart); answer with `started` or `start_failed`.
     Launch,
+    /// A run ended (for the metrics: once per run, whatever follows).
+    RunEnded(EndReason),
     /// The stop under way is over: answer everyone who waits for it.
     StopFinished {
         outcome: StopOutcome,
@@ -247,6 +249,7 @@ impl AgentMachine {
                 record.ended_at = Some(now.wall);
                 record.error = Some(message.to_string());
                 out.push(Effect::Persist);
+                out.push(Effect::RunEnded(EndReason::Lost));
                 machine.emit(out, EventKind::Lost, message.to_string());
                 machine.end_run(now, RunEnd::Lost, false, out);
             }
@@ -367,6 +370,7 @@ impl AgentMachine {
         record.ran_for = Some(Duration::ZERO);
         record.exit = None;
         out.push(Effect::Persist);
+        out.push(Effect::RunEnded(EndReason::StartFailed));
         self.emit(out, EventKind::Failed, error);
         if restart {
             self.end_run(now, RunEnd::FailedToStart, false, out);
@@ -492,6 +496,7 @@ impl AgentMachine {
             record.error = error;
         }
         out.push(Effect::Persist);
+        out.push(Effect::RunEnded(reason));
         self.emit(out, kind, exit_text);
         match stop {
             Some(mut stop) if group_alive => {

@@ -60,6 +60,8 @@ pub struct Progress {
 pub struct SampleBatch {
     pub samples: Vec<(String, TreeSample)>,
     pub progress: Vec<(String, Progress)>,
+    /// How long measuring every agent took.
+    pub took: Duration,
 }
 
 /// Largest status file read; a bigger one is ignored with a warning.
@@ -115,7 +117,9 @@ pub fn start(
                     {
                         panic!("AGENTD_TEST_PANIC=sampler");
                     }
-                    let (batch, ran) = sampler.sample(targets);
+                    let round = std::time::Instant::now();
+                    let (mut batch, ran) = sampler.sample(targets);
+                    batch.took = round.elapsed();
                     if !deliver(batch) {
                         return;
                     }

@@ -151,6 +151,11 @@ impl Store {
         Ok(records)
     }
 
+    /// What the store takes on disk, as sled counts it.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
     /// How many records were set aside as unreadable, now or by an earlier daemon.
     pub fn set_aside_count(&self) -> usize {
         self.set_aside.len()

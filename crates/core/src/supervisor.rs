@@ -34,6 +34,7 @@ use crate::keeper::{AckSink, ExitStream, KeeperClient};
 use crate::lifecycle::ParentExit;
 use crate::machine::{AgentMachine, Effect, Launched, Now};
 use crate::os::{self, Os};
+use crate::recorder::Recorder;
 use crate::recover::{self, ExitWatch, KeeperState};
 use crate::sampler::{self, SampleBatch, TreeSample};
 use crate::spec::{SpawnRequest, check_id};
@@ -46,8 +47,12 @@ pub struct Supervisor;
 impl Supervisor {
     /// Opens the store, recovers the agents of an earlier daemon, and starts the supervisor
     /// task and the sampler. Must be called inside a tokio runtime, before anything else in
-    /// the process starts children.
-    pub fn start(mut config: SupervisorConfig) -> Result<SupervisorHandle> {
+    /// the process starts children. `recorder` hears of events, run ends, restarts, stops and
+    /// sampling rounds as they happen.
+    pub fn start(
+        mut config: SupervisorConfig,
+        recorder: Arc<dyn Recorder>,
+    ) -> Result<SupervisorHandle> {
         create_private_dir(&config.data_dir)?;
         // Agents get absolute paths, and a restart recognises them whatever its own folder.
         config.data_dir =
@@ -120,6 +125,7 @@ impl Supervisor {
         let (acks, ack_queue) = mpsc::unbounded_channel();
         let events = EventBus::open(store.clone(), config.event_buffer, config.event_retention)?;
         let mut task = SupervisorTask {
+            recorder,
             page_size: system.proc_units().1,
             os: system.clone(),
             store: store.clone(),
@@ -210,6 +216,7 @@ fn create_private_dir(path: &Path) -> Result<()> {
 
 pub(crate) struct SupervisorTask {
     os: Arc<dyn Os>,
+    recorder: Arc<dyn Recorder>,
     store: Store,
     events: EventBus,
     agents_dir: PathBuf,
@@ -326,6 +333,7 @@ impl SupervisorTask {
                     self.table
                         .summary(&self.limits, self.records_set_aside, Instant::now());
                 (summary.containment, summary.containment_detail) = self.os.containment();
+                summary.store_bytes = self.store.size_on_disk();
                 let _ = reply.send(summary);
             }
             Command::Pause(agent_ids, pause, reply) => {
@@ -468,6 +476,7 @@ impl SupervisorTask {
                     if kind != EventKind::Health {
                         tracing::info!(%agent_id, ?kind, "{message}");
                     }
+                    self.recorder.event(kind);
                     self.events
                         .emit(kind, message, alert, || machine.status(now.mono));
                 }
@@ -498,6 +507,7 @@ impl SupervisorTask {
                 Effect::StopFinished { outcome, duration } => {
                     let status = machine.status(now.mono);
                     tracing::info!(%agent_id, ?outcome, ?duration, "stopped");
+                    self.recorder.stopped(outcome, duration);
                     for waiter in self.stop_waiters.remove(agent_id).unwrap_or_default() {
                         let _ = waiter.send(StopReport {
                             agent_id: agent_id.to_string(),
@@ -511,7 +521,11 @@ impl SupervisorTask {
                     self.remove_cgroup_if_empty(agent_id);
                     self.stop_followers(agent_id);
                 }
-                Effect::Launch => self.launch(agent_id),
+                Effect::RunEnded(reason) => self.recorder.run_ended(reason),
+                Effect::Launch => {
+                    self.recorder.restarted();
+                    self.launch(agent_id);
+                }
             }
         }
     }
@@ -1071,6 +1085,7 @@ impl SupervisorTask {
     /// A sampler batch: new samples (each a HEALTH event), progress from status files (each
     /// a heartbeat), every health check of every running agent, then retention.
     fn samples(&mut self, batch: SampleBatch) {
+        self.recorder.sampled(batch.took);
         for (agent_id, sample) in batch.samples {
             self.input(&agent_id, |m, _, out| m.sampled(sample, out));
         }

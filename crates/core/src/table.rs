@@ -3,12 +3,13 @@
 //! trees, capacity). Only the supervisor task holds it, so only it changes it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::time::Instant;
 
-use crate::agent::{AgentState, AgentStatus, Health};
+use crate::agent::{AgentState, Health};
 use crate::config::Limits;
 use crate::error::{Error, Result};
-use crate::handle::{HealthReport, ListFilter, Summary};
+use crate::handle::{HealthReport, ListFilter, ListPage, Summary};
 use crate::machine::AgentMachine;
 use crate::sampler::SampleTarget;
 use crate::spec::AgentSpec;
@@ -87,7 +88,7 @@ impl AgentTable {
         self.by_request.get(request_id)
     }
 
-    pub fn list(&self, filter: &ListFilter, now: Instant) -> Result<Vec<AgentStatus>> {
+    pub fn list(&self, filter: &ListFilter, now: Instant) -> Result<ListPage> {
         let subtree = match &filter.subtree_of {
             Some(root) if !self.contains(root) => {
                 return Err(Error::NotFound { id: root.clone() });
@@ -95,9 +96,14 @@ impl AgentTable {
             Some(root) => Some(self.subtree(root)),
             None => None,
         };
-        Ok(self
+        let start = match &filter.after {
+            Some(after) => Bound::Excluded(after.as_str()),
+            None => Bound::Unbounded,
+        };
+        let mut matching = self
             .agents
-            .values()
+            .range::<str, _>((start, Bound::Unbounded))
+            .map(|(_, machine)| machine)
             .filter(|machine| {
                 let record = machine.record();
                 let spec = &record.spec;
@@ -111,9 +117,16 @@ impl AgentTable {
                         .labels
                         .iter()
                         .all(|(k, v)| spec.labels.get(k) == Some(v))
-            })
+            });
+        let agents = matching
+            .by_ref()
+            .take(filter.limit)
             .map(|machine| machine.status(now))
-            .collect())
+            .collect();
+        Ok(ListPage {
+            agents,
+            more: matching.next().is_some(),
+        })
     }
 
     pub fn summary(&self, limits: &Limits, records_set_aside: u32, now: Instant) -> Summary {

@@ -416,11 +416,11 @@ async fn stop_stubborn(options: &Options, rows: &mut Rows) -> Result<()> {
                 "trap '' TERM; exec sleep 3600".into(),
             ],
             stop_policy: Some(pb::StopPolicy {
-                first_grace: Some(prost_types::Duration {
+                first_grace: Some(pbjson_types::Duration {
                     seconds: 2,
                     nanos: 0,
                 }),
-                second_grace: Some(prost_types::Duration::default()),
+                second_grace: Some(pbjson_types::Duration::default()),
                 ..Default::default()
             }),
             ..Default::default()

@@ -1,12 +1,13 @@
 //! Every conversion between the `agentd.v1` messages and the supervisor's own types, and the
 //! one mapping from `agentd_core::Error` to a gRPC status.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentd_core::{
     AgentState, AgentStatus, Alert, Backoff, Containment, EndReason, Error, Event, EventKind, Exit,
-    Health, HealthAction, HealthMetric, HealthPolicy, LifecyclePolicy, ParentExit, ProgressReport,
-    ReapReport, Resources, RestartPolicy, SpawnRequest, StopOutcome, StopReport, Summary,
+    Health, HealthAction, HealthMetric, HealthPolicy, LifecyclePolicy, ListFilter, ListPage,
+    ParentExit, ProgressReport, ReapReport, Resources, RestartPolicy, SpawnRequest, StopOutcome,
+    StopReport, Summary,
 };
 use agentd_proto::v1 as pb;
 use tonic::{Code, Status};
@@ -37,6 +38,101 @@ pub fn error_status(error: Error) -> Status {
         Error::ShuttingDown => Code::Unavailable,
     };
     Status::new(code, error.to_string())
+}
+
+/// A status code by its name in the gRPC specification, as the HTTP API and the metrics
+/// write it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Wall time as a protobuf Timestamp; times before 1970 (a clock set wrong) count from it.
+pub fn timestamp(time: SystemTime) -> pbjson_types::Timestamp {
+    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    pbjson_types::Timestamp {
+        seconds: i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX),
+        nanos: since_epoch.subsec_nanos() as i32,
+    }
+}
+
+/// Agents per `ListAgents` answer when the request does not say, and at most.
+const DEFAULT_PAGE_SIZE: u32 = 1000;
+const MAX_PAGE_SIZE: u32 = 5000;
+/// An answer ends before it would pass this, well under a client's default 4 MiB.
+const MAX_PAGE_BYTES: usize = 3 << 20;
+
+pub fn list_filter(request: pb::ListAgentsRequest) -> Result<ListFilter, Status> {
+    // A page token is the id of the last agent of the page before.
+    let token = request.page_token;
+    let is_id = |token: &str| {
+        token.len() <= 128
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
+    };
+    if !is_id(&token) {
+        return Err(Status::invalid_argument(
+            "invalid `page_token`: pass the `next_page_token` of an earlier answer unchanged",
+        ));
+    }
+    let page_size = match request.page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        size => size.min(MAX_PAGE_SIZE),
+    };
+    Ok(ListFilter {
+        states: request
+            .states
+            .into_iter()
+            .map(state_from)
+            .collect::<Result<_, _>>()?,
+        parent_agent_id: request.parent_agent_id,
+        labels: request.labels.into_iter().collect(),
+        subtree_of: Some(request.subtree_of).filter(|root| !root.is_empty()),
+        after: Some(token).filter(|token| !token.is_empty()),
+        limit: page_size as usize,
+    })
+}
+
+/// A page of statuses, cut short where it would pass [`MAX_PAGE_BYTES`].
+pub fn list_page(page: ListPage) -> pb::ListAgentsResponse {
+    let mut more = page.more;
+    let mut bytes = 0;
+    let mut agents = Vec::with_capacity(page.agents.len());
+    for agent in &page.agents {
+        let agent = status(agent);
+        bytes += prost::Message::encoded_len(&agent) + 8;
+        if bytes > MAX_PAGE_BYTES && !agents.is_empty() {
+            more = true;
+            break;
+        }
+        agents.push(agent);
+    }
+    let next_page_token = match agents.last() {
+        Some(last) if more => last.agent_id.clone(),
+        _ => String::new(),
+    };
+    pb::ListAgentsResponse {
+        agents,
+        next_page_token,
+    }
 }
 
 pub fn spawn_request(request: pb::SpawnRequest) -> Result<SpawnRequest, Status> {
@@ -111,8 +207,8 @@ fn lifecycle(
     restart_policy: i32,
     backoff: pb::RestartBackoff,
     max_restarts: u32,
-    max_runtime: Option<prost_types::Duration>,
-    startup_timeout: Option<prost_types::Duration>,
+    max_runtime: Option<pbjson_types::Duration>,
+    startup_timeout: Option<pbjson_types::Duration>,
     on_parent_exit: i32,
 ) -> Result<LifecyclePolicy, Status> {
     let restart = match pb::RestartPolicy::try_from(restart_policy) {
@@ -211,7 +307,10 @@ fn alert(alert: &Alert) -> pb::Alert {
     }
 }
 
-fn duration(field: &str, value: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
+fn duration(
+    field: &str,
+    value: Option<pbjson_types::Duration>,
+) -> Result<Option<Duration>, Status> {
     value
         .map(|d| {
             Duration::try_from(d).map_err(|_| {
@@ -339,14 +438,14 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
         cmdline: spec.command.clone(),
         health: health(status.health).into(),
         state: state(record.state).into(),
-        started_at: record.started_at.map(Into::into),
+        started_at: record.started_at.map(timestamp),
         progress: record.progress,
         pid: record
             .pid
             .and_then(|pid| u32::try_from(pid).ok())
             .unwrap_or(0),
         exit_signal: record.exit.and_then(Exit::signal),
-        ended_at: record.ended_at.map(Into::into),
+        ended_at: record.ended_at.map(timestamp),
         error: record.error.clone().unwrap_or_default(),
         progress_message: record.progress_message.clone(),
         parent_agent_id: spec.parent_agent_id.clone(),
@@ -374,17 +473,17 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
             .iter()
             .map(|issue| issue.since)
             .min()
-            .map(Into::into),
+            .map(timestamp),
         progress_details: record
             .progress_details
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        last_heartbeat: record.last_heartbeat.map(Into::into),
+        last_heartbeat: record.last_heartbeat.map(timestamp),
         restart_count: record.restart_count,
         last_exit_code: record.last_exit.map(Exit::code),
         last_exit_signal: record.last_exit.and_then(Exit::signal),
-        next_restart_at: record.next_restart_at.map(Into::into),
+        next_restart_at: record.next_restart_at.map(timestamp),
         restart_policy: match spec.lifecycle.restart {
             RestartPolicy::Never => pb::RestartPolicy::Never,
             RestartPolicy::OnFailure => pb::RestartPolicy::OnFailure,
@@ -410,7 +509,7 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
     }
 }
 
-fn end_reason(reason: EndReason) -> pb::EndReason {
+pub fn end_reason(reason: EndReason) -> pb::EndReason {
     match reason {
         EndReason::Unspecified => pb::EndReason::Unspecified,
         EndReason::Exited => pb::EndReason::Exited,
@@ -427,7 +526,7 @@ fn end_reason(reason: EndReason) -> pb::EndReason {
 pub fn event(event: &Event) -> pb::AgentEvent {
     pb::AgentEvent {
         sequence: event.sequence,
-        time: Some(event.time.into()),
+        time: Some(timestamp(event.time)),
         agent_id: event.status.agent_id().to_string(),
         kind: event_kind(event.kind).into(),
         status: Some(status(&event.status)),
@@ -436,20 +535,24 @@ pub fn event(event: &Event) -> pb::AgentEvent {
     }
 }
 
-pub fn stop_report(report: &StopReport) -> pb::StopResult {
-    let outcome = match report.outcome {
+pub fn stop_outcome(outcome: StopOutcome) -> pb::StopOutcome {
+    match outcome {
         StopOutcome::ExitedOnFirstSignal => pb::StopOutcome::ExitedOnFirstSignal,
         StopOutcome::Escalated => pb::StopOutcome::Escalated,
         StopOutcome::Killed => pb::StopOutcome::Killed,
         StopOutcome::AlreadyExited => pb::StopOutcome::AlreadyExited,
-    };
+    }
+}
+
+pub fn stop_report(report: &StopReport) -> pb::StopResult {
+    let outcome = stop_outcome(report.outcome);
     let exit = report.status.record.exit;
     pb::StopResult {
         agent_id: report.agent_id.clone(),
         outcome: outcome.into(),
         exit_code: exit.map(Exit::code),
         exit_signal: exit.and_then(Exit::signal),
-        duration: prost_types::Duration::try_from(report.duration).ok(),
+        duration: Some(report.duration.into()),
         status: Some(status(&report.status)),
     }
 }
@@ -489,6 +592,7 @@ pub fn summary(summary: &Summary) -> pb::GetSummaryResponse {
         paused: summary.paused,
         containment: containment(summary.containment).into(),
         containment_detail: summary.containment_detail.clone(),
+        store_bytes: summary.store_bytes,
         unhealthy: summary
             .unhealthy
             .iter()
@@ -496,7 +600,7 @@ pub fn summary(summary: &Summary) -> pb::GetSummaryResponse {
                 agent_id: report.agent_id.clone(),
                 health: health(report.health).into(),
                 reason: report.reason.clone(),
-                since: report.since.map(Into::into),
+                since: report.since.map(timestamp),
             })
             .collect(),
     }

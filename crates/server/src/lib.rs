@@ -1,14 +1,20 @@
-//! The agentd daemon's gRPC front: the `AgentSupervisor` service over the supervisor in
+//! The agentd daemon's fronts: the `AgentSupervisor` gRPC service over the supervisor in
 //! `agentd-core`, plus `grpc.health.v1` and server reflection, served on a Unix socket and
-//! optionally a TCP address. `bin/agentd.rs` parses options, binds and calls [`run`].
+//! optionally a TCP address; and optionally an HTTP listener (REST/JSON, server-sent events,
+//! metrics) over the same service. `bin/agentd.rs` parses options, binds and calls [`run`].
 
 mod convert;
+mod http;
 mod logs;
+mod metrics;
 mod service;
 pub mod settings;
 mod watch;
 
+pub use metrics::{Metrics, PerAgent};
+
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentd_core::SupervisorHandle;
@@ -23,8 +29,12 @@ use crate::service::AgentSupervisorService;
 
 /// A bound listener the daemon serves on.
 pub enum Listener {
+    /// gRPC.
     Unix(UnixListener),
+    /// gRPC.
     Tcp(TcpListener),
+    /// The HTTP API.
+    Http(TcpListener),
 }
 
 /// How the gRPC front behaves, beyond the supervisor's own configuration.
@@ -43,9 +53,11 @@ pub async fn run(
     listeners: Vec<Listener>,
     supervisor: SupervisorHandle,
     options: ServeOptions,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let stop_serving = CancellationToken::new();
+    let draining = CancellationToken::new();
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<AgentSupervisorServer<AgentSupervisorService>>()
@@ -58,34 +70,54 @@ pub async fn run(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let service = AgentSupervisorServer::new(AgentSupervisorService::new(
+    let service = Arc::new(AgentSupervisorService::new(
         supervisor.clone(),
         stop_serving.clone(),
         options.watch_buffer,
+        metrics.clone(),
     ));
+    let api = http::Api {
+        service: service.clone(),
+        supervisor: supervisor.clone(),
+        metrics,
+        draining: draining.clone(),
+        shutdown: stop_serving.clone(),
+    };
+    let service = AgentSupervisorServer::from_arc(service);
 
     let mut servers = tokio::task::JoinSet::new();
-    for listener in listeners {
-        let router = Server::builder()
+    let grpc = || {
+        Server::builder()
             .add_service(health_service.clone())
             .add_service(reflection_v1.clone())
             .add_service(reflection_v1alpha.clone())
-            .add_service(service.clone());
+            .add_service(service.clone())
+    };
+    for listener in listeners {
         let stopped = stop_serving.clone().cancelled_owned();
         match listener {
-            Listener::Unix(listener) => servers.spawn(
-                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped),
-            ),
-            Listener::Tcp(listener) => servers.spawn(
-                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped),
-            ),
+            Listener::Unix(listener) => {
+                let incoming = UnixListenerStream::new(listener);
+                let serving = grpc().serve_with_incoming_shutdown(incoming, stopped);
+                servers.spawn(async move { serving.await.context("serving gRPC") })
+            }
+            Listener::Tcp(listener) => {
+                let incoming = TcpListenerStream::new(listener);
+                let serving = grpc().serve_with_incoming_shutdown(incoming, stopped);
+                servers.spawn(async move { serving.await.context("serving gRPC") })
+            }
+            Listener::Http(listener) => {
+                let serving = axum::serve(listener, http::router(api.clone()))
+                    .with_graceful_shutdown(stopped);
+                servers.spawn(async move { serving.await.context("serving HTTP") })
+            }
         };
     }
 
     tokio::select! {
         () = shutdown => tracing::info!("shutdown requested"),
         Some(ended) = servers.join_next() => {
-            ended.context("server task")?.context("serving gRPC")?;
+            ended.context("server task")??;
             anyhow::bail!("a listener stopped serving unexpectedly");
         }
         () = supervisor.stopped() => {
@@ -98,6 +130,7 @@ pub async fn run(
             anyhow::bail!("the supervisor stopped unexpectedly (its reason is logged above)");
         }
     }
+    draining.cancel();
     health
         .set_not_serving::<AgentSupervisorServer<AgentSupervisorService>>()
         .await;
@@ -108,7 +141,7 @@ pub async fn run(
     stop_serving.cancel();
     let drained = tokio::time::timeout(DRAIN_GRACE, async {
         while let Some(ended) = servers.join_next().await {
-            if let Err(error) = ended.context("server task").and_then(|r| Ok(r?)) {
+            if let Err(error) = ended.context("server task").and_then(|r| r) {
                 tracing::warn!(%error, "listener ended with an error");
             }
         }

@@ -26,11 +26,17 @@ struct Cursor {
     offset: u64,
 }
 
+/// A log stream that has started: where each of its streams starts, and the chunks.
+pub struct Started {
+    pub offsets: Vec<(LogStream, u64)>,
+    pub chunks: ReceiverStream<Result<pb::LogChunk, Status>>,
+}
+
 pub async fn stream(
     supervisor: SupervisorHandle,
     request: pb::StreamLogsRequest,
     shutdown: CancellationToken,
-) -> Result<ReceiverStream<Result<pb::LogChunk, Status>>, Status> {
+) -> Result<Started, Status> {
     if request.tail > 0 && (request.stdout_offset.is_some() || request.stderr_offset.is_some()) {
         return Err(Status::invalid_argument(
             "give either `tail` or offsets, not both",
@@ -86,6 +92,7 @@ pub async fn stream(
     let cursors = tokio::task::spawn_blocking(move || start_cursors(&folder, &wanted, tail))
         .await
         .map_err(|error| Status::internal(format!("finding where to start: {error}")))??;
+    let offsets = cursors.iter().map(|c| (c.stream, c.offset)).collect();
     let (queue, chunks) = mpsc::channel(16);
     let mut sender = Sender {
         queue,
@@ -99,7 +106,10 @@ pub async fn stream(
             let _ = sender.queue.send(Err(status)).await;
         }
     });
-    Ok(ReceiverStream::new(chunks))
+    Ok(Started {
+        offsets,
+        chunks: ReceiverStream::new(chunks),
+    })
 }
 
 /// Where each stream starts: at an offset, at its last `tail` lines, or at its oldest byte.

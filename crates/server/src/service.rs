@@ -1,16 +1,18 @@
 //! The `agentd.v1.AgentSupervisor` gRPC service: decodes a request, asks the supervisor,
 //! encodes the answer. No supervisor state lives here.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use agentd_core::{EventFilter, ListFilter, StopOptions, StopTarget, SupervisorHandle, Watch};
+use agentd_core::{EventFilter, StopOptions, StopTarget, SupervisorHandle, Watch};
 use agentd_proto::v1 as pb;
 use pb::agent_supervisor_server::AgentSupervisor;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::convert::{self, error_status};
 use crate::logs;
+use crate::metrics::Metrics;
 use crate::watch::{self, WatchOptions, WatchStream};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -20,6 +22,7 @@ pub struct AgentSupervisorService {
     shutdown: CancellationToken,
     /// Events queued per watcher before it counts as stuck.
     watch_buffer: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl AgentSupervisorService {
@@ -27,12 +30,27 @@ impl AgentSupervisorService {
         supervisor: SupervisorHandle,
         shutdown: CancellationToken,
         watch_buffer: usize,
+        metrics: Arc<Metrics>,
     ) -> Self {
         AgentSupervisorService {
             supervisor,
             shutdown,
             watch_buffer,
+            metrics,
         }
+    }
+
+    /// Runs one RPC and records how long it took and how it ended.
+    async fn timed<T>(
+        &self,
+        method: &'static str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let started = Instant::now();
+        let result = call.await;
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.metrics.rpc(method, code, started.elapsed());
+        result
     }
 
     async fn pause_or_resume(
@@ -55,124 +73,136 @@ impl AgentSupervisor for AgentSupervisorService {
         &self,
         request: Request<pb::SpawnRequest>,
     ) -> Result<Response<pb::SpawnResponse>, Status> {
-        let request = convert::spawn_request(request.into_inner())?;
-        let status = self.supervisor.spawn(request).await.map_err(error_status)?;
-        Ok(Response::new(pb::SpawnResponse {
-            status: Some(convert::status(&status)),
-        }))
+        self.timed("Spawn", async move {
+            let request = convert::spawn_request(request.into_inner())?;
+            let status = self.supervisor.spawn(request).await.map_err(error_status)?;
+            Ok(Response::new(pb::SpawnResponse {
+                status: Some(convert::status(&status)),
+            }))
+        })
+        .await
     }
 
     async fn status(
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let agent_id = request.into_inner().agent_id;
-        let status = self
-            .supervisor
-            .status(agent_id)
-            .await
-            .map_err(error_status)?;
-        Ok(Response::new(pb::StatusResponse {
-            status: Some(convert::status(&status)),
-        }))
+        self.timed("Status", async move {
+            let agent_id = request.into_inner().agent_id;
+            let status = self
+                .supervisor
+                .status(agent_id)
+                .await
+                .map_err(error_status)?;
+            Ok(Response::new(pb::StatusResponse {
+                status: Some(convert::status(&status)),
+            }))
+        })
+        .await
     }
 
     async fn list_agents(
         &self,
         request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        let request = request.into_inner();
-        let filter = ListFilter {
-            states: request
-                .states
-                .into_iter()
-                .map(convert::state_from)
-                .collect::<Result<_, _>>()?,
-            parent_agent_id: request.parent_agent_id,
-            labels: request.labels.into_iter().collect(),
-            subtree_of: Some(request.subtree_of).filter(|root| !root.is_empty()),
-        };
-        let agents = self.supervisor.list(filter).await.map_err(error_status)?;
-        Ok(Response::new(pb::ListAgentsResponse {
-            agents: agents.iter().map(convert::status).collect(),
-        }))
+        self.timed("ListAgents", async move {
+            let filter = convert::list_filter(request.into_inner())?;
+            let page = self.supervisor.list(filter).await.map_err(error_status)?;
+            Ok(Response::new(convert::list_page(page)))
+        })
+        .await
     }
 
     async fn cleanup(
         &self,
         request: Request<pb::CleanupRequest>,
     ) -> Result<Response<pb::CleanupResponse>, Status> {
-        let request = request.into_inner();
-        let target = match (request.all, request.agent_ids.is_empty()) {
-            (true, true) => StopTarget::All,
-            (false, false) => StopTarget::Agents(request.agent_ids),
-            (true, false) => {
-                return Err(Status::invalid_argument(
-                    "give either `agent_ids` or `all`, not both",
-                ));
-            }
-            (false, true) => {
-                return Err(Status::invalid_argument(
-                    "nothing to stop: give `agent_ids`, or set `all` to stop every agent",
-                ));
-            }
-        };
-        let options = StopOptions {
-            force: request.force,
-            cascade: request.cascade,
-        };
-        let reports = self
-            .supervisor
-            .stop(target, options)
-            .await
-            .map_err(error_status)?;
-        Ok(Response::new(pb::CleanupResponse {
-            results: reports.iter().map(convert::stop_report).collect(),
-        }))
+        self.timed("Cleanup", async move {
+            let request = request.into_inner();
+            let target = match (request.all, request.agent_ids.is_empty()) {
+                (true, true) => StopTarget::All,
+                (false, false) => StopTarget::Agents(request.agent_ids),
+                (true, false) => {
+                    return Err(Status::invalid_argument(
+                        "give either `agent_ids` or `all`, not both",
+                    ));
+                }
+                (false, true) => {
+                    return Err(Status::invalid_argument(
+                        "nothing to stop: give `agent_ids`, or set `all` to stop every agent",
+                    ));
+                }
+            };
+            let options = StopOptions {
+                force: request.force,
+                cascade: request.cascade,
+            };
+            let reports = self
+                .supervisor
+                .stop(target, options)
+                .await
+                .map_err(error_status)?;
+            Ok(Response::new(pb::CleanupResponse {
+                results: reports.iter().map(convert::stop_report).collect(),
+            }))
+        })
+        .await
     }
 
     async fn check_health(
         &self,
         request: Request<pb::CheckHealthRequest>,
     ) -> Result<Response<pb::CheckHealthResponse>, Status> {
-        let agent_id = request.into_inner().agent_id;
-        let status = self
-            .supervisor
-            .status(agent_id)
-            .await
-            .map_err(error_status)?;
-        Ok(Response::new(convert::check_health(&status)))
+        self.timed("CheckHealth", async move {
+            let agent_id = request.into_inner().agent_id;
+            let status = self
+                .supervisor
+                .status(agent_id)
+                .await
+                .map_err(error_status)?;
+            Ok(Response::new(convert::check_health(&status)))
+        })
+        .await
     }
 
     async fn get_summary(
         &self,
         _request: Request<pb::GetSummaryRequest>,
     ) -> Result<Response<pb::GetSummaryResponse>, Status> {
-        let summary = self.supervisor.summary().await.map_err(error_status)?;
-        Ok(Response::new(convert::summary(&summary)))
+        self.timed("GetSummary", async move {
+            let summary = self.supervisor.summary().await.map_err(error_status)?;
+            Ok(Response::new(convert::summary(&summary)))
+        })
+        .await
     }
 
     async fn reap_zombies(
         &self,
         _request: Request<pb::ReapZombiesRequest>,
     ) -> Result<Response<pb::ReapZombiesResponse>, Status> {
-        let report = self.supervisor.reap().await.map_err(error_status)?;
-        Ok(Response::new(convert::reap_report(report)))
+        self.timed("ReapZombies", async move {
+            let report = self.supervisor.reap().await.map_err(error_status)?;
+            Ok(Response::new(convert::reap_report(report)))
+        })
+        .await
     }
 
     async fn report_progress(
         &self,
         request: Request<pb::ReportProgressRequest>,
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
-        let report = convert::progress_report(request.into_inner());
-        let status = self
-            .supervisor
-            .report_progress(report)
-            .await
-            .map_err(error_status)?;
-        Ok(Response::new(pb::ReportProgressResponse {
-            status: Some(convert::status(&status)),
-        }))
+        self.timed("ReportProgress", async move {
+            let report = convert::progress_report(request.into_inner());
+            let status = self
+                .supervisor
+                .report_progress(report)
+                .await
+                .map_err(error_status)?;
+            Ok(Response::new(pb::ReportProgressResponse {
+                status: Some(convert::status(&status)),
+            }))
+        })
+        .await
     }
 
     type StreamLogsStream = ReceiverStream<Result<pb::LogChunk, Status>>;
@@ -181,48 +211,60 @@ impl AgentSupervisor for AgentSupervisorService {
         &self,
         request: Request<pb::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
-        let stream = logs::stream(
-            self.supervisor.clone(),
-            request.into_inner(),
-            self.shutdown.clone(),
-        )
-        .await?;
-        Ok(Response::new(stream))
+        self.timed("StreamLogs", async move {
+            let started = logs::stream(
+                self.supervisor.clone(),
+                request.into_inner(),
+                self.shutdown.clone(),
+            )
+            .await?;
+            Ok(Response::new(started.chunks))
+        })
+        .await
     }
 
     async fn remove(
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveResponse>, Status> {
-        let agent_id = request.into_inner().agent_id;
-        let status = self
-            .supervisor
-            .remove(agent_id)
-            .await
-            .map_err(error_status)?;
-        Ok(Response::new(pb::RemoveResponse {
-            status: Some(convert::status(&status)),
-        }))
+        self.timed("Remove", async move {
+            let agent_id = request.into_inner().agent_id;
+            let status = self
+                .supervisor
+                .remove(agent_id)
+                .await
+                .map_err(error_status)?;
+            Ok(Response::new(pb::RemoveResponse {
+                status: Some(convert::status(&status)),
+            }))
+        })
+        .await
     }
 
     async fn pause(
         &self,
         request: Request<pb::PauseRequest>,
     ) -> Result<Response<pb::PauseResponse>, Status> {
-        let statuses = self
-            .pause_or_resume(request.into_inner().agent_ids, true)
-            .await?;
-        Ok(Response::new(pb::PauseResponse { statuses }))
+        self.timed("Pause", async move {
+            let statuses = self
+                .pause_or_resume(request.into_inner().agent_ids, true)
+                .await?;
+            Ok(Response::new(pb::PauseResponse { statuses }))
+        })
+        .await
     }
 
     async fn resume(
         &self,
         request: Request<pb::ResumeRequest>,
     ) -> Result<Response<pb::ResumeResponse>, Status> {
-        let statuses = self
-            .pause_or_resume(request.into_inner().agent_ids, false)
-            .await?;
-        Ok(Response::new(pb::ResumeResponse { statuses }))
+        self.timed("Resume", async move {
+            let statuses = self
+                .pause_or_resume(request.into_inner().agent_ids, false)
+                .await?;
+            Ok(Response::new(pb::ResumeResponse { statuses }))
+        })
+        .await
     }
 
     type WatchAgentsStream = WatchStream;
@@ -231,49 +273,53 @@ impl AgentSupervisor for AgentSupervisorService {
         &self,
         request: Request<pb::WatchAgentsRequest>,
     ) -> Result<Response<Self::WatchAgentsStream>, Status> {
-        let request = request.into_inner();
-        if request.include_snapshot && request.after_sequence.is_some() {
-            return Err(Status::invalid_argument(
-                "give either `include_snapshot` or `after_sequence`, not both",
-            ));
-        }
-        let health_interval = request
-            .health_interval
-            .map(|interval| {
-                Duration::try_from(interval).map_err(|_| {
-                    Status::invalid_argument(
-                        "invalid `health_interval`: must be a non-negative duration",
-                    )
+        self.timed("WatchAgents", async move {
+            let request = request.into_inner();
+            if request.include_snapshot && request.after_sequence.is_some() {
+                return Err(Status::invalid_argument(
+                    "give either `include_snapshot` or `after_sequence`, not both",
+                ));
+            }
+            let health_interval = request
+                .health_interval
+                .map(|interval| {
+                    Duration::try_from(interval).map_err(|_| {
+                        Status::invalid_argument(
+                            "invalid `health_interval`: must be a non-negative duration",
+                        )
+                    })
                 })
-            })
-            .transpose()?;
-        let filter = EventFilter {
-            agent_ids: request.agent_ids.into_iter().collect(),
-            parent_agent_id: request.parent_agent_id,
-            kinds: request
-                .kinds
-                .into_iter()
-                .map(convert::event_kind_from)
-                .collect::<Result<_, _>>()?,
-        };
-        let subscription = self
-            .supervisor
-            .watch(Watch {
-                filter: filter.clone(),
-                include_snapshot: request.include_snapshot,
-                after_sequence: request.after_sequence,
-            })
-            .await
-            .map_err(error_status)?;
-        let options = WatchOptions {
-            filter,
-            health_interval,
-            buffer: self.watch_buffer,
-        };
-        Ok(Response::new(watch::start(
-            subscription,
-            options,
-            self.shutdown.clone(),
-        )))
+                .transpose()?;
+            let filter = EventFilter {
+                agent_ids: request.agent_ids.into_iter().collect(),
+                parent_agent_id: request.parent_agent_id,
+                kinds: request
+                    .kinds
+                    .into_iter()
+                    .map(convert::event_kind_from)
+                    .collect::<Result<_, _>>()?,
+            };
+            let subscription = self
+                .supervisor
+                .watch(Watch {
+                    filter: filter.clone(),
+                    include_snapshot: request.include_snapshot,
+                    after_sequence: request.after_sequence,
+                })
+                .await
+                .map_err(error_status)?;
+            let options = WatchOptions {
+                filter,
+                health_interval,
+                buffer: self.watch_buffer,
+            };
+            Ok(Response::new(watch::start(
+                subscription,
+                options,
+                self.shutdown.clone(),
+                self.metrics.clone(),
+            )))
+        })
+        .await
     }
 }

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,9 +18,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
+use tonic::{Code, Status};
 
 use crate::convert;
+use crate::metrics::{Metrics, WatcherEnd};
 
 /// How long a watcher's queue may stay full before the watcher counts as stuck. Short
 /// bursts (a sample of every agent at once) wait in the broadcast ring meanwhile.
@@ -67,9 +69,11 @@ pub fn start(
     subscription: Subscription,
     options: WatchOptions,
     shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
 ) -> WatchStream {
     let (queue_tx, queue) = mpsc::channel(options.buffer.max(1));
     let (end_tx, end) = oneshot::channel();
+    metrics.watcher_started();
     tokio::spawn(async move {
         let mut forwarder = Forwarder {
             queue: queue_tx,
@@ -77,7 +81,13 @@ pub fn start(
             last_sequence: 0,
             health_sent: HashMap::new(),
         };
-        if let Some(status) = forwarder.run(subscription, shutdown).await {
+        let ended = forwarder.run(subscription, shutdown).await;
+        metrics.watcher_ended(match ended.as_ref().map(Status::code) {
+            None => WatcherEnd::Gone,
+            Some(Code::Unavailable) => WatcherEnd::Shutdown,
+            Some(_) => WatcherEnd::Slow,
+        });
+        if let Some(status) = ended {
             // The status is in place before the queue closes (when `forwarder` drops).
             let _ = end_tx.send(status);
         }

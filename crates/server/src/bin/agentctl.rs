@@ -8,7 +8,6 @@ use agentd_server::settings;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use pb::agent_supervisor_client::AgentSupervisorClient;
-use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Parser)]
@@ -20,7 +19,8 @@ struct Options {
     /// agentd's TCP address instead of the socket, e.g. http://127.0.0.1:7070
     #[arg(long, env = "AGENTD_ADDR", global = true)]
     addr: Option<String>,
-    /// Print JSON instead of tables
+    /// Print each answer as the proto3 JSON of its response message (the HTTP API's JSON):
+    /// `status` an AgentStatus, `list` a ListAgentsResponse, `watch` one AgentEvent per line
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -246,13 +246,20 @@ async fn run(options: Options) -> anyhow::Result<()> {
     match options.command {
         Action::Spawn(args) => {
             let request = spawn_request(*args)?;
-            let status = client.spawn(request).await?.into_inner().status;
-            print_statuses(status.as_slice(), json);
+            let response = client.spawn(request).await?.into_inner();
+            if json {
+                print_json(&response, true);
+            } else {
+                print_statuses(response.status.as_slice());
+            }
         }
         Action::Status { agent_id } => {
             let request = pb::StatusRequest { agent_id };
-            let status = client.status(request).await?.into_inner().status;
-            print_statuses(status.as_slice(), json);
+            let response = client.status(request).await?.into_inner();
+            match (json, response.status) {
+                (true, Some(status)) => print_json(&status, true),
+                (_, status) => print_statuses(status.as_slice()),
+            }
         }
         Action::List {
             states,
@@ -264,14 +271,29 @@ async fn run(options: Options) -> anyhow::Result<()> {
                 .iter()
                 .map(|s| parse_enum(s, "AGENT_STATE_", pb::AgentState::from_str_name))
                 .collect::<anyhow::Result<_>>()?;
-            let request = pb::ListAgentsRequest {
+            let mut request = pb::ListAgentsRequest {
                 states,
                 parent_agent_id: parent.unwrap_or_default(),
                 labels: labels.into_iter().collect(),
                 subtree_of: subtree.unwrap_or_default(),
+                page_size: 0,
+                page_token: String::new(),
             };
-            let agents = client.list_agents(request).await?.into_inner().agents;
-            print_statuses(&agents, json);
+            // Every page, printed as one answer.
+            let mut all = pb::ListAgentsResponse::default();
+            loop {
+                let page = client.list_agents(request.clone()).await?.into_inner();
+                all.agents.extend(page.agents);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                request.page_token = page.next_page_token;
+            }
+            if json {
+                print_json(&all, true);
+            } else {
+                print_statuses(&all.agents);
+            }
         }
         Action::Stop {
             agent_ids,
@@ -285,8 +307,12 @@ async fn run(options: Options) -> anyhow::Result<()> {
                 force,
                 cascade,
             };
-            let results = client.cleanup(request).await?.into_inner().results;
-            print_stop_results(&results, json);
+            let response = client.cleanup(request).await?.into_inner();
+            if json {
+                print_json(&response, true);
+            } else {
+                print_stop_results(&response.results);
+            }
         }
         Action::Logs {
             agent_id,
@@ -323,32 +349,47 @@ async fn run(options: Options) -> anyhow::Result<()> {
         }
         Action::Rm { agent_ids } => {
             for agent_id in agent_ids {
-                client
+                let response = client
                     .remove(pb::RemoveRequest {
                         agent_id: agent_id.clone(),
                     })
-                    .await?;
-                if !json {
+                    .await?
+                    .into_inner();
+                if json {
+                    print_json(&response, false);
+                } else {
                     println!("removed {agent_id}");
                 }
             }
         }
         Action::Pause { agent_ids } => {
             let request = pb::PauseRequest { agent_ids };
-            let statuses = client.pause(request).await?.into_inner().statuses;
-            print_statuses(&statuses, json);
+            let response = client.pause(request).await?.into_inner();
+            if json {
+                print_json(&response, true);
+            } else {
+                print_statuses(&response.statuses);
+            }
         }
         Action::Resume { agent_ids } => {
             let request = pb::ResumeRequest { agent_ids };
-            let statuses = client.resume(request).await?.into_inner().statuses;
-            print_statuses(&statuses, json);
+            let response = client.resume(request).await?.into_inner();
+            if json {
+                print_json(&response, true);
+            } else {
+                print_statuses(&response.statuses);
+            }
         }
         Action::Summary => {
             let summary = client
                 .get_summary(pb::GetSummaryRequest {})
                 .await?
                 .into_inner();
-            print_summary(&summary, json);
+            if json {
+                print_json(&summary, true);
+            } else {
+                print_summary(&summary);
+            }
         }
         Action::Watch {
             agent_ids,
@@ -368,11 +409,15 @@ async fn run(options: Options) -> anyhow::Result<()> {
                 kinds,
                 include_snapshot: snapshot,
                 after_sequence: after,
-                health_interval: health_interval.and_then(|d| d.try_into().ok()),
+                health_interval: health_interval.map(Into::into),
             };
             let mut events = client.watch_agents(request).await?.into_inner();
             while let Some(event) = events.message().await? {
-                print_event(&event, json);
+                if json {
+                    print_json(&event, false);
+                } else {
+                    print_event(&event);
+                }
             }
         }
     }
@@ -410,8 +455,8 @@ fn spawn_request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
         || args.second_grace.is_some())
     .then(|| pb::StopPolicy {
         stop_signal: args.stop_signal.unwrap_or_default(),
-        first_grace: args.grace.and_then(|d| d.try_into().ok()),
-        second_grace: args.second_grace.and_then(|d| d.try_into().ok()),
+        first_grace: args.grace.map(Into::into),
+        second_grace: args.second_grace.map(Into::into),
     });
     let action = if args.stop_when_unhealthy {
         pb::HealthAction::Stop
@@ -419,7 +464,7 @@ fn spawn_request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
         pb::HealthAction::Report
     } as i32;
     let health_policy = pb::HealthPolicy {
-        heartbeat_timeout: args.heartbeat_timeout.and_then(|d| d.try_into().ok()),
+        heartbeat_timeout: args.heartbeat_timeout.map(Into::into),
         on_stall: action,
         memory_limit_mb: args.memory_limit_mb.unwrap_or(0.0),
         on_memory_limit: action,
@@ -449,7 +494,7 @@ fn spawn_request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
         )?,
         restart_backoff: None,
         max_restarts: args.max_restarts.unwrap_or(0),
-        max_runtime: args.max_runtime.and_then(|d| d.try_into().ok()),
+        max_runtime: args.max_runtime.map(Into::into),
         startup_timeout: None,
         on_parent_exit: if args.stop_with_parent {
             pb::ParentExitPolicy::Stop
@@ -528,54 +573,17 @@ fn health_name(value: i32) -> String {
         .unwrap_or_else(|_| value.to_string())
 }
 
-fn timestamp_json(time: Option<&prost_types::Timestamp>) -> Value {
-    time.map_or(Value::Null, |t| {
-        json!(t.seconds as f64 + f64::from(t.nanos) / 1e9)
-    })
-}
-
-fn status_json(s: &pb::AgentStatus) -> Value {
-    json!({
-        "agent_id": s.agent_id,
-        "state": state_name(s.state),
-        "health": health_name(s.health),
-        "pid": s.pid,
-        "process_alive": s.process_alive,
-        "process_status": s.process_status,
-        "is_zombie": s.is_zombie,
-        "exit_code": s.exit_code,
-        "exit_signal": s.exit_signal,
-        "cpu_percent": s.cpu_percent,
-        "memory_mb": s.memory_mb,
-        "num_threads": s.num_threads,
-        "num_processes": s.num_processes,
-        "runtime_seconds": s.runtime_seconds,
-        "started_at": timestamp_json(s.started_at.as_ref()),
-        "ended_at": timestamp_json(s.ended_at.as_ref()),
-        "progress": s.progress,
-        "progress_message": s.progress_message,
-        "error": s.error,
-        "cmdline": s.cmdline,
-        "parent_agent_id": s.parent_agent_id,
-        "agent_name": s.agent_name,
-        "agent_type": s.agent_type,
-        "model": s.model,
-        "load_percentage": s.load_percentage,
-        "labels": s.labels,
-        "agent_dir": s.agent_dir,
-        "adopted": s.adopted,
-        "request_id": s.request_id,
-        "health_reason": s.health_reason,
-        "health_since": timestamp_json(s.health_since.as_ref()),
-        "last_heartbeat": timestamp_json(s.last_heartbeat.as_ref()),
-        "progress_details": s.progress_details,
-        "containment": pb::Containment::try_from(s.containment)
-            .map(|c| enum_name(c.as_str_name(), "CONTAINMENT_"))
-            .unwrap_or_default(),
-        "cgroup": s.cgroup,
-        "user": s.user,
-        "limit_fallbacks": s.limit_fallbacks,
-    })
+/// Prints a message in the proto3 JSON mapping, the same JSON the HTTP API answers with.
+fn print_json(message: &impl serde::Serialize, pretty: bool) {
+    let printed = if pretty {
+        serde_json::to_string_pretty(message)
+    } else {
+        serde_json::to_string(message)
+    };
+    match printed {
+        Ok(text) => println!("{text}"),
+        Err(error) => eprintln!("agentctl: cannot print JSON: {error}"),
+    }
 }
 
 fn print_table(header: &[&str], rows: &[Vec<String>]) {
@@ -607,16 +615,7 @@ fn exit_text(code: Option<i32>, signal: Option<i32>) -> String {
     }
 }
 
-fn print_statuses(statuses: &[pb::AgentStatus], json: bool) {
-    if json {
-        let values: Vec<Value> = statuses.iter().map(status_json).collect();
-        let value = match values.as_slice() {
-            [one] => one.clone(),
-            _ => Value::Array(values),
-        };
-        println!("{value:#}");
-        return;
-    }
+fn print_statuses(statuses: &[pb::AgentStatus]) {
     let rows: Vec<Vec<String>> = statuses
         .iter()
         .map(|s| {
@@ -644,31 +643,15 @@ fn print_statuses(statuses: &[pb::AgentStatus], json: bool) {
     );
 }
 
-fn print_stop_results(results: &[pb::StopResult], json: bool) {
+fn print_stop_results(results: &[pb::StopResult]) {
     let outcome = |value: i32| {
         pb::StopOutcome::try_from(value)
             .map(|o| enum_name(o.as_str_name(), "STOP_OUTCOME_"))
             .unwrap_or_else(|_| value.to_string())
     };
-    let seconds = |d: Option<&prost_types::Duration>| {
+    let seconds = |d: Option<&pbjson_types::Duration>| {
         d.map_or(0.0, |d| d.seconds as f64 + f64::from(d.nanos) / 1e9)
     };
-    if json {
-        let values: Vec<Value> = results
-            .iter()
-            .map(|r| {
-                json!({
-                    "agent_id": r.agent_id,
-                    "outcome": outcome(r.outcome),
-                    "exit_code": r.exit_code,
-                    "exit_signal": r.exit_signal,
-                    "duration_seconds": seconds(r.duration.as_ref()),
-                })
-            })
-            .collect();
-        println!("{:#}", Value::Array(values));
-        return;
-    }
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|r| {
@@ -683,31 +666,9 @@ fn print_stop_results(results: &[pb::StopResult], json: bool) {
     print_table(&["AGENT", "OUTCOME", "EXIT", "TOOK"], &rows);
 }
 
-fn print_summary(s: &pb::GetSummaryResponse, json: bool) {
-    let value = json!({
-        "total": s.total, "starting": s.starting, "running": s.running,
-        "stopping": s.stopping, "completed": s.completed, "failed": s.failed,
-        "killed": s.killed, "lost": s.lost, "zombies": s.zombies,
-        "total_memory_mb": s.total_memory_mb, "total_cpu_percent": s.total_cpu_percent,
-        "total_load_percentage": s.total_load_percentage,
-        "stalled": s.stalled, "over_limit": s.over_limit,
-        "backing_off": s.backing_off, "timed_out": s.timed_out,
-        "capacity": s.capacity, "free_capacity": s.free_capacity,
-        "max_agents": s.max_agents,
-        "paused": s.paused,
-        "containment": s.containment_detail,
-        "unhealthy": s.unhealthy.iter().map(|u| json!({
-            "agent_id": u.agent_id,
-            "health": health_name(u.health),
-            "reason": u.reason,
-            "since": timestamp_json(u.since.as_ref()),
-        })).collect::<Vec<_>>(),
-    });
-    if json {
-        println!("{value:#}");
-        return;
-    }
-    if let Value::Object(fields) = value {
+fn print_summary(s: &pb::GetSummaryResponse) {
+    // The proto3 JSON field names, one per line, then the unhealthy agents.
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(s) {
         for (name, value) in fields.iter().filter(|(name, _)| *name != "unhealthy") {
             println!("{name:<22} {value}");
         }
@@ -722,22 +683,10 @@ fn print_summary(s: &pb::GetSummaryResponse, json: bool) {
     }
 }
 
-fn print_event(event: &pb::AgentEvent, json: bool) {
+fn print_event(event: &pb::AgentEvent) {
     let kind = pb::EventKind::try_from(event.kind)
         .map(|k| enum_name(k.as_str_name(), "EVENT_KIND_"))
         .unwrap_or_else(|_| event.kind.to_string());
-    if json {
-        let value = json!({
-            "sequence": event.sequence,
-            "time": timestamp_json(event.time.as_ref()),
-            "agent_id": event.agent_id,
-            "kind": kind,
-            "message": event.message,
-            "status": event.status.as_ref().map(status_json),
-        });
-        println!("{value}");
-        return;
-    }
     let status = event.status.clone().unwrap_or_default();
     println!(
         "#{} {:<9} {} state={} pid={} cpu={:.1}% mem={:.1}MB exit={} {}",

@@ -1,13 +1,14 @@
 //! `agentd`: the per-host agent supervisor daemon.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentd_core::{
     CgroupSetting, DaemonLimits, EventRetention, FinishedRetention, LogRotation, ShutdownPolicy,
     Supervisor, SupervisorConfig,
 };
-use agentd_server::{Listener, ServeOptions, settings};
+use agentd_server::{Listener, Metrics, PerAgent, ServeOptions, settings};
 use anyhow::{Context, bail};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -26,6 +27,21 @@ struct Options {
     /// Also serve on this TCP address (HOST:PORT), without authentication
     #[arg(long, env = "AGENTD_LISTEN")]
     listen: Option<String>,
+    /// Serve the HTTP API (REST/JSON, server-sent events, /metrics, /healthz, /readyz) on
+    /// this loopback address (127.0.0.1:PORT or [::1]:PORT); it has no authentication yet
+    #[arg(long, env = "AGENTD_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    /// Also export per-agent series in /metrics (agentd_agent_cpu_percent,
+    /// agentd_agent_memory_bytes, agentd_agent_restarts), one set per live agent
+    #[arg(long, env = "AGENTD_METRICS_PER_AGENT")]
+    metrics_per_agent: bool,
+    /// Agent label copied onto the per-agent series as `label_NAME`; repeatable
+    #[arg(
+        long = "metrics-agent-label",
+        env = "AGENTD_METRICS_AGENT_LABELS",
+        value_delimiter = ','
+    )]
+    metrics_agent_labels: Vec<String>,
     /// How often agents' CPU, memory and threads are sampled (500ms, 1s, 2s...)
     #[arg(long, env = "AGENTD_SAMPLE_INTERVAL", default_value = "1s", value_parser = settings::parse_duration)]
     sample_interval: Duration,
@@ -141,7 +157,11 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
         off: options.cgroups == "off",
         root: options.cgroup_root,
     };
-    let supervisor = Supervisor::start(config)
+    let metrics = Arc::new(Metrics::new(PerAgent {
+        enabled: options.metrics_per_agent,
+        labels: options.metrics_agent_labels,
+    }));
+    let supervisor = Supervisor::start(config, metrics.clone())
         .with_context(|| format!("starting the supervisor in `{}`", data_dir.display()))?;
     let containment = supervisor.summary().await?.containment_detail;
 
@@ -154,6 +174,21 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
         serving += &format!(" and http://{}", listener.local_addr()?);
         listeners.push(Listener::Tcp(listener));
     }
+    if let Some(address) = &options.http_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("listening for HTTP on `{address}`"))?;
+        let local = listener.local_addr()?;
+        if !local.ip().is_loopback() {
+            bail!(
+                "--http-listen `{address}` is not a loopback address: the HTTP API has no \
+                 authentication yet, so it serves only 127.0.0.1 or [::1] (reach it from \
+                 elsewhere through an SSH tunnel or a proxy that authenticates)"
+            );
+        }
+        serving += &format!(", HTTP API on http://{local}");
+        listeners.push(Listener::Http(listener));
+    }
     println!(
         "agentd {} ready on {serving} (pid {}, data {}, agents in {containment})",
         env!("CARGO_PKG_VERSION"),
@@ -164,7 +199,8 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
     let serve = ServeOptions {
         watch_buffer: options.watch_buffer.max(1),
     };
-    let result = agentd_server::run(listeners, supervisor, serve, shutdown_signal()?).await;
+    let result =
+        agentd_server::run(listeners, supervisor, serve, metrics, shutdown_signal()?).await;
     let _ = std::fs::remove_file(&socket);
     result?;
     tracing::info!("stopped");

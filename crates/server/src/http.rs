@@ -1,0 +1,550 @@
+//! The HTTP face (`--http-listen`): REST/JSON over the same service the gRPC API runs,
+//! server-sent events, Prometheus metrics, liveness and readiness. Bodies are the proto3
+//! JSON mapping of the API's own messages (pbjson), so REST and gRPC cannot drift; every
+//! route calls the gRPC service's method, so validation and errors are the same too.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentd_core::{LogStream, SupervisorHandle};
+use agentd_proto::v1 as pb;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use pb::agent_supervisor_server::AgentSupervisor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+
+use crate::convert::code_name;
+use crate::logs;
+use crate::metrics::Metrics;
+use crate::service::AgentSupervisorService;
+
+/// Between two comments on an idle event stream, so proxies keep it open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+#[derive(Clone)]
+pub struct Api {
+    pub service: Arc<AgentSupervisorService>,
+    pub supervisor: SupervisorHandle,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when shutdown begins: `/readyz` says so from then on.
+    pub draining: CancellationToken,
+    /// Cancelled when the daemon shuts down, to end streams.
+    pub shutdown: CancellationToken,
+}
+
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/v1/agents", get(list).post(spawn))
+        .route("/v1/agents:stop", post(stop_many))
+        .route(
+            "/v1/agents/{id}",
+            get(status).delete(remove).post(agent_verb),
+        )
+        .route("/v1/agents/{id}/health", get(check_health))
+        .route("/v1/agents/{id}/progress", post(progress))
+        .route("/v1/agents/{id}/logs", get(logs))
+        .route("/v1/summary", get(summary))
+        .route("/v1/zombies:reap", post(reap))
+        .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .fallback(no_route)
+        .with_state(api)
+}
+
+/// A gRPC status as an HTTP answer: `{"code": "NOT_FOUND", "message": "..."}`.
+pub struct ApiError(Status);
+
+impl From<Status> for ApiError {
+    fn from(status: Status) -> Self {
+        ApiError(status)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error_response(http_status(self.0.code()), &self.0)
+    }
+}
+
+fn error_response(http: StatusCode, status: &Status) -> Response {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        code: &'static str,
+        message: &'a str,
+    }
+    let body = Body {
+        code: code_name(status.code()),
+        message: status.message(),
+    };
+    json_response(http, &body)
+}
+
+/// The HTTP status of each gRPC code, as google.rpc.Code documents it; FAILED_PRECONDITION
+/// is 412, so a client can tell "the host is not in a state to do it" from a bad request.
+pub fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn json_response(http: StatusCode, body: &impl Serialize) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(json) => (
+            http,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            json,
+        )
+            .into_response(),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the answer: {error}"),
+        )
+            .into_response(),
+    }
+}
+
+type Answer = Result<Response, ApiError>;
+
+fn ok(body: &impl Serialize) -> Answer {
+    Ok(json_response(StatusCode::OK, body))
+}
+
+/// A request body in the proto3 JSON mapping; an empty body is the empty message.
+fn body<T: DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|error| {
+        ApiError(Status::invalid_argument(format!(
+            "invalid JSON body: {error}"
+        )))
+    })
+}
+
+/// Query parameters in order, names in snake_case (`pageSize` is taken as `page_size`).
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(raw: Option<String>) -> Query {
+        let raw = raw.unwrap_or_default();
+        Query(
+            form_urlencoded::parse(raw.as_bytes())
+                .map(|(name, value)| (snake_case(&name), value.into_owned()))
+                .collect(),
+        )
+    }
+
+    fn all<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+        self.0
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn one(&self, name: &str) -> Option<&str> {
+        self.all(name).last()
+    }
+
+    fn parsed<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, ApiError> {
+        self.one(name)
+            .map(|value| {
+                value.parse().map_err(|_| {
+                    ApiError(Status::invalid_argument(format!(
+                        "invalid query parameter `{name}`: `{value}`"
+                    )))
+                })
+            })
+            .transpose()
+    }
+
+    fn flag(&self, name: &str) -> Result<bool, ApiError> {
+        Ok(self.parsed(name)?.unwrap_or(false))
+    }
+
+    /// Enum values by name (`AGENT_STATE_RUNNING`), repeatable.
+    fn enums(&self, name: &str, from: fn(&str) -> Option<i32>) -> Result<Vec<i32>, ApiError> {
+        self.all(name)
+            .map(|value| {
+                from(value).ok_or_else(|| {
+                    ApiError(Status::invalid_argument(format!(
+                        "invalid query parameter `{name}`: `{value}` is not one of its enum's names"
+                    )))
+                })
+            })
+            .collect()
+    }
+
+    /// A duration as proto3 JSON writes it: `"1.5s"`.
+    fn duration(&self, name: &str) -> Result<Option<pbjson_types::Duration>, ApiError> {
+        self.one(name)
+            .map(|value| {
+                serde_json::from_value(serde_json::Value::String(value.into())).map_err(|_| {
+                    ApiError(Status::invalid_argument(format!(
+                        "invalid query parameter `{name}`: `{value}` is not a duration such as `1.5s`"
+                    )))
+                })
+            })
+            .transpose()
+    }
+}
+
+fn snake_case(name: &str) -> String {
+    let mut snake = String::with_capacity(name.len() + 4);
+    for c in name.chars() {
+        if c.is_ascii_uppercase() {
+            snake.push('_');
+            snake.push(c.to_ascii_lowercase());
+        } else {
+            snake.push(c);
+        }
+    }
+    snake
+}
+
+async fn list(State(api): State<Api>, RawQuery(raw): RawQuery) -> Answer {
+    let query = Query::parse(raw);
+    let labels = query
+        .all("label")
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| {
+                    ApiError(Status::invalid_argument(format!(
+                        "invalid query parameter `label`: `{pair}` is not KEY=VALUE"
+                    )))
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let request = pb::ListAgentsRequest {
+        states: query.enums("state", |name| {
+            pb::AgentState::from_str_name(name).map(Into::into)
+        })?,
+        parent_agent_id: query.one("parent").unwrap_or_default().into(),
+        labels,
+        subtree_of: query.one("subtree_of").unwrap_or_default().into(),
+        page_size: query.parsed("page_size")?.unwrap_or(0),
+        page_token: query.one("page_token").unwrap_or_default().into(),
+    };
+    let response = api
+        .service
+        .list_agents(tonic::Request::new(request))
+        .await?;
+    ok(response.get_ref())
+}
+
+async fn spawn(State(api): State<Api>, bytes: Bytes) -> Answer {
+    let request: pb::SpawnRequest = body(&bytes)?;
+    let response = api.service.spawn(tonic::Request::new(request)).await?;
+    Ok(json_response(StatusCode::CREATED, response.get_ref()))
+}
+
+async fn status(State(api): State<Api>, Path(agent_id): Path<String>) -> Answer {
+    let request = pb::StatusRequest { agent_id };
+    let response = api.service.status(tonic::Request::new(request)).await?;
+    ok(&response.into_inner().status.unwrap_or_default())
+}
+
+async fn check_health(State(api): State<Api>, Path(agent_id): Path<String>) -> Answer {
+    let request = pb::CheckHealthRequest { agent_id };
+    let response = api
+        .service
+        .check_health(tonic::Request::new(request))
+        .await?;
+    ok(response.get_ref())
+}
+
+async fn remove(State(api): State<Api>, Path(agent_id): Path<String>) -> Answer {
+    let request = pb::RemoveRequest { agent_id };
+    let response = api.service.remove(tonic::Request::new(request)).await?;
+    ok(response.get_ref())
+}
+
+/// `POST /v1/agents/{id}:stop`, `:pause`, `:resume` (custom methods, as Google's API style
+/// guide writes them).
+async fn agent_verb(
+    State(api): State<Api>,
+    Path(target): Path<String>,
+    method: Method,
+    uri: Uri,
+    bytes: Bytes,
+) -> Answer {
+    let Some((agent_id, verb)) = target.rsplit_once(':') else {
+        return Err(no_such_route(&method, &uri));
+    };
+    let agent_ids = vec![agent_id.to_string()];
+    match verb {
+        "stop" => {
+            #[derive(serde::Deserialize, Default)]
+            #[serde(deny_unknown_fields, rename_all = "camelCase")]
+            struct StopBody {
+                #[serde(default)]
+                force: bool,
+                #[serde(default)]
+                cascade: bool,
+            }
+            let options: StopBody = body(&bytes)?;
+            let request = pb::CleanupRequest {
+                agent_ids,
+                all: false,
+                force: options.force,
+                cascade: options.cascade,
+            };
+            let response = api.service.cleanup(tonic::Request::new(request)).await?;
+            ok(response.get_ref())
+        }
+        "pause" => {
+            let request = pb::PauseRequest { agent_ids };
+            let response = api.service.pause(tonic::Request::new(request)).await?;
+            ok(response.get_ref())
+        }
+        "resume" => {
+            let request = pb::ResumeRequest { agent_ids };
+            let response = api.service.resume(tonic::Request::new(request)).await?;
+            ok(response.get_ref())
+        }
+        _ => Err(no_such_route(&method, &uri)),
+    }
+}
+
+async fn stop_many(State(api): State<Api>, bytes: Bytes) -> Answer {
+    let request: pb::CleanupRequest = body(&bytes)?;
+    let response = api.service.cleanup(tonic::Request::new(request)).await?;
+    ok(response.get_ref())
+}
+
+async fn progress(State(api): State<Api>, Path(agent_id): Path<String>, bytes: Bytes) -> Answer {
+    let mut request: pb::ReportProgressRequest = body(&bytes)?;
+    if !request.agent_id.is_empty() && request.agent_id != agent_id {
+        return Err(ApiError(Status::invalid_argument(format!(
+            "the body's `agentId` `{}` is not the path's `{agent_id}`",
+            request.agent_id
+        ))));
+    }
+    request.agent_id = agent_id;
+    let response = api
+        .service
+        .report_progress(tonic::Request::new(request))
+        .await?;
+    ok(response.get_ref())
+}
+
+async fn summary(State(api): State<Api>) -> Answer {
+    let request = pb::GetSummaryRequest {};
+    let response = api
+        .service
+        .get_summary(tonic::Request::new(request))
+        .await?;
+    ok(response.get_ref())
+}
+
+async fn reap(State(api): State<Api>) -> Answer {
+    let request = pb::ReapZombiesRequest {};
+    let response = api
+        .service
+        .reap_zombies(tonic::Request::new(request))
+        .await?;
+    ok(response.get_ref())
+}
+
+/// The raw bytes of an agent's output, chunked as written. `Agentd-Stdout-Offset` and
+/// `Agentd-Stderr-Offset` say where each stream starts: add the bytes received to resume
+/// with `stdout_offset` (one stream at a time).
+async fn logs(
+    State(api): State<Api>,
+    Path(agent_id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Answer {
+    let started = Instant::now();
+    let result = logs_started(&api, agent_id, Query::parse(raw)).await;
+    let code = result.as_ref().map_or_else(|e| e.0.code(), |_| Code::Ok);
+    api.metrics.rpc("StreamLogs", code, started.elapsed());
+    let started = result?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    for (stream, offset) in started.offsets {
+        let name = match stream {
+            LogStream::Stdout => "agentd-stdout-offset",
+            LogStream::Stderr => "agentd-stderr-offset",
+        };
+        headers.insert(name, HeaderValue::from(offset));
+    }
+    // An error after the first byte can only cut the body short.
+    let body = started.chunks.map(|chunk| {
+        chunk
+            .map(|chunk| Bytes::from(chunk.data))
+            .map_err(|status| std::io::Error::other(status.message().to_string()))
+    });
+    Ok((headers, Body::from_stream(body)).into_response())
+}
+
+async fn logs_started(
+    api: &Api,
+    agent_id: String,
+    query: Query,
+) -> Result<logs::Started, ApiError> {
+    let stream = match query.one("stream") {
+        None => pb::LogStream::Unspecified,
+        Some(name) => pb::LogStream::from_str_name(name)
+            .or_else(|| {
+                pb::LogStream::from_str_name(&format!("LOG_STREAM_{}", name.to_ascii_uppercase()))
+            })
+            .ok_or_else(|| {
+                ApiError(Status::invalid_argument(format!(
+                    "invalid query parameter `stream`: `{name}` is not stdout or stderr"
+                )))
+            })?,
+    };
+    let request = pb::StreamLogsRequest {
+        agent_id,
+        stream: stream.into(),
+        tail: query.parsed("tail")?.unwrap_or(0),
+        stdout_offset: query.parsed("stdout_offset")?,
+        stderr_offset: query.parsed("stderr_offset")?,
+        follow: query.flag("follow")?,
+    };
+    Ok(logs::stream(api.supervisor.clone(), request, api.shutdown.clone()).await?)
+}
+
+/// `text/event-stream` of AgentEvents: `id:` the sequence, `event:` the kind's name,
+/// `data:` the event's JSON. A browser's `Last-Event-ID` (or `after`) resumes exactly; a
+/// position the daemon no longer holds is `410 Gone`. A watcher that ends (too slow,
+/// shutdown) gets a last `event: error` with the error's JSON.
+async fn events(State(api): State<Api>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Answer {
+    let query = Query::parse(raw);
+    let last_event_id = headers
+        .get("last-event-id")
+        .map(|value| {
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError(Status::invalid_argument(
+                        "invalid `Last-Event-ID`: not an event sequence",
+                    ))
+                })
+        })
+        .transpose()?;
+    // A browser reconnects to the same URL with `Last-Event-ID`: resuming then replaces
+    // the snapshot it asked for the first time.
+    let after_sequence = last_event_id.or(query.parsed("after")?);
+    let request = pb::WatchAgentsRequest {
+        agent_ids: query.all("agent").map(Into::into).collect(),
+        parent_agent_id: query.one("parent").unwrap_or_default().into(),
+        kinds: query.enums("kind", |name| {
+            pb::EventKind::from_str_name(name).map(Into::into)
+        })?,
+        include_snapshot: last_event_id.is_none() && query.flag("snapshot")?,
+        after_sequence,
+        health_interval: query.duration("health_interval")?,
+    };
+    let stream = match api.service.watch_agents(tonic::Request::new(request)).await {
+        Ok(stream) => stream.into_inner(),
+        Err(status) if status.code() == Code::OutOfRange => {
+            return Ok(error_response(StatusCode::GONE, &status));
+        }
+        Err(status) => return Err(status.into()),
+    };
+    let events = stream.map(|event| {
+        Ok::<_, std::convert::Infallible>(match event {
+            Ok(event) => sse_event(&event),
+            Err(status) => {
+                let body = serde_json::json!({
+                    "code": code_name(status.code()),
+                    "message": status.message(),
+                });
+                SseEvent::default().event("error").data(body.to_string())
+            }
+        })
+    });
+    let sse = Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive"));
+    Ok(sse.into_response())
+}
+
+fn sse_event(event: &pb::AgentEvent) -> SseEvent {
+    let kind = pb::EventKind::try_from(event.kind)
+        .map_or("EVENT_KIND_UNSPECIFIED", |kind| kind.as_str_name());
+    let data = serde_json::to_string(event).unwrap_or_default();
+    SseEvent::default()
+        .id(event.sequence.to_string())
+        .event(kind)
+        .data(data)
+}
+
+/// OpenMetrics for a scraper that asks for it (Prometheus does), else the classic text
+/// format.
+async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Answer {
+    let text = api.metrics.render(&api.supervisor).await?;
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|accept| accept.contains("application/openmetrics-text"));
+    let (content_type, text) = match openmetrics {
+        true => (
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            text,
+        ),
+        false => (
+            "text/plain; version=0.0.4; charset=utf-8",
+            Metrics::classic_text(&text),
+        ),
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
+}
+
+/// Ready once the records are recovered (the listener only opens after that) and until
+/// shutdown begins.
+async fn ready(State(api): State<Api>) -> Response {
+    if api.draining.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    match api.supervisor.summary().await {
+        Ok(_) => "ready\n".into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the supervisor is not answering\n",
+        )
+            .into_response(),
+    }
+}
+
+fn no_such_route(method: &Method, uri: &Uri) -> ApiError {
+    ApiError(Status::not_found(format!(
+        "no route for {method} {}: see README, \"HTTP API\"",
+        uri.path()
+    )))
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    no_such_route(&method, &uri)
+}
