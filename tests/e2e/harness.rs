@@ -26,6 +26,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     /// agentd's cgroup root (`/agentd/...`) as its ready line says, when agents get cgroups.
     pub cgroup_root: Option<PathBuf>,
+    /// `HOST:PORT` of the HTTP API, when started with `--http-listen`.
+    pub http_address: Option<String>,
 }
 
 impl Daemon {
@@ -124,6 +126,7 @@ impl Daemon {
             data_dir,
             socket,
             cgroup_root: None,
+            http_address: None,
         };
         match ready.recv_timeout(DEADLINE) {
             Ok(line) if line.contains("ready") => {
@@ -131,6 +134,10 @@ impl Daemon {
                     .split_once(", root ")
                     .and_then(|(_, rest)| rest.split(',').next())
                     .map(PathBuf::from);
+                daemon.http_address = line
+                    .split_once("HTTP API on http://")
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .map(|address| address.trim_end_matches(',').to_string());
                 daemon
             }
             other => {
@@ -156,6 +163,15 @@ impl Daemon {
             .await
             .expect("connect to agentd");
         AgentSupervisorClient::new(channel)
+    }
+
+    /// A client of the HTTP API (the daemon must run with `--http-listen`).
+    pub fn http(&self) -> Http {
+        Http::new(
+            self.http_address
+                .as_deref()
+                .expect("started with --http-listen"),
+        )
     }
 
     /// SIGKILLs the daemon if it still runs, leaving its agents running, and hands over
@@ -473,4 +489,205 @@ pub fn system_time(timestamp: Option<&pbjson_types::Timestamp>) -> std::time::Sy
     std::time::UNIX_EPOCH
         + Duration::from_secs(seconds)
         + Duration::from_nanos(u64::try_from(timestamp.nanos).expect("nanos"))
+}
+
+/// A keep-alive HTTP/1.1 client of agentd's HTTP API.
+#[derive(Clone)]
+pub struct Http {
+    base: String,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<hyper::body::Bytes>,
+    >,
+}
+
+/// An answer read whole.
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl HttpAnswer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|error| {
+            panic!(
+                "not JSON ({error}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+impl Http {
+    pub fn new(address: &str) -> Http {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        Http {
+            base: format!("http://{address}"),
+            client,
+        }
+    }
+
+    /// Sends a request and returns the response as it starts, its body unread.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&serde_json::Value>,
+    ) -> hyper::Response<hyper::body::Incoming> {
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let body = body.map_or_else(Vec::new, |b| serde_json::to_vec(b).expect("json"));
+        let request = request
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+            .expect("request");
+        tokio::time::timeout(DEADLINE, self.client.request(request))
+            .await
+            .expect("answer in time")
+            .expect("HTTP request")
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> HttpAnswer {
+        use http_body_util::BodyExt;
+        let response = self.send(method, path, &[], body).await;
+        let (parts, body) = response.into_parts();
+        let body = tokio::time::timeout(DEADLINE, body.collect())
+            .await
+            .expect("body in time")
+            .expect("body")
+            .to_bytes()
+            .to_vec();
+        HttpAnswer {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> HttpAnswer {
+        self.call("GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> HttpAnswer {
+        self.call("POST", path, Some(&body)).await
+    }
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: String,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).expect("event data is JSON")
+    }
+
+    pub fn sequence(&self) -> u64 {
+        self.id.as_deref().expect("id").parse().expect("numeric id")
+    }
+}
+
+/// Reads a `text/event-stream` body as a browser's EventSource does: fields per line,
+/// an event per blank line, comments ignored.
+pub struct SseReader {
+    body: hyper::body::Incoming,
+    buffer: String,
+}
+
+impl SseReader {
+    pub fn new(response: hyper::Response<hyper::body::Incoming>) -> SseReader {
+        assert_eq!(response.status(), 200, "event stream status");
+        let content_type = response.headers()["content-type"].to_str().expect("type");
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        SseReader {
+            body: response.into_body(),
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event, or `None` once the stream ended.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        use http_body_util::BodyExt;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = SseEvent {
+                    id: None,
+                    event: "message".into(),
+                    data: String::new(),
+                };
+                let mut any = false;
+                for line in block.lines() {
+                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    match field {
+                        "" => continue,
+                        "id" => event.id = Some(value.into()),
+                        "event" => event.event = value.into(),
+                        "data" => {
+                            if any {
+                                event.data.push('\n');
+                            }
+                            event.data.push_str(value);
+                            any = true;
+                        }
+                        _ => {}
+                    }
+                }
+                if any {
+                    return Some(event);
+                }
+                continue;
+            }
+            let frame = tokio::time::timeout(DEADLINE, self.body.frame())
+                .await
+                .expect("an event in time")?
+                .expect("event stream");
+            if let Ok(data) = frame.into_data() {
+                self.buffer
+                    .push_str(std::str::from_utf8(&data).expect("UTF-8"));
+            }
+        }
+    }
+
+    /// Reads events until one matches; fails at the deadline.
+    pub async fn until(&mut self, wanted: impl Fn(&SseEvent) -> bool) -> Vec<SseEvent> {
+        let mut seen = Vec::new();
+        loop {
+            let event = self.next().await.expect("stream open");
+            let done = wanted(&event);
+            seen.push(event);
+            if done {
+                return seen;
+            }
+        }
+    }
 }

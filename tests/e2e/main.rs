@@ -11,6 +11,7 @@ mod harness;
 mod clients;
 mod containment;
 mod health;
+mod http;
 mod lifecycle;
 mod output;
 mod persistence;

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Starts agentd with its HTTP API and an agent, and lints what /metrics serves with promtool
+# (the classic text format, as curl and promtool ask for it).
+set -euo pipefail
+agentd=$1
+dir=$(mktemp -d)
+trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
+"$agentd" --data-dir "$dir/data" --http-listen 127.0.0.1:0 --metrics-per-agent >"$dir/out" 2>"$dir/log" &
+pid=$!
+for _ in $(seq 200); do
+  address=$(grep -o 'HTTP API on http://[^ ,]*' "$dir/out" | sed 's|.*http://||') && break
+  sleep 0.05
+done
+python3 - "$address" <<'PY'
+import json, sys, urllib.request
+base = "http://" + sys.argv[1]
+spawn = json.dumps({"agentId": "lint", "command": ["sleep", "5"]}).encode()
+urllib.request.urlopen(urllib.request.Request(base + "/v1/agents", spawn, method="POST"))
+PY
+python3 - "$address" <<'PY' | promtool check metrics
+import sys, urllib.request
+sys.stdout.write(urllib.request.urlopen("http://" + sys.argv[1] + "/metrics").read().decode())
+PY
+echo "promtool: /metrics is clean"
