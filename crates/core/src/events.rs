@@ -8,7 +8,7 @@
 //! a daemon that crashes skips the rest of its block instead of reusing numbers.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -57,6 +57,34 @@ pub struct Event {
     /// The measurement behind a STALLED or ALERT event.
     #[serde(default)]
     pub alert: Option<Alert>,
+    /// The event as the APIs send it, made once per format by the first watcher that sends
+    /// it: a hundred watchers of one event cost one encoding, not a hundred.
+    #[serde(skip)]
+    pub encoded: Encodings,
+}
+
+/// How an API puts an event on the wire; core only keeps the bytes.
+#[derive(Debug, Clone, Copy)]
+pub enum Format {
+    Protobuf,
+    Json,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Encodings {
+    protobuf: OnceLock<Box<[u8]>>,
+    json: OnceLock<Box<[u8]>>,
+}
+
+impl Event {
+    /// The event in `format`, encoded by `encode` if nobody did yet.
+    pub fn encoded(&self, format: Format, encode: impl FnOnce(&Event) -> Vec<u8>) -> &[u8] {
+        let slot = match format {
+            Format::Protobuf => &self.encoded.protobuf,
+            Format::Json => &self.encoded.json,
+        };
+        slot.get_or_init(|| encode(self).into_boxed_slice())
+    }
 }
 
 /// Which events a subscriber wants. Empty sets mean "all".
@@ -172,13 +200,13 @@ impl EventBus {
         Ok(())
     }
 
-    /// Stamps the next sequence and publishes. The status is only built when the event is
-    /// logged or someone is watching.
     /// Someone subscribes to events (and so may want every HEALTH sample).
     pub fn watched(&self) -> bool {
         self.sender.receiver_count() > 0
     }
 
+    /// Stamps the next sequence and publishes. The status is only built when the event is
+    /// logged or someone is watching.
     pub fn emit(
         &mut self,
         kind: EventKind,
@@ -209,6 +237,7 @@ impl EventBus {
             status: status(),
             message,
             alert,
+            encoded: Encodings::default(),
         });
         if logged {
             self.log(&event);
@@ -297,6 +326,7 @@ impl EventBus {
                 status,
                 message: String::new(),
                 alert: None,
+                encoded: Encodings::default(),
             })
             .collect();
         Ok(Subscription {

@@ -32,7 +32,9 @@ pub use agent::{AgentRecord, AgentState, AgentStatus, EndReason, Exit, Health};
 pub use cgroup::{CgroupSetting, Containment};
 pub use config::{FinishedRetention, Limits as DaemonLimits, ShutdownPolicy, SupervisorConfig};
 pub use error::{Error, Result};
-pub use events::{Event, EventFilter, EventKind, EventRetention, Replay, Subscription};
+pub use events::{
+    Event, EventFilter, EventKind, EventRetention, Format as EventFormat, Replay, Subscription,
+};
 pub use handle::{
     HealthReport, ListFilter, ListPage, ReapReport, StopTarget, Summary, SupervisorHandle, Watch,
 };

@@ -366,6 +366,7 @@ mod tests {
             status: crate::agent::AgentStatus::new(&record, false, None, None),
             message: String::new(),
             alert: None,
+            encoded: Default::default(),
         }
     }
 

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentd_core::{LogStream, SupervisorHandle};
+use agentd_core::{Event, EventFormat, LogStream, SupervisorHandle};
 use agentd_proto::v1 as pb;
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -22,7 +22,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
-use crate::convert::code_name;
+use crate::convert::{self, code_name};
 use crate::logs;
 use crate::metrics::Metrics;
 use crate::service::AgentSupervisorService;
@@ -467,8 +467,8 @@ async fn events(State(api): State<Api>, headers: HeaderMap, RawQuery(raw): RawQu
         after_sequence,
         health_interval: query.duration("health_interval")?,
     };
-    let stream = match api.service.watch_agents(tonic::Request::new(request)).await {
-        Ok(stream) => stream.into_inner(),
+    let stream = match api.service.watch(request).await {
+        Ok(stream) => stream,
         Err(status) if status.code() == Code::OutOfRange => {
             return Ok(error_response(StatusCode::GONE, &status));
         }
@@ -490,14 +490,16 @@ async fn events(State(api): State<Api>, headers: HeaderMap, RawQuery(raw): RawQu
     Ok(sse.into_response())
 }
 
-fn sse_event(event: &pb::AgentEvent) -> SseEvent {
-    let kind = pb::EventKind::try_from(event.kind)
-        .map_or("EVENT_KIND_UNSPECIFIED", |kind| kind.as_str_name());
-    let data = serde_json::to_string(event).unwrap_or_default();
+/// The event's JSON is made once, by the first client that sends it.
+fn sse_event(event: &Event) -> SseEvent {
+    let kind = convert::event_kind(event.kind).as_str_name();
+    let json = event.encoded(EventFormat::Json, |event| {
+        serde_json::to_vec(&convert::event(event)).unwrap_or_default()
+    });
     SseEvent::default()
         .id(event.sequence.to_string())
         .event(kind)
-        .data(data)
+        .data(std::str::from_utf8(json).unwrap_or_default())
 }
 
 /// OpenMetrics for a scraper that asks for it (Prometheus does), else the classic text

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::service::AgentSupervisorService;
+use crate::watch::WatchAgentsRoute;
 
 /// A bound listener the daemon serves on.
 pub enum Listener {
@@ -83,7 +84,10 @@ pub async fn run(
         draining: draining.clone(),
         shutdown: stop_serving.clone(),
     };
-    let service = AgentSupervisorServer::from_arc(service);
+    let service = WatchAgentsRoute {
+        generated: AgentSupervisorServer::from_arc(service.clone()),
+        service,
+    };
 
     let mut servers = tokio::task::JoinSet::new();
     let grpc = || {

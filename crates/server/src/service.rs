@@ -1,6 +1,7 @@
 //! The `agentd.v1.AgentSupervisor` gRPC service: decodes a request, asks the supervisor,
 //! encodes the answer. No supervisor state lives here.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use crate::logs;
 use crate::metrics::Metrics;
 use crate::watch::{self, WatchOptions, WatchStream};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 
 pub struct AgentSupervisorService {
     supervisor: SupervisorHandle,
@@ -51,6 +53,57 @@ impl AgentSupervisorService {
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         self.metrics.rpc(method, code, started.elapsed());
         result
+    }
+
+    /// Starts a watcher: WatchAgents over gRPC, and `/v1/events`.
+    pub async fn watch(&self, request: pb::WatchAgentsRequest) -> Result<WatchStream, Status> {
+        self.timed("WatchAgents", async move {
+            if request.include_snapshot && request.after_sequence.is_some() {
+                return Err(Status::invalid_argument(
+                    "give either `include_snapshot` or `after_sequence`, not both",
+                ));
+            }
+            let health_interval = request
+                .health_interval
+                .map(|interval| {
+                    Duration::try_from(interval).map_err(|_| {
+                        Status::invalid_argument(
+                            "invalid `health_interval`: must be a non-negative duration",
+                        )
+                    })
+                })
+                .transpose()?;
+            let filter = EventFilter {
+                agent_ids: request.agent_ids.into_iter().collect(),
+                parent_agent_id: request.parent_agent_id,
+                kinds: request
+                    .kinds
+                    .into_iter()
+                    .map(convert::event_kind_from)
+                    .collect::<Result<_, _>>()?,
+            };
+            let subscription = self
+                .supervisor
+                .watch(Watch {
+                    filter: filter.clone(),
+                    include_snapshot: request.include_snapshot,
+                    after_sequence: request.after_sequence,
+                })
+                .await
+                .map_err(error_status)?;
+            let options = WatchOptions {
+                filter,
+                health_interval,
+                buffer: self.watch_buffer,
+            };
+            Ok(watch::start(
+                subscription,
+                options,
+                self.shutdown.clone(),
+                self.metrics.clone(),
+            ))
+        })
+        .await
     }
 
     async fn pause_or_resume(
@@ -267,59 +320,16 @@ impl AgentSupervisor for AgentSupervisorService {
         .await
     }
 
-    type WatchAgentsStream = WatchStream;
+    type WatchAgentsStream = Pin<Box<dyn Stream<Item = Result<pb::AgentEvent, Status>> + Send>>;
 
+    /// gRPC clients are served by [`watch::WatchAgentsRoute`], which sends each event's
+    /// encoding made once for all watchers; this is the same stream, encoded per watcher.
     async fn watch_agents(
         &self,
         request: Request<pb::WatchAgentsRequest>,
     ) -> Result<Response<Self::WatchAgentsStream>, Status> {
-        self.timed("WatchAgents", async move {
-            let request = request.into_inner();
-            if request.include_snapshot && request.after_sequence.is_some() {
-                return Err(Status::invalid_argument(
-                    "give either `include_snapshot` or `after_sequence`, not both",
-                ));
-            }
-            let health_interval = request
-                .health_interval
-                .map(|interval| {
-                    Duration::try_from(interval).map_err(|_| {
-                        Status::invalid_argument(
-                            "invalid `health_interval`: must be a non-negative duration",
-                        )
-                    })
-                })
-                .transpose()?;
-            let filter = EventFilter {
-                agent_ids: request.agent_ids.into_iter().collect(),
-                parent_agent_id: request.parent_agent_id,
-                kinds: request
-                    .kinds
-                    .into_iter()
-                    .map(convert::event_kind_from)
-                    .collect::<Result<_, _>>()?,
-            };
-            let subscription = self
-                .supervisor
-                .watch(Watch {
-                    filter: filter.clone(),
-                    include_snapshot: request.include_snapshot,
-                    after_sequence: request.after_sequence,
-                })
-                .await
-                .map_err(error_status)?;
-            let options = WatchOptions {
-                filter,
-                health_interval,
-                buffer: self.watch_buffer,
-            };
-            Ok(Response::new(watch::start(
-                subscription,
-                options,
-                self.shutdown.clone(),
-                self.metrics.clone(),
-            )))
-        })
-        .await
+        let events = self.watch(request.into_inner()).await?;
+        let events = events.map(|event| event.map(|event| convert::event(&event)));
+        Ok(Response::new(Box::pin(events)))
     }
 }

@@ -3,25 +3,36 @@
 //! [`STUCK_AFTER`], or that falls behind the whole ring, is ended with RESOURCE_EXHAUSTED,
 //! naming the last sequence it was given so it can resume. The supervisor never waits for a
 //! watcher: it only writes to the ring, which overwrites what the slowest has not read.
+//!
+//! [`WatchAgentsRoute`] serves the gRPC method in front of the generated service, so that
+//! every watcher sends the same bytes for an event: its protobuf encoding is made once.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use agentd_core::{Event, EventFilter, EventKind, Subscription};
+use agentd_core::{Event, EventFilter, EventFormat, EventKind, Subscription};
 use agentd_proto::v1 as pb;
+use bytes::BufMut;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::codec::{Codec, EncodeBuf, Encoder};
+use tonic::codegen::{BoxFuture, Service, http};
+use tonic::server::{Grpc, NamedService, ServerStreamingService};
 use tonic::{Code, Status};
+use tonic_prost::ProstCodec;
 
 use crate::convert;
 use crate::metrics::{Metrics, WatcherEnd};
+use crate::service::AgentSupervisorService;
 
 /// How long a watcher's queue may stay full before the watcher counts as stuck. Short
 /// bursts (a sample of every agent at once) wait in the broadcast ring meanwhile.
@@ -36,14 +47,16 @@ pub struct WatchOptions {
     pub buffer: usize,
 }
 
-/// The response stream: the watcher's queue, then, if it was ended, the status saying why.
+/// The watcher's events, then, if it was ended, the status saying why. The events are the
+/// supervisor's own, shared by every watcher: each API encodes one once per format
+/// ([`Event::encoded`]).
 pub struct WatchStream {
-    queue: mpsc::Receiver<pb::AgentEvent>,
+    queue: mpsc::Receiver<Arc<Event>>,
     end: Option<oneshot::Receiver<Status>>,
 }
 
 impl Stream for WatchStream {
-    type Item = Result<pb::AgentEvent, Status>;
+    type Item = Result<Arc<Event>, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match self.queue.poll_recv(cx) {
@@ -99,7 +112,7 @@ pub fn start(
 }
 
 struct Forwarder {
-    queue: mpsc::Sender<pb::AgentEvent>,
+    queue: mpsc::Sender<Arc<Event>>,
     options: WatchOptions,
     /// The last sequence queued for this watcher.
     last_sequence: u64,
@@ -124,15 +137,15 @@ impl Forwarder {
         } = subscription;
         // Snapshot and replay wait for the client: they are bounded, and the live events
         // meanwhile wait in the broadcast ring.
-        for event in &snapshot {
-            self.send(event).await.ok()?;
-        }
         let mut seam = snapshot.first().map_or(0, |event| event.sequence);
+        for event in snapshot {
+            self.send(Arc::new(event)).await.ok()?;
+        }
         if let Some(replay) = replay {
             seam = replay.through();
             for event in replay.events() {
                 if self.wanted(&event) {
-                    self.send(&event).await.ok()?;
+                    self.send(Arc::new(event)).await.ok()?;
                 }
             }
         }
@@ -156,12 +169,9 @@ impl Forwarder {
             if !self.wanted(&event) {
                 continue;
             }
-            match self
-                .queue
-                .send_timeout(convert::event(&event), STUCK_AFTER)
-                .await
-            {
-                Ok(()) => self.last_sequence = event.sequence,
+            let sequence = event.sequence;
+            match self.queue.send_timeout(event, STUCK_AFTER).await {
+                Ok(()) => self.last_sequence = sequence,
                 Err(SendTimeoutError::Timeout(_)) => {
                     let why = format!(
                         "did not read for {STUCK_AFTER:?} with {} events waiting",
@@ -174,12 +184,10 @@ impl Forwarder {
         }
     }
 
-    async fn send(&mut self, event: &Event) -> Result<(), Gone> {
-        self.queue
-            .send(convert::event(event))
-            .await
-            .map_err(|_| Gone)?;
-        self.last_sequence = event.sequence;
+    async fn send(&mut self, event: Arc<Event>) -> Result<(), Gone> {
+        let sequence = event.sequence;
+        self.queue.send(event).await.map_err(|_| Gone)?;
+        self.last_sequence = sequence;
         Ok(())
     }
 
@@ -213,5 +221,95 @@ impl Forwarder {
              watch again with after_sequence set to it",
             self.last_sequence
         ))
+    }
+}
+
+const WATCH_AGENTS: &str = "/agentd.v1.AgentSupervisor/WatchAgents";
+
+/// The `AgentSupervisor` service with `WatchAgents` answered here, in events encoded once
+/// for all watchers; every other method goes to the generated service.
+#[derive(Clone)]
+pub struct WatchAgentsRoute<S> {
+    pub generated: S,
+    pub service: Arc<AgentSupervisorService>,
+}
+
+impl<S> NamedService for WatchAgentsRoute<S> {
+    const NAME: &'static str = "agentd.v1.AgentSupervisor";
+}
+
+impl<S> Service<http::Request<Body>> for WatchAgentsRoute<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.generated.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if request.uri().path() != WATCH_AGENTS {
+            return Box::pin(self.generated.call(request));
+        }
+        let method = EncodedWatch(self.service.clone());
+        Box::pin(async move {
+            let mut grpc = Grpc::new(EncodedEventCodec);
+            Ok(grpc.server_streaming(method, request).await)
+        })
+    }
+}
+
+struct EncodedWatch(Arc<AgentSupervisorService>);
+
+impl ServerStreamingService<pb::WatchAgentsRequest> for EncodedWatch {
+    type Response = Arc<Event>;
+    type ResponseStream = WatchStream;
+    type Future = BoxFuture<tonic::Response<WatchStream>, Status>;
+
+    fn call(&mut self, request: tonic::Request<pb::WatchAgentsRequest>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move {
+            let events = service.watch(request.into_inner()).await?;
+            Ok(tonic::Response::new(events))
+        })
+    }
+}
+
+/// Decodes the request as prost does; encodes an event by copying its cached encoding.
+struct EncodedEventCodec;
+
+type RequestCodec = ProstCodec<pb::AgentEvent, pb::WatchAgentsRequest>;
+
+impl Codec for EncodedEventCodec {
+    type Encode = Arc<Event>;
+    type Decode = pb::WatchAgentsRequest;
+    type Encoder = EncodedEventEncoder;
+    type Decoder = <RequestCodec as Codec>::Decoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        EncodedEventEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RequestCodec::default().decoder()
+    }
+}
+
+struct EncodedEventEncoder;
+
+impl Encoder for EncodedEventEncoder {
+    type Item = Arc<Event>;
+    type Error = Status;
+
+    fn encode(&mut self, event: Arc<Event>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        let encoded = event.encoded(EventFormat::Protobuf, |event| {
+            prost::Message::encode_to_vec(&convert::event(event))
+        });
+        dst.put_slice(encoded);
+        Ok(())
     }
 }
