@@ -13,10 +13,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let encoded = prost::Message::encode_to_vec(&descriptors);
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("agentd_descriptor.bin"), &encoded)?;
-    // Well-known types come from pbjson-types, whose Timestamp and Duration know their JSON
-    // forms ("2026-11-27T10:00:00Z", "1.5s").
+    // Well-known types come from pbjson-types, which knows their JSON forms ("1.5s"), except
+    // Timestamp: ours writes "Z" for UTC as the mapping asks (pbjson-types writes "+00:00").
     tonic_prost_build::configure()
         .compile_well_known_types(true)
+        .extern_path(".google.protobuf.Timestamp", "crate::Timestamp")
         .extern_path(".google.protobuf", "::pbjson_types")
         .compile_fds(descriptors)?;
     // Default values are written too, so `jq .restartCount` says 0 rather than null.

@@ -12,3 +12,34 @@ pub mod v1 {
 
 /// The encoded `FileDescriptorSet` of the API, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("agentd_descriptor");
+
+/// `google.protobuf.Timestamp`, whose JSON is RFC 3339 in UTC with a `Z` and 0, 3, 6 or 9
+/// fractional digits, as the proto3 JSON mapping writes it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, prost::Message)]
+pub struct Timestamp {
+    #[prost(int64, tag = "1")]
+    pub seconds: i64,
+    #[prost(int32, tag = "2")]
+    pub nanos: i32,
+}
+
+impl serde::Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let time = u32::try_from(self.nanos)
+            .ok()
+            .and_then(|nanos| chrono::DateTime::from_timestamp(self.seconds, nanos))
+            .ok_or_else(|| serde::ser::Error::custom("timestamp out of range"))?;
+        serializer.serialize_str(&time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Timestamp {
+    /// Any RFC 3339 time, whatever its offset.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let parsed = pbjson_types::Timestamp::deserialize(deserializer)?;
+        Ok(Timestamp {
+            seconds: parsed.seconds,
+            nanos: parsed.nanos,
+        })
+    }
+}

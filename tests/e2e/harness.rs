@@ -483,7 +483,7 @@ pub fn seconds(duration: Option<&pbjson_types::Duration>) -> f64 {
 }
 
 /// A protobuf Timestamp as wall time.
-pub fn system_time(timestamp: Option<&pbjson_types::Timestamp>) -> std::time::SystemTime {
+pub fn system_time(timestamp: Option<&agentd_proto::Timestamp>) -> std::time::SystemTime {
     let timestamp = timestamp.expect("timestamp");
     let seconds = u64::try_from(timestamp.seconds).expect("after 1970");
     std::time::UNIX_EPOCH

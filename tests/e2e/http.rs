@@ -597,3 +597,53 @@ async fn metrics_parse_in_both_formats_and_count_what_happens() {
     );
     kill_all(&mut client).await;
 }
+
+/// Two spellings of the same proto3 JSON made one: numbers as f64 (Go writes `0`, serde
+/// `0.0`), and no `null` fields (Go's -emit-defaults writes an unset message as `null`;
+/// pbjson leaves it out).
+fn normalized(value: Value) -> Value {
+    match value {
+        Value::Number(n) => json!(n.as_f64()),
+        Value::Array(items) => Value::Array(items.into_iter().map(normalized).collect()),
+        Value::Object(fields) => Value::Object(
+            fields
+                .into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, normalized(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+#[tokio::test]
+async fn rest_json_is_the_json_protobuf_itself_writes() {
+    let daemon = Daemon::start_with(&HTTP).await;
+    let http = daemon.http();
+    let mut client = daemon.client().await;
+    let mut request = spawn_request("mapped", sh("echo hi; exit 2"));
+    request.labels = [("team".to_string(), "a".to_string())].into();
+    request.max_runtime = Some(std::time::Duration::from_millis(1500).into());
+    spawn_with(&mut client, request).await;
+    wait_for_state(&mut client, "mapped", AgentState::Failed).await;
+    // grpcurl prints Go's protojson (with -emit-defaults, every field as ours does).
+    let output = Command::new("grpcurl")
+        .args([
+            "-plaintext",
+            "-unix",
+            "-authority",
+            "localhost",
+            "-emit-defaults",
+        ])
+        .args(["-d", r#"{"agent_id": "mapped"}"#])
+        .arg(&daemon.socket)
+        .arg("agentd.v1.AgentSupervisor/Status")
+        .output()
+        .expect("grpcurl");
+    assert!(output.status.success(), "{output:?}");
+    let go: Value = serde_json::from_slice(&output.stdout).expect("grpcurl JSON");
+    let ours = json!({"status": http.get("/v1/agents/mapped").await.json()});
+    assert_eq!(normalized(ours.clone()), normalized(go));
+    let started = ours["status"]["startedAt"].as_str().expect("startedAt");
+    assert!(started.ends_with('Z'), "{started}");
+}

@@ -81,14 +81,23 @@ struct Options {
 struct Daemon {
     process: Child,
     socket: PathBuf,
+    /// The HTTP API's `HOST:PORT`.
+    http: Option<String>,
     data_dir: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Daemon {
-    /// A daemon that keeps every event, so a fan-out watcher can never be told it fell behind.
+    /// A daemon that keeps every event, so a fan-out watcher can never be told it fell behind,
+    /// with its HTTP API.
     async fn start() -> Result<Daemon> {
-        Daemon::start_with(&["--event-retention-count", "1000000"]).await
+        Daemon::start_with(&[
+            "--event-retention-count",
+            "1000000",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .await
     }
 
     async fn start_with(options: &[&str]) -> Result<Daemon> {
@@ -112,9 +121,10 @@ impl Daemon {
                 .map(|_| line)
         });
         let data_dir = dir.path().join("data");
-        let daemon = Daemon {
+        let mut daemon = Daemon {
             process,
             socket,
+            http: None,
             data_dir,
             _dir: dir,
         };
@@ -122,6 +132,10 @@ impl Daemon {
             .await
             .context("agentd did not become ready")???;
         ensure!(line.contains("ready"), "agentd did not start: {line:?}");
+        daemon.http = line
+            .split_once("HTTP API on http://")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .map(|address| address.trim_end_matches(',').to_string());
         Ok(daemon)
     }
 
@@ -281,17 +295,34 @@ async fn spawn_status_list_stop(options: &Options, n: usize, rows: &mut Rows) ->
         ),
         wall.as_secs_f64(),
     );
+    // gRPC Status and HTTP GET /v1/agents/{id} take turns, each on a kept-alive connection.
+    let http = HttpClient::new(daemon.http.as_deref().context("no HTTP API")?);
     let mut status = Vec::with_capacity(options.status_calls);
+    let mut http_status = Vec::with_capacity(options.status_calls);
     for i in 0..options.status_calls {
+        let agent_id = format!("s-{}", i % n);
         let started = Instant::now();
         client
             .status(pb::StatusRequest {
-                agent_id: format!("s-{}", i % n),
+                agent_id: agent_id.clone(),
             })
             .await?;
         status.push(ms(started.elapsed()));
+        let started = Instant::now();
+        let body = http.get(&format!("/v1/agents/{agent_id}")).await?;
+        http_status.push(ms(started.elapsed()));
+        ensure!(
+            body.starts_with(b"{\"agentId\""),
+            "HTTP status answered {body:?}"
+        );
     }
     insert_percentiles(rows, "status", &format!(", {n} agents"), &mut status);
+    insert_percentiles(
+        rows,
+        "status via HTTP GET /v1/agents/{id}",
+        &format!(", {n} agents"),
+        &mut http_status,
+    );
     let started = Instant::now();
     let listed = client
         .list_agents(pb::ListAgentsRequest::default())
@@ -536,8 +567,8 @@ async fn churn(options: &Options, rows: &mut Rows) -> Result<()> {
 /// agentd's default `--retain-finished-count`.
 const RETAINED_FINISHED: usize = 1000;
 
-/// What one watcher received: every sequence number in order, and when the last arrived.
-type Watched = (Vec<u64>, Instant);
+/// What one watcher received: every sequence number in order, and when each arrived.
+type Watched = Vec<(u64, Instant)>;
 
 async fn watch_everything(mut client: Client) -> Result<tokio::task::JoinHandle<Watched>> {
     let mut events = client
@@ -545,73 +576,187 @@ async fn watch_everything(mut client: Client) -> Result<tokio::task::JoinHandle<
         .await?
         .into_inner();
     Ok(tokio::spawn(async move {
-        let mut sequences = Vec::new();
-        let mut last = Instant::now();
+        let mut watched = Vec::new();
         while let Ok(Some(event)) = events.message().await {
-            sequences.push(event.sequence);
-            last = Instant::now();
+            watched.push((event.sequence, Instant::now()));
         }
-        (sequences, last)
+        watched
     }))
+}
+
+/// An SSE client of `/v1/events`: the `id:` of every event, as a browser reads them.
+async fn follow_events(http: HttpClient) -> Result<tokio::task::JoinHandle<Watched>> {
+    use http_body_util::BodyExt;
+    let mut body = http.open("/v1/events").await?;
+    Ok(tokio::spawn(async move {
+        let mut watched = Vec::new();
+        let mut partial = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            partial.extend_from_slice(&data);
+            let complete = partial
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            let now = Instant::now();
+            for line in partial[..complete].split(|&b| b == b'\n') {
+                let id = line
+                    .strip_prefix(b"id: ")
+                    .and_then(|id| std::str::from_utf8(id).ok());
+                if let Some(sequence) = id.and_then(|id| id.parse().ok()) {
+                    watched.push((sequence, now));
+                }
+            }
+            partial.drain(..complete);
+        }
+        watched
+    }))
+}
+
+/// What a set of watchers received between `started` and the last arrival: events per
+/// second over the whole run and over its last part (from `stopping`, when every agent is
+/// stopped at once and events come faster than during the spawns), and events lost (a
+/// watcher of everything sees sequences go up by one).
+async fn tally(
+    watchers: Vec<tokio::task::JoinHandle<Watched>>,
+    started: Instant,
+    stopping: Instant,
+) -> Result<(f64, f64, u64)> {
+    let (mut delivered, mut delivered_stopping, mut lost, mut finished) = (0, 0, 0, started);
+    for watcher in watchers {
+        let watched = tokio::time::timeout(Duration::from_secs(120), watcher)
+            .await
+            .context("a watcher never finished")??;
+        let (Some(&(first, _)), Some(&(last, arrived))) = (watched.first(), watched.last()) else {
+            bail!("a watcher received nothing");
+        };
+        lost += (last - first + 1) - watched.len() as u64;
+        delivered += watched.len();
+        delivered_stopping += watched.iter().filter(|(_, at)| *at >= stopping).count();
+        finished = finished.max(arrived);
+    }
+    let rate = |count: usize, since: Instant| count as f64 / (finished - since).as_secs_f64();
+    Ok((
+        rate(delivered, started),
+        rate(delivered_stopping, stopping),
+        lost,
+    ))
 }
 
 /// Spawn latency with and without watchers, then `fanout` agents spawned and stopped while
 /// every watcher watches every event: delivery rate, and a check that nobody missed one.
+/// Once with gRPC watchers alone, once with as many SSE clients of `/v1/events` beside them.
 async fn fan_out(options: &Options, rows: &mut Rows) -> Result<()> {
-    let daemon = Daemon::start().await?;
-    let mut client = daemon.client().await?;
     let subscribers = options.subscribers;
-    let mut alone = spawn_latencies(&mut client, "alone", options.latency_spawns).await?;
-    insert_percentiles(rows, "fan-out: spawn", ", no watchers", &mut alone);
-    stop_all(&mut client, true).await?;
-
-    let mut watchers = Vec::with_capacity(subscribers);
-    for _ in 0..subscribers {
-        watchers.push(watch_everything(daemon.client().await?).await?);
-    }
-    let mut watched = spawn_latencies(&mut client, "watched", options.latency_spawns).await?;
-    let context = format!(", {subscribers} watchers");
-    insert_percentiles(rows, "fan-out: spawn", &context, &mut watched);
-    let started = Instant::now();
-    spawn_all(
-        &client,
-        (0..options.fanout)
-            .map(|i| sleeper(format!("burst-{i}")))
-            .collect(),
-        options.in_flight,
-    )
-    .await?;
-    stop_all(&mut client, false).await?;
-    daemon.terminate()?;
-    let mut delivered = 0usize;
-    let mut lost = 0u64;
-    let mut finished = started;
-    for watcher in watchers {
-        let (sequences, last_arrived) = tokio::time::timeout(Duration::from_secs(120), watcher)
-            .await
-            .context("a watcher never finished")??;
-        let (Some(&first), Some(&last)) = (sequences.first(), sequences.last()) else {
-            bail!("a watcher received nothing");
+    for with_sse in [false, true] {
+        let daemon = Daemon::start().await?;
+        let mut client = daemon.client().await?;
+        if !with_sse {
+            let mut alone = spawn_latencies(&mut client, "alone", options.latency_spawns).await?;
+            insert_percentiles(rows, "fan-out: spawn", ", no watchers", &mut alone);
+            stop_all(&mut client, true).await?;
+        }
+        let mut watchers = Vec::with_capacity(subscribers);
+        let mut followers = Vec::new();
+        for _ in 0..subscribers {
+            watchers.push(watch_everything(daemon.client().await?).await?);
+        }
+        let context = match with_sse {
+            false => format!(", {subscribers} watchers"),
+            true => {
+                let http = HttpClient::new(daemon.http.as_deref().context("no HTTP API")?);
+                for _ in 0..subscribers {
+                    followers.push(follow_events(http.clone()).await?);
+                }
+                format!(", {subscribers} gRPC watchers + {subscribers} SSE clients")
+            }
         };
-        // Sequences go up by one: a watcher of everything that saw first..=last saw them all.
-        lost += (last - first + 1) - sequences.len() as u64;
-        delivered += sequences.len();
-        finished = finished.max(last_arrived);
+        if !with_sse {
+            let mut watched =
+                spawn_latencies(&mut client, "watched", options.latency_spawns).await?;
+            insert_percentiles(rows, "fan-out: spawn", &context, &mut watched);
+        }
+        let started = Instant::now();
+        spawn_all(
+            &client,
+            (0..options.fanout)
+                .map(|i| sleeper(format!("burst-{i}")))
+                .collect(),
+            options.in_flight,
+        )
+        .await?;
+        let stopping = Instant::now();
+        stop_all(&mut client, false).await?;
+        let over = started.elapsed();
+        daemon.terminate()?;
+        let what = format!("{} spawned and stopped{context}", options.fanout);
+        rows.insert(
+            format!("fan-out: spawns and stops took (s), {what}"),
+            over.as_secs_f64(),
+        );
+        let mut record = |to: &str, (rate, rate_stopping, lost): (f64, f64, u64)| {
+            rows.insert(
+                format!("fan-out: events/s delivered to the {to}, {what}"),
+                rate,
+            );
+            rows.insert(
+                format!("fan-out: events/s delivered to the {to} while all stop, {what}"),
+                rate_stopping,
+            );
+            rows.insert(
+                format!("fan-out: events lost by the {to}, {what}"),
+                lost as f64,
+            );
+            lost
+        };
+        let lost = record("gRPC watchers", tally(watchers, started, stopping).await?);
+        ensure!(lost == 0, "gRPC watchers missed {lost} events");
+        if with_sse {
+            let lost = record("SSE clients", tally(followers, started, stopping).await?);
+            ensure!(lost == 0, "SSE clients missed {lost} events");
+        }
     }
-    let elapsed = (finished - started).as_secs_f64();
-    rows.insert(
-        format!(
-            "fan-out: events/s delivered to {subscribers} watchers, {} spawned and stopped",
-            options.fanout
-        ),
-        delivered as f64 / elapsed,
-    );
-    rows.insert(
-        format!("fan-out: events lost across {subscribers} watchers"),
-        lost as f64,
-    );
-    ensure!(lost == 0, "watchers missed {lost} events");
     Ok(())
+}
+
+/// A kept-alive HTTP/1.1 client of agentd's HTTP API.
+#[derive(Clone)]
+struct HttpClient {
+    base: String,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Empty<hyper::body::Bytes>,
+    >,
+}
+
+impl HttpClient {
+    fn new(address: &str) -> HttpClient {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        HttpClient {
+            base: format!("http://{address}"),
+            client,
+        }
+    }
+
+    async fn open(&self, path: &str) -> Result<hyper::body::Incoming> {
+        let uri: hyper::Uri = format!("{}{path}", self.base).parse()?;
+        let response = self.client.get(uri).await?;
+        ensure!(
+            response.status() == 200,
+            "GET {path}: {}",
+            response.status()
+        );
+        Ok(response.into_body())
+    }
+
+    async fn get(&self, path: &str) -> Result<hyper::body::Bytes> {
+        use http_body_util::BodyExt;
+        Ok(self.open(path).await?.collect().await?.to_bytes())
+    }
 }
 
 #[tokio::main]

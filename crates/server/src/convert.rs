@@ -65,9 +65,9 @@ pub fn code_name(code: Code) -> &'static str {
 }
 
 /// Wall time as a protobuf Timestamp; times before 1970 (a clock set wrong) count from it.
-pub fn timestamp(time: SystemTime) -> pbjson_types::Timestamp {
+pub fn timestamp(time: SystemTime) -> agentd_proto::Timestamp {
     let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-    pbjson_types::Timestamp {
+    agentd_proto::Timestamp {
         seconds: i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX),
         nanos: since_epoch.subsec_nanos() as i32,
     }
