@@ -104,7 +104,11 @@ impl Daemon {
             .arg(&data_dir)
             .arg("--socket")
             .arg(&socket)
-            .args(["--sample-interval", "100ms", "--log-level", "info"])
+            .args(["--log-level", "info"])
+            .args(match options.contains(&"--sample-interval") {
+                true => &[][..],
+                false => &["--sample-interval", "100ms"],
+            })
             .args(options)
             .envs(env.iter().copied())
             .stdin(Stdio::null())

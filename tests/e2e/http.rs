@@ -128,6 +128,8 @@ async fn rest_routes_answer_with_the_json_of_the_grpc_messages() {
         .json();
     assert_eq!(all["results"][0]["outcome"], "STOP_OUTCOME_ALREADY_EXITED");
 
+    let reaped = http.post("/v1/zombies:reap", json!({})).await;
+    assert_eq!(reaped.json()["agentIds"], json!([]));
     assert_eq!(http.get("/healthz").await.status, 200);
     assert_eq!(http.get("/readyz").await.status, 200);
     // agentctl --json prints the same mapping.
@@ -166,6 +168,13 @@ async fn every_error_has_its_http_twin() {
         &http.get("/v1/agents?page_token=../x").await,
         400,
         "INVALID_ARGUMENT",
+    );
+    // Just over the limit, so the whole body is sent before the answer comes.
+    let huge = json!({"command": ["true"], "prompt": "x".repeat(4 << 20)});
+    assert_error(
+        &http.post("/v1/agents", huge).await,
+        429,
+        "RESOURCE_EXHAUSTED",
     );
     assert_error(&http.get("/v1/agents/ghost").await, 404, "NOT_FOUND");
     assert_error(&http.get("/v2/anything").await, 404, "NOT_FOUND");
@@ -583,6 +592,7 @@ async fn metrics_parse_in_both_formats_and_count_what_happens() {
     let mut live = spawn_request("live", vec!["sleep".into(), "30".into()]);
     live.labels = [("team".to_string(), "red".to_string())].into();
     spawn_with(&mut client, live).await;
+    wait_for(&mut client, "live", "sampled", |s| s.memory_mb > 0.0).await;
     let samples = scrape().await;
     assert!(
         sample(
@@ -646,4 +656,65 @@ async fn rest_json_is_the_json_protobuf_itself_writes() {
     assert_eq!(normalized(ours.clone()), normalized(go));
     let started = ours["status"]["startedAt"].as_str().expect("startedAt");
     assert!(started.ends_with('Z'), "{started}");
+}
+
+#[tokio::test]
+async fn an_event_stream_that_is_not_read_is_ended_as_a_slow_watcher() {
+    let daemon = Daemon::start_with(&[
+        "--http-listen",
+        "127.0.0.1:0",
+        "--watch-buffer",
+        "1",
+        "--sample-interval",
+        "10ms",
+    ])
+    .await;
+    let http = daemon.http();
+    let mut client = daemon.client().await;
+    for i in 0..20 {
+        spawn(
+            &mut client,
+            &format!("busy-{i}"),
+            vec!["sleep".into(), "30".into()],
+        )
+        .await;
+    }
+    // Health samples of 20 agents every 10 ms fill the socket's buffers, then the queue.
+    let response = http.send("GET", "/v1/events", &[], None).await;
+    let metrics = || async {
+        let text = http.get("/metrics").await.text();
+        parse_metrics(&text, "text")
+    };
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let samples = metrics().await;
+        if sample(
+            &samples,
+            "agentd_watchers_ended_total",
+            json!({"reason": "slow"}),
+        ) == 1.0
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watcher was never ended"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Reading now: what was buffered, then why it ended.
+    let mut events = SseReader::new(response);
+    let last = loop {
+        let event = events.next().await.expect("an error before the end");
+        if event.event == "error" {
+            break event;
+        }
+    };
+    assert_eq!(last.json()["code"], "RESOURCE_EXHAUSTED", "{}", last.data);
+    assert!(last.data.contains("after_sequence"), "{}", last.data);
+    assert!(
+        events.next().await.is_none(),
+        "the stream ends after the error"
+    );
+    kill_all(&mut client).await;
 }

@@ -10,7 +10,8 @@ use agentd_core::{Event, EventFormat, LogStream, SupervisorHandle};
 use agentd_proto::v1 as pb;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -59,10 +60,12 @@ pub fn router(api: Api) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .fallback(no_route)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(api)
 }
 
-/// A gRPC status as an HTTP answer: `{"code": "NOT_FOUND", "message": "..."}`.
+/// A gRPC status as an HTTP answer: `{"code": "NOT_FOUND", "message": "..."}`, with the
+/// HTTP status of its code.
 pub struct ApiError(Status);
 
 impl From<Status> for ApiError {
@@ -76,6 +79,9 @@ impl IntoResponse for ApiError {
         error_response(http_status(self.0.code()), &self.0)
     }
 }
+
+/// The most a request body may hold: gRPC's default message limit.
+const MAX_BODY: usize = 4 << 20;
 
 fn error_response(http: StatusCode, status: &Status) -> Response {
     #[derive(Serialize)]
@@ -136,7 +142,19 @@ fn ok(body: &impl Serialize) -> Answer {
 }
 
 /// A request body in the proto3 JSON mapping; an empty body is the empty message.
-fn body<T: DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, ApiError> {
+fn body<T: DeserializeOwned + Default>(
+    bytes: &Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let bytes = bytes.as_ref().map_err(|rejection| {
+        let status = match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => Status::resource_exhausted(format!(
+                "the request body is over {} MiB",
+                MAX_BODY >> 20
+            )),
+            _ => Status::invalid_argument(format!("reading the request body: {rejection}")),
+        };
+        ApiError(status)
+    })?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -258,7 +276,7 @@ async fn list(State(api): State<Api>, RawQuery(raw): RawQuery) -> Answer {
     ok(response.get_ref())
 }
 
-async fn spawn(State(api): State<Api>, bytes: Bytes) -> Answer {
+async fn spawn(State(api): State<Api>, bytes: Result<Bytes, BytesRejection>) -> Answer {
     let request: pb::SpawnRequest = body(&bytes)?;
     let response = api.service.spawn(tonic::Request::new(request)).await?;
     Ok(json_response(StatusCode::CREATED, response.get_ref()))
@@ -292,7 +310,7 @@ async fn agent_verb(
     Path(target): Path<String>,
     method: Method,
     uri: Uri,
-    bytes: Bytes,
+    bytes: Result<Bytes, BytesRejection>,
 ) -> Answer {
     let Some((agent_id, verb)) = target.rsplit_once(':') else {
         return Err(no_such_route(&method, &uri));
@@ -332,13 +350,17 @@ async fn agent_verb(
     }
 }
 
-async fn stop_many(State(api): State<Api>, bytes: Bytes) -> Answer {
+async fn stop_many(State(api): State<Api>, bytes: Result<Bytes, BytesRejection>) -> Answer {
     let request: pb::CleanupRequest = body(&bytes)?;
     let response = api.service.cleanup(tonic::Request::new(request)).await?;
     ok(response.get_ref())
 }
 
-async fn progress(State(api): State<Api>, Path(agent_id): Path<String>, bytes: Bytes) -> Answer {
+async fn progress(
+    State(api): State<Api>,
+    Path(agent_id): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Answer {
     let mut request: pb::ReportProgressRequest = body(&bytes)?;
     if !request.agent_id.is_empty() && request.agent_id != agent_id {
         return Err(ApiError(Status::invalid_argument(format!(
