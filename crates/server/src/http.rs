@@ -2,34 +2,30 @@
 //! server-sent events, Prometheus metrics, liveness and readiness. Bodies are the proto3
 //! JSON mapping of the API's own messages (pbjson), so REST and gRPC cannot drift; every
 //! route calls the gRPC service's method, so validation and errors are the same too.
+//! `streams.rs` holds the two routes that stream: output and events.
+
+mod streams;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use agentd_core::{Event, EventFormat, LogStream, SupervisorHandle};
+use agentd_core::SupervisorHandle;
 use agentd_proto::v1 as pb;
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use pb::agent_supervisor_server::AgentSupervisor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
-use crate::convert::{self, code_name};
-use crate::logs;
+use crate::convert::code_name;
 use crate::metrics::Metrics;
 use crate::service::AgentSupervisorService;
-
-/// Between two comments on an idle event stream, so proxies keep it open.
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 #[derive(Clone)]
 pub struct Api {
@@ -52,10 +48,10 @@ pub fn router(api: Api) -> Router {
         )
         .route("/v1/agents/{id}/health", get(check_health))
         .route("/v1/agents/{id}/progress", post(progress))
-        .route("/v1/agents/{id}/logs", get(logs))
+        .route("/v1/agents/{id}/logs", get(streams::logs))
         .route("/v1/summary", get(summary))
         .route("/v1/zombies:reap", post(reap))
-        .route("/v1/events", get(events))
+        .route("/v1/events", get(streams::events))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -66,7 +62,7 @@ pub fn router(api: Api) -> Router {
 
 /// A gRPC status as an HTTP answer: `{"code": "NOT_FOUND", "message": "..."}`, with the
 /// HTTP status of its code.
-pub struct ApiError(Status);
+pub struct ApiError(pub(crate) Status);
 
 impl From<Status> for ApiError {
     fn from(status: Status) -> Self {
@@ -83,17 +79,16 @@ impl IntoResponse for ApiError {
 /// The most a request body may hold: gRPC's default message limit.
 const MAX_BODY: usize = 4 << 20;
 
-fn error_response(http: StatusCode, status: &Status) -> Response {
-    #[derive(Serialize)]
-    struct Body<'a> {
-        code: &'static str,
-        message: &'a str,
-    }
-    let body = Body {
-        code: code_name(status.code()),
-        message: status.message(),
-    };
-    json_response(http, &body)
+pub(crate) fn error_response(http: StatusCode, status: &Status) -> Response {
+    json_response(http, &error_body(status))
+}
+
+/// `{"code": "NOT_FOUND", "message": "..."}`.
+pub(crate) fn error_body(status: &Status) -> serde_json::Value {
+    serde_json::json!({
+        "code": code_name(status.code()),
+        "message": status.message(),
+    })
 }
 
 /// The HTTP status of each gRPC code, as google.rpc.Code documents it; FAILED_PRECONDITION
@@ -135,7 +130,7 @@ fn json_response(http: StatusCode, body: &impl Serialize) -> Response {
     }
 }
 
-type Answer = Result<Response, ApiError>;
+pub(crate) type Answer = Result<Response, ApiError>;
 
 fn ok(body: &impl Serialize) -> Answer {
     Ok(json_response(StatusCode::OK, body))
@@ -166,10 +161,10 @@ fn body<T: DeserializeOwned + Default>(
 }
 
 /// Query parameters in order, names in snake_case (`pageSize` is taken as `page_size`).
-struct Query(Vec<(String, String)>);
+pub(crate) struct Query(Vec<(String, String)>);
 
 impl Query {
-    fn parse(raw: Option<String>) -> Query {
+    pub(crate) fn parse(raw: Option<String>) -> Query {
         let raw = raw.unwrap_or_default();
         Query(
             form_urlencoded::parse(raw.as_bytes())
@@ -178,18 +173,21 @@ impl Query {
         )
     }
 
-    fn all<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+    pub(crate) fn all<'a, 'n>(
+        &'a self,
+        name: &'n str,
+    ) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
         self.0
             .iter()
             .filter(move |(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     }
 
-    fn one(&self, name: &str) -> Option<&str> {
+    pub(crate) fn one(&self, name: &str) -> Option<&str> {
         self.all(name).last()
     }
 
-    fn parsed<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, ApiError> {
+    pub(crate) fn parsed<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, ApiError> {
         self.one(name)
             .map(|value| {
                 value.parse().map_err(|_| {
@@ -201,12 +199,16 @@ impl Query {
             .transpose()
     }
 
-    fn flag(&self, name: &str) -> Result<bool, ApiError> {
+    pub(crate) fn flag(&self, name: &str) -> Result<bool, ApiError> {
         Ok(self.parsed(name)?.unwrap_or(false))
     }
 
     /// Enum values by name (`AGENT_STATE_RUNNING`), repeatable.
-    fn enums(&self, name: &str, from: fn(&str) -> Option<i32>) -> Result<Vec<i32>, ApiError> {
+    pub(crate) fn enums(
+        &self,
+        name: &str,
+        from: fn(&str) -> Option<i32>,
+    ) -> Result<Vec<i32>, ApiError> {
         self.all(name)
             .map(|value| {
                 from(value).ok_or_else(|| {
@@ -219,7 +221,7 @@ impl Query {
     }
 
     /// A duration as proto3 JSON writes it: `"1.5s"`.
-    fn duration(&self, name: &str) -> Result<Option<pbjson_types::Duration>, ApiError> {
+    pub(crate) fn duration(&self, name: &str) -> Result<Option<pbjson_types::Duration>, ApiError> {
         self.one(name)
             .map(|value| {
                 serde_json::from_value(serde_json::Value::String(value.into())).map_err(|_| {
@@ -392,136 +394,6 @@ async fn reap(State(api): State<Api>) -> Answer {
         .reap_zombies(tonic::Request::new(request))
         .await?;
     ok(response.get_ref())
-}
-
-/// The raw bytes of an agent's output, chunked as written. `Agentd-Stdout-Offset` and
-/// `Agentd-Stderr-Offset` say where each stream starts: add the bytes received to resume
-/// with `stdout_offset` (one stream at a time).
-async fn logs(
-    State(api): State<Api>,
-    Path(agent_id): Path<String>,
-    RawQuery(raw): RawQuery,
-) -> Answer {
-    let started = Instant::now();
-    let result = logs_started(&api, agent_id, Query::parse(raw)).await;
-    let code = result.as_ref().map_or_else(|e| e.0.code(), |_| Code::Ok);
-    api.metrics.rpc("StreamLogs", code, started.elapsed());
-    let started = result?;
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    for (stream, offset) in started.offsets {
-        let name = match stream {
-            LogStream::Stdout => "agentd-stdout-offset",
-            LogStream::Stderr => "agentd-stderr-offset",
-        };
-        headers.insert(name, HeaderValue::from(offset));
-    }
-    // An error after the first byte can only cut the body short.
-    let body = started.chunks.map(|chunk| {
-        chunk
-            .map(|chunk| Bytes::from(chunk.data))
-            .map_err(|status| std::io::Error::other(status.message().to_string()))
-    });
-    Ok((headers, Body::from_stream(body)).into_response())
-}
-
-async fn logs_started(
-    api: &Api,
-    agent_id: String,
-    query: Query,
-) -> Result<logs::Started, ApiError> {
-    let stream = match query.one("stream") {
-        None => pb::LogStream::Unspecified,
-        Some(name) => pb::LogStream::from_str_name(name)
-            .or_else(|| {
-                pb::LogStream::from_str_name(&format!("LOG_STREAM_{}", name.to_ascii_uppercase()))
-            })
-            .ok_or_else(|| {
-                ApiError(Status::invalid_argument(format!(
-                    "invalid query parameter `stream`: `{name}` is not stdout or stderr"
-                )))
-            })?,
-    };
-    let request = pb::StreamLogsRequest {
-        agent_id,
-        stream: stream.into(),
-        tail: query.parsed("tail")?.unwrap_or(0),
-        stdout_offset: query.parsed("stdout_offset")?,
-        stderr_offset: query.parsed("stderr_offset")?,
-        follow: query.flag("follow")?,
-    };
-    Ok(logs::stream(api.supervisor.clone(), request, api.shutdown.clone()).await?)
-}
-
-/// `text/event-stream` of AgentEvents: `id:` the sequence, `event:` the kind's name,
-/// `data:` the event's JSON. A browser's `Last-Event-ID` (or `after`) resumes exactly; a
-/// position the daemon no longer holds is `410 Gone`. A watcher that ends (too slow,
-/// shutdown) gets a last `event: error` with the error's JSON.
-async fn events(State(api): State<Api>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Answer {
-    let query = Query::parse(raw);
-    let last_event_id = headers
-        .get("last-event-id")
-        .map(|value| {
-            value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ApiError(Status::invalid_argument(
-                        "invalid `Last-Event-ID`: not an event sequence",
-                    ))
-                })
-        })
-        .transpose()?;
-    // A browser reconnects to the same URL with `Last-Event-ID`: resuming then replaces
-    // the snapshot it asked for the first time.
-    let after_sequence = last_event_id.or(query.parsed("after")?);
-    let request = pb::WatchAgentsRequest {
-        agent_ids: query.all("agent").map(Into::into).collect(),
-        parent_agent_id: query.one("parent").unwrap_or_default().into(),
-        kinds: query.enums("kind", |name| {
-            pb::EventKind::from_str_name(name).map(Into::into)
-        })?,
-        include_snapshot: last_event_id.is_none() && query.flag("snapshot")?,
-        after_sequence,
-        health_interval: query.duration("health_interval")?,
-    };
-    let stream = match api.service.watch(request).await {
-        Ok(stream) => stream,
-        Err(status) if status.code() == Code::OutOfRange => {
-            return Ok(error_response(StatusCode::GONE, &status));
-        }
-        Err(status) => return Err(status.into()),
-    };
-    let events = stream.map(|event| {
-        Ok::<_, std::convert::Infallible>(match event {
-            Ok(event) => sse_event(&event),
-            Err(status) => {
-                let body = serde_json::json!({
-                    "code": code_name(status.code()),
-                    "message": status.message(),
-                });
-                SseEvent::default().event("error").data(body.to_string())
-            }
-        })
-    });
-    let sse = Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive"));
-    Ok(sse.into_response())
-}
-
-/// The event's JSON is made once, by the first client that sends it.
-fn sse_event(event: &Event) -> SseEvent {
-    let kind = convert::event_kind(event.kind).as_str_name();
-    let json = event.encoded(EventFormat::Json, |event| {
-        serde_json::to_vec(&convert::event(event)).unwrap_or_default()
-    });
-    SseEvent::default()
-        .id(event.sequence.to_string())
-        .event(kind)
-        .data(std::str::from_utf8(json).unwrap_or_default())
 }
 
 /// OpenMetrics for a scraper that asks for it (Prometheus does), else the classic text

@@ -1,0 +1,151 @@
+//! The HTTP routes that stream: an agent's output as raw bytes, and events as server-sent
+//! events.
+
+use std::time::{Duration, Instant};
+
+use agentd_core::{Event, EventFormat, LogStream};
+use agentd_proto::v1 as pb;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use tokio_stream::StreamExt;
+use tonic::{Code, Status};
+
+use super::{Answer, Api, ApiError, Query, error_body, error_response};
+use crate::convert;
+use crate::logs;
+
+/// Between two comments on an idle event stream, so proxies keep it open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The raw bytes of an agent's output, chunked as written. `Agentd-Stdout-Offset` and
+/// `Agentd-Stderr-Offset` say where each stream starts: add the bytes received to resume
+/// with `stdout_offset` (one stream at a time).
+pub(super) async fn logs(
+    State(api): State<Api>,
+    Path(agent_id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Answer {
+    let started = Instant::now();
+    let result = logs_started(&api, agent_id, Query::parse(raw)).await;
+    let code = result.as_ref().map_or_else(|e| e.0.code(), |_| Code::Ok);
+    api.metrics.rpc("StreamLogs", code, started.elapsed());
+    let started = result?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    for (stream, offset) in started.offsets {
+        let name = match stream {
+            LogStream::Stdout => "agentd-stdout-offset",
+            LogStream::Stderr => "agentd-stderr-offset",
+        };
+        headers.insert(name, HeaderValue::from(offset));
+    }
+    // An error after the first byte can only cut the body short.
+    let body = started.chunks.map(|chunk| {
+        chunk
+            .map(|chunk| Bytes::from(chunk.data))
+            .map_err(|status| std::io::Error::other(status.message().to_string()))
+    });
+    Ok((headers, Body::from_stream(body)).into_response())
+}
+
+async fn logs_started(
+    api: &Api,
+    agent_id: String,
+    query: Query,
+) -> Result<logs::Started, ApiError> {
+    let stream = match query.one("stream") {
+        None => pb::LogStream::Unspecified,
+        Some(name) => pb::LogStream::from_str_name(name)
+            .or_else(|| {
+                pb::LogStream::from_str_name(&format!("LOG_STREAM_{}", name.to_ascii_uppercase()))
+            })
+            .ok_or_else(|| {
+                ApiError(Status::invalid_argument(format!(
+                    "invalid query parameter `stream`: `{name}` is not stdout or stderr"
+                )))
+            })?,
+    };
+    let request = pb::StreamLogsRequest {
+        agent_id,
+        stream: stream.into(),
+        tail: query.parsed("tail")?.unwrap_or(0),
+        stdout_offset: query.parsed("stdout_offset")?,
+        stderr_offset: query.parsed("stderr_offset")?,
+        follow: query.flag("follow")?,
+    };
+    Ok(logs::stream(api.supervisor.clone(), request, api.shutdown.clone()).await?)
+}
+
+/// `text/event-stream` of AgentEvents: `id:` the sequence, `event:` the kind's name,
+/// `data:` the event's JSON. A browser's `Last-Event-ID` (or `after`) resumes exactly; a
+/// position the daemon no longer holds is `410 Gone`. A watcher that ends (too slow,
+/// shutdown) gets a last `event: error` with the error's JSON.
+pub(super) async fn events(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Answer {
+    let query = Query::parse(raw);
+    let last_event_id = headers
+        .get("last-event-id")
+        .map(|value| {
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError(Status::invalid_argument(
+                        "invalid `Last-Event-ID`: not an event sequence",
+                    ))
+                })
+        })
+        .transpose()?;
+    // A browser reconnects to the same URL with `Last-Event-ID`: resuming then replaces
+    // the snapshot it asked for the first time.
+    let after_sequence = last_event_id.or(query.parsed("after")?);
+    let request = pb::WatchAgentsRequest {
+        agent_ids: query.all("agent").map(Into::into).collect(),
+        parent_agent_id: query.one("parent").unwrap_or_default().into(),
+        kinds: query.enums("kind", |name| {
+            pb::EventKind::from_str_name(name).map(Into::into)
+        })?,
+        include_snapshot: last_event_id.is_none() && query.flag("snapshot")?,
+        after_sequence,
+        health_interval: query.duration("health_interval")?,
+    };
+    let stream = match api.service.watch(request).await {
+        Ok(stream) => stream,
+        Err(status) if status.code() == Code::OutOfRange => {
+            return Ok(error_response(StatusCode::GONE, &status));
+        }
+        Err(status) => return Err(status.into()),
+    };
+    let events = stream.map(|event| {
+        Ok::<_, std::convert::Infallible>(match event {
+            Ok(event) => sse_event(&event),
+            Err(status) => SseEvent::default()
+                .event("error")
+                .data(error_body(&status).to_string()),
+        })
+    });
+    let sse = Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive"));
+    Ok(sse.into_response())
+}
+
+/// The event's JSON is made once, by the first client that sends it.
+fn sse_event(event: &Event) -> SseEvent {
+    let kind = convert::event_kind(event.kind).as_str_name();
+    let json = event.encoded(EventFormat::Json, |event| {
+        serde_json::to_vec(&convert::event(event)).unwrap_or_default()
+    });
+    SseEvent::default()
+        .id(event.sequence.to_string())
+        .event(kind)
+        .data(std::str::from_utf8(json).unwrap_or_default())
+}
