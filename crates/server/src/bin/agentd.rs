@@ -157,6 +157,9 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
         off: options.cgroups == "off",
         root: options.cgroup_root,
     };
+    if let Some(address) = &options.http_listen {
+        only_loopback(address).await?;
+    }
     let metrics = Arc::new(Metrics::new(PerAgent {
         enabled: options.metrics_per_agent,
         labels: options.metrics_agent_labels,
@@ -178,15 +181,7 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("listening for HTTP on `{address}`"))?;
-        let local = listener.local_addr()?;
-        if !local.ip().is_loopback() {
-            bail!(
-                "--http-listen `{address}` is not a loopback address: the HTTP API has no \
-                 authentication yet, so it serves only 127.0.0.1 or [::1] (reach it from \
-                 elsewhere through an SSH tunnel or a proxy that authenticates)"
-            );
-        }
-        serving += &format!(", HTTP API on http://{local}");
+        serving += &format!(", HTTP API on http://{}", listener.local_addr()?);
         listeners.push(Listener::Http(listener));
     }
     println!(
@@ -204,6 +199,22 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     result?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// The HTTP API has no authentication yet: it may listen on loopback addresses only.
+async fn only_loopback(address: &str) -> anyhow::Result<()> {
+    let resolved: Vec<_> = tokio::net::lookup_host(address)
+        .await
+        .with_context(|| format!("--http-listen `{address}`: not a HOST:PORT"))?
+        .collect();
+    if resolved.is_empty() || resolved.iter().any(|a| !a.ip().is_loopback()) {
+        bail!(
+            "--http-listen `{address}` is not a loopback address: the HTTP API has no \
+             authentication yet, so it serves only 127.0.0.1 or [::1] (reach it from \
+             elsewhere through an SSH tunnel or a proxy that authenticates)"
+        );
+    }
     Ok(())
 }
 
