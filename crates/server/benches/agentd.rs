@@ -690,11 +690,16 @@ async fn fan_out(options: &Options, rows: &mut Rows) -> Result<()> {
         let stopping = Instant::now();
         stop_all(&mut client, false).await?;
         let over = started.elapsed();
+        let (_, rss) = cpu_and_rss(daemon.process.id())?;
         daemon.terminate()?;
         let what = format!("{} spawned and stopped{context}", options.fanout);
         rows.insert(
             format!("fan-out: spawns and stops took (s), {what}"),
             over.as_secs_f64(),
+        );
+        rows.insert(
+            format!("fan-out: supervisor RSS at the end (MB), {what}"),
+            rss,
         );
         let mut record = |to: &str, (rate, rate_stopping, lost): (f64, f64, u64)| {
             rows.insert(
