@@ -87,18 +87,18 @@ impl Metrics {
         let stops = Family::<Labels<1>, Histogram>::new_with_constructor(stop_buckets);
         let mut metrics = Metrics {
             events: by_value(
-                pb::EventKind::try_from,
-                |k| k.as_str_name(),
+                |v| pb::EventKind::try_from(v).map(|k| k.as_str_name()),
+                "EVENT_KIND_",
                 |name| events.get_or_create_owned(&[("kind", name)]),
             ),
             run_ends: by_value(
-                pb::EndReason::try_from,
-                |r| r.as_str_name(),
+                |v| pb::EndReason::try_from(v).map(|r| r.as_str_name()),
+                "END_REASON_",
                 |name| run_ends.get_or_create_owned(&[("end_reason", name)]),
             ),
             stops: by_value(
-                pb::StopOutcome::try_from,
-                |o| o.as_str_name(),
+                |v| pb::StopOutcome::try_from(v).map(|o| o.as_str_name()),
+                "STOP_OUTCOME_",
                 |name| stops.get_or_create_owned(&[("outcome", name)]),
             ),
             restarts: Counter::default(),
@@ -388,31 +388,20 @@ fn count(counters: &[Option<Counter>], index: usize) {
     }
 }
 
-/// One metric per value of a proto enum (its `UNSPECIFIED` left out), indexed by the value.
-fn by_value<E: Copy, M>(
-    from: impl Fn(i32) -> Result<E, prost::UnknownEnumValue>,
-    name: impl Fn(E) -> &'static str,
+/// One metric per value of a proto enum (its `UNSPECIFIED` left out), indexed by the value,
+/// labelled with the value's name without `prefix`, in lower case.
+fn by_value<M>(
+    name: impl Fn(i32) -> Result<&'static str, prost::UnknownEnumValue>,
+    prefix: &str,
     mut create: impl FnMut(String) -> M,
 ) -> Vec<Option<M>> {
-    let mut metrics = Vec::new();
-    for value in 0.. {
-        let Ok(variant) = from(value) else {
-            break;
-        };
-        let full = name(variant);
-        let short = full.split_once('_').map_or(full, |(_, rest)| rest);
-        // EVENT_KIND_SPAWNED, END_REASON_OOM_KILLED, STOP_OUTCOME_ESCALATED: the prefix is
-        // the enum's name, one or two words.
-        let short = ["KIND_", "REASON_", "OUTCOME_"]
-            .iter()
-            .find_map(|prefix| short.strip_prefix(prefix))
-            .unwrap_or(short);
-        metrics.push(match short {
+    (0..)
+        .map_while(|value| name(value).ok())
+        .map(|full| match full.strip_prefix(prefix).unwrap_or(full) {
             "UNSPECIFIED" => None,
             short => Some(create(short.to_ascii_lowercase())),
-        });
-    }
-    metrics
+        })
+        .collect()
 }
 
 /// An agent label's name as a Prometheus label name: `[a-zA-Z0-9_]`.
