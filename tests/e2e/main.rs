@@ -8,6 +8,7 @@
 
 mod harness;
 
+mod agentctl;
 mod clients;
 mod containment;
 mod health;

@@ -1,5 +1,8 @@
 //! `agentctl`: the command-line client of agentd.
 
+mod describe;
+mod ending;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,7 +14,15 @@ use pb::agent_supervisor_client::AgentSupervisorClient;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Parser)]
-#[command(version, about = "Talk to a running agentd")]
+#[command(
+    version,
+    about = "Talk to a running agentd",
+    after_help = "Exit status: 0 success; 1 an error from agentd (its gRPC code and message on \
+                  stderr) or from reaching it; 2 a usage error. `wait` and `run` exit with the \
+                  agent's own status: its exit code, 128 + the signal that killed it, 1 for an \
+                  agent that was lost or could not start, 124 when `--timeout` passes first, \
+                  130 when `run --detach-on-interrupt` is interrupted."
+)]
 struct Options {
     /// agentd's Unix socket [default: DATA_DIR/agentd.sock, as agentd chooses it]
     #[arg(long, env = "AGENTD_SOCKET", global = true)]
@@ -31,6 +42,24 @@ struct Options {
 enum Action {
     /// Start an agent: agentctl spawn [OPTIONS] -- PROGRAM [ARGS...]
     Spawn(Box<SpawnArgs>),
+    /// Start an agent, copy its stdout and stderr to ours as they are written, and exit with
+    /// its status once it has ended: agentctl run [OPTIONS] -- PROGRAM [ARGS...]. Ctrl-C stops
+    /// it with its ladder, a second Ctrl-C kills it
+    Run(Box<RunArgs>),
+    /// Wait until agents have ended for good (not while a restart is pending); exit with the
+    /// agent's status (with several, the first that did not succeed)
+    Wait {
+        #[arg(required = true)]
+        agent_ids: Vec<String>,
+        /// Give up after this long (exit 124), leaving the agents running
+        #[arg(long, value_parser = settings::parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// Everything about one agent: identity, process, health, limits, lifecycle, output,
+    /// children
+    Describe { agent_id: String },
+    /// Print a shell completion script: agentctl completions bash > /etc/bash_completion.d/agentctl
+    Completions { shell: clap_complete::Shell },
     /// Show one agent
     Status { agent_id: String },
     /// List agents
@@ -111,6 +140,15 @@ enum Action {
         #[arg(long, value_parser = settings::parse_duration)]
         health_interval: Option<Duration>,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// On Ctrl-C leave the agent running and exit 130, instead of stopping it
+    #[arg(long)]
+    detach_on_interrupt: bool,
+    #[command(flatten)]
+    spawn: SpawnArgs,
 }
 
 #[derive(clap::Args)]
@@ -229,7 +267,7 @@ async fn main() -> std::process::ExitCode {
         )
     };
     match run(Options::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(status) => std::process::ExitCode::from(status),
         Err(error) => {
             match error.downcast_ref::<tonic::Status>() {
                 Some(status) => eprintln!("agentctl: {} ({:?})", status.message(), status.code()),
@@ -240,10 +278,44 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(options: Options) -> anyhow::Result<()> {
+/// Runs one command; returns agentctl's exit status.
+async fn run(options: Options) -> anyhow::Result<u8> {
+    if let Action::Completions { shell } = options.command {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            shell,
+            &mut Options::command(),
+            "agentctl",
+            &mut std::io::stdout(),
+        );
+        return Ok(0);
+    }
     let mut client = connect(&options).await?;
     let json = options.json;
     match options.command {
+        // Answered above, before connecting.
+        Action::Completions { .. } => {}
+        Action::Run(args) => {
+            let request = spawn_request(args.spawn)?;
+            return ending::run(&mut client, request, args.detach_on_interrupt).await;
+        }
+        Action::Wait { agent_ids, timeout } => {
+            let Some(statuses) = ending::wait(&mut client, &agent_ids, timeout).await? else {
+                eprintln!(
+                    "agentctl: still running after {:?}",
+                    timeout.unwrap_or_default()
+                );
+                return Ok(ending::TIMED_OUT);
+            };
+            for status in &statuses {
+                match json {
+                    true => print_json(status, false),
+                    false => println!("{}: {}", status.agent_id, ending::how_it_ended(status)),
+                }
+            }
+            return Ok(ending::first_failure(&statuses));
+        }
+        Action::Describe { agent_id } => describe::describe(&mut client, agent_id).await?,
         Action::Spawn(args) => {
             let request = spawn_request(*args)?;
             let response = client.spawn(request).await?.into_inner();
@@ -421,10 +493,12 @@ async fn run(options: Options) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(0)
 }
 
-async fn connect(options: &Options) -> anyhow::Result<AgentSupervisorClient<Channel>> {
+pub type Client = AgentSupervisorClient<Channel>;
+
+async fn connect(options: &Options) -> anyhow::Result<Client> {
     let target = match (&options.addr, &options.socket) {
         (Some(addr), _) => addr.clone(),
         (None, Some(socket)) => format!("unix://{}", socket.display()),

@@ -1,0 +1,220 @@
+//! agentctl for people and scripts: `run`, `wait`, `describe`, `completions`, and the exit
+//! status each gives.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Instant;
+
+use agentd_proto::v1 as pb;
+
+use crate::harness::*;
+
+fn agentctl(daemon: &Daemon) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_agentctl"));
+    command.arg("--socket").arg(&daemon.socket);
+    command
+}
+
+fn output(command: &mut Command) -> Output {
+    command.stdin(Stdio::null()).output().expect("agentctl")
+}
+
+/// Waits for a child agentctl to exit, failing at the deadline.
+fn exit_of(child: &mut Child) -> i32 {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait agentctl") {
+            return status.code().expect("an exit code");
+        }
+        assert!(Instant::now() < deadline, "agentctl did not exit");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[tokio::test]
+async fn run_copies_both_streams_and_exits_with_the_agents_status() {
+    let daemon = Daemon::start().await;
+    let ran = output(
+        agentctl(&daemon)
+            .args(["run", "--", "sh", "-c"])
+            .arg("echo out; echo err >&2; exit 3"),
+    );
+    assert_eq!(String::from_utf8_lossy(&ran.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&ran.stderr), "err\n");
+    assert_eq!(ran.status.code(), Some(3));
+    let killed = output(agentctl(&daemon).args(["run", "--", "sh", "-c", "kill -9 $$"]));
+    assert_eq!(killed.status.code(), Some(137), "128 + SIGKILL");
+    let unknown = output(agentctl(&daemon).args(["run", "--", "/no/such/program"]));
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("InvalidArgument"),
+        "{unknown:?}"
+    );
+    let usage = output(agentctl(&daemon).args(["run", "--no-such-flag"]));
+    assert_eq!(usage.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn ctrl_c_stops_a_run_through_its_ladder() {
+    let daemon = Daemon::start().await;
+    let script = "trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.05; done";
+    let mut run = agentctl(&daemon)
+        .args(["run", "--id", "trapper", "--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("agentctl run");
+    let mut stdout = BufReader::new(run.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("first line");
+    assert_eq!(line, "ready\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT agentctl");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).expect("the rest");
+    assert_eq!(rest, "got TERM\n", "the agent saw SIGTERM");
+    assert_eq!(exit_of(&mut run), 7);
+    let mut client = daemon.client().await;
+    assert_eq!(
+        status(&mut client, "trapper").await.state,
+        pb::AgentState::Killed as i32
+    );
+}
+
+#[tokio::test]
+async fn wait_returns_when_the_agent_ends_or_the_timeout_passes() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let flag = daemon.dir.path().join("go");
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.02; done; exit 5",
+        flag.display()
+    );
+    spawn(&mut client, "waited", sh(&script)).await;
+    let timed_out = output(agentctl(&daemon).args(["wait", "waited", "--timeout", "200ms"]));
+    assert_eq!(timed_out.status.code(), Some(124));
+    assert!(
+        status(&mut client, "waited").await.process_alive,
+        "left running"
+    );
+
+    let mut wait = agentctl(&daemon)
+        .args(["wait", "waited"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("agentctl wait");
+    assert!(
+        wait.try_wait().expect("try_wait").is_none(),
+        "returned early"
+    );
+    // Only the end can tell it the code it prints and exits with.
+    std::fs::write(&flag, "").expect("flag");
+    assert_eq!(exit_of(&mut wait), 5);
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut wait.stdout.take().expect("stdout"), &mut printed)
+        .expect("stdout");
+    assert_eq!(printed, "waited: FAILED, exit 5: exited with code 5\n");
+
+    let missing = output(agentctl(&daemon).args(["wait", "ghost"]));
+    assert_eq!(missing.status.code(), Some(1));
+}
+
+#[tokio::test]
+async fn wait_is_not_fooled_by_a_pending_restart() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let mut flaky = spawn_request("flaky", sh("exit 4"));
+    flaky.restart_policy = pb::RestartPolicy::OnFailure as i32;
+    flaky.max_restarts = 2;
+    flaky.restart_backoff = Some(pb::RestartBackoff {
+        initial: Some(std::time::Duration::from_millis(100).into()),
+        ..Default::default()
+    });
+    spawn_with(&mut client, flaky).await;
+    let waited = output(agentctl(&daemon).args(["--json", "wait", "flaky"]));
+    assert_eq!(waited.status.code(), Some(4));
+    let last: serde_json::Value = serde_json::from_slice(&waited.stdout).expect("JSON status");
+    assert_eq!(last["restartCount"], 2, "returned only after the last run");
+    assert_eq!(last["state"], "AGENT_STATE_FAILED");
+}
+
+/// The field names of `message AgentStatus` in the proto file.
+fn agent_status_fields() -> Vec<String> {
+    let proto = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../proto/agentd/v1/agentd.proto"
+    ))
+    .expect("proto");
+    let body = proto
+        .split_once("message AgentStatus {")
+        .and_then(|(_, rest)| rest.split_once("\n}"))
+        .expect("message AgentStatus")
+        .0;
+    body.lines()
+        .map(str::trim)
+        .filter(|line| !line.starts_with("//") && line.ends_with(';'))
+        .filter_map(|line| line.split_once('=').map(|(declared, _)| declared))
+        .filter_map(|declared| declared.split_whitespace().last())
+        .map(String::from)
+        .collect()
+}
+
+#[tokio::test]
+async fn describe_shows_every_field_of_the_status_its_output_and_children() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    spawn(&mut client, "parent", sh("echo one; echo two; sleep 30")).await;
+    let mut child = spawn_request("child", vec!["sleep".into(), "30".into()]);
+    child.parent_agent_id = "parent".into();
+    spawn_with(&mut client, child).await;
+    wait_for(&mut client, "parent", "has written", |s| s.process_alive).await;
+    let deadline = Instant::now() + DEADLINE;
+    let described = loop {
+        let described = output(agentctl(&daemon).args(["describe", "parent"]));
+        let text = String::from_utf8_lossy(&described.stdout).into_owned();
+        if text.contains("  two\n") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let fields = agent_status_fields();
+    assert!(fields.len() > 40, "{fields:?}");
+    for field in &fields {
+        assert!(
+            described
+                .lines()
+                .any(|line| line.trim_start().starts_with(&format!("{field} "))),
+            "describe lacks `{field}`:\n{described}"
+        );
+    }
+    assert!(!described.contains("Other:"), "{described}");
+    assert!(described.contains("  one\n  two\n"), "{described}");
+    assert!(described.contains("ago)"), "a relative time: {described}");
+    assert!(
+        described
+            .lines()
+            .any(|line| line.trim_start().starts_with("child ")),
+        "{described}"
+    );
+    kill_all(&mut client).await;
+}
+
+#[test]
+fn completions_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let script = Command::new(env!("CARGO_BIN_EXE_agentctl"))
+            .args(["completions", shell])
+            .output()
+            .expect("agentctl");
+        assert!(script.status.success(), "{shell}: {script:?}");
+        let text = String::from_utf8_lossy(&script.stdout);
+        assert!(
+            text.contains("agentctl") && text.contains("describe"),
+            "{shell}: {text}"
+        );
+    }
+}
