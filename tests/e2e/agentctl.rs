@@ -218,3 +218,97 @@ fn completions_for_each_shell() {
         );
     }
 }
+
+async fn stdout_of(client: &mut Client, agent_id: &str) -> String {
+    let request = pb::StreamLogsRequest {
+        agent_id: agent_id.into(),
+        stream: pb::LogStream::Stdout.into(),
+        ..Default::default()
+    };
+    let mut chunks = client
+        .stream_logs(request)
+        .await
+        .expect("logs")
+        .into_inner();
+    let mut text = Vec::new();
+    while let Some(chunk) = chunks.message().await.expect("chunk") {
+        text.extend_from_slice(&chunk.data);
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+#[tokio::test]
+async fn restart_keeps_the_id_starts_a_new_process_and_says_so_in_order() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let mut worker = spawn_request("worker", sh("echo run; exec sleep 30"));
+    worker.stop_policy = quick_ladder();
+    let first = spawn_with(&mut client, worker).await;
+    let mut events = client
+        .watch_agents(pb::WatchAgentsRequest {
+            agent_ids: vec!["worker".into()],
+            health_interval: Some(std::time::Duration::ZERO.into()),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let restarted = client
+        .restart(pb::RestartRequest {
+            agent_ids: vec!["worker".into()],
+        })
+        .await
+        .expect("restart")
+        .into_inner()
+        .statuses;
+    let [restarted] = restarted.try_into().expect("one status");
+    assert_eq!(restarted.agent_id, "worker");
+    assert_eq!(restarted.state, pb::AgentState::Running as i32);
+    assert_ne!(restarted.pid, first.pid, "a new process");
+    assert_eq!(restarted.restart_count, 1);
+    assert_eq!(restarted.agent_dir, first.agent_dir);
+    let mut seen = Vec::new();
+    loop {
+        let event = next_event(&mut events).await;
+        let kind = pb::EventKind::try_from(event.kind).expect("kind");
+        seen.push((kind, event.message));
+        if kind == pb::EventKind::Spawned {
+            break;
+        }
+    }
+    let kinds: Vec<_> = seen.iter().map(|(kind, _)| *kind).collect();
+    use pb::EventKind::*;
+    assert_eq!(kinds, [Stopping, Killed, Restarting, Spawned]);
+    assert_eq!(seen[2].1, "restart requested");
+    let deadline = Instant::now() + DEADLINE;
+    while stdout_of(&mut client, "worker").await != "run\nrun\n" {
+        assert!(Instant::now() < deadline, "output not appended");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // A completed agent runs again, through agentctl.
+    spawn(&mut client, "once", sh("echo once")).await;
+    wait_for_state(&mut client, "once", pb::AgentState::Completed).await;
+    let again = output(agentctl(&daemon).args(["restart", "once"]));
+    assert!(again.status.success(), "{again:?}");
+    let done = wait_for(&mut client, "once", "completed again", |s| {
+        s.state == pb::AgentState::Completed as i32 && s.restart_count == 1
+    })
+    .await;
+    assert_eq!(done.exit_code, Some(0));
+    assert_eq!(stdout_of(&mut client, "once").await, "once\nonce\n");
+
+    let unknown = client
+        .restart(pb::RestartRequest {
+            agent_ids: vec!["worker".into(), "ghost".into()],
+        })
+        .await
+        .expect_err("unknown agent");
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    assert_eq!(
+        status(&mut client, "worker").await.restart_count,
+        1,
+        "all or none: nothing restarted"
+    );
+    kill_all(&mut client).await;
+}

@@ -50,6 +50,8 @@ pub enum Error {
         id: String,
         state: crate::agent::AgentState,
     },
+    #[error("agent `{id}` cannot be restarted now: {why}")]
+    CannotRestart { id: String, why: String },
     #[error("agent `{id}` already exists")]
     AlreadyExists { id: String },
     /// The working directory the spawn named is missing or not a directory.

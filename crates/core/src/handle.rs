@@ -122,6 +122,7 @@ pub(crate) enum Command {
     Remove(String, oneshot::Sender<Result<AgentStatus>>),
     /// Pause (`true`) or resume (`false`) these agents.
     Pause(Vec<String>, bool, oneshot::Sender<Result<Vec<AgentStatus>>>),
+    Restart(Vec<String>, oneshot::Sender<Result<Vec<AgentStatus>>>),
     /// The process groups a group check found empty (agent id, group id).
     GroupsGone(Vec<(String, i32)>),
     /// The keeper reaped one of its children.
@@ -193,6 +194,16 @@ impl SupervisorHandle {
     pub async fn pause(&self, agent_ids: Vec<String>, pause: bool) -> Result<Vec<AgentStatus>> {
         let statuses = self
             .request(|reply| Command::Pause(agent_ids, pause, reply))
+            .await??;
+        self.store.flush().await?;
+        Ok(statuses)
+    }
+
+    /// Restarts agents: each goes down its stop ladder (if it runs) and starts again with
+    /// the same id and spec. All or none; answers with their statuses once each runs again.
+    pub async fn restart(&self, agent_ids: Vec<String>) -> Result<Vec<AgentStatus>> {
+        let statuses = self
+            .request(|reply| Command::Restart(agent_ids, reply))
             .await??;
         self.store.flush().await?;
         Ok(statuses)

@@ -440,7 +440,12 @@ impl AgentMachine {
                 EndReason::HealthAction,
                 None,
             ),
-            Some(StopReason::Requested | StopReason::Shutdown | StopReason::ParentExited) => (
+            Some(
+                StopReason::Requested
+                | StopReason::Shutdown
+                | StopReason::ParentExited
+                | StopReason::Restart,
+            ) => (
                 AgentState::Killed,
                 EventKind::Killed,
                 EndReason::Stopped,
@@ -799,6 +804,10 @@ impl AgentMachine {
     /// The run is over: start it again after a backoff if the policy wants, else it has ended
     /// for good.
     fn end_run(&mut self, now: Now, end: RunEnd, lingering: bool, out: &mut Vec<Effect>) {
+        if matches!(end, RunEnd::Stopped(StopReason::Restart)) && !now.shutting_down {
+            self.relaunch(out);
+            return;
+        }
         let policy = self.record.spec.lifecycle.clone();
         if now.shutting_down || !wants_restart(policy.restart, &end) {
             self.end_for_good(lingering, out);
@@ -844,6 +853,55 @@ impl AgentMachine {
         );
         out.push(Effect::Persist);
         self.emit(out, EventKind::Restarting, message);
+    }
+
+    /// A client asked for a restart: a running agent goes down its stop ladder and comes
+    /// up again as soon as it has ended; a restart pending in backoff happens now; an agent
+    /// that ended starts again. Says why not when it cannot be restarted now.
+    pub fn restart(&mut self, now: Now, out: &mut Vec<Effect>) -> Result<(), &'static str> {
+        if let Some(why) = self.restart_blocked() {
+            return Err(why);
+        }
+        match self.phase {
+            Phase::Running | Phase::Paused { .. } => {
+                self.stop(now, false, StopReason::Restart, out);
+            }
+            Phase::Stopping(mut stop) => {
+                stop.reason = StopReason::Restart;
+                self.phase = Phase::Stopping(stop);
+            }
+            _ => self.relaunch(out),
+        }
+        Ok(())
+    }
+
+    /// Why a restart cannot be asked for now, if it cannot.
+    pub fn restart_blocked(&self) -> Option<&'static str> {
+        match self.phase {
+            Phase::Starting { .. } => Some("it is starting"),
+            Phase::Stopping(stop) if stop.leftovers => {
+                Some("processes of its last run are still being stopped")
+            }
+            Phase::Ended { lingering: true } => {
+                Some("processes of its last run are still running; stop them first")
+            }
+            _ => None,
+        }
+    }
+
+    /// Starts the agent again now, without a backoff: a restart a client asked for.
+    fn relaunch(&mut self, out: &mut Vec<Effect>) {
+        let record = &mut self.record;
+        if record.state != AgentState::BackingOff {
+            record.last_exit = record.exit;
+        }
+        record.next_restart_at = None;
+        record.backoff_step = 0;
+        record.state = AgentState::Starting;
+        self.phase = Phase::Starting { restart: true };
+        out.push(Effect::Persist);
+        self.emit(out, EventKind::Restarting, "restart requested".into());
+        out.push(Effect::Launch);
     }
 
     fn end_for_good(&mut self, lingering: bool, out: &mut Vec<Effect>) {

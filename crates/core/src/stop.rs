@@ -32,6 +32,8 @@ pub(crate) enum StopReason {
     MaxRuntime,
     /// No first heartbeat within the startup timeout.
     StartupTimeout,
+    /// A client asked for a restart: the run is started again as soon as it has ended.
+    Restart,
 }
 
 impl StopReason {

@@ -136,6 +136,7 @@ impl Supervisor {
             table: AgentTable::default(),
             deadlines: BTreeSet::new(),
             stop_waiters: HashMap::new(),
+            restart_waiters: HashMap::new(),
             adopted_exits_tx,
             acks,
             shutting_down: false,
@@ -229,6 +230,8 @@ pub(crate) struct SupervisorTask {
     deadlines: BTreeSet<(Instant, String)>,
     /// Everyone waiting for a stop under way, by agent.
     stop_waiters: HashMap<String, Vec<oneshot::Sender<StopReport>>>,
+    /// Everyone waiting for an agent to run again after a restart they asked for.
+    restart_waiters: HashMap<String, Vec<oneshot::Sender<Result<AgentStatus>>>>,
     adopted_exits_tx: mpsc::UnboundedSender<String>,
     /// Exits from the keeper that are handled; acknowledged once on disk.
     acks: mpsc::UnboundedSender<Ack>,
@@ -339,6 +342,7 @@ impl SupervisorTask {
             Command::Pause(agent_ids, pause, reply) => {
                 let _ = reply.send(self.pause(&agent_ids, pause));
             }
+            Command::Restart(agent_ids, reply) => self.restart(agent_ids, reply),
             Command::Reap(reply) => {
                 let _ = reply.send(self.reap());
             }
@@ -518,6 +522,16 @@ impl SupervisorTask {
                     }
                 }
                 Effect::EndedForGood => {
+                    let shutting_down = self.shutting_down;
+                    self.answer_restart(agent_id, || {
+                        Err(match shutting_down {
+                            true => Error::ShuttingDown,
+                            false => Error::CannotRestart {
+                                id: agent_id.to_string(),
+                                why: "it was stopped before it started again".into(),
+                            },
+                        })
+                    });
                     self.remove_cgroup_if_empty(agent_id);
                     self.stop_followers(agent_id);
                 }
@@ -578,10 +592,21 @@ impl SupervisorTask {
                     };
                     self.input(agent_id, |m, _, out| m.sampled(sample, out));
                 }
+                if let Ok(machine) = self.table.get(agent_id) {
+                    let status = machine.status(Instant::now());
+                    self.answer_restart(agent_id, || Ok(status.clone()));
+                }
                 Ok(())
             }
             Err(error) => {
                 let message = error.to_string();
+                let why = format!("it could not start again: {message}");
+                self.answer_restart(agent_id, || {
+                    Err(Error::CannotRestart {
+                        id: agent_id.to_string(),
+                        why: why.clone(),
+                    })
+                });
                 if let Ok(machine) = self.table.get(agent_id) {
                     let log = machine.record().agent_dir.join("error.log");
                     let _ = std::fs::write(log, &message);
@@ -883,6 +908,83 @@ impl SupervisorTask {
                 .collect();
             let _ = commands.blocking_send(Command::GroupsGone(gone));
         });
+    }
+
+    /// Restarts agents, all or none: each must exist and be in a state to restart, and those
+    /// that ended must fit in the daemon's capacity again. `reply` gets their statuses once
+    /// every one runs again.
+    fn restart(
+        &mut self,
+        agent_ids: Vec<String>,
+        reply: oneshot::Sender<Result<Vec<AgentStatus>>>,
+    ) {
+        if let Err(error) = self.check_restart(&agent_ids) {
+            let _ = reply.send(Err(error));
+            return;
+        }
+        let mut running_again = Vec::with_capacity(agent_ids.len());
+        for agent_id in &agent_ids {
+            let (waiter, status) = oneshot::channel();
+            self.restart_waiters
+                .entry(agent_id.clone())
+                .or_default()
+                .push(waiter);
+            running_again.push(status);
+            self.input(agent_id, |m, now, out| m.restart(now, out));
+        }
+        tokio::spawn(async move {
+            let mut statuses = Vec::with_capacity(running_again.len());
+            for status in running_again {
+                match status.await {
+                    Ok(Ok(status)) => statuses.push(status),
+                    Ok(Err(error)) => {
+                        let _ = reply.send(Err(error));
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = reply.send(Err(Error::ShuttingDown));
+                        return;
+                    }
+                }
+            }
+            let _ = reply.send(Ok(statuses));
+        });
+    }
+
+    fn check_restart(&self, agent_ids: &[String]) -> Result<()> {
+        if self.shutting_down {
+            return Err(Error::ShuttingDown);
+        }
+        if agent_ids.is_empty() {
+            return Err(Error::Invalid {
+                field: "agent_ids",
+                problem: "name at least one agent".into(),
+            });
+        }
+        let (mut returning, mut load) = (0, 0.0);
+        for agent_id in agent_ids {
+            check_id("agent_ids", agent_id)?;
+            let machine = self.table.get(agent_id)?;
+            if let Some(why) = machine.restart_blocked() {
+                return Err(Error::CannotRestart {
+                    id: agent_id.clone(),
+                    why: why.into(),
+                });
+            }
+            let record = machine.record();
+            if !record.state.holds_capacity() {
+                returning += 1;
+                load += record.spec.load_percentage;
+            }
+        }
+        self.table.has_room(returning, load, &self.limits)
+    }
+
+    /// Answers everyone waiting for this agent to run again.
+    fn answer_restart(&mut self, agent_id: &str, answer: impl Fn() -> Result<AgentStatus>) {
+        for waiter in self.restart_waiters.remove(agent_id).unwrap_or_default() {
+            let _ = waiter.send(answer());
+        }
     }
 
     /// Starts stopping an agent, or joins a stop under way; the receiver gets the report.

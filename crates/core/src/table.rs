@@ -211,7 +211,13 @@ impl AgentTable {
                 parent: parent.clone(),
             });
         }
-        let (count, load) = self
+        self.has_room(1, spec.load_percentage, limits)
+    }
+
+    /// Refuses `more` agents of `load` in all that would pass the daemon's capacity or agent
+    /// limit.
+    pub fn has_room(&self, more: usize, load: f64, limits: &Limits) -> Result<()> {
+        let (count, used) = self
             .agents
             .values()
             .map(AgentMachine::record)
@@ -220,14 +226,14 @@ impl AgentTable {
                 (count + 1, load + record.spec.load_percentage)
             });
         if let Some(max) = limits.max_agents
-            && count >= max
+            && count + more > max
         {
             return Err(Error::TooManyAgents { max, count });
         }
-        if load + spec.load_percentage > limits.capacity + 1e-9 {
+        if used + load > limits.capacity + 1e-9 {
             return Err(Error::OverCapacity {
-                requested: spec.load_percentage,
-                used: load,
+                requested: load,
+                used,
                 capacity: limits.capacity,
             });
         }

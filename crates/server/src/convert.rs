@@ -21,6 +21,7 @@ pub fn error_status(error: Error) -> Status {
         Error::NotRunning { .. }
         | Error::UnknownParent { .. }
         | Error::NotFinished { .. }
+        | Error::CannotRestart { .. }
         | Error::Unsupported { .. } => Code::FailedPrecondition,
         Error::TooManyAgents { .. } | Error::OverCapacity { .. } => Code::ResourceExhausted,
         Error::AlreadyExists { .. } => Code::AlreadyExists,

@@ -305,7 +305,7 @@ async fn remove(State(api): State<Api>, Path(agent_id): Path<String>) -> Answer 
     ok(response.get_ref())
 }
 
-/// `POST /v1/agents/{id}:stop`, `:pause`, `:resume` (custom methods, as Google's API style
+/// `POST /v1/agents/{id}:stop`, `:pause`, `:resume`, `:restart` (custom methods, as Google's API style
 /// guide writes them).
 async fn agent_verb(
     State(api): State<Api>,
@@ -346,6 +346,11 @@ async fn agent_verb(
         "resume" => {
             let request = pb::ResumeRequest { agent_ids };
             let response = api.service.resume(tonic::Request::new(request)).await?;
+            ok(response.get_ref())
+        }
+        "restart" => {
+            let request = pb::RestartRequest { agent_ids };
+            let response = api.service.restart(tonic::Request::new(request)).await?;
             ok(response.get_ref())
         }
         _ => Err(no_such_route(&method, &uri)),

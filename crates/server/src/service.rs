@@ -320,6 +320,23 @@ impl AgentSupervisor for AgentSupervisorService {
         .await
     }
 
+    async fn restart(
+        &self,
+        request: Request<pb::RestartRequest>,
+    ) -> Result<Response<pb::RestartResponse>, Status> {
+        self.timed("Restart", async move {
+            let agent_ids = request.into_inner().agent_ids;
+            let statuses = self
+                .supervisor
+                .restart(agent_ids)
+                .await
+                .map_err(error_status)?;
+            let statuses = statuses.iter().map(convert::status).collect();
+            Ok(Response::new(pb::RestartResponse { statuses }))
+        })
+        .await
+    }
+
     type WatchAgentsStream = Pin<Box<dyn Stream<Item = Result<pb::AgentEvent, Status>> + Send>>;
 
     /// gRPC clients are served by [`watch::WatchAgentsRoute`], which sends each event's

@@ -795,3 +795,87 @@ fn an_oom_kill_ends_the_run_oom_killed_and_on_failure_restarts_it() {
         (AgentState::Completed, EndReason::Exited)
     );
 }
+
+#[test]
+fn a_requested_restart_goes_down_the_ladder_and_starts_again_at_once() {
+    let (mut machine, mut clock) = running(|spec| {
+        spec.lifecycle.restart = RestartPolicy::Never;
+    });
+    let mut out = Vec::new();
+    assert_eq!(machine.restart(clock.now(), &mut out), Ok(()));
+    assert_eq!(signals(&out), [Signal::SIGTERM]);
+    assert_eq!(kinds(&out), [EventKind::Stopping]);
+
+    let out = terminated(&mut machine, &mut clock);
+    assert_eq!(finished(&out), Some(StopOutcome::ExitedOnFirstSignal));
+    // The run ended KILLED, then comes up again with no backoff, whatever the policy.
+    assert_eq!(kinds(&out), [EventKind::Killed, EventKind::Restarting]);
+    assert!(out.contains(&Effect::Launch));
+    assert!(!out.contains(&Effect::EndedForGood));
+    assert_eq!(machine.phase(), Phase::Starting { restart: true });
+    assert_eq!(machine.record().state, AgentState::Starting);
+    assert_eq!(machine.record().last_exit, Some(Exit::Signal(15)));
+
+    let mut out = Vec::new();
+    machine.started(clock.advance(ms(1)), launched(4343, Some(2)), &mut out);
+    assert_eq!(kinds(&out), [EventKind::Spawned]);
+    assert_eq!(machine.record().restart_count, 1);
+    assert_eq!(machine.record().pid, Some(4343));
+}
+
+#[test]
+fn an_ended_agent_restarts_at_once_and_a_pending_backoff_is_replaced() {
+    let (mut machine, mut clock) = running(|_| {});
+    let mut out = Vec::new();
+    machine.leader_exited(
+        clock.advance(ms(5)),
+        Some(Exit::Code(0)),
+        false,
+        false,
+        &mut out,
+    );
+    assert_eq!(machine.phase(), Phase::Ended { lingering: false });
+    let mut out = Vec::new();
+    assert_eq!(machine.restart(clock.now(), &mut out), Ok(()));
+    assert_eq!(kinds(&out), [EventKind::Restarting]);
+    assert!(out.contains(&Effect::Launch));
+
+    let (mut machine, mut clock) = running(|spec| {
+        spec.lifecycle.restart = RestartPolicy::OnFailure;
+        spec.lifecycle.backoff.initial = Duration::from_secs(60);
+    });
+    let mut out = Vec::new();
+    machine.leader_exited(
+        clock.advance(ms(5)),
+        Some(Exit::Code(1)),
+        false,
+        false,
+        &mut out,
+    );
+    assert!(matches!(machine.phase(), Phase::BackingOff { .. }));
+    let mut out = Vec::new();
+    assert_eq!(machine.restart(clock.now(), &mut out), Ok(()));
+    assert!(out.contains(&Effect::Launch));
+    assert_eq!(machine.record().next_restart_at, None);
+    assert_eq!(machine.record().last_exit, Some(Exit::Code(1)));
+    assert_eq!(machine.deadline(), None, "the backoff's timer is gone");
+}
+
+#[test]
+fn a_client_stop_during_a_restart_wins_and_a_starting_agent_cannot_restart() {
+    let (mut machine, mut clock) = running(|_| {});
+    let mut out = Vec::new();
+    machine.restart(clock.now(), &mut out).expect("restart");
+    machine.stop(clock.now(), false, StopReason::Requested, &mut out);
+    let out = terminated(&mut machine, &mut clock);
+    assert!(out.contains(&Effect::EndedForGood));
+    assert!(!out.contains(&Effect::Launch));
+    assert_eq!(ended_as(&machine), (AgentState::Killed, EndReason::Stopped));
+
+    let clock = Clock::new();
+    let mut machine = AgentMachine::starting(record(spec(|_| {})), clock.now());
+    assert_eq!(
+        machine.restart(clock.now(), &mut Vec::new()),
+        Err("it is starting")
+    );
+}

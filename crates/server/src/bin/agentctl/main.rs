@@ -118,6 +118,12 @@ enum Action {
         #[arg(required = true)]
         agent_ids: Vec<String>,
     },
+    /// Stop agents with their ladder and start them again: same id, spec, folder and prompt
+    /// (an agent that ended starts again; a pending backoff restart happens now)
+    Restart {
+        #[arg(required = true)]
+        agent_ids: Vec<String>,
+    },
     /// Print events as they happen
     Watch {
         /// Only this agent; repeatable
@@ -446,6 +452,15 @@ async fn run(options: Options) -> anyhow::Result<u8> {
         Action::Resume { agent_ids } => {
             let request = pb::ResumeRequest { agent_ids };
             let response = client.resume(request).await?.into_inner();
+            if json {
+                print_json(&response, true);
+            } else {
+                print_statuses(&response.statuses);
+            }
+        }
+        Action::Restart { agent_ids } => {
+            let request = pb::RestartRequest { agent_ids };
+            let response = client.restart(request).await?.into_inner();
             if json {
                 print_json(&response, true);
             } else {
