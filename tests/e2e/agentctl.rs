@@ -58,21 +58,8 @@ async fn run_copies_both_streams_and_exits_with_the_agents_status() {
 async fn ctrl_c_stops_a_run_through_its_ladder() {
     let daemon = Daemon::start().await;
     let script = "trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.05; done";
-    let mut run = agentctl(&daemon)
-        .args(["run", "--id", "trapper", "--", "sh", "-c", script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("agentctl run");
-    let mut stdout = BufReader::new(run.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("first line");
-    assert_eq!(line, "ready\n");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(run.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .expect("SIGINT agentctl");
+    let (mut run, mut stdout) = run_until_ready(&daemon, &["--id", "trapper"], script);
+    interrupt(&run);
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut rest).expect("the rest");
     assert_eq!(rest, "got TERM\n", "the agent saw SIGTERM");
@@ -200,6 +187,11 @@ async fn describe_shows_every_field_of_the_status_its_output_and_children() {
             .any(|line| line.trim_start().starts_with("child ")),
         "{described}"
     );
+    let json = output(agentctl(&daemon).args(["--json", "describe", "parent"]));
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    assert_eq!(json["status"]["agentId"], "parent");
+    assert_eq!(json["stdoutTail"], "one\ntwo\n");
+    assert_eq!(json["children"][0]["agentId"], "child");
     kill_all(&mut client).await;
 }
 
@@ -310,5 +302,60 @@ async fn restart_keeps_the_id_starts_a_new_process_and_says_so_in_order() {
         1,
         "all or none: nothing restarted"
     );
+    kill_all(&mut client).await;
+}
+
+/// Starts `agentctl run` on a script that prints `ready` and waits for it.
+fn run_until_ready(
+    daemon: &Daemon,
+    options: &[&str],
+    script: &str,
+) -> (Child, BufReader<std::process::ChildStdout>) {
+    let mut run = agentctl(daemon)
+        .arg("run")
+        .args(options)
+        .args(["--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agentctl run");
+    let mut stdout = BufReader::new(run.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("first line");
+    assert_eq!(line, "ready\n");
+    (run, stdout)
+}
+
+fn interrupt(child: &Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT agentctl");
+}
+
+#[tokio::test]
+async fn a_second_ctrl_c_kills_and_detach_leaves_the_agent_running() {
+    let daemon = Daemon::start().await;
+    let stubborn = "trap '' TERM; echo ready; while :; do sleep 0.05; done";
+    let (mut run, _stdout) = run_until_ready(&daemon, &["--grace", "60s"], stubborn);
+    interrupt(&run);
+    let mut stderr = BufReader::new(run.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("a line");
+    assert!(line.contains("Ctrl-C again to kill it"), "{line}");
+    interrupt(&run);
+    assert_eq!(exit_of(&mut run), 137, "killed by SIGKILL");
+
+    let (mut run, _stdout) = run_until_ready(
+        &daemon,
+        &["--id", "detached", "--detach-on-interrupt"],
+        "echo ready; exec sleep 30",
+    );
+    interrupt(&run);
+    assert_eq!(exit_of(&mut run), 130);
+    let mut client = daemon.client().await;
+    assert!(status(&mut client, "detached").await.process_alive);
     kill_all(&mut client).await;
 }

@@ -83,7 +83,9 @@ const GROUPS: &[(&str, &[&str])] = &[
 /// Lines of each output stream shown.
 const TAIL: u32 = 10;
 
-pub async fn describe(client: &mut Client, agent_id: String) -> anyhow::Result<()> {
+/// Prints everything about one agent; with `json`, one object: `status` (an AgentStatus),
+/// `stdoutTail` and `stderrTail` (the last lines), `children` (their AgentStatus).
+pub async fn describe(client: &mut Client, agent_id: String, json: bool) -> anyhow::Result<()> {
     let request = pb::StatusRequest {
         agent_id: agent_id.clone(),
     };
@@ -93,44 +95,8 @@ pub async fn describe(client: &mut Client, agent_id: String) -> anyhow::Result<(
         .into_inner()
         .status
         .context("no status in the answer")?;
-    let fields = match serde_json::to_value(&status)? {
-        Value::Object(fields) => fields,
-        _ => anyhow::bail!("a status that is not a JSON object"),
-    };
-    let now = SystemTime::now();
-    let mut shown = std::collections::HashSet::new();
-    for (group, names) in GROUPS {
-        println!("{group}:");
-        for name in *names {
-            shown.insert(camel_case(name));
-            println!(
-                "  {name:<18} {}",
-                value_text(fields.get(&camel_case(name)), now)
-            );
-        }
-    }
-    let other: Vec<_> = fields.keys().filter(|key| !shown.contains(*key)).collect();
-    if !other.is_empty() {
-        println!("Other:");
-        for key in other {
-            println!("  {key:<18} {}", value_text(fields.get(key), now));
-        }
-    }
-
-    println!("  files:");
-    for file in [
-        "stdout.log",
-        "stderr.log",
-        "prompt.txt",
-        "status.json",
-        "error.log",
-    ] {
-        println!("    {}/{file}", status.agent_dir);
-    }
-    for (stream, name) in [
-        (pb::LogStream::Stdout, "stdout"),
-        (pb::LogStream::Stderr, "stderr"),
-    ] {
+    let mut tails = Vec::new();
+    for stream in [pb::LogStream::Stdout, pb::LogStream::Stderr] {
         let request = pb::StreamLogsRequest {
             agent_id: agent_id.clone(),
             stream: stream.into(),
@@ -142,22 +108,66 @@ pub async fn describe(client: &mut Client, agent_id: String) -> anyhow::Result<(
         while let Some(chunk) = chunks.message().await? {
             text.extend_from_slice(&chunk.data);
         }
-        println!("Last {TAIL} lines of {name}:");
-        for line in String::from_utf8_lossy(&text).lines() {
-            println!("  {line}");
-        }
+        tails.push(String::from_utf8_lossy(&text).into_owned());
     }
-
     let request = pb::ListAgentsRequest {
         parent_agent_id: agent_id,
         ..Default::default()
     };
-    let children = client.list_agents(request).await?.into_inner();
+    let children = client.list_agents(request).await?.into_inner().agents;
+    if json {
+        let described = serde_json::json!({
+            "status": status,
+            "stdoutTail": tails[0],
+            "stderrTail": tails[1],
+            "children": children,
+        });
+        println!("{}", serde_json::to_string_pretty(&described)?);
+        return Ok(());
+    }
+
+    let fields = match serde_json::to_value(&status)? {
+        Value::Object(fields) => fields,
+        _ => anyhow::bail!("a status that is not a JSON object"),
+    };
+    let now = SystemTime::now();
+    let mut shown = std::collections::HashSet::new();
+    for (group, names) in GROUPS {
+        println!("{group}:");
+        for name in *names {
+            shown.insert(camel_case(name));
+            let value = value_text(fields.get(&camel_case(name)), now);
+            println!("  {name:<18} {value}");
+        }
+    }
+    println!("  files:");
+    for file in [
+        "stdout.log",
+        "stderr.log",
+        "prompt.txt",
+        "status.json",
+        "error.log",
+    ] {
+        println!("    {}/{file}", status.agent_dir);
+    }
+    let other: Vec<_> = fields.keys().filter(|key| !shown.contains(*key)).collect();
+    if !other.is_empty() {
+        println!("Other:");
+        for key in other {
+            println!("  {key:<18} {}", value_text(fields.get(key), now));
+        }
+    }
+    for (name, tail) in ["stdout", "stderr"].iter().zip(&tails) {
+        println!("Last {TAIL} lines of {name}:");
+        for line in tail.lines() {
+            println!("  {line}");
+        }
+    }
     println!("Children:");
-    if children.agents.is_empty() {
+    if children.is_empty() {
         println!("  none");
     }
-    for child in &children.agents {
+    for child in &children {
         let state = pb::AgentState::try_from(child.state)
             .map(|s| s.as_str_name().trim_start_matches("AGENT_STATE_"))
             .unwrap_or("UNKNOWN");

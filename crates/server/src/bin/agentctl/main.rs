@@ -321,7 +321,7 @@ async fn run(options: Options) -> anyhow::Result<u8> {
             }
             return Ok(ending::first_failure(&statuses));
         }
-        Action::Describe { agent_id } => describe::describe(&mut client, agent_id).await?,
+        Action::Describe { agent_id } => describe::describe(&mut client, agent_id, json).await?,
         Action::Spawn(args) => {
             let request = spawn_request(*args)?;
             let response = client.spawn(request).await?.into_inner();
