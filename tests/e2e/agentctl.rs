@@ -182,6 +182,10 @@ async fn describe_shows_every_field_of_the_status_its_output_and_children() {
     assert!(described.contains("  one\n  two\n"), "{described}");
     assert!(described.contains("ago)"), "a relative time: {described}");
     assert!(
+        described.contains("  history:\n") && described.contains(" SPAWNED "),
+        "{described}"
+    );
+    assert!(
         described
             .lines()
             .any(|line| line.trim_start().starts_with("child ")),
@@ -277,6 +281,30 @@ async fn restart_keeps_the_id_starts_a_new_process_and_says_so_in_order() {
         assert!(Instant::now() < deadline, "output not appended");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+
+    // The agent's history ends with the replay when asked to.
+    let mut history = client
+        .watch_agents(pb::WatchAgentsRequest {
+            agent_ids: vec!["worker".into()],
+            kinds: vec![Restarting as i32],
+            after_sequence: Some(0),
+            replay_only: true,
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    let restarting = next_event(&mut history).await;
+    assert_eq!(restarting.message, "restart requested");
+    assert!(history.message().await.expect("ends cleanly").is_none());
+    let without_after = client
+        .watch_agents(pb::WatchAgentsRequest {
+            replay_only: true,
+            ..Default::default()
+        })
+        .await
+        .expect_err("replay_only needs after_sequence");
+    assert_eq!(without_after.code(), tonic::Code::InvalidArgument);
 
     // A completed agent runs again, through agentctl.
     spawn(&mut client, "once", sh("echo once")).await;

@@ -63,6 +63,11 @@ impl AgentSupervisorService {
                     "give either `include_snapshot` or `after_sequence`, not both",
                 ));
             }
+            if request.replay_only && request.after_sequence.is_none() {
+                return Err(Status::invalid_argument(
+                    "`replay_only` needs `after_sequence`: the replay to send",
+                ));
+            }
             let health_interval = request
                 .health_interval
                 .map(|interval| {
@@ -95,6 +100,7 @@ impl AgentSupervisorService {
                 filter,
                 health_interval,
                 buffer: self.watch_buffer,
+                replay_only: request.replay_only,
             };
             Ok(watch::start(
                 subscription,

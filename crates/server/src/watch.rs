@@ -45,6 +45,8 @@ pub struct WatchOptions {
     pub health_interval: Option<Duration>,
     /// Events queued for the connection before the watcher counts as stuck.
     pub buffer: usize,
+    /// End once the replay is sent.
+    pub replay_only: bool,
 }
 
 /// The watcher's events, then, if it was ended, the status saying why. The events are the
@@ -148,6 +150,9 @@ impl Forwarder {
                     self.send(Arc::new(event)).await.ok()?;
                 }
             }
+        }
+        if self.options.replay_only {
+            return None;
         }
         loop {
             let received = tokio::select! {

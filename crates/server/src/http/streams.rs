@@ -118,6 +118,7 @@ pub(super) async fn events(
         include_snapshot: last_event_id.is_none() && query.flag("snapshot")?,
         after_sequence,
         health_interval: query.duration("health_interval")?,
+        replay_only: query.flag("replay_only")?,
     };
     let stream = match api.service.watch(request).await {
         Ok(stream) => stream,

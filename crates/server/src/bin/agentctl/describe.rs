@@ -80,6 +80,15 @@ const GROUPS: &[(&str, &[&str])] = &[
     ("Output", &["agent_dir"]),
 ];
 
+/// What an agent's folder holds.
+const FILES: [&str; 5] = [
+    "stdout.log",
+    "stderr.log",
+    "prompt.txt",
+    "status.json",
+    "error.log",
+];
+
 /// Lines of each output stream shown.
 const TAIL: u32 = 10;
 
@@ -115,9 +124,11 @@ pub async fn describe(client: &mut Client, agent_id: String, json: bool) -> anyh
         ..Default::default()
     };
     let children = client.list_agents(request).await?.into_inner().agents;
+    let history = history(client, &status.agent_id).await;
     if json {
         let described = serde_json::json!({
             "status": status,
+            "history": history.as_ref().ok(),
             "stdoutTail": tails[0],
             "stderrTail": tails[1],
             "children": children,
@@ -139,16 +150,16 @@ pub async fn describe(client: &mut Client, agent_id: String, json: bool) -> anyh
             let value = value_text(fields.get(&camel_case(name)), now);
             println!("  {name:<18} {value}");
         }
-    }
-    println!("  files:");
-    for file in [
-        "stdout.log",
-        "stderr.log",
-        "prompt.txt",
-        "status.json",
-        "error.log",
-    ] {
-        println!("    {}/{file}", status.agent_dir);
+        match *group {
+            "Lifecycle" => print_history(&history, now),
+            "Output" => {
+                println!("  files:");
+                for file in FILES {
+                    println!("    {}/{file}", status.agent_dir);
+                }
+            }
+            _ => {}
+        }
     }
     let other: Vec<_> = fields.keys().filter(|key| !shown.contains(*key)).collect();
     if !other.is_empty() {
@@ -174,6 +185,54 @@ pub async fn describe(client: &mut Client, agent_id: String, json: bool) -> anyh
         println!("  {:<24} {state:<12} pid {}", child.agent_id, child.pid);
     }
     Ok(())
+}
+
+fn print_history(history: &Result<Vec<pb::AgentEvent>, tonic::Status>, now: SystemTime) {
+    println!("  history:");
+    let events = match history {
+        Ok(events) if events.is_empty() => return println!("    -"),
+        Ok(events) => events,
+        Err(error) => return println!("    - ({})", error.message()),
+    };
+    for event in events {
+        let time = event
+            .time
+            .and_then(|time| u64::try_from(time.seconds).ok())
+            .map(|seconds| relative(UNIX_EPOCH + Duration::from_secs(seconds), now))
+            .unwrap_or_default();
+        let kind = pb::EventKind::try_from(event.kind)
+            .map(|k| k.as_str_name().trim_start_matches("EVENT_KIND_"))
+            .unwrap_or("UNKNOWN");
+        println!(
+            "    #{:<8} {time:<12} {kind:<10} {}",
+            event.sequence, event.message
+        );
+    }
+}
+
+/// The agent's lifecycle events still in the daemon's log, oldest first.
+async fn history(
+    client: &mut Client,
+    agent_id: &str,
+) -> Result<Vec<pb::AgentEvent>, tonic::Status> {
+    use pb::EventKind::*;
+    let kinds = [
+        Spawned, Exited, Failed, Stopping, Killed, Lost, Adopted, Restarting, TimedOut, Paused,
+        Resumed, OomKilled,
+    ];
+    let request = pb::WatchAgentsRequest {
+        agent_ids: vec![agent_id.to_string()],
+        kinds: kinds.map(Into::into).into(),
+        after_sequence: Some(0),
+        replay_only: true,
+        ..Default::default()
+    };
+    let mut events = client.watch_agents(request).await?.into_inner();
+    let mut history = Vec::new();
+    while let Some(event) = events.message().await? {
+        history.push(event);
+    }
+    Ok(history)
 }
 
 /// `started_at` as the JSON names it: `startedAt`.

@@ -142,6 +142,9 @@ enum Action {
         /// Resume: first replay the retained events after this sequence
         #[arg(long)]
         after: Option<u64>,
+        /// With --after: end after the replay instead of going on live
+        #[arg(long, requires = "after")]
+        replay_only: bool,
         /// At most one health sample per agent per interval (0 for none)
         #[arg(long, value_parser = settings::parse_duration)]
         health_interval: Option<Duration>,
@@ -484,6 +487,7 @@ async fn run(options: Options) -> anyhow::Result<u8> {
             kinds,
             snapshot,
             after,
+            replay_only,
             health_interval,
         } => {
             let kinds = kinds
@@ -497,6 +501,7 @@ async fn run(options: Options) -> anyhow::Result<u8> {
                 include_snapshot: snapshot,
                 after_sequence: after,
                 health_interval: health_interval.map(Into::into),
+                replay_only,
             };
             let mut events = client.watch_agents(request).await?.into_inner();
             while let Some(event) = events.message().await? {
