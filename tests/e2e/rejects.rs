@@ -111,3 +111,107 @@ async fn bad_requests_get_the_right_codes_and_change_nothing() {
     assert_eq!(folders, 1, "a rejected spawn left a folder behind");
     stop(&mut client, &["keeper"], true).await;
 }
+
+#[tokio::test]
+async fn a_working_dir_must_be_absolute() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let mut request = spawn_request("relative", vec!["pwd".into()]);
+    request.working_dir = "../..".into();
+    let error = client.spawn(request).await.expect_err("relative");
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("absolute"), "{}", error.message());
+}
+
+#[tokio::test]
+async fn a_symlink_planted_for_an_agent_folder_is_refused() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let outside = tempfile::tempdir().expect("outside");
+    std::os::unix::fs::symlink(outside.path(), daemon.data_dir.join("agents/evil")).expect("plant");
+    let error = client
+        .spawn(spawn_request("evil", sh("echo written")))
+        .await
+        .expect_err("a planted symlink");
+    assert_eq!(
+        error.code(),
+        Code::FailedPrecondition,
+        "{}",
+        error.message()
+    );
+    assert!(
+        error.message().contains("not a folder agentd made"),
+        "{}",
+        error.message()
+    );
+    let written: Vec<_> = std::fs::read_dir(outside.path()).expect("list").collect();
+    assert!(
+        written.is_empty(),
+        "agentd wrote outside its data folder: {written:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_agent_cannot_point_its_output_elsewhere_for_the_next_run() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let outside = daemon.dir.path().join("precious");
+    std::fs::write(&outside, "untouched\n").expect("outside file");
+    // The agent swaps its own stdout.log for a link to a file it should not reach.
+    let script = format!(
+        "ln -sf {} \"$AGENTD_AGENT_DIR/stdout.log\"",
+        outside.display()
+    );
+    spawn(&mut client, "swapper", sh(&script)).await;
+    wait_for_state(&mut client, "swapper", pb::AgentState::Completed).await;
+    let error = client
+        .restart(pb::RestartRequest {
+            agent_ids: vec!["swapper".into()],
+        })
+        .await
+        .expect_err("the next run cannot open a link");
+    assert_eq!(
+        error.code(),
+        Code::FailedPrecondition,
+        "{}",
+        error.message()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&outside).expect("outside file"),
+        "untouched\n"
+    );
+}
+
+#[tokio::test]
+async fn a_fifo_for_a_status_file_does_not_stop_the_sampler() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    spawn(
+        &mut client,
+        "fifo",
+        sh("mkfifo \"$AGENTD_STATUS_FILE\" && exec sleep 30"),
+    )
+    .await;
+    wait_for(&mut client, "fifo", "its FIFO made", |_| {
+        std::fs::symlink_metadata(daemon.data_dir.join("agents/fifo/status.json")).is_ok()
+    })
+    .await;
+    spawn(&mut client, "after", vec!["sleep".into(), "30".into()]).await;
+    let mut events = client
+        .watch_agents(pb::WatchAgentsRequest {
+            agent_ids: vec!["after".into()],
+            kinds: vec![pb::EventKind::Health as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    // Samples keep coming, round after round.
+    for _ in 0..3 {
+        assert_eq!(
+            next_event(&mut events).await.kind,
+            pb::EventKind::Health as i32
+        );
+    }
+    kill_all(&mut client).await;
+}

@@ -69,6 +69,11 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The agent's folder or one of its files could not be prepared.
+    #[error(
+        "agent `{id}`: `{}` exists and is not a folder agentd made (a symbolic link?); remove it",
+        path.display()
+    )]
+    UnsafeAgentDir { id: String, path: PathBuf },
     #[error("preparing folder `{}` of agent `{id}`: {source}", path.display())]
     AgentDir {
         id: String,

@@ -13,6 +13,33 @@ use crate::os::{self, Os};
 /// The file an agent writes its progress to.
 pub(crate) const STATUS_FILE: &str = "status.json";
 
+/// Opens a file in an agent's folder for reading: never through a symbolic link (the agent,
+/// or the user it runs as, owns the folder and could plant one to any file agentd can read),
+/// never blocking (a FIFO planted there would stop the reader), and only a regular file.
+pub(crate) fn open_for_reading(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("`{}` is not a regular file", path.display()),
+        ));
+    }
+    Ok(file)
+}
+
+/// Options to open a file in an agent's folder for writing: never through a symbolic link,
+/// which would make agentd (often root) write where the agent's user may not.
+pub(crate) fn no_follow() -> std::fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.custom_flags(nix::libc::O_NOFOLLOW);
+    options
+}
+
 /// An agent's folder, made ready for a launch: prompt written, output files open.
 pub(crate) struct AgentFiles {
     stdout: PathBuf,
@@ -35,18 +62,37 @@ impl AgentFiles {
                 source,
             }
         };
-        std::fs::create_dir_all(dir).map_err(failed(dir))?;
+        // The folder itself: made here, or one an earlier spawn of this id made and never
+        // started; never a symbolic link planted in its place.
+        match std::fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                let meta = std::fs::symlink_metadata(dir).map_err(failed(dir))?;
+                if !meta.is_dir() {
+                    return Err(Error::UnsafeAgentDir {
+                        id: agent_id.to_string(),
+                        path: dir.to_path_buf(),
+                    });
+                }
+            }
+            Err(error) => return Err(failed(dir)(error)),
+        }
         for stale in [STATUS_FILE, "error.log"] {
             let _ = std::fs::remove_file(dir.join(stale));
         }
-        let prompt_file = dir.join("prompt.txt");
-        std::fs::write(&prompt_file, prompt).map_err(failed(&prompt_file))?;
-        // Empty at the start; the keeper opens them for appending.
+        // Empty at the start; the keeper opens the output for appending.
         let create = |name: &str| {
             let path = dir.join(name);
-            std::fs::File::create(&path).map_err(failed(&path))?;
+            no_follow()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(failed(&path))?;
             Ok::<_, Error>(path)
         };
+        let prompt_file = create("prompt.txt")?;
+        std::fs::write(&prompt_file, prompt).map_err(failed(&prompt_file))?;
         let files = AgentFiles {
             stdout: create("stdout.log")?,
             stderr: create("stderr.log")?,

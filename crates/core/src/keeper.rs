@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::agent::Exit;
 use crate::cgroup::Joins;
+use crate::files;
 use crate::launch::{self, ProcessSetup};
 use crate::os;
 use crate::spec::Resources;
@@ -525,12 +526,8 @@ async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> io
 }
 
 fn spawn(order: SpawnOrder, kept: &Shared) -> Reply {
-    let open = |path: &Path| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-    };
+    // Never through a symbolic link: the agent's user owns its folder.
+    let open = |path: &Path| files::no_follow().create(true).append(true).open(path);
     let started = open(&order.stdout)
         .and_then(|stdout| Ok((stdout, open(&order.stderr)?)))
         .and_then(|(stdout, stderr)| {

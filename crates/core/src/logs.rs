@@ -9,7 +9,6 @@
 //! are deleted. Readers look up an offset in the segments first, then in the main file, so a
 //! follower never misses or repeats a byte across a rotation.
 
-use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
@@ -19,6 +18,8 @@ use nix::fcntl::{FallocateFlags, fallocate};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+
+use crate::files::{no_follow, open_for_reading};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LogStream {
@@ -168,7 +169,7 @@ impl LogFile {
                 .find(|s| s.start <= offset && offset < s.end())
             {
                 let wanted = buf.len().min((segment.end() - offset) as usize);
-                let file = match File::open(&segment.path) {
+                let file = match open_for_reading(&segment.path) {
                     Ok(file) => file,
                     // Deleted by a rotation since the listing: look again.
                     Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
@@ -176,7 +177,7 @@ impl LogFile {
                 };
                 return Ok(file.read_at(&mut buf[..wanted], offset - segment.start)?);
             }
-            let main = match File::open(self.main_path()) {
+            let main = match open_for_reading(&self.main_path()) {
                 Ok(main) => main,
                 Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(0),
                 Err(error) => return Err(error.into()),
@@ -246,15 +247,17 @@ impl LogFile {
             .dir
             .join(format!("{}.{start}", self.stream.file_name()));
         let partial = segment_path.with_extension("partial");
-        let mut main = File::open(self.main_path())?;
+        let mut main = open_for_reading(&self.main_path())?;
         main.seek(SeekFrom::Start(start))?;
-        let mut copy = File::create(&partial)?;
+        let mut copy = no_follow()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&partial)?;
         // `io::copy` between files uses copy_file_range: no bytes pass through agentd.
         let copied = io::copy(&mut (&mut main).take(end - start), &mut copy)?;
         std::fs::rename(&partial, &segment_path)?;
-        let main = std::fs::OpenOptions::new()
-            .write(true)
-            .open(self.main_path())?;
+        let main = no_follow().write(true).open(self.main_path())?;
         // Punching everything before `start + copied` also frees what an earlier rotation
         // that was interrupted before its punch left behind.
         let punched = fallocate(
@@ -331,6 +334,7 @@ impl FolderWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use std::io::Write;
 
     fn read_all(log: &LogFile, mut offset: u64) -> Vec<u8> {

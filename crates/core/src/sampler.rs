@@ -692,7 +692,7 @@ impl OutputChecks {
 /// Parses `{"progress": 0-100, "message": "..."}`.
 fn read_progress(path: &std::path::Path) -> Result<Progress, String> {
     let mut text = String::new();
-    std::fs::File::open(path)
+    crate::files::open_for_reading(path)
         .and_then(|file| file.take(STATUS_FILE_LIMIT + 1).read_to_string(&mut text))
         .map_err(|e| e.to_string())?;
     if text.len() as u64 > STATUS_FILE_LIMIT {

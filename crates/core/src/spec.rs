@@ -334,6 +334,12 @@ impl SpawnRequest {
         let working_dir = match self.working_dir.as_str() {
             "" => None,
             dir if dir.contains('\0') => return invalid("working_dir", "contains a NUL byte"),
+            dir if !dir.starts_with('/') => {
+                return invalid(
+                    "working_dir",
+                    "must be an absolute path (it would be resolved against agentd's own folder)",
+                );
+            }
             dir => Some(PathBuf::from(dir)),
         };
         let stop_policy =

@@ -22,6 +22,7 @@ pub fn error_status(error: Error) -> Status {
         | Error::UnknownParent { .. }
         | Error::NotFinished { .. }
         | Error::CannotRestart { .. }
+        | Error::UnsafeAgentDir { .. }
         | Error::Unsupported { .. } => Code::FailedPrecondition,
         Error::TooManyAgents { .. } | Error::OverCapacity { .. } => Code::ResourceExhausted,
         Error::AlreadyExists { .. } => Code::AlreadyExists,
