@@ -215,3 +215,71 @@ async fn a_fifo_for_a_status_file_does_not_stop_the_sampler() {
     }
     kill_all(&mut client).await;
 }
+
+#[tokio::test]
+async fn an_env_value_never_shows_anywhere() {
+    const SECRET: &str = "planted-secret-7f3a9c";
+    let daemon = Daemon::start_with(&["--http-listen", "127.0.0.1:0", "--metrics-per-agent"]).await;
+    let mut client = daemon.client().await;
+    let with_secret = |id: &str, command: Vec<String>| {
+        let mut request = spawn_request(id, command);
+        request.env = [("API_KEY".to_string(), SECRET.to_string())].into();
+        request.labels = [("team".to_string(), "a".to_string())].into();
+        request
+    };
+    spawn_with(
+        &mut client,
+        with_secret("quiet", vec!["sleep".into(), "30".into()]),
+    )
+    .await;
+    spawn_with(&mut client, with_secret("failing", sh("exit 3"))).await;
+    let refused = client
+        .spawn(with_secret("missing", vec!["/no/such/program".into()]))
+        .await
+        .expect_err("no such program");
+    wait_for_state(&mut client, "failing", pb::AgentState::Failed).await;
+
+    let mut seen = vec![refused.message().to_string(), daemon.log()];
+    let http = daemon.http();
+    for path in ["/v1/agents", "/v1/agents/quiet", "/v1/summary", "/metrics"] {
+        seen.push(http.get(path).await.text());
+    }
+    let mut events = client
+        .watch_agents(pb::WatchAgentsRequest {
+            after_sequence: Some(0),
+            replay_only: true,
+            ..Default::default()
+        })
+        .await
+        .expect("events")
+        .into_inner();
+    while let Some(event) = events.message().await.expect("event") {
+        seen.push(format!("{event:?}"));
+    }
+    for args in [
+        &["list"][..],
+        &["--json", "list"],
+        &["describe", "quiet"],
+        &["--json", "describe", "failing"],
+        &["status", "failing"],
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(args)
+            .output()
+            .expect("agentctl");
+        seen.push(String::from_utf8_lossy(&output.stdout).into_owned());
+        seen.push(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    for (i, text) in seen.iter().enumerate() {
+        assert!(
+            !text.contains(SECRET),
+            "the secret shows in output {i}:\n{text}"
+        );
+    }
+    // The outputs were really read: the agents show in most of them.
+    let naming = seen.iter().filter(|text| text.contains("quiet")).count();
+    assert!(naming >= 6, "only {naming} outputs name the agent");
+    kill_all(&mut client).await;
+}
