@@ -387,3 +387,27 @@ async fn a_second_ctrl_c_kills_and_detach_leaves_the_agent_running() {
     assert!(status(&mut client, "detached").await.process_alive);
     kill_all(&mut client).await;
 }
+
+#[tokio::test]
+async fn tables_keep_one_line_per_agent_cut_to_the_width() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    spawn(
+        &mut client,
+        "multi",
+        vec!["sh".into(), "-c".into(), "sleep 30\n# naïve".into()],
+    )
+    .await;
+    let whole = output(agentctl(&daemon).args(["list"]));
+    let whole = String::from_utf8_lossy(&whole.stdout).into_owned();
+    assert_eq!(whole.lines().count(), 2, "{whole}");
+    assert!(whole.contains("sleep 30\\n# naïve"), "{whole}");
+    let cut = output(agentctl(&daemon).env("COLUMNS", "50").args(["list"]));
+    let cut = String::from_utf8_lossy(&cut.stdout).into_owned();
+    assert!(cut.lines().all(|line| line.chars().count() <= 50), "{cut}");
+    assert!(
+        cut.lines().nth(1).is_some_and(|line| line.ends_with('…')),
+        "{cut}"
+    );
+    kill_all(&mut client).await;
+}

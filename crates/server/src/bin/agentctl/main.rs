@@ -680,25 +680,68 @@ fn print_json(message: &impl serde::Serialize, pretty: bool) {
     }
 }
 
+/// One line per row, whatever the cells hold: control characters (a `python3 -c` script's
+/// newlines) are written as escapes, and a line wider than the terminal (or `COLUMNS`) has
+/// its last column cut with `…`.
 fn print_table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
+    let one_line = |cell: &str| -> String {
+        cell.chars()
+            .flat_map(|c| match c.is_control() {
+                true => c.escape_default().collect::<Vec<_>>(),
+                false => vec![c],
+            })
+            .collect()
+    };
+    let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| h.to_string()).collect())
+        .chain(
+            rows.iter()
+                .map(|row| row.iter().map(|c| one_line(c)).collect()),
+        )
+        .collect();
+    let mut widths: Vec<usize> = vec![0; header.len()];
+    for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells
+    let columns = terminal_width();
+    for row in rows {
+        let padded: Vec<String> = row
             .iter()
             .zip(&widths)
             .map(|(cell, width)| format!("{cell:<width$}"))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
-    };
-    line(header.iter().map(|h| h.to_string()).collect());
-    for row in rows {
-        line(row.clone());
+        let line = padded.join("  ");
+        let line = line.trim_end();
+        match columns {
+            Some(columns) if line.chars().count() > columns => {
+                let cut: String = line.chars().take(columns.saturating_sub(1)).collect();
+                println!("{cut}…");
+            }
+            _ => println!("{line}"),
+        }
     }
+}
+
+/// `COLUMNS` if set, else the width of the terminal on stdout; `None` when stdout is not a
+/// terminal (a pipe gets whole lines).
+fn terminal_width() -> Option<usize> {
+    use std::io::IsTerminal;
+    if let Some(columns) = std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()) {
+        return Some(columns);
+    }
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let mut size = nix::libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct it is given.
+    let read = unsafe { nix::libc::ioctl(1, nix::libc::TIOCGWINSZ, &mut size) };
+    (read == 0 && size.ws_col > 0).then_some(usize::from(size.ws_col))
 }
 
 fn exit_text(code: Option<i32>, signal: Option<i32>) -> String {
