@@ -737,3 +737,32 @@ fn the_http_api_refuses_an_address_beyond_loopback() {
         "refused before starting anything"
     );
 }
+
+#[tokio::test]
+async fn the_summary_tells_what_the_host_offers() {
+    let daemon = Daemon::start_with(&HTTP).await;
+    let host = daemon.http().get("/v1/summary").await.json()["host"].clone();
+    let online = std::fs::read_to_string("/proc/stat")
+        .expect("/proc/stat")
+        .lines()
+        .filter(|line| {
+            line.strip_prefix("cpu")
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count();
+    assert_eq!(host["cpus"], online, "{host}");
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
+    let total_kb: f64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .expect("MemTotal");
+    let total = host["memoryTotalMb"].as_f64().expect("total");
+    assert!((total - total_kb / 1024.0).abs() < 1.0, "{host}");
+    let available = host["memoryAvailableMb"].as_f64().expect("available");
+    assert!(available > 0.0 && available <= total, "{host}");
+    for load in ["loadAverage1m", "loadAverage5m", "loadAverage15m"] {
+        assert!(host[load].as_f64().is_some_and(|l| l >= 0.0), "{host}");
+    }
+}

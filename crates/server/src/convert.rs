@@ -595,6 +595,8 @@ pub fn summary(summary: &Summary) -> pb::GetSummaryResponse {
         containment: containment(summary.containment).into(),
         containment_detail: summary.containment_detail.clone(),
         store_bytes: summary.store_bytes,
+        // The service adds the host's figures: they are not the supervisor's.
+        host: None,
         unhealthy: summary
             .unhealthy
             .iter()

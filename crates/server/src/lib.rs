@@ -4,6 +4,7 @@
 //! metrics) over the same service. `bin/agentd.rs` parses options, binds and calls [`run`].
 
 mod convert;
+mod host;
 mod http;
 mod logs;
 mod metrics;

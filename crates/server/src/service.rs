@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
 use crate::convert::{self, error_status};
+use crate::host::Host;
 use crate::logs;
 use crate::metrics::Metrics;
 use crate::watch::{self, WatchOptions, WatchStream};
@@ -25,6 +26,7 @@ pub struct AgentSupervisorService {
     /// Events queued per watcher before it counts as stuck.
     watch_buffer: usize,
     metrics: Arc<Metrics>,
+    host: Host,
 }
 
 impl AgentSupervisorService {
@@ -39,6 +41,7 @@ impl AgentSupervisorService {
             shutdown,
             watch_buffer,
             metrics,
+            host: Host::new(),
         }
     }
 
@@ -230,7 +233,9 @@ impl AgentSupervisor for AgentSupervisorService {
     ) -> Result<Response<pb::GetSummaryResponse>, Status> {
         self.timed("GetSummary", async move {
             let summary = self.supervisor.summary().await.map_err(error_status)?;
-            Ok(Response::new(convert::summary(&summary)))
+            let mut summary = convert::summary(&summary);
+            summary.host = Some(self.host.figures());
+            Ok(Response::new(summary))
         })
         .await
     }
