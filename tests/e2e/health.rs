@@ -339,3 +339,30 @@ async fn bad_reports_and_policies_are_refused_and_change_nothing() {
     }
     stop(&mut client, &["steady"], true).await;
 }
+
+#[tokio::test]
+async fn an_ended_agent_still_says_what_its_run_cost() {
+    // About 0.4 s of CPU and 64 MiB written, then a pause the sampler sees, then done.
+    let script = "import time\n\
+                  held = b'x' * (64 << 20)\n\
+                  end = time.process_time() + 0.4\n\
+                  while time.process_time() < end:\n    pass\n\
+                  time.sleep(0.5)";
+    for options in [&[][..], &["--cgroups", "off"]] {
+        let daemon = Daemon::start_with(options).await;
+        let mut client = daemon.client().await;
+        let command = vec!["python3".into(), "-c".into(), script.into()];
+        spawn(&mut client, "busy", command).await;
+        let ended = wait_for_state(&mut client, "busy", pb::AgentState::Completed).await;
+        assert!(
+            (0.35..5.0).contains(&ended.cpu_seconds),
+            "{options:?}: cpu_seconds {}",
+            ended.cpu_seconds
+        );
+        assert!(
+            (60.0..1024.0).contains(&ended.peak_memory_mb),
+            "{options:?}: peak_memory_mb {}",
+            ended.peak_memory_mb
+        );
+    }
+}

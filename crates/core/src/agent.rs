@@ -143,6 +143,13 @@ pub struct AgentRecord {
     /// Times the restart policy started it again.
     #[serde(default)]
     pub restart_count: u32,
+    /// The most resident memory the current (or last) run's processes held in a sample.
+    #[serde(default)]
+    pub peak_memory_bytes: u64,
+    /// CPU time the current (or last) run's processes used, so an ended run still says
+    /// what it cost.
+    #[serde(default)]
+    pub cpu_seconds: f64,
     /// How the run before the current one (or the pending restart) ended.
     #[serde(default)]
     pub last_exit: Option<Exit>,
@@ -188,6 +195,8 @@ impl AgentRecord {
             last_heartbeat: None,
             health_issues: Vec::new(),
             restart_count: 0,
+            peak_memory_bytes: 0,
+            cpu_seconds: 0.0,
             last_exit: None,
             next_restart_at: None,
             backoff_step: 0,

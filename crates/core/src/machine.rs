@@ -340,6 +340,8 @@ impl AgentMachine {
         record.error = None;
         record.end_reason = EndReason::Unspecified;
         record.adopted = false;
+        record.peak_memory_bytes = 0;
+        record.cpu_seconds = 0.0;
         let message = if restart {
             record.restart_count += 1;
             record.last_heartbeat = None;
@@ -636,6 +638,11 @@ impl AgentMachine {
     /// A health sample of the agent's process tree.
     pub fn sampled(&mut self, sample: TreeSample, out: &mut Vec<Effect>) {
         if self.leader_alive() {
+            // Kept in the record (written with its next change, at the latest when the run
+            // ends), not persisted for each sample.
+            let record = &mut self.record;
+            record.peak_memory_bytes = record.peak_memory_bytes.max(sample.memory_bytes);
+            record.cpu_seconds = record.cpu_seconds.max(sample.cpu_seconds);
             self.sample = Some(sample);
             self.emit(out, EventKind::Health, String::new());
         }

@@ -46,6 +46,9 @@ pub struct TreeSample {
     pub memory_bytes: u64,
     pub num_threads: u32,
     pub num_processes: u32,
+    /// CPU time the run's processes have used so far, in seconds: its cgroup's counter, or
+    /// what the tree's members were seen to use.
+    pub cpu_seconds: f64,
 }
 
 /// What an agent reported in its status file.
@@ -152,6 +155,9 @@ struct Sampler {
     /// someone watches events (`send_unchanged`).
     sent: HashMap<String, (i32, TreeSample)>,
     send_unchanged: bool,
+    /// CPU ticks each agent's tree used in its current run (its leader's pid), for agents
+    /// without a cgroup, whose counter does it.
+    run_ticks: HashMap<String, (i32, u64)>,
 }
 
 /// Adds the sample to the batch unless it is the one last sent for the agent (and nobody
@@ -295,6 +301,7 @@ impl CgroupSampler {
             memory_bytes,
             num_threads: usage.threads.max(leader.num_threads),
             num_processes: (usage.members.len() as u32).max(1),
+            cpu_seconds: cpu_usec as f64 / 1e6,
         };
         let reading = CgroupReading {
             leader: target.pid,
@@ -447,6 +454,7 @@ impl Sampler {
             cgroups: cgroups.map(|cgroups| CgroupSampler::new(cgroups, open_files)),
             sent: HashMap::new(),
             send_unchanged: true,
+            run_ticks: HashMap::new(),
         }
     }
 
@@ -524,6 +532,19 @@ impl Sampler {
                                 sample.cpu_percent =
                                     ticks as f64 / self.clock_ticks / seconds * 100.0;
                             }
+                            // Counted from the run's first round: a new leader is a new run.
+                            let total = match self.run_ticks.get_mut(&target.agent_id) {
+                                Some((pid, total)) if *pid == target.pid => {
+                                    *total += ticks;
+                                    *total
+                                }
+                                _ => {
+                                    let run = (target.pid, ticks);
+                                    self.run_ticks.insert(target.agent_id.clone(), run);
+                                    ticks
+                                }
+                            };
+                            sample.cpu_seconds = total as f64 / self.clock_ticks;
                             sample
                         },
                     );
@@ -559,6 +580,10 @@ impl Sampler {
             let live: HashSet<&str> = targets.iter().map(|t| t.agent_id.as_str()).collect();
             self.status_seen.retain(|id, _| live.contains(id.as_str()));
         }
+        if self.run_ticks.len() > targets.len() {
+            let live: HashSet<&str> = targets.iter().map(|t| t.agent_id.as_str()).collect();
+            self.run_ticks.retain(|id, _| live.contains(id.as_str()));
+        }
         (batch, ran)
     }
 }
@@ -577,6 +602,7 @@ fn measure_tree(
         memory_bytes: 0,
         num_threads: 0,
         num_processes: 0,
+        cpu_seconds: 0.0,
     };
     let mut ticks = 0;
     let mut seen = HashSet::new();

@@ -589,6 +589,7 @@ impl SupervisorTask {
                         memory_bytes: stat.rss_pages * self.page_size,
                         num_threads: stat.num_threads,
                         num_processes: 1,
+                        cpu_seconds: 0.0,
                     };
                     self.input(agent_id, |m, _, out| m.sampled(sample, out));
                 }

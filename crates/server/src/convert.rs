@@ -483,6 +483,8 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
             .collect(),
         last_heartbeat: record.last_heartbeat.map(timestamp),
         restart_count: record.restart_count,
+        peak_memory_mb: record.peak_memory_bytes as f64 / (1024.0 * 1024.0),
+        cpu_seconds: record.cpu_seconds,
         last_exit_code: record.last_exit.map(Exit::code),
         last_exit_signal: record.last_exit.and_then(Exit::signal),
         next_restart_at: record.next_restart_at.map(timestamp),

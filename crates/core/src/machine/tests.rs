@@ -477,6 +477,7 @@ fn sample(memory_mb: f64, cpu_percent: f64) -> TreeSample {
         memory_bytes: (memory_mb * 1024.0 * 1024.0) as u64,
         num_threads: 1,
         num_processes: 1,
+        cpu_seconds: 0.0,
     }
 }
 

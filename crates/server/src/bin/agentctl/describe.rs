@@ -39,6 +39,8 @@ const GROUPS: &[(&str, &[&str])] = &[
             "num_threads",
             "cpu_percent",
             "memory_mb",
+            "peak_memory_mb",
+            "cpu_seconds",
             "containment",
             "cgroup",
         ],
