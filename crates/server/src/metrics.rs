@@ -21,6 +21,8 @@ use tonic::{Code, Status};
 use crate::convert::{self, code_name, error_status};
 
 type Labels<const N: usize> = [(&'static str, String); N];
+/// Labels whose values are known at compile time: looking one up allocates nothing.
+type StaticLabels<const N: usize> = [(&'static str, &'static str); N];
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Which per-agent series `/metrics` carries.
@@ -41,12 +43,12 @@ pub struct Metrics {
     stops: Vec<Option<Histogram>>,
     restarts: Counter,
     samples: Histogram,
-    spawns: Family<Labels<1>, Counter>,
-    rpcs: Family<[(&'static str, &'static str); 2], Histogram>,
+    spawns: Family<StaticLabels<1>, Counter>,
+    rpcs: Family<StaticLabels<2>, Histogram>,
     watchers: Gauge,
-    watchers_ended: Family<Labels<1>, Counter>,
-    agents: Family<Labels<1>, Gauge>,
-    unhealthy: Family<Labels<1>, Gauge>,
+    watchers_ended: Family<StaticLabels<1>, Counter>,
+    agents: Family<StaticLabels<1>, Gauge>,
+    unhealthy: Family<StaticLabels<1>, Gauge>,
     declared_load: FloatGauge,
     capacity: FloatGauge,
     store_bytes: Gauge,
@@ -123,12 +125,10 @@ impl Metrics {
             registry: Registry::with_prefix("agentd"),
         };
         for result in ["started", "rejected", "failed"] {
-            let _ = metrics.spawns.get_or_create(&[("result", result.into())]);
+            let _ = metrics.spawns.get_or_create(&[("result", result)]);
         }
         for reason in ["gone", "slow", "shutdown"] {
-            let _ = metrics
-                .watchers_ended
-                .get_or_create(&[("reason", reason.into())]);
+            let _ = metrics.watchers_ended.get_or_create(&[("reason", reason)]);
         }
 
         let r = &mut metrics.registry;
@@ -192,9 +192,9 @@ impl Metrics {
         );
         // A gauge named `_info` rather than an OpenMetrics info: Prometheus' own text
         // parser (promtool 2.x) does not know the info type.
-        let build = Family::<Labels<1>, Gauge>::default();
+        let build = Family::<StaticLabels<1>, Gauge>::default();
         build
-            .get_or_create(&[("version", env!("CARGO_PKG_VERSION").into())])
+            .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
             .set(1);
         r.register("build_info", "The agentd version", build);
         if metrics.per_agent.enabled {
@@ -228,9 +228,7 @@ impl Metrics {
                 Code::Internal | Code::Unknown | Code::Unavailable => "failed",
                 _ => "rejected",
             };
-            self.spawns
-                .get_or_create(&[("result", result.into())])
-                .inc();
+            self.spawns.get_or_create(&[("result", result)]).inc();
         }
     }
 
@@ -246,7 +244,7 @@ impl Metrics {
             WatcherEnd::Shutdown => "shutdown",
         };
         self.watchers_ended
-            .get_or_create(&[("reason", reason.into())])
+            .get_or_create(&[("reason", reason)])
             .inc();
     }
 
@@ -337,7 +335,7 @@ impl Metrics {
         ];
         for (state, count) in states {
             self.agents
-                .get_or_create(&[("state", state.into())])
+                .get_or_create(&[("state", state)])
                 .set(i64::from(count));
         }
         let unhealthy = [
@@ -347,7 +345,7 @@ impl Metrics {
         ];
         for (health, count) in unhealthy {
             self.unhealthy
-                .get_or_create(&[("health", health.into())])
+                .get_or_create(&[("health", health)])
                 .set(i64::from(count));
         }
         self.declared_load.set(summary.total_load_percentage);
