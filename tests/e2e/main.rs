@@ -12,6 +12,7 @@ mod agentctl;
 mod clients;
 mod containment;
 mod health;
+mod history;
 mod http;
 mod lifecycle;
 mod output;

@@ -13,6 +13,8 @@ pub struct SupervisorConfig {
     /// Holds the store (`store/`) and one folder per agent (`agents/ID/`).
     pub data_dir: PathBuf,
     pub sample_interval: Duration,
+    /// How far back each agent's samples are kept in memory; zero keeps none.
+    pub history: Duration,
     /// Events a subscriber may fall behind by before it is told it lagged.
     pub event_buffer: usize,
     pub event_retention: EventRetention,
@@ -74,6 +76,7 @@ impl SupervisorConfig {
         SupervisorConfig {
             data_dir,
             sample_interval: Duration::from_secs(1),
+            history: Duration::from_secs(600),
             event_buffer: 8192,
             event_retention: EventRetention::default(),
             limits: Limits::default(),

@@ -19,6 +19,9 @@ pub enum Error {
         field: &'static str,
         problem: String,
     },
+    /// History was asked for, but the daemon keeps none (`--history 0`).
+    #[error("agentd keeps no samples: it was started with `--history 0`")]
+    HistoryOff,
     #[error("no agent `{id}`")]
     NotFound { id: String },
     /// The agent exists but its process has ended.

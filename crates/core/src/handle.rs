@@ -2,7 +2,7 @@
 //! [`Command`] with a oneshot reply, and the questions and answers that travel with them.
 
 use std::collections::{BTreeMap, HashSet};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -10,6 +10,7 @@ use crate::agent::{AgentState, AgentStatus};
 use crate::error::{Error, Result};
 use crate::events::{EventFilter, Subscription};
 use crate::health::ProgressReport;
+use crate::history::HistoryPoint;
 use crate::keeper::KeptExit;
 use crate::sampler::SampleBatch;
 use crate::spec::SpawnRequest;
@@ -102,6 +103,15 @@ pub struct ReapReport {
     pub orphans_reaped: u32,
 }
 
+/// An agent's recent samples: one point per sampling interval, oldest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentHistory {
+    pub interval: Duration,
+    /// How far back samples are kept (`--history`).
+    pub window: Duration,
+    pub points: Vec<HistoryPoint>,
+}
+
 pub(crate) enum Command {
     Spawn(Box<SpawnRequest>, oneshot::Sender<Result<AgentStatus>>),
     Status(String, oneshot::Sender<Result<AgentStatus>>),
@@ -112,6 +122,12 @@ pub(crate) enum Command {
         oneshot::Sender<Result<Vec<StopReport>>>,
     ),
     Summary(oneshot::Sender<Summary>),
+    /// An agent's samples since a time (the whole window when `None`).
+    History(
+        String,
+        Option<SystemTime>,
+        oneshot::Sender<Result<AgentHistory>>,
+    ),
     Reap(oneshot::Sender<ReapReport>),
     Watch(Watch, oneshot::Sender<Result<Subscription>>),
     Shutdown(oneshot::Sender<()>),
@@ -211,6 +227,16 @@ impl SupervisorHandle {
 
     pub async fn summary(&self) -> Result<Summary> {
         self.request(Command::Summary).await
+    }
+
+    /// An agent's samples from `since` (or as far back as they are kept) to now.
+    pub async fn history(
+        &self,
+        agent_id: String,
+        since: Option<SystemTime>,
+    ) -> Result<AgentHistory> {
+        self.request(|reply| Command::History(agent_id, since, reply))
+            .await?
     }
 
     pub async fn reap(&self) -> Result<ReapReport> {

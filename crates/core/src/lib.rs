@@ -13,6 +13,7 @@ mod events;
 mod files;
 mod handle;
 mod health;
+mod history;
 mod keeper;
 mod launch;
 mod lifecycle;
@@ -36,9 +37,11 @@ pub use events::{
     Event, EventFilter, EventKind, EventRetention, Format as EventFormat, Replay, Subscription,
 };
 pub use handle::{
-    HealthReport, ListFilter, ListPage, ReapReport, StopTarget, Summary, SupervisorHandle, Watch,
+    AgentHistory, HealthReport, ListFilter, ListPage, ReapReport, StopTarget, Summary,
+    SupervisorHandle, Watch,
 };
 pub use health::{Alert, HealthAction, HealthIssue, HealthMetric, HealthPolicy, ProgressReport};
+pub use history::HistoryPoint;
 pub use keeper::{KEEPER_ARG, KEEPER_DIR_VAR, run_keeper};
 pub use lifecycle::{Backoff, LifecyclePolicy, ParentExit, RestartPolicy};
 pub use logs::{FolderWatch, LogError, LogFile, LogRotation, LogStream};

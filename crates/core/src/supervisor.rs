@@ -28,8 +28,9 @@ use crate::config::{FinishedRetention, Limits, ShutdownPolicy, SupervisorConfig}
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventKind};
 use crate::files::AgentFiles;
-use crate::handle::{Command, ReapReport, StopTarget, SupervisorHandle};
+use crate::handle::{AgentHistory, Command, ReapReport, StopTarget, SupervisorHandle};
 use crate::health::{HealthPolicy, ProgressReport};
+use crate::history::{History, HistoryPoint};
 use crate::keeper::{AckSink, ExitStream, KeeperClient};
 use crate::lifecycle::ParentExit;
 use crate::machine::{AgentMachine, Effect, Launched, Now};
@@ -153,6 +154,10 @@ impl Supervisor {
             records_set_aside: 0,
             targets_generation: 0,
             spawns: (0, 0),
+            histories: HashMap::new(),
+            history_capacity: history_capacity(config.history, config.sample_interval),
+            history_window: config.history,
+            sample_interval: config.sample_interval,
         };
         let recovered_exits: Vec<i32> = exits.iter().map(|exit| exit.pid).collect();
         task.recover(KeeperState { children, exits })?;
@@ -261,12 +266,26 @@ pub(crate) struct SupervisorTask {
     targets_generation: u64,
     /// Spawns since the heap was last trimmed, and since the last sample.
     spawns: (u32, u32),
+    /// Each agent's recent samples, and how many changes each keeps (zero: no history).
+    histories: HashMap<String, History>,
+    history_capacity: usize,
+    history_window: Duration,
+    sample_interval: Duration,
 }
 
 /// While a stopping agent's leader is gone but its group lingers, no SIGCHLD may tell us
 /// when the rest exits (they need not be our children), so the groups are checked this
 /// often, on a blocking thread (a check may scan all of `/proc`).
 const GROUP_CHECK: Duration = Duration::from_millis(20);
+
+/// Changes kept per agent: one per sample over the window.
+fn history_capacity(window: Duration, interval: Duration) -> usize {
+    if window.is_zero() {
+        return 0;
+    }
+    let samples = window.as_secs_f64() / interval.as_secs_f64().max(1e-3);
+    (samples.ceil() as usize).max(1)
+}
 
 impl SupervisorTask {
     async fn run(
@@ -331,6 +350,9 @@ impl SupervisorTask {
                 let _ = reply.send(self.table.list(&filter, Instant::now()));
             }
             Command::Stop(target, options, reply) => self.stop(target, options, reply),
+            Command::History(agent_id, since, reply) => {
+                let _ = reply.send(self.history(&agent_id, since));
+            }
             Command::Summary(reply) => {
                 let mut summary =
                     self.table
@@ -1189,8 +1211,20 @@ impl SupervisorTask {
     /// a heartbeat), every health check of every running agent, then retention.
     fn samples(&mut self, batch: SampleBatch) {
         self.recorder.sampled(batch.took);
+        let at = SystemTime::now();
         for (agent_id, sample) in batch.samples {
-            self.input(&agent_id, |m, _, out| m.sampled(sample, out));
+            let point = HistoryPoint::new(at, &sample);
+            let kept = self.input(&agent_id, |m, _, out| {
+                let alive = m.leader_alive();
+                m.sampled(sample, out);
+                alive
+            });
+            if kept == Some(true) && self.history_capacity > 0 {
+                self.histories
+                    .entry(agent_id)
+                    .or_default()
+                    .record(point, self.history_capacity);
+            }
         }
         for (agent_id, progress) in batch.progress {
             self.input(&agent_id, |m, now, out| {
@@ -1212,6 +1246,32 @@ impl SupervisorTask {
         }
         self.apply_retention();
         self.trim_after_spawn_burst();
+    }
+
+    fn history(&self, agent_id: &str, since: Option<SystemTime>) -> Result<AgentHistory> {
+        if self.history_capacity == 0 {
+            return Err(Error::HistoryOff);
+        }
+        let machine = self.table.get(agent_id)?;
+        let now = SystemTime::now();
+        let window = self.history_window;
+        let oldest = now.checked_sub(window).unwrap_or(UNIX_EPOCH);
+        let from = since.map_or(oldest, |since| since.max(oldest));
+        let until = match machine.leader_alive() {
+            true => now,
+            false => machine.record().ended_at.unwrap_or(now),
+        };
+        let points = self
+            .histories
+            .get(agent_id)
+            .map_or_else(Vec::new, |history| {
+                history.read(from, until, self.sample_interval)
+            });
+        Ok(AgentHistory {
+            interval: self.sample_interval,
+            window,
+            points,
+        })
     }
 
     /// Once a burst of spawns is over (none since the last sample), hands the heap it left
@@ -1283,6 +1343,7 @@ impl SupervisorTask {
         self.store.remove_agent(agent_id)?;
         self.events
             .emit(EventKind::Removed, String::new(), None, || status.clone());
+        self.histories.remove(agent_id);
         if let Some(machine) = self.table.remove(agent_id) {
             // The folder moves out of `agents/` at once, so the id can be spawned again right
             // away; deleting a large output can take a while, so that is off the task.

@@ -4,10 +4,10 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentd_core::{
-    AgentState, AgentStatus, Alert, Backoff, Containment, EndReason, Error, Event, EventKind, Exit,
-    Health, HealthAction, HealthMetric, HealthPolicy, LifecyclePolicy, ListFilter, ListPage,
-    ParentExit, ProgressReport, ReapReport, Resources, RestartPolicy, SpawnRequest, StopOutcome,
-    StopReport, Summary,
+    AgentHistory, AgentState, AgentStatus, Alert, Backoff, Containment, EndReason, Error, Event,
+    EventKind, Exit, Health, HealthAction, HealthMetric, HealthPolicy, LifecyclePolicy, ListFilter,
+    ListPage, ParentExit, ProgressReport, ReapReport, Resources, RestartPolicy, SpawnRequest,
+    StopOutcome, StopReport, Summary,
 };
 use agentd_proto::v1 as pb;
 use tonic::{Code, Status};
@@ -22,6 +22,7 @@ pub fn error_status(error: Error) -> Status {
         | Error::UnknownParent { .. }
         | Error::NotFinished { .. }
         | Error::CannotRestart { .. }
+        | Error::HistoryOff
         | Error::UnsafeAgentDir { .. }
         | Error::Unsupported { .. } => Code::FailedPrecondition,
         Error::TooManyAgents { .. } | Error::OverCapacity { .. } => Code::ResourceExhausted,
@@ -72,6 +73,43 @@ pub fn timestamp(time: SystemTime) -> agentd_proto::Timestamp {
     agentd_proto::Timestamp {
         seconds: i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX),
         nanos: since_epoch.subsec_nanos() as i32,
+    }
+}
+
+/// A Timestamp from a request: INVALID_ARGUMENT unless it is a real time after 1970.
+pub fn time_from(time: agentd_proto::Timestamp) -> Result<SystemTime, Status> {
+    let invalid = || {
+        Status::invalid_argument(format!(
+            "invalid `since`: {}s {}ns is not a time after 1970 (nanos 0 to 999999999)",
+            time.seconds, time.nanos
+        ))
+    };
+    let seconds = u64::try_from(time.seconds).map_err(|_| invalid())?;
+    let nanos = u32::try_from(time.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .ok_or_else(invalid)?;
+    UNIX_EPOCH
+        .checked_add(Duration::new(seconds, nanos))
+        .ok_or_else(invalid)
+}
+
+pub fn history(agent_id: String, history: &AgentHistory) -> pb::GetAgentHistoryResponse {
+    pb::GetAgentHistoryResponse {
+        agent_id,
+        interval: Some(history.interval.into()),
+        window: Some(history.window.into()),
+        samples: history
+            .points
+            .iter()
+            .map(|point| pb::HistorySample {
+                time: Some(timestamp(point.time())),
+                cpu_percent: f64::from(point.cpu_percent),
+                memory_mb: f64::from(point.memory_kib) / 1024.0,
+                num_threads: point.num_threads,
+                num_processes: point.num_processes,
+            })
+            .collect(),
     }
 }
 

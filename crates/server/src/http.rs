@@ -47,6 +47,7 @@ pub fn router(api: Api) -> Router {
             get(status).delete(remove).post(agent_verb),
         )
         .route("/v1/agents/{id}/health", get(check_health))
+        .route("/v1/agents/{id}/history", get(history))
         .route("/v1/agents/{id}/progress", post(progress))
         .route("/v1/agents/{id}/logs", get(streams::logs))
         .route("/v1/summary", get(summary))
@@ -295,6 +296,31 @@ async fn check_health(State(api): State<Api>, Path(agent_id): Path<String>) -> A
     let response = api
         .service
         .check_health(tonic::Request::new(request))
+        .await?;
+    ok(response.get_ref())
+}
+
+/// `GET /v1/agents/{id}/history?since=2026-11-27T14:00:00Z`.
+async fn history(
+    State(api): State<Api>,
+    Path(agent_id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Answer {
+    let query = Query::parse(raw);
+    let since = query
+        .one("since")
+        .map(|value| {
+            serde_json::from_value(serde_json::Value::String(value.into())).map_err(|_| {
+                ApiError(Status::invalid_argument(format!(
+                    "invalid query parameter `since`: `{value}` is not an RFC 3339 time such as `2026-11-27T14:00:00Z`"
+                )))
+            })
+        })
+        .transpose()?;
+    let request = pb::GetAgentHistoryRequest { agent_id, since };
+    let response = api
+        .service
+        .get_agent_history(tonic::Request::new(request))
         .await?;
     ok(response.get_ref())
 }

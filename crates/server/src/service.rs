@@ -240,6 +240,23 @@ impl AgentSupervisor for AgentSupervisorService {
         .await
     }
 
+    async fn get_agent_history(
+        &self,
+        request: Request<pb::GetAgentHistoryRequest>,
+    ) -> Result<Response<pb::GetAgentHistoryResponse>, Status> {
+        self.timed("GetAgentHistory", async move {
+            let request = request.into_inner();
+            let since = request.since.map(convert::time_from).transpose()?;
+            let history = self
+                .supervisor
+                .history(request.agent_id.clone(), since)
+                .await
+                .map_err(error_status)?;
+            Ok(Response::new(convert::history(request.agent_id, &history)))
+        })
+        .await
+    }
+
     async fn reap_zombies(
         &self,
         _request: Request<pb::ReapZombiesRequest>,

@@ -45,6 +45,10 @@ struct Options {
     /// How often agents' CPU, memory and threads are sampled (500ms, 1s, 2s...)
     #[arg(long, env = "AGENTD_SAMPLE_INTERVAL", default_value = "1s", value_parser = settings::parse_duration)]
     sample_interval: Duration,
+    /// How far back each agent's samples are kept in memory for GetAgentHistory and the
+    /// dashboard's charts (10m, 1h...; 0 keeps none). A sample that changed nothing costs nothing
+    #[arg(long, env = "AGENTD_HISTORY", default_value = "10m", value_parser = settings::parse_duration)]
+    history: Duration,
     /// Events queued per watcher; a watcher that lets its queue fill is ended with
     /// RESOURCE_EXHAUSTED and can resume from the last sequence it got
     #[arg(long, env = "AGENTD_WATCH_BUFFER", default_value_t = 1024)]
@@ -130,6 +134,7 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
         .unwrap_or_else(|| settings::socket_in(&data_dir));
     let mut config = SupervisorConfig::new(data_dir.clone());
     config.sample_interval = options.sample_interval;
+    config.history = options.history;
     if !(options.capacity.is_finite() && options.capacity >= 0.0) {
         bail!("--capacity must be a non-negative number");
     }
