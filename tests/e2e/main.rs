@@ -11,6 +11,7 @@ mod harness;
 mod agentctl;
 mod clients;
 mod containment;
+mod dashboard;
 mod health;
 mod history;
 mod http;

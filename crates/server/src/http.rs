@@ -4,6 +4,7 @@
 //! route calls the gRPC service's method, so validation and errors are the same too.
 //! `streams.rs` holds the two routes that stream: output and events.
 
+mod dashboard;
 mod streams;
 
 use std::sync::Arc;
@@ -40,6 +41,9 @@ pub struct Api {
 
 pub fn router(api: Api) -> Router {
     Router::new()
+        .route("/", get(dashboard::page))
+        .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/style.css", get(dashboard::style))
         .route("/v1/agents", get(list).post(spawn))
         .route("/v1/agents:stop", post(stop_many))
         .route(

@@ -1,0 +1,483 @@
+// The agentd dashboard: one EventSource on /v1/events drives everything; the page renders at
+// most once per animation frame and only the rows in view, so a thousand agents sampled every
+// second stay cheap. No framework, no build step: this file is served as written.
+"use strict";
+
+const ROW = 26;          // px, as --row in style.css
+const OVERSCAN = 8;      // rows drawn beyond the viewport
+const SPARK = 60;        // samples in a row's sparkline
+const CHART = 600;       // samples in the detail charts
+const FEED = 200;        // events in the feed
+const OUTPUT = 64 << 10; // characters of output kept in the detail pane
+const KINDS = ["SPAWNED", "EXITED", "FAILED", "STOPPING", "KILLED", "HEALTH", "PROGRESS", "LOST",
+  "ADOPTED", "SNAPSHOT", "STALLED", "ALERT", "RECOVERED", "RESTARTING", "TIMED_OUT", "REMOVED",
+  "PAUSED", "RESUMED", "OOM_KILLED"];
+const LIVE = new Set(["STARTING", "RUNNING", "STOPPING", "BACKING_OFF", "PAUSED"]);
+
+const $ = (id) => document.getElementById(id);
+const agents = new Map(); // id -> {s: status, at: ms received, spark: [[t, cpu, mem]], version}
+let order = [];           // [{id, depth}] in tree order, filtered
+let orderDirty = true;
+let dirty = true;
+let frame = 0;
+let lastSeq = null;       // the last event sequence applied: where a reconnection resumes
+let selected = null;      // {id, cpu: [[t, v]], mem: [[t, v]], output: AbortController}
+let pendingFeed = [];
+let summary = null;
+
+const short = (name) => (name || "").replace(/^(AGENT_STATE|HEALTH|EVENT_KIND)_/, "");
+const num = (x) => (typeof x === "number" ? x : Number(x) || 0);
+
+function fmtMem(mb) {
+  return mb >= 1024 ? (mb / 1024).toFixed(2) + " GiB" : mb.toFixed(1) + " MiB";
+}
+
+function fmtDuration(s) {
+  s = Math.max(0, Math.floor(s));
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+  return h ? `${h}h${String(m).padStart(2, "0")}m` : m ? `${m}m${String(sec).padStart(2, "0")}s` : `${sec}s`;
+}
+
+function runtime(a) {
+  const s = a.s;
+  const running = short(s.state) === "RUNNING" || short(s.state) === "STOPPING";
+  return num(s.runtimeSeconds) + (running ? (performance.now() - a.at) / 1000 : 0);
+}
+
+function schedule() {
+  dirty = true;
+  if (!frame) frame = requestAnimationFrame(render);
+}
+
+// ---- events --------------------------------------------------------------------------------
+
+let source = null;
+let retry = 500;
+
+function connect() {
+  const url = lastSeq === null ? "/v1/events?snapshot=true" : `/v1/events?after=${lastSeq}`;
+  if (lastSeq === null) { agents.clear(); orderDirty = true; }
+  source = new EventSource(url);
+  source.onopen = () => { retry = 500; setLink(true); };
+  for (const kind of KINDS) {
+    source.addEventListener("EVENT_KIND_" + kind, (e) => onEvent(kind, e));
+  }
+  // Both the connection failing and the daemon's own `event: error` (this watcher fell
+  // behind) land here: reopen from the last sequence applied.
+  source.addEventListener("error", (e) => {
+    if (e.data) console.warn("agentd ended the stream:", e.data);
+    reconnect();
+  });
+}
+
+function reconnect() {
+  if (source) { source.close(); source = null; }
+  setLink(false);
+  setTimeout(reopen, retry);
+  retry = Math.min(retry * 2, 5000);
+}
+
+// Before resuming, ask whether the daemon still holds our position (an EventSource cannot
+// see the 410 that says it does not): if not, start over from a snapshot.
+async function reopen() {
+  if (lastSeq !== null) {
+    try {
+      const answer = await fetch(`/v1/events?after=${lastSeq}&replay_only=true`);
+      if (answer.status === 410) lastSeq = null;
+      else if (!answer.ok) throw new Error(`HTTP ${answer.status}`);
+      answer.body && answer.body.cancel();
+    } catch (_) {
+      reconnect();
+      return;
+    }
+  }
+  connect();
+}
+
+function setLink(up) {
+  const link = $("link");
+  link.className = "link " + (up ? "up" : "down");
+  link.textContent = up ? "live" : "reconnecting";
+}
+
+function onEvent(kind, e) {
+  const seq = Number(e.lastEventId);
+  if (kind !== "SNAPSHOT" && lastSeq !== null && seq <= lastSeq) return; // seen already
+  if (lastSeq === null || seq > lastSeq) lastSeq = seq;
+  const ev = JSON.parse(e.data);
+  const id = ev.agentId;
+  if (kind === "REMOVED") {
+    agents.delete(id);
+    orderDirty = true;
+  } else if (ev.status) {
+    let a = agents.get(id);
+    if (!a) {
+      a = { spark: [], version: 0, history: false };
+      agents.set(id, a);
+      orderDirty = true;
+    } else if (a.s.state !== ev.status.state || a.s.parentAgentId !== ev.status.parentAgentId) {
+      orderDirty = true;
+    }
+    a.s = ev.status;
+    a.at = performance.now();
+    a.version++;
+    if (kind === "HEALTH") {
+      const t = Date.parse(ev.time);
+      push(a.spark, [t, num(ev.status.cpuPercent), num(ev.status.memoryMb)], SPARK);
+      if (selected && selected.id === id) {
+        push(selected.cpu, [t, num(ev.status.cpuPercent)], CHART);
+        push(selected.mem, [t, num(ev.status.memoryMb)], CHART);
+      }
+    }
+  }
+  if (kind !== "HEALTH" && kind !== "SNAPSHOT") pendingFeed.push([ev.time, kind, id, ev.message, seq]);
+  schedule();
+}
+
+function push(ring, item, max) {
+  ring.push(item);
+  if (ring.length > max) ring.splice(0, ring.length - max);
+}
+
+// ---- summary (capacity, host) ----------------------------------------------------------------
+
+async function pollSummary() {
+  try {
+    const answer = await fetch("/v1/summary");
+    if (answer.ok) { summary = await answer.json(); schedule(); }
+  } catch (_) { /* the event stream shows the link is down */ }
+  setTimeout(pollSummary, 2000);
+}
+
+// ---- rendering -----------------------------------------------------------------------------
+
+function render() {
+  frame = 0;
+  if (!dirty) return;
+  dirty = false;
+  if (orderDirty) buildOrder();
+  renderHeader();
+  renderRows();
+  renderFeed();
+  if (selected) renderDetail();
+}
+
+function buildOrder() {
+  orderDirty = false;
+  const filter = $("filter").value.trim().toLowerCase();
+  const hideEnded = $("hide-ended").checked;
+  const children = new Map();
+  const roots = [];
+  for (const [id, a] of agents) {
+    const parent = a.s.parentAgentId;
+    if (parent && agents.has(parent)) {
+      if (!children.has(parent)) children.set(parent, []);
+      children.get(parent).push(id);
+    } else {
+      roots.push(id);
+    }
+  }
+  const matches = (a) => {
+    if (hideEnded && !LIVE.has(short(a.s.state))) return false;
+    if (!filter) return true;
+    const s = a.s;
+    return [s.agentId, s.agentName, s.agentType, s.model, short(s.state), short(s.health)]
+      .some((field) => (field || "").toLowerCase().includes(filter));
+  };
+  order = [];
+  const walk = (ids, depth) => {
+    ids.sort();
+    for (const id of ids) {
+      if (matches(agents.get(id))) order.push({ id, depth });
+      const kids = children.get(id);
+      if (kids) walk(kids, depth + 1);
+    }
+  };
+  walk(roots, 0);
+  $("spacer").style.height = order.length * ROW + "px";
+  $("shown").textContent = order.length === agents.size ? `${agents.size} agents`
+    : `${order.length} of ${agents.size} agents`;
+}
+
+function renderHeader() {
+  const counts = {};
+  let unhealthy = 0;
+  for (const a of agents.values()) {
+    const state = short(a.s.state);
+    counts[state] = (counts[state] || 0) + 1;
+    const health = short(a.s.health);
+    if (LIVE.has(state) && health && health !== "HEALTHY" && health !== "UNSPECIFIED") unhealthy++;
+  }
+  const parts = ["RUNNING", "STARTING", "STOPPING", "BACKING_OFF", "PAUSED", "COMPLETED", "FAILED",
+    "KILLED", "LOST"].filter((s) => counts[s])
+    .map((s) => `<span class="s-${s}"><b>${counts[s]}</b> ${s.toLowerCase().replace("_", " ")}</span>`);
+  if (unhealthy) parts.push(`<span class="h-UNHEALTHY"><b>${unhealthy}</b> unhealthy</span>`);
+  setHtml($("counts"), parts.join("") || "no agents");
+  if (summary) {
+    const load = num(summary.totalLoadPercentage), capacity = num(summary.capacity);
+    setText($("load-text"), `load ${load.toFixed(0)} / ${capacity.toFixed(0)}`);
+    $("load-bar").style.width = (capacity ? Math.min(100, (100 * load) / capacity) : 0) + "%";
+    const host = summary.host || {};
+    setText($("host"), `${host.cpus || "?"} CPUs · load ${num(host.loadAverage1m).toFixed(2)} · ` +
+      `memory ${fmtMem(num(host.memoryAvailableMb))} free of ${fmtMem(num(host.memoryTotalMb))}`);
+  }
+}
+
+const pool = []; // row elements, reused as the view scrolls
+
+function rowElement(i) {
+  if (!pool[i]) {
+    const row = document.createElement("div");
+    row.className = "row";
+    row.innerHTML = `<span class="c-id"></span><span class="c-state"></span><span class="c-health"></span>` +
+      `<span class="c-cpu num"></span><span class="c-mem num"></span>` +
+      `<span class="c-spark"><canvas class="spark" width="120" height="18"></canvas></span>` +
+      `<span class="c-run num"></span><span class="c-prog prog"><span class="bar"><div></div></span><span></span></span>` +
+      `<span class="c-restarts num"></span>`;
+    row.addEventListener("click", () => select(row.dataset.id));
+    $("visible").appendChild(row);
+    pool[i] = row;
+  }
+  return pool[i];
+}
+
+function renderRows() {
+  const view = $("rows");
+  const first = Math.max(0, Math.floor(view.scrollTop / ROW) - OVERSCAN);
+  const last = Math.min(order.length, Math.ceil((view.scrollTop + view.clientHeight) / ROW) + OVERSCAN);
+  let used = 0;
+  for (let i = first; i < last; i++, used++) {
+    const { id, depth } = order[i];
+    const a = agents.get(id);
+    const row = rowElement(used);
+    row.hidden = false;
+    row.style.transform = `translateY(${i * ROW}px)`;
+    row.classList.toggle("selected", selected !== null && selected.id === id);
+    if (row.dataset.id === id && row.dataset.version === String(a.version)) {
+      setText(row.children[6], fmtDuration(runtime(a)));
+      continue;
+    }
+    row.dataset.id = id;
+    row.dataset.version = a.version;
+    const s = a.s, state = short(s.state), health = short(s.health);
+    const cells = row.children;
+    const name = s.agentName && s.agentName !== id ? ` (${s.agentName})` : "";
+    setHtml(cells[0], (depth ? `<span class="tree">${"  ".repeat(depth - 1)}└ </span>` : "") +
+      escapeHtml(id + name));
+    cells[0].title = (s.cmdline || []).join(" ");
+    setText(cells[1], state.toLowerCase().replace("_", " "));
+    cells[1].className = "c-state s-" + state;
+    setText(cells[2], LIVE.has(state) ? health.toLowerCase().replace("_", " ") : "");
+    cells[2].className = "c-health h-" + health;
+    setText(cells[3], LIVE.has(state) ? num(s.cpuPercent).toFixed(1) : "");
+    setText(cells[4], LIVE.has(state) ? fmtMem(num(s.memoryMb)) : fmtMem(num(s.peakMemoryMb)));
+    drawSpark(cells[5].firstChild, a.spark);
+    setText(cells[6], fmtDuration(runtime(a)));
+    const progress = num(s.progress);
+    cells[7].firstChild.firstChild.style.width = Math.min(100, progress) + "%";
+    setText(cells[7].lastChild, progress ? progress.toFixed(0) + "%" : "");
+    cells[7].title = s.progressMessage || "";
+    setText(cells[8], String(num(s.restartCount)));
+    if (!a.history) loadSpark(id, a);
+  }
+  for (let i = used; i < pool.length; i++) {
+    pool[i].hidden = true;
+    pool[i].dataset.id = "";
+  }
+}
+
+// A row's sparkline starts from the daemon's history the first time the row is seen.
+async function loadSpark(id, a) {
+  a.history = true;
+  const since = new Date(Date.now() - SPARK * 2000).toISOString();
+  try {
+    const answer = await fetch(`/v1/agents/${encodeURIComponent(id)}/history?since=${since}`);
+    if (!answer.ok) return;
+    const history = await answer.json();
+    const points = history.samples.map((p) => [Date.parse(p.time), num(p.cpuPercent), num(p.memoryMb)]);
+    const newest = points.length ? points[points.length - 1][0] : 0;
+    a.spark = points.concat(a.spark.filter((p) => p[0] > newest)).slice(-SPARK);
+    a.version++;
+    schedule();
+  } catch (_) { /* drawn from live samples alone */ }
+}
+
+function drawSpark(canvas, points) {
+  const g = canvas.getContext("2d");
+  g.clearRect(0, 0, canvas.width, canvas.height);
+  if (points.length < 2) return;
+  // Each row on its own scale (at least 5%), so an agent's shape shows.
+  const top = Math.max(5, ...points.map((p) => p[1]));
+  g.strokeStyle = "#4cc38a";
+  g.beginPath();
+  const dx = canvas.width / (SPARK - 1), offset = SPARK - points.length;
+  points.forEach((p, i) => {
+    const x = (offset + i) * dx, y = canvas.height - 1 - (p[1] / top) * (canvas.height - 2);
+    i ? g.lineTo(x, y) : g.moveTo(x, y);
+  });
+  g.stroke();
+}
+
+function renderFeed() {
+  if (!pendingFeed.length) return;
+  const feed = $("feed");
+  const items = pendingFeed.slice(-FEED).reverse().map(([time, kind, id, message, seq]) => {
+    const li = document.createElement("li");
+    li.dataset.seq = seq;
+    const when = time ? new Date(time).toLocaleTimeString() : "";
+    li.innerHTML = `<time>${when}</time><span class="kind s-${kindClass(kind)}">${kind.toLowerCase()}</span>` +
+      `${escapeHtml(id)} ${escapeHtml(message || "")}`;
+    return li;
+  });
+  pendingFeed = [];
+  feed.prepend(...items);
+  while (feed.children.length > FEED) feed.lastChild.remove();
+}
+
+function kindClass(kind) {
+  return { SPAWNED: "RUNNING", RESUMED: "RUNNING", RECOVERED: "RUNNING", ADOPTED: "RUNNING",
+    FAILED: "FAILED", LOST: "FAILED", OOM_KILLED: "FAILED", TIMED_OUT: "FAILED",
+    STALLED: "STOPPING", ALERT: "STOPPING", STOPPING: "STOPPING", RESTARTING: "STOPPING",
+    PAUSED: "PAUSED" }[kind] || "COMPLETED";
+}
+
+// ---- the selected agent --------------------------------------------------------------------
+
+async function select(id) {
+  if (!id || !agents.has(id)) return;
+  if (selected) selected.output.abort();
+  selected = { id, cpu: [], mem: [], output: new AbortController(), version: -1 };
+  $("detail").hidden = false;
+  $("d-title").textContent = id;
+  $("d-output").textContent = "";
+  for (const row of pool) row.dataset.version = ""; // redraw the highlight
+  schedule();
+  const mine = selected;
+  followOutput(mine);
+  try {
+    const answer = await fetch(`/v1/agents/${encodeURIComponent(id)}/history`);
+    if (answer.ok && selected === mine) {
+      const history = await answer.json();
+      const cpu = history.samples.map((p) => [Date.parse(p.time), num(p.cpuPercent)]);
+      const mem = history.samples.map((p) => [Date.parse(p.time), num(p.memoryMb)]);
+      const newest = cpu.length ? cpu[cpu.length - 1][0] : 0;
+      mine.cpu = cpu.concat(mine.cpu.filter((p) => p[0] > newest)).slice(-CHART);
+      mine.mem = mem.concat(mine.mem.filter((p) => p[0] > newest)).slice(-CHART);
+      mine.version = -1;
+      schedule();
+    }
+  } catch (_) { /* the charts fill from live samples */ }
+}
+
+// The agent's output (both streams, as written), followed until another agent is selected.
+async function followOutput(mine) {
+  const pre = $("d-output");
+  try {
+    const answer = await fetch(`/v1/agents/${encodeURIComponent(mine.id)}/logs?follow=true&tail=200`,
+      { signal: mine.output.signal });
+    if (!answer.ok) { pre.textContent = `(no output: HTTP ${answer.status})`; return; }
+    const reader = answer.body.pipeThrough(new TextDecoderStream()).getReader();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done || selected !== mine) return;
+      const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+      let text = pre.textContent + value;
+      if (text.length > OUTPUT) text = text.slice(text.length - OUTPUT);
+      pre.textContent = text;
+      if (atBottom) pre.scrollTop = pre.scrollHeight;
+    }
+  } catch (_) { /* aborted, or the daemon went away */ }
+}
+
+function closeDetail() {
+  if (selected) selected.output.abort();
+  selected = null;
+  $("detail").hidden = true;
+  for (const row of pool) row.dataset.version = "";
+  schedule();
+}
+
+function renderDetail() {
+  const a = agents.get(selected.id);
+  if (!a) { closeDetail(); return; }
+  if (selected.version === a.version) return;
+  selected.version = a.version;
+  const s = a.s, live = LIVE.has(short(s.state));
+  $("d-stop").disabled = !live;
+  $("d-kill").disabled = !live;
+  drawChart($("d-cpu"), selected.cpu, 100, "#4cc38a");
+  drawChart($("d-mem"), selected.mem, 1, "#5aa7f0");
+  setText($("d-cpu-now"), live ? num(s.cpuPercent).toFixed(1) : "");
+  setText($("d-mem-now"), live ? num(s.memoryMb).toFixed(1) : `peak ${num(s.peakMemoryMb).toFixed(1)}`);
+  const kids = [...agents.values()].filter((k) => k.s.parentAgentId === selected.id);
+  const list = $("d-children");
+  list.replaceChildren(...kids.map((k) => {
+    const li = document.createElement("li");
+    const link = document.createElement("a");
+    link.textContent = k.s.agentId;
+    link.addEventListener("click", () => select(k.s.agentId));
+    li.append(link, ` ${short(k.s.state).toLowerCase()}`);
+    return li;
+  }));
+  if (!kids.length) list.innerHTML = "<li>none</li>";
+  const rows = Object.entries(s).map(([key, value]) => {
+    const shown = typeof value === "object" && value !== null ? JSON.stringify(value) : String(value);
+    return `<tr><td>${escapeHtml(key)}</td><td>${escapeHtml(shown)}</td></tr>`;
+  });
+  $("d-fields").innerHTML = rows.join("");
+}
+
+function drawChart(canvas, points, floor, color) {
+  const g = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height;
+  g.clearRect(0, 0, w, h);
+  if (!points.length) return;
+  const top = Math.max(floor, ...points.map((p) => p[1])) * 1.1;
+  const t0 = points[0][0], span = Math.max(1, points[points.length - 1][0] - t0);
+  g.fillStyle = "#8a94a3";
+  g.font = "10px monospace";
+  g.fillText(top.toFixed(0), 2, 10);
+  g.strokeStyle = color;
+  g.beginPath();
+  points.forEach(([t, v], i) => {
+    const x = ((t - t0) / span) * (w - 2) + 1, y = h - 1 - (v / top) * (h - 2);
+    i ? g.lineTo(x, y) : g.moveTo(x, y);
+  });
+  g.stroke();
+}
+
+async function stopSelected(force) {
+  const id = selected && selected.id;
+  if (!id) return;
+  const verb = force ? "Kill" : "Stop";
+  const how = force ? "SIGKILL to its whole process tree" : "its stop ladder (SIGTERM, then SIGKILL)";
+  if (!confirm(`${verb} agent ${id}? agentd sends ${how}.`)) return;
+  const answer = await fetch(`/v1/agents/${encodeURIComponent(id)}:stop`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ force }),
+  });
+  if (!answer.ok) {
+    const error = await answer.json().catch(() => ({ message: `HTTP ${answer.status}` }));
+    alert(`${verb} ${id}: ${error.message}`);
+  }
+}
+
+// ---- helpers -------------------------------------------------------------------------------
+
+function setText(el, text) { if (el.textContent !== text) el.textContent = text; }
+function setHtml(el, html) { if (el.__html !== html) { el.innerHTML = html; el.__html = html; } }
+function escapeHtml(text) {
+  return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+$("rows").addEventListener("scroll", schedule, { passive: true });
+window.addEventListener("resize", schedule);
+$("filter").addEventListener("input", () => { orderDirty = true; schedule(); });
+$("hide-ended").addEventListener("change", () => { orderDirty = true; schedule(); });
+$("d-close").addEventListener("click", closeDetail);
+$("d-stop").addEventListener("click", () => stopSelected(false));
+$("d-kill").addEventListener("click", () => stopSelected(true));
+setInterval(schedule, 1000); // runtimes tick even when no event comes
+connect();
+pollSummary();
