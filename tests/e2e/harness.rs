@@ -28,6 +28,8 @@ pub struct Daemon {
     pub cgroup_root: Option<PathBuf>,
     /// `HOST:PORT` of the HTTP API, when started with `--http-listen`.
     pub http_address: Option<String>,
+    /// `http://HOST:PORT` of gRPC over TCP, when started with `--listen`.
+    pub grpc_address: Option<String>,
 }
 
 impl Daemon {
@@ -131,6 +133,7 @@ impl Daemon {
             socket,
             cgroup_root: None,
             http_address: None,
+            grpc_address: None,
         };
         match ready.recv_timeout(DEADLINE) {
             Ok(line) if line.contains("ready") => {
@@ -142,6 +145,10 @@ impl Daemon {
                     .split_once("HTTP API on http://")
                     .and_then(|(_, rest)| rest.split_whitespace().next())
                     .map(|address| address.trim_end_matches(',').to_string());
+                daemon.grpc_address = line
+                    .split_once(" and http://")
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .map(|address| format!("http://{}", address.trim_end_matches(',')));
                 daemon
             }
             other => {

@@ -23,4 +23,5 @@ mod recovery;
 mod rejects;
 mod resuming;
 mod stopping;
+mod top;
 mod watching;

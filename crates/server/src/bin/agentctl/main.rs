@@ -2,6 +2,7 @@
 
 mod describe;
 mod ending;
+mod top;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -58,6 +59,14 @@ enum Action {
     /// Everything about one agent: identity, process, health, limits, lifecycle, output,
     /// children
     Describe { agent_id: String },
+    /// A full-screen live view of every agent: sort (c cpu, m memory, r runtime, e state,
+    /// i id), t tree, f states, / filter, the selected agent's output, s stop, k kill, q quit
+    Top {
+        /// Only agents whose id, name, type or model holds this text, or with this label
+        /// (KEY=VALUE)
+        #[arg(long)]
+        filter: Option<String>,
+    },
     /// Print a shell completion script: agentctl completions bash > /etc/bash_completion.d/agentctl
     Completions { shell: clap_complete::Shell },
     /// Show one agent
@@ -324,6 +333,7 @@ async fn run(options: Options) -> anyhow::Result<u8> {
             }
             return Ok(ending::first_failure(&statuses));
         }
+        Action::Top { filter } => return top::top(client, filter).await,
         Action::Describe { agent_id } => describe::describe(&mut client, agent_id, json).await?,
         Action::Spawn(args) => {
             let request = spawn_request(*args)?;

@@ -1,0 +1,169 @@
+//! `agentctl top` in a real terminal (tmux): it shows the agents, a key sorts them, and `s`
+//! then `y` stops the selected one. It talks to agentd over TCP (`--addr`).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use agentd_proto::v1 as pb;
+
+use crate::harness::*;
+
+/// One tmux server per test (its own socket name), killed when the test ends.
+struct Tmux {
+    server: String,
+}
+
+impl Tmux {
+    fn start(command: &str) -> Tmux {
+        let tmux = Tmux {
+            server: format!("agentd-top-{}", std::process::id()),
+        };
+        let started = tmux
+            .run(&[
+                "new-session",
+                "-d",
+                "-s",
+                "top",
+                "-x",
+                "160",
+                "-y",
+                "40",
+                command,
+            ])
+            .status
+            .success();
+        assert!(started, "tmux new-session");
+        tmux
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux")
+            .args(["-L", &self.server])
+            .args(args)
+            .output()
+            .expect("tmux (tests/setup.sh installs it)")
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-t", "top"]).stdout).into()
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "top"];
+        args.extend(keys);
+        assert!(self.run(&args).status.success(), "tmux send-keys");
+    }
+
+    /// Polls the screen until `done` holds, failing at the deadline.
+    fn wait(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let screen = self.screen();
+            if done(&screen) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the screen never showed {what}:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn session_alive(&self) -> bool {
+        self.run(&["has-session", "-t", "top"]).status.success()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+/// The rows of the agent table, in order: the first word of each line that names an agent.
+fn order(screen: &str, agents: &[&str]) -> Vec<String> {
+    screen
+        .lines()
+        .filter_map(|line| {
+            let first = line
+                .trim_start_matches(['▶', ' '])
+                .split_whitespace()
+                .next()?;
+            agents.contains(&first).then(|| first.to_string())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn top_shows_agents_sorts_on_a_key_and_stops_the_selected_one() {
+    let daemon = Daemon::start_with(&["--listen", "127.0.0.1:0"]).await;
+    let mut client = daemon.client().await;
+    let hold = |mib: u32| {
+        vec![
+            "python3".to_string(),
+            "-c".into(),
+            format!(
+                "b = bytearray({mib} << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\n\
+                 print('holding {mib} MiB', flush=True)\nimport time\ntime.sleep(300)"
+            ),
+        ]
+    };
+    // Ids in one order, memory in the other.
+    spawn(&mut client, "a-small", hold(8)).await;
+    spawn(&mut client, "b-medium", hold(40)).await;
+    spawn(&mut client, "c-large", hold(90)).await;
+    let agents = ["a-small", "b-medium", "c-large"];
+    for agent in agents {
+        wait_for(&mut client, agent, "holding its memory", |s| {
+            s.memory_mb > 8.0
+        })
+        .await;
+    }
+
+    let address = daemon.grpc_address.clone().expect("gRPC over TCP");
+    let tmux = Tmux::start(&format!(
+        "{} --addr {address} top",
+        env!("CARGO_BIN_EXE_agentctl")
+    ));
+    let screen = tmux.wait("the three agents by id", |screen| {
+        order(screen, &agents) == agents && screen.contains("live")
+    });
+    assert!(screen.contains("3 running"), "{screen}");
+
+    // `m` sorts by memory, largest first (the selection stays on its agent); `g` goes to the
+    // top row, and the output pane follows the selected agent.
+    tmux.keys(&["m"]);
+    tmux.wait("the agents by memory", |screen| {
+        order(screen, &agents) == ["c-large", "b-medium", "a-small"] && screen.contains("memory↓")
+    });
+    tmux.keys(&["g"]);
+    tmux.wait("the selected agent's output", |screen| {
+        screen.contains("output of c-large") && screen.contains("holding 90 MiB")
+    });
+
+    // `s` asks, `y` stops the selected agent (the largest) with its ladder.
+    tmux.keys(&["s"]);
+    tmux.wait("the confirmation", |screen| {
+        screen.contains("c-large? y to confirm")
+    });
+    tmux.keys(&["y"]);
+    wait_for_state(&mut client, "c-large", pb::AgentState::Killed).await;
+    tmux.wait("the stopped agent", |screen| {
+        screen.contains("c-large stopped")
+    });
+    for agent in ["a-small", "b-medium"] {
+        assert_eq!(
+            status(&mut client, agent).await.state,
+            pb::AgentState::Running as i32
+        );
+    }
+
+    tmux.keys(&["q"]);
+    let deadline = Instant::now() + DEADLINE;
+    while tmux.session_alive() {
+        assert!(Instant::now() < deadline, "top did not quit on `q`");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill_all(&mut client).await;
+}
