@@ -242,6 +242,35 @@ pub struct AgentStatus {
     pub health: Health,
 }
 
+/// What the status says of an agent's health, from its record and whether its leader is a
+/// zombie.
+pub(crate) fn health(record: &AgentRecord, is_zombie: bool) -> Health {
+match record.state {
+        AgentState::Starting => Health::Unknown,
+        AgentState::Paused => Health::Healthy,
+        AgentState::Running | AgentState::Stopping if is_zombie => Health::Zombie,
+        AgentState::Running | AgentState::Stopping
+            if record
+                .health_issues
+                .iter()
+                .any(|issue| issue.metric == HealthMetric::Heartbeat) =>
+        {
+            Health::Stalled
+        }
+        AgentState::Running | AgentState::Stopping if !record.health_issues.is_empty() => {
+            Health::OverLimit
+        }
+        AgentState::Running | AgentState::Stopping => Health::Healthy,
+        AgentState::Completed | AgentState::Killed => Health::Completed,
+        AgentState::Failed | AgentState::TimedOut => Health::Failed,
+        AgentState::Lost => Health::Unknown,
+        AgentState::BackingOff => match record.exit {
+            Some(Exit::Code(0)) => Health::Completed,
+            _ => Health::Failed,
+        },
+    }
+}
+
 impl AgentStatus {
     /// `running_for`: how long the current run has lasted on the monotonic clock, while it
     /// runs; once it ended, the record's `ran_for` is shown.
@@ -259,30 +288,7 @@ impl AgentStatus {
             (false, _, AgentState::Starting | AgentState::Lost) => "unknown".to_string(),
             (false, _, _) => "exited".to_string(),
         };
-        let health = match record.state {
-            AgentState::Starting => Health::Unknown,
-            AgentState::Paused => Health::Healthy,
-            AgentState::Running | AgentState::Stopping if is_zombie => Health::Zombie,
-            AgentState::Running | AgentState::Stopping
-                if record
-                    .health_issues
-                    .iter()
-                    .any(|issue| issue.metric == HealthMetric::Heartbeat) =>
-            {
-                Health::Stalled
-            }
-            AgentState::Running | AgentState::Stopping if !record.health_issues.is_empty() => {
-                Health::OverLimit
-            }
-            AgentState::Running | AgentState::Stopping => Health::Healthy,
-            AgentState::Completed | AgentState::Killed => Health::Completed,
-            AgentState::Failed | AgentState::TimedOut => Health::Failed,
-            AgentState::Lost => Health::Unknown,
-            AgentState::BackingOff => match record.exit {
-                Some(Exit::Code(0)) => Health::Completed,
-                _ => Health::Failed,
-            },
-        };
+        let health = health(record, is_zombie);
         let runtime = running_for.or(record.ran_for).unwrap_or_else(|| {
             // A record from before `ran_for` was kept: wall time is all there is.
             let end = record.ended_at.unwrap_or_else(SystemTime::now);

@@ -67,13 +67,14 @@ pub struct Event {
 #[derive(Debug, Clone, Copy)]
 pub enum Format {
     Protobuf,
-    Json,
+    /// A whole server-sent event: its `id:`, `event:` and `data:` (JSON) lines.
+    ServerSent,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct Encodings {
     protobuf: OnceLock<Box<[u8]>>,
-    json: OnceLock<Box<[u8]>>,
+    server_sent: OnceLock<Box<[u8]>>,
 }
 
 impl Event {
@@ -81,7 +82,7 @@ impl Event {
     pub fn encoded(&self, format: Format, encode: impl FnOnce(&Event) -> Vec<u8>) -> &[u8] {
         let slot = match format {
             Format::Protobuf => &self.encoded.protobuf,
-            Format::Json => &self.encoded.json,
+            Format::ServerSent => &self.encoded.server_sent,
         };
         slot.get_or_init(|| encode(self).into_boxed_slice())
     }

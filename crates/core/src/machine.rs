@@ -295,6 +295,11 @@ impl AgentMachine {
         matches!(self.phase, Phase::Ended { .. })
     }
 
+    /// The latest sample, while the leader lives.
+    pub fn live_sample(&self) -> Option<&TreeSample> {
+        self.sample.as_ref().filter(|_| self.leader_alive())
+    }
+
     pub fn status(&self, now: Instant) -> AgentStatus {
         let alive = self.leader_alive();
         let running_for = alive.then(|| now.saturating_duration_since(self.run.started));

@@ -356,7 +356,7 @@ impl SupervisorTask {
             Command::Summary(reply) => {
                 let mut summary =
                     self.table
-                        .summary(&self.limits, self.records_set_aside, Instant::now());
+                        .summary(&self.limits, self.records_set_aside);
                 (summary.containment, summary.containment_detail) = self.os.containment();
                 summary.store_bytes = self.store.size_on_disk();
                 let _ = reply.send(summary);

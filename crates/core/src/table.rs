@@ -129,7 +129,7 @@ impl AgentTable {
         })
     }
 
-    pub fn summary(&self, limits: &Limits, records_set_aside: u32, now: Instant) -> Summary {
+    pub fn summary(&self, limits: &Limits, records_set_aside: u32) -> Summary {
         let mut summary = Summary {
             capacity: limits.capacity,
             max_agents: limits.max_agents,
@@ -137,8 +137,12 @@ impl AgentTable {
             ..Summary::default()
         };
         for machine in self.agents.values() {
-            let status = machine.status(now);
+            // The figures alone, not a whole status (a clone of the record) per agent:
+            // dashboards ask for the summary every few seconds.
             let record = machine.record();
+            let sample = machine.live_sample();
+            let is_zombie = sample.is_some_and(|s| s.leader_status == "zombie");
+            let health = crate::agent::health(record, is_zombie);
             summary.total += 1;
             let count = match record.state {
                 AgentState::Starting => &mut summary.starting,
@@ -153,23 +157,25 @@ impl AgentTable {
                 AgentState::Paused => &mut summary.paused,
             };
             *count += 1;
-            summary.zombies += u32::from(status.is_zombie);
-            summary.total_memory_mb += status.memory_mb;
-            summary.total_cpu_percent += status.cpu_percent;
+            summary.zombies += u32::from(is_zombie);
+            if let Some(sample) = sample {
+                summary.total_memory_mb += sample.memory_bytes as f64 / (1024.0 * 1024.0);
+                summary.total_cpu_percent += sample.cpu_percent;
+            }
             if record.state.holds_capacity() {
                 summary.total_load_percentage += record.spec.load_percentage;
             }
-            match status.health {
+            match health {
                 Health::Stalled => summary.stalled += 1,
                 Health::OverLimit => summary.over_limit += 1,
                 _ => {}
             }
-            if status.process_alive && status.health != Health::Healthy {
+            if machine.leader_alive() && health != Health::Healthy {
                 let issues = &record.health_issues;
                 summary.unhealthy.push(HealthReport {
                     agent_id: record.spec.agent_id.clone(),
-                    health: status.health,
-                    reason: match status.health {
+                    health,
+                    reason: match health {
                         Health::Zombie => "the leader process is a zombie".to_string(),
                         _ => issues
                             .iter()

@@ -43,6 +43,7 @@ pub fn router(api: Api) -> Router {
     Router::new()
         .route("/", get(dashboard::page))
         .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/events.js", get(dashboard::events))
         .route("/dashboard/style.css", get(dashboard::style))
         .route("/v1/agents", get(list).post(spawn))
         .route("/v1/agents:stop", post(stop_many))

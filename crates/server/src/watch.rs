@@ -17,8 +17,8 @@ use std::time::Duration;
 use agentd_core::{Event, EventFilter, EventFormat, EventKind, Subscription};
 use agentd_proto::v1 as pb;
 use bytes::BufMut;
-use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::mpsc::error::SendTimeoutError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::mpsc::error::{SendTimeoutError, TrySendError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::Stream;
@@ -155,37 +155,62 @@ impl Forwarder {
             return None;
         }
         loop {
-            let received = tokio::select! {
+            let mut received = tokio::select! {
                 () = shutdown.cancelled() => {
                     return Some(Status::unavailable("agentd is shutting down"));
                 }
                 () = self.queue.closed() => return None,
                 received = events.recv() => received,
             };
-            let event = match received {
-                // At or before the seam: the snapshot or replay already covered it.
-                Ok(event) if event.sequence <= seam => continue,
-                Ok(event) => event,
-                Err(RecvError::Lagged(missed)) => {
-                    return Some(self.ended(format!("fell {missed} events behind the daemon")));
+            // Events come in bursts (a sample of every agent at once): take the rest of the
+            // burst without going through the select again.
+            loop {
+                let event = match received {
+                    // At or before the seam: the snapshot or replay already covered it.
+                    Ok(event) if event.sequence <= seam => None,
+                    Ok(event) => Some(event),
+                    Err(RecvError::Lagged(missed)) => {
+                        return Some(self.ended(format!("fell {missed} events behind the daemon")));
+                    }
+                    Err(RecvError::Closed) => return None,
+                };
+                if let Some(event) = event.filter(|event| self.wanted(event))
+                    && let Err(end) = self.forward(event).await
+                {
+                    return end;
                 }
-                Err(RecvError::Closed) => return None,
-            };
-            if !self.wanted(&event) {
-                continue;
+                received = match events.try_recv() {
+                    Ok(event) => Ok(event),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Lagged(missed)) => Err(RecvError::Lagged(missed)),
+                    Err(TryRecvError::Closed) => Err(RecvError::Closed),
+                };
             }
-            let sequence = event.sequence;
-            match self.queue.send_timeout(event, STUCK_AFTER).await {
-                Ok(()) => self.last_sequence = sequence,
-                Err(SendTimeoutError::Timeout(_)) => {
-                    let why = format!(
-                        "did not read for {STUCK_AFTER:?} with {} events waiting",
-                        self.options.buffer
-                    );
-                    return Some(self.ended(why));
-                }
-                Err(SendTimeoutError::Closed(_)) => return None,
+        }
+    }
+
+    /// Queues one live event; `Err` with the status to end with (`None`: the client left).
+    /// The timer that tells a stuck watcher is only armed when the queue is full.
+    async fn forward(&mut self, event: Arc<Event>) -> Result<(), Option<Status>> {
+        let sequence = event.sequence;
+        let sent = match self.queue.try_send(event) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Closed(_)) => return Err(None),
+            Err(TrySendError::Full(event)) => self.queue.send_timeout(event, STUCK_AFTER).await,
+        };
+        match sent {
+            Ok(()) => {
+                self.last_sequence = sequence;
+                Ok(())
             }
+            Err(SendTimeoutError::Timeout(_)) => {
+                let why = format!(
+                    "did not read for {STUCK_AFTER:?} with {} events waiting",
+                    self.options.buffer
+                );
+                Err(Some(self.ended(why)))
+            }
+            Err(SendTimeoutError::Closed(_)) => Err(None),
         }
     }
 

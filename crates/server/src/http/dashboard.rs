@@ -1,4 +1,4 @@
-//! The web dashboard at `/`: three files compiled into the binary and served as written (no
+//! The web dashboard at `/`: four files compiled into the binary and served as written (no
 //! build step, nothing fetched from elsewhere). The page itself only uses the public routes:
 //! `/v1/events`, `/v1/summary`, history, output and `:stop`.
 
@@ -36,6 +36,13 @@ pub(super) async fn script() -> Response {
     asset(
         "text/javascript; charset=utf-8",
         include_str!("dashboard/app.js"),
+    )
+}
+
+pub(super) async fn events() -> Response {
+    asset(
+        "text/javascript; charset=utf-8",
+        include_str!("dashboard/events.js"),
     )
 }
 

@@ -1,21 +1,26 @@
 //! The HTTP routes that stream: an agent's output as raw bytes, and events as server-sent
 //! events.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use agentd_core::{Event, EventFormat, LogStream};
 use agentd_proto::v1 as pb;
 use axum::body::{Body, Bytes};
+use bytes::BytesMut;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use tokio_stream::StreamExt;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Status};
 
 use super::{Answer, Api, ApiError, Query, error_body, error_response};
 use crate::convert;
 use crate::logs;
+use crate::watch::WatchStream;
 
 /// Between two comments on an idle event stream, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -127,26 +132,79 @@ pub(super) async fn events(
         }
         Err(status) => return Err(status.into()),
     };
-    let events = stream.map(|event| {
-        Ok::<_, std::convert::Infallible>(match event {
-            Ok(event) => sse_event(&event),
-            Err(status) => SseEvent::default()
-                .event("error")
-                .data(error_body(&status).to_string()),
-        })
-    });
-    let sse = Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive"));
-    Ok(sse.into_response())
+    let headers = [
+        (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+    ];
+    let body = ServerSentEvents {
+        events: stream,
+        keep_alive: Box::pin(tokio::time::sleep(KEEP_ALIVE)),
+        ended: false,
+        batch: BytesMut::new(),
+    };
+    Ok((headers, Body::from_stream(body)).into_response())
 }
 
-/// The event's JSON is made once, by the first client that sends it.
-fn sse_event(event: &Event) -> SseEvent {
-    let kind = convert::event_kind(event.kind).as_str_name();
-    let json = event.encoded(EventFormat::Json, |event| {
-        serde_json::to_vec(&convert::event(event)).unwrap_or_default()
-    });
-    SseEvent::default()
-        .id(event.sequence.to_string())
-        .event(kind)
-        .data(std::str::from_utf8(json).unwrap_or_default())
+/// Largest chunk written at once.
+const BATCH: usize = 256 << 10;
+
+/// The `text/event-stream` body, written by hand so that every event ready at once goes out
+/// in one chunk: a round of a thousand samples is a few writes per client, not a thousand.
+/// Each event's frame is made once, by the first client that sends it.
+struct ServerSentEvents {
+    events: WatchStream,
+    /// A comment when nothing was sent for [`KEEP_ALIVE`], so proxies keep the stream open.
+    keep_alive: Pin<Box<tokio::time::Sleep>>,
+    ended: bool,
+    /// Reused: once the last chunk is written and dropped, its allocation comes back.
+    batch: BytesMut,
+}
+
+impl Stream for ServerSentEvents {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        while !this.ended && this.batch.len() < BATCH {
+            match Pin::new(&mut this.events).poll_next(cx) {
+                Poll::Ready(Some(Ok(event))) => this.batch.extend_from_slice(frame(&event)),
+                // The watcher was ended (too slow, shutdown): say why, then end.
+                Poll::Ready(Some(Err(status))) => this.batch.extend_from_slice(
+                    format!("event: error\ndata: {}\n\n", error_body(&status)).as_bytes(),
+                ),
+                Poll::Ready(None) => this.ended = true,
+                Poll::Pending => break,
+            }
+        }
+        if !this.batch.is_empty() {
+            let next = tokio::time::Instant::now() + KEEP_ALIVE;
+            this.keep_alive.as_mut().reset(next);
+            return Poll::Ready(Some(Ok(this.batch.split().freeze())));
+        }
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match self.keep_alive.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                let next = tokio::time::Instant::now() + KEEP_ALIVE;
+                self.keep_alive.as_mut().reset(next);
+                Poll::Ready(Some(Ok(Bytes::from_static(b": keep-alive\n\n"))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// `id: SEQUENCE`, `event: EVENT_KIND_...`, `data: JSON` (one line: serde_json writes no
+/// newline), and the blank line that ends an event.
+fn frame(event: &Event) -> &[u8] {
+    event.encoded(EventFormat::ServerSent, |event| {
+        let kind = convert::event_kind(event.kind).as_str_name();
+        let mut frame = format!("id: {}\nevent: {kind}\ndata: ", event.sequence).into_bytes();
+        if serde_json::to_writer(&mut frame, &convert::event(event)).is_err() {
+            frame.extend_from_slice(b"{}");
+        }
+        frame.extend_from_slice(b"\n\n");
+        frame
+    })
 }

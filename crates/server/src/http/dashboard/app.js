@@ -1,6 +1,7 @@
-// The agentd dashboard: one EventSource on /v1/events drives everything; the page renders at
-// most once per animation frame and only the rows in view, so a thousand agents sampled every
-// second stay cheap. No framework, no build step: this file is served as written.
+// The agentd dashboard: /v1/events drives everything (read and parsed in a worker,
+// events.js); the page renders at most once per animation frame and only the rows in view, so
+// a thousand agents sampled every second stay cheap. No framework, no build step: the files
+// are served as written.
 "use strict";
 
 const ROW = 26;          // px, as --row in style.css
@@ -9,9 +10,6 @@ const SPARK = 60;        // samples in a row's sparkline
 const CHART = 600;       // samples in the detail charts
 const FEED = 200;        // events in the feed
 const OUTPUT = 64 << 10; // characters of output kept in the detail pane
-const KINDS = ["SPAWNED", "EXITED", "FAILED", "STOPPING", "KILLED", "HEALTH", "PROGRESS", "LOST",
-  "ADOPTED", "SNAPSHOT", "STALLED", "ALERT", "RECOVERED", "RESTARTING", "TIMED_OUT", "REMOVED",
-  "PAUSED", "RESUMED", "OOM_KILLED"];
 const LIVE = new Set(["STARTING", "RUNNING", "STOPPING", "BACKING_OFF", "PAUSED"]);
 
 const $ = (id) => document.getElementById(id);
@@ -20,7 +18,6 @@ let order = [];           // [{id, depth}] in tree order, filtered
 let orderDirty = true;
 let dirty = true;
 let frame = 0;
-let lastSeq = null;       // the last event sequence applied: where a reconnection resumes
 let selected = null;      // {id, cpu: [[t, v]], mem: [[t, v]], output: AbortController}
 let pendingFeed = [];
 let summary = null;
@@ -49,49 +46,20 @@ function schedule() {
   if (!frame) frame = requestAnimationFrame(render);
 }
 
-// ---- events --------------------------------------------------------------------------------
+// ---- events ----------------------------------------------------------------------------------
 
-let source = null;
-let retry = 500;
-
+// events.js reads /v1/events in a worker and sends a batch every 100 ms.
 function connect() {
-  const url = lastSeq === null ? "/v1/events?snapshot=true" : `/v1/events?after=${lastSeq}`;
-  if (lastSeq === null) { agents.clear(); orderDirty = true; }
-  source = new EventSource(url);
-  source.onopen = () => { retry = 500; setLink(true); };
-  for (const kind of KINDS) {
-    source.addEventListener("EVENT_KIND_" + kind, (e) => onEvent(kind, e));
-  }
-  // Both the connection failing and the daemon's own `event: error` (this watcher fell
-  // behind) land here: reopen from the last sequence applied.
-  source.addEventListener("error", (e) => {
-    if (e.data) console.warn("agentd ended the stream:", e.data);
-    reconnect();
-  });
-}
-
-function reconnect() {
-  if (source) { source.close(); source = null; }
-  setLink(false);
-  setTimeout(reopen, retry);
-  retry = Math.min(retry * 2, 5000);
-}
-
-// Before resuming, ask whether the daemon still holds our position (an EventSource cannot
-// see the 410 that says it does not): if not, start over from a snapshot.
-async function reopen() {
-  if (lastSeq !== null) {
-    try {
-      const answer = await fetch(`/v1/events?after=${lastSeq}&replay_only=true`);
-      if (answer.status === 410) lastSeq = null;
-      else if (!answer.ok) throw new Error(`HTTP ${answer.status}`);
-      answer.body && answer.body.cancel();
-    } catch (_) {
-      reconnect();
-      return;
-    }
-  }
-  connect();
+  const worker = new Worker("/dashboard/events.js");
+  worker.onmessage = (e) => {
+    const batch = e.data;
+    if ("link" in batch) { setLink(batch.link); return; }
+    if (batch.reset) { agents.clear(); orderDirty = true; }
+    for (const [id, status] of batch.statuses) update(id, status);
+    for (const [id, t, cpu, mem] of batch.samples) sample(id, t, num(cpu), num(mem));
+    pendingFeed.push(...batch.feed);
+    schedule();
+  };
 }
 
 function setLink(up) {
@@ -100,38 +68,33 @@ function setLink(up) {
   link.textContent = up ? "live" : "reconnecting";
 }
 
-function onEvent(kind, e) {
-  const seq = Number(e.lastEventId);
-  if (kind !== "SNAPSHOT" && lastSeq !== null && seq <= lastSeq) return; // seen already
-  if (lastSeq === null || seq > lastSeq) lastSeq = seq;
-  const ev = JSON.parse(e.data);
-  const id = ev.agentId;
-  if (kind === "REMOVED") {
+function update(id, status) {
+  if (status === null) {
     agents.delete(id);
     orderDirty = true;
-  } else if (ev.status) {
-    let a = agents.get(id);
-    if (!a) {
-      a = { spark: [], version: 0, history: false };
-      agents.set(id, a);
-      orderDirty = true;
-    } else if (a.s.state !== ev.status.state || a.s.parentAgentId !== ev.status.parentAgentId) {
-      orderDirty = true;
-    }
-    a.s = ev.status;
-    a.at = performance.now();
-    a.version++;
-    if (kind === "HEALTH") {
-      const t = Date.parse(ev.time);
-      push(a.spark, [t, num(ev.status.cpuPercent), num(ev.status.memoryMb)], SPARK);
-      if (selected && selected.id === id) {
-        push(selected.cpu, [t, num(ev.status.cpuPercent)], CHART);
-        push(selected.mem, [t, num(ev.status.memoryMb)], CHART);
-      }
-    }
+    return;
   }
-  if (kind !== "HEALTH" && kind !== "SNAPSHOT") pendingFeed.push([ev.time, kind, id, ev.message, seq]);
-  schedule();
+  let a = agents.get(id);
+  if (!a) {
+    a = { spark: [], version: 0, history: false };
+    agents.set(id, a);
+    orderDirty = true;
+  } else if (a.s.state !== status.state || a.s.parentAgentId !== status.parentAgentId) {
+    orderDirty = true;
+  }
+  a.s = status;
+  a.at = performance.now();
+  a.version++;
+}
+
+function sample(id, t, cpu, mem) {
+  const a = agents.get(id);
+  if (!a) return;
+  push(a.spark, [t, cpu, mem], SPARK);
+  if (selected && selected.id === id) {
+    push(selected.cpu, [t, cpu], CHART);
+    push(selected.mem, [t, mem], CHART);
+  }
 }
 
 function push(ring, item, max) {
