@@ -245,7 +245,7 @@ pub struct AgentStatus {
 /// What the status says of an agent's health, from its record and whether its leader is a
 /// zombie.
 pub(crate) fn health(record: &AgentRecord, is_zombie: bool) -> Health {
-match record.state {
+    match record.state {
         AgentState::Starting => Health::Unknown,
         AgentState::Paused => Health::Healthy,
         AgentState::Running | AgentState::Stopping if is_zombie => Health::Zombie,

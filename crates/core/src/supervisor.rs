@@ -354,9 +354,7 @@ impl SupervisorTask {
                 let _ = reply.send(self.history(&agent_id, since));
             }
             Command::Summary(reply) => {
-                let mut summary =
-                    self.table
-                        .summary(&self.limits, self.records_set_aside);
+                let mut summary = self.table.summary(&self.limits, self.records_set_aside);
                 (summary.containment, summary.containment_detail) = self.os.containment();
                 summary.store_bytes = self.store.size_on_disk();
                 let _ = reply.send(summary);

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use agentd_core::{Event, EventFormat, LogStream};
 use agentd_proto::v1 as pb;
 use axum::body::{Body, Bytes};
-use bytes::BytesMut;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
+use bytes::BytesMut;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Status};
 
@@ -133,7 +133,10 @@ pub(super) async fn events(
         Err(status) => return Err(status.into()),
     };
     let headers = [
-        (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        ),
         (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
     ];
     let body = ServerSentEvents {
