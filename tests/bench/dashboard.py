@@ -85,7 +85,7 @@ def main():
     log = open(os.path.join(data_dir, "agentd.log"), "ab")
     daemon = subprocess.Popen(
         [args.agentd, "--data-dir", data_dir, "--socket", os.path.join(data_dir, "agentd.sock"),
-         "--http-listen", "127.0.0.1:0", "--sample-interval", "1s",
+         "--http-listen", "127.0.0.1:0", "--insecure-listen", "--sample-interval", "1s",
          "--capacity", str(args.agents * 10)],
         stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
     base = None

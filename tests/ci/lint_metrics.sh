@@ -5,7 +5,7 @@ set -euo pipefail
 agentd=$1
 dir=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
-"$agentd" --data-dir "$dir/data" --http-listen 127.0.0.1:0 --metrics-per-agent >"$dir/out" 2>"$dir/log" &
+"$agentd" --data-dir "$dir/data" --http-listen 127.0.0.1:0 --insecure-listen --metrics-per-agent >"$dir/out" 2>"$dir/log" &
 pid=$!
 for _ in $(seq 200); do
   address=$(grep -o 'HTTP API on http://[^ ,]*' "$dir/out" | sed 's|.*http://||') && break

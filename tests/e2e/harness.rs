@@ -112,6 +112,15 @@ impl Daemon {
                 false => &["--sample-interval", "100ms"],
             })
             .args(options)
+            // A TCP listener without TLS and tokens is refused unless asked for: tests that
+            // do not test security listen on loopback without them.
+            .args(
+                (options
+                    .iter()
+                    .any(|o| *o == "--listen" || *o == "--http-listen")
+                    && !options.contains(&"--token-file"))
+                .then_some("--insecure-listen"),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -141,14 +150,15 @@ impl Daemon {
                     .split_once(", root ")
                     .and_then(|(_, rest)| rest.split(',').next())
                     .map(PathBuf::from);
-                daemon.http_address = line
-                    .split_once("HTTP API on http://")
-                    .and_then(|(_, rest)| rest.split_whitespace().next())
-                    .map(|address| address.trim_end_matches(',').to_string());
-                daemon.grpc_address = line
-                    .split_once(" and http://")
-                    .and_then(|(_, rest)| rest.split_whitespace().next())
-                    .map(|address| format!("http://{}", address.trim_end_matches(',')));
+                let after = |marker: &str| {
+                    ["http://", "https://"].iter().find_map(|scheme| {
+                        line.split_once(&format!("{marker}{scheme}"))
+                            .and_then(|(_, rest)| rest.split_whitespace().next())
+                            .map(|address| address.trim_end_matches(',').to_string())
+                    })
+                };
+                daemon.http_address = after("HTTP API on ");
+                daemon.grpc_address = after(" and ").map(|address| format!("http://{address}"));
                 daemon
             }
             other => {

@@ -22,6 +22,7 @@ mod policies;
 mod recovery;
 mod rejects;
 mod resuming;
+mod security;
 mod stopping;
 mod top;
 mod watching;

@@ -35,7 +35,7 @@ class Daemon:
         self.log = open(os.path.join(data_dir, "agentd.log"), "ab")
         self.process = subprocess.Popen(
             [binary, "--data-dir", data_dir, "--socket", os.path.join(data_dir, "agentd.sock"),
-             "--http-listen", http, "--sample-interval", "200ms"],
+             "--http-listen", http, "--insecure-listen", "--sample-interval", "200ms"],
             stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL,
         )
         for line in self.process.stdout:

@@ -96,6 +96,7 @@ impl Daemon {
             "1000000",
             "--http-listen",
             "127.0.0.1:0",
+            "--insecure-listen",
         ])
         .await
     }

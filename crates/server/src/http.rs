@@ -14,7 +14,7 @@ use agentd_proto::v1 as pb;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,9 +24,11 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
+use crate::auth::{Credential, Guard, Role};
 use crate::convert::code_name;
 use crate::metrics::Metrics;
 use crate::service::AgentSupervisorService;
+use crate::tls::Peer;
 
 #[derive(Clone)]
 pub struct Api {
@@ -37,6 +39,11 @@ pub struct Api {
     pub draining: CancellationToken,
     /// Cancelled when the daemon shuts down, to end streams.
     pub shutdown: CancellationToken,
+    /// Tokens every request but the page's files and the probes must show; `None` with
+    /// `--insecure-listen`.
+    pub guard: Option<Arc<Guard>>,
+    /// Session cookies get `Secure` (the listener speaks TLS).
+    pub secure_cookies: bool,
 }
 
 pub fn router(api: Api) -> Router {
@@ -61,9 +68,130 @@ pub fn router(api: Api) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/v1/session", post(open_session).delete(close_session))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            require_token,
+        ))
         .with_state(api)
+}
+
+const SESSION_COOKIE: &str = "agentd_session";
+
+/// Every request needs a token (`Authorization: Bearer`) or a session cookie, a `read` one
+/// for GET, an `admin` one for anything else; the page's files, the probes and opening a
+/// session do not.
+async fn require_token(
+    State(api): State<Api>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(guard) = &api.guard else {
+        return next.run(request).await;
+    };
+    let path = request.uri().path();
+    let open = matches!(path, "/" | "/healthz" | "/readyz" | "/v1/session")
+        || path.starts_with("/dashboard/");
+    if open {
+        return next.run(request).await;
+    }
+    let needs = match *request.method() {
+        Method::GET | Method::HEAD => Role::Read,
+        _ => Role::Admin,
+    };
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let credential = match authorization {
+        Some(_) => Credential::from_authorization(authorization),
+        None => {
+            cookie(request.headers(), SESSION_COOKIE).map_or(Credential::None, Credential::Session)
+        }
+    };
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .map(|info| info.0.0.ip());
+    let what = format!("{} {path}", request.method());
+    match guard.check(credential, peer, needs, &what) {
+        Ok(_) => next.run(request).await,
+        Err(status) => {
+            let mut response = ApiError(status).into_response();
+            if response.status() == StatusCode::UNAUTHORIZED {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            response
+        }
+    }
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+/// `POST /v1/session` with `{"token": "..."}` (or an `Authorization` header): a session
+/// cookie (HttpOnly, SameSite=Strict) for the dashboard, whose EventSource cannot send a
+/// header. The session has the token's role and ends when the token leaves the file.
+async fn open_session(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    connect: Option<axum::Extension<ConnectInfo<Peer>>>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Answer {
+    let Some(guard) = &api.guard else {
+        return Err(ApiError(Status::failed_precondition(
+            "this listener takes no tokens (--insecure-listen): no session is needed",
+        )));
+    };
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct SessionBody {
+        #[serde(default)]
+        token: String,
+    }
+    let body: SessionBody = body(&bytes)?;
+    let token = match Credential::from_authorization(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    ) {
+        Credential::Bearer(token) => token.to_string(),
+        _ => body.token,
+    };
+    let peer = connect.map(|c| c.0.0.0.ip());
+    let id = guard.open_session(&token, peer)?;
+    let cookie = format!(
+        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        Guard::session_lifetime().as_secs(),
+        if api.secure_cookies { "; Secure" } else { "" }
+    );
+    let mut response = json_response(StatusCode::OK, &serde_json::json!({}));
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    Ok(response)
+}
+
+/// `DELETE /v1/session`: forget the cookie.
+async fn close_session() -> Response {
+    let mut response = json_response(StatusCode::OK, &serde_json::json!({}));
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("agentd_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
+    );
+    response
 }
 
 /// A gRPC status as an HTTP answer: `{"code": "NOT_FOUND", "message": "..."}`, with the

@@ -3,6 +3,7 @@
 //! optionally a TCP address; and optionally an HTTP listener (REST/JSON, server-sent events,
 //! metrics) over the same service. `bin/agentd.rs` parses options, binds and calls [`run`].
 
+pub mod auth;
 mod convert;
 mod host;
 mod http;
@@ -10,6 +11,7 @@ mod logs;
 mod metrics;
 mod service;
 pub mod settings;
+pub mod tls;
 mod watch;
 
 pub use metrics::{Metrics, PerAgent};
@@ -22,7 +24,8 @@ use agentd_core::SupervisorHandle;
 use agentd_proto::v1::agent_supervisor_server::AgentSupervisorServer;
 use anyhow::Context;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
@@ -40,10 +43,23 @@ pub enum Listener {
 }
 
 /// How the gRPC front behaves, beyond the supervisor's own configuration.
-#[derive(Debug, Clone)]
+/// How the TCP listeners are guarded: TLS, tokens (both, or neither with
+/// `--insecure-listen`), and how much one peer may hold.
+#[derive(Clone)]
+pub struct Security {
+    pub tls: Option<Arc<tls::Tls>>,
+    pub guard: Option<Arc<auth::Guard>>,
+    /// Open connections per TCP listener.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams (calls) per gRPC connection.
+    pub max_streams: u32,
+}
+
+#[derive(Clone)]
 pub struct ServeOptions {
     /// Events queued per watcher before a watcher that does not read is ended.
     pub watch_buffer: usize,
+    pub security: Security,
 }
 
 /// How long open connections get to finish after the agents are stopped.
@@ -78,12 +94,15 @@ pub async fn run(
         options.watch_buffer,
         metrics.clone(),
     ));
+    let security = options.security.clone();
     let api = http::Api {
         service: service.clone(),
         supervisor: supervisor.clone(),
         metrics,
         draining: draining.clone(),
         shutdown: stop_serving.clone(),
+        guard: security.guard.clone(),
+        secure_cookies: security.tls.is_some(),
     };
     let service = WatchAgentsRoute {
         generated: AgentSupervisorServer::from_arc(service.clone()),
@@ -107,13 +126,29 @@ pub async fn run(
                 servers.spawn(async move { serving.await.context("serving gRPC") })
             }
             Listener::Tcp(listener) => {
-                let incoming = TcpListenerStream::new(listener);
-                let serving = grpc().serve_with_incoming_shutdown(incoming, stopped);
+                let tls = security.tls.clone().map(|t| (t, tls::Protocol::Grpc));
+                let conns = tls::accept(listener, tls, security.max_connections);
+                let incoming = ReceiverStream::new(conns).map(Ok::<_, std::io::Error>);
+                let serving = Server::builder()
+                    .max_concurrent_streams(security.max_streams)
+                    .layer(auth::GrpcLayer {
+                        guard: security.guard.clone(),
+                    })
+                    .add_service(health_service.clone())
+                    .add_service(reflection_v1.clone())
+                    .add_service(reflection_v1alpha.clone())
+                    .add_service(service.clone())
+                    .serve_with_incoming_shutdown(incoming, stopped);
                 servers.spawn(async move { serving.await.context("serving gRPC") })
             }
             Listener::Http(listener) => {
-                let serving = axum::serve(listener, http::router(api.clone()))
-                    .with_graceful_shutdown(stopped);
+                let local = listener.local_addr()?;
+                let tls = security.tls.clone().map(|t| (t, tls::Protocol::Http));
+                let conns = tls::accept(listener, tls, security.max_connections);
+                let incoming = tls::Incoming { conns, local };
+                let app =
+                    http::router(api.clone()).into_make_service_with_connect_info::<tls::Peer>();
+                let serving = axum::serve(incoming, app).with_graceful_shutdown(stopped);
                 servers.spawn(async move { serving.await.context("serving HTTP") })
             }
         };

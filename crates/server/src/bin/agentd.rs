@@ -8,7 +8,7 @@ use agentd_core::{
     CgroupSetting, DaemonLimits, EventRetention, FinishedRetention, LogRotation, ShutdownPolicy,
     Supervisor, SupervisorConfig,
 };
-use agentd_server::{Listener, Metrics, PerAgent, ServeOptions, settings};
+use agentd_server::{Listener, Metrics, PerAgent, Security, ServeOptions, auth, settings, tls};
 use anyhow::{Context, bail};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -24,13 +24,40 @@ struct Options {
     /// Unix socket to serve on [default: DATA_DIR/agentd.sock]
     #[arg(long, env = "AGENTD_SOCKET")]
     socket: Option<PathBuf>,
-    /// Also serve on this TCP address (HOST:PORT), without authentication
+    /// Give the Unix socket to this group with mode 0660 (else it is 0600, its owner's)
+    #[arg(long, env = "AGENTD_SOCKET_GROUP")]
+    socket_group: Option<String>,
+    /// Also serve gRPC on this TCP address (HOST:PORT); needs --tls-cert, --tls-key and
+    /// --token-file (or --insecure-listen on loopback)
     #[arg(long, env = "AGENTD_LISTEN")]
     listen: Option<String>,
-    /// Serve the HTTP API (REST/JSON, server-sent events, /metrics, /healthz, /readyz) on
-    /// this loopback address (127.0.0.1:PORT or [::1]:PORT); it has no authentication yet
+    /// Serve the HTTP API (REST/JSON, server-sent events, the dashboard, /metrics, /healthz,
+    /// /readyz) on this TCP address; guarded as --listen is
     #[arg(long, env = "AGENTD_HTTP_LISTEN")]
     http_listen: Option<String>,
+    /// PEM certificate chain for the TCP listeners (reloaded on SIGHUP)
+    #[arg(long, env = "AGENTD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (reloaded on SIGHUP)
+    #[arg(long, env = "AGENTD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients must present a certificate signed by one (mTLS)
+    #[arg(long, env = "AGENTD_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Bearer tokens for the TCP listeners, one per line: `TOKEN ROLE` or `sha256:HEX ROLE`,
+    /// ROLE `admin` or `read` (re-read on SIGHUP)
+    #[arg(long, env = "AGENTD_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Serve --listen and --http-listen without TLS or tokens, on loopback addresses only,
+    /// for experiments
+    #[arg(long, env = "AGENTD_INSECURE_LISTEN")]
+    insecure_listen: bool,
+    /// Open connections per TCP listener; more are closed at once
+    #[arg(long, env = "AGENTD_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Concurrent calls (HTTP/2 streams) per gRPC connection over TCP
+    #[arg(long, env = "AGENTD_MAX_STREAMS_PER_CONNECTION", default_value_t = 128)]
+    max_streams_per_connection: u32,
     /// Also export per-agent series in /metrics (agentd_agent_cpu_percent,
     /// agentd_agent_memory_bytes, agentd_agent_restarts), one set per live agent
     #[arg(long, env = "AGENTD_METRICS_PER_AGENT")]
@@ -127,6 +154,7 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
     if options.sample_interval < Duration::from_millis(10) {
         bail!("--sample-interval must be at least 10ms");
     }
+    let security = security(&options).await?;
 
     let data_dir = options.data_dir.unwrap_or_else(settings::default_data_dir);
     let socket = options
@@ -162,9 +190,6 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
         off: options.cgroups == "off",
         root: options.cgroup_root,
     };
-    if let Some(address) = &options.http_listen {
-        only_loopback(address).await?;
-    }
     let metrics = Arc::new(Metrics::new(PerAgent {
         enabled: options.metrics_per_agent,
         labels: options.metrics_agent_labels,
@@ -173,22 +198,31 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
         .with_context(|| format!("starting the supervisor in `{}`", data_dir.display()))?;
     let containment = supervisor.summary().await?.containment_detail;
 
-    let mut listeners = vec![Listener::Unix(bind_unix(&socket)?)];
+    let mut listeners = vec![Listener::Unix(bind_unix(
+        &socket,
+        options.socket_group.as_deref(),
+    )?)];
     let mut serving = format!("unix://{}", socket.display());
+    let scheme = if security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     if let Some(address) = &options.listen {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("listening on `{address}`"))?;
-        serving += &format!(" and http://{}", listener.local_addr()?);
+        serving += &format!(" and {scheme}://{}", listener.local_addr()?);
         listeners.push(Listener::Tcp(listener));
     }
     if let Some(address) = &options.http_listen {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("listening for HTTP on `{address}`"))?;
-        serving += &format!(", HTTP API on http://{}", listener.local_addr()?);
+        serving += &format!(", HTTP API on {scheme}://{}", listener.local_addr()?);
         listeners.push(Listener::Http(listener));
     }
+    reload_on_hangup(&security)?;
     println!(
         "agentd {} ready on {serving} (pid {}, data {}, agents in {containment})",
         env!("CARGO_PKG_VERSION"),
@@ -198,6 +232,7 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
 
     let serve = ServeOptions {
         watch_buffer: options.watch_buffer.max(1),
+        security,
     };
     let result =
         agentd_server::run(listeners, supervisor, serve, metrics, shutdown_signal()?).await;
@@ -207,24 +242,105 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The HTTP API has no authentication yet: it may listen on loopback addresses only.
-async fn only_loopback(address: &str) -> anyhow::Result<()> {
-    let resolved: Vec<_> = tokio::net::lookup_host(address)
-        .await
-        .with_context(|| format!("--http-listen `{address}`: not a HOST:PORT"))?
-        .collect();
-    if resolved.is_empty() || resolved.iter().any(|a| !a.ip().is_loopback()) {
+/// How the TCP listeners are guarded. Whoever can call Spawn runs any command as agentd's
+/// user: a TCP listener needs TLS and tokens, or `--insecure-listen` on loopback.
+async fn security(options: &Options) -> anyhow::Result<Security> {
+    let tcp: Vec<(&str, &String)> = [
+        ("--listen", &options.listen),
+        ("--http-listen", &options.http_listen),
+    ]
+    .into_iter()
+    .filter_map(|(flag, address)| address.as_ref().map(|a| (flag, a)))
+    .collect();
+    let tls = match (&options.tls_cert, &options.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: options.tls_client_ca.clone(),
+        })?)),
+        _ => None,
+    };
+    let guard = match &options.token_file {
+        Some(path) => Some(Arc::new(auth::Guard::load(path)?)),
+        None => None,
+    };
+    if options.insecure_listen {
+        if tls.is_some() || guard.is_some() {
+            bail!(
+                "--insecure-listen is for experiments without TLS and tokens: drop it, or drop --tls-cert, --tls-key and --token-file"
+            );
+        }
+        for (flag, address) in &tcp {
+            let resolved: Vec<_> = tokio::net::lookup_host(address.as_str())
+                .await
+                .with_context(|| format!("{flag} `{address}`: not a HOST:PORT"))?
+                .collect();
+            if resolved.is_empty() || resolved.iter().any(|a| !a.ip().is_loopback()) {
+                bail!(
+                    "{flag} `{address}` is not a loopback address: --insecure-listen serves \
+                     only 127.0.0.1 or [::1]; for any other address give --tls-cert, --tls-key \
+                     and --token-file"
+                );
+            }
+            tracing::warn!(
+                "{flag} {address}: serving without TLS or tokens (--insecure-listen): anyone \
+                 who can connect to it can run any command as this user"
+            );
+        }
+    } else if let Some((flag, address)) = tcp.first()
+        && (tls.is_none() || guard.is_none())
+    {
         bail!(
-            "--http-listen `{address}` is not a loopback address: the HTTP API has no \
-             authentication yet, so it serves only 127.0.0.1 or [::1] (reach it from \
-             elsewhere through an SSH tunnel or a proxy that authenticates)"
+            "{flag} {address} would serve agentd's control API, which runs any command as this \
+             user, over TCP {}: give --tls-cert CERT.pem --tls-key KEY.pem (TLS) and \
+             --token-file TOKENS (one `TOKEN admin|read` per line), see README, \"Security\"; \
+             for a loopback experiment, --insecure-listen",
+            match (tls.is_some(), guard.is_some()) {
+                (false, false) => "without TLS or tokens",
+                (false, true) => "without TLS (tokens would cross the network in clear)",
+                _ => "without tokens",
+            }
         );
     }
+    Ok(Security {
+        tls,
+        guard,
+        max_connections: options.max_connections.max(1),
+        max_streams: options.max_streams_per_connection.max(1),
+    })
+}
+
+/// On SIGHUP: the certificate, key and client CA, and the token file, read again. A file
+/// that does not load leaves what is in use, and says why in the log.
+fn reload_on_hangup(security: &Security) -> anyhow::Result<()> {
+    let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    let security = security.clone();
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            if let Some(tls) = &security.tls {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                    Err(error) => tracing::error!(
+                        "SIGHUP: TLS files not reloaded, the old ones stay: {error:#}"
+                    ),
+                }
+            }
+            if let Some(guard) = &security.guard {
+                match guard.reload() {
+                    Ok(count) => tracing::info!("SIGHUP: token file reloaded ({count} tokens)"),
+                    Err(error) => tracing::error!(
+                        "SIGHUP: token file not reloaded, the old tokens stay: {error:#}"
+                    ),
+                }
+            }
+        }
+    });
     Ok(())
 }
 
-/// Binds the Unix socket with mode 0600, replacing a stale socket but never a live one.
-fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+/// Binds the Unix socket with mode 0600 (0660 and the group, with `--socket-group`),
+/// replacing a stale socket but never a live one.
+fn bind_unix(path: &Path, group: Option<&str>) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -239,8 +355,19 @@ fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     }
     let listener = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("binding socket `{}`", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting socket `{}` to its owner", path.display()))?;
+    let mode = match group {
+        None => 0o600,
+        Some(name) => {
+            let group = nix::unistd::Group::from_name(name)
+                .with_context(|| format!("--socket-group `{name}`: looking it up"))?
+                .with_context(|| format!("--socket-group `{name}`: no such group"))?;
+            nix::unistd::chown(path, None, Some(group.gid))
+                .with_context(|| format!("giving socket `{}` to group `{name}`", path.display()))?;
+            0o660
+        }
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of socket `{}`", path.display()))?;
     Ok(listener)
 }
 

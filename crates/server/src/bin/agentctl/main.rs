@@ -4,7 +4,7 @@ mod describe;
 mod ending;
 mod top;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentd_proto::v1 as pb;
@@ -12,6 +12,7 @@ use agentd_server::settings;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use pb::agent_supervisor_client::AgentSupervisorClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Parser)]
@@ -28,9 +29,16 @@ struct Options {
     /// agentd's Unix socket [default: DATA_DIR/agentd.sock, as agentd chooses it]
     #[arg(long, env = "AGENTD_SOCKET", global = true)]
     socket: Option<PathBuf>,
-    /// agentd's TCP address instead of the socket, e.g. http://127.0.0.1:7070
+    /// agentd's TCP address instead of the socket: https://HOST:PORT (TLS), or
+    /// http://127.0.0.1:PORT for a daemon started with --insecure-listen
     #[arg(long, env = "AGENTD_ADDR", global = true)]
     addr: Option<String>,
+    /// CA certificate (PEM) that agentd's TLS certificate chains to, for https://
+    #[arg(long, env = "AGENTD_CA_CERT", global = true)]
+    ca_cert: Option<PathBuf>,
+    /// Bearer token sent with every call (from agentd's --token-file)
+    #[arg(long, env = "AGENTD_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     /// Print each answer as the proto3 JSON of its response message (the HTTP API's JSON):
     /// `status` an AgentStatus, `list` a ListAgentsResponse, `watch` one AgentEvent per line
     #[arg(long, global = true)]
@@ -526,7 +534,72 @@ async fn run(options: Options) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-pub type Client = AgentSupervisorClient<Channel>;
+pub type Client = AgentSupervisorClient<InterceptedService<Channel, Token>>;
+
+/// Adds `authorization: Bearer TOKEN` to every call when a token is given.
+#[derive(Clone)]
+pub struct Token(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// TLS to `address` (HOST:PORT), trusting the CA in `ca`.
+async fn tls_channel(target: &str, ca: &Path) -> anyhow::Result<Channel> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    let authority = target
+        .strip_prefix("https://")
+        .unwrap_or(target)
+        .trim_end_matches('/')
+        .to_string();
+    let host = match authority.rsplit_once(':') {
+        Some((host, _)) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        None => bail!("`{target}`: give https://HOST:PORT"),
+    };
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("--ca-cert `{}`", ca.display()))?
+    {
+        roots
+            .add(cert.with_context(|| format!("--ca-cert `{}`", ca.display()))?)
+            .with_context(|| format!("--ca-cert `{}`", ca.display()))?;
+    }
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = ServerName::try_from(host.clone())
+        .with_context(|| format!("`{host}` is not a host name or address"))?;
+    let channel = Endpoint::from_shared(format!("http://{authority}"))?
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (connector, authority, name) = (connector.clone(), authority.clone(), name.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(authority).await?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .with_context(|| format!("connecting to agentd at {target} over TLS"))?;
+    Ok(channel)
+}
 
 async fn connect(options: &Options) -> anyhow::Result<Client> {
     let target = match (&options.addr, &options.socket) {
@@ -539,12 +612,30 @@ async fn connect(options: &Options) -> anyhow::Result<Client> {
             format!("unix://{}", settings::socket_in(&data_dir).display())
         }
     };
-    let channel = Endpoint::from_shared(target.clone())
-        .with_context(|| format!("`{target}` is not a usable address"))?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to agentd at {target} (is it running?)"))?;
-    Ok(AgentSupervisorClient::new(channel))
+    let channel = match (target.starts_with("https://"), &options.ca_cert) {
+        (true, Some(ca)) => tls_channel(&target, ca).await?,
+        (true, None) => {
+            bail!("--addr {target}: give --ca-cert CA.pem (the CA of agentd's certificate)")
+        }
+        (false, _) => Endpoint::from_shared(target.clone())
+            .with_context(|| format!("`{target}` is not a usable address"))?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to agentd at {target} (is it running?)"))?,
+    };
+    let token = options
+        .token
+        .as_deref()
+        .map(|token| {
+            format!("Bearer {token}")
+                .parse()
+                .context("--token holds characters a header cannot")
+        })
+        .transpose()?;
+    Ok(AgentSupervisorClient::with_interceptor(
+        channel,
+        Token(token),
+    ))
 }
 
 fn spawn_request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {

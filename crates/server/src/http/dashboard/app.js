@@ -108,6 +108,7 @@ async function pollSummary() {
   try {
     const answer = await fetch("/v1/summary");
     if (answer.ok) { summary = await answer.json(); schedule(); }
+    $("login").hidden = answer.status !== 401;
   } catch (_) { /* the event stream shows the link is down */ }
   setTimeout(pollSummary, 2000);
 }
@@ -433,6 +434,20 @@ function setHtml(el, html) { if (el.__html !== html) { el.innerHTML = html; el._
 function escapeHtml(text) {
   return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 }
+
+// A daemon with --token-file: a token buys an HttpOnly session cookie, which the event
+// stream and every other request then carry.
+$("login").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const answer = await fetch("/v1/session", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ token: $("token").value }),
+  });
+  if (answer.ok) { location.reload(); return; }
+  const error = await answer.json().catch(() => ({ message: `HTTP ${answer.status}` }));
+  $("login-error").textContent = error.message;
+});
 
 $("rows").addEventListener("scroll", schedule, { passive: true });
 window.addEventListener("resize", schedule);
