@@ -712,3 +712,12 @@ impl SseReader {
         }
     }
 }
+
+/// The `google.rpc.ErrorInfo` reason a status carries, if any.
+pub fn reason(status: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+}

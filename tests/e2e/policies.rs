@@ -422,6 +422,7 @@ async fn capacity_and_agent_limits_reject_the_spawn_that_would_exceed_them() {
         .await
         .expect_err("over capacity");
     assert_eq!(over.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&over).as_deref(), Some("CAPACITY_EXHAUSTED"));
     assert!(over.message().contains("50"), "{}", over.message());
     let summary = client
         .get_summary(pb::GetSummaryRequest {})
@@ -444,6 +445,7 @@ async fn capacity_and_agent_limits_reject_the_spawn_that_would_exceed_them() {
         .await
         .expect_err("too many");
     assert_eq!(too_many.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&too_many).as_deref(), Some("TOO_MANY_AGENTS"));
     stop(&mut client, &["big"], true).await;
     spawn_with(&mut client, loaded("one-more", 1.0)).await;
     stop(&mut client, &["medium", "weightless", "one-more"], true).await;

@@ -241,6 +241,7 @@ async fn a_watcher_that_never_reads_is_ended_and_the_rest_see_everything() {
     .await
     .expect("the stuck watcher was ended");
     assert_eq!(ended.code(), Code::ResourceExhausted, "{}", ended.message());
+    assert_eq!(reason(&ended).as_deref(), Some("WATCHER_TOO_SLOW"));
     assert!(
         ended.message().contains("after_sequence"),
         "{}",

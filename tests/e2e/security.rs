@@ -720,3 +720,74 @@ print("python over tls ok")
     let mut local = daemon.client().await;
     kill_all(&mut local).await;
 }
+
+#[tokio::test]
+async fn limits_answer_resource_exhausted_with_a_reason_and_fields_are_named() {
+    let daemon = Daemon::start_with(&["--max-watchers", "2"]).await;
+    let mut client = daemon.client().await;
+    spawn(&mut client, "kept", sh("sleep 30")).await;
+
+    // A 64 MiB spawn: RESOURCE_EXHAUSTED, as the gRPC specification says, and nothing lost.
+    let huge = pb::SpawnRequest {
+        prompt: "x".repeat(64 << 20),
+        ..spawn_request("huge", sh("true"))
+    };
+    let refused = client.spawn(huge).await.expect_err("64 MiB");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(reason(&refused).as_deref(), Some("REQUEST_TOO_LARGE"));
+    assert!(
+        refused.message().contains("--max-request-bytes"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        status(&mut client, "kept").await.state,
+        pb::AgentState::Running as i32
+    );
+    let missing = client
+        .status(pb::StatusRequest {
+            agent_id: "huge".into(),
+        })
+        .await
+        .expect_err("never stored");
+    assert_eq!(missing.code(), Code::NotFound);
+
+    // The watcher cap.
+    let watch = |client: &mut Client| {
+        let mut client = client.clone();
+        async move {
+            client
+                .watch_agents(pb::WatchAgentsRequest::default())
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let first = watch(&mut client).await.expect("first watcher");
+    let _second = watch(&mut client).await.expect("second watcher");
+    let third = watch(&mut client).await.expect_err("over --max-watchers");
+    assert_eq!(third.code(), Code::ResourceExhausted, "{third:?}");
+    assert_eq!(reason(&third).as_deref(), Some("TOO_MANY_WATCHERS"));
+    drop(first);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while watch(&mut client).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a closed watcher's place never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // A rejected field is named in google.rpc.BadRequest, not only in the message.
+    let bad = client
+        .spawn(spawn_request("bad id!", sh("true")))
+        .await
+        .expect_err("bad id");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    use tonic_types::StatusExt;
+    let fields: Vec<String> = bad
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default();
+    assert_eq!(fields, ["agent_id"], "{bad:?}");
+    kill_all(&mut client).await;
+}

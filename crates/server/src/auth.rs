@@ -181,10 +181,13 @@ impl Guard {
         if let Some(peer) = peer
             && self.over_limit(peer)
         {
-            return Err(Status::resource_exhausted(format!(
-                "too many failed authentications from {peer}; try again within {}s",
-                FAILURE_WINDOW.as_secs()
-            )));
+            return Err(crate::convert::exhausted(
+                format!(
+                    "too many failed authentications from {peer}; try again within {}s",
+                    FAILURE_WINDOW.as_secs()
+                ),
+                crate::convert::Exhausted::FailedAuthentications,
+            ));
         }
         let role = match credential {
             Credential::None => None,

@@ -1,6 +1,7 @@
 //! Every conversion between the `agentd.v1` messages and the supervisor's own types, and the
 //! one mapping from `agentd_core::Error` to a gRPC status.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentd_core::{
@@ -11,6 +12,7 @@ use agentd_core::{
 };
 use agentd_proto::v1 as pb;
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 /// Maps each error variant to the status code a client can act on. No `_` arm: a new
 /// variant must choose its code here.
@@ -40,7 +42,57 @@ pub fn error_status(error: Error) -> Status {
         Error::SequenceCompacted { .. } | Error::SequenceAhead { .. } => Code::OutOfRange,
         Error::ShuttingDown => Code::Unavailable,
     };
-    Status::new(code, error.to_string())
+    let message = error.to_string();
+    match &error {
+        Error::Invalid { field, problem } => Status::with_error_details(
+            code,
+            message,
+            ErrorDetails::with_bad_request_violation(*field, problem.clone()),
+        ),
+        Error::OverCapacity { .. } => exhausted(message, Exhausted::Capacity),
+        Error::TooManyAgents { .. } => exhausted(message, Exhausted::Agents),
+        _ => Status::new(code, message),
+    }
+}
+
+/// Why a RESOURCE_EXHAUSTED was answered, as `google.rpc.ErrorInfo.reason` (domain
+/// `agentd`), so a program can tell "the host is full" from "you read too slowly".
+#[derive(Debug, Clone, Copy)]
+pub enum Exhausted {
+    /// The declared load would pass `--capacity`.
+    Capacity,
+    /// `--max-agents` agents hold places already.
+    Agents,
+    /// A watcher did not read its events (or fell behind the ring).
+    SlowWatcher,
+    /// `--max-watchers` watchers are open.
+    Watchers,
+    /// A request over `--max-request-bytes`.
+    RequestSize,
+    /// Too many failed authentications from the peer.
+    FailedAuthentications,
+}
+
+impl Exhausted {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Exhausted::Capacity => "CAPACITY_EXHAUSTED",
+            Exhausted::Agents => "TOO_MANY_AGENTS",
+            Exhausted::SlowWatcher => "WATCHER_TOO_SLOW",
+            Exhausted::Watchers => "TOO_MANY_WATCHERS",
+            Exhausted::RequestSize => "REQUEST_TOO_LARGE",
+            Exhausted::FailedAuthentications => "TOO_MANY_FAILED_AUTHENTICATIONS",
+        }
+    }
+}
+
+/// RESOURCE_EXHAUSTED with its reason in a `google.rpc.ErrorInfo` detail.
+pub fn exhausted(message: impl Into<String>, why: Exhausted) -> Status {
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        message,
+        ErrorDetails::with_error_info(why.reason(), "agentd", HashMap::new()),
+    )
 }
 
 /// A status code by its name in the gRPC specification, as the HTTP API and the metrics

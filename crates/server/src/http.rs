@@ -44,6 +44,8 @@ pub struct Api {
     pub guard: Option<Arc<Guard>>,
     /// Session cookies get `Secure` (the listener speaks TLS).
     pub secure_cookies: bool,
+    /// The largest request body (`--max-request-bytes`).
+    pub max_request_bytes: usize,
 }
 
 pub fn router(api: Api) -> Router {
@@ -70,7 +72,7 @@ pub fn router(api: Api) -> Router {
         .route("/readyz", get(ready))
         .route("/v1/session", post(open_session).delete(close_session))
         .fallback(no_route)
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(DefaultBodyLimit::max(api.max_request_bytes))
         .layer(axum::middleware::from_fn_with_state(
             api.clone(),
             require_token,
@@ -210,9 +212,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The most a request body may hold: gRPC's default message limit.
-const MAX_BODY: usize = 4 << 20;
-
 pub(crate) fn error_response(http: StatusCode, status: &Status) -> Response {
     json_response(http, &error_body(status))
 }
@@ -276,10 +275,10 @@ fn body<T: DeserializeOwned + Default>(
 ) -> Result<T, ApiError> {
     let bytes = bytes.as_ref().map_err(|rejection| {
         let status = match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => Status::resource_exhausted(format!(
-                "the request body is over {} MiB",
-                MAX_BODY >> 20
-            )),
+            StatusCode::PAYLOAD_TOO_LARGE => crate::convert::exhausted(
+                "the request body is over the bytes agentd reads (--max-request-bytes)",
+                crate::convert::Exhausted::RequestSize,
+            ),
             _ => Status::invalid_argument(format!("reading the request body: {rejection}")),
         };
         ApiError(status)

@@ -7,6 +7,7 @@ pub mod auth;
 mod convert;
 mod host;
 mod http;
+mod limits;
 mod logs;
 mod metrics;
 mod service;
@@ -59,6 +60,10 @@ pub struct Security {
 pub struct ServeOptions {
     /// Events queued per watcher before a watcher that does not read is ended.
     pub watch_buffer: usize,
+    /// Watchers (WatchAgents and `/v1/events`) open at once.
+    pub max_watchers: usize,
+    /// The largest request body (a gRPC message or an HTTP body).
+    pub max_request_bytes: usize,
     pub security: Security,
 }
 
@@ -92,6 +97,7 @@ pub async fn run(
         supervisor.clone(),
         stop_serving.clone(),
         options.watch_buffer,
+        options.max_watchers,
         metrics.clone(),
     ));
     let security = options.security.clone();
@@ -103,15 +109,22 @@ pub async fn run(
         shutdown: stop_serving.clone(),
         guard: security.guard.clone(),
         secure_cookies: security.tls.is_some(),
+        max_request_bytes: options.max_request_bytes,
     };
+    // The request limit is `limits::RequestLimit`'s (RESOURCE_EXHAUSTED), not tonic's.
     let service = WatchAgentsRoute {
-        generated: AgentSupervisorServer::from_arc(service.clone()),
+        generated: AgentSupervisorServer::from_arc(service.clone())
+            .max_decoding_message_size(usize::MAX),
         service,
+    };
+    let request_limit = limits::RequestLimit {
+        max_bytes: options.max_request_bytes,
     };
 
     let mut servers = tokio::task::JoinSet::new();
     let grpc = || {
         Server::builder()
+            .layer(request_limit)
             .add_service(health_service.clone())
             .add_service(reflection_v1.clone())
             .add_service(reflection_v1alpha.clone())
@@ -131,6 +144,7 @@ pub async fn run(
                 let incoming = ReceiverStream::new(conns).map(Ok::<_, std::io::Error>);
                 let serving = Server::builder()
                     .max_concurrent_streams(security.max_streams)
+                    .layer(request_limit)
                     .layer(auth::GrpcLayer {
                         guard: security.guard.clone(),
                     })

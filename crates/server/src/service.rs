@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use agentd_core::{EventFilter, StopOptions, StopTarget, SupervisorHandle, Watch};
@@ -19,6 +20,33 @@ use crate::watch::{self, WatchOptions, WatchStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 
+/// A watcher's place under `--max-watchers`, given back when its stream is dropped.
+pub struct WatcherSlot(Arc<AtomicUsize>);
+
+impl WatcherSlot {
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Result<WatcherSlot, Status> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .map_err(|n| {
+            convert::exhausted(
+                format!(
+                    "agentd serves at most {max} watchers at once (--max-watchers) and {n} are \
+                         open: close one, or share one stream between consumers"
+                ),
+                convert::Exhausted::Watchers,
+            )
+        })?;
+        Ok(WatcherSlot(open.clone()))
+    }
+}
+
+impl Drop for WatcherSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 pub struct AgentSupervisorService {
     supervisor: SupervisorHandle,
     /// Cancelled when the daemon shuts down, to end watch streams.
@@ -27,6 +55,9 @@ pub struct AgentSupervisorService {
     watch_buffer: usize,
     metrics: Arc<Metrics>,
     host: Host,
+    /// Watchers open now, and at most (`--max-watchers`).
+    watchers: Arc<AtomicUsize>,
+    max_watchers: usize,
 }
 
 impl AgentSupervisorService {
@@ -34,6 +65,7 @@ impl AgentSupervisorService {
         supervisor: SupervisorHandle,
         shutdown: CancellationToken,
         watch_buffer: usize,
+        max_watchers: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
         AgentSupervisorService {
@@ -42,6 +74,8 @@ impl AgentSupervisorService {
             watch_buffer,
             metrics,
             host: Host::new(),
+            watchers: Arc::default(),
+            max_watchers,
         }
     }
 
@@ -81,6 +115,7 @@ impl AgentSupervisorService {
                     })
                 })
                 .transpose()?;
+            let slot = WatcherSlot::take(&self.watchers, self.max_watchers)?;
             let filter = EventFilter {
                 agent_ids: request.agent_ids.into_iter().collect(),
                 parent_agent_id: request.parent_agent_id,
@@ -110,6 +145,7 @@ impl AgentSupervisorService {
                 options,
                 self.shutdown.clone(),
                 self.metrics.clone(),
+                slot,
             ))
         })
         .await

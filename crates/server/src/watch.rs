@@ -32,7 +32,7 @@ use tonic_prost::ProstCodec;
 
 use crate::convert;
 use crate::metrics::{Metrics, WatcherEnd};
-use crate::service::AgentSupervisorService;
+use crate::service::{AgentSupervisorService, WatcherSlot};
 
 /// How long a watcher's queue may stay full before the watcher counts as stuck. Short
 /// bursts (a sample of every agent at once) wait in the broadcast ring meanwhile.
@@ -55,6 +55,8 @@ pub struct WatchOptions {
 pub struct WatchStream {
     queue: mpsc::Receiver<Arc<Event>>,
     end: Option<oneshot::Receiver<Status>>,
+    /// Held until the client goes away.
+    _slot: WatcherSlot,
 }
 
 impl Stream for WatchStream {
@@ -85,6 +87,7 @@ pub fn start(
     options: WatchOptions,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
+    slot: WatcherSlot,
 ) -> WatchStream {
     let (queue_tx, queue) = mpsc::channel(options.buffer.max(1));
     let (end_tx, end) = oneshot::channel();
@@ -110,6 +113,7 @@ pub fn start(
     WatchStream {
         queue,
         end: Some(end),
+        _slot: slot,
     }
 }
 
@@ -246,11 +250,14 @@ impl Forwarder {
     }
 
     fn ended(&self, why: String) -> Status {
-        Status::resource_exhausted(format!(
-            "this watcher {why} and was ended; the last event it was given is sequence {}: \
-             watch again with after_sequence set to it",
-            self.last_sequence
-        ))
+        convert::exhausted(
+            format!(
+                "this watcher {why} and was ended; the last event it was given is sequence {}: \
+                 watch again with after_sequence set to it",
+                self.last_sequence
+            ),
+            convert::Exhausted::SlowWatcher,
+        )
     }
 }
 
@@ -287,7 +294,7 @@ where
         }
         let method = EncodedWatch(self.service.clone());
         Box::pin(async move {
-            let mut grpc = Grpc::new(EncodedEventCodec);
+            let mut grpc = Grpc::new(EncodedEventCodec).max_decoding_message_size(usize::MAX);
             Ok(grpc.server_streaming(method, request).await)
         })
     }

@@ -55,6 +55,13 @@ struct Options {
     /// Open connections per TCP listener; more are closed at once
     #[arg(long, env = "AGENTD_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
+    /// Watchers (WatchAgents calls and /v1/events streams) open at once
+    #[arg(long, env = "AGENTD_MAX_WATCHERS", default_value_t = 1024)]
+    max_watchers: usize,
+    /// The largest request: a gRPC message or an HTTP body (4M, 16M...); larger ones get
+    /// RESOURCE_EXHAUSTED
+    #[arg(long, env = "AGENTD_MAX_REQUEST_BYTES", default_value = "4M", value_parser = settings::parse_size)]
+    max_request_bytes: u64,
     /// Concurrent calls (HTTP/2 streams) per gRPC connection over TCP
     #[arg(long, env = "AGENTD_MAX_STREAMS_PER_CONNECTION", default_value_t = 128)]
     max_streams_per_connection: u32,
@@ -232,6 +239,9 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
 
     let serve = ServeOptions {
         watch_buffer: options.watch_buffer.max(1),
+        max_watchers: options.max_watchers.max(1),
+        max_request_bytes: usize::try_from(options.max_request_bytes.max(1024))
+            .unwrap_or(usize::MAX),
         security,
     };
     let result =
