@@ -20,6 +20,8 @@ mod lifecycle;
 mod logs;
 mod machine;
 mod os;
+#[cfg(test)]
+mod proptests;
 mod recorder;
 mod recover;
 mod sampler;

@@ -486,7 +486,7 @@ fn number<T: std::str::FromStr>(word: &[u8]) -> Option<T> {
 
 /// Parses a `/proc/PID/stat` line. The command name may hold spaces, parentheses and bytes
 /// that are not UTF-8, so fields are counted from the last `)`.
-fn parse_proc_stat(bytes: &[u8]) -> Option<ProcStat> {
+pub(crate) fn parse_proc_stat(bytes: &[u8]) -> Option<ProcStat> {
     let name_end = bytes.iter().rposition(|&b| b == b')')?;
     // Field 3 of proc(5) is the first after the command name; the last one used is 24.
     let mut fields: [&[u8]; 22] = [b""; 22];

@@ -727,7 +727,7 @@ fn read_progress(path: &std::path::Path) -> Result<Progress, String> {
     parse_progress(&text)
 }
 
-fn parse_progress(text: &str) -> Result<Progress, String> {
+pub(crate) fn parse_progress(text: &str) -> Result<Progress, String> {
     let progress: Progress = serde_json::from_str(text).map_err(|e| e.to_string())?;
     if !(0.0..=100.0).contains(&progress.progress) {
         return Err(format!(

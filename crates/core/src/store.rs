@@ -302,7 +302,7 @@ fn decode_event(key: &[u8], value: &[u8]) -> Result<Event> {
     Ok(event)
 }
 
-fn decode(key: &str, value: &[u8]) -> Result<AgentRecord> {
+pub(crate) fn decode(key: &str, value: &[u8]) -> Result<AgentRecord> {
     let StoredRecord::V1(record) =
         serde_json::from_slice(value).map_err(|source| Error::Record {
             key: key.to_string(),

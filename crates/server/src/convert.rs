@@ -708,3 +708,107 @@ pub fn reap_report(report: ReapReport) -> pb::ReapZombiesResponse {
         orphans_reaped: report.orphans_reaped,
     }
 }
+
+/// The conversion from the wire takes any message: enums out of range, durations that are
+/// negative or enormous, NaN. Whatever it refuses is INVALID_ARGUMENT or FAILED_PRECONDITION.
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn duration() -> impl Strategy<Value = Option<pbjson_types::Duration>> {
+        proptest::option::of(
+            (any::<i64>(), any::<i32>())
+                .prop_map(|(seconds, nanos)| pbjson_types::Duration { seconds, nanos }),
+        )
+    }
+
+    fn enumeration() -> impl Strategy<Value = i32> {
+        prop_oneof![-2..25i32, any::<i32>()]
+    }
+
+    fn number() -> impl Strategy<Value = f64> {
+        proptest::num::f64::ANY
+    }
+
+    prop_compose! {
+        fn request()(
+            stop in (".{0,8}", duration(), duration()),
+            health in (duration(), enumeration(), number(), enumeration(), number(), any::<u32>(),
+                       enumeration()),
+            lifecycle in (enumeration(), duration(), duration(), number(), duration(),
+                          any::<u32>(), duration(), duration(), enumeration()),
+            resources in (number(), number(), number(), any::<u32>(),
+                          proptest::collection::vec(any::<u32>(), 0..3),
+                          proptest::option::of(any::<i32>()), any::<u32>()),
+            load_percentage in number(),
+        ) -> pb::SpawnRequest {
+            pb::SpawnRequest {
+                agent_id: "prop".into(),
+                command: vec!["true".into()],
+                load_percentage,
+                stop_policy: Some(pb::StopPolicy {
+                    stop_signal: stop.0,
+                    first_grace: stop.1,
+                    second_grace: stop.2,
+                }),
+                health_policy: Some(pb::HealthPolicy {
+                    heartbeat_timeout: health.0,
+                    on_stall: health.1,
+                    memory_limit_mb: health.2,
+                    on_memory_limit: health.3,
+                    cpu_limit_percent: health.4,
+                    cpu_limit_samples: health.5,
+                    on_cpu_limit: health.6,
+                }),
+                restart_policy: lifecycle.0,
+                restart_backoff: Some(pb::RestartBackoff {
+                    initial: lifecycle.1,
+                    max: lifecycle.2,
+                    multiplier: lifecycle.3,
+                    reset_after: lifecycle.4,
+                }),
+                max_restarts: lifecycle.5,
+                max_runtime: lifecycle.6,
+                startup_timeout: lifecycle.7,
+                on_parent_exit: lifecycle.8,
+                resources: Some(pb::Resources {
+                    memory_max_mb: resources.0,
+                    memory_high_mb: resources.1,
+                    cpu_max_cores: resources.2,
+                    pids_max: resources.3,
+                    cpus: resources.4,
+                    nice: resources.5,
+                    open_files_max: resources.6,
+                }),
+                ..Default::default()
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn any_spawn_message_converts_or_is_refused_as_a_request_error(request in request()) {
+            if let Err(status) = spawn_request(request) {
+                prop_assert!(
+                    matches!(status.code(), Code::InvalidArgument | Code::FailedPrecondition),
+                    "{status:?}"
+                );
+            }
+        }
+
+        #[test]
+        fn any_timestamp_converts_or_is_invalid(seconds in any::<i64>(), nanos in any::<i32>()) {
+            if let Err(status) = time_from(agentd_proto::Timestamp { seconds, nanos }) {
+                prop_assert_eq!(status.code(), Code::InvalidArgument);
+            }
+        }
+    }
+}
