@@ -791,3 +791,64 @@ async fn limits_answer_resource_exhausted_with_a_reason_and_fields_are_named() {
     assert_eq!(fields, ["agent_id"], "{bad:?}");
     kill_all(&mut client).await;
 }
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed() {
+    let daemon = Daemon::start_with(&["--listen", "127.0.0.1:0", "--max-connections", "1"]).await;
+    let address = address(&daemon);
+    // One connection holds the only place.
+    let mut first = AgentSupervisorClient::new(
+        Endpoint::from_shared(format!("http://{address}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("the first connection"),
+    );
+    first
+        .get_summary(pb::GetSummaryRequest {})
+        .await
+        .expect("served");
+    let second = async {
+        match Endpoint::from_shared(format!("http://{address}"))
+            .expect("endpoint")
+            .connect()
+            .await
+        {
+            Err(_) => true,
+            Ok(channel) => AgentSupervisorClient::new(channel)
+                .get_summary(pb::GetSummaryRequest {})
+                .await
+                .is_err(),
+        }
+    };
+    let refused = tokio::time::timeout(DEADLINE, second).await;
+    assert_eq!(refused.ok(), Some(true), "a second connection was served");
+    eventually("the refusal is logged", || {
+        daemon.log().contains("--max-connections reached")
+    })
+    .await;
+    // Once the first closes, its place is free again.
+    drop(first);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let served = match Endpoint::from_shared(format!("http://{address}"))
+            .expect("endpoint")
+            .connect()
+            .await
+        {
+            Ok(channel) => AgentSupervisorClient::new(channel)
+                .get_summary(pb::GetSummaryRequest {})
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        if served {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
