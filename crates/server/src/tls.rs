@@ -214,7 +214,12 @@ pub fn accept(
     let limit = Arc::new(Semaphore::new(max_connections.max(1)));
     tokio::spawn(async move {
         loop {
-            let (stream, remote) = match listener.accept().await {
+            // Once the server is gone (shutdown), stop accepting and close the port.
+            let accepted = tokio::select! {
+                () = conns.closed() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, remote) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of descriptors, or a connection reset before accept: go on.
