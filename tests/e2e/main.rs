@@ -24,5 +24,6 @@ mod rejects;
 mod resuming;
 mod security;
 mod stopping;
+mod systemd;
 mod top;
 mod watching;

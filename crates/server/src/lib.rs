@@ -10,6 +10,7 @@ mod http;
 mod limits;
 mod logs;
 mod metrics;
+pub mod notify;
 mod service;
 pub mod settings;
 pub mod tls;

@@ -8,7 +8,9 @@ use agentd_core::{
     CgroupSetting, DaemonLimits, EventRetention, FinishedRetention, LogRotation, ShutdownPolicy,
     Supervisor, SupervisorConfig,
 };
-use agentd_server::{Listener, Metrics, PerAgent, Security, ServeOptions, auth, settings, tls};
+use agentd_server::{
+    Listener, Metrics, PerAgent, Security, ServeOptions, auth, notify, settings, tls,
+};
 use anyhow::{Context, bail};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -127,6 +129,9 @@ struct Options {
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
+    /// Log lines as text, or as one JSON object per line for log shippers
+    #[arg(long, env = "AGENTD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -151,13 +156,16 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn daemon(options: Options) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&options.log_level)
                 .with_context(|| format!("invalid --log-level `{}`", options.log_level))?,
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match options.log_format.as_str() {
+        "json" => logs.json().flatten_event(true).init(),
+        _ => logs.init(),
+    }
     if options.sample_interval < Duration::from_millis(10) {
         bail!("--sample-interval must be at least 10ms");
     }
@@ -236,6 +244,11 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
         std::process::id(),
         data_dir.display()
     );
+    notify::notify(&format!(
+        "READY=1\nSTATUS=serving on {serving}\nMAINPID={}",
+        std::process::id()
+    ));
+    notify::keep_watchdog(supervisor.clone());
 
     let serve = ServeOptions {
         watch_buffer: options.watch_buffer.max(1),
@@ -244,8 +257,12 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
             .unwrap_or(usize::MAX),
         security,
     };
-    let result =
-        agentd_server::run(listeners, supervisor, serve, metrics, shutdown_signal()?).await;
+    let shutdown = shutdown_signal()?;
+    let shutdown = async {
+        shutdown.await;
+        notify::notify("STOPPING=1");
+    };
+    let result = agentd_server::run(listeners, supervisor, serve, metrics, shutdown).await;
     let _ = std::fs::remove_file(&socket);
     result?;
     tracing::info!("stopped");
