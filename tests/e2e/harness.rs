@@ -30,6 +30,8 @@ pub struct Daemon {
     pub http_address: Option<String>,
     /// `http://HOST:PORT` of gRPC over TCP, when started with `--listen`.
     pub grpc_address: Option<String>,
+    /// `HOST:PORT` of the health probes, when started with `--health-listen`.
+    pub health_address: Option<String>,
 }
 
 impl Daemon {
@@ -143,6 +145,7 @@ impl Daemon {
             cgroup_root: None,
             http_address: None,
             grpc_address: None,
+            health_address: None,
         };
         match ready.recv_timeout(DEADLINE) {
             Ok(line) if line.contains("ready") => {
@@ -159,6 +162,10 @@ impl Daemon {
                 };
                 daemon.http_address = after("HTTP API on ");
                 daemon.grpc_address = after(" and ").map(|address| format!("http://{address}"));
+                daemon.health_address = line
+                    .split_once("health probes on ")
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .map(|address| address.trim_end_matches(',').to_string());
                 daemon
             }
             other => {

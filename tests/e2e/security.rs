@@ -852,3 +852,27 @@ async fn connections_over_the_limit_are_closed() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn the_health_listener_answers_probes_and_nothing_else() {
+    let daemon = Daemon::start_with(&["--health-listen", "127.0.0.1:0"]).await;
+    let address = daemon.health_address.clone().expect("health address");
+    let channel = Endpoint::from_shared(format!("http://{address}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("plaintext, no token");
+    let health = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("a probe")
+        .into_inner();
+    assert_eq!(health.status, 1, "SERVING");
+    let spawn = AgentSupervisorClient::new(channel)
+        .spawn(spawn_request("nope", sh("true")))
+        .await
+        .expect_err("only health is served here");
+    assert_eq!(spawn.code(), Code::Unimplemented, "{spawn:?}");
+}

@@ -42,6 +42,9 @@ pub enum Listener {
     Tcp(TcpListener),
     /// The HTTP API.
     Http(TcpListener),
+    /// Plaintext gRPC with `grpc.health.v1` alone, for probes that cannot speak TLS or send
+    /// tokens (Kubernetes' native gRPC probe): it tells whether agentd serves, nothing else.
+    Health(TcpListener),
 }
 
 /// How the gRPC front behaves, beyond the supervisor's own configuration.
@@ -155,6 +158,13 @@ pub async fn run(
                     .add_service(service.clone())
                     .serve_with_incoming_shutdown(incoming, stopped);
                 servers.spawn(async move { serving.await.context("serving gRPC") })
+            }
+            Listener::Health(listener) => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                let serving = Server::builder()
+                    .add_service(health_service.clone())
+                    .serve_with_incoming_shutdown(incoming, stopped);
+                servers.spawn(async move { serving.await.context("serving gRPC health") })
             }
             Listener::Http(listener) => {
                 let local = listener.local_addr()?;

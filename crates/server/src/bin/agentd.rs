@@ -37,6 +37,10 @@ struct Options {
     /// /readyz) on this TCP address; guarded as --listen is
     #[arg(long, env = "AGENTD_HTTP_LISTEN")]
     http_listen: Option<String>,
+    /// Serve only grpc.health.v1, in plaintext and without tokens, on this TCP address: for
+    /// probes that cannot do TLS (Kubernetes' gRPC probe). It tells nothing but "serving"
+    #[arg(long, env = "AGENTD_HEALTH_LISTEN")]
+    health_listen: Option<String>,
     /// PEM certificate chain for the TCP listeners (reloaded on SIGHUP)
     #[arg(long, env = "AGENTD_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -236,6 +240,13 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
             .with_context(|| format!("listening for HTTP on `{address}`"))?;
         serving += &format!(", HTTP API on {scheme}://{}", listener.local_addr()?);
         listeners.push(Listener::Http(listener));
+    }
+    if let Some(address) = &options.health_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("listening for health probes on `{address}`"))?;
+        serving += &format!(", health probes on {}", listener.local_addr()?);
+        listeners.push(Listener::Health(listener));
     }
     reload_on_hangup(&security)?;
     println!(
