@@ -12,6 +12,7 @@ mod agentctl;
 mod clients;
 mod containment;
 mod dashboard;
+mod fleet;
 mod health;
 mod history;
 mod http;
