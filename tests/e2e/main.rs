@@ -27,4 +27,5 @@ mod security;
 mod stopping;
 mod systemd;
 mod top;
+mod tracing;
 mod watching;

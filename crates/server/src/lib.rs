@@ -13,6 +13,7 @@ mod metrics;
 pub mod notify;
 mod service;
 pub mod settings;
+pub mod telemetry;
 pub mod tls;
 mod watch;
 
@@ -124,10 +125,16 @@ pub async fn run(
     let request_limit = limits::RequestLimit {
         max_bytes: options.max_request_bytes,
     };
+    let tracing_on = telemetry::wanted();
+    let traced = |front| telemetry::TraceLayer {
+        front,
+        enabled: tracing_on,
+    };
 
     let mut servers = tokio::task::JoinSet::new();
     let grpc = || {
         Server::builder()
+            .layer(traced(telemetry::Front::Grpc))
             .layer(request_limit)
             .add_service(health_service.clone())
             .add_service(reflection_v1.clone())
@@ -148,6 +155,7 @@ pub async fn run(
                 let incoming = ReceiverStream::new(conns).map(Ok::<_, std::io::Error>);
                 let serving = Server::builder()
                     .max_concurrent_streams(security.max_streams)
+                    .layer(traced(telemetry::Front::Grpc))
                     .layer(request_limit)
                     .layer(auth::GrpcLayer {
                         guard: security.guard.clone(),
@@ -171,8 +179,9 @@ pub async fn run(
                 let tls = security.tls.clone().map(|t| (t, tls::Protocol::Http));
                 let conns = tls::accept(listener, tls, security.max_connections);
                 let incoming = tls::Incoming { conns, local };
-                let app =
-                    http::router(api.clone()).into_make_service_with_connect_info::<tls::Peer>();
+                let app = http::router(api.clone())
+                    .layer(traced(telemetry::Front::Http))
+                    .into_make_service_with_connect_info::<tls::Peer>();
                 let serving = axum::serve(incoming, app).with_graceful_shutdown(stopped);
                 servers.spawn(async move { serving.await.context("serving HTTP") })
             }

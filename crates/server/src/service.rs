@@ -16,6 +16,7 @@ use crate::convert::{self, error_status};
 use crate::host::Host;
 use crate::logs;
 use crate::metrics::Metrics;
+use crate::telemetry;
 use crate::watch::{self, WatchOptions, WatchStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -172,7 +173,12 @@ impl AgentSupervisor for AgentSupervisorService {
         request: Request<pb::SpawnRequest>,
     ) -> Result<Response<pb::SpawnResponse>, Status> {
         self.timed("Spawn", async move {
-            let request = convert::spawn_request(request.into_inner())?;
+            let mut request = convert::spawn_request(request.into_inner())?;
+            tracing::Span::current().record("agent.id", request.agent_id.as_str());
+            // The agent's own spans join the caller's trace (when tracing is on).
+            for (name, value) in telemetry::agent_env() {
+                request.env.entry(name).or_insert(value);
+            }
             let status = self.supervisor.spawn(request).await.map_err(error_status)?;
             Ok(Response::new(pb::SpawnResponse {
                 status: Some(convert::status(&status)),

@@ -9,7 +9,7 @@ use agentd_core::{
     Supervisor, SupervisorConfig,
 };
 use agentd_server::{
-    Listener, Metrics, PerAgent, Security, ServeOptions, auth, notify, settings, tls,
+    Listener, Metrics, PerAgent, Security, ServeOptions, auth, notify, settings, telemetry, tls,
 };
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -160,16 +160,42 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn daemon(options: Options) -> anyhow::Result<()> {
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&options.log_level)
-                .with_context(|| format!("invalid --log-level `{}`", options.log_level))?,
-        )
-        .with_writer(std::io::stderr);
-    match options.log_format.as_str() {
-        "json" => logs.json().flatten_event(true).init(),
-        _ => logs.init(),
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_new(&options.log_level)
+        .with_context(|| format!("invalid --log-level `{}`", options.log_level))?;
+    let json = options.log_format == "json";
+    let text = (!json).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    let json = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+    });
+    // Traces only when the standard OTEL_* variables ask for them.
+    let (provider, tracer) = match telemetry::wanted() {
+        true => {
+            let (provider, tracer) = telemetry::provider()?;
+            (Some(provider), Some(tracer))
+        }
+        false => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracer.map(|tracer| tracing_opentelemetry::layer().with_tracer(tracer)))
+        .with(text)
+        .with(json)
+        .init();
+    let result = serve(options).await;
+    if let Some(provider) = provider
+        && let Err(error) = provider.shutdown()
+    {
+        tracing::warn!(%error, "flushing the last spans");
     }
+    result
+}
+
+async fn serve(options: Options) -> anyhow::Result<()> {
     if options.sample_interval < Duration::from_millis(10) {
         bail!("--sample-interval must be at least 10ms");
     }

@@ -1,0 +1,180 @@
+//! OpenTelemetry traces over OTLP/gRPC, on only when the standard `OTEL_EXPORTER_OTLP_ENDPOINT`
+//! (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; the exporter reads the other standard
+//! `OTEL_*` variables itself. A span per RPC and HTTP request (`Traced`), continuing the
+//! caller's W3C `traceparent`; a spawned agent gets the span's context as `TRACEPARENT` and
+//! `TRACESTATE`, so its own spans join the trace. Off, the layer is absent and the propagator
+//! a no-op: nothing is exported and no span is made.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use anyhow::Context as _;
+use axum::http::{HeaderMap, Request, Response};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Whether the variables ask for traces.
+pub fn wanted() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
+}
+
+/// The exporter's provider (to flush at exit) and a tracer for the tracing layer.
+pub fn provider() -> anyhow::Result<(SdkTracerProvider, opentelemetry_sdk::trace::Tracer)> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()
+        .context("setting up the OTLP exporter from OTEL_EXPORTER_OTLP_*")?;
+    let host = sysinfo::System::host_name().unwrap_or_default();
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("agentd")
+        .with_attributes([
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("host.name", host),
+        ])
+        .build();
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build();
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    let tracer = provider.tracer("agentd");
+    Ok((provider, tracer))
+}
+
+struct Headers<'a>(&'a HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// `TRACEPARENT` and `TRACESTATE` for an agent started inside the current span; empty when
+/// tracing is off.
+pub fn agent_env() -> HashMap<String, String> {
+    let mut carrier = HashMap::new();
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut carrier);
+    });
+    carrier
+        .into_iter()
+        .map(|(key, value)| (key.to_ascii_uppercase(), value))
+        .collect()
+}
+
+/// Which front a request came in on: what the span is named after and which status it records.
+#[derive(Clone, Copy)]
+pub enum Front {
+    Grpc,
+    Http,
+}
+
+/// A span around every request, child of the caller's `traceparent` if it sent one.
+#[derive(Clone, Copy)]
+pub struct TraceLayer {
+    pub front: Front,
+    /// Off (no OTEL_* variables): requests pass untouched.
+    pub enabled: bool,
+}
+
+impl<S> tower::Layer<S> for TraceLayer {
+    type Service = Traced<S>;
+
+    fn layer(&self, inner: S) -> Traced<S> {
+        Traced {
+            inner,
+            front: self.front,
+            enabled: self.enabled,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Traced<S> {
+    inner: S,
+    front: Front,
+    enabled: bool,
+}
+
+impl<S, B, R> tower::Service<Request<B>> for Traced<S>
+where
+    S: tower::Service<Request<B>, Response = Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<R>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<R>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if !self.enabled {
+            return Box::pin(self.inner.call(request));
+        }
+        let path = request.uri().path();
+        let span = match self.front {
+            Front::Grpc => tracing::info_span!(
+                "rpc",
+                otel.name = path.trim_start_matches('/'),
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.method = path.rsplit('/').next().unwrap_or_default(),
+                rpc.grpc.status_code = tracing::field::Empty,
+                agent.id = tracing::field::Empty,
+            ),
+            Front::Http => tracing::info_span!(
+                "http",
+                otel.name = format!("{} {path}", request.method()),
+                otel.kind = "server",
+                http.request.method = request.method().as_str(),
+                url.path = path,
+                http.response.status_code = tracing::field::Empty,
+                agent.id = tracing::field::Empty,
+            ),
+        };
+        let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.extract(&Headers(request.headers()))
+        });
+        let _ = span.set_parent(parent);
+        let front = self.front;
+        let answer = self.inner.call(request).instrument(span.clone());
+        Box::pin(async move {
+            let response = answer.await?;
+            match front {
+                // A unary error comes as headers alone; an answer's status is in trailers.
+                Front::Grpc => {
+                    let code = response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .unwrap_or(0);
+                    span.record("rpc.grpc.status_code", code);
+                }
+                Front::Http => {
+                    span.record("http.response.status_code", response.status().as_u16());
+                }
+            }
+            Ok(response)
+        })
+    }
+}
