@@ -1,0 +1,79 @@
+"""Spawn latency with tracing off and on (exporting to the local OTLP stand-in), in one run.
+
+    cargo build --release --bin agentd
+    python3 tests/bench/tracing.py --agentd target/release/agentd --spawns 300 --rounds 3
+
+Each round starts a fresh daemon without the OTEL_* variables, then one with
+OTEL_EXPORTER_OTLP_ENDPOINT pointing at tests/python/otlp_collector.py, and times `--spawns`
+Spawn calls one at a time (each agent `sleep 600`, stopped after), from Python over the Unix
+socket. Prints p50 and p90 per round and the medians.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from fleet_coordinator import Node, pb  # noqa: E402  (the stubs it generates)
+
+
+def run(agentd, spawns, env):
+    folder = tempfile.mkdtemp(prefix="agentd-bench-tracing-")
+    sock = os.path.join(folder, "agentd.sock")
+    daemon = subprocess.Popen([agentd, "--data-dir", os.path.join(folder, "data"), "--socket", sock,
+                               "--capacity", "100000"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    daemon.stdout.readline()
+    node = Node("bench", f"unix://{sock}")
+    times = []
+    try:
+        for i in range(spawns):
+            start = time.perf_counter()
+            node.spawn(pb.SpawnRequest(agent_id=f"a{i}", command=["sleep", "600"]))
+            times.append((time.perf_counter() - start) * 1000)
+        node.stub.Cleanup(pb.CleanupRequest(all=True, force=True), timeout=60)
+    finally:
+        node.channel.close()
+        daemon.terminate()
+        daemon.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+    times.sort()
+    return times[len(times) // 2], times[len(times) * 9 // 10]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--agentd", default="target/release/agentd")
+    parser.add_argument("--spawns", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    collector = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests/python/otlp_collector.py")],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    port = collector.stdout.readline().decode().strip()
+    # The spans it prints are read and dropped, so the pipe never fills.
+    drain = subprocess.Popen(["cat"], stdin=collector.stdout, stdout=subprocess.DEVNULL)
+    off_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    on_env = dict(off_env, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}")
+    results = {"off": [], "on": []}
+    try:
+        for round_ in range(args.rounds):
+            for mode, env in (("off", off_env), ("on", on_env)):
+                p50, p90 = run(args.agentd, args.spawns, env)
+                results[mode].append(p50)
+                print(f"round {round_ + 1}, tracing {mode}: spawn p50 {p50:.3f} ms, p90 {p90:.3f} ms", flush=True)
+    finally:
+        collector.stdin.close()
+        collector.wait()
+        drain.wait()
+    for mode in ("off", "on"):
+        print(f"tracing {mode}: median of p50s {statistics.median(results[mode]):.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
