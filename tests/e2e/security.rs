@@ -97,15 +97,15 @@ fn tls_client(
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
-/// A gRPC client over TLS to `address` (HOST:PORT), or the error connecting.
-async fn grpc_over_tls(
+/// A channel over TLS to `address` (HOST:PORT), or the error connecting.
+async fn tls_channel(
     address: &str,
     ca: &Path,
     client: Option<(&Path, &Path)>,
-) -> Result<Client, tonic::transport::Error> {
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let connector = tls_client(ca, client, b"h2");
     let address = address.to_string();
-    let channel = Endpoint::from_shared(format!("http://{address}"))
+    Endpoint::from_shared(format!("http://{address}"))
         .expect("endpoint")
         .connect_with_connector(tower::service_fn(move |_| {
             let (connector, address) = (connector.clone(), address.clone());
@@ -116,8 +116,37 @@ async fn grpc_over_tls(
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
         }))
-        .await?;
-    Ok(AgentSupervisorClient::new(channel))
+        .await
+}
+
+/// A gRPC client over TLS to `address` (HOST:PORT), or the error connecting.
+async fn grpc_over_tls(
+    address: &str,
+    ca: &Path,
+    client: Option<(&Path, &Path)>,
+) -> Result<Client, tonic::transport::Error> {
+    Ok(AgentSupervisorClient::new(
+        tls_channel(address, ca, client).await?,
+    ))
+}
+
+/// A daemon with TLS (a certificate from `pki`) and the two tokens, listening as `listen`
+/// says (`--listen` or `--http-listen`), with `extra` options.
+async fn secured(dir: &Path, pki: &Pki, listen: &str, extra: &[&str]) -> Daemon {
+    let (cert, key) = pki.issue("server", false);
+    let tokens = token_file(dir, &format!("{ADMIN} admin\n{READER} read\n"));
+    let mut options = vec![
+        listen,
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert.to_str().expect("path"),
+        "--tls-key",
+        key.to_str().expect("path"),
+        "--token-file",
+        tokens.to_str().expect("path"),
+    ];
+    options.extend(extra);
+    Daemon::start_with(&options).await
 }
 
 fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
@@ -249,19 +278,7 @@ fn a_tcp_listener_without_tls_and_tokens_is_refused_at_start() {
 async fn grpc_over_tls_checks_tokens_and_roles() {
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = Pki::new(dir.path(), "a");
-    let (cert, key) = pki.issue("server", false);
-    let tokens = token_file(dir.path(), &format!("{ADMIN} admin\n{READER} read\n"));
-    let daemon = Daemon::start_with(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--tls-cert",
-        cert.to_str().expect("path"),
-        "--tls-key",
-        key.to_str().expect("path"),
-        "--token-file",
-        tokens.to_str().expect("path"),
-    ])
-    .await;
+    let daemon = secured(dir.path(), &pki, "--listen", &[]).await;
     let address = address(&daemon);
     let mut client = grpc_over_tls(&address, &pki.ca_path(), None)
         .await
@@ -306,22 +323,7 @@ async fn grpc_over_tls_checks_tokens_and_roles() {
         .expect("admin spawns")
         .into_inner();
     assert_eq!(spawned.status.expect("status").agent_id, "over-tls");
-    let channel = Endpoint::from_shared(format!("http://{address}"))
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn({
-            let connector = tls_client(&pki.ca_path(), None, b"h2");
-            let address = address.clone();
-            move |_| {
-                let (connector, address) = (connector.clone(), address.clone());
-                async move {
-                    let tcp = tokio::net::TcpStream::connect(&address).await?;
-                    let tls = connector
-                        .connect(ServerName::try_from("localhost").expect("name"), tcp)
-                        .await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(tls))
-                }
-            }
-        }))
+    let channel = tls_channel(&address, &pki.ca_path(), None)
         .await
         .expect("channel");
     let health = tonic_health::pb::health_client::HealthClient::new(channel)
@@ -530,19 +532,7 @@ async fn an_expired_server_certificate_is_refused_by_clients() {
 async fn the_http_api_takes_tokens_and_session_cookies() {
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = Pki::new(dir.path(), "a");
-    let (cert, key) = pki.issue("server", false);
-    let tokens = token_file(dir.path(), &format!("{ADMIN} admin\n{READER} read\n"));
-    let daemon = Daemon::start_with(&[
-        "--http-listen",
-        "127.0.0.1:0",
-        "--tls-cert",
-        cert.to_str().expect("path"),
-        "--tls-key",
-        key.to_str().expect("path"),
-        "--token-file",
-        tokens.to_str().expect("path"),
-    ])
-    .await;
+    let daemon = secured(dir.path(), &pki, "--http-listen", &[]).await;
     let address = daemon.http_address.clone().expect("HTTP address");
     let ca = pki.ca_path();
     let bearer = |token: &str| format!("Bearer {token}");
@@ -627,19 +617,7 @@ async fn the_socket_can_belong_to_a_group() {
 async fn agentctl_grpcurl_and_python_over_tls_with_a_token() {
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = Pki::new(dir.path(), "a");
-    let (cert, key) = pki.issue("server", false);
-    let tokens = token_file(dir.path(), &format!("{ADMIN} admin\n{READER} read\n"));
-    let daemon = Daemon::start_with(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--tls-cert",
-        cert.to_str().expect("path"),
-        "--tls-key",
-        key.to_str().expect("path"),
-        "--token-file",
-        tokens.to_str().expect("path"),
-    ])
-    .await;
+    let daemon = secured(dir.path(), &pki, "--listen", &[]).await;
     let address = address(&daemon);
     let ca = pki.ca_path();
 
