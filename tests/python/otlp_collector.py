@@ -1,5 +1,6 @@
 """A stand-in for an OpenTelemetry collector: an OTLP/gRPC TraceService that prints each span
-it receives as one JSON line (trace id, span name, attributes, the resource's attributes).
+it receives as one JSON line (trace, span and parent ids, name, start and end in nanoseconds,
+status, attributes, the resource's attributes).
 The first line is the port it listens on.
 
 Usage: otlp_collector.py
@@ -26,8 +27,12 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
                 for span in scope_spans.spans:
                     print(json.dumps({
                         "trace_id": span.trace_id.hex(),
+                        "span_id": span.span_id.hex(),
                         "parent_span_id": span.parent_span_id.hex(),
                         "name": span.name,
+                        "start": span.start_time_unix_nano,
+                        "end": span.end_time_unix_nano,
+                        "status": {"code": span.status.code, "message": span.status.message},
                         "attributes": {a.key: value(a.value) for a in span.attributes},
                         "resource": resource,
                     }), flush=True)

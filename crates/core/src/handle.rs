@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::agent::{AgentState, AgentStatus};
 use crate::error::{Error, Result};
@@ -143,6 +144,8 @@ pub(crate) enum Command {
     GroupsGone(Vec<(String, i32)>),
     /// The keeper reaped one of its children.
     KeptExit(KeptExit),
+    /// A command sent inside a span (tracing is on): the supervisor's spans for it continue it.
+    Traced(tracing::Span, Box<Command>),
     /// Something the supervisor depends on broke (the sampler thread died): it stops, and
     /// the daemon exits non-zero instead of limping.
     Fatal(String),
@@ -160,8 +163,14 @@ pub struct SupervisorHandle {
 impl SupervisorHandle {
     async fn request<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
         let (reply, answer) = oneshot::channel();
+        let command = command(reply);
+        let span = tracing::Span::current();
+        let command = match span.is_disabled() {
+            true => command,
+            false => Command::Traced(span, Box::new(command)),
+        };
         self.commands
-            .send(command(reply))
+            .send(command)
             .await
             .map_err(|_| Error::ShuttingDown)?;
         answer.await.map_err(|_| Error::ShuttingDown)
@@ -173,7 +182,8 @@ impl SupervisorHandle {
             .request(|reply| Command::Spawn(Box::new(request), reply))
             .await?;
         // Answer only once the record (or the failure) is on disk.
-        self.store.flush().await?;
+        let flush = tracing::info_span!(target: crate::trace::TARGET, "agentd.spawn.flush");
+        self.store.flush().instrument(flush).await?;
         spawned
     }
 

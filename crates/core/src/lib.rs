@@ -30,6 +30,7 @@ mod stop;
 mod store;
 mod supervisor;
 mod table;
+mod trace;
 
 pub use agent::{AgentRecord, AgentState, AgentStatus, EndReason, Exit, Health};
 pub use cgroup::{CgroupSetting, Containment};
@@ -51,3 +52,4 @@ pub use recorder::Recorder;
 pub use spec::{AgentSpec, Limits, Resources, RunAs, SpawnRequest, StopPolicy};
 pub use stop::{StopOptions, StopOutcome, StopReport};
 pub use supervisor::Supervisor;
+pub use trace::TARGET as TRACE_TARGET;

@@ -266,6 +266,14 @@ impl AgentMachine {
         self.phase
     }
 
+    /// Why it is being stopped, while it is.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        match self.phase {
+            Phase::Stopping(stop) => Some(stop.reason),
+            _ => None,
+        }
+    }
+
     /// The leader process exists (not yet reaped, or for an adopted agent, not yet exited).
     pub fn leader_alive(&self) -> bool {
         match self.phase {

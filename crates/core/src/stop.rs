@@ -40,6 +40,20 @@ impl StopReason {
     pub fn client_asked(self) -> bool {
         matches!(self, StopReason::Requested | StopReason::Shutdown)
     }
+
+    /// How a trace names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            StopReason::Requested => "requested",
+            StopReason::Shutdown => "shutdown",
+            StopReason::ParentExited => "parent exited",
+            StopReason::Health => "health",
+            StopReason::HealthRestart => "health restart",
+            StopReason::MaxRuntime => "max runtime",
+            StopReason::StartupTimeout => "startup timeout",
+            StopReason::Restart => "restart",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +66,18 @@ pub enum StopOutcome {
     Killed,
     /// The agent had already ended before the stop.
     AlreadyExited,
+}
+
+impl StopOutcome {
+    /// How a trace names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            StopOutcome::ExitedOnFirstSignal => "exited on first signal",
+            StopOutcome::Escalated => "escalated",
+            StopOutcome::Killed => "killed",
+            StopOutcome::AlreadyExited => "already exited",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

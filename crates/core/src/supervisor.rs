@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::agent::{AgentRecord, AgentState, AgentStatus, Exit};
 use crate::cgroup;
@@ -42,6 +43,7 @@ use crate::spec::{SpawnRequest, check_id};
 use crate::stop::{StopOptions, StopOutcome, StopReason, StopReport};
 use crate::store::Store;
 use crate::table::AgentTable;
+use crate::trace::{self, Traces};
 
 pub struct Supervisor;
 
@@ -138,6 +140,7 @@ impl Supervisor {
             deadlines: BTreeSet::new(),
             stop_waiters: HashMap::new(),
             restart_waiters: HashMap::new(),
+            traces: Traces::default(),
             adopted_exits_tx,
             acks,
             shutting_down: false,
@@ -237,6 +240,8 @@ pub(crate) struct SupervisorTask {
     stop_waiters: HashMap<String, Vec<oneshot::Sender<StopReport>>>,
     /// Everyone waiting for an agent to run again after a restart they asked for.
     restart_waiters: HashMap<String, Vec<oneshot::Sender<Result<AgentStatus>>>>,
+    /// The spans of stop ladders and restarts under way (none while tracing is off).
+    traces: Traces,
     adopted_exits_tx: mpsc::UnboundedSender<String>,
     /// Exits from the keeper that are handled; acknowledged once on disk.
     acks: mpsc::UnboundedSender<Ack>,
@@ -422,6 +427,10 @@ impl SupervisorTask {
                 let _ = self.acks.send(Ack::Exit(exit.pid));
             }
             Command::Fatal(problem) => self.failure = Some(problem),
+            Command::Traced(span, command) => {
+                let _entered = span.enter();
+                self.handle(*command);
+            }
         }
     }
 
@@ -500,6 +509,9 @@ impl SupervisorTask {
                     if kind != EventKind::Health {
                         tracing::info!(%agent_id, ?kind, "{message}");
                     }
+                    if kind == EventKind::Restarting {
+                        self.traces.restarting(agent_id, &message);
+                    }
                     self.recorder.event(kind);
                     self.events
                         .emit(kind, message, alert, || machine.status(now.mono));
@@ -509,6 +521,8 @@ impl SupervisorTask {
                         continue;
                     };
                     tracing::info!(%agent_id, %signal, "stop ladder");
+                    self.traces
+                        .signalled(agent_id, signal, machine.stop_reason());
                     let sent = match self.os.signal_group(hold, signal) {
                         // A leader that left its group still gets the signal.
                         Ok(false) if machine.leader_alive() => {
@@ -532,6 +546,7 @@ impl SupervisorTask {
                     let status = machine.status(now.mono);
                     tracing::info!(%agent_id, ?outcome, ?duration, "stopped");
                     self.recorder.stopped(outcome, duration);
+                    self.traces.stop_finished(agent_id, outcome);
                     for waiter in self.stop_waiters.remove(agent_id).unwrap_or_default() {
                         let _ = waiter.send(StopReport {
                             agent_id: agent_id.to_string(),
@@ -542,6 +557,7 @@ impl SupervisorTask {
                     }
                 }
                 Effect::EndedForGood => {
+                    self.traces.ended(agent_id);
                     let shutting_down = self.shutting_down;
                     self.answer_restart(agent_id, || {
                         Err(match shutting_down {
@@ -575,9 +591,18 @@ impl SupervisorTask {
         {
             tracing::warn!(%agent_id, %error, "restarting an agent that runs as another user");
         }
-        let launched = AgentFiles::reopen(&record.agent_dir).launch(record, self.os.as_ref());
+        let span = self.traces.relaunching(agent_id);
+        let _entered = span.enter();
+        let launched = {
+            let _exec = exec_span(agent_id);
+            AgentFiles::reopen(&record.agent_dir).launch(record, self.os.as_ref())
+        };
         // A failed restart is the machine's to handle; nobody waits for the error.
-        let _ = self.launched(agent_id, launched);
+        let error = self
+            .launched(agent_id, launched)
+            .err()
+            .map(|e| e.to_string());
+        trace::launched(&span, error.as_deref());
     }
 
     /// Feeds a launch's result to the machine; answers with the error, if it failed.
@@ -667,12 +692,19 @@ impl SupervisorTask {
             // Another user must be able to reach its folder, though not list the others.
             self.open_for_other_users()?;
         }
-        let files = AgentFiles::prepare(&agent_id, &agent_dir, &prompt, owner)?;
+        let files = {
+            let _folder =
+                tracing::info_span!(target: trace::TARGET, "agentd.spawn.folder").entered();
+            AgentFiles::prepare(&agent_id, &agent_dir, &prompt, owner)?
+        };
         let record = AgentRecord::new(Arc::new(spec), agent_dir, SystemTime::now());
         let machine = AgentMachine::starting(record, self.now());
         // The STARTING record reaches the disk before the process exists.
         self.store.put(machine.record())?;
-        let launched = files.launch(machine.record(), self.os.as_ref());
+        let launched = {
+            let _exec = exec_span(&agent_id);
+            files.launch(machine.record(), self.os.as_ref())
+        };
         self.table.insert(machine);
         self.spawns = (
             self.spawns.0.saturating_add(1),
@@ -1147,10 +1179,12 @@ impl SupervisorTask {
             })
             .collect();
         let roots: Vec<String> = roots.into_iter().filter(|r| !covered.contains(r)).collect();
+        let span = tracing::Span::current();
         Some(Box::pin(async move {
             let mut trees = tokio::task::JoinSet::new();
             for root in roots {
-                trees.spawn(stop_subtree(handle.clone(), root, children.clone(), force));
+                let tree = stop_subtree(handle.clone(), root, children.clone(), force);
+                trees.spawn(tree.instrument(span.clone()));
             }
             let mut reports = Vec::new();
             while let Some(done) = trees.join_next().await {
@@ -1552,12 +1586,8 @@ fn stop_subtree(
     Box::pin(async move {
         let mut branches = tokio::task::JoinSet::new();
         for child in children.get(&root).into_iter().flatten() {
-            branches.spawn(stop_subtree(
-                handle.clone(),
-                child.clone(),
-                children.clone(),
-                force,
-            ));
+            let branch = stop_subtree(handle.clone(), child.clone(), children.clone(), force);
+            branches.spawn(branch.instrument(tracing::Span::current()));
         }
         let mut reports = Vec::new();
         while let Some(done) = branches.join_next().await {
@@ -1576,6 +1606,11 @@ fn stop_subtree(
         }
         reports
     })
+}
+
+/// The span of a process start: its cgroup, and the keeper's fork and exec.
+fn exec_span(agent_id: &str) -> tracing::span::EnteredSpan {
+    tracing::info_span!(target: trace::TARGET, "agentd.spawn.exec", agent.id = agent_id).entered()
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use agentd_core::TRACE_TARGET;
 use anyhow::Context as _;
 use axum::http::{HeaderMap, Request, Response};
 use opentelemetry::KeyValue;
@@ -118,9 +119,9 @@ where
     S: tower::Service<Request<B>, Response = Response<R>>,
     S::Future: Send + 'static,
 {
-    type Response = Response<R>;
+    type Response = Response<TracedBody<R>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<R>, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -128,11 +129,15 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         if !self.enabled {
-            return Box::pin(self.inner.call(request));
+            let answer = self.inner.call(request);
+            return Box::pin(async move {
+                Ok(answer.await?.map(|body| TracedBody { body, call: None }))
+            });
         }
         let path = request.uri().path();
         let span = match self.front {
             Front::Grpc => tracing::info_span!(
+                target: TRACE_TARGET,
                 "rpc",
                 otel.name = path.trim_start_matches('/'),
                 otel.kind = "server",
@@ -142,6 +147,7 @@ where
                 agent.id = tracing::field::Empty,
             ),
             Front::Http => tracing::info_span!(
+                target: TRACE_TARGET,
                 "http",
                 otel.name = format!("{} {path}", request.method()),
                 otel.kind = "server",
@@ -159,22 +165,97 @@ where
         let answer = self.inner.call(request).instrument(span.clone());
         Box::pin(async move {
             let response = answer.await?;
+            let mut call = Call {
+                span,
+                status_known: false,
+            };
             match front {
-                // A unary error comes as headers alone; an answer's status is in trailers.
+                // An error before any answer comes as headers alone; else the status is in
+                // the trailers, after the last message of a stream.
                 Front::Grpc => {
-                    let code = response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<i64>().ok())
-                        .unwrap_or(0);
-                    span.record("rpc.grpc.status_code", code);
+                    if let Some(code) = grpc_status(response.headers()) {
+                        call.record_status(code);
+                    }
                 }
                 Front::Http => {
-                    span.record("http.response.status_code", response.status().as_u16());
+                    call.span
+                        .record("http.response.status_code", response.status().as_u16());
+                    call.status_known = true;
                 }
             }
-            Ok(response)
+            Ok(response.map(|body| TracedBody {
+                body,
+                call: Some(call),
+            }))
         })
+    }
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<i64> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// A call's span, kept open until its answer's body ends (a stream's last message).
+struct Call {
+    span: tracing::Span,
+    status_known: bool,
+}
+
+impl Call {
+    fn record_status(&mut self, code: i64) {
+        self.span.record("rpc.grpc.status_code", code);
+        self.status_known = true;
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        // A gRPC answer dropped before its trailers: the client went away.
+        if !self.status_known {
+            self.record_status(i64::from(i32::from(tonic::Code::Cancelled)));
+        }
+        // The exported span ends when it was last exited: now, not when the handler answered.
+        drop(self.span.enter());
+    }
+}
+
+/// An answer's body that ends its call's span when it ends, with the gRPC status from the
+/// trailers.
+pub struct TracedBody<B> {
+    body: B,
+    /// None when tracing is off, and once the body has ended.
+    call: Option<Call>,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for TracedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Some(call) = &mut this.call {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                        call.record_status(code);
+                    }
+                }
+                Poll::Ready(_) => this.call = None,
+                Poll::Pending => {}
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use agentd_core::{
     CgroupSetting, DaemonLimits, EventRetention, FinishedRetention, LogRotation, ShutdownPolicy,
-    Supervisor, SupervisorConfig,
+    Supervisor, SupervisorConfig, TRACE_TARGET,
 };
 use agentd_server::{
     Listener, Metrics, PerAgent, Security, ServeOptions, auth, notify, settings, telemetry, tls,
@@ -160,19 +160,25 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn daemon(options: Options) -> anyhow::Result<()> {
+    use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
+    // The log leaves out the spans made for traces: it reads the same with tracing on or off.
     let filter = tracing_subscriber::EnvFilter::try_new(&options.log_level)
-        .with_context(|| format!("invalid --log-level `{}`", options.log_level))?;
-    let json = options.log_format == "json";
-    let text = (!json).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
-    let json = json.then(|| {
-        tracing_subscriber::fmt::layer()
+        .with_context(|| format!("invalid --log-level `{}`", options.log_level))?
+        .add_directive(format!("{TRACE_TARGET}=off").parse()?);
+    let log = match options.log_format.as_str() {
+        "json" => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_writer(std::io::stderr)
-    });
-    // Traces only when the standard OTEL_* variables ask for them.
+            .boxed(),
+        _ => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    // Traces only when the standard OTEL_* variables ask for them: agentd's own spans, and
+    // warnings and errors as events of the span they happen in.
     let (provider, tracer) = match telemetry::wanted() {
         true => {
             let (provider, tracer) = telemetry::provider()?;
@@ -180,11 +186,17 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
         }
         false => (None, None),
     };
+    let traces = tracer.map(|tracer| {
+        let wanted = tracing_subscriber::filter::Targets::new()
+            .with_target(TRACE_TARGET, tracing::Level::INFO)
+            .with_default(tracing::Level::WARN);
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(wanted)
+    });
     tracing_subscriber::registry()
-        .with(filter)
-        .with(tracer.map(|tracer| tracing_opentelemetry::layer().with_tracer(tracer)))
-        .with(text)
-        .with(json)
+        .with(log.with_filter(filter))
+        .with(traces)
         .init();
     let result = serve(options).await;
     if let Some(provider) = provider
