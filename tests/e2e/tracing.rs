@@ -115,7 +115,7 @@ async fn spans_continue_the_callers_trace_and_reach_the_agent() {
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     let (mut collector, endpoint) = Collector::start().await;
     let daemon = Daemon::start_with_env(
-        &[],
+        &["--http-listen", "127.0.0.1:0"],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
@@ -165,6 +165,29 @@ async fn spans_continue_the_callers_trace_and_reach_the_agent() {
         assert!(pair[0].1 <= pair[1].0, "steps overlap: {steps:?}");
     }
     assert!(times(&spawn).0 <= steps[0].0 && steps[2].1 <= times(&spawn).1);
+    // An HTTP request continues the caller's trace the same way.
+    let traceparent = format!("00-{TRACE}-{CALLER_SPAN}-01");
+    let answer = daemon
+        .http()
+        .send(
+            "GET",
+            "/v1/agents/traced",
+            &[("traceparent", &traceparent)],
+            None,
+        )
+        .await;
+    assert_eq!(answer.status(), 200);
+    drop(answer);
+    let get = collector
+        .span("the HTTP request", |span| {
+            span["name"] == "GET /v1/agents/traced"
+        })
+        .await;
+    assert_eq!(get["trace_id"], TRACE, "{get}");
+    assert_eq!(get["parent_span_id"], CALLER_SPAN, "{get}");
+    assert_eq!(get["attributes"]["http.response.status_code"], 200, "{get}");
+    assert_eq!(get["attributes"]["agent.id"], "traced", "{get}");
+
     let log = daemon.log();
     assert!(
         log.contains("Spawned") && !log.contains("rpc{") && !log.contains("agentd.spawn"),
@@ -220,6 +243,7 @@ async fn a_stop_ladder_and_restarts_are_spans() {
             span["name"] == "agentd.v1.AgentSupervisor/Cleanup"
         })
         .await;
+    assert_eq!(call["attributes"]["agent.id"], "stubborn", "{call}");
     let ladder = collector
         .child("agentd.stop", &call["trace_id"], &call["span_id"])
         .await;
@@ -301,6 +325,7 @@ async fn a_stop_ladder_and_restarts_are_spans() {
             span["name"] == "agentd.v1.AgentSupervisor/Restart"
         })
         .await;
+    assert_eq!(call["attributes"]["agent.id"], "again", "{call}");
     let (trace, id) = (&call["trace_id"], &call["span_id"]);
     let ladder = collector.child("agentd.stop", trace, id).await;
     assert_eq!(ladder["attributes"]["stop.reason"], "restart", "{ladder}");

@@ -157,6 +157,7 @@ impl AgentSupervisorService {
         agent_ids: Vec<String>,
         pause: bool,
     ) -> Result<Vec<pb::AgentStatus>, Status> {
+        traced_agents(&agent_ids);
         let statuses = self
             .supervisor
             .pause(agent_ids, pause)
@@ -174,7 +175,7 @@ impl AgentSupervisor for AgentSupervisorService {
     ) -> Result<Response<pb::SpawnResponse>, Status> {
         self.timed("Spawn", async move {
             let mut request = convert::spawn_request(request.into_inner())?;
-            tracing::Span::current().record("agent.id", request.agent_id.as_str());
+            traced_agents(&[&request.agent_id]);
             // The agent's own spans join the caller's trace (when tracing is on).
             for (name, value) in telemetry::agent_env() {
                 request.env.entry(name).or_insert(value);
@@ -193,6 +194,7 @@ impl AgentSupervisor for AgentSupervisorService {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         self.timed("Status", async move {
             let agent_id = request.into_inner().agent_id;
+            traced_agents(&[&agent_id]);
             let status = self
                 .supervisor
                 .status(agent_id)
@@ -223,6 +225,7 @@ impl AgentSupervisor for AgentSupervisorService {
     ) -> Result<Response<pb::CleanupResponse>, Status> {
         self.timed("Cleanup", async move {
             let request = request.into_inner();
+            traced_agents(&request.agent_ids);
             let target = match (request.all, request.agent_ids.is_empty()) {
                 (true, true) => StopTarget::All,
                 (false, false) => StopTarget::Agents(request.agent_ids),
@@ -259,6 +262,7 @@ impl AgentSupervisor for AgentSupervisorService {
     ) -> Result<Response<pb::CheckHealthResponse>, Status> {
         self.timed("CheckHealth", async move {
             let agent_id = request.into_inner().agent_id;
+            traced_agents(&[&agent_id]);
             let status = self
                 .supervisor
                 .status(agent_id)
@@ -288,6 +292,7 @@ impl AgentSupervisor for AgentSupervisorService {
     ) -> Result<Response<pb::GetAgentHistoryResponse>, Status> {
         self.timed("GetAgentHistory", async move {
             let request = request.into_inner();
+            traced_agents(&[&request.agent_id]);
             let since = request.since.map(convert::time_from).transpose()?;
             let history = self
                 .supervisor
@@ -316,6 +321,7 @@ impl AgentSupervisor for AgentSupervisorService {
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
         self.timed("ReportProgress", async move {
             let report = convert::progress_report(request.into_inner());
+            traced_agents(&[&report.agent_id]);
             let status = self
                 .supervisor
                 .report_progress(report)
@@ -335,12 +341,10 @@ impl AgentSupervisor for AgentSupervisorService {
         request: Request<pb::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         self.timed("StreamLogs", async move {
-            let started = logs::stream(
-                self.supervisor.clone(),
-                request.into_inner(),
-                self.shutdown.clone(),
-            )
-            .await?;
+            let request = request.into_inner();
+            traced_agents(&[&request.agent_id]);
+            let started =
+                logs::stream(self.supervisor.clone(), request, self.shutdown.clone()).await?;
             Ok(Response::new(started.chunks))
         })
         .await
@@ -352,6 +356,7 @@ impl AgentSupervisor for AgentSupervisorService {
     ) -> Result<Response<pb::RemoveResponse>, Status> {
         self.timed("Remove", async move {
             let agent_id = request.into_inner().agent_id;
+            traced_agents(&[&agent_id]);
             let status = self
                 .supervisor
                 .remove(agent_id)
@@ -396,6 +401,7 @@ impl AgentSupervisor for AgentSupervisorService {
     ) -> Result<Response<pb::RestartResponse>, Status> {
         self.timed("Restart", async move {
             let agent_ids = request.into_inner().agent_ids;
+            traced_agents(&agent_ids);
             let statuses = self
                 .supervisor
                 .restart(agent_ids)
@@ -419,4 +425,15 @@ impl AgentSupervisor for AgentSupervisorService {
         let events = events.map(|event| event.map(|event| convert::event(&event)));
         Ok(Response::new(Box::pin(events)))
     }
+}
+
+/// Names the agents a call is about on its span, when tracing is on: `agent.id`, several
+/// joined with commas.
+fn traced_agents(agent_ids: &[impl AsRef<str>]) {
+    let span = tracing::Span::current();
+    if span.is_disabled() || agent_ids.is_empty() {
+        return;
+    }
+    let ids: Vec<&str> = agent_ids.iter().map(AsRef::as_ref).collect();
+    span.record("agent.id", ids.join(","));
 }

@@ -178,8 +178,9 @@ where
                     }
                 }
                 Front::Http => {
-                    call.span
-                        .record("http.response.status_code", response.status().as_u16());
+                    // An i64: tracing-opentelemetry would turn an unsigned number into a string.
+                    let code = i64::from(response.status().as_u16());
+                    call.span.record("http.response.status_code", code);
                     call.status_known = true;
                 }
             }

@@ -190,8 +190,15 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
         let wanted = tracing_subscriber::filter::Targets::new()
             .with_target(TRACE_TARGET, tracing::Level::INFO)
             .with_default(tracing::Level::WARN);
+        // Without the source location, thread, target and busy/idle attributes on every
+        // span, nor an OpenTelemetry context made current on every entry: nothing reads them.
         tracing_opentelemetry::layer()
             .with_tracer(tracer)
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
+            .with_context_activation(false)
             .with_filter(wanted)
     });
     tracing_subscriber::registry()
