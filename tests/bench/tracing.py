@@ -6,7 +6,9 @@
 Each round starts a fresh daemon without the OTEL_* variables and one with
 OTEL_EXPORTER_OTLP_ENDPOINT pointing at tests/python/otlp_collector.py, and times `--spawns`
 Spawn calls one at a time (each agent `sleep 600`, stopped after), from Python over the Unix
-socket. Prints p50 and p90 per round, agentd's own CPU time per spawn (from /proc, so the
+socket. With `--baseline BIN` (agentd built from an earlier commit) each round also runs
+that binary without the variables, to show what the tracing code costs when it is off.
+Prints p50 and p90 per round, agentd's own CPU time per spawn (from /proc, so the
 stand-in collector's work on the same cores is not counted), and the medians.
 
 The two take turns going first: each daemon's folder is deleted after its run, and on a
@@ -68,6 +70,7 @@ def main():
     parser.add_argument("--agentd", default="target/release/agentd")
     parser.add_argument("--spawns", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--baseline", help="an earlier agentd, run without the variables too")
     args = parser.parse_args()
     collector = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests/python/otlp_collector.py")],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -76,13 +79,15 @@ def main():
     drain = subprocess.Popen(["cat"], stdin=collector.stdout, stdout=subprocess.DEVNULL)
     off_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     on_env = dict(off_env, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}")
-    results = {"off": [], "on": []}
-    cpu = {"off": [], "on": []}
+    modes = [("off", args.agentd, off_env), ("on", args.agentd, on_env)]
+    if args.baseline:
+        modes.append(("baseline", args.baseline, off_env))
+    results = {mode: [] for mode, _, _ in modes}
+    cpu = {mode: [] for mode, _, _ in modes}
     try:
         for round_ in range(args.rounds):
-            modes = [("off", off_env), ("on", on_env)]
-            for mode, env in modes if round_ % 2 == 0 else modes[::-1]:
-                p50, p90, cpu_per_spawn = run(args.agentd, args.spawns, env)
+            for mode, agentd, env in modes if round_ % 2 == 0 else modes[::-1]:
+                p50, p90, cpu_per_spawn = run(agentd, args.spawns, env)
                 results[mode].append(p50)
                 cpu[mode].append(cpu_per_spawn)
                 print(f"round {round_ + 1}, tracing {mode}: spawn p50 {p50:.3f} ms, p90 {p90:.3f} ms, "
@@ -91,9 +96,17 @@ def main():
         collector.stdin.close()
         collector.wait()
         drain.wait()
-    for mode in ("off", "on"):
+    for mode in results:
         print(f"tracing {mode}: median of p50s {statistics.median(results[mode]):.3f} ms, "
               f"median agentd CPU {statistics.median(cpu[mode]):.3f} ms per spawn")
+    # Rounds drift together (the machine, the filesystem), so the difference within each round
+    # says more than the medians apart.
+    for mode, against in (("on", "off"), ("off", "baseline")):
+        if mode in results and against in results:
+            p50 = statistics.median(a - b for a, b in zip(results[mode], results[against]))
+            used = statistics.median(a - b for a, b in zip(cpu[mode], cpu[against]))
+            print(f"{mode} - {against}, median within a round: p50 {p50:+.3f} ms, "
+                  f"agentd CPU {used:+.3f} ms per spawn")
 
 
 if __name__ == "__main__":

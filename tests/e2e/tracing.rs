@@ -343,3 +343,39 @@ async fn a_stop_ladder_and_restarts_are_spans() {
         .await;
     kill_all(&mut client).await;
 }
+
+#[tokio::test]
+async fn the_last_spans_are_sent_at_exit() {
+    let (mut collector, endpoint) = Collector::start().await;
+    let mut daemon = Daemon::start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            // Nothing would be sent for ten minutes but for the flush at exit.
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+        ],
+    )
+    .await;
+    let mut client = daemon.client().await;
+    let missing = client
+        .status(pb::StatusRequest {
+            agent_id: "nobody".into(),
+        })
+        .await
+        .expect_err("no such agent");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    // On another thread, so this runtime goes on to close the client's connection and
+    // agentd need not wait for it.
+    drop(client);
+    let exited = tokio::task::spawn_blocking(move || daemon.terminate())
+        .await
+        .expect("waiting for agentd");
+    assert!(exited.success());
+    let status = collector
+        .span("Status", |span| {
+            span["name"] == "agentd.v1.AgentSupervisor/Status"
+        })
+        .await;
+    assert_eq!(status["attributes"]["rpc.grpc.status_code"], 5, "{status}");
+    assert_eq!(status["attributes"]["agent.id"], "nobody", "{status}");
+}

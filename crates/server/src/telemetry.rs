@@ -31,6 +31,19 @@ pub fn wanted() -> bool {
 
 /// The exporter's provider (to flush at exit) and a tracer for the tracing layer.
 pub fn provider() -> anyhow::Result<(SdkTracerProvider, opentelemetry_sdk::trace::Tracer)> {
+    // The exporter's gRPC client gets a runtime and thread of its own: built inside it, its
+    // connection tasks run there, so encoding and sending spans never take the thread that
+    // serves requests.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the OTLP exporter's runtime")?;
+    let exporting = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("agentd-otlp".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+        .context("starting the OTLP exporter's thread")?;
+    let _inside = exporting.enter();
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .build()

@@ -186,25 +186,27 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
         }
         false => (None, None),
     };
-    let traces = tracer.map(|tracer| {
+    let mut layers = vec![log.with_filter(filter).boxed()];
+    if let Some(tracer) = tracer {
         let wanted = tracing_subscriber::filter::Targets::new()
             .with_target(TRACE_TARGET, tracing::Level::INFO)
             .with_default(tracing::Level::WARN);
         // Without the source location, thread, target and busy/idle attributes on every
         // span, nor an OpenTelemetry context made current on every entry: nothing reads them.
-        tracing_opentelemetry::layer()
+        let traces = tracing_opentelemetry::layer()
             .with_tracer(tracer)
             .with_location(false)
             .with_threads(false)
             .with_target(false)
             .with_tracked_inactivity(false)
             .with_context_activation(false)
-            .with_filter(wanted)
-    });
-    tracing_subscriber::registry()
-        .with(log.with_filter(filter))
-        .with(traces)
-        .init();
+            .with_filter(wanted);
+        layers.push(traces.boxed());
+    }
+    // A list rather than an `Option` layer: an absent one would count as wanting everything,
+    // and the spans made for traces would then be made (and every debug event tested) with
+    // tracing off.
+    tracing_subscriber::registry().with(layers).init();
     let result = serve(options).await;
     if let Some(provider) = provider
         && let Err(error) = provider.shutdown()
