@@ -107,6 +107,12 @@ async fn a_crash_loop_backs_off_with_growing_gaps_and_ends_failed() {
         .map(time_of)
         .collect();
     assert_eq!(spawns.len(), 4, "the first run and 3 restarts");
+    let failed: Vec<&str> = seen
+        .iter()
+        .filter(|e| is(EventKind::Failed)(e))
+        .map(|e| e.message.as_str())
+        .collect();
+    assert_eq!(failed.len(), 4, "one FAILED per run: {failed:?}");
     assert_eq!(
         seen.iter().filter(|e| is(EventKind::Restarting)(e)).count(),
         3

@@ -837,10 +837,21 @@ impl AgentMachine {
         if let Some(max) = policy.max_restarts
             && record.restart_count >= max
         {
-            let message = format!(
-                "gave up after {max} restarts; the last run ended {}",
-                record.state_text()
-            );
+            // One FAILED event per run: when the run that ends it all failed, its event
+            // becomes the one that says so.
+            let last_run = match out.last() {
+                Some(Effect::Emit {
+                    kind: EventKind::Failed,
+                    message,
+                    ..
+                }) => {
+                    let how = format!("failed: {message}");
+                    out.pop();
+                    how
+                }
+                _ => format!("ended {}", record.state_text()),
+            };
+            let message = format!("gave up after {max} restarts; the last run {last_run}");
             record.state = AgentState::Failed;
             record.error = Some(message.clone());
             out.push(Effect::Persist);

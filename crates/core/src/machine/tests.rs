@@ -356,6 +356,45 @@ fn max_restarts_gives_up_and_ends_failed() {
 }
 
 #[test]
+fn a_failed_last_run_is_one_failed_event_that_says_it_gave_up() {
+    let (mut machine, mut clock) = running(|spec| {
+        spec.lifecycle.restart = RestartPolicy::OnFailure;
+        spec.lifecycle.max_restarts = Some(1);
+    });
+    let mut out = Vec::new();
+    machine.leader_exited(
+        clock.advance(ms(5)),
+        Some(Exit::Code(3)),
+        false,
+        false,
+        &mut out,
+    );
+    assert_eq!(kinds(&out), [EventKind::Failed, EventKind::Restarting]);
+    fire(&mut machine, &mut clock);
+    machine.started(clock.now(), launched(2, None), &mut out);
+    let mut out = Vec::new();
+    machine.leader_exited(
+        clock.advance(ms(5)),
+        Some(Exit::Code(3)),
+        false,
+        false,
+        &mut out,
+    );
+    assert_eq!(kinds(&out), [EventKind::Failed]);
+    let message = out.iter().find_map(|effect| match effect {
+        Effect::Emit { message, .. } => Some(message.as_str()),
+        _ => None,
+    });
+    assert_eq!(
+        message,
+        Some("gave up after 1 restarts; the last run failed: exited with code 3")
+    );
+    assert_eq!(machine.record().error.as_deref(), message);
+    assert_eq!(machine.record().state, AgentState::Failed);
+    assert!(out.contains(&Effect::EndedForGood));
+}
+
+#[test]
 fn max_runtime_stops_the_run_and_ends_it_timed_out() {
     let (mut machine, mut clock) = running(|spec| {
         spec.lifecycle.max_runtime = Some(Duration::from_secs(5));
