@@ -116,6 +116,14 @@ async fn samples_are_kept_per_interval_and_survive_the_run() {
             .iter()
             .all(|s| system_time(s.time.as_ref()) <= ended_at)
     );
+    // Its last sample is its end: nothing runs.
+    let end = ended.samples.last().expect("a sample");
+    assert_eq!((end.num_processes, end.num_threads), (0, 0), "{end:?}");
+    assert_eq!((end.cpu_percent, end.memory_mb), (0.0, 0.0), "{end:?}");
+    let off_by = ended_at
+        .duration_since(system_time(end.time.as_ref()))
+        .expect("not after the end");
+    assert!(off_by < Duration::from_millis(1), "{off_by:?}");
 
     // Bad questions.
     let unknown = client
@@ -155,5 +163,53 @@ async fn history_off_is_a_clear_precondition() {
         .expect_err("no history kept");
     assert_eq!(off.code(), Code::FailedPrecondition, "{off:?}");
     assert!(off.message().contains("--history 0"), "{off:?}");
+    kill_all(&mut client).await;
+}
+
+#[tokio::test]
+async fn the_gap_between_runs_reads_as_nothing_running() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    // The first run fails after half a second; the restart waits a second; the second runs on.
+    let marker = daemon.data_dir.join("ran-once");
+    let script = format!(
+        "[ -e {m} ] && exec sleep 30; touch {m}; sleep 0.5; exit 1",
+        m = marker.display()
+    );
+    let mut request = spawn_request("gappy", sh(&script));
+    request.restart_policy = pb::RestartPolicy::OnFailure as i32;
+    request.restart_backoff = Some(pb::RestartBackoff {
+        initial: Some(Duration::from_secs(1).into()),
+        ..Default::default()
+    });
+    spawn_with(&mut client, request).await;
+
+    // Processes per sample, once the second run has been sampled.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let processes: Vec<u32> = loop {
+        let kept = history(&mut client, "gappy").await;
+        let processes: Vec<u32> = kept.samples.iter().map(|s| s.num_processes).collect();
+        let second_run = processes
+            .iter()
+            .skip_while(|&&n| n > 0)
+            .skip_while(|&&n| n == 0)
+            .any(|&n| n > 0);
+        if second_run {
+            break processes;
+        }
+        assert!(std::time::Instant::now() < deadline, "{processes:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let first: Vec<u32> = processes.iter().copied().take_while(|&n| n > 0).collect();
+    let gap = processes[first.len()..]
+        .iter()
+        .take_while(|&&n| n == 0)
+        .count();
+    assert!(!first.is_empty(), "{processes:?}");
+    // A second's backoff (less its jitter) at one sample per 0.1 s.
+    assert!(
+        gap >= 5,
+        "the backoff reads as nothing running: {processes:?}"
+    );
     kill_all(&mut client).await;
 }

@@ -1,7 +1,8 @@
 //! Each agent's recent samples, in memory: a ring of the samples that changed something
 //! (24 bytes each), read back as one point per sampling interval. The sampler sends an
 //! unchanged sample only while someone watches, so an idle agent costs one point, not one
-//! per interval; a point holds until the next one, which is what reading fills in.
+//! per interval; a point holds until the next one, which is what reading fills in. A run's
+//! end is a point with nothing running, so the gap before a restart reads as such.
 
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,6 +28,17 @@ impl HistoryPoint {
             memory_kib: u32::try_from(sample.memory_bytes / 1024).unwrap_or(u32::MAX),
             num_threads: sample.num_threads,
             num_processes: sample.num_processes,
+        }
+    }
+
+    /// The moment a run ended: no process, nothing used.
+    pub fn ended(at: SystemTime) -> HistoryPoint {
+        HistoryPoint {
+            at_ms: millis(at),
+            cpu_percent: 0.0,
+            memory_kib: 0,
+            num_threads: 0,
+            num_processes: 0,
         }
     }
 

@@ -571,7 +571,14 @@ impl SupervisorTask {
                     self.remove_cgroup_if_empty(agent_id);
                     self.stop_followers(agent_id);
                 }
-                Effect::RunEnded(reason) => self.recorder.run_ended(reason),
+                Effect::RunEnded(reason) => {
+                    self.recorder.run_ended(reason);
+                    // Between runs nothing runs: the series says so until the next one's
+                    // first sample, instead of repeating the last one across the gap.
+                    if let Some(history) = self.histories.get_mut(agent_id) {
+                        history.record(HistoryPoint::ended(now.wall), self.history_capacity);
+                    }
+                }
                 Effect::Launch => {
                     self.recorder.restarted();
                     self.launch(agent_id);
