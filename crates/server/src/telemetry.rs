@@ -1,9 +1,11 @@
 //! OpenTelemetry traces over OTLP/gRPC, on only when the standard `OTEL_EXPORTER_OTLP_ENDPOINT`
 //! (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; the exporter reads the other standard
 //! `OTEL_*` variables itself. A span per RPC and HTTP request (`Traced`), continuing the
-//! caller's W3C `traceparent`; a spawned agent gets the span's context as `TRACEPARENT` and
-//! `TRACESTATE`, so its own spans join the trace. Off, the layer is absent and the propagator
-//! a no-op: nothing is exported and no span is made.
+//! caller's W3C `traceparent` and lasting until the answer's body ends (`TracedBody`); a
+//! spawned agent gets the span's context as `TRACEPARENT` and `TRACESTATE`, so its own spans
+//! join the trace. The supervisor's own spans (`agentd_core::TRACE_TARGET`) are children of
+//! these. Off, requests pass through without a span and the propagator is a no-op: nothing is
+//! exported and no span is made.
 
 use std::collections::HashMap;
 use std::future::Future;
