@@ -17,7 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 /// Spawns AI agent processes, watches their health and stops them on request, over gRPC.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "agentd", version)]
 struct Options {
     /// Folder for the store, the agents' folders and the default socket
     /// [default: $XDG_STATE_HOME/agentd or ~/.local/state/agentd]

@@ -17,6 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 
 #[derive(Parser)]
 #[command(
+    name = "agentctl",
     version,
     about = "Talk to a running agentd",
     after_help = "Exit status: 0 success; 1 an error from agentd (its gRPC code and message on \
