@@ -17,13 +17,13 @@ const CALLER_SPAN: &str = "00f067aa0ba902b7";
 /// The stand-in collector and every span it has printed so far.
 struct Collector {
     process: Child,
+    endpoint: String,
     lines: tokio::sync::mpsc::UnboundedReceiver<String>,
     spans: Vec<Value>,
 }
 
 impl Collector {
-    /// Starts it; answers with its endpoint.
-    async fn start() -> (Collector, String) {
+    async fn start() -> Collector {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let mut process = Command::new("python3")
             .arg(root.join("tests/python/otlp_collector.py"))
@@ -45,12 +45,21 @@ impl Collector {
             .ok()
             .flatten()
             .expect("the collector's port");
-        let collector = Collector {
+        Collector {
             process,
+            endpoint: format!("http://127.0.0.1:{port}"),
             lines,
             spans: Vec::new(),
-        };
-        (collector, format!("http://127.0.0.1:{port}"))
+        }
+    }
+
+    /// An agentd exporting to it, a batch of spans at least every `batch_ms`.
+    async fn daemon(&self, options: &[&str], batch_ms: &str) -> Daemon {
+        let env = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", self.endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", batch_ms),
+        ];
+        Daemon::start_with_env(options, &env).await
     }
 
     /// The first span received (now or within the deadline) that `wanted` picks.
@@ -113,15 +122,10 @@ fn traced<T>(message: T, trace_id: &str) -> tonic::Request<T> {
 #[tokio::test]
 async fn spans_continue_the_callers_trace_and_reach_the_agent() {
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let (mut collector, endpoint) = Collector::start().await;
-    let daemon = Daemon::start_with_env(
-        &["--http-listen", "127.0.0.1:0"],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ],
-    )
-    .await;
+    let mut collector = Collector::start().await;
+    let daemon = collector
+        .daemon(&["--http-listen", "127.0.0.1:0"], "100")
+        .await;
     let mut client = daemon.client().await;
 
     let request = spawn_request("traced", sh("echo \"trace=$TRACEPARENT\""));
@@ -200,15 +204,8 @@ async fn a_stop_ladder_and_restarts_are_spans() {
     const STOP_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
     const RESTART_TRACE: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90";
     const WATCH_TRACE: &str = "5c6d7e8f90a1b2c3d4e5f60718293a4b";
-    let (mut collector, endpoint) = Collector::start().await;
-    let daemon = Daemon::start_with_env(
-        &[],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ],
-    )
-    .await;
+    let mut collector = Collector::start().await;
+    let daemon = collector.daemon(&[], "100").await;
     let mut client = daemon.client().await;
     // A stream's span lasts as long as the stream.
     let mut events = client
@@ -346,16 +343,9 @@ async fn a_stop_ladder_and_restarts_are_spans() {
 
 #[tokio::test]
 async fn the_last_spans_are_sent_at_exit() {
-    let (mut collector, endpoint) = Collector::start().await;
-    let mut daemon = Daemon::start_with_env(
-        &[],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            // Nothing would be sent for ten minutes but for the flush at exit.
-            ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
-        ],
-    )
-    .await;
+    let mut collector = Collector::start().await;
+    // Nothing would be sent for ten minutes but for the flush at exit.
+    let mut daemon = collector.daemon(&[], "600000").await;
     let mut client = daemon.client().await;
     let missing = client
         .status(pb::StatusRequest {
