@@ -93,6 +93,15 @@ impl Collector {
         }
     }
 
+    /// The span of the first call of `method` (of agentd.v1.AgentSupervisor) in `trace`.
+    async fn call(&mut self, method: &str, trace: &str) -> Value {
+        let name = format!("agentd.v1.AgentSupervisor/{method}");
+        self.span(method, |span| {
+            span["name"] == name && span["trace_id"] == trace
+        })
+        .await
+    }
+
     /// The span named `name` whose parent is `parent` (a span id), in trace `trace`.
     async fn child(&mut self, name: &str, trace: &Value, parent: &Value) -> Value {
         let what = format!("{name} under {parent}");
@@ -133,11 +142,7 @@ async fn spans_continue_the_callers_trace_and_reach_the_agent() {
     wait_for_state(&mut client, "traced", pb::AgentState::Completed).await;
 
     // The Spawn span, in the caller's trace, with its method, status and agent.
-    let spawn = collector
-        .span("Spawn", |span| {
-            span["name"] == "agentd.v1.AgentSupervisor/Spawn"
-        })
-        .await;
+    let spawn = collector.call("Spawn", TRACE).await;
     assert_eq!(spawn["trace_id"], TRACE, "{spawn}");
     assert_eq!(spawn["parent_span_id"], CALLER_SPAN, "{spawn}");
     assert_eq!(spawn["attributes"]["rpc.grpc.status_code"], 0, "{spawn}");
@@ -235,11 +240,7 @@ async fn a_stop_ladder_and_restarts_are_spans() {
         .cleanup(traced(cleanup, STOP_TRACE))
         .await
         .expect("cleanup");
-    let call = collector
-        .span("Cleanup", |span| {
-            span["name"] == "agentd.v1.AgentSupervisor/Cleanup"
-        })
-        .await;
+    let call = collector.call("Cleanup", STOP_TRACE).await;
     assert_eq!(call["attributes"]["agent.id"], "stubborn", "{call}");
     let ladder = collector
         .child("agentd.stop", &call["trace_id"], &call["span_id"])
@@ -259,11 +260,7 @@ async fn a_stop_ladder_and_restarts_are_spans() {
 
     let stream_closed = std::time::SystemTime::now();
     drop(events);
-    let watch = collector
-        .span("WatchAgents", |span| {
-            span["name"] == "agentd.v1.AgentSupervisor/WatchAgents"
-        })
-        .await;
+    let watch = collector.call("WatchAgents", WATCH_TRACE).await;
     let closed_ns = stream_closed
         .duration_since(std::time::UNIX_EPOCH)
         .expect("after 1970")
@@ -317,11 +314,7 @@ async fn a_stop_ladder_and_restarts_are_spans() {
         .restart(traced(restart, RESTART_TRACE))
         .await
         .expect("restart");
-    let call = collector
-        .span("Restart", |span| {
-            span["name"] == "agentd.v1.AgentSupervisor/Restart"
-        })
-        .await;
+    let call = collector.call("Restart", RESTART_TRACE).await;
     assert_eq!(call["attributes"]["agent.id"], "again", "{call}");
     let (trace, id) = (&call["trace_id"], &call["span_id"]);
     let ladder = collector.child("agentd.stop", trace, id).await;
@@ -343,14 +336,16 @@ async fn a_stop_ladder_and_restarts_are_spans() {
 
 #[tokio::test]
 async fn the_last_spans_are_sent_at_exit() {
+    const EXIT_TRACE: &str = "6e7f8091a2b3c4d5e6f708192a3b4c5d";
     let mut collector = Collector::start().await;
     // Nothing would be sent for ten minutes but for the flush at exit.
     let mut daemon = collector.daemon(&[], "600000").await;
     let mut client = daemon.client().await;
+    let request = pb::StatusRequest {
+        agent_id: "nobody".into(),
+    };
     let missing = client
-        .status(pb::StatusRequest {
-            agent_id: "nobody".into(),
-        })
+        .status(traced(request, EXIT_TRACE))
         .await
         .expect_err("no such agent");
     assert_eq!(missing.code(), tonic::Code::NotFound);
@@ -361,11 +356,7 @@ async fn the_last_spans_are_sent_at_exit() {
         .await
         .expect("waiting for agentd");
     assert!(exited.success());
-    let status = collector
-        .span("Status", |span| {
-            span["name"] == "agentd.v1.AgentSupervisor/Status"
-        })
-        .await;
+    let status = collector.call("Status", EXIT_TRACE).await;
     assert_eq!(status["attributes"]["rpc.grpc.status_code"], 5, "{status}");
     assert_eq!(status["attributes"]["agent.id"], "nobody", "{status}");
 }
