@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Timestamp: ours writes "Z" for UTC as the mapping asks (pbjson-types writes "+00:00").
     tonic_prost_build::configure()
         .compile_well_known_types(true)
+        // A request that does not decode is INVALID_ARGUMENT, not prost's INTERNAL.
+        .codec_path("crate::Codec")
         .extern_path(".google.protobuf.Timestamp", "crate::Timestamp")
         .extern_path(".google.protobuf", "::pbjson_types")
         .compile_fds(descriptors)?;

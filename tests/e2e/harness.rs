@@ -93,7 +93,11 @@ impl Daemon {
     ) -> Daemon {
         use std::os::unix::process::CommandExt;
         let data_dir = dir.path().join("data");
-        let socket = dir.path().join("agentd.sock");
+        let chosen = |flag: &str| {
+            let at = options.iter().position(|option| *option == flag)?;
+            options.get(at + 1).map(PathBuf::from)
+        };
+        let socket = chosen("--socket").unwrap_or_else(|| dir.path().join("agentd.sock"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -106,8 +110,10 @@ impl Daemon {
         let mut child = command
             .arg("--data-dir")
             .arg(&data_dir)
-            .arg("--socket")
-            .arg(&socket)
+            .args(match options.contains(&"--socket") {
+                true => vec![],
+                false => vec!["--socket".as_ref(), socket.as_os_str()],
+            })
             .args(["--log-level", "info"])
             .args(match options.contains(&"--sample-interval") {
                 true => &[][..],

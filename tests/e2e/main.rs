@@ -8,6 +8,7 @@
 
 mod harness;
 
+mod agent_attacks;
 mod agentctl;
 mod clients;
 mod containment;

@@ -24,6 +24,12 @@ pub struct SupervisorConfig {
     pub finished_retention: FinishedRetention,
     /// Whether agents get cgroups, and where.
     pub cgroups: CgroupSetting,
+    /// Variables of agentd's environment passed on to every agent, beyond `PATH`, the
+    /// locale and `TZ` (agents never get the rest of it).
+    pub pass_env: Vec<String>,
+    /// The users (names or uids) agents may run as. Empty: any user but root; root, uid 0
+    /// or group 0 only when listed here.
+    pub allow_users: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +89,8 @@ impl SupervisorConfig {
             log_rotation: LogRotation::default(),
             finished_retention: FinishedRetention::default(),
             cgroups: CgroupSetting::default(),
+            pass_env: Vec::new(),
+            allow_users: Vec::new(),
         }
     }
 }

@@ -55,6 +55,13 @@ pub enum Error {
     },
     #[error("agent `{id}` cannot be restarted now: {why}")]
     CannotRestart { id: String, why: String },
+    /// The spawn names a user this daemon's policy (`--allow-users`) does not allow.
+    #[error("agent `{id}` may not run as user `{user}`: {why}")]
+    UserNotAllowed {
+        id: String,
+        user: String,
+        why: String,
+    },
     #[error("agent `{id}` already exists")]
     AlreadyExists { id: String },
     /// The working directory the spawn named is missing or not a directory.

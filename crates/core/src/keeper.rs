@@ -161,6 +161,7 @@ impl KeeperClient {
                     UnixStream::connect(&socket)?
                 }
             };
+            same_user(&stream)?;
             stream.set_read_timeout(Some(ANSWER_WITHIN))?;
             let client = KeeperClient {
                 control: Mutex::new(Some(BufReader::new(stream))),
@@ -222,6 +223,7 @@ impl KeeperClient {
     fn watch(&self) -> io::Result<(ExitStream, AckSink)> {
         use std::io::Read;
         let mut stream = UnixStream::connect(&self.socket)?;
+        same_user(&stream)?;
         let mut line = serde_json::to_vec(&Request::Watch).map_err(io::Error::other)?;
         line.push(b'\n');
         stream.write_all(&line)?;
@@ -312,7 +314,17 @@ fn unexpected(reply: &Reply) -> io::Error {
 
 /// Binds the socket and starts the keeper on it.
 fn start(data_dir: &Path, socket: &Path, program: &Path) -> io::Result<()> {
-    let _ = std::fs::remove_file(socket);
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(socket) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(socket)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("`{}` is not a socket: remove it", socket.display()),
+            ));
+        }
+        Err(_) => {}
+    }
     let listener = std::os::unix::net::UnixListener::bind(socket)?;
     {
         use std::os::unix::fs::PermissionsExt;
@@ -393,6 +405,9 @@ async fn serve(data_dir: &Path) -> io::Result<()> {
     // SAFETY: agentd put the bound listening socket on descriptor 3 for us, and nothing else
     // in this process owns it.
     let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(3) };
+    // Nothing of the keeper's reaches an agent: the listener, and any descriptor agentd was
+    // itself started with, close on exec (agents start with 0, 1 and 2 only).
+    close_on_exec_from(3)?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
     let socket = data_dir.join(SOCKET);
@@ -406,6 +421,10 @@ async fn serve(data_dir: &Path) -> io::Result<()> {
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _) = accepted?;
+                if let Err(refused) = same_user(&stream) {
+                    eprintln!("agentd keeper: {refused}");
+                    continue;
+                }
                 lock(&kept).connections += 1;
                 let (kept, closed) = (kept.clone(), closed_tx.clone());
                 tokio::spawn(async move {
@@ -434,6 +453,57 @@ async fn serve(data_dir: &Path) -> io::Result<()> {
             }
         }
     }
+}
+
+/// Marks every descriptor from `first` on close-on-exec (`close_range`, Linux 5.11; before
+/// that, one `fcntl` per possible descriptor).
+fn close_on_exec_from(first: u32) -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: plain integers; the kernel only sets a flag on descriptors of this process.
+    let marked = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if marked == 0 {
+        return Ok(());
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a pointer to a live rlimit.
+    let open_max = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 => limit.rlim_cur.min(1 << 20) as i32,
+        _ => 1024,
+    };
+    for fd in first as i32..open_max {
+        // SAFETY: plain integers; EBADF for a descriptor that is not open is expected.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok(())
+}
+
+/// Only processes of one user talk over the keeper's socket, both ways: the socket's mode
+/// and its folder's say so too, but a descriptor can be passed on and a mode changed.
+fn same_user(stream: &impl std::os::fd::AsFd) -> io::Result<()> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let peer = getsockopt(stream, PeerCredentials)?;
+    let own = nix::unistd::geteuid().as_raw();
+    if peer.uid() != own {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "refused a peer with uid {} (pid {}) on the keeper's socket: only uid {own} may use it",
+                peer.uid(),
+                peer.pid()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Reaps every exited child; agents' exits are kept, orphans are dropped.

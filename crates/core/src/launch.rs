@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -67,6 +67,8 @@ struct ChildSetup {
     nice: Option<i32>,
     cpus: Option<libc::cpu_set_t>,
     run_as: Option<(u32, u32, Vec<libc::gid_t>)>,
+    /// agentd runs as root, so it can empty the bounding set of an agent with a user.
+    privileged: bool,
 }
 
 impl ChildSetup {
@@ -108,6 +110,7 @@ impl ChildSetup {
                 .run_as
                 .as_ref()
                 .map(|run_as| (run_as.uid, run_as.gid, run_as.groups.clone())),
+            privileged: nix::unistd::geteuid().is_root(),
         }
     }
 
@@ -138,9 +141,79 @@ impl ChildSetup {
             // then the group, then the user (after which nothing else could be changed).
             check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
             check(unsafe { libc::setgid(*gid) })?;
+            if self.privileged {
+                drop_bounding_set()?;
+            }
             check(unsafe { libc::setuid(*uid) })?;
+            drop_capabilities()?;
         }
         Ok(())
+    }
+}
+
+/// Empties the capability bounding set, so nothing the agent runs can gain a capability
+/// (not even a program run as uid 0). Needs CAP_SETPCAP: before `setuid`.
+fn drop_bounding_set() -> io::Result<()> {
+    for capability in 0..64 {
+        // SAFETY: plain integers.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, capability, 0, 0, 0) } < 0 {
+            let error = io::Error::last_os_error();
+            // EINVAL: past the last capability this kernel knows.
+            if error.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// No capability in any set, and none to be gained through `execve` (`no_new_privs`: setuid
+/// and file capabilities no longer raise anything).
+fn drop_capabilities() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let none = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    let check = |result: libc::c_long| {
+        if result < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: plain integers, and pointers to a live header and its two data words.
+    unsafe {
+        check(
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            )
+            .into(),
+        )?;
+        check(libc::syscall(libc::SYS_capset, &header, none.as_ptr()))?;
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())
     }
 }
 
@@ -318,8 +391,10 @@ fn clone_into(launch: &Launch<'_>, cgroup: &Path, setup: ChildSetup) -> io::Resu
         launch.stdout.as_raw_fd(),
         launch.stderr.as_raw_fd(),
     ];
+    let mut pidfd: i32 = -1;
     let args = CloneArgs {
-        flags: CLONE_INTO_CGROUP,
+        flags: CLONE_INTO_CGROUP | libc::CLONE_PIDFD as u64,
+        pidfd: &mut pidfd as *mut i32 as u64,
         exit_signal: libc::SIGCHLD as u64,
         cgroup: dir.as_raw_fd() as u64,
         ..CloneArgs::default()
@@ -355,6 +430,8 @@ fn clone_into(launch: &Launch<'_>, cgroup: &Path, setup: ChildSetup) -> io::Resu
         }
     }
     drop(report_write);
+    // SAFETY: clone3 filled in a descriptor of ours for the child.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) };
     let pid = i32::try_from(pid)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "pid out of range"))?;
     // The write end closes on a successful exec; an errno comes first if anything failed
@@ -362,7 +439,17 @@ fn clone_into(launch: &Launch<'_>, cgroup: &Path, setup: ChildSetup) -> io::Resu
     let mut errno = [0u8; 4];
     match nix::unistd::read(&report_read, &mut errno) {
         Ok(0) => Ok(Some(pid)),
-        Ok(_) => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno))),
+        Ok(_) => {
+            // Answer once the child is gone, so its cgroup is empty and can be removed.
+            let mut exited = libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one live pollfd; it waits at most a second for an exit already under way.
+            unsafe { libc::poll(&mut exited, 1, 1000) };
+            Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+        }
         Err(error) => Err(error.into()),
     }
 }

@@ -412,7 +412,11 @@ pub(crate) fn check_id(field: &'static str, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// A short text that travels to the agent's environment: bounded, and without NUL.
 fn check_len(field: &'static str, value: &str, max: usize) -> Result<()> {
+    if value.contains('\0') {
+        return invalid(field, "contains a NUL byte");
+    }
     if value.len() > max {
         return invalid(
             field,

@@ -28,7 +28,7 @@ use crate::cgroup;
 use crate::config::{FinishedRetention, Limits, ShutdownPolicy, SupervisorConfig};
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventKind};
-use crate::files::AgentFiles;
+use crate::files::{AgentFiles, BaseEnv};
 use crate::handle::{AgentHistory, Command, ReapReport, StopTarget, SupervisorHandle};
 use crate::health::{HealthPolicy, ProgressReport};
 use crate::history::{History, HistoryPoint};
@@ -39,7 +39,7 @@ use crate::os::{self, Os};
 use crate::recorder::Recorder;
 use crate::recover::{self, ExitWatch, KeeperState};
 use crate::sampler::{self, SampleBatch, TreeSample};
-use crate::spec::{SpawnRequest, check_id};
+use crate::spec::{RunAs, SpawnRequest, check_id};
 use crate::stop::{StopOptions, StopOutcome, StopReason, StopReport};
 use crate::store::Store;
 use crate::table::AgentTable;
@@ -65,11 +65,15 @@ impl Supervisor {
             })?;
         let agents_dir = config.data_dir.join("agents");
         let trash_dir = config.data_dir.join("trash");
+        check_owned_dir(&config.data_dir, "data folder")?;
         create_private_dir(&agents_dir)?;
+        check_owned_dir(&agents_dir, "agents' folder")?;
         // Folders of removed agents that an earlier daemon did not finish deleting.
+        check_owned_dir(&trash_dir, "trash folder")?;
         let _ = std::fs::remove_dir_all(&trash_dir);
         create_private_dir(&trash_dir)?;
         let store_dir = config.data_dir.join("store");
+        check_owned_dir(&store_dir, "store folder")?;
         let store = Store::open(&store_dir)?;
         {
             use std::os::unix::fs::PermissionsExt;
@@ -146,6 +150,8 @@ impl Supervisor {
             shutting_down: false,
             ids_generated: 0,
             limits: config.limits,
+            base_env: BaseEnv::from_daemon(&config.pass_env),
+            allow_users: config.allow_users.clone(),
             finished_retention: config.finished_retention,
             commands: commands_tx.downgrade(),
             groups_watched: HashSet::new(),
@@ -211,6 +217,76 @@ impl Supervisor {
     }
 }
 
+/// An agent may run as root (uid or group 0) only when `allowed` names it, and as anyone
+/// else unless `allowed` is a list that leaves them out.
+fn check_user_allowed(agent_id: &str, run_as: &RunAs, allowed: &[String]) -> Result<()> {
+    let listed = allowed
+        .iter()
+        .any(|entry| *entry == run_as.user || entry.parse() == Ok(run_as.uid));
+    let refused = |why: String| {
+        Err(Error::UserNotAllowed {
+            id: agent_id.to_string(),
+            user: run_as.user.clone(),
+            why,
+        })
+    };
+    if listed {
+        Ok(())
+    } else if run_as.uid == 0 || run_as.gid == 0 || run_as.groups.contains(&0) {
+        refused(format!(
+            "uid {} and group {} are root's, which agentd grants only to users listed in \
+             --allow-users",
+            run_as.uid, run_as.gid
+        ))
+    } else if !allowed.is_empty() {
+        refused(format!("--allow-users lists only {}", allowed.join(", ")))
+    } else {
+        Ok(())
+    }
+}
+
+/// agentd (often root) writes into its data folder: one that another user owns, or that
+/// others may write, could have a symbolic link put in place of `agents/` or the store and
+/// turn those writes against any file on the host. Refused, before anything is written.
+fn check_owned_dir(path: &Path, what: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(Error::Setup {
+                what: format!("checking the {what} `{}`", path.display()),
+                source,
+            });
+        }
+    };
+    let own = nix::unistd::geteuid().as_raw();
+    let problem = if !meta.is_dir() {
+        Some("it is not a folder (a symbolic link or a file stands there)".to_string())
+    } else if meta.uid() != own {
+        Some(format!(
+            "it belongs to uid {}, not to the user agentd runs as (uid {own}): chown it, or give \
+             agentd a folder of its own",
+            meta.uid()
+        ))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "its group or others may write to it (mode {:o}): `chmod go-w {}`",
+            meta.mode() & 0o7777,
+            path.display()
+        ))
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(problem) => Err(Error::Setup {
+            what: format!("refusing the {what} `{}`", path.display()),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, problem),
+        }),
+    }
+}
+
 fn create_private_dir(path: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -248,6 +324,10 @@ pub(crate) struct SupervisorTask {
     shutting_down: bool,
     ids_generated: u64,
     limits: Limits,
+    /// The environment every agent starts from.
+    base_env: BaseEnv,
+    /// `SupervisorConfig::allow_users`.
+    allow_users: Vec<String>,
     finished_retention: FinishedRetention,
     /// Our own command queue, for work that runs as separate tasks (cascading stops, group
     /// checks); weak, so the task still ends when every real handle is gone.
@@ -602,7 +682,7 @@ impl SupervisorTask {
         let _entered = span.enter();
         let launched = {
             let _exec = exec_span(agent_id);
-            AgentFiles::reopen(&record.agent_dir).launch(record, self.os.as_ref())
+            AgentFiles::reopen(&record.agent_dir).launch(record, &self.base_env, self.os.as_ref())
         };
         // A failed restart is the machine's to handle; nobody waits for the error.
         let error = self
@@ -683,6 +763,9 @@ impl SupervisorTask {
         }
         let (spec, prompt) = request.validate()?;
         self.os.check_spec(&spec)?;
+        if let Some(run_as) = &spec.run_as {
+            check_user_allowed(&spec.agent_id, run_as, &self.allow_users)?;
+        }
         // An id whose earlier spawn never started a process may be tried again.
         if self
             .table
@@ -710,7 +793,7 @@ impl SupervisorTask {
         self.store.put(machine.record())?;
         let launched = {
             let _exec = exec_span(&agent_id);
-            files.launch(machine.record(), self.os.as_ref())
+            files.launch(machine.record(), &self.base_env, self.os.as_ref())
         };
         self.table.insert(machine);
         self.spawns = (

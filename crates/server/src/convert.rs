@@ -29,6 +29,7 @@ pub fn error_status(error: Error) -> Status {
         | Error::Unsupported { .. } => Code::FailedPrecondition,
         Error::TooManyAgents { .. } | Error::OverCapacity { .. } => Code::ResourceExhausted,
         Error::AlreadyExists { .. } => Code::AlreadyExists,
+        Error::UserNotAllowed { .. } => Code::PermissionDenied,
         Error::WorkingDir { .. } => Code::FailedPrecondition,
         Error::Spawn { source, .. } => match source.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput => {

@@ -28,7 +28,6 @@ use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::{Grpc, NamedService, ServerStreamingService};
 use tonic::{Code, Status};
-use tonic_prost::ProstCodec;
 
 use crate::convert;
 use crate::metrics::{Metrics, WatcherEnd};
@@ -319,7 +318,7 @@ impl ServerStreamingService<pb::WatchAgentsRequest> for EncodedWatch {
 /// Decodes the request as prost does; encodes an event by copying its cached encoding.
 struct EncodedEventCodec;
 
-type RequestCodec = ProstCodec<pb::AgentEvent, pb::WatchAgentsRequest>;
+type RequestCodec = agentd_proto::Codec<pb::AgentEvent, pb::WatchAgentsRequest>;
 
 impl Codec for EncodedEventCodec {
     type Encode = Arc<Event>;

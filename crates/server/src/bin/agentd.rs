@@ -122,6 +122,19 @@ struct Options {
     /// ...and once they ended longer ago than this (7d = 168h)
     #[arg(long, env = "AGENTD_RETAIN_FINISHED_AGE", default_value = "168h", value_parser = settings::parse_duration)]
     retain_finished_age: Duration,
+    /// A variable of agentd's environment to pass on to every agent (repeatable, or a comma
+    /// list). Agents get only PATH, the locale (LANG, LANGUAGE, LC_ALL, LC_CTYPE), TZ, HOME,
+    /// USER, LOGNAME and SHELL of the user they run as, the spawn's own `env`, and these
+    #[arg(long = "pass-env", env = "AGENTD_PASS_ENV", value_delimiter = ',')]
+    pass_env: Vec<String>,
+    /// The users (names or uids) a spawn's `user` may name (repeatable, or a comma list).
+    /// Unset: any user but root; root, uid 0 or group 0 only when listed here
+    #[arg(
+        long = "allow-users",
+        env = "AGENTD_ALLOW_USERS",
+        value_delimiter = ','
+    )]
+    allow_users: Vec<String>,
     /// `auto`: each agent gets its own cgroup where the host allows (stops reach every
     /// descendant, limits, freezing); `off`: process groups and setrlimit only
     #[arg(long, env = "AGENTD_CGROUPS", default_value = "auto", value_parser = ["auto", "off"])]
@@ -256,6 +269,8 @@ async fn serve(options: Options) -> anyhow::Result<()> {
         off: options.cgroups == "off",
         root: options.cgroup_root,
     };
+    config.pass_env = options.pass_env;
+    config.allow_users = options.allow_users;
     let metrics = Arc::new(Metrics::new(PerAgent {
         enabled: options.metrics_per_agent,
         labels: options.metrics_agent_labels,
@@ -267,6 +282,7 @@ async fn serve(options: Options) -> anyhow::Result<()> {
     let mut listeners = vec![Listener::Unix(bind_unix(
         &socket,
         options.socket_group.as_deref(),
+        &data_dir,
     )?)];
     let mut serving = format!("unix://{}", socket.display());
     let scheme = if security.tls.is_some() {
@@ -321,7 +337,7 @@ async fn serve(options: Options) -> anyhow::Result<()> {
         notify::notify("STOPPING=1");
     };
     let result = agentd_server::run(listeners, supervisor, serve, metrics, shutdown).await;
-    let _ = std::fs::remove_file(&socket);
+    remove_socket(&socket);
     result?;
     tracing::info!("stopped");
     Ok(())
@@ -424,19 +440,54 @@ fn reload_on_hangup(security: &Security) -> anyhow::Result<()> {
 }
 
 /// Binds the Unix socket with mode 0600 (0660 and the group, with `--socket-group`),
-/// replacing a stale socket but never a live one.
-fn bind_unix(path: &Path, group: Option<&str>) -> anyhow::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if path.exists() {
+/// replacing a stale socket but never a live one, and never anything that is not a socket.
+/// Its folder must be agentd's user's (or root's) and closed to writes by others, who could
+/// otherwise move the socket away and put their own in its place.
+fn bind_unix(
+    path: &Path,
+    group: Option<&str>,
+    data_dir: &Path,
+) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "`{}` exists and is not a socket: agentd does not replace it; remove it yourself \
+                 or give --socket another path",
+                path.display()
+            );
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!("another agentd is already serving on `{}`", path.display());
         }
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale socket `{}`", path.display()))?;
     }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating `{}`", parent.display()))?;
+    let parent = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating `{}`", parent.display()))?;
+    let folder = std::fs::metadata(parent)
+        .with_context(|| format!("checking the socket's folder `{}`", parent.display()))?;
+    let own = nix::unistd::geteuid().as_raw();
+    if folder.uid() != own && folder.uid() != 0 {
+        bail!(
+            "the socket's folder `{}` belongs to uid {}: its owner could replace agentd's socket; \
+             give --socket a folder of agentd's user (uid {own}) or root's",
+            parent.display(),
+            folder.uid()
+        );
+    }
+    if folder.mode() & 0o022 != 0 {
+        bail!(
+            "the socket's folder `{}` may be written by its group or others (mode {:o}): they \
+             could move agentd's socket away and put their own in its place; give --socket a \
+             private folder, or `chmod go-w {}`",
+            parent.display(),
+            folder.mode() & 0o7777,
+            parent.display()
+        );
     }
     let listener = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("binding socket `{}`", path.display()))?;
@@ -448,12 +499,28 @@ fn bind_unix(path: &Path, group: Option<&str>) -> anyhow::Result<tokio::net::Uni
                 .with_context(|| format!("--socket-group `{name}`: no such group"))?;
             nix::unistd::chown(path, None, Some(group.gid))
                 .with_context(|| format!("giving socket `{}` to group `{name}`", path.display()))?;
+            // The data folder is private: the group must be able to pass through it (not
+            // list it) to reach the socket.
+            if std::fs::canonicalize(parent).ok() == std::fs::canonicalize(data_dir).ok() {
+                std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))
+                    .with_context(|| {
+                        format!("letting group `{name}` reach `{}`", path.display())
+                    })?;
+            }
             0o660
         }
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of socket `{}`", path.display()))?;
     Ok(listener)
+}
+
+/// Removes the socket at shutdown, if a socket still stands there.
+fn remove_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Completes on the first SIGTERM or SIGINT.

@@ -7,7 +7,7 @@ use agentd_proto::v1 as pb;
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::Client;
+use crate::{Client, one_line};
 
 /// Every field of AgentStatus, by its proto name, in the group it is shown in. A field the
 /// proto gains and this list lacks is still shown, under "other".
@@ -150,14 +150,14 @@ pub async fn describe(client: &mut Client, agent_id: String, json: bool) -> anyh
         for name in *names {
             shown.insert(camel_case(name));
             let value = value_text(fields.get(&camel_case(name)), now);
-            println!("  {name:<18} {value}");
+            println!("  {name:<18} {}", one_line(&value));
         }
         match *group {
             "Lifecycle" => print_history(&history, now),
             "Output" => {
                 println!("  files:");
                 for file in FILES {
-                    println!("    {}/{file}", status.agent_dir);
+                    println!("    {}/{file}", one_line(&status.agent_dir));
                 }
             }
             _ => {}
@@ -167,13 +167,16 @@ pub async fn describe(client: &mut Client, agent_id: String, json: bool) -> anyh
     if !other.is_empty() {
         println!("Other:");
         for key in other {
-            println!("  {key:<18} {}", value_text(fields.get(key), now));
+            println!(
+                "  {key:<18} {}",
+                one_line(&value_text(fields.get(key), now))
+            );
         }
     }
     for (name, tail) in ["stdout", "stderr"].iter().zip(&tails) {
         println!("Last {TAIL} lines of {name}:");
         for line in tail.lines() {
-            println!("  {line}");
+            println!("  {}", one_line(line));
         }
     }
     println!("Children:");
@@ -194,7 +197,7 @@ fn print_history(history: &Result<Vec<pb::AgentEvent>, tonic::Status>, now: Syst
     let events = match history {
         Ok(events) if events.is_empty() => return println!("    -"),
         Ok(events) => events,
-        Err(error) => return println!("    - ({})", error.message()),
+        Err(error) => return println!("    - ({})", one_line(error.message())),
     };
     for event in events {
         let time = event
@@ -207,7 +210,8 @@ fn print_history(history: &Result<Vec<pb::AgentEvent>, tonic::Status>, now: Syst
             .unwrap_or("UNKNOWN");
         println!(
             "    #{:<8} {time:<12} {kind:<10} {}",
-            event.sequence, event.message
+            event.sequence,
+            one_line(&event.message)
         );
     }
 }

@@ -297,8 +297,12 @@ async fn main() -> std::process::ExitCode {
         Ok(status) => std::process::ExitCode::from(status),
         Err(error) => {
             match error.downcast_ref::<tonic::Status>() {
-                Some(status) => eprintln!("agentctl: {} ({:?})", status.message(), status.code()),
-                None => eprintln!("agentctl: {error:#}"),
+                Some(status) => eprintln!(
+                    "agentctl: {} ({:?})",
+                    one_line(status.message()),
+                    status.code()
+                ),
+                None => eprintln!("agentctl: {}", one_line(&format!("{error:#}"))),
             }
             std::process::ExitCode::FAILURE
         }
@@ -337,7 +341,11 @@ async fn run(options: Options) -> anyhow::Result<u8> {
             for status in &statuses {
                 match json {
                     true => print_json(status, false),
-                    false => println!("{}: {}", status.agent_id, ending::how_it_ended(status)),
+                    false => println!(
+                        "{}: {}",
+                        status.agent_id,
+                        one_line(&ending::how_it_ended(status))
+                    ),
                 }
             }
             return Ok(ending::first_failure(&statuses));
@@ -782,18 +790,21 @@ fn print_json(message: &impl serde::Serialize, pretty: bool) {
     }
 }
 
-/// One line per row, whatever the cells hold: control characters (a `python3 -c` script's
-/// newlines) are written as escapes, and a line wider than the terminal (or `COLUMNS`) has
+/// Text an agent or the daemon chose, made safe for a terminal: control characters (a
+/// script's newlines, an escape sequence planted in a name or a log) written as escapes, so
+/// nothing an agent writes can move the cursor, retitle the window or fake a line.
+pub fn one_line(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| match c.is_control() {
+            true => c.escape_default().collect::<Vec<_>>(),
+            false => vec![c],
+        })
+        .collect()
+}
+
+/// One line per row, whatever the cells hold (see [`one_line`]), and a line wider than the terminal (or `COLUMNS`) has
 /// its last column cut with `…`.
 fn print_table(header: &[&str], rows: &[Vec<String>]) {
-    let one_line = |cell: &str| -> String {
-        cell.chars()
-            .flat_map(|c| match c.is_control() {
-                true => c.escape_default().collect::<Vec<_>>(),
-                false => vec![c],
-            })
-            .collect()
-    };
     let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| h.to_string()).collect())
         .chain(
             rows.iter()
@@ -937,6 +948,6 @@ fn print_event(event: &pb::AgentEvent) {
         status.cpu_percent,
         status.memory_mb,
         exit_text(status.exit_code, status.exit_signal),
-        event.message
+        one_line(&event.message)
     );
 }

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::Code;
 
-use crate::{Client, exit_text, health_name, state_name};
+use crate::{Client, exit_text, health_name, one_line, state_name};
 
 /// Lines of the selected agent's output kept.
 const OUTPUT_LINES: usize = 500;
@@ -662,16 +662,6 @@ fn progress_bar(progress: f64) -> String {
         "░".repeat(10 - filled),
         progress
     )
-}
-
-/// Control characters (a script's newlines) as escapes: one row stays one line.
-fn one_line(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| match c.is_control() {
-            true => c.escape_default().collect::<Vec<_>>(),
-            false => vec![c],
-        })
-        .collect()
 }
 
 /// Every event, from a snapshot on; after a broken stream, from the last sequence seen (a
