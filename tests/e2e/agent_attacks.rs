@@ -44,8 +44,15 @@ async fn a_nobody_agent_gets_three_descriptors_a_clean_environment_and_no_privil
     if !root() {
         return;
     }
+    // Started by clone3 into a cgroup, and by std's fork and exec without one.
+    for cgroups in ["auto", "off"] {
+        nobody_agent_gets_nothing_of_the_daemon(cgroups).await;
+    }
+}
+
+async fn nobody_agent_gets_nothing_of_the_daemon(cgroups: &str) {
     let daemon = Daemon::start_with_env(
-        &["--pass-env", "AGENTD_TEST_PASSED"],
+        &["--pass-env", "AGENTD_TEST_PASSED", "--cgroups", cgroups],
         &[
             ("AGENTD_TEST_SECRET", "s3cret-of-the-daemon"),
             (
