@@ -11,6 +11,7 @@ mod harness;
 mod agentctl;
 mod clients;
 mod containment;
+mod damaged_store;
 mod dashboard;
 mod fleet;
 mod health;

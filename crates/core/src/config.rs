@@ -24,6 +24,17 @@ pub struct SupervisorConfig {
     pub finished_retention: FinishedRetention,
     /// Whether agents get cgroups, and where.
     pub cgroups: CgroupSetting,
+    /// What to do with a store that cannot be trusted; `None` refuses to start.
+    pub recover_store: Option<StoreRecovery>,
+}
+
+/// How to start on a store that cannot be trusted (unreadable, empty while agents exist,
+/// rolled back). Acts only on such a store: a trusted one is used as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreRecovery {
+    /// Move the store aside and rebuild each agent's record from its folder's spec and the
+    /// keeper, adopting the agents that run.
+    Rebuild,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +94,7 @@ impl SupervisorConfig {
             log_rotation: LogRotation::default(),
             finished_retention: FinishedRetention::default(),
             cgroups: CgroupSetting::default(),
+            recover_store: None,
         }
     }
 }

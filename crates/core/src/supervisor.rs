@@ -10,7 +10,7 @@
 //! reaps children (see `os` and `keeper`).
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
@@ -25,25 +25,27 @@ use tracing::Instrument;
 
 use crate::agent::{AgentRecord, AgentState, AgentStatus, Exit};
 use crate::cgroup;
-use crate::config::{FinishedRetention, Limits, ShutdownPolicy, SupervisorConfig};
+use crate::config::{FinishedRetention, Limits, ShutdownPolicy, StoreRecovery, SupervisorConfig};
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventKind};
 use crate::files::AgentFiles;
 use crate::handle::{AgentHistory, Command, ReapReport, StopTarget, SupervisorHandle};
 use crate::health::{HealthPolicy, ProgressReport};
 use crate::history::{History, HistoryPoint};
-use crate::keeper::{AckSink, ExitStream, KeeperClient};
+use crate::keeper::{AckSink, ExitStream, KeeperClient, KeptChild, KeptExit};
 use crate::lifecycle::ParentExit;
 use crate::machine::{AgentMachine, Effect, Launched, Now};
 use crate::os::{self, Os};
+use crate::rebuild::{self, Rebuilt};
 use crate::recorder::Recorder;
 use crate::recover::{self, ExitWatch, KeeperState};
 use crate::sampler::{self, SampleBatch, TreeSample};
 use crate::spec::{SpawnRequest, check_id};
 use crate::stop::{StopOptions, StopOutcome, StopReason, StopReport};
-use crate::store::Store;
+use crate::store::{Store, StoreHistory};
 use crate::table::AgentTable;
 use crate::trace::{self, Traces};
+use crate::trust;
 
 pub struct Supervisor;
 
@@ -69,19 +71,35 @@ impl Supervisor {
         // Folders of removed agents that an earlier daemon did not finish deleting.
         let _ = std::fs::remove_dir_all(&trash_dir);
         create_private_dir(&trash_dir)?;
+        let specs_dir = config.data_dir.join(rebuild::SPECS);
+        create_private_dir(&specs_dir)?;
         let store_dir = config.data_dir.join("store");
-        let store = Store::open(&store_dir)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // Private even when the data folder is opened for agents of other users.
-            std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o700)).map_err(
-                |source| Error::Setup {
-                    what: format!("making `{}` private", store_dir.display()),
-                    source,
-                },
-            )?;
-        }
-        store.start_background_flush();
+        let rebuilding = config.recover_store == Some(StoreRecovery::Rebuild);
+        // A store sled cannot read is judged with the rest below (the keeper is reached only
+        // once the store's lock says no other daemon runs here), unless it is to be rebuilt.
+        let opened = match Store::open(&store_dir) {
+            Err(Error::StoreUnreadable { problem, .. }) if rebuilding => Err(problem),
+            Err(Error::StoreUnreadable { path, problem }) => {
+                let marked = os::marked_leaders(&agents_dir);
+                let evidence = trust::Evidence {
+                    records: &[],
+                    history: StoreHistory::default(),
+                    stamp: Store::stamped_generation(&path),
+                    folders: trust::agent_folders(&agents_dir),
+                    running: marked
+                        .iter()
+                        .map(|leader| (leader.agent_id.clone(), 0.0))
+                        .collect(),
+                    exited: Default::default(),
+                };
+                let reasons = [format!("sled cannot read it ({problem})")];
+                let findings = trust::findings(&path, &reasons, &evidence);
+                return Err(Error::StoreDistrusted {
+                    report: trust::refusal(&path, &findings),
+                });
+            }
+            other => Ok(other?),
+        };
         os::become_subreaper().map_err(|source| Error::Setup {
             what: "becoming a child subreaper".into(),
             source,
@@ -119,6 +137,24 @@ impl Supervisor {
             cgroup::Detected::None(_) => None,
         };
         let system = Arc::new(os::System::new(keeper, detected));
+        let (store, records, rebuilt) = trusted_store(
+            opened,
+            rebuilding,
+            (&store_dir, &specs_dir, &agents_dir),
+            system.as_ref(),
+            (&children, &exits),
+        )?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Private even when the data folder is opened for agents of other users.
+            std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o700)).map_err(
+                |source| Error::Setup {
+                    what: format!("making `{}` private", store_dir.display()),
+                    source,
+                },
+            )?;
+        }
+        store.start_background_flush();
         let cgroup_watch = os::ChangeWatch::new().map_err(|source| Error::Setup {
             what: "watching cgroups with inotify".into(),
             source,
@@ -134,6 +170,7 @@ impl Supervisor {
             store: store.clone(),
             events,
             agents_dir,
+            specs_dir,
             trash_dir,
             trash_emptying: Arc::default(),
             table: AgentTable::default(),
@@ -163,7 +200,7 @@ impl Supervisor {
             sample_interval: config.sample_interval,
         };
         let recovered_exits: Vec<i32> = exits.iter().map(|exit| exit.pid).collect();
-        task.recover(KeeperState { children, exits })?;
+        task.recover(KeeperState { children, exits }, records, rebuilt)?;
         task.reap();
         // What recovery learned is on disk before the keeper may forget it.
         store.flush_now()?;
@@ -211,6 +248,77 @@ impl Supervisor {
     }
 }
 
+/// The store to start on, with its records: the one opened, if the host agrees with it;
+/// else, with `--recover-store rebuild`, a new one and records rebuilt from the agent
+/// folders; else the refusal, before anything is killed or written.
+fn trusted_store(
+    opened: std::result::Result<Store, String>,
+    rebuilding: bool,
+    (store_dir, specs_dir, agents_dir): (&Path, &Path, &Path),
+    os: &dyn Os,
+    (children, exits): (&[KeptChild], &[KeptExit]),
+) -> Result<(Store, Vec<AgentRecord>, Option<Rebuilt>)> {
+    let ticks = os.proc_units().0.max(1) as f64;
+    let mut running = BTreeMap::<String, f64>::new();
+    let mut started = |agent_id: &str, start_ticks: Option<u64>| {
+        let at = start_ticks.map_or(f64::MAX, |t| t as f64 / ticks);
+        let earliest = running.entry(agent_id.to_string()).or_insert(at);
+        *earliest = earliest.min(at);
+    };
+    for child in children {
+        started(&child.agent_id, child.start_ticks);
+    }
+    for leader in os.marked_leaders(agents_dir) {
+        started(&leader.agent_id, Some(leader.stat.start_ticks));
+    }
+    let folders = trust::agent_folders(agents_dir);
+    let exited = exits.iter().map(|exit| exit.agent_id.clone()).collect();
+    let findings = match opened {
+        Ok(store) => {
+            let records = store.load_agents()?;
+            let evidence = trust::Evidence {
+                records: &records,
+                history: store.history()?,
+                stamp: Store::stamped_generation(store_dir),
+                folders,
+                running,
+                exited,
+            };
+            let Some(reasons) = trust::judge(&evidence) else {
+                if rebuilding {
+                    tracing::warn!(
+                        "the agent store agrees with the agents found: it is used as it is, \
+                         and --recover-store is ignored"
+                    );
+                }
+                return Ok((store, records, None));
+            };
+            let findings = trust::findings(store_dir, &reasons, &evidence);
+            if !rebuilding {
+                return Err(Error::StoreDistrusted {
+                    report: trust::refusal(store_dir, &findings),
+                });
+            }
+            findings
+        }
+        Err(problem) => format!(
+            "the agent store `{}` cannot be read: {problem}",
+            store_dir.display()
+        ),
+    };
+    let aside = rebuild::move_aside(store_dir)?;
+    tracing::error!(
+        "{findings}. --recover-store rebuild: the store was moved aside to `{}`; records are \
+         rebuilt from the agent folders and the keeper",
+        aside.as_deref().unwrap_or(store_dir).display()
+    );
+    let store = Store::open(store_dir)?;
+    let mut rebuilt = rebuild::rebuild(specs_dir, agents_dir);
+    rebuilt.aside = aside;
+    let records = std::mem::take(&mut rebuilt.records);
+    Ok((store, records, Some(rebuilt)))
+}
+
 fn create_private_dir(path: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -229,6 +337,8 @@ pub(crate) struct SupervisorTask {
     store: Store,
     events: EventBus,
     agents_dir: PathBuf,
+    /// Every agent's spec, for a rebuild of the records (`rebuild.rs`).
+    specs_dir: PathBuf,
     /// Removed agents' folders wait here to be deleted.
     trash_dir: PathBuf,
     /// A blocking thread is deleting the trash.
@@ -704,6 +814,8 @@ impl SupervisorTask {
                 tracing::info_span!(target: trace::TARGET, "agentd.spawn.folder").entered();
             AgentFiles::prepare(&agent_id, &agent_dir, &prompt, owner)?
         };
+        // What a rebuild of the record starts from, should the store be lost.
+        rebuild::write_spec(&self.specs_dir, &spec)?;
         let record = AgentRecord::new(Arc::new(spec), agent_dir, SystemTime::now());
         let machine = AgentMachine::starting(record, self.now());
         // The STARTING record reaches the disk before the process exists.
@@ -1380,6 +1492,7 @@ impl SupervisorTask {
             tracing::warn!(%agent_id, %error, "removing the agent's cgroup");
         }
         self.store.remove_agent(agent_id)?;
+        rebuild::remove_spec(&self.specs_dir, agent_id);
         self.events
             .emit(EventKind::Removed, String::new(), None, || status.clone());
         self.histories.remove(agent_id);
@@ -1477,13 +1590,26 @@ impl SupervisorTask {
     }
 
     /// Loads every stored agent and learns what became of it while agentd was away.
-    fn recover(&mut self, keeper: KeeperState) -> Result<()> {
-        let records = self.store.load_agents()?;
+    /// `records`: the store's, or rebuilt from the agent folders (`rebuilt`), in which case
+    /// no process is killed for want of a record.
+    fn recover(
+        &mut self,
+        keeper: KeeperState,
+        records: Vec<AgentRecord>,
+        rebuilt: Option<Rebuilt>,
+    ) -> Result<()> {
         self.records_set_aside = u32::try_from(self.store.set_aside_count()).unwrap_or(u32::MAX);
         // Every agent is in the table before any effect runs: an agent that ended for good
         // stops the children that follow it, whatever their place in id order.
         let mut pending = Vec::new();
-        let recovery = recover::recover(records, self.os.as_ref(), &self.agents_dir, &keeper);
+        let trusted = rebuilt.is_none();
+        let recovery = recover::recover(
+            records,
+            self.os.as_ref(),
+            &self.agents_dir,
+            &keeper,
+            trusted,
+        );
         for stray in recovery.strays {
             self.watch_stray(stray);
         }
@@ -1512,7 +1638,44 @@ impl SupervisorTask {
         for (agent_id, now, effects) in pending {
             self.carry_out(&agent_id, now, effects);
         }
+        if let Some(rebuilt) = rebuilt {
+            self.report_rebuild(&rebuilt);
+        }
         Ok(())
+    }
+
+    /// Says, in one error line, what became of each agent whose record was rebuilt.
+    fn report_rebuild(&self, rebuilt: &Rebuilt) {
+        let mut adopted = Vec::new();
+        let mut ended = Vec::new();
+        let mut lost = Vec::new();
+        for machine in self.table.machines() {
+            let record = machine.record();
+            let id = record.spec.agent_id.clone();
+            match record.state {
+                AgentState::Lost => lost.push(id),
+                _ if machine.leader_alive() => adopted.push(id),
+                _ => ended.push(format!("{id} ({})", record.state_text())),
+            }
+        }
+        let list = |ids: &[String]| match ids.is_empty() {
+            true => "none".to_string(),
+            false => ids.join(", "),
+        };
+        tracing::error!(
+            "records rebuilt after the store could not be trusted (the old store is kept at \
+             `{}`): running, adopted: {}; ended while agentd was away: {}; LOST, how they \
+             ended is unknown (the old store may have known, or was rolled back past it): {}; \
+             folders with no spec, not rebuilt, their processes left alone: {}",
+            rebuilt
+                .aside
+                .as_deref()
+                .map_or_else(|| "nowhere".into(), |p| p.display().to_string()),
+            list(&adopted),
+            list(&ended),
+            list(&lost),
+            list(&rebuilt.without_spec),
+        );
     }
 
     /// An adopted agent is not our child: its exit arrives through a pidfd.
