@@ -196,14 +196,48 @@ async fn a_store_with_garbage_at_its_start_is_refused_and_its_agents_live_on() {
     kill_all(&mut daemon.client().await).await;
 }
 
+#[tokio::test]
+async fn a_store_truncated_halfway_is_refused_and_its_agents_live_on() {
+    let (dir, agents, _leftovers) = agents_left_running().await;
+    for file in store_files(&dir.path().join("data")) {
+        let length = std::fs::metadata(&file).expect("size").len();
+        let writing = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .expect("open");
+        writing.set_len(length / 2).expect("truncate");
+    }
+    assert_refused_and_alive(dir.path(), &agents, &[]);
+    let daemon = rebuilt(dir, &agents).await;
+    kill_all(&mut daemon.client().await).await;
+}
+
 /// The store is copied aside, agents change, and the old copy is put back: the agent
 /// that was stopped meanwhile must not silently become LOST, and the one spawned
 /// meanwhile must not be killed for having no record.
 #[tokio::test]
 async fn a_store_rolled_back_to_an_older_copy_is_refused_and_reported() {
+    rolled_back(false, &["older than its own last flush"]).await;
+}
+
+/// The same with the stamp beside the store put back too: the keeper knows the new
+/// agent's record was on disk.
+#[tokio::test]
+async fn a_store_and_its_stamp_rolled_back_together_are_refused() {
+    rolled_back(
+        true,
+        &["the keeper runs `a4`, whose running record was on disk"],
+    )
+    .await;
+}
+
+async fn rolled_back(with_stamp: bool, reasons: &[&str]) {
     let (dir, agents, _leftovers) = agents_left_running().await;
-    let (store, copy) = (dir.path().join("data/store"), dir.path().join("store-copy"));
+    let data = dir.path().join("data");
+    let (store, copy) = (data.join("store"), dir.path().join("store-copy"));
+    let (stamp, stamp_copy) = (data.join("store.generation"), dir.path().join("stamp-copy"));
     copy_dir(&store, &copy);
+    std::fs::copy(&stamp, &stamp_copy).expect("copy the stamp");
 
     let mut daemon = Daemon::start_in_with(dir, &DETACH).await;
     let mut client = daemon.client().await;
@@ -218,25 +252,29 @@ async fn a_store_rolled_back_to_an_older_copy_is_refused_and_reported() {
     let dir = daemon.crash();
     std::fs::remove_dir_all(&store).expect("remove the store");
     copy_dir(&copy, &store);
+    if with_stamp {
+        std::fs::copy(&stamp_copy, &stamp).expect("put the stamp back");
+    }
 
     let running = [agents[1].clone(), agents[2].clone(), late];
-    assert_refused_and_alive(
-        dir.path(),
-        &running,
-        &[
-            "rolled back",
-            "agent folders with no record: 1 (`a4`)",
-            "agents the store says run, which do not: 1 (`a1`)",
-        ],
-    );
+    let found = [
+        "agent folders with no record: 1 (`a4`)",
+        "agents the store says run, which do not: 1 (`a1`)",
+    ];
+    let words: Vec<&str> = reasons.iter().chain(&found).copied().collect();
+    assert_refused_and_alive(dir.path(), &running, &words);
     let daemon = rebuilt(dir, &running).await;
     let mut client = daemon.client().await;
     // Its stop was acknowledged and forgotten by the keeper: only the old store knew it.
     let a1 = status(&mut client, "a1").await;
     assert_eq!(a1.state, AgentState::Lost as i32, "{a1:#?}");
     let log = daemon.log();
-    assert!(log.contains("older than its own last flush"), "{log}");
-    assert!(log.contains("how they ended is unknown"), "{log}");
+    for word in reasons
+        .iter()
+        .chain(["how they ended is unknown", "a1"].iter())
+    {
+        assert!(log.contains(word), "no `{word}` in:\n{log}");
+    }
     kill_all(&mut client).await;
 }
 

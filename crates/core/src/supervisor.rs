@@ -91,6 +91,7 @@ impl Supervisor {
                         .map(|leader| (leader.agent_id.clone(), 0.0))
                         .collect(),
                     exited: Default::default(),
+                    recorded: Default::default(),
                 };
                 let reasons = [format!("sled cannot read it ({problem})")];
                 let findings = trust::findings(&path, &reasons, &evidence);
@@ -120,7 +121,7 @@ impl Supervisor {
         let (keeper, kept_exits, ack_sink) =
             KeeperClient::reach(&config.data_dir, &program).map_err(keeper_failed)?;
         let hello = keeper.hello().map_err(keeper_failed)?;
-        let (children, exits) = (hello.children, hello.exits);
+        let (children, exits, keeps_records) = (hello.children, hello.exits, hello.records);
         let open_files = os::raise_open_files_limit();
         let detected = if hello.cgroups {
             cgroup::detect(&config.cgroups, &config.data_dir)
@@ -210,7 +211,12 @@ impl Supervisor {
             .map_err(keeper_failed)?;
         tokio::spawn(task.run(commands, sigchld, adopted_exits));
         tokio::spawn(forward_kept_exits(kept_exits, commands_tx.clone()));
-        tokio::spawn(acknowledge_exits(ack_queue, ack_sink, store.clone()));
+        tokio::spawn(acknowledge_exits(
+            ack_queue,
+            ack_sink,
+            store.clone(),
+            keeps_records,
+        ));
 
         let handle = SupervisorHandle {
             commands: commands_tx,
@@ -273,6 +279,11 @@ fn trusted_store(
     }
     let folders = trust::agent_folders(agents_dir);
     let exited = exits.iter().map(|exit| exit.agent_id.clone()).collect();
+    let recorded = children
+        .iter()
+        .filter(|child| child.recorded)
+        .map(|child| child.agent_id.clone())
+        .collect();
     let findings = match opened {
         Ok(store) => {
             let records = store.load_agents()?;
@@ -283,6 +294,7 @@ fn trusted_store(
                 folders,
                 running,
                 exited,
+                recorded,
             };
             let Some(reasons) = trust::judge(&evidence) else {
                 if rebuilding {
@@ -743,6 +755,7 @@ impl SupervisorTask {
                     limit_fallbacks: started.fallbacks,
                 };
                 self.input(agent_id, |m, now, out| m.started(now, launched, out));
+                let _ = self.acks.send(Ack::Recorded(started.pid));
                 // The first reading at once, so status right after Spawn is not all zeros.
                 if let Some(stat) = self.os.proc_stat(started.pid) {
                     let sample = TreeSample {
@@ -1629,6 +1642,7 @@ impl SupervisorTask {
             match (found.watch, pid) {
                 (ExitWatch::Keeper, Some(pid)) => {
                     self.table.child_started(&agent_id, pid, &request_id);
+                    let _ = self.acks.send(Ack::Recorded(pid));
                 }
                 (ExitWatch::Pidfd(pidfd), _) => self.watch_adopted(agent_id.clone(), pidfd),
                 _ => {}
@@ -1711,31 +1725,45 @@ async fn forward_kept_exits(mut exits: ExitStream, commands: mpsc::Sender<Comman
 enum Ack {
     /// The exit of this pid is handled.
     Exit(i32),
+    /// The record of this run (the keeper's child) is written: once it is on disk, the
+    /// keeper is told, so a store that loses it is caught at the next start (`trust.rs`).
+    Recorded(i32),
     /// Answer once everything sent before is acknowledged.
     Drain(oneshot::Sender<()>),
 }
 
-/// Acknowledges handled exits in batches, each once a flush has put it on disk.
+/// Acknowledges handled exits, and tells which runs are recorded, in batches, each once a
+/// flush has put it on disk. `keeps_records`: the keeper understands `Recorded`.
 async fn acknowledge_exits(
     mut queue: mpsc::UnboundedReceiver<Ack>,
     mut sink: AckSink,
     store: Store,
+    keeps_records: bool,
 ) {
     while let Some(first) = queue.recv().await {
-        let (mut pids, mut drained) = (Vec::new(), Vec::new());
+        let (mut pids, mut recorded, mut drained) = (Vec::new(), Vec::new(), Vec::new());
         let mut take = |ack| match ack {
             Ack::Exit(pid) => pids.push(pid),
+            Ack::Recorded(pid) if keeps_records => recorded.push(pid),
+            Ack::Recorded(_) => {}
             Ack::Drain(done) => drained.push(done),
         };
         take(first);
         while let Ok(ack) = queue.try_recv() {
             take(ack);
         }
-        if !pids.is_empty() {
+        if !pids.is_empty() || !recorded.is_empty() {
             match store.flush().await {
                 Ok(()) => {
-                    if let Err(error) = sink.ack(pids).await {
+                    if !pids.is_empty()
+                        && let Err(error) = sink.ack(pids).await
+                    {
                         tracing::error!(%error, "acknowledging exits to the keeper");
+                    }
+                    if !recorded.is_empty()
+                        && let Err(error) = sink.recorded(recorded).await
+                    {
+                        tracing::error!(%error, "telling the keeper which runs are recorded");
                     }
                 }
                 Err(error) => tracing::error!(%error, "flushing exits before acknowledging them"),

@@ -29,6 +29,8 @@ pub(crate) struct Evidence<'a> {
     pub running: BTreeMap<String, f64>,
     /// Agents whose exit the keeper holds, unacknowledged.
     pub exited: BTreeSet<String>,
+    /// Agents the keeper runs whose record agentd said was on disk.
+    pub recorded: BTreeSet<String>,
 }
 
 /// How much earlier than the last flush a process must have started to say its record was
@@ -73,6 +75,25 @@ pub(crate) fn judge(evidence: &Evidence) -> Option<Vec<String>> {
                 names(&missing)
             ));
         }
+    }
+    let live: BTreeSet<&str> = evidence
+        .records
+        .iter()
+        .filter(|r| r.state.is_live())
+        .map(|r| r.spec.agent_id.as_str())
+        .collect();
+    let lost: Vec<&str> = evidence
+        .recorded
+        .iter()
+        .map(String::as_str)
+        .filter(|id| !live.contains(id))
+        .collect();
+    if !lost.is_empty() {
+        reasons.push(format!(
+            "the keeper runs {}, whose running record was on disk, and the store has no such \
+             record",
+            names(&lost)
+        ));
     }
     (!reasons.is_empty()).then_some(reasons)
 }
@@ -198,6 +219,7 @@ mod tests {
             folders: BTreeSet::new(),
             running: BTreeMap::new(),
             exited: BTreeSet::new(),
+            recorded: BTreeSet::new(),
         }
     }
 
@@ -260,5 +282,25 @@ mod tests {
         let reasons = judge(&found).expect("distrusted");
         assert!(reasons[0].contains("`early`"), "{reasons:?}");
         assert!(!reasons[0].contains("`late`"), "{reasons:?}");
+    }
+
+    #[test]
+    fn a_run_the_keeper_knows_was_recorded_must_be_in_the_store() {
+        let records = [
+            record("a1", AgentState::Running),
+            record("done", AgentState::Completed),
+        ];
+        let history = StoreHistory {
+            generation: 3,
+            sequence_reserved: 100,
+            flushed_from: None,
+        };
+        let mut found = evidence(&records, history);
+        found.recorded.insert("a1".into());
+        assert_eq!(judge(&found), None);
+        found.recorded.insert("done".into());
+        found.recorded.insert("new".into());
+        let reasons = judge(&found).expect("distrusted");
+        assert!(reasons[0].contains("`done`, `new`"), "{reasons:?}");
     }
 }
