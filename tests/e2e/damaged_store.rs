@@ -290,3 +290,21 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A second daemon on a data folder in use is told so plainly, not that the store is
+/// damaged, and the first one and its agents go on.
+#[tokio::test]
+async fn a_second_daemon_on_the_same_data_folder_is_refused_plainly() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let agent = spawn(&mut client, "a1", vec!["sleep".into(), "300".into()]).await;
+    let stderr = refused_start(daemon.dir.path());
+    assert!(stderr.contains("another agentd runs"), "{stderr}");
+    assert!(!stderr.contains("cannot be trusted"), "{stderr}");
+    let still = status(&mut client, "a1").await;
+    assert_eq!(
+        (still.state, still.pid),
+        (AgentState::Running as i32, agent.pid)
+    );
+    kill_all(&mut client).await;
+}

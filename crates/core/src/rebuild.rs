@@ -57,6 +57,20 @@ pub(crate) fn write_spec(specs_dir: &Path, spec: &AgentSpec) -> Result<()> {
         .map_err(failed)
 }
 
+/// Writes the specs an earlier agentd did not, from the records of a trusted store, so its
+/// agents can be rebuilt too.
+pub(crate) fn write_missing_specs(specs_dir: &Path, records: &[AgentRecord]) {
+    for record in records {
+        let spec = &record.spec;
+        if spec_path(specs_dir, &spec.agent_id).exists() {
+            continue;
+        }
+        if let Err(error) = write_spec(specs_dir, spec) {
+            tracing::warn!(agent_id = %spec.agent_id, %error, "writing the agent's spec");
+        }
+    }
+}
+
 /// Forgets a removed agent's spec.
 pub(crate) fn remove_spec(specs_dir: &Path, agent_id: &str) {
     let path = spec_path(specs_dir, agent_id);

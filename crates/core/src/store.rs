@@ -98,8 +98,8 @@ pub(crate) struct StoreHistory {
 }
 
 impl Store {
-    /// Opens (or creates) the store. sled locks the folder, so a second daemon on the same
-    /// data folder fails here.
+    /// Opens (or creates) the store. sled locks the folder too, but says so only in words:
+    /// the supervisor takes `agentd.lock` first, so a second daemon is told plainly.
     /// A store sled cannot open or read (garbage, truncated files) is
     /// [`Error::StoreUnreadable`], whether sled says so or panics.
     pub fn open(path: &Path) -> Result<Store> {
@@ -122,12 +122,6 @@ impl Store {
         });
         let (db, (agents, events, meta, set_aside)) = match opened {
             Ok(Ok(opened)) => opened,
-            // Another daemon holds the folder's lock: not damage.
-            Ok(Err(sled::Error::Io(error))) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(Error::Store {
-                    source: sled::Error::Io(error),
-                });
-            }
             Ok(Err(error)) => return Err(unreadable(error.to_string())),
             Err(panic) => {
                 let problem = panic
@@ -213,7 +207,18 @@ impl Store {
         {
             return;
         }
-        if let Err(error) = std::fs::write(&self.stamp, format!("{generation}\n")) {
+        let written = {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&self.stamp)
+                .and_then(|mut file| file.write_all(format!("{generation}\n").as_bytes()))
+        };
+        if let Err(error) = written {
             tracing::warn!(%error, path = %self.stamp.display(), "writing the store's stamp");
         }
     }
@@ -417,9 +422,13 @@ impl Store {
 }
 
 /// This boot's id: boot clock times from another boot mean nothing now.
-fn boot_id() -> Option<String> {
-    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    Some(id.trim().to_string())
+fn boot_id() -> Option<&'static str> {
+    static ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        Some(id.trim().to_string())
+    })
+    .as_deref()
 }
 
 /// Nanoseconds on the boot clock, the one `/proc/PID/stat` start times count on.
@@ -566,6 +575,45 @@ mod tests {
         let kept = store.set_aside.get(b"garbled").expect("get");
         assert_eq!(kept.as_deref(), Some(&b"{not json"[..]));
         assert_eq!(store.load_agents().expect("loads again"), vec![good]);
+    }
+
+    #[test]
+    fn each_flush_advances_the_generation_and_the_stamp_beside_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let store = Store::open(&path).expect("opens");
+        assert_eq!(store.history().expect("history"), StoreHistory::default());
+        assert_eq!(Store::stamped_generation(&path), None);
+        store.flush_now().expect("flush");
+        store.flush_now().expect("flush");
+        let history = store.history().expect("history");
+        assert_eq!(history.generation, 2);
+        assert!(history.flushed_from.is_some(), "{history:?}");
+        assert_eq!(Store::stamped_generation(&path), Some(2));
+    }
+
+    #[test]
+    fn a_store_sled_cannot_read_is_unreadable_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        drop(Store::open(&path).expect("opens"));
+        for entry in std::fs::read_dir(&path).expect("read").flatten() {
+            if entry.file_type().expect("type").is_file() {
+                std::fs::write(entry.path(), [0xA5u8; 64]).expect("garble");
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match Store::open(&path) {
+                Err(Error::StoreUnreadable { .. }) => break,
+                // sled lets go of the lock a moment after the drop.
+                Err(Error::Store { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(error) => panic!("expected an unreadable store, got {error}"),
+                Ok(_) => panic!("a garbled store opened"),
+            }
+        }
     }
 
     #[test]

@@ -71,6 +71,7 @@ impl Supervisor {
         // Folders of removed agents that an earlier daemon did not finish deleting.
         let _ = std::fs::remove_dir_all(&trash_dir);
         create_private_dir(&trash_dir)?;
+        let data_lock = lock_data_dir(&config.data_dir)?;
         let specs_dir = config.data_dir.join(rebuild::SPECS);
         create_private_dir(&specs_dir)?;
         let store_dir = config.data_dir.join("store");
@@ -170,6 +171,7 @@ impl Supervisor {
             os: system.clone(),
             store: store.clone(),
             events,
+            _data_lock: data_lock,
             agents_dir,
             specs_dir,
             trash_dir,
@@ -303,6 +305,7 @@ fn trusted_store(
                          and --recover-store is ignored"
                     );
                 }
+                rebuild::write_missing_specs(specs_dir, &records);
                 return Ok((store, records, None));
             };
             let findings = trust::findings(store_dir, &reasons, &evidence);
@@ -331,6 +334,35 @@ fn trusted_store(
     Ok((store, records, Some(rebuilt)))
 }
 
+/// Locks the data folder for this daemon, or says another one runs there.
+fn lock_data_dir(data_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("agentd.lock");
+    let failed = |source| Error::Setup {
+        what: format!("locking `{}`", path.display()),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(failed)?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| match errno {
+        nix::errno::Errno::EWOULDBLOCK => Error::Setup {
+            what: format!(
+                "another agentd runs on the data folder `{}` (it holds `{}`)",
+                data_dir.display(),
+                path.display()
+            ),
+            source: std::io::Error::from(errno),
+        },
+        errno => failed(std::io::Error::from(errno)),
+    })
+}
+
 fn create_private_dir(path: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -348,6 +380,8 @@ pub(crate) struct SupervisorTask {
     recorder: Arc<dyn Recorder>,
     store: Store,
     events: EventBus,
+    /// `DATA/agentd.lock`, held while the daemon runs: one daemon per data folder.
+    _data_lock: nix::fcntl::Flock<std::fs::File>,
     agents_dir: PathBuf,
     /// Every agent's spec, for a rebuild of the records (`rebuild.rs`).
     specs_dir: PathBuf,
