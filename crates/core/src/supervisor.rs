@@ -65,41 +65,22 @@ impl Supervisor {
                 what: format!("resolving `{}`", config.data_dir.display()),
                 source,
             })?;
+        // Before anything in the folder is touched: one daemon per data folder.
+        let data_lock = lock_data_dir(&config.data_dir)?;
         let agents_dir = config.data_dir.join("agents");
         let trash_dir = config.data_dir.join("trash");
         create_private_dir(&agents_dir)?;
         // Folders of removed agents that an earlier daemon did not finish deleting.
         let _ = std::fs::remove_dir_all(&trash_dir);
         create_private_dir(&trash_dir)?;
-        let data_lock = lock_data_dir(&config.data_dir)?;
         let specs_dir = config.data_dir.join(rebuild::SPECS);
         create_private_dir(&specs_dir)?;
         let store_dir = config.data_dir.join("store");
         let rebuilding = config.recover_store == Some(StoreRecovery::Rebuild);
-        // A store sled cannot read is judged with the rest below (the keeper is reached only
-        // once the store's lock says no other daemon runs here), unless it is to be rebuilt.
+        // A store sled cannot read is judged with the rest, once the keeper has said what
+        // it runs (`trusted_store`).
         let opened = match Store::open(&store_dir) {
-            Err(Error::StoreUnreadable { problem, .. }) if rebuilding => Err(problem),
-            Err(Error::StoreUnreadable { path, problem }) => {
-                let marked = os::marked_leaders(&agents_dir);
-                let evidence = trust::Evidence {
-                    records: &[],
-                    history: StoreHistory::default(),
-                    stamp: Store::stamped_generation(&path),
-                    folders: trust::agent_folders(&agents_dir),
-                    running: marked
-                        .iter()
-                        .map(|leader| (leader.agent_id.clone(), 0.0))
-                        .collect(),
-                    exited: Default::default(),
-                    recorded: Default::default(),
-                };
-                let reasons = [format!("sled cannot read it ({problem})")];
-                let findings = trust::findings(&path, &reasons, &evidence);
-                return Err(Error::StoreDistrusted {
-                    report: trust::refusal(&path, &findings),
-                });
-            }
+            Err(Error::StoreUnreadable { problem, .. }) => Err(problem),
             other => Ok(other?),
         };
         os::become_subreaper().map_err(|source| Error::Setup {
@@ -279,48 +260,49 @@ fn trusted_store(
     for leader in os.marked_leaders(agents_dir) {
         started(&leader.agent_id, Some(leader.stat.start_ticks));
     }
-    let folders = trust::agent_folders(agents_dir);
-    let exited = exits.iter().map(|exit| exit.agent_id.clone()).collect();
-    let recorded = children
-        .iter()
-        .filter(|child| child.recorded)
-        .map(|child| child.agent_id.clone())
-        .collect();
-    let findings = match opened {
+    let mut records = Vec::new();
+    let (history, problem) = match &opened {
         Ok(store) => {
-            let records = store.load_agents()?;
-            let evidence = trust::Evidence {
-                records: &records,
-                history: store.history()?,
-                stamp: Store::stamped_generation(store_dir),
-                folders,
-                running,
-                exited,
-                recorded,
-            };
-            let Some(reasons) = trust::judge(&evidence) else {
-                if rebuilding {
-                    tracing::warn!(
-                        "the agent store agrees with the agents found: it is used as it is, \
-                         and --recover-store is ignored"
-                    );
-                }
-                rebuild::write_missing_specs(specs_dir, &records);
-                return Ok((store, records, None));
-            };
-            let findings = trust::findings(store_dir, &reasons, &evidence);
-            if !rebuilding {
-                return Err(Error::StoreDistrusted {
-                    report: trust::refusal(store_dir, &findings),
-                });
-            }
-            findings
+            records = store.load_agents()?;
+            (store.history()?, None)
         }
-        Err(problem) => format!(
-            "the agent store `{}` cannot be read: {problem}",
-            store_dir.display()
-        ),
+        Err(problem) => (StoreHistory::default(), Some(problem)),
     };
+    let evidence = trust::Evidence {
+        records: &records,
+        history,
+        stamp: Store::stamped_generation(store_dir),
+        folders: trust::agent_folders(agents_dir),
+        running,
+        exited: exits.iter().map(|exit| exit.agent_id.clone()).collect(),
+        recorded: children
+            .iter()
+            .filter(|child| child.recorded)
+            .map(|child| child.agent_id.clone())
+            .collect(),
+    };
+    let reasons = match problem {
+        Some(problem) => vec![format!("sled cannot read it ({problem})")],
+        None => trust::judge(&evidence).unwrap_or_default(),
+    };
+    if let (Ok(store), true) = (&opened, reasons.is_empty()) {
+        if rebuilding {
+            tracing::warn!(
+                "the agent store agrees with the agents found: it is used as it is, and \
+                 --recover-store is ignored"
+            );
+        }
+        rebuild::write_missing_specs(specs_dir, &records);
+        return Ok((store.clone(), records, None));
+    }
+    let findings = trust::findings(store_dir, &reasons, &evidence);
+    if !rebuilding {
+        return Err(Error::StoreDistrusted {
+            report: trust::refusal(store_dir, &findings),
+        });
+    }
+    // sled lets go of the old files; they move aside with their folder.
+    drop(opened);
     let aside = rebuild::move_aside(store_dir)?;
     tracing::error!(
         "{findings}. --recover-store rebuild: the store was moved aside to `{}`; records are \
