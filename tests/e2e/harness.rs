@@ -281,7 +281,7 @@ pub fn cgroup_dirs(cgroup: &Path) -> Vec<PathBuf> {
 
 /// Kills whatever is left in a daemon's cgroups and removes them, children first; then the
 /// `agentd` folder above, unless another test's daemon still uses it.
-fn remove_cgroups(root: &Path) {
+pub fn remove_cgroups(root: &Path) {
     for dir in cgroup_dirs(root) {
         let _ = std::fs::write(dir.join("cgroup.kill"), "1");
         let mut dirs: Vec<PathBuf> = walk_dirs(&dir);

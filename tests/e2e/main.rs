@@ -12,6 +12,7 @@ mod agent_attacks;
 mod agentctl;
 mod clients;
 mod containment;
+mod damaged_store;
 mod dashboard;
 mod fleet;
 mod health;

@@ -30,6 +30,17 @@ pub struct SupervisorConfig {
     /// The users (names or uids) agents may run as. Empty: any user but root; root, uid 0
     /// or group 0 only when listed here.
     pub allow_users: Vec<String>,
+    /// What to do with a store that cannot be trusted; `None` refuses to start.
+    pub recover_store: Option<StoreRecovery>,
+}
+
+/// How to start on a store that cannot be trusted (unreadable, empty while agents exist,
+/// rolled back). Acts only on such a store: a trusted one is used as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreRecovery {
+    /// Move the store aside and rebuild each agent's record from its folder's spec and the
+    /// keeper, adopting the agents that run.
+    Rebuild,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +102,7 @@ impl SupervisorConfig {
             cgroups: CgroupSetting::default(),
             pass_env: Vec::new(),
             allow_users: Vec::new(),
+            recover_store: None,
         }
     }
 }

@@ -95,6 +95,13 @@ pub enum Error {
         #[from]
         source: sled::Error,
     },
+    /// sled cannot open or read the store's files (garbage, truncation).
+    #[error("the agent store `{}` cannot be read: {problem}", path.display())]
+    StoreUnreadable { path: PathBuf, problem: String },
+    /// The store is unreadable, empty or older than the host says: the report says what was
+    /// found and how to start anyway. Nothing was killed or changed.
+    #[error("{report}")]
+    StoreDistrusted { report: String },
     #[error("agent store: record `{key}` is not readable: {source}")]
     Record {
         key: String,

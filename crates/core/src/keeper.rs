@@ -39,10 +39,13 @@ use crate::spec::Resources;
 
 /// The argument that makes the agentd binary run as the keeper.
 pub const KEEPER_ARG: &str = "--run-as-keeper";
-/// The keeper's protocol version: 1 starts agents in cgroups (`SpawnOrder::joins`). A
-/// keeper left running by an older agentd would ignore the cgroups it is given.
-const VERSION: u32 = 1;
+/// The keeper's protocol version: 1 starts agents in cgroups (`SpawnOrder::joins`), 2
+/// remembers which children agentd has a record of on disk (`Request::Recorded`). A
+/// keeper left running by an older agentd would ignore the cgroups it is given, and close
+/// the connection on a request it does not know.
+const VERSION: u32 = 2;
 const CGROUPS_VERSION: u32 = 1;
+const RECORDED_VERSION: u32 = 2;
 
 /// What the keeper says when agentd connects.
 pub(crate) struct Hello {
@@ -50,6 +53,8 @@ pub(crate) struct Hello {
     pub exits: Vec<KeptExit>,
     /// It starts agents in the cgroups it is given.
     pub cgroups: bool,
+    /// It remembers which children are recorded (`AckSink::recorded`).
+    pub records: bool,
 }
 
 /// The keeper's socket, in the data folder.
@@ -76,6 +81,9 @@ pub(crate) struct KeptChild {
     pub agent_id: String,
     pub pid: i32,
     pub start_ticks: Option<u64>,
+    /// agentd said a record of this run was on disk: a store without it lost it.
+    #[serde(default)]
+    pub recorded: bool,
 }
 
 /// What to start: everything is explicit, the environment included, so an agent's
@@ -109,6 +117,8 @@ enum Request {
     /// Turns this connection into a stream of exits; acks may then arrive on it.
     Watch,
     Ack(Vec<i32>),
+    /// These children's records are on disk (sent on the watch connection, no answer).
+    Recorded(Vec<i32>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -188,6 +198,7 @@ impl KeeperClient {
                 children,
                 exits,
                 cgroups: version >= CGROUPS_VERSION,
+                records: version >= RECORDED_VERSION,
             }),
             other => Err(unexpected(&other)),
         }
@@ -302,7 +313,17 @@ pub(crate) struct AckSink {
 
 impl AckSink {
     pub async fn ack(&mut self, pids: Vec<i32>) -> io::Result<()> {
-        let mut line = serde_json::to_vec(&Request::Ack(pids)).map_err(io::Error::other)?;
+        self.send(&Request::Ack(pids)).await
+    }
+
+    /// Tells the keeper these children's records are on disk (only to a keeper whose
+    /// `Hello` said `records`).
+    pub async fn recorded(&mut self, pids: Vec<i32>) -> io::Result<()> {
+        self.send(&Request::Recorded(pids)).await
+    }
+
+    async fn send(&mut self, request: &Request) -> io::Result<()> {
+        let mut line = serde_json::to_vec(request).map_err(io::Error::other)?;
         line.push(b'\n');
         self.write.write_all(&line).await
     }
@@ -383,6 +404,7 @@ struct Child {
     agent_id: String,
     start_ticks: Option<u64>,
     spawned: Instant,
+    recorded: bool,
 }
 
 type Shared = Arc<Mutex<Kept>>;
@@ -554,6 +576,7 @@ async fn connection(stream: tokio::net::UnixStream, kept: Shared) -> io::Result<
                             agent_id: child.agent_id.clone(),
                             pid,
                             start_ticks: child.start_ticks,
+                            recorded: child.recorded,
                         })
                         .collect(),
                     exits: kept.exits.values().cloned().collect(),
@@ -571,6 +594,18 @@ async fn connection(stream: tokio::net::UnixStream, kept: Shared) -> io::Result<
                 let mut kept = lock(&kept);
                 for pid in pids {
                     kept.exits.remove(&pid);
+                }
+                if exits.is_some() {
+                    continue;
+                }
+                Reply::Acked
+            }
+            Request::Recorded(pids) => {
+                let mut kept = lock(&kept);
+                for pid in pids {
+                    if let Some(child) = kept.children.get_mut(&pid) {
+                        child.recorded = true;
+                    }
                 }
                 if exits.is_some() {
                     continue;
@@ -617,6 +652,7 @@ fn spawn(order: SpawnOrder, kept: &Shared) -> Reply {
                 agent_id: order.agent_id,
                 start_ticks: started.start_ticks,
                 spawned: Instant::now(),
+                recorded: false,
             };
             lock(kept).children.insert(started.pid, child);
             Reply::Spawned {

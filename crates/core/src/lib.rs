@@ -22,6 +22,7 @@ mod machine;
 mod os;
 #[cfg(test)]
 mod proptests;
+mod rebuild;
 mod recorder;
 mod recover;
 mod sampler;
@@ -31,10 +32,13 @@ mod store;
 mod supervisor;
 mod table;
 mod trace;
+mod trust;
 
 pub use agent::{AgentRecord, AgentState, AgentStatus, EndReason, Exit, Health};
 pub use cgroup::{CgroupSetting, Containment};
-pub use config::{FinishedRetention, Limits as DaemonLimits, ShutdownPolicy, SupervisorConfig};
+pub use config::{
+    FinishedRetention, Limits as DaemonLimits, ShutdownPolicy, StoreRecovery, SupervisorConfig,
+};
 pub use error::{Error, Result};
 pub use events::{
     Event, EventFilter, EventKind, EventRetention, Format as EventFormat, Replay, Subscription,

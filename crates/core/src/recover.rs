@@ -54,11 +54,15 @@ pub(crate) struct Recovery {
     pub strays: Vec<PathBuf>,
 }
 
+/// `trusted`: the records are the store's, which the host agreed with, so a process or a
+/// cgroup of an agent with no record is killed. Records rebuilt from agent folders are not
+/// the whole truth: then only what belongs to a known agent is.
 pub(crate) fn recover(
     records: Vec<AgentRecord>,
     os: &dyn Os,
     agents_dir: &Path,
     keeper: &KeeperState,
+    trusted: bool,
 ) -> Recovery {
     let cgroups = os.agent_cgroups();
     let mut marked: HashMap<String, Vec<MarkedLeader>> = HashMap::new();
@@ -68,12 +72,22 @@ pub(crate) fn recover(
             .or_default()
             .push(leader);
     }
+    let known: HashSet<String> = records.iter().map(|r| r.spec.agent_id.clone()).collect();
     let found: Vec<Found> = records
         .into_iter()
         .map(|record| find(record, os, &mut marked, keeper, &cgroups))
         .collect();
     // Processes of agents with no record at all: their spawn was never acknowledged.
     for leader in marked.into_values().flatten() {
+        if !trusted {
+            tracing::error!(
+                agent_id = %leader.agent_id,
+                pid = leader.pid,
+                "leaving running a process of an agent that has no record (records were \
+                 rebuilt): stop it by hand if it should not run"
+            );
+            continue;
+        }
         tracing::warn!(
             agent_id = %leader.agent_id,
             pid = leader.pid,
@@ -94,7 +108,7 @@ pub(crate) fn recover(
         .collect();
     let mut strays = Vec::new();
     for (agent_id, cgroup, members) in &cgroups {
-        if running.contains(agent_id.as_str()) {
+        if running.contains(agent_id.as_str()) || (!trusted && !known.contains(agent_id)) {
             continue;
         }
         if let Some(&pgid) = members.first() {

@@ -42,10 +42,20 @@ const CACHE_BYTES: u64 = 4 << 20;
 /// Keys of the `meta` tree.
 const SEQUENCE_RESERVED: &[u8] = b"sequence_reserved";
 const EVENTS_TRIMMED_THROUGH: &[u8] = b"events_trimmed_through";
+/// Counts flushes: each flush writes the next value before it starts.
+const GENERATION: &[u8] = b"generation";
+/// When the last flush began: the boot it happened in and nanoseconds on the boot clock.
+/// Every record written before then is on disk.
+const FLUSH_BOOT_ID: &[u8] = b"flush_boot_id";
+const FLUSH_STARTED: &[u8] = b"flush_started_ns";
 
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    /// `store.generation` beside the store: the generation of the last flush that finished,
+    /// written after it (never synced). A store whose own generation is lower lost flushed
+    /// writes: it was rolled back or damaged.
+    stamp: std::path::PathBuf,
     agents: sled::Tree,
     /// The event log: sequence (big-endian, so sled's order is sequence order) -> event.
     events: sled::Tree,
@@ -71,28 +81,146 @@ struct Durability {
     flushing: Mutex<()>,
     /// Wakes the background flusher.
     wake: Notify,
+    /// The last generation handed to a flush, and the last one written to the stamp.
+    generation: AtomicU64,
+    stamped: AtomicU64,
+}
+
+/// What the store says of its own history, read when it is opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct StoreHistory {
+    /// Flushes the store has seen (0: none since this was introduced).
+    pub generation: u64,
+    /// Sequences handed out so far (0: the store never published an event).
+    pub sequence_reserved: u64,
+    /// The boot clock (seconds) when its last flush began, if that was during this boot.
+    pub flushed_from: Option<f64>,
 }
 
 impl Store {
-    /// Opens (or creates) the store. sled locks the folder, so a second daemon on the same
-    /// data folder fails here.
+    /// Opens (or creates) the store. sled locks the folder too, but says so only in words:
+    /// the supervisor takes `agentd.lock` first, so a second daemon is told plainly.
+    /// A store sled cannot open or read (garbage, truncated files) is
+    /// [`Error::StoreUnreadable`], whether sled says so or panics.
     pub fn open(path: &Path) -> Result<Store> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(CACHE_BYTES)
-            .open()?;
-        let agents = db.open_tree("agents")?;
-        let events = db.open_tree("events")?;
-        let meta = db.open_tree("meta")?;
-        let set_aside = db.open_tree("set_aside")?;
-        Ok(Store {
+        let unreadable = |problem: String| Error::StoreUnreadable {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let opened = std::panic::catch_unwind(|| {
+            let db = sled::Config::new()
+                .path(path)
+                .cache_capacity(CACHE_BYTES)
+                .open()?;
+            let trees = (
+                db.open_tree("agents")?,
+                db.open_tree("events")?,
+                db.open_tree("meta")?,
+                db.open_tree("set_aside")?,
+            );
+            Ok::<_, sled::Error>((db, trees))
+        });
+        let (db, (agents, events, meta, set_aside)) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(error)) => return Err(unreadable(error.to_string())),
+            Err(panic) => {
+                let problem = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "sled panicked".into());
+                return Err(unreadable(problem));
+            }
+        };
+        let stamp = path.with_file_name("store.generation");
+        let store = Store {
             db,
+            stamp,
             agents,
             events,
             meta,
             set_aside,
             durability: Arc::default(),
+        };
+        let generation = store.meta_u64(GENERATION)?;
+        store
+            .durability
+            .generation
+            .store(generation, Ordering::SeqCst);
+        store.durability.stamped.store(generation, Ordering::SeqCst);
+        Ok(store)
+    }
+
+    /// What the store says of its own history.
+    pub(crate) fn history(&self) -> Result<StoreHistory> {
+        let same_boot = self
+            .meta
+            .get(FLUSH_BOOT_ID)?
+            .is_some_and(|id| boot_id().is_some_and(|now| now.as_bytes() == id.as_ref()));
+        let flushed_from = self
+            .meta
+            .get(FLUSH_STARTED)?
+            .filter(|_| same_boot)
+            .and_then(|value| Some(u64::from_be_bytes(value.as_ref().try_into().ok()?)))
+            .map(|nanos| nanos as f64 / 1e9);
+        Ok(StoreHistory {
+            generation: self.meta_u64(GENERATION)?,
+            sequence_reserved: self.sequence_reserved()?,
+            flushed_from,
         })
+    }
+
+    /// The generation the stamp beside the store at `path` names, if it names one.
+    pub(crate) fn stamped_generation(path: &Path) -> Option<u64> {
+        let text = std::fs::read_to_string(path.with_file_name("store.generation")).ok()?;
+        text.trim().parse().ok()
+    }
+
+    /// Forgets the stamp beside the store at `path` (a new store starts its own count).
+    pub(crate) fn remove_stamp(path: &Path) -> std::io::Result<()> {
+        match std::fs::remove_file(path.with_file_name("store.generation")) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+            _ => Ok(()),
+        }
+    }
+
+    /// Before a flush: the next generation and the time, in the meta tree the flush covers.
+    fn begin_flush(&self) -> Result<u64> {
+        let generation = self.durability.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.meta.insert(GENERATION, &generation.to_be_bytes())?;
+        if let Some(now) = boot_clock_nanos() {
+            self.meta.insert(FLUSH_STARTED, &now.to_be_bytes())?;
+        }
+        if let Some(id) = boot_id() {
+            self.meta.insert(FLUSH_BOOT_ID, id.as_bytes())?;
+        }
+        Ok(generation)
+    }
+
+    /// After a flush: the stamp names its generation, unless a later one is there already.
+    fn finish_flush(&self, generation: u64) {
+        if self
+            .durability
+            .stamped
+            .fetch_max(generation, Ordering::SeqCst)
+            >= generation
+        {
+            return;
+        }
+        let written = {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&self.stamp)
+                .and_then(|mut file| file.write_all(format!("{generation}\n").as_bytes()))
+        };
+        if let Err(error) = written {
+            tracing::warn!(%error, path = %self.stamp.display(), "writing the store's stamp");
+        }
     }
 
     fn wrote(&self) {
@@ -190,8 +318,7 @@ impl Store {
     /// daemon that crashes never hands one out twice.
     pub fn reserve_sequences(&self, up_to: u64) -> Result<()> {
         self.meta.insert(SEQUENCE_RESERVED, &up_to.to_be_bytes())?;
-        self.db.flush()?;
-        Ok(())
+        self.flush_now()
     }
 
     /// The highest sequence removed from the log; resuming from before it would miss events.
@@ -270,7 +397,9 @@ impl Store {
 
     /// Puts everything written so far on disk, on this thread (for start-up).
     pub fn flush_now(&self) -> Result<()> {
+        let generation = self.begin_flush()?;
         self.db.flush()?;
+        self.finish_flush(generation);
         Ok(())
     }
 
@@ -284,10 +413,27 @@ impl Store {
             return Ok(());
         }
         let covering = durability.written.load(Ordering::SeqCst);
+        let generation = self.begin_flush()?;
         self.db.flush_async().await?;
+        self.finish_flush(generation);
         durability.flushed.fetch_max(covering, Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// This boot's id: boot clock times from another boot mean nothing now.
+fn boot_id() -> Option<&'static str> {
+    static ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        Some(id.trim().to_string())
+    })
+    .as_deref()
+}
+
+/// Nanoseconds on the boot clock, the one `/proc/PID/stat` start times count on.
+fn boot_clock_nanos() -> Option<u64> {
+    Some((crate::os::uptime()? * 1e9) as u64)
 }
 
 fn sequence_of(key: &[u8]) -> u64 {
@@ -429,6 +575,45 @@ mod tests {
         let kept = store.set_aside.get(b"garbled").expect("get");
         assert_eq!(kept.as_deref(), Some(&b"{not json"[..]));
         assert_eq!(store.load_agents().expect("loads again"), vec![good]);
+    }
+
+    #[test]
+    fn each_flush_advances_the_generation_and_the_stamp_beside_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let store = Store::open(&path).expect("opens");
+        assert_eq!(store.history().expect("history"), StoreHistory::default());
+        assert_eq!(Store::stamped_generation(&path), None);
+        store.flush_now().expect("flush");
+        store.flush_now().expect("flush");
+        let history = store.history().expect("history");
+        assert_eq!(history.generation, 2);
+        assert!(history.flushed_from.is_some(), "{history:?}");
+        assert_eq!(Store::stamped_generation(&path), Some(2));
+    }
+
+    #[test]
+    fn a_store_sled_cannot_read_is_unreadable_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        drop(Store::open(&path).expect("opens"));
+        for entry in std::fs::read_dir(&path).expect("read").flatten() {
+            if entry.file_type().expect("type").is_file() {
+                std::fs::write(entry.path(), [0xA5u8; 64]).expect("garble");
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match Store::open(&path) {
+                Err(Error::StoreUnreadable { .. }) => break,
+                // sled lets go of the lock a moment after the drop.
+                Err(Error::Store { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(error) => panic!("expected an unreadable store, got {error}"),
+                Ok(_) => panic!("a garbled store opened"),
+            }
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! reaps children (see `os` and `keeper`).
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
@@ -25,25 +25,27 @@ use tracing::Instrument;
 
 use crate::agent::{AgentRecord, AgentState, AgentStatus, Exit};
 use crate::cgroup;
-use crate::config::{FinishedRetention, Limits, ShutdownPolicy, SupervisorConfig};
+use crate::config::{FinishedRetention, Limits, ShutdownPolicy, StoreRecovery, SupervisorConfig};
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventKind};
 use crate::files::{AgentFiles, BaseEnv};
 use crate::handle::{AgentHistory, Command, ReapReport, StopTarget, SupervisorHandle};
 use crate::health::{HealthPolicy, ProgressReport};
 use crate::history::{History, HistoryPoint};
-use crate::keeper::{AckSink, ExitStream, KeeperClient};
+use crate::keeper::{AckSink, ExitStream, KeeperClient, KeptChild, KeptExit};
 use crate::lifecycle::ParentExit;
 use crate::machine::{AgentMachine, Effect, Launched, Now};
 use crate::os::{self, Os};
+use crate::rebuild::{self, Rebuilt};
 use crate::recorder::Recorder;
 use crate::recover::{self, ExitWatch, KeeperState};
 use crate::sampler::{self, SampleBatch, TreeSample};
 use crate::spec::{RunAs, SpawnRequest, check_id};
 use crate::stop::{StopOptions, StopOutcome, StopReason, StopReport};
-use crate::store::Store;
+use crate::store::{Store, StoreHistory};
 use crate::table::AgentTable;
 use crate::trace::{self, Traces};
+use crate::trust;
 
 pub struct Supervisor;
 
@@ -63,29 +65,28 @@ impl Supervisor {
                 what: format!("resolving `{}`", config.data_dir.display()),
                 source,
             })?;
+        check_owned_dir(&config.data_dir, "data folder")?;
+        // Before anything in the folder is touched: one daemon per data folder.
+        let data_lock = lock_data_dir(&config.data_dir)?;
         let agents_dir = config.data_dir.join("agents");
         let trash_dir = config.data_dir.join("trash");
-        check_owned_dir(&config.data_dir, "data folder")?;
         create_private_dir(&agents_dir)?;
         check_owned_dir(&agents_dir, "agents' folder")?;
         // Folders of removed agents that an earlier daemon did not finish deleting.
         check_owned_dir(&trash_dir, "trash folder")?;
         let _ = std::fs::remove_dir_all(&trash_dir);
         create_private_dir(&trash_dir)?;
+        let specs_dir = config.data_dir.join(rebuild::SPECS);
+        create_private_dir(&specs_dir)?;
         let store_dir = config.data_dir.join("store");
         check_owned_dir(&store_dir, "store folder")?;
-        let store = Store::open(&store_dir)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // Private even when the data folder is opened for agents of other users.
-            std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o700)).map_err(
-                |source| Error::Setup {
-                    what: format!("making `{}` private", store_dir.display()),
-                    source,
-                },
-            )?;
-        }
-        store.start_background_flush();
+        let rebuilding = config.recover_store == Some(StoreRecovery::Rebuild);
+        // A store sled cannot read is judged with the rest, once the keeper has said what
+        // it runs (`trusted_store`).
+        let opened = match Store::open(&store_dir) {
+            Err(Error::StoreUnreadable { problem, .. }) => Err(problem),
+            other => Ok(other?),
+        };
         os::become_subreaper().map_err(|source| Error::Setup {
             what: "becoming a child subreaper".into(),
             source,
@@ -106,7 +107,7 @@ impl Supervisor {
         let (keeper, kept_exits, ack_sink) =
             KeeperClient::reach(&config.data_dir, &program).map_err(keeper_failed)?;
         let hello = keeper.hello().map_err(keeper_failed)?;
-        let (children, exits) = (hello.children, hello.exits);
+        let (children, exits, keeps_records) = (hello.children, hello.exits, hello.records);
         let open_files = os::raise_open_files_limit();
         let detected = if hello.cgroups {
             cgroup::detect(&config.cgroups, &config.data_dir)
@@ -123,6 +124,24 @@ impl Supervisor {
             cgroup::Detected::None(_) => None,
         };
         let system = Arc::new(os::System::new(keeper, detected));
+        let (store, records, rebuilt) = trusted_store(
+            opened,
+            rebuilding,
+            (&store_dir, &specs_dir, &agents_dir),
+            system.as_ref(),
+            (&children, &exits),
+        )?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Private even when the data folder is opened for agents of other users.
+            std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o700)).map_err(
+                |source| Error::Setup {
+                    what: format!("making `{}` private", store_dir.display()),
+                    source,
+                },
+            )?;
+        }
+        store.start_background_flush();
         let cgroup_watch = os::ChangeWatch::new().map_err(|source| Error::Setup {
             what: "watching cgroups with inotify".into(),
             source,
@@ -137,7 +156,9 @@ impl Supervisor {
             os: system.clone(),
             store: store.clone(),
             events,
+            _data_lock: data_lock,
             agents_dir,
+            specs_dir,
             trash_dir,
             trash_emptying: Arc::default(),
             table: AgentTable::default(),
@@ -169,7 +190,7 @@ impl Supervisor {
             sample_interval: config.sample_interval,
         };
         let recovered_exits: Vec<i32> = exits.iter().map(|exit| exit.pid).collect();
-        task.recover(KeeperState { children, exits })?;
+        task.recover(KeeperState { children, exits }, records, rebuilt)?;
         task.reap();
         // What recovery learned is on disk before the keeper may forget it.
         store.flush_now()?;
@@ -179,7 +200,12 @@ impl Supervisor {
             .map_err(keeper_failed)?;
         tokio::spawn(task.run(commands, sigchld, adopted_exits));
         tokio::spawn(forward_kept_exits(kept_exits, commands_tx.clone()));
-        tokio::spawn(acknowledge_exits(ack_queue, ack_sink, store.clone()));
+        tokio::spawn(acknowledge_exits(
+            ack_queue,
+            ack_sink,
+            store.clone(),
+            keeps_records,
+        ));
 
         let handle = SupervisorHandle {
             commands: commands_tx,
@@ -287,6 +313,114 @@ fn check_owned_dir(path: &Path, what: &str) -> Result<()> {
     }
 }
 
+/// The store to start on, with its records: the one opened, if the host agrees with it;
+/// else, with `--recover-store rebuild`, a new one and records rebuilt from the agent
+/// folders; else the refusal, before anything is killed or written.
+fn trusted_store(
+    opened: std::result::Result<Store, String>,
+    rebuilding: bool,
+    (store_dir, specs_dir, agents_dir): (&Path, &Path, &Path),
+    os: &dyn Os,
+    (children, exits): (&[KeptChild], &[KeptExit]),
+) -> Result<(Store, Vec<AgentRecord>, Option<Rebuilt>)> {
+    let ticks = os.proc_units().0.max(1) as f64;
+    let mut running = BTreeMap::<String, f64>::new();
+    let mut started = |agent_id: &str, start_ticks: Option<u64>| {
+        let at = start_ticks.map_or(f64::MAX, |t| t as f64 / ticks);
+        let earliest = running.entry(agent_id.to_string()).or_insert(at);
+        *earliest = earliest.min(at);
+    };
+    for child in children {
+        started(&child.agent_id, child.start_ticks);
+    }
+    for leader in os.marked_leaders(agents_dir) {
+        started(&leader.agent_id, Some(leader.stat.start_ticks));
+    }
+    let mut records = Vec::new();
+    let (history, problem) = match &opened {
+        Ok(store) => {
+            records = store.load_agents()?;
+            (store.history()?, None)
+        }
+        Err(problem) => (StoreHistory::default(), Some(problem)),
+    };
+    let evidence = trust::Evidence {
+        records: &records,
+        history,
+        stamp: Store::stamped_generation(store_dir),
+        folders: trust::agent_folders(agents_dir),
+        running,
+        exited: exits.iter().map(|exit| exit.agent_id.clone()).collect(),
+        recorded: children
+            .iter()
+            .filter(|child| child.recorded)
+            .map(|child| child.agent_id.clone())
+            .collect(),
+    };
+    let reasons = match problem {
+        Some(problem) => vec![format!("sled cannot read it ({problem})")],
+        None => trust::judge(&evidence).unwrap_or_default(),
+    };
+    if let (Ok(store), true) = (&opened, reasons.is_empty()) {
+        if rebuilding {
+            tracing::warn!(
+                "the agent store agrees with the agents found: it is used as it is, and \
+                 --recover-store is ignored"
+            );
+        }
+        rebuild::write_missing_specs(specs_dir, &records);
+        return Ok((store.clone(), records, None));
+    }
+    let findings = trust::findings(store_dir, &reasons, &evidence);
+    if !rebuilding {
+        return Err(Error::StoreDistrusted {
+            report: trust::refusal(store_dir, &findings),
+        });
+    }
+    // sled lets go of the old files; they move aside with their folder.
+    drop(opened);
+    let aside = rebuild::move_aside(store_dir)?;
+    tracing::error!(
+        "{findings}. --recover-store rebuild: the store was moved aside to `{}`; records are \
+         rebuilt from the agent folders and the keeper",
+        aside.as_deref().unwrap_or(store_dir).display()
+    );
+    let store = Store::open(store_dir)?;
+    let mut rebuilt = rebuild::rebuild(specs_dir, agents_dir);
+    rebuilt.aside = aside;
+    let records = std::mem::take(&mut rebuilt.records);
+    Ok((store, records, Some(rebuilt)))
+}
+
+/// Locks the data folder for this daemon, or says another one runs there.
+fn lock_data_dir(data_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("agentd.lock");
+    let failed = |source| Error::Setup {
+        what: format!("locking `{}`", path.display()),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(failed)?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| match errno {
+        nix::errno::Errno::EWOULDBLOCK => Error::Setup {
+            what: format!(
+                "another agentd runs on the data folder `{}` (it holds `{}`)",
+                data_dir.display(),
+                path.display()
+            ),
+            source: std::io::Error::from(errno),
+        },
+        errno => failed(std::io::Error::from(errno)),
+    })
+}
+
 fn create_private_dir(path: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -304,7 +438,11 @@ pub(crate) struct SupervisorTask {
     recorder: Arc<dyn Recorder>,
     store: Store,
     events: EventBus,
+    /// `DATA/agentd.lock`, held while the daemon runs: one daemon per data folder.
+    _data_lock: nix::fcntl::Flock<std::fs::File>,
     agents_dir: PathBuf,
+    /// Every agent's spec, for a rebuild of the records (`rebuild.rs`).
+    specs_dir: PathBuf,
     /// Removed agents' folders wait here to be deleted.
     trash_dir: PathBuf,
     /// A blocking thread is deleting the trash.
@@ -713,6 +851,7 @@ impl SupervisorTask {
                     limit_fallbacks: started.fallbacks,
                 };
                 self.input(agent_id, |m, now, out| m.started(now, launched, out));
+                let _ = self.acks.send(Ack::Recorded(started.pid));
                 // The first reading at once, so status right after Spawn is not all zeros.
                 if let Some(stat) = self.os.proc_stat(started.pid) {
                     let sample = TreeSample {
@@ -787,6 +926,8 @@ impl SupervisorTask {
                 tracing::info_span!(target: trace::TARGET, "agentd.spawn.folder").entered();
             AgentFiles::prepare(&agent_id, &agent_dir, &prompt, owner)?
         };
+        // What a rebuild of the record starts from, should the store be lost.
+        rebuild::write_spec(&self.specs_dir, &spec)?;
         let record = AgentRecord::new(Arc::new(spec), agent_dir, SystemTime::now());
         let machine = AgentMachine::starting(record, self.now());
         // The STARTING record reaches the disk before the process exists.
@@ -1463,6 +1604,7 @@ impl SupervisorTask {
             tracing::warn!(%agent_id, %error, "removing the agent's cgroup");
         }
         self.store.remove_agent(agent_id)?;
+        rebuild::remove_spec(&self.specs_dir, agent_id);
         self.events
             .emit(EventKind::Removed, String::new(), None, || status.clone());
         self.histories.remove(agent_id);
@@ -1560,13 +1702,26 @@ impl SupervisorTask {
     }
 
     /// Loads every stored agent and learns what became of it while agentd was away.
-    fn recover(&mut self, keeper: KeeperState) -> Result<()> {
-        let records = self.store.load_agents()?;
+    /// `records`: the store's, or rebuilt from the agent folders (`rebuilt`), in which case
+    /// no process is killed for want of a record.
+    fn recover(
+        &mut self,
+        keeper: KeeperState,
+        records: Vec<AgentRecord>,
+        rebuilt: Option<Rebuilt>,
+    ) -> Result<()> {
         self.records_set_aside = u32::try_from(self.store.set_aside_count()).unwrap_or(u32::MAX);
         // Every agent is in the table before any effect runs: an agent that ended for good
         // stops the children that follow it, whatever their place in id order.
         let mut pending = Vec::new();
-        let recovery = recover::recover(records, self.os.as_ref(), &self.agents_dir, &keeper);
+        let trusted = rebuilt.is_none();
+        let recovery = recover::recover(
+            records,
+            self.os.as_ref(),
+            &self.agents_dir,
+            &keeper,
+            trusted,
+        );
         for stray in recovery.strays {
             self.watch_stray(stray);
         }
@@ -1586,6 +1741,7 @@ impl SupervisorTask {
             match (found.watch, pid) {
                 (ExitWatch::Keeper, Some(pid)) => {
                     self.table.child_started(&agent_id, pid, &request_id);
+                    let _ = self.acks.send(Ack::Recorded(pid));
                 }
                 (ExitWatch::Pidfd(pidfd), _) => self.watch_adopted(agent_id.clone(), pidfd),
                 _ => {}
@@ -1595,7 +1751,44 @@ impl SupervisorTask {
         for (agent_id, now, effects) in pending {
             self.carry_out(&agent_id, now, effects);
         }
+        if let Some(rebuilt) = rebuilt {
+            self.report_rebuild(&rebuilt);
+        }
         Ok(())
+    }
+
+    /// Says, in one error line, what became of each agent whose record was rebuilt.
+    fn report_rebuild(&self, rebuilt: &Rebuilt) {
+        let mut adopted = Vec::new();
+        let mut ended = Vec::new();
+        let mut lost = Vec::new();
+        for machine in self.table.machines() {
+            let record = machine.record();
+            let id = record.spec.agent_id.clone();
+            match record.state {
+                AgentState::Lost => lost.push(id),
+                _ if machine.leader_alive() => adopted.push(id),
+                _ => ended.push(format!("{id} ({})", record.state_text())),
+            }
+        }
+        let list = |ids: &[String]| match ids.is_empty() {
+            true => "none".to_string(),
+            false => ids.join(", "),
+        };
+        tracing::error!(
+            "records rebuilt after the store could not be trusted (the old store is kept at \
+             `{}`): running, adopted: {}; ended while agentd was away: {}; LOST, how they \
+             ended is unknown (the old store may have known, or was rolled back past it): {}; \
+             folders with no spec, not rebuilt, their processes left alone: {}",
+            rebuilt
+                .aside
+                .as_deref()
+                .map_or_else(|| "nowhere".into(), |p| p.display().to_string()),
+            list(&adopted),
+            list(&ended),
+            list(&lost),
+            list(&rebuilt.without_spec),
+        );
     }
 
     /// An adopted agent is not our child: its exit arrives through a pidfd.
@@ -1631,31 +1824,45 @@ async fn forward_kept_exits(mut exits: ExitStream, commands: mpsc::Sender<Comman
 enum Ack {
     /// The exit of this pid is handled.
     Exit(i32),
+    /// The record of this run (the keeper's child) is written: once it is on disk, the
+    /// keeper is told, so a store that loses it is caught at the next start (`trust.rs`).
+    Recorded(i32),
     /// Answer once everything sent before is acknowledged.
     Drain(oneshot::Sender<()>),
 }
 
-/// Acknowledges handled exits in batches, each once a flush has put it on disk.
+/// Acknowledges handled exits, and tells which runs are recorded, in batches, each once a
+/// flush has put it on disk. `keeps_records`: the keeper understands `Recorded`.
 async fn acknowledge_exits(
     mut queue: mpsc::UnboundedReceiver<Ack>,
     mut sink: AckSink,
     store: Store,
+    keeps_records: bool,
 ) {
     while let Some(first) = queue.recv().await {
-        let (mut pids, mut drained) = (Vec::new(), Vec::new());
+        let (mut pids, mut recorded, mut drained) = (Vec::new(), Vec::new(), Vec::new());
         let mut take = |ack| match ack {
             Ack::Exit(pid) => pids.push(pid),
+            Ack::Recorded(pid) if keeps_records => recorded.push(pid),
+            Ack::Recorded(_) => {}
             Ack::Drain(done) => drained.push(done),
         };
         take(first);
         while let Ok(ack) = queue.try_recv() {
             take(ack);
         }
-        if !pids.is_empty() {
+        if !pids.is_empty() || !recorded.is_empty() {
             match store.flush().await {
                 Ok(()) => {
-                    if let Err(error) = sink.ack(pids).await {
+                    if !pids.is_empty()
+                        && let Err(error) = sink.ack(pids).await
+                    {
                         tracing::error!(%error, "acknowledging exits to the keeper");
+                    }
+                    if !recorded.is_empty()
+                        && let Err(error) = sink.recorded(recorded).await
+                    {
+                        tracing::error!(%error, "telling the keeper which runs are recorded");
                     }
                 }
                 Err(error) => tracing::error!(%error, "flushing exits before acknowledging them"),

@@ -39,6 +39,7 @@ pub fn error_status(error: Error) -> Status {
             _ => Code::Internal,
         },
         Error::AgentDir { .. } | Error::Store { .. } | Error::Record { .. } => Code::Internal,
+        Error::StoreUnreadable { .. } | Error::StoreDistrusted { .. } => Code::Internal,
         Error::Setup { .. } => Code::Internal,
         Error::SequenceCompacted { .. } | Error::SequenceAhead { .. } => Code::OutOfRange,
         Error::ShuttingDown => Code::Unavailable,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use agentd_core::{
     CgroupSetting, DaemonLimits, EventRetention, FinishedRetention, LogRotation, ShutdownPolicy,
-    Supervisor, SupervisorConfig, TRACE_TARGET,
+    StoreRecovery, Supervisor, SupervisorConfig, TRACE_TARGET,
 };
 use agentd_server::{
     Listener, Metrics, PerAgent, Security, ServeOptions, auth, notify, settings, telemetry, tls,
@@ -143,6 +143,13 @@ struct Options {
     /// agentd's own cgroup where it is delegated, else /agentd/<data folder, escaped>]
     #[arg(long, env = "AGENTD_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
+    /// Start on an agent store that cannot be trusted (unreadable, empty while agents exist,
+    /// older than its last flush), which agentd otherwise refuses: `rebuild` moves it aside
+    /// to DATA_DIR/store.damaged-TIME and rebuilds each agent's record from its folder and
+    /// the keeper, adopting the agents that run. A trusted store is used as it is. No
+    /// environment variable: it is for one start
+    #[arg(long, value_parser = ["rebuild"])]
+    recover_store: Option<String>,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
@@ -271,6 +278,10 @@ async fn serve(options: Options) -> anyhow::Result<()> {
     };
     config.pass_env = options.pass_env;
     config.allow_users = options.allow_users;
+    config.recover_store = options
+        .recover_store
+        .as_deref()
+        .map(|_| StoreRecovery::Rebuild);
     let metrics = Arc::new(Metrics::new(PerAgent {
         enabled: options.metrics_per_agent,
         labels: options.metrics_agent_labels,
