@@ -29,3 +29,4 @@ mod systemd;
 mod top;
 mod tracing;
 mod watching;
+mod web_attacks;
