@@ -545,8 +545,12 @@ async fn idle_and_half_sent_connections_are_closed_and_open_streams_are_not() {
     // The quiet streams still deliver.
     let mut local = daemon.client().await;
     spawn(&mut local, "after-idle", sh("sleep 30")).await;
-    let seen = sse.until(|event| event.data.contains("after-idle")).await;
-    assert!(!seen.is_empty());
+    tokio::time::timeout(
+        DEADLINE,
+        sse.until(|event| event.data.contains("after-idle")),
+    )
+    .await
+    .expect("the quiet event stream delivers");
     assert_eq!(next_event(&mut watch).await.agent_id, "after-idle");
     kill_all(&mut local).await;
 }
@@ -591,6 +595,15 @@ async fn failed_attempts_never_lock_out_a_valid_token() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// The `event: error` an event stream ends with, within the deadline (its keep-alive
+/// comments would otherwise keep a reader waiting for ever).
+async fn last_error(events: &mut SseReader) -> serde_json::Value {
+    let seen = tokio::time::timeout(DEADLINE, events.until(|event| event.event == "error"))
+        .await
+        .expect("the stream ends with an error in time");
+    seen.last().expect("an error event").json()
+}
+
 #[tokio::test]
 async fn logging_out_ends_the_session_and_its_streams() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -629,8 +642,7 @@ async fn logging_out_ends_the_session_and_its_streams() {
     // The copied cookie opens nothing any more, and the stream it opened ended.
     let (status, _, body) = https(&address, &ca, with_cookie("GET", "/v1/summary")).await;
     assert_eq!(status, 401, "{body}");
-    let last = events.until(|event| event.event == "error").await;
-    let error = last.last().expect("an error event").json();
+    let error = last_error(&mut events).await;
     assert_eq!(error["code"], "UNAUTHENTICATED", "{error}");
     assert!(events.next().await.is_none(), "the stream goes on");
 }
@@ -726,8 +738,7 @@ async fn streams_opened_with_a_revoked_token_end_after_the_reload() {
         }
     };
     assert_eq!(logs_ended.code(), Code::Unauthenticated, "{logs_ended:?}");
-    let last = sse.until(|event| event.event == "error").await;
-    let error = last.last().expect("an error event").json();
+    let error = last_error(&mut sse).await;
     assert_eq!(error["code"], "UNAUTHENTICATED", "{error}");
 
     // The admin's stream goes on.

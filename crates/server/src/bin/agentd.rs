@@ -56,7 +56,9 @@ struct Options {
     #[arg(long, env = "AGENTD_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Serve --listen and --http-listen without TLS or tokens, on loopback addresses only,
-    /// for experiments
+    /// for experiments. Only requests that name the listener (Host or :authority
+    /// 127.0.0.1:PORT or localhost:PORT) are answered, and changes only without a foreign
+    /// Origin and with a JSON body, so web pages cannot use it
     #[arg(long, env = "AGENTD_INSECURE_LISTEN")]
     insecure_listen: bool,
     /// Open connections per TCP listener; more are closed at once
