@@ -70,8 +70,8 @@ struct Options {
     #[arg(long, env = "AGENTD_MAX_CONNECTIONS_PER_PEER")]
     max_connections_per_peer: Option<usize>,
     /// A TCP connection with no request in flight for this long is closed (30s, 2m...); an
-    /// open event stream is a request in flight. A new connection gets at most 10s (or this,
-    /// if shorter) for its TLS handshake and again for its first request
+    /// open event stream is a request in flight. A new connection gets 10s for its TLS
+    /// handshake, then at most 10s (or this, if shorter) for its first complete request
     #[arg(long, env = "AGENTD_IDLE_TIMEOUT", default_value = "60s", value_parser = settings::parse_duration)]
     idle_timeout: Duration,
     /// Watchers (WatchAgents calls and /v1/events streams) open at once
