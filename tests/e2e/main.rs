@@ -31,3 +31,4 @@ mod systemd;
 mod top;
 mod tracing;
 mod watching;
+mod web_attacks;

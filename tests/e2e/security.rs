@@ -18,18 +18,18 @@ use tonic::transport::Endpoint;
 
 use crate::harness::*;
 
-const ADMIN: &str = "admin-token-7f3a9c1e55";
-const READER: &str = "reader-token-2b8d4e6f90";
+pub(crate) const ADMIN: &str = "admin-token-7f3a9c1e55";
+pub(crate) const READER: &str = "reader-token-2b8d4e6f90";
 
 /// A CA with a server certificate for localhost and 127.0.0.1, and a client certificate,
 /// written as PEM files.
-struct Pki {
+pub(crate) struct Pki {
     dir: PathBuf,
     ca: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl Pki {
-    fn new(dir: &Path, name: &str) -> Pki {
+    pub(crate) fn new(dir: &Path, name: &str) -> Pki {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params
@@ -44,7 +44,7 @@ impl Pki {
     }
 
     /// Writes `NAME.pem` and `NAME.key`; `expired` makes one that ended in 2021.
-    fn issue(&self, name: &str, expired: bool) -> (PathBuf, PathBuf) {
+    pub(crate) fn issue(&self, name: &str, expired: bool) -> (PathBuf, PathBuf) {
         let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".into()])
             .expect("params");
         if expired {
@@ -62,12 +62,12 @@ impl Pki {
         (cert_path, key_path)
     }
 
-    fn ca_path(&self) -> PathBuf {
+    pub(crate) fn ca_path(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
 }
 
-fn tls_client(
+pub(crate) fn tls_client(
     ca: &Path,
     client: Option<(&Path, &Path)>,
     alpn: &[u8],
@@ -98,7 +98,7 @@ fn tls_client(
 }
 
 /// A channel over TLS to `address` (HOST:PORT), or the error connecting.
-async fn tls_channel(
+pub(crate) async fn tls_channel(
     address: &str,
     ca: &Path,
     client: Option<(&Path, &Path)>,
@@ -120,7 +120,7 @@ async fn tls_channel(
 }
 
 /// A gRPC client over TLS to `address` (HOST:PORT), or the error connecting.
-async fn grpc_over_tls(
+pub(crate) async fn grpc_over_tls(
     address: &str,
     ca: &Path,
     client: Option<(&Path, &Path)>,
@@ -132,7 +132,7 @@ async fn grpc_over_tls(
 
 /// A daemon with TLS (a certificate from `pki`) and the two tokens, listening as `listen`
 /// says (`--listen` or `--http-listen`), with `extra` options.
-async fn secured(dir: &Path, pki: &Pki, listen: &str, extra: &[&str]) -> Daemon {
+pub(crate) async fn secured(dir: &Path, pki: &Pki, listen: &str, extra: &[&str]) -> Daemon {
     let (cert, key) = pki.issue("server", false);
     let tokens = token_file(dir, &format!("{ADMIN} admin\n{READER} read\n"));
     let mut options = vec![
@@ -149,7 +149,7 @@ async fn secured(dir: &Path, pki: &Pki, listen: &str, extra: &[&str]) -> Daemon 
     Daemon::start_with(&options).await
 }
 
-fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+pub(crate) fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert(
         "authorization",
@@ -158,7 +158,7 @@ fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
-fn address(daemon: &Daemon) -> String {
+pub(crate) fn address(daemon: &Daemon) -> String {
     daemon
         .grpc_address
         .clone()
@@ -167,14 +167,17 @@ fn address(daemon: &Daemon) -> String {
         .to_string()
 }
 
-fn token_file(dir: &Path, text: &str) -> PathBuf {
+pub(crate) fn token_file(dir: &Path, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     let path = dir.join("tokens");
     std::fs::write(&path, text).expect("token file");
+    // agentd refuses a token file that other users can read.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     path
 }
 
 /// One HTTP/1.1 request over TLS: (status, headers, body).
-async fn https(
+pub(crate) async fn https(
     address: &str,
     ca: &Path,
     request: hyper::Request<String>,
@@ -370,7 +373,7 @@ async fn mtls_expired_certificates_and_a_reload_on_sighup() {
     let live_key = dir.path().join("live.key");
     std::fs::copy(&cert, &live_cert).expect("copy");
     std::fs::copy(&key, &live_key).expect("copy");
-    let tokens = token_file(dir.path(), &format!("{ADMIN} admin\n"));
+    let tokens = token_file(dir.path(), &format!("{ADMIN} admin\n{READER} read\n"));
     let daemon = Daemon::start_with(&[
         "--listen",
         "127.0.0.1:0",
@@ -418,13 +421,19 @@ async fn mtls_expired_certificates_and_a_reload_on_sighup() {
         .await
         .expect("mTLS with a token");
     let mut watch = kept
+        .watch_agents(with_token(pb::WatchAgentsRequest::default(), READER))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut revoked_watch = kept
         .watch_agents(with_token(pb::WatchAgentsRequest::default(), ADMIN))
         .await
         .expect("watch")
         .into_inner();
 
     // SIGHUP: a new certificate (from another CA) and a new token file. New connections get
-    // them; the open connection and its stream go on.
+    // them; the open connection and the stream whose token stays go on, the stream whose
+    // token left ends.
     let second = Pki::new(dir.path(), "second");
     let (cert, key) = second.issue("server", false);
     std::fs::copy(&cert, &live_cert).expect("copy");
@@ -467,6 +476,11 @@ async fn mtls_expired_certificates_and_a_reload_on_sighup() {
         seen.agent_id, "after-reload",
         "the stream opened before the reload goes on"
     );
+    let ended = tokio::time::timeout(DEADLINE, revoked_watch.message())
+        .await
+        .expect("the revoked stream ends in time")
+        .expect_err("the revoked stream ends with a status");
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
     assert!(
         daemon
             .log()

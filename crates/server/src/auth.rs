@@ -1,7 +1,10 @@
 //! Who may call what over TCP: bearer tokens with a role each, from `--token-file`. A token is
 //! kept only as its SHA-256 digest and compared in constant time; it is never logged. Failed
-//! attempts are logged with the peer's address and limited per peer. The Unix socket is not
-//! checked here: its mode (0600, or 0660 with `--socket-group`) is its guard.
+//! attempts are logged with the peer's address and limited per peer: past the limit a wrong
+//! token is refused without a log line, while a valid one still passes. A token file that
+//! other users can read is refused. Streams opened with a token or session end once it no
+//! longer holds (`revoke.rs`). The Unix socket is not checked here: its mode (0600, or 0660
+//! with `--socket-group`) is its guard.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -10,7 +13,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
+
+use crate::connection::peer_of;
+use crate::origin;
 
 /// What a token allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -133,6 +140,16 @@ pub struct Guard {
     tokens: RwLock<Arc<Tokens>>,
     failures: Mutex<HashMap<IpAddr, Failures>>,
     sessions: Mutex<HashMap<Digest, Session>>,
+    /// Cancelled (and replaced) whenever tokens or sessions may have ended: each open stream
+    /// then checks that what opened it still holds.
+    revoked: RwLock<CancellationToken>,
+}
+
+/// What an open stream was authenticated with, so it can be checked again later.
+#[derive(Debug, Clone, Copy)]
+pub enum Held {
+    Token(Digest),
+    Session(Digest),
 }
 
 impl Guard {
@@ -142,15 +159,32 @@ impl Guard {
             tokens: RwLock::new(Arc::default()),
             failures: Mutex::default(),
             sessions: Mutex::default(),
+            revoked: RwLock::default(),
         };
         guard.reload()?;
         Ok(guard)
     }
 
     /// Reads the token file again; on an error the tokens in use stay. Returns how many
-    /// tokens there are now.
+    /// tokens there are now. Streams opened with a token that left end.
     pub fn reload(&self) -> anyhow::Result<usize> {
-        let text = std::fs::read_to_string(&self.path)
+        use std::os::unix::fs::PermissionsExt;
+        let file = std::fs::File::open(&self.path)
+            .with_context(|| format!("reading the token file `{}`", self.path.display()))?;
+        let mode = file
+            .metadata()
+            .with_context(|| format!("reading the token file `{}`", self.path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            bail!(
+                "the token file `{}` can be read or changed by other users (mode {:03o}): run                  `chmod 600 {}`",
+                self.path.display(),
+                mode & 0o777,
+                self.path.display()
+            );
+        }
+        let text = std::io::read_to_string(file)
             .with_context(|| format!("reading the token file `{}`", self.path.display()))?;
         let tokens = Tokens::parse(&text)
             .with_context(|| format!("in the token file `{}`", self.path.display()))?;
@@ -159,7 +193,44 @@ impl Guard {
         }
         let count = tokens.0.len();
         *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
+        self.revoke_streams();
         Ok(count)
+    }
+
+    /// Wakes every open stream to check its credential again.
+    fn revoke_streams(&self) {
+        let fresh = CancellationToken::new();
+        let old = std::mem::replace(
+            &mut *self.revoked.write().unwrap_or_else(|e| e.into_inner()),
+            fresh,
+        );
+        old.cancel();
+    }
+
+    /// Cancelled when the streams opened now should check their credential again: take it
+    /// before the check, so that no reload can fall between.
+    pub fn revocation(&self) -> CancellationToken {
+        self.revoked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// What a request that passed `check` holds, for `still_valid` later.
+    pub fn held(credential: Credential<'_>) -> Option<Held> {
+        match credential {
+            Credential::None => None,
+            Credential::Bearer(token) => Some(Held::Token(sha256(token.as_bytes()))),
+            Credential::Session(id) => Some(Held::Session(sha256(id.as_bytes()))),
+        }
+    }
+
+    /// Whether the token or session still opens anything.
+    pub fn still_valid(&self, held: &Held) -> bool {
+        match held {
+            Held::Token(digest) => self.tokens().role_of_digest(digest).is_some(),
+            Held::Session(id) => self.session_role_of_digest(id).is_some(),
+        }
     }
 
     fn tokens(&self) -> Arc<Tokens> {
@@ -178,23 +249,25 @@ impl Guard {
         needs: Role,
         what: &str,
     ) -> Result<Role, Status> {
-        if let Some(peer) = peer
-            && self.over_limit(peer)
-        {
-            return Err(crate::convert::exhausted(
-                format!(
-                    "too many failed authentications from {peer}; try again within {}s",
-                    FAILURE_WINDOW.as_secs()
-                ),
-                crate::convert::Exhausted::FailedAuthentications,
-            ));
-        }
         let role = match credential {
             Credential::None => None,
             Credential::Bearer(token) => self.tokens().role_of(token),
             Credential::Session(id) => self.session_role(id),
         };
         let Some(role) = role else {
+            // Past the limit, failures are refused without being counted or logged; a valid
+            // token from the same address is never held back by someone else's attempts.
+            if let Some(peer) = peer
+                && self.over_limit(peer)
+            {
+                return Err(crate::convert::exhausted(
+                    format!(
+                        "too many failed authentications from {peer}; try again within {}s",
+                        FAILURE_WINDOW.as_secs()
+                    ),
+                    crate::convert::Exhausted::FailedAuthentications,
+                ));
+            }
             self.failed(peer, matches!(credential, Credential::None));
             return Err(Status::unauthenticated(match credential {
                 Credential::None => "a bearer token is required: `authorization: Bearer TOKEN`",
@@ -268,10 +341,26 @@ impl Guard {
         Ok(id)
     }
 
+    /// Ends a session (logout): its cookie opens nothing from now on, and its streams end.
+    pub fn close_session(&self, id: &str) {
+        let removed = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&sha256(id.as_bytes()));
+        if removed.is_some() {
+            self.revoke_streams();
+        }
+    }
+
     fn session_role(&self, id: &str) -> Option<Role> {
+        self.session_role_of_digest(&sha256(id.as_bytes()))
+    }
+
+    fn session_role_of_digest(&self, id: &Digest) -> Option<Role> {
         let token = {
             let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            let session = sessions.get(&sha256(id.as_bytes()))?;
+            let session = sessions.get(id)?;
             (session.expires > Instant::now()).then_some(session.token)?
         };
         self.tokens().role_of_digest(&token)
@@ -369,6 +458,7 @@ mod tests {
             )),
             failures: Mutex::default(),
             sessions: Mutex::default(),
+            revoked: RwLock::default(),
         };
         let peer = Some("10.0.0.1".parse().expect("ip"));
         let read = Credential::Bearer("reader-token-0123456");
@@ -392,11 +482,16 @@ mod tests {
                 tonic::Code::Unauthenticated
             );
         }
-        // The limit reached, even a good token from that peer waits; others are not affected.
+        // The limit reached, wrong tokens from that peer are refused as too many; a good
+        // token still passes, and other peers are not affected.
         let limited = guard
-            .check(read, peer, Role::Read, "Status")
+            .check(Credential::Bearer("nope"), peer, Role::Read, "Status")
             .expect_err("limited");
         assert_eq!(limited.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            guard.check(read, peer, Role::Read, "Status").ok(),
+            Some(Role::Read)
+        );
         let elsewhere = Some("10.0.0.2".parse().expect("ip"));
         assert!(guard.check(read, elsewhere, Role::Read, "Status").is_ok());
 
@@ -420,6 +515,27 @@ mod tests {
         );
         assert_eq!(
             revoked.expect_err("revoked").code(),
+            tonic::Code::Unauthenticated
+        );
+
+        // Logging out ends a session at once, and wakes the streams to check again.
+        let session = guard
+            .open_session("reader-token-0123456", elsewhere)
+            .expect("session");
+        let held = Guard::held(Credential::Session(&session)).expect("held");
+        assert!(guard.still_valid(&held));
+        let woken = guard.revocation();
+        guard.close_session(&session);
+        assert!(woken.is_cancelled());
+        assert!(!guard.still_valid(&held));
+        let closed = guard.check(
+            Credential::Session(&session),
+            elsewhere,
+            Role::Read,
+            "Status",
+        );
+        assert_eq!(
+            closed.expect_err("closed").code(),
             tonic::Code::Unauthenticated
         );
     }
@@ -450,6 +566,9 @@ mod tests {
 #[derive(Clone)]
 pub struct GrpcLayer {
     pub guard: Option<Arc<Guard>>,
+    /// Without tokens (`--insecure-listen`): only the listener's own loopback `:authority`
+    /// is answered, against DNS rebinding.
+    pub loopback_only: bool,
 }
 
 impl<S> tower::Layer<S> for GrpcLayer {
@@ -459,6 +578,7 @@ impl<S> tower::Layer<S> for GrpcLayer {
         GrpcAuth {
             inner,
             guard: self.guard.clone(),
+            loopback_only: self.loopback_only,
         }
     }
 }
@@ -467,7 +587,15 @@ impl<S> tower::Layer<S> for GrpcLayer {
 pub struct GrpcAuth<S> {
     inner: S,
     guard: Option<Arc<Guard>>,
+    loopback_only: bool,
 }
+
+/// The gRPC methods that stream for as long as the client wants: they end when what opened
+/// them is revoked.
+const STREAMING: [&str; 2] = [
+    "/agentd.v1.AgentSupervisor/WatchAgents",
+    "/agentd.v1.AgentSupervisor/StreamLogs",
+];
 
 type ResponseFuture<R, E> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<R, E>> + Send + 'static>>;
@@ -490,6 +618,21 @@ where
     }
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let peer = peer_of(request.extensions());
+        if self.loopback_only {
+            let authority = request.uri().authority().map(|a| a.as_str()).or_else(|| {
+                request
+                    .headers()
+                    .get(axum::http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+            });
+            if let Err(status) =
+                origin::check_loopback_host(authority, peer.and_then(|peer| peer.local))
+            {
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
+        }
+        let mut held = None;
         if let Some(guard) = &self.guard
             && let Some(needs) = grpc_role(request.uri().path())
         {
@@ -499,16 +642,31 @@ where
                     .get(axum::http::header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok()),
             );
-            let peer = request
-                .extensions()
-                .get::<tonic::transport::server::TcpConnectInfo>()
-                .and_then(|info| info.remote_addr())
-                .map(|addr| addr.ip());
+            let peer = peer.map(|peer| peer.remote.ip());
             let method = request.uri().path().rsplit('/').next().unwrap_or_default();
+            let revocation = guard.revocation();
             if let Err(status) = guard.check(credential, peer, needs, method) {
                 return Box::pin(std::future::ready(Ok(status.into_http())));
             }
+            if STREAMING.contains(&request.uri().path()) {
+                held = Guard::held(credential).map(|held| (guard.clone(), held, revocation));
+            }
         }
-        Box::pin(self.inner.call(request))
+        let answer = self.inner.call(request);
+        match held {
+            None => Box::pin(answer),
+            Some((guard, held, revocation)) => Box::pin(async move {
+                let response = answer.await?;
+                Ok(response.map(|body| {
+                    tonic::body::Body::new(crate::revoke::Revocable::new(
+                        body,
+                        guard,
+                        held,
+                        revocation,
+                        crate::revoke::Ending::Grpc,
+                    ))
+                }))
+            }),
+        }
     }
 }

@@ -25,10 +25,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
 use crate::auth::{Credential, Guard, Role};
+use crate::connection::{Peer, peer_of};
 use crate::convert::code_name;
 use crate::metrics::Metrics;
+use crate::origin::{self, Caller};
+use crate::revoke::{Ending, Revocable};
 use crate::service::AgentSupervisorService;
-use crate::tls::Peer;
 
 #[derive(Clone)]
 pub struct Api {
@@ -84,15 +86,44 @@ const SESSION_COOKIE: &str = "agentd_session";
 
 /// Every request needs a token (`Authorization: Bearer`) or a session cookie, a `read` one
 /// for GET, an `admin` one for anything else; the page's files, the probes and opening a
-/// session do not.
+/// session do not. What a browser could be made to send is checked first (`origin.rs`):
+/// without tokens, the `Host`, and for a change the `Origin` and content type; with the
+/// cookie, a change's `Origin` and content type. A stream ends once its credential is
+/// revoked.
 async fn require_token(
     State(api): State<Api>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let changes = origin::changes_state(request.method());
+    let scheme = if api.secure_cookies { "https" } else { "http" };
     let Some(guard) = &api.guard else {
-        return next.run(request).await;
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok());
+        let local = peer_of(request.extensions()).and_then(|peer| peer.local);
+        let checked = origin::check_loopback_host(host, local).and_then(|()| match changes {
+            true => origin::check_state_change(request.headers(), scheme, Caller::Anyone),
+            false => Ok(()),
+        });
+        return match checked {
+            Ok(()) => next.run(request).await,
+            Err(status) => ApiError(status).into_response(),
+        };
     };
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let session = cookie(request.headers(), SESSION_COOKIE);
+    if changes
+        && authorization.is_none()
+        && session.is_some()
+        && let Err(status) = origin::check_state_change(request.headers(), scheme, Caller::Cookie)
+    {
+        return ApiError(status).into_response();
+    }
     let path = request.uri().path();
     let open = matches!(path, "/" | "/healthz" | "/readyz" | "/v1/session")
         || path.starts_with("/dashboard/");
@@ -103,23 +134,35 @@ async fn require_token(
         Method::GET | Method::HEAD => Role::Read,
         _ => Role::Admin,
     };
-    let authorization = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
     let credential = match authorization {
         Some(_) => Credential::from_authorization(authorization),
-        None => {
-            cookie(request.headers(), SESSION_COOKIE).map_or(Credential::None, Credential::Session)
-        }
+        None => session.map_or(Credential::None, Credential::Session),
     };
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<Peer>>()
-        .map(|info| info.0.0.ip());
+    let peer = peer_of(request.extensions()).map(|peer| peer.remote.ip());
     let what = format!("{} {path}", request.method());
+    let streams = request.method() == Method::GET
+        && (path == "/v1/events" || (path.starts_with("/v1/agents/") && path.ends_with("/logs")));
+    let revocation = guard.revocation();
     match guard.check(credential, peer, needs, &what) {
-        Ok(_) => next.run(request).await,
+        Ok(_) => {
+            let held = Guard::held(credential).filter(|_| streams);
+            let response = next.run(request).await;
+            match held {
+                None => response,
+                Some(held) => {
+                    let ending = match response.headers().get(header::CONTENT_TYPE) {
+                        Some(v) if v.as_bytes().starts_with(b"text/event-stream") => {
+                            Ending::ServerSentEvents
+                        }
+                        _ => Ending::Cut,
+                    };
+                    let guard = guard.clone();
+                    response.map(|body| {
+                        axum::body::Body::new(Revocable::new(body, guard, held, revocation, ending))
+                    })
+                }
+            }
+        }
         Err(status) => {
             let mut response = ApiError(status).into_response();
             if response.status() == StatusCode::UNAUTHORIZED {
@@ -172,7 +215,7 @@ async fn open_session(
         Credential::Bearer(token) => token.to_string(),
         _ => body.token,
     };
-    let peer = connect.map(|c| c.0.0.0.ip());
+    let peer = connect.map(|c| c.0.0.remote.ip());
     let id = guard.open_session(&token, peer)?;
     let cookie = format!(
         "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
@@ -186,8 +229,12 @@ async fn open_session(
     Ok(response)
 }
 
-/// `DELETE /v1/session`: forget the cookie.
-async fn close_session() -> Response {
+/// `DELETE /v1/session`: ends the session (its cookie opens nothing from now on, and its
+/// streams end) and forgets the cookie.
+async fn close_session(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let (Some(guard), Some(id)) = (&api.guard, cookie(&headers, SESSION_COOKIE)) {
+        guard.close_session(id);
+    }
     let mut response = json_response(StatusCode::OK, &serde_json::json!({}));
     response.headers_mut().insert(
         header::SET_COOKIE,

@@ -4,6 +4,7 @@
 //! metrics) over the same service. `bin/agentd.rs` parses options, binds and calls [`run`].
 
 pub mod auth;
+pub mod connection;
 mod convert;
 mod host;
 mod http;
@@ -11,6 +12,8 @@ mod limits;
 mod logs;
 mod metrics;
 pub mod notify;
+mod origin;
+mod revoke;
 mod service;
 pub mod settings;
 pub mod telemetry;
@@ -55,8 +58,8 @@ pub enum Listener {
 pub struct Security {
     pub tls: Option<Arc<tls::Tls>>,
     pub guard: Option<Arc<auth::Guard>>,
-    /// Open connections per TCP listener.
-    pub max_connections: usize,
+    /// Connections per TCP listener and per peer address, and how long an idle one stays.
+    pub connections: connection::Limits,
     /// Concurrent HTTP/2 streams (calls) per gRPC connection.
     pub max_streams: u32,
 }
@@ -74,6 +77,10 @@ pub struct ServeOptions {
 
 /// How long open connections get to finish after the agents are stopped.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// HTTP/2 pings on gRPC connections over TCP: a peer that does not answer within the
+/// timeout is gone, and its connection (with its streams) is closed.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serves until `shutdown` completes, then marks the service NOT_SERVING, stops every agent
 /// with its ladder, flushes the store, ends watch streams and drains connections.
@@ -151,14 +158,18 @@ pub async fn run(
             }
             Listener::Tcp(listener) => {
                 let tls = security.tls.clone().map(|t| (t, tls::Protocol::Grpc));
-                let conns = tls::accept(listener, tls, security.max_connections);
+                let conns = connection::accept(listener, tls, security.connections);
                 let incoming = ReceiverStream::new(conns).map(Ok::<_, std::io::Error>);
                 let serving = Server::builder()
                     .max_concurrent_streams(security.max_streams)
+                    .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+                    .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+                    .layer(connection::InFlightLayer)
                     .layer(traced(telemetry::Front::Grpc))
                     .layer(request_limit)
                     .layer(auth::GrpcLayer {
                         guard: security.guard.clone(),
+                        loopback_only: security.guard.is_none(),
                     })
                     .add_service(health_service.clone())
                     .add_service(reflection_v1.clone())
@@ -177,11 +188,12 @@ pub async fn run(
             Listener::Http(listener) => {
                 let local = listener.local_addr()?;
                 let tls = security.tls.clone().map(|t| (t, tls::Protocol::Http));
-                let conns = tls::accept(listener, tls, security.max_connections);
-                let incoming = tls::Incoming { conns, local };
+                let conns = connection::accept(listener, tls, security.connections);
+                let incoming = connection::Incoming { conns, local };
                 let app = http::router(api.clone())
                     .layer(traced(telemetry::Front::Http))
-                    .into_make_service_with_connect_info::<tls::Peer>();
+                    .layer(connection::InFlightLayer)
+                    .into_make_service_with_connect_info::<connection::Peer>();
                 let serving = axum::serve(incoming, app).with_graceful_shutdown(stopped);
                 servers.spawn(async move { serving.await.context("serving HTTP") })
             }

@@ -9,7 +9,8 @@ use agentd_core::{
     StoreRecovery, Supervisor, SupervisorConfig, TRACE_TARGET,
 };
 use agentd_server::{
-    Listener, Metrics, PerAgent, Security, ServeOptions, auth, notify, settings, telemetry, tls,
+    Listener, Metrics, PerAgent, Security, ServeOptions, auth, connection, notify, settings,
+    telemetry, tls,
 };
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -55,12 +56,24 @@ struct Options {
     #[arg(long, env = "AGENTD_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Serve --listen and --http-listen without TLS or tokens, on loopback addresses only,
-    /// for experiments
+    /// for experiments. Only requests that name the listener (Host or :authority
+    /// 127.0.0.1:PORT or localhost:PORT) are answered, and changes only without a foreign
+    /// Origin and with a JSON body, so web pages cannot use it
     #[arg(long, env = "AGENTD_INSECURE_LISTEN")]
     insecure_listen: bool,
     /// Open connections per TCP listener; more are closed at once
     #[arg(long, env = "AGENTD_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
+    /// Open connections per TCP listener from one client address, so that one address
+    /// cannot take every place; raise it behind a proxy that connects for everyone
+    /// [default: a quarter of --max-connections]
+    #[arg(long, env = "AGENTD_MAX_CONNECTIONS_PER_PEER")]
+    max_connections_per_peer: Option<usize>,
+    /// A TCP connection with no request in flight for this long is closed (30s, 2m...); an
+    /// open event stream is a request in flight. A new connection gets 10s for its TLS
+    /// handshake, then at most 10s (or this, if shorter) for its first complete request
+    #[arg(long, env = "AGENTD_IDLE_TIMEOUT", default_value = "60s", value_parser = settings::parse_duration)]
+    idle_timeout: Duration,
     /// Watchers (WatchAgents calls and /v1/events streams) open at once
     #[arg(long, env = "AGENTD_MAX_WATCHERS", default_value_t = 1024)]
     max_watchers: usize,
@@ -417,7 +430,14 @@ async fn security(options: &Options) -> anyhow::Result<Security> {
     Ok(Security {
         tls,
         guard,
-        max_connections: options.max_connections.max(1),
+        connections: connection::Limits {
+            max_connections: options.max_connections.max(1),
+            max_per_peer: options
+                .max_connections_per_peer
+                .unwrap_or(options.max_connections / 4)
+                .max(1),
+            idle_timeout: options.idle_timeout.max(Duration::from_millis(100)),
+        },
         max_streams: options.max_streams_per_connection.max(1),
     })
 }

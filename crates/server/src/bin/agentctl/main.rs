@@ -37,6 +37,25 @@ struct Options {
     /// CA certificate (PEM) that agentd's TLS certificate chains to, for https://
     #[arg(long, env = "AGENTD_CA_CERT", global = true)]
     ca_cert: Option<PathBuf>,
+    /// Client certificate chain (PEM) to present over https://, for an agentd started with
+    /// --tls-client-ca (mTLS); needs --client-key
+    #[arg(
+        long,
+        alias = "tls-cert",
+        env = "AGENTD_CLIENT_CERT",
+        global = true,
+        requires = "client_key"
+    )]
+    client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert
+    #[arg(
+        long,
+        alias = "tls-key",
+        env = "AGENTD_CLIENT_KEY",
+        global = true,
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
     /// Bearer token sent with every call (from agentd's --token-file)
     #[arg(long, env = "AGENTD_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
@@ -563,10 +582,15 @@ impl tonic::service::Interceptor for Token {
     }
 }
 
-/// TLS to `address` (HOST:PORT), trusting the CA in `ca`.
-async fn tls_channel(target: &str, ca: &Path) -> anyhow::Result<Channel> {
+/// TLS to `address` (HOST:PORT), trusting the CA in `ca`, presenting `identity` (a
+/// certificate and its key) when given.
+async fn tls_channel(
+    target: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> anyhow::Result<Channel> {
     use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let authority = target
         .strip_prefix("https://")
         .unwrap_or(target)
@@ -588,10 +612,29 @@ async fn tls_channel(target: &str, ca: &Path) -> anyhow::Result<Channel> {
             .with_context(|| format!("--ca-cert `{}`", ca.display()))?;
     }
     let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let mut config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+    let builder = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|error| anyhow::anyhow!("--client-cert `{}`: {error}", cert.display()))?;
+            if chain.is_empty() {
+                bail!("--client-cert `{}` holds no certificate", cert.display());
+            }
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|error| {
+                anyhow::anyhow!(
+                    "--client-key `{}`: no private key read ({error})",
+                    key.display()
+                )
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .context("--client-cert and --client-key do not make a usable pair")?
+        }
+    };
     config.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let name = ServerName::try_from(host.clone())
@@ -622,7 +665,13 @@ async fn connect(options: &Options) -> anyhow::Result<Client> {
         }
     };
     let channel = match (target.starts_with("https://"), &options.ca_cert) {
-        (true, Some(ca)) => tls_channel(&target, ca).await?,
+        (true, Some(ca)) => {
+            let identity = options
+                .client_cert
+                .as_deref()
+                .zip(options.client_key.as_deref());
+            tls_channel(&target, ca, identity).await?
+        }
         (true, None) => {
             bail!("--addr {target}: give --ca-cert CA.pem (the CA of agentd's certificate)")
         }
