@@ -84,11 +84,11 @@ buildah run "$ctr" -- sh -c '
   agentd --version
   agentctl --version
   tini --version
-  agentd --data-dir /tmp/agentd --socket /tmp/agentd.sock --cgroups off >/tmp/ready 2>/tmp/log &
+  agentd --data-dir /tmp/agentd --cgroups off >/tmp/ready 2>/tmp/log &
   daemon=$!
   for _ in $(seq 200); do [ -s /tmp/ready ] && break; sleep 0.05; done
   cat /tmp/ready
-  out=$(agentctl --socket /tmp/agentd.sock run -- python3 -c "print(\"hello from the image\")")
+  out=$(agentctl --socket /tmp/agentd/agentd.sock run -- python3 -c "print(\"hello from the image\")")
   kill "$daemon"
   wait "$daemon"
   [ "$out" = "hello from the image" ] || { echo "agent said: $out"; cat /tmp/log; exit 1; }
