@@ -98,7 +98,11 @@ async fn nobody_agent_gets_nothing_of_the_daemon(cgroups: &str) {
     }
     let home = format!("HOME={}", nobody().dir.display());
     assert!(env.contains(&home.as_str()), "{env:?}");
-    assert!(env.iter().any(|line| line.starts_with("PATH=")), "{env:?}");
+    // The system's PATH, not agentd's own (which may name root's folders).
+    assert!(
+        env.contains(&"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        "{env:?}"
+    );
 }
 
 #[tokio::test]
@@ -225,10 +229,7 @@ fn a_data_folder_or_socket_folder_others_control_is_refused() {
     std::fs::create_dir(&shared).expect("folder");
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
     let said = refused_start(&dir.path().join("data"), &shared.join("agentd.sock"), &[]);
-    assert!(
-        said.contains("may be written by its group or others"),
-        "{said}"
-    );
+    assert!(said.contains("its group or others may write"), "{said}");
 
     // A regular file planted at the socket path stays as it was.
     let planted = dir.path().join("planted.sock");
@@ -236,6 +237,65 @@ fn a_data_folder_or_socket_folder_others_control_is_refused() {
     let said = refused_start(&dir.path().join("data"), &planted, &[]);
     assert!(said.contains("is not a socket"), "{said}");
     assert_eq!(std::fs::read_to_string(&planted).expect("kept"), "precious");
+}
+
+#[tokio::test]
+async fn an_agent_cannot_turn_its_own_folder_against_agentd_or_the_keeper() {
+    if !root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let vault = daemon.dir.path().join("vault");
+    std::fs::create_dir(&vault).expect("vault");
+    let victim = vault.join("victim");
+    std::fs::write(&victim, "root's own").expect("victim");
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    // Each plants something where agentd or the keeper writes, then exits so that the
+    // restart opens it: a link to a root-only file, a FIFO that would block the keeper.
+    let plants = [
+        (
+            "linker",
+            format!(
+                "cd \"$AGENTD_AGENT_DIR\"; rm -f stdout.log; ln -s {0} stdout.log; \
+                 ln -sf {0} error.log; exit 1",
+                victim.display()
+            ),
+        ),
+        (
+            "piper",
+            "cd \"$AGENTD_AGENT_DIR\"; rm -f stderr.log; mkfifo stderr.log; exit 1".to_string(),
+        ),
+    ];
+    for (agent_id, script) in &plants {
+        let request = pb::SpawnRequest {
+            user: "nobody".into(),
+            restart_policy: pb::RestartPolicy::Always as i32,
+            max_restarts: 1,
+            ..spawn_request(agent_id, sh(script))
+        };
+        spawn_with(&mut client, request).await;
+    }
+    for (agent_id, _) in &plants {
+        let failed = wait_for_state(&mut client, agent_id, AgentState::Failed).await;
+        assert!(
+            failed.error.contains("not a regular file") || failed.error.contains("symbolic"),
+            "{agent_id}: {}",
+            failed.error
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "root's own"
+    );
+    let meta = std::fs::metadata(&victim).expect("victim");
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
+    // The keeper still answers.
+    spawn(&mut client, "after", sh("echo still here")).await;
+    let after = wait_for_state(&mut client, "after", AgentState::Completed).await;
+    let output = std::fs::read_to_string(Path::new(&after.agent_dir).join("stdout.log"));
+    assert_eq!(output.expect("output"), "still here\n");
 }
 
 #[tokio::test]
@@ -289,6 +349,19 @@ async fn root_is_an_agent_user_only_when_allowed() {
         .await
         .expect_err("a user left out of the list");
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    // A group is one of the user's own, listed or not: not root's, not the password file's.
+    for group in ["0", "shadow"] {
+        let refused = client
+            .spawn(pb::SpawnRequest {
+                user: "nobody".into(),
+                group: group.into(),
+                ..spawn_request("as-group", sh("true"))
+            })
+            .await
+            .expect_err("a group the user is not in");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains("not a member"), "{refused:?}");
+    }
 }
 
 #[tokio::test]

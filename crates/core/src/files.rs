@@ -31,14 +31,113 @@ pub(crate) fn open_for_reading(path: &Path) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
-/// Options to open a file in an agent's folder for writing: never through a symbolic link,
-/// which would make agentd (often root) write where the agent's user may not; created
-/// readable by its owner only (a prompt or output may hold secrets).
+/// Options to open a file in an agent's folder for writing, for [`open_for_writing`]:
+/// never through a symbolic link, which would make agentd (often root) write where the
+/// agent's user may not; never blocking on a FIFO planted there (ENXIO without a reader);
+/// created readable by its owner only (a prompt or output may hold secrets).
 pub(crate) fn no_follow() -> std::fs::OpenOptions {
     use std::os::unix::fs::OpenOptionsExt;
     let mut options = std::fs::OpenOptions::new();
-    options.custom_flags(nix::libc::O_NOFOLLOW).mode(0o600);
     options
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .mode(0o600);
+    options
+}
+
+/// Opens a file in an agent's folder with `options` (from [`no_follow`]): only a regular
+/// file, then given to `owner` (the agent's user and group) through its descriptor, never
+/// by path, so nothing planted in the folder can turn the write or the chown elsewhere.
+pub(crate) fn open_for_writing(
+    options: &std::fs::OpenOptions,
+    path: &Path,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = options.open(path).map_err(|error| {
+        let what = match error.raw_os_error() {
+            Some(nix::libc::ELOOP) => "is a symbolic link, which agentd never writes through",
+            Some(nix::libc::ENXIO) => "is not a regular file (a FIFO?)",
+            _ => return error,
+        };
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("`{}` {what}", path.display()),
+        )
+    })?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("`{}` is not a regular file", path.display()),
+        ));
+    }
+    // O_NONBLOCK only guarded the open: the agent gets a plain file.
+    // SAFETY: fcntl on a descriptor we own, with flags it just returned.
+    unsafe {
+        let flags = nix::libc::fcntl(file.as_raw_fd(), nix::libc::F_GETFL);
+        if flags >= 0 {
+            nix::libc::fcntl(
+                file.as_raw_fd(),
+                nix::libc::F_SETFL,
+                flags & !nix::libc::O_NONBLOCK,
+            );
+        }
+    }
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+    }
+    Ok(file)
+}
+
+/// Whether a folder agentd writes into, or serves its socket from, is beyond other users'
+/// reach: it belongs to agentd's user (or root, with `root_will_do`) and nobody else may
+/// write it, and every folder above it belongs to agentd's user or root and is closed to
+/// others' writes, unless sticky (`/tmp`: others cannot move what is not theirs there).
+/// `Err` says what is wrong and how to mend it.
+pub fn check_folder(path: &Path, root_will_do: bool) -> std::result::Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let own = nix::unistd::geteuid().as_raw();
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|error| format!("`{}` cannot be examined: {error}", path.display()))?;
+    if !meta.is_dir() {
+        return Err(format!(
+            "`{}` is not a folder (a symbolic link or a file stands there)",
+            path.display()
+        ));
+    }
+    if meta.uid() != own && !(root_will_do && meta.uid() == 0) {
+        return Err(format!(
+            "`{}` belongs to uid {}, not to the user agentd runs as (uid {own}): chown it, or \
+             give agentd a folder of its own",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "its group or others may write to `{}` (mode {:o}): `chmod go-w {}`",
+            path.display(),
+            meta.mode() & 0o7777,
+            path.display()
+        ));
+    }
+    for above in path.ancestors().skip(1) {
+        let Ok(meta) = std::fs::metadata(above) else {
+            continue;
+        };
+        let sticky = meta.mode() & 0o1000 != 0;
+        if (meta.uid() != own && meta.uid() != 0) || (meta.mode() & 0o022 != 0 && !sticky) {
+            return Err(format!(
+                "`{}` above it belongs to uid {} with mode {:o}: whoever may write there can \
+                 move `{}` away and put their own in its place; choose a folder whose every \
+                 parent is root's or agentd's user's and closed to others' writes",
+                above.display(),
+                meta.uid(),
+                meta.mode() & 0o7777,
+                path.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An agent's folder, made ready for a launch: prompt written, output files open.
@@ -85,32 +184,23 @@ impl AgentFiles {
             let _ = std::fs::remove_file(dir.join(stale));
         }
         // Empty at the start; the keeper opens the output for appending.
-        let create = |name: &str| {
+        let create = |name: &str, text: &str| {
             let path = dir.join(name);
-            no_follow()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
+            let options = no_follow().write(true).create(true).truncate(true).clone();
+            open_for_writing(&options, &path, owner)
+                .and_then(|mut file| std::io::Write::write_all(&mut file, text.as_bytes()))
                 .map_err(failed(&path))?;
             Ok::<_, Error>(path)
         };
-        let prompt_file = dir.join("prompt.txt");
-        no_follow()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&prompt_file)
-            .and_then(|mut file| std::io::Write::write_all(&mut file, prompt.as_bytes()))
-            .map_err(failed(&prompt_file))?;
+        create("prompt.txt", prompt)?;
         let files = AgentFiles {
-            stdout: create("stdout.log")?,
-            stderr: create("stderr.log")?,
+            stdout: create("stdout.log", "")?,
+            stderr: create("stderr.log", "")?,
         };
+        // The folder last: until now its user could not reach into it. `agents/` is
+        // agentd's, so the folder itself cannot be swapped for a link.
         if let Some((uid, gid)) = owner {
-            for path in [dir, &prompt_file, &files.stdout, &files.stderr] {
-                std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(failed(path))?;
-            }
+            std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(failed(dir))?;
         }
         Ok(files)
     }
@@ -202,8 +292,13 @@ impl AgentFiles {
 /// variables the operator passes on by name (`--pass-env`).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct BaseEnv {
-    /// From agentd's environment, read once at start: the defaults and `--pass-env`.
+    /// From agentd's environment, read once at start: the locale, `TZ` and `--pass-env`.
     passed: Vec<(String, String)>,
+    /// agentd's `PATH`, for agents of its own user; an agent with a user gets the system's
+    /// (agentd's may name folders of its own user, such as `/root/.cargo/bin`), unless
+    /// `--pass-env PATH` says otherwise.
+    own_path: String,
+    other_path: String,
     /// agentd's own user, for an agent that names none.
     own: Option<Login>,
 }
@@ -227,25 +322,29 @@ impl Login {
     }
 }
 
-/// Passed on from agentd's environment when set; `PATH` has a default.
-const DEFAULT_PASSED: &[&str] = &["PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ"];
+/// Passed on from agentd's environment when set.
+const DEFAULT_PASSED: &[&str] = &["LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ"];
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 impl BaseEnv {
     /// Reads agentd's environment once: the defaults and the `pass` names, where set.
     pub(crate) fn from_daemon(pass: &[String]) -> BaseEnv {
-        let mut passed: Vec<(String, String)> = DEFAULT_PASSED
+        let passed = DEFAULT_PASSED
             .iter()
             .copied()
             .chain(pass.iter().map(String::as_str))
-            .filter(|name| *name != KEEPER_DIR_VAR)
+            .filter(|name| *name != KEEPER_DIR_VAR && *name != "PATH")
             .filter_map(|name| Some((name.to_string(), std::env::var(name).ok()?)))
             .collect();
-        if !passed.iter().any(|(name, _)| name == "PATH") {
-            passed.insert(0, ("PATH".into(), DEFAULT_PATH.into()));
-        }
+        let own_path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.into());
+        let other_path = match pass.iter().any(|name| name == "PATH") {
+            true => own_path.clone(),
+            false => DEFAULT_PATH.into(),
+        };
         BaseEnv {
             passed,
+            own_path,
+            other_path,
             own: Login::of(nix::unistd::geteuid().as_raw()),
         }
     }
@@ -262,7 +361,12 @@ impl BaseEnv {
             }),
             None => self.own.clone(),
         };
-        let mut env = Vec::with_capacity(self.passed.len() + 4);
+        let path = match run_as {
+            Some(_) => &self.other_path,
+            None => &self.own_path,
+        };
+        let mut env = Vec::with_capacity(self.passed.len() + 5);
+        env.push(("PATH".to_string(), path.clone()));
         if let Some(login) = login {
             env.extend([
                 ("HOME".to_string(), login.home),

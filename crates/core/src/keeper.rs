@@ -239,7 +239,9 @@ impl KeeperClient {
         line.push(b'\n');
         stream.write_all(&line)?;
         // The keeper confirms once it pushes exits here. Read only that line: exits may
-        // follow it at once, and they belong to the stream.
+        // follow it at once, and they belong to the stream. A keeper that does not answer
+        // in time is replaced (`reach`).
+        stream.set_read_timeout(Some(ANSWER_WITHIN))?;
         let mut confirmation = Vec::new();
         let mut byte = [0u8];
         while byte[0] != b'\n' {
@@ -631,8 +633,11 @@ async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> io
 }
 
 fn spawn(order: SpawnOrder, kept: &Shared) -> Reply {
-    // Never through a symbolic link: the agent's user owns its folder.
-    let open = |path: &Path| files::no_follow().create(true).append(true).open(path);
+    // The agent's user owns its folder: what stands there is opened with care, and an
+    // output file made again here is the agent's.
+    let owner = order.setup.run_as.as_ref().map(|user| (user.uid, user.gid));
+    let options = files::no_follow().create(true).append(true).clone();
+    let open = |path: &Path| files::open_for_writing(&options, path, owner);
     let started = open(&order.stdout)
         .and_then(|stdout| Ok((stdout, open(&order.stderr)?)))
         .and_then(|(stdout, stderr)| {

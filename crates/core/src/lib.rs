@@ -43,6 +43,7 @@ pub use error::{Error, Result};
 pub use events::{
     Event, EventFilter, EventKind, EventRetention, Format as EventFormat, Replay, Subscription,
 };
+pub use files::check_folder;
 pub use handle::{
     AgentHistory, HealthReport, ListFilter, ListPage, ReapReport, StopTarget, Summary,
     SupervisorHandle, Watch,

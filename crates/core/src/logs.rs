@@ -19,7 +19,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::files::{no_follow, open_for_reading};
+use crate::files::{no_follow, open_for_reading, open_for_writing};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LogStream {
@@ -249,15 +249,21 @@ impl LogFile {
         let partial = segment_path.with_extension("partial");
         let mut main = open_for_reading(&self.main_path())?;
         main.seek(SeekFrom::Start(start))?;
-        let mut copy = no_follow()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&partial)?;
+        // The segment belongs to whoever owns the output: the agent's user.
+        let owner = {
+            use std::os::unix::fs::MetadataExt;
+            let meta = main.metadata()?;
+            (meta.uid(), meta.gid())
+        };
+        let mut copy = open_for_writing(
+            no_follow().write(true).create(true).truncate(true),
+            &partial,
+            Some(owner),
+        )?;
         // `io::copy` between files uses copy_file_range: no bytes pass through agentd.
         let copied = io::copy(&mut (&mut main).take(end - start), &mut copy)?;
         std::fs::rename(&partial, &segment_path)?;
-        let main = no_follow().write(true).open(self.main_path())?;
+        let main = open_for_writing(no_follow().write(true), &self.main_path(), None)?;
         // Punching everything before `start + copied` also frees what an earlier rotation
         // that was interrupted before its punch left behind.
         let punched = fallocate(

@@ -384,6 +384,10 @@ impl AgentMachine {
         record.ended_at = Some(now.wall);
         record.ran_for = Some(Duration::ZERO);
         record.exit = None;
+        if restart {
+            // The attempt counts: a restart that can never start must not back off forever.
+            record.restart_count += 1;
+        }
         out.push(Effect::Persist);
         out.push(Effect::RunEnded(EndReason::StartFailed));
         self.emit(out, EventKind::Failed, error);

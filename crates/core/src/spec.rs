@@ -210,11 +210,25 @@ impl RunAs {
                 .gid
                 .as_raw()
         };
-        let groups = std::ffi::CString::new(name.clone())
-            .ok()
-            .and_then(|c_name| nix::unistd::getgrouplist(&c_name, Gid::from_raw(gid)).ok())
-            .map(|groups| groups.into_iter().map(Gid::as_raw).collect())
-            .unwrap_or_else(|| vec![gid]);
+        let groups_of = |gid: u32| -> Vec<u32> {
+            std::ffi::CString::new(name.clone())
+                .ok()
+                .and_then(|c_name| nix::unistd::getgrouplist(&c_name, Gid::from_raw(gid)).ok())
+                .map(|groups| groups.into_iter().map(Gid::as_raw).collect())
+                .unwrap_or_else(|| vec![gid])
+        };
+        // Only a group the user belongs to: `--group shadow` would otherwise hand any agent
+        // the host's password hashes.
+        if gid != primary && !groups_of(primary).contains(&gid) {
+            return Err(unknown(
+                "group",
+                format!(
+                    "user `{name}` is not a member of group `{group}`: an agent runs only with \
+                     its user's own groups"
+                ),
+            ));
+        }
+        let groups = groups_of(gid);
         Ok(Some(RunAs {
             user: name,
             uid,
@@ -501,6 +515,12 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
         );
     }
     for (key, value) in labels {
+        if key.contains('\0') || value.contains('\0') {
+            return invalid(
+                "labels",
+                format!("`{key}`: keys and values must not hold NUL"),
+            );
+        }
         if key.is_empty() || key.len() > Limits::ID_LEN || value.len() > Limits::TEXT_LEN {
             return invalid(
                 "labels",

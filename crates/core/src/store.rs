@@ -81,8 +81,10 @@ struct Durability {
     flushing: Mutex<()>,
     /// Wakes the background flusher.
     wake: Notify,
-    /// The last generation handed to a flush, and the last one written to the stamp.
-    generation: AtomicU64,
+    /// The last generation handed to a flush, under a lock so that the count and its write
+    /// into `meta` go together (a lower one written last would look like a rollback), and
+    /// the last one written to the stamp.
+    generation: std::sync::Mutex<u64>,
     stamped: AtomicU64,
 }
 
@@ -122,6 +124,16 @@ impl Store {
         });
         let (db, (agents, events, meta, set_aside)) = match opened {
             Ok(Ok(opened)) => opened,
+            // The system failing (permissions, no space, no descriptors) is no damage to
+            // the store: moving it aside would throw good records away.
+            Ok(Err(sled::Error::Io(error)))
+                if !matches!(
+                    error.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                return Err(sled::Error::Io(error).into());
+            }
             Ok(Err(error)) => return Err(unreadable(error.to_string())),
             Err(panic) => {
                 let problem = panic
@@ -143,10 +155,11 @@ impl Store {
             durability: Arc::default(),
         };
         let generation = store.meta_u64(GENERATION)?;
-        store
+        *store
             .durability
             .generation
-            .store(generation, Ordering::SeqCst);
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = generation;
         store.durability.stamped.store(generation, Ordering::SeqCst);
         Ok(store)
     }
@@ -186,7 +199,13 @@ impl Store {
 
     /// Before a flush: the next generation and the time, in the meta tree the flush covers.
     fn begin_flush(&self) -> Result<u64> {
-        let generation = self.durability.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut counted = self
+            .durability
+            .generation
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *counted += 1;
+        let generation = *counted;
         self.meta.insert(GENERATION, &generation.to_be_bytes())?;
         if let Some(now) = boot_clock_nanos() {
             self.meta.insert(FLUSH_STARTED, &now.to_be_bytes())?;

@@ -28,7 +28,7 @@ use crate::cgroup;
 use crate::config::{FinishedRetention, Limits, ShutdownPolicy, StoreRecovery, SupervisorConfig};
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventKind};
-use crate::files::{AgentFiles, BaseEnv};
+use crate::files::{self, AgentFiles, BaseEnv};
 use crate::handle::{AgentHistory, Command, ReapReport, StopTarget, SupervisorHandle};
 use crate::health::{HealthPolicy, ProgressReport};
 use crate::history::{History, HistoryPoint};
@@ -243,74 +243,42 @@ impl Supervisor {
     }
 }
 
-/// An agent may run as root (uid or group 0) only when `allowed` names it, and as anyone
-/// else unless `allowed` is a list that leaves them out.
+/// An agent may run as root (uid 0, or group 0 among its groups) only when `allowed` names
+/// its user, and as anyone else unless `allowed` is a list that leaves them out.
 fn check_user_allowed(agent_id: &str, run_as: &RunAs, allowed: &[String]) -> Result<()> {
     let listed = allowed
         .iter()
         .any(|entry| *entry == run_as.user || entry.parse() == Ok(run_as.uid));
-    let refused = |why: String| {
-        Err(Error::UserNotAllowed {
-            id: agent_id.to_string(),
-            user: run_as.user.clone(),
-            why,
-        })
-    };
-    if listed {
-        Ok(())
-    } else if run_as.uid == 0 || run_as.gid == 0 || run_as.groups.contains(&0) {
-        refused(format!(
-            "uid {} and group {} are root's, which agentd grants only to users listed in \
-             --allow-users",
-            run_as.uid, run_as.gid
-        ))
+    let why = if listed {
+        return Ok(());
+    } else if run_as.uid == 0 {
+        "uid 0 is root, which agentd grants only to users listed in --allow-users".to_string()
+    } else if run_as.gid == 0 || run_as.groups.contains(&0) {
+        "group 0 is root's, which agentd grants only to users listed in --allow-users".to_string()
     } else if !allowed.is_empty() {
-        refused(format!("--allow-users lists only {}", allowed.join(", ")))
+        format!("--allow-users lists only {}", allowed.join(", "))
     } else {
-        Ok(())
-    }
+        return Ok(());
+    };
+    Err(Error::UserNotAllowed {
+        id: agent_id.to_string(),
+        user: run_as.user.clone(),
+        why,
+    })
 }
 
-/// agentd (often root) writes into its data folder: one that another user owns, or that
-/// others may write, could have a symbolic link put in place of `agents/` or the store and
-/// turn those writes against any file on the host. Refused, before anything is written.
+/// agentd (often root) writes into its data folder: one that another user controls could
+/// have a symbolic link put in place of `agents/` or the store and turn those writes against
+/// any file on the host. Refused, before anything is written.
 fn check_owned_dir(path: &Path, what: &str) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
+    match std::fs::symlink_metadata(path) {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(Error::Setup {
-                what: format!("checking the {what} `{}`", path.display()),
-                source,
-            });
-        }
-    };
-    let own = nix::unistd::geteuid().as_raw();
-    let problem = if !meta.is_dir() {
-        Some("it is not a folder (a symbolic link or a file stands there)".to_string())
-    } else if meta.uid() != own {
-        Some(format!(
-            "it belongs to uid {}, not to the user agentd runs as (uid {own}): chown it, or give \
-             agentd a folder of its own",
-            meta.uid()
-        ))
-    } else if meta.mode() & 0o022 != 0 {
-        Some(format!(
-            "its group or others may write to it (mode {:o}): `chmod go-w {}`",
-            meta.mode() & 0o7777,
-            path.display()
-        ))
-    } else {
-        None
-    };
-    match problem {
-        None => Ok(()),
-        Some(problem) => Err(Error::Setup {
-            what: format!("refusing the {what} `{}`", path.display()),
-            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, problem),
-        }),
+        _ => {}
     }
+    files::check_folder(path, false).map_err(|problem| Error::Setup {
+        what: format!("refusing the {what} `{}`", path.display()),
+        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, problem),
+    })
 }
 
 /// The store to start on, with its records: the one opened, if the host agrees with it;
@@ -323,18 +291,14 @@ fn trusted_store(
     os: &dyn Os,
     (children, exits): (&[KeptChild], &[KeptExit]),
 ) -> Result<(Store, Vec<AgentRecord>, Option<Rebuilt>)> {
+    // Only the keeper's word counts: it talks to agentd's user alone. A process that
+    // carries an agent folder in its environment proves nothing: anyone can set one.
     let ticks = os.proc_units().0.max(1) as f64;
     let mut running = BTreeMap::<String, f64>::new();
-    let mut started = |agent_id: &str, start_ticks: Option<u64>| {
-        let at = start_ticks.map_or(f64::MAX, |t| t as f64 / ticks);
-        let earliest = running.entry(agent_id.to_string()).or_insert(at);
-        *earliest = earliest.min(at);
-    };
     for child in children {
-        started(&child.agent_id, child.start_ticks);
-    }
-    for leader in os.marked_leaders(agents_dir) {
-        started(&leader.agent_id, Some(leader.stat.start_ticks));
+        let at = child.start_ticks.map_or(f64::MAX, |t| t as f64 / ticks);
+        let earliest = running.entry(child.agent_id.clone()).or_insert(at);
+        *earliest = earliest.min(at);
     }
     let mut records = Vec::new();
     let (history, problem) = match &opened {
@@ -880,8 +844,19 @@ impl SupervisorTask {
                     })
                 });
                 if let Ok(machine) = self.table.get(agent_id) {
-                    let log = machine.record().agent_dir.join("error.log");
-                    let _ = std::fs::write(log, &message);
+                    let record = machine.record();
+                    let owner = record.spec.run_as.as_ref().map(|user| (user.uid, user.gid));
+                    let options = files::no_follow()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .clone();
+                    let _ = files::open_for_writing(
+                        &options,
+                        &record.agent_dir.join("error.log"),
+                        owner,
+                    )
+                    .and_then(|mut log| std::io::Write::write_all(&mut log, message.as_bytes()));
                 }
                 self.input(agent_id, |m, now, out| m.start_failed(now, message, out));
                 Err(error)

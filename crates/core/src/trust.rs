@@ -1,7 +1,8 @@
 //! Whether the store can be trusted, judged at start against what the host says of the
-//! agents: the keeper's children and unacknowledged exits, the folders under `agents/`, and
-//! the processes that carry an agent folder in their environment. Recovery kills a process
-//! that has no record, so a store that lost records would have agentd kill running work: a
+//! agents: the keeper's children and unacknowledged exits and the folders under `agents/`
+//! (not processes that merely carry an agent folder in their environment: any user can
+//! start one). Recovery kills a process that has no record, so a store that lost records
+//! would have agentd kill running work: a
 //! store that is empty while agents exist, that is behind its own stamp (it lost flushed
 //! writes: rolled back or truncated), or that lacks agents which started before its last
 //! flush began, is not trusted. agentd then refuses to start, before it kills or writes
@@ -24,8 +25,8 @@ pub(crate) struct Evidence<'a> {
     pub stamp: Option<u64>,
     /// Folders under `agents/`.
     pub folders: BTreeSet<String>,
-    /// Agents with a process now (the keeper's children, marked processes), and when the
-    /// earliest of them started, in seconds on the boot clock.
+    /// Agents with a process now (the keeper's children), and when the earliest of them
+    /// started, in seconds on the boot clock.
     pub running: BTreeMap<String, f64>,
     /// Agents whose exit the keeper holds, unacknowledged.
     pub exited: BTreeSet<String>,

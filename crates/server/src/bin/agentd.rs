@@ -299,6 +299,7 @@ async fn serve(options: Options) -> anyhow::Result<()> {
         enabled: options.metrics_per_agent,
         labels: options.metrics_agent_labels,
     }));
+    prepare_socket_path(&socket)?;
     let supervisor = Supervisor::start(config, metrics.clone())
         .with_context(|| format!("starting the supervisor in `{}`", data_dir.display()))?;
     let containment = supervisor.summary().await?.containment_detail;
@@ -470,16 +471,25 @@ fn reload_on_hangup(security: &Security) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds the Unix socket with mode 0600 (0660 and the group, with `--socket-group`),
-/// replacing a stale socket but never a live one, and never anything that is not a socket.
-/// Its folder must be agentd's user's (or root's) and closed to writes by others, who could
-/// otherwise move the socket away and put their own in its place.
-fn bind_unix(
-    path: &Path,
-    group: Option<&str>,
-    data_dir: &Path,
-) -> anyhow::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+/// Before anything starts: the socket's folder must be agentd's user's (or root's), closed
+/// to others' writes all the way up (they could move the socket away and put their own in
+/// its place), and nothing but a stale socket may stand at its path: that one is removed,
+/// anything else is left as it is and refused.
+fn prepare_socket_path(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+    let parent = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)
+        .with_context(|| format!("creating `{}`", parent.display()))?;
+    let parent = std::fs::canonicalize(parent)
+        .with_context(|| format!("resolving `{}`", parent.display()))?;
+    agentd_core::check_folder(&parent, true)
+        .map_err(|problem| anyhow::anyhow!("refusing the socket's folder: {problem}"))?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             bail!(
@@ -489,37 +499,23 @@ fn bind_unix(
             );
         }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another agentd is already serving on `{}`", path.display());
+            bail!("another agentd runs and serves on `{}`", path.display());
         }
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale socket `{}`", path.display()))?;
     }
-    let parent = path
-        .parent()
-        .filter(|parent| !parent.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating `{}`", parent.display()))?;
-    let folder = std::fs::metadata(parent)
-        .with_context(|| format!("checking the socket's folder `{}`", parent.display()))?;
-    let own = nix::unistd::geteuid().as_raw();
-    if folder.uid() != own && folder.uid() != 0 {
-        bail!(
-            "the socket's folder `{}` belongs to uid {}: its owner could replace agentd's socket; \
-             give --socket a folder of agentd's user (uid {own}) or root's",
-            parent.display(),
-            folder.uid()
-        );
-    }
-    if folder.mode() & 0o022 != 0 {
-        bail!(
-            "the socket's folder `{}` may be written by its group or others (mode {:o}): they \
-             could move agentd's socket away and put their own in its place; give --socket a \
-             private folder, or `chmod go-w {}`",
-            parent.display(),
-            folder.mode() & 0o7777,
-            parent.display()
-        );
-    }
+    Ok(())
+}
+
+/// Binds the Unix socket (see [`prepare_socket_path`]) with mode 0600, or 0660 and the group
+/// with `--socket-group`.
+fn bind_unix(
+    path: &Path,
+    group: Option<&str>,
+    data_dir: &Path,
+) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = path.parent().unwrap_or(Path::new("."));
     let listener = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("binding socket `{}`", path.display()))?;
     let mode = match group {

@@ -843,8 +843,11 @@ fn print_json(message: &impl serde::Serialize, pretty: bool) {
 /// script's newlines, an escape sequence planted in a name or a log) written as escapes, so
 /// nothing an agent writes can move the cursor, retitle the window or fake a line.
 pub fn one_line(text: &str) -> String {
+    // Bidirectional overrides and isolates would reorder what follows them on the line.
+    let unsafe_char =
+        |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
     text.chars()
-        .flat_map(|c| match c.is_control() {
+        .flat_map(|c| match unsafe_char(c) {
             true => c.escape_default().collect::<Vec<_>>(),
             false => vec![c],
         })
@@ -977,7 +980,7 @@ fn print_summary(s: &pb::GetSummaryResponse) {
             "unhealthy: {} {}: {}",
             report.agent_id,
             health_name(report.health),
-            report.reason
+            one_line(&report.reason)
         );
     }
 }
