@@ -1,0 +1,564 @@
+//! The supervisor task: the one owner of the agent table, and the driver of every agent's
+//! lifecycle machine. It runs a single `select!` over client commands, SIGCHLD, exits of
+//! adopted agents, the machines' deadlines and group checks, feeds each event to the machine
+//! it concerns as an input, and carries out the effects the machine returns through the one
+//! OS seam (`os::Os`), the store and the event bus. Everyone else holds a
+//! [`SupervisorHandle`] and sends it a [`Command`] with a oneshot reply.
+//!
+//! Architecture invariants: only this task mutates agents, writes the store or emits events;
+//! it is also the only place in agentd that asks the keeper to start processes and that
+//! reaps children (see `os` and `keeper`).
+
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::agent::AgentStatus;
+use crate::config::{FinishedRetention, Limits};
+use crate::error::{Error, Result};
+use crate::events::{EventBus, EventKind};
+use crate::files::BaseEnv;
+use crate::handle::Command;
+use crate::history::{History, HistoryPoint};
+use crate::keeper::{AckSink, ExitStream};
+use crate::machine::{AgentMachine, Effect, Now};
+use crate::os::{self, Os};
+use crate::recorder::Recorder;
+use crate::sampler;
+use crate::stop::StopReport;
+use crate::store::Store;
+use crate::table::AgentTable;
+use crate::trace::{self, Traces};
+
+mod groups;
+mod recovery;
+mod retention;
+mod samples;
+mod spawning;
+mod start;
+mod stopping;
+
+pub use start::Supervisor;
+
+pub(crate) struct SupervisorTask {
+    os: Arc<dyn Os>,
+    recorder: Arc<dyn Recorder>,
+    store: Store,
+    events: EventBus,
+    /// `DATA/agentd.lock`, held while the daemon runs: one daemon per data folder.
+    _data_lock: nix::fcntl::Flock<std::fs::File>,
+    agents_dir: PathBuf,
+    /// Every agent's spec, for a rebuild of the records (`rebuild.rs`).
+    specs_dir: PathBuf,
+    /// Removed agents' folders wait here to be deleted.
+    trash_dir: PathBuf,
+    /// A blocking thread is deleting the trash.
+    trash_emptying: Arc<AtomicBool>,
+    table: AgentTable,
+    /// Effects and steps not yet carried out, in order (`carry_out_queue`).
+    queue: VecDeque<Work>,
+    /// `carry_out_queue` is running: an input made by its work only queues.
+    carrying_out: bool,
+    /// Every machine's deadline, so the loop sleeps until the first.
+    deadlines: BTreeSet<(Instant, String)>,
+    /// Everyone waiting for a stop under way, by agent.
+    stop_waiters: HashMap<String, Vec<oneshot::Sender<StopReport>>>,
+    /// Everyone waiting for an agent to run again after a restart they asked for.
+    restart_waiters: HashMap<String, Vec<oneshot::Sender<Result<AgentStatus>>>>,
+    /// The spans of stop ladders and restarts under way (none while tracing is off).
+    traces: Traces,
+    adopted_exits_tx: mpsc::UnboundedSender<String>,
+    /// Exits from the keeper that are handled; acknowledged once on disk.
+    acks: mpsc::UnboundedSender<Ack>,
+    shutting_down: bool,
+    ids_generated: u64,
+    limits: Limits,
+    /// The environment every agent starts from.
+    base_env: BaseEnv,
+    /// `SupervisorConfig::allow_users`.
+    allow_users: Vec<String>,
+    finished_retention: FinishedRetention,
+    /// Our own command queue, for work that runs as separate tasks (cascading stops, group
+    /// checks); weak, so the task still ends when every real handle is gone.
+    commands: mpsc::WeakSender<Command>,
+    /// Agents whose stop waits for a group that outlived its leader.
+    groups_watched: HashSet<String>,
+    /// A group check runs on a blocking thread; at most one at a time.
+    group_check_running: bool,
+    /// Agents whose stop waits for their cgroup to empty, by inotify watch on its
+    /// `cgroup.events` (these are not in `groups_watched`).
+    cgroup_watch: os::ChangeWatch,
+    cgroups_watched: HashMap<os::WatchDescriptor, String>,
+    /// Cgroups of no running agent whose processes were killed at start, until empty.
+    strays: HashMap<os::WatchDescriptor, PathBuf>,
+    page_size: u64,
+    /// Why the task must stop, once something it depends on broke.
+    failure: Option<String>,
+    /// Stored records that could not be loaded (counted at start).
+    records_set_aside: u32,
+    /// Changes whenever the set of agents to sample (live leaders and their pids) may have.
+    targets_generation: u64,
+    /// Spawns since the heap was last trimmed, and since the last sample.
+    spawns: (u32, u32),
+    /// Each agent's recent samples, and how many changes each keeps (zero: no history).
+    histories: HashMap<String, History>,
+    history_capacity: usize,
+    history_window: Duration,
+    sample_interval: Duration,
+}
+
+/// What the task does after an input, in the order the inputs asked for it.
+enum Work {
+    /// An effect a machine returned.
+    Effect {
+        agent_id: String,
+        now: Now,
+        effect: Effect,
+    },
+    /// A step that feeds machines again: queued by an effect, never called from inside one.
+    Step {
+        agent_id: String,
+        step: fn(&mut SupervisorTask, &str),
+    },
+}
+
+/// While a stopping agent's leader is gone but its group lingers, no SIGCHLD may tell us
+/// when the rest exits (they need not be our children), so the groups are checked this
+/// often, on a blocking thread (a check may scan all of `/proc`).
+const GROUP_CHECK: Duration = Duration::from_millis(20);
+
+/// Changes kept per agent: one per sample over the window.
+fn history_capacity(window: Duration, interval: Duration) -> usize {
+    if window.is_zero() {
+        return 0;
+    }
+    let samples = window.as_secs_f64() / interval.as_secs_f64().max(1e-3);
+    (samples.ceil() as usize).max(1)
+}
+
+impl SupervisorTask {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut sigchld: tokio::signal::unix::Signal,
+        mut adopted_exits: mpsc::UnboundedReceiver<String>,
+    ) {
+        let mut last_group_check = tokio::time::Instant::now();
+        let cgroup_watch = self.cgroup_watch.clone();
+        loop {
+            let next_deadline = self.deadlines.first().map(|(at, _)| (*at).into());
+            let next_group_check = (!self.group_check_running && !self.groups_watched.is_empty())
+                .then(|| last_group_check + GROUP_CHECK);
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => return,
+                },
+                Some(()) = sigchld.recv() => {
+                    self.reap();
+                }
+                Some(agent_id) = adopted_exits.recv() => self.leader_exited(&agent_id, None),
+                changed = cgroup_watch.changed() => match changed {
+                    Ok(watches) => self.cgroups_changed(watches),
+                    Err(error) => self.failure = Some(format!("watching cgroups: {error}")),
+                },
+                () = sleep_until(next_deadline) => self.on_deadlines(),
+                () = sleep_until(next_group_check) => {
+                    last_group_check = tokio::time::Instant::now();
+                    self.check_groups();
+                }
+            }
+            // Once per turn, not per write: a Spawn's own flush then covers all of its writes.
+            self.store.flush_soon();
+            if let Some(error) = self.events.failure() {
+                self.failure = Some(format!("events can no longer be numbered: {error}"));
+            }
+            if let Some(problem) = &self.failure {
+                tracing::error!("the supervisor stops: {problem}");
+                return;
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            #[cfg(debug_assertions)]
+            Command::Spawn(..)
+                if std::env::var_os("AGENTD_TEST_PANIC").is_some_and(|v| v == "supervisor") =>
+            {
+                panic!("AGENTD_TEST_PANIC=supervisor");
+            }
+            Command::Spawn(request, reply) => {
+                let _ = reply.send(self.spawn(*request));
+            }
+            Command::Status(agent_id, reply) => {
+                let now = Instant::now();
+                let _ = reply.send(self.table.get(&agent_id).map(|m| m.status(now)));
+            }
+            Command::List(filter, reply) => {
+                let _ = reply.send(self.table.list(&filter, Instant::now()));
+            }
+            Command::Stop(target, options, reply) => self.stop(target, options, reply),
+            Command::History(agent_id, since, reply) => {
+                let _ = reply.send(self.history(&agent_id, since));
+            }
+            Command::Summary(reply) => {
+                let mut summary = self.table.summary(&self.limits, self.records_set_aside);
+                (summary.containment, summary.containment_detail) = self.os.containment();
+                summary.store_bytes = self.store.size_on_disk();
+                let _ = reply.send(summary);
+            }
+            Command::Pause(agent_ids, pause, reply) => {
+                let _ = reply.send(self.pause(&agent_ids, pause));
+            }
+            Command::Restart(agent_ids, reply) => self.restart(agent_ids, reply),
+            Command::Reap(reply) => {
+                let _ = reply.send(self.reap());
+            }
+            Command::Watch(watch, reply) => {
+                let now = Instant::now();
+                let statuses: Vec<AgentStatus> = if watch.include_snapshot {
+                    self.table
+                        .machines()
+                        .map(|machine| machine.status(now))
+                        .filter(|status| watch.filter.matches_agent(status))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let _ = reply.send(
+                    self.events
+                        .subscribe(statuses.into_iter(), watch.after_sequence),
+                );
+            }
+            Command::Shutdown(reply) => self.shutdown(reply),
+            Command::SampleTargets(known, reply) => {
+                let generation = self.targets_generation;
+                let _ = reply.send(sampler::RoundStart {
+                    targets: (known != Some(generation))
+                        .then(|| (generation, self.table.sample_targets())),
+                    watched: self.events.watched(),
+                });
+            }
+            Command::Samples(batch) => self.samples(batch),
+            Command::ReportProgress(report, reply) => {
+                let _ = reply.send(self.report_progress(report));
+            }
+            Command::Remove(agent_id, reply) => {
+                let _ = reply.send(self.remove(&agent_id));
+            }
+            Command::GroupsGone(gone) => {
+                self.group_check_running = false;
+                for (agent_id, pgid) in gone {
+                    let same_group = self
+                        .table
+                        .get(&agent_id)
+                        .is_ok_and(|m| m.record().pid == Some(pgid));
+                    if same_group {
+                        self.input(&agent_id, |m, now, out| m.group_gone(now, out));
+                    }
+                }
+            }
+            Command::KeptExit(exit) => {
+                if let Some(agent_id) = self.table.take_child(exit.pid) {
+                    let same_run = self.table.get(&agent_id).is_ok_and(|m| {
+                        exit.start_ticks.is_none() || m.record().start_ticks == exit.start_ticks
+                    });
+                    if same_run {
+                        self.leader_exited(&agent_id, Some(exit.exit));
+                    }
+                }
+                let _ = self.acks.send(Ack::Exit(exit.pid));
+            }
+            Command::Fatal(problem) => self.failure = Some(problem),
+            Command::Traced(span, command) => {
+                let _entered = span.enter();
+                self.handle(*command);
+            }
+        }
+    }
+
+    /// The moment an input happens.
+    fn now(&self) -> Now {
+        // Each `RandomState` is keyed afresh: its hash of nothing is a random draw.
+        let unit = (RandomState::new().build_hasher().finish() >> 11) as f64 / (1u64 << 53) as f64;
+        Now {
+            mono: Instant::now(),
+            wall: SystemTime::now(),
+            jitter: 2.0 * unit - 1.0,
+            shutting_down: self.shutting_down,
+        }
+    }
+
+    /// Feeds one input to an agent's machine, keeps its deadline in the timer set, and
+    /// queues its effects; then carries out the queue, unless this input came from work
+    /// already being carried out (that work's loop goes on to these effects, in order).
+    /// `None` when there is no such agent.
+    fn input<R>(
+        &mut self,
+        agent_id: &str,
+        input: impl FnOnce(&mut AgentMachine, Now, &mut Vec<Effect>) -> R,
+    ) -> Option<R> {
+        let now = self.now();
+        let machine = self.table.get_mut(agent_id)?;
+        let before = machine.deadline();
+        let sampled_as = (machine.leader_alive(), machine.record().pid);
+        let mut effects = Vec::new();
+        let result = input(machine, now, &mut effects);
+        let after = machine.deadline();
+        if sampled_as != (machine.leader_alive(), machine.record().pid) {
+            self.targets_generation += 1;
+        }
+        let watches = machine.watches_group();
+        match &machine.record().cgroup {
+            // Only a stop under way (rare) clones the path.
+            Some(cgroup) if watches || !self.cgroups_watched.is_empty() => {
+                let cgroup = cgroup.clone();
+                self.watch_cgroup(agent_id, &cgroup, watches);
+            }
+            Some(_) => {}
+            None if watches => {
+                self.groups_watched.insert(agent_id.to_string());
+            }
+            None => {
+                self.groups_watched.remove(agent_id);
+            }
+        }
+        if before != after {
+            if let Some(at) = before {
+                self.deadlines.remove(&(at, agent_id.to_string()));
+            }
+            if let Some(at) = after {
+                self.deadlines.insert((at, agent_id.to_string()));
+            }
+        }
+        self.queue
+            .extend(effects.into_iter().map(|effect| Work::Effect {
+                agent_id: agent_id.to_string(),
+                now,
+                effect,
+            }));
+        self.carry_out_queue();
+        Some(result)
+    }
+
+    /// Carries out queued work in order until none is left. Work never calls `input` from
+    /// inside an effect: what must feed a machine again (a launch, the stops of followers)
+    /// is queued as a step, so the call depth stays the same however deep the agent tree.
+    fn carry_out_queue(&mut self) {
+        if self.carrying_out {
+            return;
+        }
+        self.carrying_out = true;
+        while let Some(work) = self.queue.pop_front() {
+            match work {
+                Work::Effect {
+                    agent_id,
+                    now,
+                    effect,
+                } => self.carry_out(&agent_id, now, effect),
+                Work::Step { agent_id, step } => step(self, &agent_id),
+            }
+        }
+        self.carrying_out = false;
+    }
+
+    fn carry_out(&mut self, agent_id: &str, now: Now, effect: Effect) {
+        {
+            let Ok(machine) = self.table.get(agent_id) else {
+                return;
+            };
+            match effect {
+                Effect::Persist => {
+                    if let Err(error) = self.store.put(machine.record()) {
+                        tracing::error!(%agent_id, %error, "saving agent record");
+                    }
+                }
+                Effect::Emit {
+                    kind,
+                    message,
+                    alert,
+                } => {
+                    if kind != EventKind::Health {
+                        tracing::info!(%agent_id, ?kind, "{message}");
+                    }
+                    if kind == EventKind::Restarting {
+                        self.traces.restarting(agent_id, &message);
+                    }
+                    self.recorder.event(kind);
+                    self.events
+                        .emit(kind, message, alert, || machine.status(now.mono));
+                }
+                Effect::Signal(signal) => {
+                    let Some(hold) = machine.record().hold() else {
+                        return;
+                    };
+                    tracing::info!(%agent_id, %signal, "stop ladder");
+                    self.traces
+                        .signalled(agent_id, signal, machine.stop_reason());
+                    let sent = match self.os.signal_group(hold, signal) {
+                        // A leader that left its group still gets the signal.
+                        Ok(false) if machine.leader_alive() => {
+                            self.os.signal_process(hold.pgid, signal)
+                        }
+                        other => other,
+                    };
+                    if let Err(error) = sent {
+                        tracing::warn!(%agent_id, %error, %signal, "signalling the agent's processes");
+                    }
+                }
+                Effect::Freeze(frozen) => {
+                    let Some(hold) = machine.record().hold() else {
+                        return;
+                    };
+                    if let Err(error) = self.os.freeze(hold, frozen) {
+                        tracing::warn!(%agent_id, %error, frozen, "freezing the agent's processes");
+                    }
+                }
+                Effect::StopFinished { outcome, duration } => {
+                    let status = machine.status(now.mono);
+                    tracing::info!(%agent_id, ?outcome, ?duration, "stopped");
+                    self.recorder.stopped(outcome, duration);
+                    self.traces.stop_finished(agent_id, outcome);
+                    for waiter in self.stop_waiters.remove(agent_id).unwrap_or_default() {
+                        let _ = waiter.send(StopReport {
+                            agent_id: agent_id.to_string(),
+                            outcome,
+                            duration,
+                            status: status.clone(),
+                        });
+                    }
+                }
+                Effect::EndedForGood => {
+                    self.traces.ended(agent_id);
+                    let shutting_down = self.shutting_down;
+                    self.answer_restart(agent_id, || {
+                        Err(match shutting_down {
+                            true => Error::ShuttingDown,
+                            false => Error::CannotRestart {
+                                id: agent_id.to_string(),
+                                why: "it was stopped before it started again".into(),
+                            },
+                        })
+                    });
+                    self.remove_cgroup_if_empty(agent_id);
+                    self.queue.push_back(Work::Step {
+                        agent_id: agent_id.to_string(),
+                        step: Self::stop_followers,
+                    });
+                }
+                Effect::RunEnded(reason) => {
+                    self.recorder.run_ended(reason);
+                    // Between runs nothing runs: the series says so until the next one's
+                    // first sample, instead of repeating the last one across the gap.
+                    if let Some(history) = self.histories.get_mut(agent_id) {
+                        history.record(HistoryPoint::ended(now.wall), self.history_capacity);
+                    }
+                }
+                Effect::Launch => {
+                    self.recorder.restarted();
+                    self.queue.push_back(Work::Step {
+                        agent_id: agent_id.to_string(),
+                        step: Self::launch,
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_deadlines(&mut self) {
+        let now = Instant::now();
+        while let Some((at, agent_id)) = self.deadlines.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.deadlines.remove(&(at, agent_id.clone()));
+            self.input(&agent_id, |m, now, out| m.timeout(now, out));
+        }
+    }
+}
+
+/// Hands every exit the keeper reports to the supervisor task. The keeper going away is
+/// fatal: agentd exits, and the next one starts a keeper and adopts the agents.
+async fn forward_kept_exits(mut exits: ExitStream, commands: mpsc::Sender<Command>) {
+    while let Some(exit) = exits.next().await {
+        if commands.send(Command::KeptExit(exit)).await.is_err() {
+            return;
+        }
+    }
+    let _ = commands
+        .send(Command::Fatal("the keeper exited".into()))
+        .await;
+}
+
+/// A message for the task that acknowledges exits to the keeper.
+enum Ack {
+    /// The exit of this pid is handled.
+    Exit(i32),
+    /// The record of this run (the keeper's child) is written: once it is on disk, the
+    /// keeper is told, so a store that loses it is caught at the next start (`trust.rs`).
+    Recorded(i32),
+    /// Answer once everything sent before is acknowledged.
+    Drain(oneshot::Sender<()>),
+}
+
+/// Acknowledges handled exits, and tells which runs are recorded, in batches, each once a
+/// flush has put it on disk. `keeps_records`: the keeper understands `Recorded`.
+async fn acknowledge_exits(
+    mut queue: mpsc::UnboundedReceiver<Ack>,
+    mut sink: AckSink,
+    store: Store,
+    keeps_records: bool,
+) {
+    while let Some(first) = queue.recv().await {
+        let (mut pids, mut recorded, mut drained) = (Vec::new(), Vec::new(), Vec::new());
+        let mut take = |ack| match ack {
+            Ack::Exit(pid) => pids.push(pid),
+            Ack::Recorded(pid) if keeps_records => recorded.push(pid),
+            Ack::Recorded(_) => {}
+            Ack::Drain(done) => drained.push(done),
+        };
+        take(first);
+        while let Ok(ack) = queue.try_recv() {
+            take(ack);
+        }
+        if !pids.is_empty() || !recorded.is_empty() {
+            match store.flush().await {
+                Ok(()) => {
+                    if !pids.is_empty()
+                        && let Err(error) = sink.ack(pids).await
+                    {
+                        tracing::error!(%error, "acknowledging exits to the keeper");
+                    }
+                    if !recorded.is_empty()
+                        && let Err(error) = sink.recorded(recorded).await
+                    {
+                        tracing::error!(%error, "telling the keeper which runs are recorded");
+                    }
+                }
+                Err(error) => tracing::error!(%error, "flushing exits before acknowledging them"),
+            }
+        }
+        for done in drained {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// The span of a process start: its cgroup, and the keeper's fork and exec.
+fn exec_span(agent_id: &str) -> tracing::span::EnteredSpan {
+    tracing::info_span!(target: trace::TARGET, "agentd.spawn.exec", agent.id = agent_id).entered()
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,314 @@
+//! Spawn and restart: the agent's folder, the process through the OS seam, and the
+//! machine told how the start went.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
+
+use crate::agent::{AgentRecord, AgentStatus};
+use crate::cgroup;
+use crate::error::{Error, Result};
+use crate::files::{self, AgentFiles};
+use crate::machine::{AgentMachine, Launched};
+use crate::os;
+use crate::rebuild;
+use crate::sampler::TreeSample;
+use crate::spec::{RunAs, SpawnRequest, check_id};
+use crate::trace;
+
+use super::{Ack, SupervisorTask, exec_span};
+
+impl SupervisorTask {
+    /// Starts (again) the process of an agent whose machine is starting.
+    pub(super) fn launch(&mut self, agent_id: &str) {
+        let Ok(machine) = self.table.get(agent_id) else {
+            return;
+        };
+        let record = machine.record();
+        if record.spec.run_as.is_some()
+            && let Err(error) = self.open_for_other_users()
+        {
+            tracing::warn!(%agent_id, %error, "restarting an agent that runs as another user");
+        }
+        let span = self.traces.relaunching(agent_id);
+        let _entered = span.enter();
+        let launched = {
+            let _exec = exec_span(agent_id);
+            AgentFiles::reopen(&record.agent_dir).launch(record, &self.base_env, self.os.as_ref())
+        };
+        // A failed restart is the machine's to handle; nobody waits for the error.
+        let error = self
+            .launched(agent_id, launched)
+            .err()
+            .map(|e| e.to_string());
+        trace::launched(&span, error.as_deref());
+    }
+
+    /// Feeds a launch's result to the machine; answers with the error, if it failed.
+    pub(super) fn launched(&mut self, agent_id: &str, launched: Result<os::Started>) -> Result<()> {
+        match launched {
+            Ok(started) => {
+                let request_id = self
+                    .table
+                    .get(agent_id)
+                    .map(|m| m.record().spec.request_id.clone())
+                    .unwrap_or_default();
+                self.table.child_started(agent_id, started.pid, &request_id);
+                let launched = Launched {
+                    pid: started.pid,
+                    start_ticks: started.start_ticks,
+                    containment: match started.cgroup {
+                        Some(_) => self.os.containment().0,
+                        None => cgroup::Containment::ProcessGroup,
+                    },
+                    cgroup: started.cgroup,
+                    limit_fallbacks: started.fallbacks,
+                };
+                self.input(agent_id, |m, now, out| m.started(now, launched, out));
+                let _ = self.acks.send(Ack::Recorded(started.pid));
+                // The first reading at once, so status right after Spawn is not all zeros.
+                if let Some(stat) = self.os.proc_stat(started.pid) {
+                    let sample = TreeSample {
+                        leader_status: os::state_name(stat.state),
+                        cpu_percent: 0.0,
+                        memory_bytes: stat.rss_pages * self.page_size,
+                        num_threads: stat.num_threads,
+                        num_processes: 1,
+                        cpu_seconds: 0.0,
+                    };
+                    self.input(agent_id, |m, _, out| m.sampled(sample, out));
+                }
+                if let Ok(machine) = self.table.get(agent_id) {
+                    let status = machine.status(Instant::now());
+                    self.answer_restart(agent_id, || Ok(status.clone()));
+                }
+                Ok(())
+            }
+            Err(error) => {
+                let message = error.to_string();
+                let why = format!("it could not start again: {message}");
+                self.answer_restart(agent_id, || {
+                    Err(Error::CannotRestart {
+                        id: agent_id.to_string(),
+                        why: why.clone(),
+                    })
+                });
+                if let Ok(machine) = self.table.get(agent_id) {
+                    let record = machine.record();
+                    let owner = record.spec.run_as.as_ref().map(|user| (user.uid, user.gid));
+                    let options = files::no_follow()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .clone();
+                    let _ = files::open_for_writing(
+                        &options,
+                        &record.agent_dir.join("error.log"),
+                        owner,
+                    )
+                    .and_then(|mut log| std::io::Write::write_all(&mut log, message.as_bytes()));
+                }
+                self.input(agent_id, |m, now, out| m.start_failed(now, message, out));
+                Err(error)
+            }
+        }
+    }
+
+    pub(super) fn spawn(&mut self, mut request: SpawnRequest) -> Result<AgentStatus> {
+        if self.shutting_down {
+            return Err(Error::ShuttingDown);
+        }
+        let now = Instant::now();
+        if let Some(agent_id) = self.table.by_request(&request.request_id) {
+            return self.table.get(agent_id).map(|m| m.status(now));
+        }
+        if request.agent_id.is_empty() {
+            request.agent_id = self.generate_id();
+        }
+        let (spec, prompt) = request.validate()?;
+        self.os.check_spec(&spec)?;
+        if let Some(run_as) = &spec.run_as {
+            check_user_allowed(&spec.agent_id, run_as, &self.allow_users)?;
+        }
+        // An id whose earlier spawn never started a process may be tried again.
+        if self
+            .table
+            .get(&spec.agent_id)
+            .is_ok_and(|m| m.record().pid.is_some())
+        {
+            return Err(Error::AlreadyExists { id: spec.agent_id });
+        }
+        self.table.admit(&spec, &self.limits)?;
+        let agent_id = spec.agent_id.clone();
+        let agent_dir = self.agents_dir.join(&agent_id);
+        let owner = spec.run_as.as_ref().map(|run_as| (run_as.uid, run_as.gid));
+        if owner.is_some() {
+            // Another user must be able to reach its folder, though not list the others.
+            self.open_for_other_users()?;
+        }
+        let files = {
+            let _folder =
+                tracing::info_span!(target: trace::TARGET, "agentd.spawn.folder").entered();
+            AgentFiles::prepare(&agent_id, &agent_dir, &prompt, owner)?
+        };
+        // What a rebuild of the record starts from, should the store be lost.
+        rebuild::write_spec(&self.specs_dir, &spec)?;
+        let record = AgentRecord::new(Arc::new(spec), agent_dir, SystemTime::now());
+        let machine = AgentMachine::starting(record, self.now());
+        // The STARTING record reaches the disk before the process exists.
+        self.store.put(machine.record())?;
+        let launched = {
+            let _exec = exec_span(&agent_id);
+            files.launch(machine.record(), &self.base_env, self.os.as_ref())
+        };
+        self.table.insert(machine);
+        self.spawns = (
+            self.spawns.0.saturating_add(1),
+            self.spawns.1.saturating_add(1),
+        );
+        self.launched(&agent_id, launched)?;
+        self.table.get(&agent_id).map(|m| m.status(Instant::now()))
+    }
+
+    /// Lets other users traverse (not list or read) the data folder and `agents/`, so an
+    /// agent that runs as another user reaches its own folder. Everything else in the data
+    /// folder stays private (the store is 0700, the sockets and logs 0600).
+    pub(super) fn open_for_other_users(&self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(data_dir) = self.agents_dir.parent() else {
+            return Ok(());
+        };
+        for dir in [data_dir, self.agents_dir.as_path()] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(
+                |source| Error::Setup {
+                    what: format!(
+                        "letting agents that run as other users reach `{}`",
+                        dir.display()
+                    ),
+                    source,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn generate_id(&mut self) -> String {
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        loop {
+            self.ids_generated += 1;
+            let id = format!("agent-{millis:x}-{}", self.ids_generated);
+            if !self.table.contains(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Restarts agents, all or none: each must exist and be in a state to restart, and those
+    /// that ended must fit in the daemon's capacity again. `reply` gets their statuses once
+    /// every one runs again.
+    pub(super) fn restart(
+        &mut self,
+        agent_ids: Vec<String>,
+        reply: oneshot::Sender<Result<Vec<AgentStatus>>>,
+    ) {
+        if let Err(error) = self.check_restart(&agent_ids) {
+            let _ = reply.send(Err(error));
+            return;
+        }
+        let mut running_again = Vec::with_capacity(agent_ids.len());
+        for agent_id in &agent_ids {
+            let (waiter, status) = oneshot::channel();
+            self.restart_waiters
+                .entry(agent_id.clone())
+                .or_default()
+                .push(waiter);
+            running_again.push(status);
+            self.input(agent_id, |m, now, out| m.restart(now, out));
+        }
+        tokio::spawn(async move {
+            let mut statuses = Vec::with_capacity(running_again.len());
+            for status in running_again {
+                match status.await {
+                    Ok(Ok(status)) => statuses.push(status),
+                    Ok(Err(error)) => {
+                        let _ = reply.send(Err(error));
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = reply.send(Err(Error::ShuttingDown));
+                        return;
+                    }
+                }
+            }
+            let _ = reply.send(Ok(statuses));
+        });
+    }
+
+    pub(super) fn check_restart(&self, agent_ids: &[String]) -> Result<()> {
+        if self.shutting_down {
+            return Err(Error::ShuttingDown);
+        }
+        if agent_ids.is_empty() {
+            return Err(Error::Invalid {
+                field: "agent_ids",
+                problem: "name at least one agent".into(),
+            });
+        }
+        let (mut returning, mut load) = (0, 0.0);
+        for agent_id in agent_ids {
+            check_id("agent_ids", agent_id)?;
+            let machine = self.table.get(agent_id)?;
+            if let Some(why) = machine.restart_blocked() {
+                return Err(Error::CannotRestart {
+                    id: agent_id.clone(),
+                    why: why.into(),
+                });
+            }
+            let record = machine.record();
+            if !record.state.holds_capacity() {
+                returning += 1;
+                load += record.spec.load_percentage;
+            }
+        }
+        self.table.has_room(returning, load, &self.limits)
+    }
+
+    /// Answers everyone waiting for this agent to run again.
+    pub(super) fn answer_restart(
+        &mut self,
+        agent_id: &str,
+        answer: impl Fn() -> Result<AgentStatus>,
+    ) {
+        for waiter in self.restart_waiters.remove(agent_id).unwrap_or_default() {
+            let _ = waiter.send(answer());
+        }
+    }
+}
+
+/// An agent may run as root (uid 0, or group 0 among its groups) only when `allowed` names
+/// its user, and as anyone else unless `allowed` is a list that leaves them out.
+pub(super) fn check_user_allowed(agent_id: &str, run_as: &RunAs, allowed: &[String]) -> Result<()> {
+    let listed = allowed
+        .iter()
+        .any(|entry| *entry == run_as.user || entry.parse() == Ok(run_as.uid));
+    let why = if listed {
+        return Ok(());
+    } else if run_as.uid == 0 {
+        "uid 0 is root, which agentd grants only to users listed in --allow-users".to_string()
+    } else if run_as.gid == 0 || run_as.groups.contains(&0) {
+        "group 0 is root's, which agentd grants only to users listed in --allow-users".to_string()
+    } else if !allowed.is_empty() {
+        format!("--allow-users lists only {}", allowed.join(", "))
+    } else {
+        return Ok(());
+    };
+    Err(Error::UserNotAllowed {
+        id: agent_id.to_string(),
+        user: run_as.user.clone(),
+        why,
+    })
+}
