@@ -7,10 +7,19 @@ dir=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
 "$agentd" --data-dir "$dir/data" --http-listen 127.0.0.1:0 --insecure-listen --metrics-per-agent >"$dir/out" 2>"$dir/log" &
 pid=$!
-for _ in $(seq 200); do
+# Up to a minute for the ready line (a loaded CI machine is slow to start it), unless agentd
+# ends first.
+address=
+for _ in $(seq 600); do
   address=$(grep -o 'HTTP API on http://[^ ,]*' "$dir/out" | sed 's|.*http://||') && break
-  sleep 0.05
+  kill -0 "$pid" 2>/dev/null || break
+  sleep 0.1
 done
+if [ -z "$address" ]; then
+  echo "lint_metrics: agentd never said it was ready; its log:" >&2
+  cat "$dir/log" >&2
+  exit 1
+fi
 python3 - "$address" <<'PY'
 import json, sys, urllib.request
 base = "http://" + sys.argv[1]
