@@ -24,7 +24,8 @@ python3 - "$address" <<'PY'
 import json, sys, urllib.request
 base = "http://" + sys.argv[1]
 spawn = json.dumps({"agentId": "lint", "command": ["sleep", "5"]}).encode()
-urllib.request.urlopen(urllib.request.Request(base + "/v1/agents", spawn, method="POST"))
+urllib.request.urlopen(urllib.request.Request(
+    base + "/v1/agents", spawn, {"Content-Type": "application/json"}, method="POST"))
 PY
 python3 - "$address" <<'PY' | promtool check metrics
 import sys, urllib.request
