@@ -7,6 +7,7 @@
 
 mod agent;
 mod cgroup;
+mod clock;
 mod config;
 mod error;
 mod events;

@@ -29,6 +29,9 @@ use crate::keeper::{KeeperClient, SpawnOrder};
 use crate::launch::{ProcessSetup, Rlimit};
 use crate::spec::{AgentSpec, Resources};
 
+#[cfg(test)]
+pub(crate) mod fake;
+
 /// How an agent's processes are held together: the leader's process group, and the
 /// agent's cgroup when it has one (then the cgroup is the truth about membership).
 #[derive(Debug, Clone, Copy)]

@@ -9,18 +9,17 @@
 //! it is also the only place in agentd that asks the keeper to start processes and that
 //! reaps children (see `os` and `keeper`).
 
-use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agent::AgentStatus;
-use crate::config::{FinishedRetention, Limits};
+use crate::clock::Clock;
+use crate::config::{FinishedRetention, Limits, SupervisorConfig};
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventKind};
 use crate::files::BaseEnv;
@@ -29,6 +28,7 @@ use crate::history::{History, HistoryPoint};
 use crate::keeper::{AckSink, ExitStream};
 use crate::machine::{AgentMachine, Effect, Now};
 use crate::os::{self, Os};
+use crate::rebuild;
 use crate::recorder::Recorder;
 use crate::sampler;
 use crate::stop::StopReport;
@@ -43,16 +43,19 @@ mod samples;
 mod spawning;
 mod start;
 mod stopping;
+#[cfg(test)]
+mod tests;
 
 pub use start::Supervisor;
 
 pub(crate) struct SupervisorTask {
     os: Arc<dyn Os>,
+    clock: Arc<dyn Clock>,
     recorder: Arc<dyn Recorder>,
     store: Store,
     events: EventBus,
     /// `DATA/agentd.lock`, held while the daemon runs: one daemon per data folder.
-    _data_lock: nix::fcntl::Flock<std::fs::File>,
+    _data_lock: Option<nix::fcntl::Flock<std::fs::File>>,
     agents_dir: PathBuf,
     /// Every agent's spec, for a rebuild of the records (`rebuild.rs`).
     specs_dir: PathBuf,
@@ -142,7 +145,85 @@ fn history_capacity(window: Duration, interval: Duration) -> usize {
     (samples.ceil() as usize).max(1)
 }
 
+/// What a task drives, handed in: the daemon's OS, clock and store, or a unit test's fakes.
+pub(crate) struct Parts {
+    pub os: Arc<dyn Os>,
+    pub clock: Arc<dyn Clock>,
+    pub recorder: Arc<dyn Recorder>,
+    pub store: Store,
+    /// `DATA/agentd.lock`, held for as long as the task runs.
+    pub data_lock: Option<nix::fcntl::Flock<std::fs::File>>,
+    /// The task's own command queue (`SupervisorTask::commands`).
+    pub commands: mpsc::WeakSender<Command>,
+}
+
 impl SupervisorTask {
+    /// A task with no agents yet, with the receivers of adopted agents' exits and of the
+    /// acknowledgements for the keeper.
+    fn new(
+        parts: Parts,
+        config: &SupervisorConfig,
+    ) -> Result<(
+        SupervisorTask,
+        mpsc::UnboundedReceiver<String>,
+        mpsc::UnboundedReceiver<Ack>,
+    )> {
+        let cgroup_watch = os::ChangeWatch::new().map_err(|source| Error::Setup {
+            what: "watching cgroups with inotify".into(),
+            source,
+        })?;
+        let (adopted_exits_tx, adopted_exits) = mpsc::unbounded_channel();
+        let (acks, ack_queue) = mpsc::unbounded_channel();
+        let events = EventBus::open(
+            parts.store.clone(),
+            config.event_buffer,
+            config.event_retention,
+        )?;
+        let task = SupervisorTask {
+            page_size: parts.os.proc_units().1,
+            os: parts.os,
+            clock: parts.clock,
+            recorder: parts.recorder,
+            store: parts.store,
+            events,
+            _data_lock: parts.data_lock,
+            agents_dir: config.data_dir.join("agents"),
+            specs_dir: config.data_dir.join(rebuild::SPECS),
+            trash_dir: config.data_dir.join("trash"),
+            trash_emptying: Arc::default(),
+            table: AgentTable::default(),
+            queue: VecDeque::new(),
+            carrying_out: false,
+            deadlines: BTreeSet::new(),
+            stop_waiters: HashMap::new(),
+            restart_waiters: HashMap::new(),
+            traces: Traces::default(),
+            adopted_exits_tx,
+            acks,
+            shutting_down: false,
+            ids_generated: 0,
+            limits: config.limits,
+            base_env: BaseEnv::from_daemon(&config.pass_env),
+            allow_users: config.allow_users.clone(),
+            finished_retention: config.finished_retention,
+            commands: parts.commands,
+            groups_watched: HashSet::new(),
+            group_check_running: false,
+            cgroup_watch,
+            cgroups_watched: HashMap::new(),
+            strays: HashMap::new(),
+            failure: None,
+            records_set_aside: 0,
+            targets_generation: 0,
+            spawns: (0, 0),
+            histories: HashMap::new(),
+            history_capacity: history_capacity(config.history, config.sample_interval),
+            history_window: config.history,
+            sample_interval: config.sample_interval,
+        };
+        Ok((task, adopted_exits, ack_queue))
+    }
+
     async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
@@ -198,11 +279,11 @@ impl SupervisorTask {
                 let _ = reply.send(self.spawn(*request));
             }
             Command::Status(agent_id, reply) => {
-                let now = Instant::now();
+                let now = self.clock.mono();
                 let _ = reply.send(self.table.get(&agent_id).map(|m| m.status(now)));
             }
             Command::List(filter, reply) => {
-                let _ = reply.send(self.table.list(&filter, Instant::now()));
+                let _ = reply.send(self.table.list(&filter, self.clock.mono()));
             }
             Command::Stop(target, options, reply) => self.stop(target, options, reply),
             Command::History(agent_id, since, reply) => {
@@ -222,7 +303,7 @@ impl SupervisorTask {
                 let _ = reply.send(self.reap());
             }
             Command::Watch(watch, reply) => {
-                let now = Instant::now();
+                let now = self.clock.mono();
                 let statuses: Vec<AgentStatus> = if watch.include_snapshot {
                     self.table
                         .machines()
@@ -286,12 +367,10 @@ impl SupervisorTask {
 
     /// The moment an input happens.
     fn now(&self) -> Now {
-        // Each `RandomState` is keyed afresh: its hash of nothing is a random draw.
-        let unit = (RandomState::new().build_hasher().finish() >> 11) as f64 / (1u64 << 53) as f64;
         Now {
-            mono: Instant::now(),
-            wall: SystemTime::now(),
-            jitter: 2.0 * unit - 1.0,
+            mono: self.clock.mono(),
+            wall: self.clock.wall(),
+            jitter: self.clock.jitter(),
             shutting_down: self.shutting_down,
         }
     }
@@ -473,7 +552,7 @@ impl SupervisorTask {
     }
 
     fn on_deadlines(&mut self) {
-        let now = Instant::now();
+        let now = self.clock.mono();
         while let Some((at, agent_id)) = self.deadlines.first().cloned() {
             if at > now {
                 break;

@@ -1,7 +1,7 @@
 //! Removing agents: on request, and by the retention limits; their folders go to the trash.
 
 use std::sync::atomic::Ordering;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::agent::AgentStatus;
 use crate::error::{Error, Result};
@@ -26,7 +26,7 @@ impl SupervisorTask {
                 state: machine.record().state,
             });
         }
-        let status = machine.status(Instant::now());
+        let status = machine.status(self.clock.mono());
         if let Some(cgroup) = &machine.record().cgroup
             && let Err(error) = self.os.remove_cgroup(cgroup)
         {
@@ -103,7 +103,7 @@ impl SupervisorTask {
                 (ended, record.spec.agent_id.clone())
             })
             .collect();
-        let Some(oldest_allowed) = SystemTime::now().checked_sub(retention.max_age) else {
+        let Some(oldest_allowed) = self.clock.wall().checked_sub(retention.max_age) else {
             return;
         };
         finished.sort();

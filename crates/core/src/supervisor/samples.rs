@@ -1,6 +1,6 @@
 //! The sampler's batches, heartbeats, and each agent's recent history.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::agent::{AgentRecord, AgentStatus};
 use crate::error::{Error, Result};
@@ -17,7 +17,7 @@ impl SupervisorTask {
     /// a heartbeat), every health check of every running agent, then retention.
     pub(super) fn samples(&mut self, batch: SampleBatch) {
         self.recorder.sampled(batch.took);
-        let at = SystemTime::now();
+        let at = self.clock.wall();
         for (agent_id, sample) in batch.samples {
             let point = HistoryPoint::new(at, &sample);
             let kept = self.input(&agent_id, |m, _, out| {
@@ -63,7 +63,7 @@ impl SupervisorTask {
             return Err(Error::HistoryOff);
         }
         let machine = self.table.get(agent_id)?;
-        let now = SystemTime::now();
+        let now = self.clock.wall();
         let window = self.history_window;
         let oldest = now.checked_sub(window).unwrap_or(UNIX_EPOCH);
         let from = since.map_or(oldest, |since| since.max(oldest));
@@ -127,6 +127,8 @@ impl SupervisorTask {
             };
             m.heartbeat(now, update, out);
         });
-        self.table.get(&agent_id).map(|m| m.status(Instant::now()))
+        self.table
+            .get(&agent_id)
+            .map(|m| m.status(self.clock.mono()))
     }
 }

@@ -2,7 +2,7 @@
 //! machine told how the start went.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use tokio::sync::oneshot;
 
@@ -80,7 +80,7 @@ impl SupervisorTask {
                     self.input(agent_id, |m, _, out| m.sampled(sample, out));
                 }
                 if let Ok(machine) = self.table.get(agent_id) {
-                    let status = machine.status(Instant::now());
+                    let status = machine.status(self.clock.mono());
                     self.answer_restart(agent_id, || Ok(status.clone()));
                 }
                 Ok(())
@@ -119,7 +119,7 @@ impl SupervisorTask {
         if self.shutting_down {
             return Err(Error::ShuttingDown);
         }
-        let now = Instant::now();
+        let now = self.clock.mono();
         if let Some(agent_id) = self.table.by_request(&request.request_id) {
             return self.table.get(agent_id).map(|m| m.status(now));
         }
@@ -154,7 +154,7 @@ impl SupervisorTask {
         };
         // What a rebuild of the record starts from, should the store be lost.
         rebuild::write_spec(&self.specs_dir, &spec)?;
-        let record = AgentRecord::new(Arc::new(spec), agent_dir, SystemTime::now());
+        let record = AgentRecord::new(Arc::new(spec), agent_dir, self.clock.wall());
         let machine = AgentMachine::starting(record, self.now());
         // The STARTING record reaches the disk before the process exists.
         self.store.put(machine.record())?;
@@ -168,7 +168,9 @@ impl SupervisorTask {
             self.spawns.1.saturating_add(1),
         );
         self.launched(&agent_id, launched)?;
-        self.table.get(&agent_id).map(|m| m.status(Instant::now()))
+        self.table
+            .get(&agent_id)
+            .map(|m| m.status(self.clock.mono()))
     }
 
     /// Lets other users traverse (not list or read) the data folder and `agents/`, so an
@@ -194,7 +196,9 @@ impl SupervisorTask {
     }
 
     pub(super) fn generate_id(&mut self) -> String {
-        let millis = SystemTime::now()
+        let millis = self
+            .clock
+            .wall()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis();

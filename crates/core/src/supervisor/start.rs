@@ -1,7 +1,6 @@
 //! Starting the supervisor: the data folder checked and locked, the keeper reached, the
 //! store judged and the agents recovered, then the task, the exit forwarders and the sampler.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -9,23 +8,21 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cgroup;
+use crate::clock::SystemClock;
 use crate::config::{StoreRecovery, SupervisorConfig};
 use crate::error::{Error, Result};
-use crate::events::EventBus;
-use crate::files::{self, BaseEnv};
+use crate::files;
 use crate::handle::{Command, SupervisorHandle};
 use crate::keeper::KeeperClient;
-use crate::os::{self, Os};
+use crate::os;
 use crate::rebuild;
 use crate::recorder::Recorder;
 use crate::recover::KeeperState;
 use crate::sampler;
 use crate::store::Store;
-use crate::table::AgentTable;
-use crate::trace::Traces;
 
 use super::recovery::trusted_store;
-use super::{SupervisorTask, acknowledge_exits, forward_kept_exits, history_capacity};
+use super::{Parts, SupervisorTask, acknowledge_exits, forward_kept_exits};
 
 pub struct Supervisor;
 
@@ -122,55 +119,16 @@ impl Supervisor {
             )?;
         }
         store.start_background_flush();
-        let cgroup_watch = os::ChangeWatch::new().map_err(|source| Error::Setup {
-            what: "watching cgroups with inotify".into(),
-            source,
-        })?;
         let (commands_tx, commands) = mpsc::channel(1024);
-        let (adopted_exits_tx, adopted_exits) = mpsc::unbounded_channel();
-        let (acks, ack_queue) = mpsc::unbounded_channel();
-        let events = EventBus::open(store.clone(), config.event_buffer, config.event_retention)?;
-        let mut task = SupervisorTask {
-            recorder,
-            page_size: system.proc_units().1,
+        let parts = Parts {
             os: system.clone(),
+            clock: Arc::new(SystemClock),
+            recorder,
             store: store.clone(),
-            events,
-            _data_lock: data_lock,
-            agents_dir,
-            specs_dir,
-            trash_dir,
-            trash_emptying: Arc::default(),
-            table: AgentTable::default(),
-            queue: VecDeque::new(),
-            carrying_out: false,
-            deadlines: BTreeSet::new(),
-            stop_waiters: HashMap::new(),
-            restart_waiters: HashMap::new(),
-            traces: Traces::default(),
-            adopted_exits_tx,
-            acks,
-            shutting_down: false,
-            ids_generated: 0,
-            limits: config.limits,
-            base_env: BaseEnv::from_daemon(&config.pass_env),
-            allow_users: config.allow_users.clone(),
-            finished_retention: config.finished_retention,
+            data_lock: Some(data_lock),
             commands: commands_tx.downgrade(),
-            groups_watched: HashSet::new(),
-            group_check_running: false,
-            cgroup_watch,
-            cgroups_watched: HashMap::new(),
-            strays: HashMap::new(),
-            failure: None,
-            records_set_aside: 0,
-            targets_generation: 0,
-            spawns: (0, 0),
-            histories: HashMap::new(),
-            history_capacity: history_capacity(config.history, config.sample_interval),
-            history_window: config.history,
-            sample_interval: config.sample_interval,
         };
+        let (mut task, adopted_exits, ack_queue) = SupervisorTask::new(parts, &config)?;
         let recovered_exits: Vec<i32> = exits.iter().map(|exit| exit.pid).collect();
         task.recover(KeeperState { children, exits }, records, rebuilt)?;
         task.reap();

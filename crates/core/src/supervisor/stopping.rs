@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tracing::Instrument;
@@ -53,7 +53,7 @@ impl SupervisorTask {
                     state,
                 });
             }
-            statuses.push(self.table.get(agent_id)?.status(Instant::now()));
+            statuses.push(self.table.get(agent_id)?.status(self.clock.mono()));
         }
         Ok(statuses)
     }
@@ -96,7 +96,7 @@ impl SupervisorTask {
                 agent_id: agent_id.to_string(),
                 outcome: StopOutcome::AlreadyExited,
                 duration: Duration::ZERO,
-                status: machine.status(Instant::now()),
+                status: machine.status(self.clock.mono()),
             });
         }
         report
