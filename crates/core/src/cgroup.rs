@@ -17,19 +17,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::Resources;
-
-/// How an agent's processes are held together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Containment {
-    /// Its own process group; limits through `setrlimit`.
-    #[default]
-    ProcessGroup,
-    /// A cgroup in a pure v2 hierarchy.
-    CgroupV2,
-    /// A cgroup in the v2 hierarchy for membership, and v1 controllers for limits.
-    CgroupHybrid,
-}
+use crate::state::Containment;
 
 /// `--cgroups`: use them where the host allows (`Auto`), or never (`Off`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -28,7 +28,7 @@ pub enum Error {
     #[error("agent `{id}` is not running (it is {state:?})")]
     NotRunning {
         id: String,
-        state: crate::agent::AgentState,
+        state: crate::state::AgentState,
     },
     /// A spawn names a parent that is no agent (and not an `@coordinator`).
     #[error(
@@ -51,7 +51,7 @@ pub enum Error {
     #[error("agent `{id}` has not ended for good (it is {state:?}): stop it before removing it")]
     NotFinished {
         id: String,
-        state: crate::agent::AgentState,
+        state: crate::state::AgentState,
     },
     #[error("agent `{id}` cannot be restarted now: {why}")]
     CannotRestart { id: String, why: String },

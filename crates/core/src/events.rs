@@ -63,6 +63,32 @@ pub struct Event {
     pub encoded: Encodings,
 }
 
+/// The stored form of a logged event: the store keeps these bytes and knows nothing of them.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "version")]
+enum StoredEvent {
+    #[serde(rename = "1")]
+    V1(Event),
+}
+
+impl Event {
+    fn encode(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(&StoredEvent::V1(self.clone())).map_err(|source| Error::Record {
+            key: format!("event {}", self.sequence),
+            source,
+        })
+    }
+
+    fn decode(sequence: u64, bytes: &[u8]) -> Result<Event> {
+        let StoredEvent::V1(event) =
+            serde_json::from_slice(bytes).map_err(|source| Error::Record {
+                key: format!("event {sequence}"),
+                source,
+            })?;
+        Ok(event)
+    }
+}
+
 /// How an API puts an event on the wire; core only keeps the bytes.
 #[derive(Debug, Clone, Copy)]
 pub enum Format {
@@ -148,7 +174,13 @@ impl Replay {
 
     /// The events, oldest first, read lazily from the log.
     pub fn events(&self) -> impl Iterator<Item = Event> + use<> {
-        self.store.events_between(self.after, self.through)
+        self.store
+            .events_between(self.after, self.through)
+            .filter_map(|(sequence, bytes)| {
+                Event::decode(sequence, &bytes)
+                    .map_err(|error| tracing::error!(%error, "skipping an unreadable event"))
+                    .ok()
+            })
     }
 }
 
@@ -258,7 +290,10 @@ impl EventBus {
                 ..AgentSpec::clone(spec)
             });
         }
-        if let Err(error) = self.store.append_event(&stored) {
+        let appended = stored
+            .encode()
+            .and_then(|bytes| self.store.append_event(stored.sequence, bytes));
+        if let Err(error) = appended {
             tracing::error!(%error, sequence = event.sequence, "logging an event");
             return;
         }
@@ -278,10 +313,12 @@ impl EventBus {
     fn trim(&mut self) {
         self.appended_since_trim = 0;
         let retention = self.retention;
-        match self
-            .store
-            .trim_events(retention.max_events, retention.max_age, self.logged)
-        {
+        match self.store.trim_events(
+            retention.max_events,
+            retention.max_age,
+            self.logged,
+            |bytes| Some(Event::decode(0, bytes).ok()?.time),
+        ) {
             Ok(removed) => self.logged -= removed,
             Err(error) => tracing::error!(%error, "trimming the event log"),
         }
@@ -335,5 +372,75 @@ impl EventBus {
             replay,
             events,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(sequence: u64, time: SystemTime) -> Event {
+        let fixture = include_bytes!("../fixtures/agent-record-v1.json");
+        let record = crate::store::decode("fixture-1", fixture).expect("decodes");
+        Event {
+            sequence,
+            time,
+            kind: crate::events::EventKind::Spawned,
+            status: crate::agent::AgentStatus::new(&record, false, None, None),
+            message: String::new(),
+            alert: None,
+            encoded: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_event_log_trims_by_count_and_age_and_remembers_where() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("opens");
+        let time_of = |bytes: &[u8]| Some(Event::decode(0, bytes).ok()?.time);
+        let old = SystemTime::now() - Duration::from_secs(7200);
+        for sequence in 1..=5 {
+            let event = event(sequence, old);
+            let bytes = event.encode().expect("encodes");
+            store.append_event(sequence, bytes).expect("append");
+        }
+        for sequence in 6..=10 {
+            let bytes = event(sequence, SystemTime::now())
+                .encode()
+                .expect("encodes");
+            store.append_event(sequence, bytes).expect("append");
+        }
+        assert_eq!(
+            store
+                .trim_events(8, Duration::from_secs(86400), 10, time_of)
+                .expect("trim"),
+            2
+        );
+        assert_eq!(store.events_trimmed_through().expect("meta"), 2);
+        assert_eq!(
+            store
+                .trim_events(8, Duration::from_secs(3600), 8, time_of)
+                .expect("trim"),
+            3
+        );
+        assert_eq!(store.events_trimmed_through().expect("meta"), 5);
+        let left: Vec<u64> = store
+            .events_between(0, 99)
+            .map(|(sequence, _)| sequence)
+            .collect();
+        assert_eq!(left, [6, 7, 8, 9, 10]);
+        let some: Vec<u64> = store
+            .events_between(7, 9)
+            .map(|(sequence, _)| sequence)
+            .collect();
+        assert_eq!(some, [8, 9]);
+        // The newest event always stays, so the log never forgets how far it got.
+        assert_eq!(
+            store
+                .trim_events(0, Duration::ZERO, 5, time_of)
+                .expect("trim"),
+            4
+        );
+        assert_eq!(store.count_events(), 1);
     }
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::agent::{AgentState, AgentStatus};
+use crate::agent::AgentStatus;
+
 use crate::error::{Error, Result};
 use crate::events::{EventFilter, Subscription};
 use crate::health::ProgressReport;
@@ -15,6 +16,7 @@ use crate::history::HistoryPoint;
 use crate::keeper::KeptExit;
 use crate::sampler::SampleBatch;
 use crate::spec::SpawnRequest;
+use crate::state::AgentState;
 use crate::stop::{StopOptions, StopReport};
 use crate::store::Store;
 
@@ -81,7 +83,7 @@ pub struct Summary {
     pub records_set_aside: u32,
     pub paused: u32,
     /// How new agents are held, and what the host offers (hierarchy, root, controllers).
-    pub containment: crate::cgroup::Containment,
+    pub containment: crate::state::Containment,
     pub containment_detail: String,
     /// Every live agent whose health is not healthy, by agent id.
     pub unhealthy: Vec<HealthReport>,
@@ -93,7 +95,7 @@ pub struct Summary {
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthReport {
     pub agent_id: String,
-    pub health: crate::agent::Health,
+    pub health: crate::state::Health,
     pub reason: String,
     pub since: Option<SystemTime>,
 }

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::sampler::TreeSample;
+use crate::state::TreeSample;
 
 /// One sample, as kept.
 #[derive(Debug, Clone, Copy, PartialEq)]

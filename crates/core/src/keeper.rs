@@ -30,12 +30,12 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use crate::agent::Exit;
 use crate::cgroup::Joins;
 use crate::files;
 use crate::launch::{self, ProcessSetup};
-use crate::os;
+use crate::process;
 use crate::spec::Resources;
+use crate::state::Exit;
 
 /// The argument that makes the agentd binary run as the keeper.
 pub const KEEPER_ARG: &str = "--run-as-keeper";
@@ -205,9 +205,9 @@ impl KeeperClient {
     }
 
     /// Starts a process through the keeper.
-    pub fn spawn(&self, order: SpawnOrder) -> io::Result<os::Started> {
+    pub fn spawn(&self, order: SpawnOrder) -> io::Result<launch::Started> {
         match self.call(&Request::Spawn(Box::new(order)))? {
-            Reply::Spawned { pid, start_ticks } => Ok(os::Started {
+            Reply::Spawned { pid, start_ticks } => Ok(launch::Started {
                 pid,
                 start_ticks,
                 cgroup: None,
@@ -418,7 +418,7 @@ fn lock(kept: &Shared) -> std::sync::MutexGuard<'_, Kept> {
 /// The keeper's main: serves the listening socket on descriptor 3 until there is nothing
 /// left to keep.
 pub fn run_keeper(data_dir: &Path) -> io::Result<()> {
-    os::become_subreaper()?;
+    process::become_subreaper()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -533,7 +533,7 @@ fn same_user(stream: &impl std::os::fd::AsFd) -> io::Result<()> {
 /// Reaps every exited child; agents' exits are kept, orphans are dropped.
 fn reap(kept: &Shared) {
     let mut kept = lock(kept);
-    while let Some((pid, exit)) = os::reap_one() {
+    while let Some((pid, exit)) = process::reap_one() {
         let Some(child) = kept.children.remove(&pid) else {
             continue;
         };

@@ -22,7 +22,7 @@ use nix::libc;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Joins;
-use crate::os::{Started, proc_stat};
+use crate::process::proc_stat;
 use crate::spec::RunAs;
 
 /// What to start and where its output goes.
@@ -509,4 +509,14 @@ unsafe fn child(
         }
         fail(worst)
     }
+}
+
+/// A started leader process.
+pub struct Started {
+    pub pid: i32,
+    pub start_ticks: Option<u64>,
+    /// Its cgroup, relative to the hierarchies.
+    pub cgroup: Option<std::path::PathBuf>,
+    /// Limits enforced without a cgroup, and how.
+    pub fallbacks: Vec<String>,
 }

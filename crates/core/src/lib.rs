@@ -6,6 +6,7 @@
 //! table; everything else talks to it through a cloneable [`SupervisorHandle`].
 
 mod agent;
+mod agent_dir;
 mod cgroup;
 mod clock;
 mod config;
@@ -21,6 +22,7 @@ mod lifecycle;
 mod logs;
 mod machine;
 mod os;
+mod process;
 #[cfg(test)]
 mod proptests;
 mod rebuild;
@@ -28,6 +30,7 @@ mod recorder;
 mod recover;
 mod sampler;
 mod spec;
+mod state;
 mod stop;
 mod store;
 mod supervisor;
@@ -35,8 +38,8 @@ mod table;
 mod trace;
 mod trust;
 
-pub use agent::{AgentRecord, AgentState, AgentStatus, EndReason, Exit, Health};
-pub use cgroup::{CgroupSetting, Containment};
+pub use agent::{AgentRecord, AgentStatus};
+pub use cgroup::CgroupSetting;
 pub use config::{
     FinishedRetention, Limits as DaemonLimits, ShutdownPolicy, StoreRecovery, SupervisorConfig,
 };
@@ -56,6 +59,7 @@ pub use lifecycle::{Backoff, LifecyclePolicy, ParentExit, RestartPolicy};
 pub use logs::{FolderWatch, LogError, LogFile, LogRotation, LogStream};
 pub use recorder::Recorder;
 pub use spec::{AgentSpec, Limits, Resources, RunAs, SpawnRequest, StopPolicy};
+pub use state::{AgentState, Containment, EndReason, Exit, Health};
 pub use stop::{StopOptions, StopOutcome, StopReport};
 pub use supervisor::Supervisor;
 pub use trace::TARGET as TRACE_TARGET;

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::Exit;
 use crate::error::{Error, Result};
-use crate::stop::StopReason;
+use crate::state::Exit;
+use crate::state::StopReason;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

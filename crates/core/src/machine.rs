@@ -20,13 +20,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 
-use crate::agent::{AgentRecord, AgentState, AgentStatus, EndReason, Exit};
-use crate::cgroup::Containment;
+use crate::agent::{AgentRecord, AgentStatus};
+
 use crate::events::EventKind;
 use crate::health::{Alert, HealthAction, HealthIssue, HealthMetric};
 use crate::lifecycle::{RunEnd, wants_restart};
-use crate::sampler::TreeSample;
-use crate::stop::{Step, StopOutcome, StopReason};
+use crate::state::Containment;
+use crate::state::StopReason;
+use crate::state::TreeSample;
+use crate::state::{AgentState, EndReason, Exit};
+use crate::stop::{Step, StopOutcome};
 
 /// After SIGKILL the group is signalled again this often until it is gone (a process in
 /// uninterruptible sleep dies only when it wakes).

@@ -201,7 +201,7 @@ proptest! {
         name in proptest::collection::vec(any::<u8>(), 0..16),
         numbers in proptest::collection::vec(0..i32::MAX as u64, 50),
     ) {
-        let _ = crate::os::parse_proc_stat(&bytes);
+        let _ = crate::process::parse_proc_stat(&bytes);
         // A well-formed line with any name (spaces, parentheses, bytes that are not UTF-8).
         let mut line = b"42 (".to_vec();
         line.extend_from_slice(&name);
@@ -210,7 +210,7 @@ proptest! {
             line.extend_from_slice(format!(" {n}").as_bytes());
         }
         line.push(b'\n');
-        let parsed = crate::os::parse_proc_stat(&line);
+        let parsed = crate::process::parse_proc_stat(&line);
         prop_assert!(parsed.is_some(), "{:?}", String::from_utf8_lossy(&line));
     }
 }

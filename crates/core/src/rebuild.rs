@@ -12,9 +12,11 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::{AgentRecord, AgentState};
+use crate::agent::AgentRecord;
+
 use crate::error::{Error, Result};
 use crate::spec::{AgentSpec, check_id};
+use crate::state::AgentState;
 
 /// The folder of specs in the data folder.
 pub(crate) const SPECS: &str = "specs";

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use crate::agent::EndReason;
 use crate::events::EventKind;
+use crate::state::EndReason;
 use crate::stop::StopOutcome;
 
 /// Called on the supervisor task: each call must be cheap and must never block.

@@ -17,10 +17,14 @@ use std::time::SystemTime;
 
 use nix::sys::signal::Signal;
 
-use crate::agent::{AgentRecord, AgentState};
+use crate::agent::AgentRecord;
+
 use crate::keeper::{KeptChild, KeptExit};
 use crate::machine::Recovered;
-use crate::os::{Hold, MarkedLeader, Os};
+use crate::os::Os;
+use crate::process::MarkedLeader;
+use crate::state::AgentState;
+use crate::state::Hold;
 
 /// One stored agent as recovery found it.
 pub(crate) struct Found {

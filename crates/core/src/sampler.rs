@@ -22,7 +22,8 @@ use serde::Deserialize;
 use crate::cgroup::Cgroups;
 use crate::files::STATUS_FILE;
 use crate::logs::{LogFile, LogRotation, LogStream};
-use crate::os::{self, ProcStat};
+use crate::process::{self, ProcStat};
+use crate::state::TreeSample;
 
 /// A live agent to sample.
 #[derive(Debug, Clone)]
@@ -34,21 +35,6 @@ pub struct SampleTarget {
     pub dir: PathBuf,
     /// Its cgroup, which then is what is measured.
     pub cgroup: Option<PathBuf>,
-}
-
-/// One measurement of an agent's process tree: the leader, its descendants, and orphans of
-/// its process group that were reparented to agentd.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TreeSample {
-    /// The leader's state, as psutil names it.
-    pub leader_status: &'static str,
-    pub cpu_percent: f64,
-    pub memory_bytes: u64,
-    pub num_threads: u32,
-    pub num_processes: u32,
-    /// CPU time the run's processes have used so far, in seconds: its cgroup's counter, or
-    /// what the tree's members were seen to use.
-    pub cpu_seconds: f64,
 }
 
 /// What an agent reported in its status file.
@@ -284,19 +270,19 @@ impl CgroupSampler {
         {
             return Some((last.idle(&self.cgroups, cgroup, round), false));
         }
-        let leader = os::proc_stat(target.pid)?;
+        let leader = process::proc_stat(target.pid)?;
         let usage = self.cgroups.usage(cgroup);
         // Without a memory controller for it, memory is its members' resident sets.
         let memory_bytes = usage.memory_bytes.unwrap_or_else(|| {
             usage
                 .members
                 .iter()
-                .filter_map(|&pid| os::proc_stat(pid))
+                .filter_map(|&pid| process::proc_stat(pid))
                 .map(|stat| stat.rss_pages * page_size)
                 .sum()
         });
         let sample = TreeSample {
-            leader_status: os::state_name(leader.state),
+            leader_status: process::state_name(leader.state),
             cpu_percent,
             memory_bytes,
             num_threads: usage.threads.max(leader.num_threads),
@@ -395,7 +381,7 @@ impl Round<'_> {
         parent: Option<i32>,
         stack: &mut Vec<(i32, Option<i32>)>,
     ) -> Option<(ProcStat, u64)> {
-        let ran = os::proc_schedstat(pid);
+        let ran = process::proc_schedstat(pid);
         // `schedstat` is the main thread's alone, so it speaks for single-threaded processes.
         if let Some(before) = self.last.get(&pid)
             && ran.is_some()
@@ -408,7 +394,7 @@ impl Round<'_> {
             self.now.insert(pid, before.clone());
             return Some((stat, 0));
         }
-        let stat = os::proc_stat(pid)?;
+        let stat = process::proc_stat(pid)?;
         if parent.is_some_and(|parent| parent != stat.ppid) {
             return None;
         }
@@ -416,7 +402,7 @@ impl Round<'_> {
         match &self.scanned {
             Some(map) => children.extend(map.get(&pid).into_iter().flatten()),
             None => {
-                os::proc_children(pid, stat.num_threads, &mut children);
+                process::proc_children(pid, stat.num_threads, &mut children);
             }
         }
         let used = match self.last.get(&pid) {
@@ -442,7 +428,7 @@ impl Round<'_> {
 
 impl Sampler {
     fn new(cgroups: Option<Cgroups>, open_files: u64) -> Sampler {
-        let (clock_ticks, page_size) = os::proc_units();
+        let (clock_ticks, page_size) = process::proc_units();
         Sampler {
             clock_ticks: clock_ticks as f64,
             page_size,
@@ -470,20 +456,20 @@ impl Sampler {
             return (batch, ran);
         }
         self.round += 1;
-        let uptime = os::uptime();
+        let uptime = process::uptime();
         let elapsed = uptime.zip(self.last_uptime).map(|(now, then)| now - then);
         // Orphans reparented to agentd (a subreaper) still belong to their agent's group.
         let own_pid = std::process::id() as i32;
         let mut own = Vec::new();
         // agentd has several threads, and a child belongs to the one that forked it: say
         // "many" so that every thread's list is read.
-        if self.children_files && os::proc_children(own_pid, u32::MAX, &mut own).is_none() {
+        if self.children_files && process::proc_children(own_pid, u32::MAX, &mut own).is_none() {
             tracing::info!("no /proc children files: sampling scans all of /proc");
             self.children_files = false;
         }
         let scanned = (!self.children_files).then(|| {
             let mut map: HashMap<i32, Vec<i32>> = HashMap::new();
-            for (pid, stat) in os::all_processes() {
+            for (pid, stat) in process::all_processes() {
                 map.entry(stat.ppid).or_default().push(pid);
             }
             own = map.get(&own_pid).cloned().unwrap_or_default();
@@ -492,7 +478,7 @@ impl Sampler {
         let leaders: HashSet<i32> = targets.iter().map(|t| t.pid).collect();
         let mut orphans_by_group: HashMap<i32, Vec<i32>> = HashMap::new();
         for child in own.into_iter().filter(|child| !leaders.contains(child)) {
-            if let Some(stat) = os::proc_stat(child) {
+            if let Some(stat) = process::proc_stat(child) {
                 orphans_by_group.entry(stat.pgrp).or_default().push(child);
             }
         }
@@ -617,7 +603,7 @@ fn measure_tree(
             continue;
         };
         if pid == leader {
-            sample.leader_status = os::state_name(stat.state);
+            sample.leader_status = process::state_name(stat.state);
         }
         ticks += used;
         sample.memory_bytes += stat.rss_pages * page_size;

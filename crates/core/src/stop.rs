@@ -16,46 +16,6 @@ pub struct StopOptions {
     pub cascade: bool,
 }
 
-/// Why an agent is being stopped; it decides the state the agent ends in and whether the
-/// restart policy may start it again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StopReason {
-    /// A client asked (Cleanup, or a cascade it asked for).
-    Requested,
-    Shutdown,
-    /// Its parent agent ended for good and its policy says to follow.
-    ParentExited,
-    /// A health check whose action is stop.
-    Health,
-    /// A health check whose action is restart.
-    HealthRestart,
-    MaxRuntime,
-    /// No first heartbeat within the startup timeout.
-    StartupTimeout,
-    /// A client asked for a restart: the run is started again as soon as it has ended.
-    Restart,
-}
-
-impl StopReason {
-    pub fn client_asked(self) -> bool {
-        matches!(self, StopReason::Requested | StopReason::Shutdown)
-    }
-
-    /// How a trace names it.
-    pub fn name(self) -> &'static str {
-        match self {
-            StopReason::Requested => "requested",
-            StopReason::Shutdown => "shutdown",
-            StopReason::ParentExited => "parent exited",
-            StopReason::Health => "health",
-            StopReason::HealthRestart => "health restart",
-            StopReason::MaxRuntime => "max runtime",
-            StopReason::StartupTimeout => "startup timeout",
-            StopReason::Restart => "restart",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopOutcome {
     /// The group was gone after the first stop signal.

@@ -14,7 +14,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentRecord;
 use crate::error::{Error, Result};
-use crate::events::Event;
 
 /// The stored form of a record. A change to [`AgentRecord`] that old data cannot be read
 /// into adds a variant here and a conversion from the old one.
@@ -23,14 +22,6 @@ use crate::events::Event;
 enum StoredRecord {
     #[serde(rename = "1")]
     V1(AgentRecord),
-}
-
-/// The stored form of a logged event.
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "version")]
-enum StoredEvent {
-    #[serde(rename = "1")]
-    V1(Event),
 }
 
 /// sled's page cache. Its default (1 GiB) lets it grow with the event log and every record
@@ -345,14 +336,9 @@ impl Store {
         self.meta_u64(EVENTS_TRIMMED_THROUGH)
     }
 
-    pub fn append_event(&self, event: &Event) -> Result<()> {
-        let value = serde_json::to_vec(&StoredEvent::V1(event.clone())).map_err(|source| {
-            Error::Record {
-                key: format!("event {}", event.sequence),
-                source,
-            }
-        })?;
-        self.events.insert(event.sequence.to_be_bytes(), value)?;
+    /// Logs an event, as `events` encoded it, under its sequence.
+    pub fn append_event(&self, sequence: u64, encoded: Vec<u8>) -> Result<()> {
+        self.events.insert(sequence.to_be_bytes(), encoded)?;
         self.wrote();
         Ok(())
     }
@@ -363,8 +349,15 @@ impl Store {
     }
 
     /// Removes the oldest events while there are more than `keep` or the oldest is older
-    /// than `max_age`, always keeping the newest. Returns how many it removed.
-    pub fn trim_events(&self, keep: usize, max_age: Duration, mut count: usize) -> Result<usize> {
+    /// than `max_age` (`time_of` reads an event's time from its bytes), always keeping the
+    /// newest. Returns how many it removed.
+    pub fn trim_events(
+        &self,
+        keep: usize,
+        max_age: Duration,
+        mut count: usize,
+        time_of: impl Fn(&[u8]) -> Option<SystemTime>,
+    ) -> Result<usize> {
         let oldest_allowed = SystemTime::now().checked_sub(max_age);
         let mut removed = 0;
         let mut trimmed_through = None;
@@ -373,10 +366,7 @@ impl Store {
                 break;
             };
             let too_many = count > keep;
-            let too_old = || {
-                let event = decode_event(&key, &value).ok();
-                matches!((event, oldest_allowed), (Some(e), Some(limit)) if e.time < limit)
-            };
+            let too_old = || matches!((time_of(&value), oldest_allowed), (Some(time), Some(limit)) if time < limit);
             if !too_many && !too_old() {
                 break;
             }
@@ -392,9 +382,13 @@ impl Store {
         Ok(removed)
     }
 
-    /// Logged events with `after < sequence <= through`, oldest first. An entry that cannot
-    /// be read is skipped with an error in the log.
-    pub fn events_between(&self, after: u64, through: u64) -> impl Iterator<Item = Event> + use<> {
+    /// Logged events with `after < sequence <= through`, oldest first, as sequence and
+    /// bytes. An entry that cannot be read is skipped with an error in the log.
+    pub fn events_between(
+        &self,
+        after: u64,
+        through: u64,
+    ) -> impl Iterator<Item = (u64, sled::IVec)> + use<> {
         let start = after.saturating_add(1).to_be_bytes();
         self.events
             .range(start..=through.to_be_bytes())
@@ -402,9 +396,7 @@ impl Store {
                 let (key, value) = entry
                     .map_err(|error| tracing::error!(%error, "reading the event log"))
                     .ok()?;
-                decode_event(&key, &value)
-                    .map_err(|error| tracing::error!(%error, "skipping an unreadable event"))
-                    .ok()
+                Some((sequence_of(&key), value))
             })
     }
 
@@ -452,19 +444,11 @@ fn boot_id() -> Option<&'static str> {
 
 /// Nanoseconds on the boot clock, the one `/proc/PID/stat` start times count on.
 fn boot_clock_nanos() -> Option<u64> {
-    Some((crate::os::uptime()? * 1e9) as u64)
+    Some((crate::process::uptime()? * 1e9) as u64)
 }
 
 fn sequence_of(key: &[u8]) -> u64 {
     key.try_into().map(u64::from_be_bytes).unwrap_or(0)
-}
-
-fn decode_event(key: &[u8], value: &[u8]) -> Result<Event> {
-    let StoredEvent::V1(event) = serde_json::from_slice(value).map_err(|source| Error::Record {
-        key: format!("event {}", sequence_of(key)),
-        source,
-    })?;
-    Ok(event)
 }
 
 pub(crate) fn decode(key: &str, value: &[u8]) -> Result<AgentRecord> {
@@ -479,7 +463,7 @@ pub(crate) fn decode(key: &str, value: &[u8]) -> Result<AgentRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::{AgentState, Exit};
+    use crate::state::{AgentState, Exit};
 
     /// A record written by the first store format must keep loading.
     #[test]
@@ -519,56 +503,6 @@ mod tests {
             }
         };
         assert_eq!(store.load_agents().expect("loads"), vec![record]);
-    }
-
-    fn event(sequence: u64, time: SystemTime) -> Event {
-        let fixture = include_bytes!("../fixtures/agent-record-v1.json");
-        let record = decode("fixture-1", fixture).expect("decodes");
-        Event {
-            sequence,
-            time,
-            kind: crate::events::EventKind::Spawned,
-            status: crate::agent::AgentStatus::new(&record, false, None, None),
-            message: String::new(),
-            alert: None,
-            encoded: Default::default(),
-        }
-    }
-
-    #[test]
-    fn the_event_log_trims_by_count_and_age_and_remembers_where() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("opens");
-        let old = SystemTime::now() - Duration::from_secs(7200);
-        for sequence in 1..=5 {
-            store.append_event(&event(sequence, old)).expect("append");
-        }
-        for sequence in 6..=10 {
-            store
-                .append_event(&event(sequence, SystemTime::now()))
-                .expect("append");
-        }
-        assert_eq!(
-            store
-                .trim_events(8, Duration::from_secs(86400), 10)
-                .expect("trim"),
-            2
-        );
-        assert_eq!(store.events_trimmed_through().expect("meta"), 2);
-        assert_eq!(
-            store
-                .trim_events(8, Duration::from_secs(3600), 8)
-                .expect("trim"),
-            3
-        );
-        assert_eq!(store.events_trimmed_through().expect("meta"), 5);
-        let left: Vec<u64> = store.events_between(0, 99).map(|e| e.sequence).collect();
-        assert_eq!(left, [6, 7, 8, 9, 10]);
-        let some: Vec<u64> = store.events_between(7, 9).map(|e| e.sequence).collect();
-        assert_eq!(some, [8, 9]);
-        // The newest event always stays, so the log never forgets how far it got.
-        assert_eq!(store.trim_events(0, Duration::ZERO, 5).expect("trim"), 4);
-        assert_eq!(store.count_events(), 1);
     }
 
     #[test]

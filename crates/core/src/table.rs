@@ -6,13 +6,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::time::Instant;
 
-use crate::agent::{AgentState, Health};
 use crate::config::Limits;
 use crate::error::{Error, Result};
 use crate::handle::{HealthReport, ListFilter, ListPage, Summary};
 use crate::machine::AgentMachine;
 use crate::sampler::SampleTarget;
 use crate::spec::AgentSpec;
+use crate::state::{AgentState, Health};
 
 #[derive(Default)]
 pub(crate) struct AgentTable {

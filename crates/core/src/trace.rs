@@ -11,7 +11,9 @@ use nix::sys::signal::Signal;
 use tracing::Span;
 use tracing::field::Empty;
 
-use crate::stop::{StopOutcome, StopReason};
+use crate::stop::StopOutcome;
+
+use crate::state::StopReason;
 
 /// The target of every span made for traces.
 pub const TARGET: &str = "agentd::trace";

@@ -200,7 +200,7 @@ pub(crate) fn agent_folders(agents_dir: &Path) -> BTreeSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::AgentState;
+    use crate::state::AgentState;
 
     fn record(id: &str, state: AgentState) -> AgentRecord {
         let fixture = include_bytes!("../fixtures/agent-record-v1.json");

@@ -453,7 +453,7 @@ fn a_stall_is_reported_once_recovers_on_a_heartbeat_and_ignores_wall_clock_steps
     machine.check_health(clock.advance(ms(200)), &mut out);
     assert_eq!(kinds(&out), [EventKind::Stalled]);
     let status = machine.status(clock.mono);
-    assert_eq!(status.health, crate::agent::Health::Stalled);
+    assert_eq!(status.health, crate::state::Health::Stalled);
     let mut out = Vec::new();
     machine.check_health(clock.advance(ms(500)), &mut out);
     assert!(out.is_empty(), "a stall is reported once");
@@ -462,7 +462,7 @@ fn a_stall_is_reported_once_recovers_on_a_heartbeat_and_ignores_wall_clock_steps
     assert_eq!(kinds(&out), [EventKind::Recovered]);
     assert_eq!(
         machine.status(clock.mono).health,
-        crate::agent::Health::Healthy
+        crate::state::Health::Healthy
     );
 }
 

@@ -3,10 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::agent::Exit;
 use crate::handle::{Command, ReapReport};
 use crate::machine::AgentMachine;
 use crate::os;
+use crate::process;
+use crate::state::Exit;
 
 use super::SupervisorTask;
 
@@ -138,7 +139,7 @@ impl SupervisorTask {
                 continue;
             };
             // Strays exist only with cgroups, so the cgroup answers; there is no leader.
-            let hold = os::Hold {
+            let hold = crate::state::Hold {
                 pgid: 0,
                 cgroup: Some(cgroup),
             };
@@ -179,7 +180,7 @@ impl SupervisorTask {
     pub(super) fn watch_adopted(&self, agent_id: String, pidfd: std::os::fd::OwnedFd) {
         let exits = self.adopted_exits_tx.clone();
         tokio::spawn(async move {
-            match os::wait_for_exit(pidfd).await {
+            match process::wait_for_exit(pidfd).await {
                 Ok(()) => {
                     let _ = exits.send(agent_id);
                 }

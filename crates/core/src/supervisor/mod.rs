@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agent::AgentStatus;
+use crate::agent_dir::BaseEnv;
 use crate::clock::Clock;
 use crate::config::{FinishedRetention, Limits, SupervisorConfig};
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventKind};
-use crate::files::BaseEnv;
 use crate::handle::Command;
 use crate::history::{History, HistoryPoint};
 use crate::keeper::{AckSink, ExitStream};
@@ -36,6 +36,8 @@ use crate::store::Store;
 use crate::table::AgentTable;
 use crate::trace::{self, Traces};
 
+#[cfg(test)]
+mod fake;
 mod groups;
 mod recovery;
 mod retention;

@@ -4,13 +4,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::agent::{AgentRecord, AgentState};
+use crate::agent::AgentRecord;
+
 use crate::error::{Error, Result};
 use crate::keeper::{KeptChild, KeptExit};
 use crate::machine::AgentMachine;
 use crate::os::Os;
 use crate::rebuild::{self, Rebuilt};
 use crate::recover::{self, ExitWatch, KeeperState};
+use crate::state::AgentState;
 use crate::store::{Store, StoreHistory};
 use crate::trust;
 

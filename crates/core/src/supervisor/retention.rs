@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::agent::AgentStatus;
 use crate::error::{Error, Result};
 use crate::events::EventKind;
-use crate::os;
+use crate::process;
 use crate::rebuild;
 
 use super::SupervisorTask;
@@ -126,7 +126,7 @@ impl SupervisorTask {
             }
         }
         if removed > 0 {
-            os::release_free_memory();
+            process::release_free_memory();
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::handle::AgentHistory;
 use crate::health::{HealthPolicy, ProgressReport};
 use crate::history::HistoryPoint;
-use crate::os;
+use crate::process;
 use crate::sampler::SampleBatch;
 
 use super::SupervisorTask;
@@ -91,7 +91,7 @@ impl SupervisorTask {
         const BURST: u32 = 1000;
         let (since_trim, in_interval) = self.spawns;
         if since_trim >= BURST && in_interval == 0 {
-            os::release_free_memory();
+            process::release_free_memory();
             self.spawns = (0, 0);
         } else {
             self.spawns.1 = 0;

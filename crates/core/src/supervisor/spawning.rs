@@ -7,14 +7,15 @@ use std::time::UNIX_EPOCH;
 use tokio::sync::oneshot;
 
 use crate::agent::{AgentRecord, AgentStatus};
-use crate::cgroup;
+use crate::agent_dir::AgentFiles;
 use crate::error::{Error, Result};
-use crate::files::{self, AgentFiles};
+use crate::files;
+use crate::launch;
 use crate::machine::{AgentMachine, Launched};
-use crate::os;
+use crate::process;
 use crate::rebuild;
-use crate::sampler::TreeSample;
 use crate::spec::{RunAs, SpawnRequest, check_id};
+use crate::state::TreeSample;
 use crate::trace;
 
 use super::{Ack, SupervisorTask, exec_span};
@@ -46,7 +47,11 @@ impl SupervisorTask {
     }
 
     /// Feeds a launch's result to the machine; answers with the error, if it failed.
-    pub(super) fn launched(&mut self, agent_id: &str, launched: Result<os::Started>) -> Result<()> {
+    pub(super) fn launched(
+        &mut self,
+        agent_id: &str,
+        launched: Result<launch::Started>,
+    ) -> Result<()> {
         match launched {
             Ok(started) => {
                 let request_id = self
@@ -60,7 +65,7 @@ impl SupervisorTask {
                     start_ticks: started.start_ticks,
                     containment: match started.cgroup {
                         Some(_) => self.os.containment().0,
-                        None => cgroup::Containment::ProcessGroup,
+                        None => crate::state::Containment::ProcessGroup,
                     },
                     cgroup: started.cgroup,
                     limit_fallbacks: started.fallbacks,
@@ -70,7 +75,7 @@ impl SupervisorTask {
                 // The first reading at once, so status right after Spawn is not all zeros.
                 if let Some(stat) = self.os.proc_stat(started.pid) {
                     let sample = TreeSample {
-                        leader_status: os::state_name(stat.state),
+                        leader_status: process::state_name(stat.state),
                         cpu_percent: 0.0,
                         memory_bytes: stat.rss_pages * self.page_size,
                         num_threads: stat.num_threads,

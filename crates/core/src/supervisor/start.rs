@@ -15,6 +15,7 @@ use crate::files;
 use crate::handle::{Command, SupervisorHandle};
 use crate::keeper::KeeperClient;
 use crate::os;
+use crate::process;
 use crate::rebuild;
 use crate::recorder::Recorder;
 use crate::recover::KeeperState;
@@ -64,7 +65,7 @@ impl Supervisor {
             Err(Error::StoreUnreadable { problem, .. }) => Err(problem),
             other => Ok(other?),
         };
-        os::become_subreaper().map_err(|source| Error::Setup {
+        process::become_subreaper().map_err(|source| Error::Setup {
             what: "becoming a child subreaper".into(),
             source,
         })?;
@@ -85,7 +86,7 @@ impl Supervisor {
             KeeperClient::reach(&config.data_dir, &program).map_err(keeper_failed)?;
         let hello = keeper.hello().map_err(keeper_failed)?;
         let (children, exits, keeps_records) = (hello.children, hello.exits, hello.records);
-        let open_files = os::raise_open_files_limit();
+        let open_files = process::raise_open_files_limit();
         let detected = if hello.cgroups {
             cgroup::detect(&config.cgroups, &config.data_dir)
         } else {

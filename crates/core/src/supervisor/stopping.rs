@@ -9,13 +9,16 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
-use crate::agent::{AgentState, AgentStatus};
+use crate::agent::AgentStatus;
+
 use crate::config::ShutdownPolicy;
 use crate::error::{Error, Result};
 use crate::handle::{StopTarget, SupervisorHandle};
 use crate::lifecycle::ParentExit;
 use crate::spec::check_id;
-use crate::stop::{StopOptions, StopOutcome, StopReason, StopReport};
+use crate::state::AgentState;
+use crate::state::StopReason;
+use crate::stop::{StopOptions, StopOutcome, StopReport};
 
 use super::{Ack, SupervisorTask};
 

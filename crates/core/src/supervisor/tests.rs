@@ -7,19 +7,22 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Parts, SupervisorTask};
-use crate::agent::{AgentRecord, AgentState, AgentStatus, Exit};
+use crate::agent::{AgentRecord, AgentStatus};
+
 use crate::clock::{Clock, FakeClock};
 use crate::config::{Limits, SupervisorConfig};
 use crate::error::Error;
 use crate::handle::{Command, StopTarget};
 use crate::keeper::KeptChild;
 use crate::lifecycle::{Backoff, ParentExit, RestartPolicy};
-use crate::os::fake::{FakeOs, FakeRecorder, Log};
 use crate::recover::KeeperState;
 use crate::spec::SpawnRequest;
+use crate::state::{AgentState, Exit};
 use crate::stop::{StopOptions, StopOutcome, StopReport};
 use crate::store::Store;
+
+use super::fake::{FakeOs, FakeRecorder, Log};
+use super::{Parts, SupervisorTask};
 
 struct Driver {
     task: SupervisorTask,

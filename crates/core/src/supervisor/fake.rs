@@ -12,14 +12,17 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use super::{Hold, MarkedLeader, Os, ProcStat, Started};
-use crate::agent::{EndReason, Exit};
-use crate::cgroup::Containment;
 use crate::error::Result;
 use crate::events::EventKind;
 use crate::keeper::SpawnOrder;
+use crate::launch::Started;
+use crate::os::Os;
+use crate::process::{MarkedLeader, ProcStat};
 use crate::recorder::Recorder;
 use crate::spec::AgentSpec;
+use crate::state::Containment;
+use crate::state::Hold;
+use crate::state::{EndReason, Exit};
 use crate::stop::StopOutcome;
 
 /// What happened, in order: `spawn a1`, `signal a1 SIGTERM`, `event Exited`...

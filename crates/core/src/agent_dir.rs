@@ -1,0 +1,253 @@
+//! An agent's folder: its prompt, its output files and status file, made ready for a
+//! launch; and the launch itself, with the environment that tells the agent who it is.
+
+use std::path::{Path, PathBuf};
+
+use crate::agent::AgentRecord;
+use crate::error::{Error, Result};
+use crate::files::{STATUS_FILE, no_follow, open_for_writing};
+use crate::keeper::{KEEPER_DIR_VAR, SpawnOrder};
+use crate::launch::{self, ProcessSetup};
+use crate::os::Os;
+use crate::spec::RunAs;
+
+/// An agent's folder, made ready for a launch: prompt written, output files open.
+pub(crate) struct AgentFiles {
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl AgentFiles {
+    /// `owner`: the user and group the agent runs as, who then own its folder and files.
+    pub(crate) fn prepare(
+        agent_id: &str,
+        dir: &Path,
+        prompt: &str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<AgentFiles> {
+        let failed = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::AgentDir {
+                id: agent_id.to_string(),
+                path,
+                source,
+            }
+        };
+        // The folder itself, its owner's only: made here, or one an earlier spawn of this
+        // id made and never started; never a symbolic link planted in its place.
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                let meta = std::fs::symlink_metadata(dir).map_err(failed(dir))?;
+                if !meta.is_dir() {
+                    return Err(Error::UnsafeAgentDir {
+                        id: agent_id.to_string(),
+                        path: dir.to_path_buf(),
+                    });
+                }
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(failed(dir))?;
+            }
+            Err(error) => return Err(failed(dir)(error)),
+        }
+        for stale in [STATUS_FILE, "error.log"] {
+            let _ = std::fs::remove_file(dir.join(stale));
+        }
+        // Empty at the start; the keeper opens the output for appending.
+        let create = |name: &str, text: &str| {
+            let path = dir.join(name);
+            let options = no_follow().write(true).create(true).truncate(true).clone();
+            open_for_writing(&options, &path, owner)
+                .and_then(|mut file| std::io::Write::write_all(&mut file, text.as_bytes()))
+                .map_err(failed(&path))?;
+            Ok::<_, Error>(path)
+        };
+        create("prompt.txt", prompt)?;
+        let files = AgentFiles {
+            stdout: create("stdout.log", "")?,
+            stderr: create("stderr.log", "")?,
+        };
+        // The folder last: until now its user could not reach into it. `agents/` is
+        // agentd's, so the folder itself cannot be swapped for a link.
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(failed(dir))?;
+        }
+        Ok(files)
+    }
+
+    /// For a restart: the prompt stays, output is appended to the earlier runs'.
+    pub(crate) fn reopen(dir: &Path) -> AgentFiles {
+        let _ = std::fs::remove_file(dir.join(STATUS_FILE));
+        AgentFiles {
+            stdout: dir.join("stdout.log"),
+            stderr: dir.join("stderr.log"),
+        }
+    }
+
+    pub(crate) fn launch(
+        self,
+        record: &AgentRecord,
+        base_env: &BaseEnv,
+        os: &dyn Os,
+    ) -> Result<launch::Started> {
+        let spec = &record.spec;
+        let dir = &record.agent_dir;
+        let working_dir = spec.working_dir.as_deref().unwrap_or(dir);
+        match std::fs::metadata(working_dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::WorkingDir {
+                    id: spec.agent_id.clone(),
+                    path: working_dir.to_path_buf(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotADirectory,
+                        "not a directory",
+                    ),
+                });
+            }
+            Err(source) => {
+                return Err(Error::WorkingDir {
+                    id: spec.agent_id.clone(),
+                    path: working_dir.to_path_buf(),
+                    source,
+                });
+            }
+        }
+        let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        // What every agent gets, then the spawn's, then agentd's own variables: a later
+        // entry wins.
+        let mut env = base_env.for_agent(spec.run_as.as_ref());
+        env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.extend([
+            ("AGENTD_AGENT_ID".into(), spec.agent_id.clone()),
+            (
+                "AGENTD_AGENT_DIR".into(),
+                dir.to_string_lossy().into_owned(),
+            ),
+            (
+                "AGENTD_PARENT_AGENT_ID".into(),
+                spec.parent_agent_id.clone(),
+            ),
+            ("AGENTD_AGENT_NAME".into(), spec.agent_name.clone()),
+            ("AGENTD_AGENT_TYPE".into(), spec.agent_type.clone()),
+            ("AGENTD_MODEL".into(), spec.model.clone()),
+            ("AGENTD_PROMPT_FILE".into(), path("prompt.txt")),
+            ("AGENTD_STATUS_FILE".into(), path(STATUS_FILE)),
+        ]);
+        os.spawn(SpawnOrder {
+            agent_id: spec.agent_id.clone(),
+            command: spec.command.clone(),
+            env,
+            working_dir: working_dir.to_path_buf(),
+            stdout: self.stdout,
+            stderr: self.stderr,
+            resources: spec.resources.clone(),
+            joins: None,
+            setup: ProcessSetup {
+                run_as: spec.run_as.clone(),
+                ..ProcessSetup::default()
+            },
+        })
+        .map_err(|source| Error::Spawn {
+            id: spec.agent_id.clone(),
+            program: spec.command.first().cloned().unwrap_or_default(),
+            source,
+        })
+    }
+}
+
+/// The environment every agent starts from: never agentd's own (it may hold secrets such as
+/// `OTEL_EXPORTER_OTLP_HEADERS`), only what a program expects of a login (`PATH`, the
+/// locale, `TZ`, and `HOME`, `USER`, `LOGNAME` and `SHELL` of the user it runs as) and the
+/// variables the operator passes on by name (`--pass-env`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BaseEnv {
+    /// From agentd's environment, read once at start: the locale, `TZ` and `--pass-env`.
+    passed: Vec<(String, String)>,
+    /// agentd's `PATH`, for agents of its own user; an agent with a user gets the system's
+    /// (agentd's may name folders of its own user, such as `/root/.cargo/bin`), unless
+    /// `--pass-env PATH` says otherwise.
+    own_path: String,
+    other_path: String,
+    /// agentd's own user, for an agent that names none.
+    own: Option<Login>,
+}
+
+/// The variables that say who a process runs as.
+#[derive(Debug, Clone)]
+struct Login {
+    user: String,
+    home: String,
+    shell: String,
+}
+
+impl Login {
+    fn of(uid: u32) -> Option<Login> {
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok()??;
+        Some(Login {
+            user: user.name,
+            home: user.dir.to_string_lossy().into_owned(),
+            shell: user.shell.to_string_lossy().into_owned(),
+        })
+    }
+}
+
+/// Passed on from agentd's environment when set.
+const DEFAULT_PASSED: &[&str] = &["LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ"];
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+impl BaseEnv {
+    /// Reads agentd's environment once: the defaults and the `pass` names, where set.
+    pub(crate) fn from_daemon(pass: &[String]) -> BaseEnv {
+        let passed = DEFAULT_PASSED
+            .iter()
+            .copied()
+            .chain(pass.iter().map(String::as_str))
+            .filter(|name| *name != KEEPER_DIR_VAR && *name != "PATH")
+            .filter_map(|name| Some((name.to_string(), std::env::var(name).ok()?)))
+            .collect();
+        let own_path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.into());
+        let other_path = match pass.iter().any(|name| name == "PATH") {
+            true => own_path.clone(),
+            false => DEFAULT_PATH.into(),
+        };
+        BaseEnv {
+            passed,
+            own_path,
+            other_path,
+            own: Login::of(nix::unistd::geteuid().as_raw()),
+        }
+    }
+
+    fn for_agent(&self, run_as: Option<&RunAs>) -> Vec<(String, String)> {
+        let login = match run_as {
+            Some(run_as) => Login::of(run_as.uid).or_else(|| {
+                // A uid with no entry in the user database: its number, and no home of its own.
+                Some(Login {
+                    user: run_as.user.clone(),
+                    home: "/".into(),
+                    shell: "/bin/sh".into(),
+                })
+            }),
+            None => self.own.clone(),
+        };
+        let path = match run_as {
+            Some(_) => &self.other_path,
+            None => &self.own_path,
+        };
+        let mut env = Vec::with_capacity(self.passed.len() + 5);
+        env.push(("PATH".to_string(), path.clone()));
+        if let Some(login) = login {
+            env.extend([
+                ("HOME".to_string(), login.home),
+                ("USER".to_string(), login.user.clone()),
+                ("LOGNAME".to_string(), login.user),
+                ("SHELL".to_string(), login.shell),
+            ]);
+        }
+        // A name passed on by the operator wins over the login's.
+        env.extend(self.passed.iter().cloned());
+        env
+    }
+}
