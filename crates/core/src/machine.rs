@@ -21,14 +21,10 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal;
 
 use crate::agent::{AgentRecord, AgentStatus};
-
 use crate::events::EventKind;
-use crate::health::{Alert, HealthAction, HealthIssue, HealthMetric};
+use crate::health::Alert;
 use crate::lifecycle::{RunEnd, wants_restart};
-use crate::state::Containment;
-use crate::state::StopReason;
-use crate::state::TreeSample;
-use crate::state::{AgentState, EndReason, Exit};
+use crate::state::{AgentState, Containment, EndReason, Exit, StopReason, TreeSample};
 use crate::stop::{Step, StopOutcome};
 
 /// After SIGKILL the group is signalled again this often until it is gone (a process in
@@ -634,156 +630,6 @@ impl AgentMachine {
         }
     }
 
-    /// A heartbeat: `update` writes any progress it carries into the record and says whether
-    /// it changed. Only for a live leader (the caller checks).
-    pub fn heartbeat(
-        &mut self,
-        now: Now,
-        update: impl FnOnce(&mut AgentRecord) -> bool,
-        out: &mut Vec<Effect>,
-    ) {
-        if !self.leader_alive() {
-            return;
-        }
-        let changed = update(&mut self.record);
-        self.record.last_heartbeat = Some(now.wall);
-        self.run.last_heartbeat = Some(now.mono);
-        out.push(Effect::Persist);
-        if changed {
-            self.emit(out, EventKind::Progress, String::new());
-        }
-        self.clear_issue(HealthMetric::Heartbeat, "heartbeat resumed", out);
-    }
-
-    /// A health sample of the agent's process tree.
-    pub fn sampled(&mut self, sample: TreeSample, out: &mut Vec<Effect>) {
-        if self.leader_alive() {
-            // Kept in the record (written with its next change, at the latest when the run
-            // ends), not persisted for each sample.
-            let record = &mut self.record;
-            record.peak_memory_bytes = record.peak_memory_bytes.max(sample.memory_bytes);
-            record.cpu_seconds = record.cpu_seconds.max(sample.cpu_seconds);
-            self.sample = Some(sample);
-            self.emit(out, EventKind::Health, String::new());
-        }
-    }
-
-    /// Runs every health check of a running agent; once per sampling interval.
-    pub fn check_health(&mut self, now: Now, out: &mut Vec<Effect>) {
-        if self.phase != Phase::Running {
-            return;
-        }
-        let policy = self.record.spec.health_policy.clone();
-        // Until the first heartbeat, a startup timeout (if any) is the limit that applies.
-        let awaiting_first = self.run.last_heartbeat.is_none()
-            && self.record.spec.lifecycle.startup_timeout.is_some();
-        if let Some(timeout) = policy.heartbeat_timeout.filter(|_| !awaiting_first) {
-            let since = self.run.last_heartbeat.unwrap_or(self.run.quiet_since);
-            let silent = now.mono.saturating_duration_since(since);
-            if silent > timeout {
-                let reason = format!(
-                    "no heartbeat for {:.1}s (timeout {:.1}s)",
-                    silent.as_secs_f64(),
-                    timeout.as_secs_f64()
-                );
-                let alert = Alert {
-                    metric: HealthMetric::Heartbeat,
-                    value: silent.as_secs_f64(),
-                    threshold: timeout.as_secs_f64(),
-                    action: policy.on_stall,
-                };
-                self.raise_issue(now, alert, reason, out);
-            }
-        }
-        let Some(sample) = self.sample.clone() else {
-            return;
-        };
-        if let Some(limit) = policy.memory_limit_mb {
-            let memory_mb = sample.memory_bytes as f64 / (1024.0 * 1024.0);
-            if memory_mb > limit {
-                let reason = format!("memory {memory_mb:.1} MB is over the {limit} MB limit");
-                let alert = Alert {
-                    metric: HealthMetric::MemoryMb,
-                    value: memory_mb,
-                    threshold: limit,
-                    action: policy.on_memory_limit,
-                };
-                self.raise_issue(now, alert, reason, out);
-            } else {
-                self.clear_issue(HealthMetric::MemoryMb, "memory back under its limit", out);
-            }
-        }
-        if let Some(limit) = policy.cpu_limit_percent
-            && self.phase == Phase::Running
-        {
-            let over = &mut self.run.cpu_samples_over;
-            *over = if sample.cpu_percent > limit {
-                *over + 1
-            } else {
-                0
-            };
-            let over = *over;
-            if over >= policy.cpu_limit_samples {
-                let reason = format!(
-                    "CPU {:.0}% over the {limit}% limit for {over} samples",
-                    sample.cpu_percent
-                );
-                let alert = Alert {
-                    metric: HealthMetric::CpuPercent,
-                    value: sample.cpu_percent,
-                    threshold: limit,
-                    action: policy.on_cpu_limit,
-                };
-                self.raise_issue(now, alert, reason, out);
-            } else if over == 0 {
-                self.clear_issue(HealthMetric::CpuPercent, "CPU back under its limit", out);
-            }
-        }
-    }
-
-    /// Freezes a running agent. `Err` with its state when it is not running; pausing a
-    /// paused agent changes nothing.
-    pub fn pause(&mut self, now: Now, out: &mut Vec<Effect>) -> Result<(), AgentState> {
-        match self.phase {
-            Phase::Paused { .. } => Ok(()),
-            Phase::Running => {
-                self.phase = Phase::Paused { since: now.mono };
-                self.record.state = AgentState::Paused;
-                out.push(Effect::Freeze(true));
-                out.push(Effect::Persist);
-                self.emit(out, EventKind::Paused, String::new());
-                Ok(())
-            }
-            _ => Err(self.record.state),
-        }
-    }
-
-    /// Thaws a paused agent; heartbeat silence is counted as if the pause had not happened.
-    /// Resuming a running agent changes nothing.
-    pub fn resume(&mut self, now: Now, out: &mut Vec<Effect>) -> Result<(), AgentState> {
-        match self.phase {
-            Phase::Running => Ok(()),
-            Phase::Paused { since } => {
-                let paused = now.mono.saturating_duration_since(since);
-                let run = &mut self.run;
-                run.last_heartbeat = run.last_heartbeat.map(|at| at + paused);
-                run.quiet_since += paused;
-                run.startup_deadline = run.startup_deadline.map(|at| at + paused);
-                self.phase = Phase::Running;
-                self.record.state = AgentState::Running;
-                out.push(Effect::Freeze(false));
-                out.push(Effect::Persist);
-                self.emit(
-                    out,
-                    EventKind::Resumed,
-                    format!("after {:.1}s paused", paused.as_secs_f64()),
-                );
-                Ok(())
-            }
-            _ => Err(self.record.state),
-        }
-    }
-
     fn emit(&self, out: &mut Vec<Effect>, kind: EventKind, message: String) {
         out.push(Effect::Emit {
             kind,
@@ -893,40 +739,6 @@ impl AgentMachine {
         self.emit(out, EventKind::Restarting, message);
     }
 
-    /// A client asked for a restart: a running agent goes down its stop ladder and comes
-    /// up again as soon as it has ended; a restart pending in backoff happens now; an agent
-    /// that ended starts again. Says why not when it cannot be restarted now.
-    pub fn restart(&mut self, now: Now, out: &mut Vec<Effect>) -> Result<(), &'static str> {
-        if let Some(why) = self.restart_blocked() {
-            return Err(why);
-        }
-        match self.phase {
-            Phase::Running | Phase::Paused { .. } => {
-                self.stop(now, false, StopReason::Restart, out);
-            }
-            Phase::Stopping(mut stop) => {
-                stop.reason = StopReason::Restart;
-                self.phase = Phase::Stopping(stop);
-            }
-            _ => self.relaunch(out),
-        }
-        Ok(())
-    }
-
-    /// Why a restart cannot be asked for now, if it cannot.
-    pub fn restart_blocked(&self) -> Option<&'static str> {
-        match self.phase {
-            Phase::Starting { .. } => Some("it is starting"),
-            Phase::Stopping(stop) if stop.leftovers => {
-                Some("processes of its last run are still being stopped")
-            }
-            Phase::Ended { lingering: true } => {
-                Some("processes of its last run are still running; stop them first")
-            }
-            _ => None,
-        }
-    }
-
     /// Starts the agent again now, without a backoff: a restart a client asked for.
     fn relaunch(&mut self, out: &mut Vec<Effect>) {
         let record = &mut self.record;
@@ -945,50 +757,6 @@ impl AgentMachine {
     fn end_for_good(&mut self, lingering: bool, out: &mut Vec<Effect>) {
         self.phase = Phase::Ended { lingering };
         out.push(Effect::EndedForGood);
-    }
-
-    /// Records a failed check once (until it clears), emits its event and acts on it.
-    fn raise_issue(&mut self, now: Now, alert: Alert, reason: String, out: &mut Vec<Effect>) {
-        let issues = &mut self.record.health_issues;
-        if issues.iter().any(|issue| issue.metric == alert.metric) {
-            return;
-        }
-        issues.push(HealthIssue {
-            metric: alert.metric,
-            reason: reason.clone(),
-            since: now.wall,
-        });
-        let stop_reason = match alert.action {
-            HealthAction::Report => None,
-            HealthAction::Stop => Some(StopReason::Health),
-            HealthAction::Restart => Some(StopReason::HealthRestart),
-        };
-        if stop_reason.is_some() {
-            self.record.error = Some(format!("stopped by agentd: {reason}"));
-        }
-        out.push(Effect::Persist);
-        let kind = match alert.metric {
-            HealthMetric::Heartbeat => EventKind::Stalled,
-            HealthMetric::MemoryMb | HealthMetric::CpuPercent => EventKind::Alert,
-        };
-        out.push(Effect::Emit {
-            kind,
-            message: reason,
-            alert: Some(alert),
-        });
-        if let Some(stop_reason) = stop_reason {
-            self.stop(now, false, stop_reason, out);
-        }
-    }
-
-    fn clear_issue(&mut self, metric: HealthMetric, message: &str, out: &mut Vec<Effect>) {
-        let issues = &mut self.record.health_issues;
-        let before = issues.len();
-        issues.retain(|issue| issue.metric != metric);
-        if issues.len() != before {
-            out.push(Effect::Persist);
-            self.emit(out, EventKind::Recovered, message.to_string());
-        }
     }
 }
 
@@ -1020,5 +788,7 @@ impl Run {
     }
 }
 
+mod control;
+mod health;
 #[cfg(test)]
 mod tests;

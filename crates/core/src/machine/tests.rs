@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal;
 
 use super::*;
+use crate::health::HealthAction;
 use crate::health::HealthPolicy;
 use crate::lifecycle::{Backoff, LifecyclePolicy, RestartPolicy};
 use crate::spec::{AgentSpec, StopPolicy};
