@@ -15,7 +15,6 @@ pub mod notify;
 mod origin;
 mod revoke;
 mod service;
-pub mod settings;
 pub mod telemetry;
 pub mod tls;
 mod watch;
