@@ -121,6 +121,14 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
+/// `{"code": "NOT_FOUND", "message": "..."}`.
+pub fn error_body(status: &Status) -> serde_json::Value {
+    serde_json::json!({
+        "code": code_name(status.code()),
+        "message": status.message(),
+    })
+}
+
 /// Wall time as a protobuf Timestamp; times before 1970 (a clock set wrong) count from it.
 pub fn timestamp(time: SystemTime) -> agentd_proto::Timestamp {
     let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();

@@ -17,8 +17,8 @@ use bytes::BytesMut;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Status};
 
-use super::{Answer, Api, ApiError, Query, error_body, error_response};
-use crate::convert;
+use super::{Answer, Api, ApiError, Query, error_response};
+use crate::convert::{self, error_body};
 use crate::logs;
 use crate::watch::WatchStream;
 
