@@ -3,8 +3,8 @@
 //! attempts are logged with the peer's address and limited per peer: past the limit a wrong
 //! token is refused without a log line, while a valid one still passes. A token file that
 //! other users can read is refused. Streams opened with a token or session end once it no
-//! longer holds (`revoke.rs`); `grpc_auth.rs` checks gRPC calls with it. The Unix socket is not checked here: its mode (0600, or 0660
-//! with `--socket-group`) is its guard.
+//! longer holds (`revoke.rs`); `grpc_auth.rs` checks gRPC calls with the [`Guard`]. The Unix
+//! socket is not checked here: its mode (0600, or 0660 with `--socket-group`) is its guard.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
