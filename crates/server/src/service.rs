@@ -96,7 +96,7 @@ impl AgentSupervisorService {
                 kinds: request
                     .kinds
                     .into_iter()
-                    .map(convert::event_kind_from)
+                    .map(|kind| convert::from_wire("kinds", kind))
                     .collect::<Result<_, _>>()?,
             };
             let subscription = self
