@@ -1,8 +1,11 @@
 //! The `agentd.v1` gRPC API, generated at build time from `proto/agentd/v1/agentd.proto`.
 //!
-//! This crate holds generated code only: the messages, their proto3 JSON mapping (serde, from
+//! This crate holds generated code: the messages, their proto3 JSON mapping (serde, from
 //! pbjson) and the gRPC client and server; conversions to and from the supervisor's own types
-//! live in `agentd-server`.
+//! live in `agentd-server`. Besides, [`settings`] holds what the daemon and its clients must
+//! agree on without depending on each other: where the socket is, how a duration is written.
+
+pub mod settings;
 
 /// Messages, enums and the `AgentSupervisor` client and server of package `agentd.v1`.
 pub mod v1 {

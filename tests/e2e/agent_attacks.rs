@@ -518,7 +518,7 @@ async fn agentctl_prints_what_agents_control_without_terminal_escapes() {
         &["watch", "--after", "0", "--replay-only"][..],
         &["status", "escapist"][..],
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        let output = Command::new(agentctl_path())
             .arg("--socket")
             .arg(&daemon.socket)
             .args(args)

@@ -10,7 +10,7 @@ use agentd_proto::v1 as pb;
 use crate::harness::*;
 
 fn agentctl(daemon: &Daemon) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_agentctl"));
+    let mut command = Command::new(agentctl_path());
     command.arg("--socket").arg(&daemon.socket);
     command
 }
@@ -202,7 +202,7 @@ async fn describe_shows_every_field_of_the_status_its_output_and_children() {
 #[test]
 fn completions_for_each_shell() {
     for shell in ["bash", "zsh", "fish"] {
-        let script = Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        let script = Command::new(agentctl_path())
             .args(["completions", shell])
             .output()
             .expect("agentctl");

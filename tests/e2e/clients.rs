@@ -83,7 +83,7 @@ async fn grpcurl_lists_and_calls_the_service_through_reflection() {
 async fn agentctl_spawns_shows_and_stops() {
     let daemon = Daemon::start().await;
     let agentctl = |args: &[&str]| {
-        let output = run(Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        let output = run(Command::new(agentctl_path())
             .arg("--socket")
             .arg(&daemon.socket)
             .args(args));
@@ -118,7 +118,7 @@ async fn agentctl_spawns_shows_and_stops() {
     // A reader that went away (`agentctl list | head`) ends agentctl quietly, not in a panic.
     let (reader, writer) = nix::unistd::pipe().expect("pipe");
     drop(reader);
-    let listed = Command::new(env!("CARGO_BIN_EXE_agentctl"))
+    let listed = Command::new(agentctl_path())
         .arg("--socket")
         .arg(&daemon.socket)
         .arg("list")
@@ -128,7 +128,7 @@ async fn agentctl_spawns_shows_and_stops() {
     let stderr = String::from_utf8_lossy(&listed.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
 
-    let failed = Command::new(env!("CARGO_BIN_EXE_agentctl"))
+    let failed = Command::new(agentctl_path())
         .arg("--socket")
         .arg(&daemon.socket)
         .args(["status", "nobody"])

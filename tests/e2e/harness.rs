@@ -734,3 +734,88 @@ pub fn reason(status: &tonic::Status) -> Option<String> {
         .error_info()
         .map(|info| info.reason.clone())
 }
+
+/// The `agentctl` binary: it is its own crate, so Cargo gives no `CARGO_BIN_EXE_agentctl`
+/// here; it sits beside `agentd`, in the same target folder and profile. `cargo test
+/// --workspace` builds it (the agentctl crate's own tests want it); when it is missing or
+/// older than its sources (`cargo test -p agentd-server`, or an edit since), it is built
+/// here, once per test run, with `cargo build -p agentctl`. A build that fails fails the
+/// test that asked, saying how to build it by hand.
+pub fn agentctl_path() -> &'static Path {
+    static AGENTCTL: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let found = AGENTCTL.get_or_init(|| {
+        let agentd = Path::new(env!("CARGO_BIN_EXE_agentd"));
+        let agentctl = agentd.with_file_name("agentctl");
+        let built_at = |path: &Path| path.metadata().and_then(|m| m.modified()).ok();
+        // The workspace root, from this package's folder (`crates/server`).
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let sources = [
+            "crates/agentctl/src",
+            "crates/agentctl/Cargo.toml",
+            "crates/proto",
+            "proto",
+            "build.rs",
+            "Cargo.toml",
+            "Cargo.lock",
+        ];
+        let newest_source = sources
+            .iter()
+            .filter_map(|source| newest_modified(&root.join(source)))
+            .max();
+        let fresh = match (built_at(&agentctl), newest_source) {
+            (Some(built), Some(newest)) => built >= newest,
+            (built, None) => built.is_some(),
+            (None, Some(_)) => false,
+        };
+        if fresh {
+            return Ok(agentctl);
+        }
+        let by_hand = "build it with `cargo build -p agentctl` (with the profile of the tests)";
+        // `target/<profile>/agentd`: the same target folder and profile for agentctl.
+        let profile_dir = agentd.parent().ok_or("agentd has no folder")?;
+        let target_dir = profile_dir
+            .parent()
+            .ok_or("agentd's folder has no parent")?;
+        let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cargo
+            .args(["build", "-p", "agentctl", "--manifest-path"])
+            .arg(root.join("Cargo.toml"))
+            .env("CARGO_TARGET_DIR", target_dir);
+        match profile_dir.file_name().and_then(|name| name.to_str()) {
+            Some("debug") => {}
+            Some("release") => {
+                cargo.arg("--release");
+            }
+            Some(profile) => {
+                cargo.args(["--profile", profile]);
+            }
+            None => return Err(format!("agentd's folder has no name: {by_hand}")),
+        }
+        eprintln!("agentctl is missing or older than its sources: {cargo:?}");
+        match cargo.status() {
+            Ok(status) if status.success() && agentctl.exists() => Ok(agentctl),
+            Ok(status) => Err(format!(
+                "`cargo build -p agentctl` ended with {status} and left no {}: {by_hand}",
+                agentctl.display()
+            )),
+            Err(error) => Err(format!("running cargo: {error}: {by_hand}")),
+        }
+    });
+    match found {
+        Ok(path) => path,
+        Err(why) => panic!("no agentctl binary beside agentd: {why}"),
+    }
+}
+
+/// The newest modification time of a file, or of any file under a folder.
+fn newest_modified(path: &Path) -> Option<std::time::SystemTime> {
+    let metadata = path.metadata().ok()?;
+    if !metadata.is_dir() {
+        return metadata.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| newest_modified(&entry.path()))
+        .max()
+}

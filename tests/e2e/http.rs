@@ -133,7 +133,7 @@ async fn rest_routes_answer_with_the_json_of_the_grpc_messages() {
     assert_eq!(http.get("/healthz").await.status, 200);
     assert_eq!(http.get("/readyz").await.status, 200);
     // agentctl --json prints the same mapping.
-    let printed = Command::new(env!("CARGO_BIN_EXE_agentctl"))
+    let printed = Command::new(agentctl_path())
         .args(["--socket", daemon.socket.to_str().expect("path")])
         .args(["status", "web", "--json"])
         .output()

@@ -263,7 +263,7 @@ async fn an_env_value_never_shows_anywhere() {
         &["--json", "describe", "failing"],
         &["status", "failing"],
     ] {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        let output = std::process::Command::new(agentctl_path())
             .arg("--socket")
             .arg(&daemon.socket)
             .args(args)

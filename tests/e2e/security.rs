@@ -637,7 +637,7 @@ async fn agentctl_grpcurl_and_python_over_tls_with_a_token() {
 
     // agentctl: --addr https://, --ca-cert, the token from the environment.
     let agentctl = |token: &str, args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        Command::new(agentctl_path())
             .args(["--addr", &format!("https://{address}"), "--ca-cert"])
             .arg(&ca)
             .env("AGENTD_TOKEN", token)

@@ -124,7 +124,7 @@ async fn top_shows_agents_sorts_on_a_key_and_stops_the_selected_one() {
     let address = daemon.grpc_address.clone().expect("gRPC over TCP");
     let tmux = Tmux::start(&format!(
         "{} --addr {address} top",
-        env!("CARGO_BIN_EXE_agentctl")
+        agentctl_path().display()
     ));
     let screen = tmux.wait("the three agents by id", |screen| {
         order(screen, &agents) == agents && screen.contains("live")

@@ -822,7 +822,7 @@ async fn agentctl_presents_a_client_certificate_for_mtls() {
     let address = address(&daemon);
     let (cert, key) = clients.issue("client", false);
     let agentctl = |identity: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        Command::new(agentctl_path())
             .args(["--addr", &format!("https://{address}"), "--ca-cert"])
             .arg(pki.ca_path())
             .args(identity)

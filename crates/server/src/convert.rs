@@ -14,6 +14,95 @@ use agentd_proto::v1 as pb;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+/// A supervisor enum and the `agentd.v1` enum that mirrors it, variant for variant. Declared
+/// once per pair with [`mirror!`], which writes both directions.
+pub trait Mirror: Copy + Sized + 'static {
+    type Wire: TryFrom<i32>;
+    /// The proto enum's name, for errors: "is not an AgentState".
+    const WIRE_NAME: &'static str;
+    /// Every variant, in the order the proto declares them.
+    const ALL: &'static [Self];
+    fn to_wire(self) -> Self::Wire;
+    /// `None` for the wire's UNSPECIFIED where it means nothing here.
+    fn from_wire(wire: Self::Wire) -> Option<Self>;
+}
+
+/// A value from a request: INVALID_ARGUMENT naming `field` when it is not a value of the
+/// enum, or is UNSPECIFIED where that means nothing.
+pub fn from_wire<T: Mirror>(field: &str, value: i32) -> Result<T, Status> {
+    T::Wire::try_from(value)
+        .ok()
+        .and_then(T::from_wire)
+        .ok_or_else(|| {
+            let article = match T::WIRE_NAME.starts_with(['A', 'E', 'I', 'O', 'U']) {
+                true => "an",
+                false => "a",
+            };
+            Status::invalid_argument(format!(
+                "invalid `{field}`: {value} is not {article} {}",
+                T::WIRE_NAME
+            ))
+        })
+}
+
+/// `mirror!(Core = pb::Wire, unspecified: WHAT, [Variant, ...])`: the variants have the same
+/// names on both sides; the wire's UNSPECIFIED reads as WHAT (`None`, or a default). Both
+/// matches are exhaustive, so a variant added on either side and not here does not compile.
+macro_rules! mirror {
+    ($core:ident = pb::$wire:ident, unspecified: $unspecified:expr, [$($variant:ident),+ $(,)?]) => {
+        impl Mirror for $core {
+            type Wire = pb::$wire;
+            const WIRE_NAME: &'static str = stringify!($wire);
+            const ALL: &'static [Self] = &[$($core::$variant),+];
+
+            fn to_wire(self) -> pb::$wire {
+                match self {
+                    $($core::$variant => pb::$wire::$variant,)+
+                }
+            }
+
+            // Unreachable for EndReason, whose UNSPECIFIED is a variant of its own.
+            #[allow(unreachable_patterns)]
+            fn from_wire(wire: pb::$wire) -> Option<Self> {
+                match wire {
+                    $(pb::$wire::$variant => Some($core::$variant),)+
+                    pb::$wire::Unspecified => $unspecified,
+                }
+            }
+        }
+    };
+}
+
+mirror!(AgentState = pb::AgentState, unspecified: None, [
+    Starting, Running, Stopping, Completed, Failed, Killed, Lost, BackingOff, TimedOut, Paused,
+]);
+mirror!(Health = pb::Health, unspecified: None, [
+    Healthy, Zombie, Completed, Failed, Unknown, Stalled, OverLimit,
+]);
+mirror!(EventKind = pb::EventKind, unspecified: None, [
+    Spawned, Exited, Failed, Stopping, Killed, Health, Progress, Lost, Adopted, Snapshot,
+    Stalled, Alert, Recovered, Restarting, TimedOut, Removed, Paused, Resumed, OomKilled,
+]);
+mirror!(EndReason = pb::EndReason, unspecified: Some(EndReason::Unspecified), [
+    Unspecified, Exited, Signaled, Stopped, TimedOut, HealthAction, StartFailed, OomKilled, Lost,
+]);
+mirror!(StopOutcome = pb::StopOutcome, unspecified: None, [
+    ExitedOnFirstSignal, Escalated, Killed, AlreadyExited,
+]);
+mirror!(RestartPolicy = pb::RestartPolicy, unspecified: Some(RestartPolicy::Never), [
+    Never, OnFailure, Always,
+]);
+mirror!(ParentExit = pb::ParentExitPolicy, unspecified: Some(ParentExit::Keep), [Keep, Stop]);
+mirror!(HealthAction = pb::HealthAction, unspecified: Some(HealthAction::Report), [
+    Report, Stop, Restart,
+]);
+mirror!(HealthMetric = pb::HealthMetric, unspecified: None, [
+    Heartbeat, MemoryMb, CpuPercent,
+]);
+mirror!(Containment = pb::Containment, unspecified: None, [
+    CgroupV2, CgroupHybrid, ProcessGroup,
+]);
+
 /// Maps each error variant to the status code a client can act on. No `_` arm: a new
 /// variant must choose its code here.
 pub fn error_status(error: Error) -> Status {
@@ -121,6 +210,14 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
+/// `{"code": "NOT_FOUND", "message": "..."}`.
+pub fn error_body(status: &Status) -> serde_json::Value {
+    serde_json::json!({
+        "code": code_name(status.code()),
+        "message": status.message(),
+    })
+}
+
 /// Wall time as a protobuf Timestamp; times before 1970 (a clock set wrong) count from it.
 pub fn timestamp(time: SystemTime) -> agentd_proto::Timestamp {
     let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -195,7 +292,7 @@ pub fn list_filter(request: pb::ListAgentsRequest) -> Result<ListFilter, Status>
         states: request
             .states
             .into_iter()
-            .map(state_from)
+            .map(|state| from_wire("states", state))
             .collect::<Result<_, _>>()?,
         parent_agent_id: request.parent_agent_id,
         labels: request.labels.into_iter().collect(),
@@ -289,14 +386,6 @@ fn resources_message(resources: &Resources) -> pb::Resources {
     }
 }
 
-fn containment(containment: Containment) -> pb::Containment {
-    match containment {
-        Containment::CgroupV2 => pb::Containment::CgroupV2,
-        Containment::CgroupHybrid => pb::Containment::CgroupHybrid,
-        Containment::ProcessGroup => pb::Containment::ProcessGroup,
-    }
-}
-
 fn lifecycle(
     restart_policy: i32,
     backoff: pb::RestartBackoff,
@@ -305,25 +394,8 @@ fn lifecycle(
     startup_timeout: Option<pbjson_types::Duration>,
     on_parent_exit: i32,
 ) -> Result<LifecyclePolicy, Status> {
-    let restart = match pb::RestartPolicy::try_from(restart_policy) {
-        Ok(pb::RestartPolicy::Unspecified | pb::RestartPolicy::Never) => RestartPolicy::Never,
-        Ok(pb::RestartPolicy::OnFailure) => RestartPolicy::OnFailure,
-        Ok(pb::RestartPolicy::Always) => RestartPolicy::Always,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "invalid `restart_policy`: {restart_policy} is not a RestartPolicy"
-            )));
-        }
-    };
-    let on_parent_exit = match pb::ParentExitPolicy::try_from(on_parent_exit) {
-        Ok(pb::ParentExitPolicy::Unspecified | pb::ParentExitPolicy::Keep) => ParentExit::Keep,
-        Ok(pb::ParentExitPolicy::Stop) => ParentExit::Stop,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "invalid `on_parent_exit`: {on_parent_exit} is not a ParentExitPolicy"
-            )));
-        }
-    };
+    let restart = from_wire("restart_policy", restart_policy)?;
+    let on_parent_exit = from_wire("on_parent_exit", on_parent_exit)?;
     let defaults = Backoff::default();
     Ok(LifecyclePolicy {
         restart,
@@ -350,32 +422,13 @@ fn health_policy(policy: pb::HealthPolicy) -> Result<HealthPolicy, Status> {
     let limit = |value: f64| (value != 0.0).then_some(value);
     Ok(HealthPolicy {
         heartbeat_timeout: duration("health_policy.heartbeat_timeout", policy.heartbeat_timeout)?,
-        on_stall: health_action("health_policy.on_stall", policy.on_stall)?,
+        on_stall: from_wire("health_policy.on_stall", policy.on_stall)?,
         memory_limit_mb: limit(policy.memory_limit_mb),
-        on_memory_limit: health_action("health_policy.on_memory_limit", policy.on_memory_limit)?,
+        on_memory_limit: from_wire("health_policy.on_memory_limit", policy.on_memory_limit)?,
         cpu_limit_percent: limit(policy.cpu_limit_percent),
         cpu_limit_samples: policy.cpu_limit_samples,
-        on_cpu_limit: health_action("health_policy.on_cpu_limit", policy.on_cpu_limit)?,
+        on_cpu_limit: from_wire("health_policy.on_cpu_limit", policy.on_cpu_limit)?,
     })
-}
-
-fn health_action(field: &str, value: i32) -> Result<HealthAction, Status> {
-    match pb::HealthAction::try_from(value) {
-        Ok(pb::HealthAction::Unspecified | pb::HealthAction::Report) => Ok(HealthAction::Report),
-        Ok(pb::HealthAction::Stop) => Ok(HealthAction::Stop),
-        Ok(pb::HealthAction::Restart) => Ok(HealthAction::Restart),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "invalid `{field}`: {value} is not a HealthAction"
-        ))),
-    }
-}
-
-fn health_action_to(action: HealthAction) -> pb::HealthAction {
-    match action {
-        HealthAction::Report => pb::HealthAction::Report,
-        HealthAction::Stop => pb::HealthAction::Stop,
-        HealthAction::Restart => pb::HealthAction::Restart,
-    }
 }
 
 pub fn progress_report(request: pb::ReportProgressRequest) -> ProgressReport {
@@ -388,16 +441,11 @@ pub fn progress_report(request: pb::ReportProgressRequest) -> ProgressReport {
 }
 
 fn alert(alert: &Alert) -> pb::Alert {
-    let metric = match alert.metric {
-        HealthMetric::Heartbeat => pb::HealthMetric::Heartbeat,
-        HealthMetric::MemoryMb => pb::HealthMetric::MemoryMb,
-        HealthMetric::CpuPercent => pb::HealthMetric::CpuPercent,
-    };
     pb::Alert {
-        metric: metric.into(),
+        metric: alert.metric.to_wire().into(),
         value: alert.value,
         threshold: alert.threshold,
-        action: health_action_to(alert.action).into(),
+        action: alert.action.to_wire().into(),
     }
 }
 
@@ -416,106 +464,6 @@ fn duration(
         .transpose()
 }
 
-pub fn state(state: AgentState) -> pb::AgentState {
-    match state {
-        AgentState::Starting => pb::AgentState::Starting,
-        AgentState::Running => pb::AgentState::Running,
-        AgentState::Stopping => pb::AgentState::Stopping,
-        AgentState::Completed => pb::AgentState::Completed,
-        AgentState::Failed => pb::AgentState::Failed,
-        AgentState::Killed => pb::AgentState::Killed,
-        AgentState::Lost => pb::AgentState::Lost,
-        AgentState::BackingOff => pb::AgentState::BackingOff,
-        AgentState::TimedOut => pb::AgentState::TimedOut,
-        AgentState::Paused => pb::AgentState::Paused,
-    }
-}
-
-pub fn state_from(value: i32) -> Result<AgentState, Status> {
-    Ok(match pb::AgentState::try_from(value) {
-        Ok(pb::AgentState::Starting) => AgentState::Starting,
-        Ok(pb::AgentState::Running) => AgentState::Running,
-        Ok(pb::AgentState::Stopping) => AgentState::Stopping,
-        Ok(pb::AgentState::Completed) => AgentState::Completed,
-        Ok(pb::AgentState::Failed) => AgentState::Failed,
-        Ok(pb::AgentState::Killed) => AgentState::Killed,
-        Ok(pb::AgentState::Lost) => AgentState::Lost,
-        Ok(pb::AgentState::BackingOff) => AgentState::BackingOff,
-        Ok(pb::AgentState::TimedOut) => AgentState::TimedOut,
-        Ok(pb::AgentState::Paused) => AgentState::Paused,
-        Ok(pb::AgentState::Unspecified) | Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "invalid `states`: {value} is not an AgentState"
-            )));
-        }
-    })
-}
-
-fn health(health: Health) -> pb::Health {
-    match health {
-        Health::Healthy => pb::Health::Healthy,
-        Health::Zombie => pb::Health::Zombie,
-        Health::Completed => pb::Health::Completed,
-        Health::Failed => pb::Health::Failed,
-        Health::Unknown => pb::Health::Unknown,
-        Health::Stalled => pb::Health::Stalled,
-        Health::OverLimit => pb::Health::OverLimit,
-    }
-}
-
-pub fn event_kind(kind: EventKind) -> pb::EventKind {
-    match kind {
-        EventKind::Spawned => pb::EventKind::Spawned,
-        EventKind::Exited => pb::EventKind::Exited,
-        EventKind::Failed => pb::EventKind::Failed,
-        EventKind::Stopping => pb::EventKind::Stopping,
-        EventKind::Killed => pb::EventKind::Killed,
-        EventKind::Health => pb::EventKind::Health,
-        EventKind::Progress => pb::EventKind::Progress,
-        EventKind::Lost => pb::EventKind::Lost,
-        EventKind::Adopted => pb::EventKind::Adopted,
-        EventKind::Snapshot => pb::EventKind::Snapshot,
-        EventKind::Stalled => pb::EventKind::Stalled,
-        EventKind::Alert => pb::EventKind::Alert,
-        EventKind::Recovered => pb::EventKind::Recovered,
-        EventKind::Restarting => pb::EventKind::Restarting,
-        EventKind::TimedOut => pb::EventKind::TimedOut,
-        EventKind::Removed => pb::EventKind::Removed,
-        EventKind::Paused => pb::EventKind::Paused,
-        EventKind::Resumed => pb::EventKind::Resumed,
-        EventKind::OomKilled => pb::EventKind::OomKilled,
-    }
-}
-
-pub fn event_kind_from(value: i32) -> Result<EventKind, Status> {
-    Ok(match pb::EventKind::try_from(value) {
-        Ok(pb::EventKind::Spawned) => EventKind::Spawned,
-        Ok(pb::EventKind::Exited) => EventKind::Exited,
-        Ok(pb::EventKind::Failed) => EventKind::Failed,
-        Ok(pb::EventKind::Stopping) => EventKind::Stopping,
-        Ok(pb::EventKind::Killed) => EventKind::Killed,
-        Ok(pb::EventKind::Health) => EventKind::Health,
-        Ok(pb::EventKind::Progress) => EventKind::Progress,
-        Ok(pb::EventKind::Lost) => EventKind::Lost,
-        Ok(pb::EventKind::Adopted) => EventKind::Adopted,
-        Ok(pb::EventKind::Snapshot) => EventKind::Snapshot,
-        Ok(pb::EventKind::Stalled) => EventKind::Stalled,
-        Ok(pb::EventKind::Alert) => EventKind::Alert,
-        Ok(pb::EventKind::Recovered) => EventKind::Recovered,
-        Ok(pb::EventKind::Restarting) => EventKind::Restarting,
-        Ok(pb::EventKind::TimedOut) => EventKind::TimedOut,
-        Ok(pb::EventKind::Removed) => EventKind::Removed,
-        Ok(pb::EventKind::Paused) => EventKind::Paused,
-        Ok(pb::EventKind::Resumed) => EventKind::Resumed,
-        Ok(pb::EventKind::OomKilled) => EventKind::OomKilled,
-        Ok(pb::EventKind::Unspecified) | Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "invalid `kinds`: {value} is not an EventKind"
-            )));
-        }
-    })
-}
-
 pub fn status(status: &AgentStatus) -> pb::AgentStatus {
     let record = &status.record;
     let spec = &record.spec;
@@ -530,8 +478,8 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
         runtime_seconds: status.runtime.as_secs_f64(),
         num_threads: status.num_threads,
         cmdline: spec.command.clone(),
-        health: health(status.health).into(),
-        state: state(record.state).into(),
+        health: status.health.to_wire().into(),
+        state: record.state.to_wire().into(),
         started_at: record.started_at.map(timestamp),
         progress: record.progress,
         pid: record
@@ -580,14 +528,9 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
         last_exit_code: record.last_exit.map(Exit::code),
         last_exit_signal: record.last_exit.and_then(Exit::signal),
         next_restart_at: record.next_restart_at.map(timestamp),
-        restart_policy: match spec.lifecycle.restart {
-            RestartPolicy::Never => pb::RestartPolicy::Never,
-            RestartPolicy::OnFailure => pb::RestartPolicy::OnFailure,
-            RestartPolicy::Always => pb::RestartPolicy::Always,
-        }
-        .into(),
-        end_reason: end_reason(record.end_reason).into(),
-        containment: containment(record.containment).into(),
+        restart_policy: spec.lifecycle.restart.to_wire().into(),
+        end_reason: record.end_reason.to_wire().into(),
+        containment: record.containment.to_wire().into(),
         cgroup: record
             .cgroup
             .as_ref()
@@ -605,47 +548,23 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
     }
 }
 
-pub fn end_reason(reason: EndReason) -> pb::EndReason {
-    match reason {
-        EndReason::Unspecified => pb::EndReason::Unspecified,
-        EndReason::Exited => pb::EndReason::Exited,
-        EndReason::Signaled => pb::EndReason::Signaled,
-        EndReason::Stopped => pb::EndReason::Stopped,
-        EndReason::TimedOut => pb::EndReason::TimedOut,
-        EndReason::HealthAction => pb::EndReason::HealthAction,
-        EndReason::StartFailed => pb::EndReason::StartFailed,
-        EndReason::OomKilled => pb::EndReason::OomKilled,
-        EndReason::Lost => pb::EndReason::Lost,
-    }
-}
-
 pub fn event(event: &Event) -> pb::AgentEvent {
     pb::AgentEvent {
         sequence: event.sequence,
         time: Some(timestamp(event.time)),
         agent_id: event.status.agent_id().to_string(),
-        kind: event_kind(event.kind).into(),
+        kind: event.kind.to_wire().into(),
         status: Some(status(&event.status)),
         message: event.message.clone(),
         alert: event.alert.as_ref().map(alert),
     }
 }
 
-pub fn stop_outcome(outcome: StopOutcome) -> pb::StopOutcome {
-    match outcome {
-        StopOutcome::ExitedOnFirstSignal => pb::StopOutcome::ExitedOnFirstSignal,
-        StopOutcome::Escalated => pb::StopOutcome::Escalated,
-        StopOutcome::Killed => pb::StopOutcome::Killed,
-        StopOutcome::AlreadyExited => pb::StopOutcome::AlreadyExited,
-    }
-}
-
 pub fn stop_report(report: &StopReport) -> pb::StopResult {
-    let outcome = stop_outcome(report.outcome);
     let exit = report.status.record.exit;
     pb::StopResult {
         agent_id: report.agent_id.clone(),
-        outcome: outcome.into(),
+        outcome: report.outcome.to_wire().into(),
         exit_code: exit.map(Exit::code),
         exit_signal: exit.and_then(Exit::signal),
         duration: Some(report.duration.into()),
@@ -656,8 +575,8 @@ pub fn stop_report(report: &StopReport) -> pb::StopResult {
 pub fn check_health(status: &AgentStatus) -> pb::CheckHealthResponse {
     pb::CheckHealthResponse {
         healthy: status.health == Health::Healthy,
-        health: health(status.health).into(),
-        state: state(status.record.state).into(),
+        health: status.health.to_wire().into(),
+        state: status.record.state.to_wire().into(),
     }
 }
 
@@ -686,7 +605,7 @@ pub fn summary(summary: &Summary) -> pb::GetSummaryResponse {
             .map_or(0, |max| u32::try_from(max).unwrap_or(u32::MAX)),
         records_set_aside: summary.records_set_aside,
         paused: summary.paused,
-        containment: containment(summary.containment).into(),
+        containment: summary.containment.to_wire().into(),
         containment_detail: summary.containment_detail.clone(),
         store_bytes: summary.store_bytes,
         // The service adds the host's figures: they are not the supervisor's.
@@ -696,7 +615,7 @@ pub fn summary(summary: &Summary) -> pb::GetSummaryResponse {
             .iter()
             .map(|report| pb::AgentHealthReport {
                 agent_id: report.agent_id.clone(),
-                health: health(report.health).into(),
+                health: report.health.to_wire().into(),
                 reason: report.reason.clone(),
                 since: report.since.map(timestamp),
             })
@@ -708,6 +627,39 @@ pub fn reap_report(report: ReapReport) -> pb::ReapZombiesResponse {
     pb::ReapZombiesResponse {
         agent_ids: report.agent_ids,
         orphans_reaped: report.orphans_reaped,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wire_value_out_of_range_or_unspecified_is_named_in_the_error() {
+        let unknown = from_wire::<AgentState>("states", 99).expect_err("99");
+        assert_eq!(
+            unknown.message(),
+            "invalid `states`: 99 is not an AgentState"
+        );
+        let unspecified = from_wire::<EventKind>("kinds", 0).expect_err("UNSPECIFIED");
+        assert_eq!(
+            unspecified.message(),
+            "invalid `kinds`: 0 is not an EventKind"
+        );
+        let defaulted = from_wire::<RestartPolicy>("restart_policy", 0);
+        assert!(matches!(defaulted, Ok(RestartPolicy::Never)));
+        let invalid = from_wire::<HealthAction>("on_stall", -1).expect_err("-1");
+        assert_eq!(
+            invalid.message(),
+            "invalid `on_stall`: -1 is not a HealthAction"
+        );
+    }
+
+    #[test]
+    fn every_state_goes_to_the_wire_and_back() {
+        for &state in AgentState::ALL {
+            assert_eq!(AgentState::from_wire(state.to_wire()), Some(state));
+        }
     }
 }
 

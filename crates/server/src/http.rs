@@ -26,7 +26,7 @@ use tonic::{Code, Status};
 
 use crate::auth::{Credential, Guard, Role};
 use crate::connection::{Peer, peer_of};
-use crate::convert::code_name;
+use crate::convert::error_body;
 use crate::metrics::Metrics;
 use crate::origin::{self, Caller};
 use crate::revoke::{Ending, Revocable};
@@ -261,14 +261,6 @@ impl IntoResponse for ApiError {
 
 pub(crate) fn error_response(http: StatusCode, status: &Status) -> Response {
     json_response(http, &error_body(status))
-}
-
-/// `{"code": "NOT_FOUND", "message": "..."}`.
-pub(crate) fn error_body(status: &Status) -> serde_json::Value {
-    serde_json::json!({
-        "code": code_name(status.code()),
-        "message": status.message(),
-    })
 }
 
 /// The HTTP status of each gRPC code, as google.rpc.Code documents it; FAILED_PRECONDITION

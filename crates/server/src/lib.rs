@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod connection;
 mod convert;
+mod grpc_auth;
 mod host;
 mod http;
 mod limits;
@@ -15,10 +16,10 @@ pub mod notify;
 mod origin;
 mod revoke;
 mod service;
-pub mod settings;
 pub mod telemetry;
 pub mod tls;
 mod watch;
+mod watch_route;
 
 pub use metrics::{Metrics, PerAgent};
 
@@ -36,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::service::AgentSupervisorService;
-use crate::watch::WatchAgentsRoute;
+use crate::watch_route::WatchAgentsRoute;
 
 /// A bound listener the daemon serves on.
 pub enum Listener {
@@ -167,7 +168,7 @@ pub async fn run(
                     .layer(connection::InFlightLayer)
                     .layer(traced(telemetry::Front::Grpc))
                     .layer(request_limit)
-                    .layer(auth::GrpcLayer {
+                    .layer(grpc_auth::GrpcLayer {
                         guard: security.guard.clone(),
                         loopback_only: security.guard.is_none(),
                     })

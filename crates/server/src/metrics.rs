@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use agentd_core::{
-    EndReason, EventKind, ListFilter, Recorder, StopOutcome, Summary, SupervisorHandle,
+    AgentState, EndReason, EventKind, ListFilter, Recorder, StopOutcome, Summary, SupervisorHandle,
 };
 use agentd_proto::v1 as pb;
 use prometheus_client::encoding::text::encode;
@@ -18,7 +18,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tonic::{Code, Status};
 
-use crate::convert::{self, code_name, error_status};
+use crate::convert::{Mirror, code_name, error_status};
 
 type Labels<const N: usize> = [(&'static str, String); N];
 /// Labels whose values are known at compile time: looking one up allocates nothing.
@@ -47,7 +47,9 @@ pub struct Metrics {
     rpcs: Family<StaticLabels<2>, Histogram>,
     watchers: Gauge,
     watchers_ended: Family<StaticLabels<1>, Counter>,
-    agents: Family<StaticLabels<1>, Gauge>,
+    agents: Family<Labels<1>, Gauge>,
+    /// The series of `agents`, one per state, made once.
+    agents_by_state: Vec<(AgentState, Gauge)>,
     unhealthy: Family<StaticLabels<1>, Gauge>,
     declared_load: FloatGauge,
     capacity: FloatGauge,
@@ -87,6 +89,16 @@ impl Metrics {
         let events = Family::<Labels<1>, Counter>::default();
         let run_ends = Family::<Labels<1>, Counter>::default();
         let stops = Family::<Labels<1>, Histogram>::new_with_constructor(stop_buckets);
+        let agents = Family::<Labels<1>, Gauge>::default();
+        let agents_by_state = AgentState::ALL
+            .iter()
+            .map(|&state| {
+                let name = state.to_wire().as_str_name();
+                let name = name.strip_prefix("AGENT_STATE_").unwrap_or(name);
+                let labels = [("state", name.to_ascii_lowercase())];
+                (state, agents.get_or_create_owned(&labels))
+            })
+            .collect();
         let mut metrics = Metrics {
             events: by_value(
                 |v| pb::EventKind::try_from(v).map(|k| k.as_str_name()),
@@ -112,7 +124,8 @@ impl Metrics {
             rpcs: Family::new_with_constructor(latency),
             watchers: Gauge::default(),
             watchers_ended: Family::default(),
-            agents: Family::default(),
+            agents,
+            agents_by_state,
             unhealthy: Family::default(),
             declared_load: FloatGauge::default(),
             capacity: FloatGauge::default(),
@@ -321,22 +334,8 @@ impl Metrics {
     }
 
     fn set_summary(&self, summary: &Summary) {
-        let states = [
-            ("starting", summary.starting),
-            ("running", summary.running),
-            ("stopping", summary.stopping),
-            ("paused", summary.paused),
-            ("backing_off", summary.backing_off),
-            ("completed", summary.completed),
-            ("failed", summary.failed),
-            ("killed", summary.killed),
-            ("timed_out", summary.timed_out),
-            ("lost", summary.lost),
-        ];
-        for (state, count) in states {
-            self.agents
-                .get_or_create(&[("state", state)])
-                .set(i64::from(count));
+        for (state, gauge) in &self.agents_by_state {
+            gauge.set(i64::from(agents_in(summary, *state)));
         }
         let unhealthy = [
             ("stalled", summary.stalled),
@@ -357,11 +356,11 @@ impl Metrics {
 
 impl Recorder for Metrics {
     fn event(&self, kind: EventKind) {
-        count(&self.events, convert::event_kind(kind) as usize);
+        count(&self.events, kind.to_wire() as usize);
     }
 
     fn run_ended(&self, reason: EndReason) {
-        count(&self.run_ends, convert::end_reason(reason) as usize);
+        count(&self.run_ends, reason.to_wire() as usize);
     }
 
     fn restarted(&self) {
@@ -369,7 +368,7 @@ impl Recorder for Metrics {
     }
 
     fn stopped(&self, outcome: StopOutcome, took: Duration) {
-        let outcome = convert::stop_outcome(outcome) as usize;
+        let outcome = outcome.to_wire() as usize;
         if let Some(Some(histogram)) = self.stops.get(outcome) {
             histogram.observe(took.as_secs_f64());
         }
@@ -377,6 +376,23 @@ impl Recorder for Metrics {
 
     fn sampled(&self, took: Duration) {
         self.samples.observe(took.as_secs_f64());
+    }
+}
+
+/// The summary's count of agents in `state`. No `_` arm: a state the supervisor gains is
+/// counted here or does not build.
+fn agents_in(summary: &Summary, state: AgentState) -> u32 {
+    match state {
+        AgentState::Starting => summary.starting,
+        AgentState::Running => summary.running,
+        AgentState::Stopping => summary.stopping,
+        AgentState::Completed => summary.completed,
+        AgentState::Failed => summary.failed,
+        AgentState::Killed => summary.killed,
+        AgentState::Lost => summary.lost,
+        AgentState::BackingOff => summary.backing_off,
+        AgentState::TimedOut => summary.timed_out,
+        AgentState::Paused => summary.paused,
     }
 }
 

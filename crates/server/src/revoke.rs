@@ -104,7 +104,7 @@ where
                 }
                 Ending::ServerSentEvents => Ok(Frame::data(Bytes::from(format!(
                     "event: error\ndata: {}\n\n",
-                    crate::http::error_body(&status)
+                    crate::convert::error_body(&status)
                 )))),
                 Ending::Cut => Err(MESSAGE.into()),
             }));

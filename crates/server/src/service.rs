@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use agentd_core::{EventFilter, StopOptions, StopTarget, SupervisorHandle, Watch};
@@ -17,36 +17,9 @@ use crate::host::Host;
 use crate::logs;
 use crate::metrics::Metrics;
 use crate::telemetry;
-use crate::watch::{self, WatchOptions, WatchStream};
+use crate::watch::{self, WatchOptions, WatchStream, WatcherSlot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
-
-/// A watcher's place under `--max-watchers`, given back when its stream is dropped.
-pub struct WatcherSlot(Arc<AtomicUsize>);
-
-impl WatcherSlot {
-    fn take(open: &Arc<AtomicUsize>, max: usize) -> Result<WatcherSlot, Status> {
-        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .map_err(|n| {
-            convert::exhausted(
-                format!(
-                    "agentd serves at most {max} watchers at once (--max-watchers) and {n} are \
-                         open: close one, or share one stream between consumers"
-                ),
-                convert::Exhausted::Watchers,
-            )
-        })?;
-        Ok(WatcherSlot(open.clone()))
-    }
-}
-
-impl Drop for WatcherSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 pub struct AgentSupervisorService {
     supervisor: SupervisorHandle,
@@ -123,7 +96,7 @@ impl AgentSupervisorService {
                 kinds: request
                     .kinds
                     .into_iter()
-                    .map(convert::event_kind_from)
+                    .map(|kind| convert::from_wire("kinds", kind))
                     .collect::<Result<_, _>>()?,
             };
             let subscription = self
@@ -415,7 +388,7 @@ impl AgentSupervisor for AgentSupervisorService {
 
     type WatchAgentsStream = Pin<Box<dyn Stream<Item = Result<pb::AgentEvent, Status>> + Send>>;
 
-    /// gRPC clients are served by [`watch::WatchAgentsRoute`], which sends each event's
+    /// gRPC clients are served by `WatchAgentsRoute` (`watch_route.rs`), which sends each event's
     /// encoding made once for all watchers; this is the same stream, encoded per watcher.
     async fn watch_agents(
         &self,

@@ -4,38 +4,58 @@
 //! naming the last sequence it was given so it can resume. The supervisor never waits for a
 //! watcher: it only writes to the ring, which overwrites what the slowest has not read.
 //!
-//! [`WatchAgentsRoute`] serves the gRPC method in front of the generated service, so that
-//! every watcher sends the same bytes for an event: its protobuf encoding is made once.
+//! Below the service: `service.rs` starts watchers here, and `watch_route.rs` serves them to
+//! gRPC clients; nothing here knows either.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use agentd_core::{Event, EventFilter, EventFormat, EventKind, Subscription};
-use agentd_proto::v1 as pb;
-use bytes::BufMut;
+use agentd_core::{Event, EventFilter, EventKind, Subscription};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::mpsc::error::{SendTimeoutError, TrySendError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
-use tonic::body::Body;
-use tonic::codec::{Codec, EncodeBuf, Encoder};
-use tonic::codegen::{BoxFuture, Service, http};
-use tonic::server::{Grpc, NamedService, ServerStreamingService};
 use tonic::{Code, Status};
 
 use crate::convert;
 use crate::metrics::{Metrics, WatcherEnd};
-use crate::service::{AgentSupervisorService, WatcherSlot};
 
 /// How long a watcher's queue may stay full before the watcher counts as stuck. Short
 /// bursts (a sample of every agent at once) wait in the broadcast ring meanwhile.
 const STUCK_AFTER: Duration = Duration::from_secs(2);
+
+/// A watcher's place under `--max-watchers`, given back when its stream is dropped.
+pub struct WatcherSlot(Arc<AtomicUsize>);
+
+impl WatcherSlot {
+    pub fn take(open: &Arc<AtomicUsize>, max: usize) -> Result<WatcherSlot, Status> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .map_err(|n| {
+            convert::exhausted(
+                format!(
+                    "agentd serves at most {max} watchers at once (--max-watchers) and {n} are \
+                         open: close one, or share one stream between consumers"
+                ),
+                convert::Exhausted::Watchers,
+            )
+        })?;
+        Ok(WatcherSlot(open.clone()))
+    }
+}
+
+impl Drop for WatcherSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// What one watcher asked for beyond the event filter.
 pub struct WatchOptions {
@@ -257,95 +277,5 @@ impl Forwarder {
             ),
             convert::Exhausted::SlowWatcher,
         )
-    }
-}
-
-const WATCH_AGENTS: &str = "/agentd.v1.AgentSupervisor/WatchAgents";
-
-/// The `AgentSupervisor` service with `WatchAgents` answered here, in events encoded once
-/// for all watchers; every other method goes to the generated service.
-#[derive(Clone)]
-pub struct WatchAgentsRoute<S> {
-    pub generated: S,
-    pub service: Arc<AgentSupervisorService>,
-}
-
-impl<S> NamedService for WatchAgentsRoute<S> {
-    const NAME: &'static str = "agentd.v1.AgentSupervisor";
-}
-
-impl<S> Service<http::Request<Body>> for WatchAgentsRoute<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Infallible>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.generated.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != WATCH_AGENTS {
-            return Box::pin(self.generated.call(request));
-        }
-        let method = EncodedWatch(self.service.clone());
-        Box::pin(async move {
-            let mut grpc = Grpc::new(EncodedEventCodec).max_decoding_message_size(usize::MAX);
-            Ok(grpc.server_streaming(method, request).await)
-        })
-    }
-}
-
-struct EncodedWatch(Arc<AgentSupervisorService>);
-
-impl ServerStreamingService<pb::WatchAgentsRequest> for EncodedWatch {
-    type Response = Arc<Event>;
-    type ResponseStream = WatchStream;
-    type Future = BoxFuture<tonic::Response<WatchStream>, Status>;
-
-    fn call(&mut self, request: tonic::Request<pb::WatchAgentsRequest>) -> Self::Future {
-        let service = self.0.clone();
-        Box::pin(async move {
-            let events = service.watch(request.into_inner()).await?;
-            Ok(tonic::Response::new(events))
-        })
-    }
-}
-
-/// Decodes the request as prost does; encodes an event by copying its cached encoding.
-struct EncodedEventCodec;
-
-type RequestCodec = agentd_proto::Codec<pb::AgentEvent, pb::WatchAgentsRequest>;
-
-impl Codec for EncodedEventCodec {
-    type Encode = Arc<Event>;
-    type Decode = pb::WatchAgentsRequest;
-    type Encoder = EncodedEventEncoder;
-    type Decoder = <RequestCodec as Codec>::Decoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        EncodedEventEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RequestCodec::default().decoder()
-    }
-}
-
-struct EncodedEventEncoder;
-
-impl Encoder for EncodedEventEncoder {
-    type Item = Arc<Event>;
-    type Error = Status;
-
-    fn encode(&mut self, event: Arc<Event>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        let encoded = event.encoded(EventFormat::Protobuf, |event| {
-            prost::Message::encode_to_vec(&convert::event(event))
-        });
-        dst.put_slice(encoded);
-        Ok(())
     }
 }

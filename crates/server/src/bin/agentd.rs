@@ -8,9 +8,9 @@ use agentd_core::{
     CgroupSetting, DaemonLimits, EventRetention, FinishedRetention, LogRotation, ShutdownPolicy,
     StoreRecovery, Supervisor, SupervisorConfig, TRACE_TARGET,
 };
+use agentd_proto::settings;
 use agentd_server::{
-    Listener, Metrics, PerAgent, Security, ServeOptions, auth, connection, notify, settings,
-    telemetry, tls,
+    Listener, Metrics, PerAgent, Security, ServeOptions, auth, connection, notify, telemetry, tls,
 };
 use anyhow::{Context, bail};
 use clap::Parser;

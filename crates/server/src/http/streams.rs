@@ -17,8 +17,8 @@ use bytes::BytesMut;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Status};
 
-use super::{Answer, Api, ApiError, Query, error_body, error_response};
-use crate::convert;
+use super::{Answer, Api, ApiError, Query, error_response};
+use crate::convert::{self, Mirror, error_body};
 use crate::logs;
 use crate::watch::WatchStream;
 
@@ -202,7 +202,7 @@ impl Stream for ServerSentEvents {
 /// newline), and the blank line that ends an event.
 fn frame(event: &Event) -> &[u8] {
     event.encoded(EventFormat::ServerSent, |event| {
-        let kind = convert::event_kind(event.kind).as_str_name();
+        let kind = event.kind.to_wire().as_str_name();
         let mut frame = format!("id: {}\nevent: {kind}\ndata: ", event.sequence).into_bytes();
         if serde_json::to_writer(&mut frame, &convert::event(event)).is_err() {
             frame.extend_from_slice(b"{}");

@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::Code;
 
-use crate::{Client, exit_text, health_name, one_line, state_name};
+use crate::client::Client;
+use crate::names::{exit_text, health_name, is_live, state_name};
+use crate::output::one_line;
 
 /// Lines of the selected agent's output kept.
 const OUTPUT_LINES: usize = 500;
@@ -84,17 +86,6 @@ impl StateFilter {
             ),
         }
     }
-}
-
-fn is_live(state: i32) -> bool {
-    matches!(
-        pb::AgentState::try_from(state),
-        Ok(pb::AgentState::Starting
-            | pb::AgentState::Running
-            | pb::AgentState::Stopping
-            | pb::AgentState::BackingOff
-            | pb::AgentState::Paused)
-    )
 }
 
 /// What the footer is doing: showing keys, asking to confirm, or taking a filter.

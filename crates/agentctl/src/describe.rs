@@ -7,7 +7,9 @@ use agentd_proto::v1 as pb;
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::{Client, one_line};
+use crate::client::Client;
+use crate::names::state_upper_name;
+use crate::output::{Output, one_line, print_json};
 
 /// Every field of AgentStatus, by its proto name, in the group it is shown in. A field the
 /// proto gains and this list lacks is still shown, under "other".
@@ -96,7 +98,7 @@ const TAIL: u32 = 10;
 
 /// Prints everything about one agent; with `json`, one object: `status` (an AgentStatus),
 /// `stdoutTail` and `stderrTail` (the last lines), `children` (their AgentStatus).
-pub async fn describe(client: &mut Client, agent_id: String, json: bool) -> anyhow::Result<()> {
+pub async fn describe(client: &mut Client, agent_id: String, out: Output) -> anyhow::Result<()> {
     let request = pb::StatusRequest {
         agent_id: agent_id.clone(),
     };
@@ -127,7 +129,7 @@ pub async fn describe(client: &mut Client, agent_id: String, json: bool) -> anyh
     };
     let children = client.list_agents(request).await?.into_inner().agents;
     let history = history(client, &status.agent_id).await;
-    if json {
+    if out.json {
         let described = serde_json::json!({
             "status": status,
             "history": history.as_ref().ok(),
@@ -135,7 +137,7 @@ pub async fn describe(client: &mut Client, agent_id: String, json: bool) -> anyh
             "stderrTail": tails[1],
             "children": children,
         });
-        println!("{}", serde_json::to_string_pretty(&described)?);
+        print_json(&described, true);
         return Ok(());
     }
 
@@ -184,9 +186,7 @@ pub async fn describe(client: &mut Client, agent_id: String, json: bool) -> anyh
         println!("  none");
     }
     for child in &children {
-        let state = pb::AgentState::try_from(child.state)
-            .map(|s| s.as_str_name().trim_start_matches("AGENT_STATE_"))
-            .unwrap_or("UNKNOWN");
+        let state = state_upper_name(child.state);
         println!("  {:<24} {state:<12} pid {}", child.agent_id, child.pid);
     }
     Ok(())

@@ -1,5 +1,6 @@
-//! Defaults and option parsing shared by `agentd` and `agentctl`, so both find the same
-//! data folder and socket.
+//! Defaults and option parsing shared by `agentd` (in `agentd-server`) and `agentctl`, so
+//! both find the same data folder and socket and read `--grace 1.5s` alike. Plain std: a
+//! client gets this without the daemon's dependencies.
 
 use std::path::PathBuf;
 use std::time::Duration;

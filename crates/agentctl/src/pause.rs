@@ -1,0 +1,36 @@
+//! `pause`, `resume` and `restart`: each acts on agents by id and answers with their
+//! statuses.
+
+use agentd_proto::v1 as pb;
+
+use crate::client::Client;
+use crate::output::{Output, print_rows};
+
+pub async fn pause(client: &mut Client, agent_ids: Vec<String>, out: Output) -> anyhow::Result<()> {
+    let request = pb::PauseRequest { agent_ids };
+    let response = client.pause(request).await?.into_inner();
+    out.answer(&response, |response| print_rows(&response.statuses));
+    Ok(())
+}
+
+pub async fn resume(
+    client: &mut Client,
+    agent_ids: Vec<String>,
+    out: Output,
+) -> anyhow::Result<()> {
+    let request = pb::ResumeRequest { agent_ids };
+    let response = client.resume(request).await?.into_inner();
+    out.answer(&response, |response| print_rows(&response.statuses));
+    Ok(())
+}
+
+pub async fn restart(
+    client: &mut Client,
+    agent_ids: Vec<String>,
+    out: Output,
+) -> anyhow::Result<()> {
+    let request = pb::RestartRequest { agent_ids };
+    let response = client.restart(request).await?.into_inner();
+    out.answer(&response, |response| print_rows(&response.statuses));
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! `spawn`: start an agent from a command line of options, and `SpawnArgs`, which `run`
+//! shares.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentd_proto::settings;
+use agentd_proto::v1 as pb;
+use anyhow::Context;
+
+use crate::client::Client;
+use crate::names::parse_enum;
+use crate::output::{Output, print_rows};
+
+pub async fn spawn(client: &mut Client, args: SpawnArgs, out: Output) -> anyhow::Result<()> {
+    let response = client.spawn(request(args)?).await?.into_inner();
+    out.answer(&response, |response| print_rows(response.status.as_slice()));
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct SpawnArgs {
+    /// Agent id [default: generated]
+    #[arg(long = "id")]
+    agent_id: Option<String>,
+    #[arg(long)]
+    parent: Option<String>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long = "type")]
+    agent_type: Option<String>,
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from this file
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Declared share of the host, 0-100
+    #[arg(long, default_value_t = 0.0)]
+    load: f64,
+    /// KEY=VALUE added to the environment; repeatable
+    #[arg(long = "env", value_parser = crate::key_value)]
+    env: Vec<(String, String)>,
+    /// KEY=VALUE label; repeatable
+    #[arg(long = "label", value_parser = crate::key_value)]
+    labels: Vec<(String, String)>,
+    /// Working directory [default: the agent's folder]
+    #[arg(long)]
+    cwd: Option<String>,
+    /// Idempotency key: repeating it returns the same agent
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Graceful stop signal [default: SIGTERM]
+    #[arg(long)]
+    stop_signal: Option<String>,
+    /// Wait after the first stop signal [default: 10s]
+    #[arg(long, value_parser = settings::parse_duration)]
+    grace: Option<Duration>,
+    /// Wait after the second stop signal [default: 5s]
+    #[arg(long, value_parser = settings::parse_duration)]
+    second_grace: Option<Duration>,
+    /// The agent must heartbeat (ReportProgress or its status file) at least this often
+    #[arg(long, value_parser = settings::parse_duration)]
+    heartbeat_timeout: Option<Duration>,
+    /// Memory limit of the agent's process tree, in MiB
+    #[arg(long)]
+    memory_limit_mb: Option<f64>,
+    /// CPU limit of the agent's process tree, in percent of one core (3 samples in a row)
+    #[arg(long)]
+    cpu_limit: Option<f64>,
+    /// Stop the agent (instead of only reporting) when it stalls or crosses a limit
+    #[arg(long)]
+    stop_when_unhealthy: bool,
+    /// Restart policy: never, on-failure or always
+    #[arg(long, default_value = "never")]
+    restart: String,
+    /// Give up (FAILED) after this many restarts [default: no limit]
+    #[arg(long)]
+    max_restarts: Option<u32>,
+    /// Stop the agent (TIMED_OUT) when one run lasts longer than this
+    #[arg(long, value_parser = settings::parse_duration)]
+    max_runtime: Option<Duration>,
+    /// Stop this agent too when its parent agent ends for good
+    #[arg(long)]
+    stop_with_parent: bool,
+    /// Hard memory limit in MiB: the OOM killer ends the agent above it
+    #[arg(long, value_name = "MB")]
+    memory_max: Option<f64>,
+    /// Memory in MiB above which the agent is throttled (cgroup v2 only)
+    #[arg(long, value_name = "MB")]
+    memory_high: Option<f64>,
+    /// CPU limit in cores: 0.5 is half of one core
+    #[arg(long, value_name = "CORES")]
+    cpu_max: Option<f64>,
+    /// Most processes and threads in the agent's tree
+    #[arg(long)]
+    pids_max: Option<u32>,
+    /// CPUs to run on, such as 0,2 or 0-3
+    #[arg(long, value_parser = cpu_list)]
+    cpus: Option<CpuList>,
+    /// Scheduling priority, -20 to 19
+    #[arg(long, allow_hyphen_values = true)]
+    nice: Option<i32>,
+    /// Most open files per process (RLIMIT_NOFILE)
+    #[arg(long)]
+    open_files: Option<u32>,
+    /// Run as this user (name or id; agentd must run as root)
+    #[arg(long)]
+    user: Option<String>,
+    /// Run with this group (name or id) [default: the user's]
+    #[arg(long)]
+    group: Option<String>,
+    /// The program and its arguments
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
+}
+
+pub fn request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
+    let prompt = match (&args.prompt, &args.prompt_file) {
+        (Some(prompt), _) => prompt.clone(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .with_context(|| format!("reading prompt file `{}`", file.display()))?,
+        (None, None) => String::new(),
+    };
+    let stop_policy = (args.stop_signal.is_some()
+        || args.grace.is_some()
+        || args.second_grace.is_some())
+    .then(|| pb::StopPolicy {
+        stop_signal: args.stop_signal.unwrap_or_default(),
+        first_grace: args.grace.map(Into::into),
+        second_grace: args.second_grace.map(Into::into),
+    });
+    let action = if args.stop_when_unhealthy {
+        pb::HealthAction::Stop
+    } else {
+        pb::HealthAction::Report
+    } as i32;
+    let health_policy = pb::HealthPolicy {
+        heartbeat_timeout: args.heartbeat_timeout.map(Into::into),
+        on_stall: action,
+        memory_limit_mb: args.memory_limit_mb.unwrap_or(0.0),
+        on_memory_limit: action,
+        cpu_limit_percent: args.cpu_limit.unwrap_or(0.0),
+        cpu_limit_samples: 0,
+        on_cpu_limit: action,
+    };
+    Ok(pb::SpawnRequest {
+        request_id: args.request_id.unwrap_or_default(),
+        agent_id: args.agent_id.unwrap_or_default(),
+        parent_agent_id: args.parent.unwrap_or_default(),
+        agent_name: args.name.unwrap_or_default(),
+        agent_type: args.agent_type.unwrap_or_default(),
+        model: args.model.unwrap_or_default(),
+        prompt,
+        load_percentage: args.load,
+        command: args.command,
+        env: args.env.into_iter().collect(),
+        working_dir: args.cwd.unwrap_or_default(),
+        labels: args.labels.into_iter().collect(),
+        stop_policy,
+        health_policy: Some(health_policy),
+        restart_policy: parse_enum(
+            &args.restart,
+            "RESTART_POLICY_",
+            pb::RestartPolicy::from_str_name,
+        )?,
+        restart_backoff: None,
+        max_restarts: args.max_restarts.unwrap_or(0),
+        max_runtime: args.max_runtime.map(Into::into),
+        startup_timeout: None,
+        on_parent_exit: if args.stop_with_parent {
+            pb::ParentExitPolicy::Stop
+        } else {
+            pb::ParentExitPolicy::Keep
+        } as i32,
+        resources: Some(pb::Resources {
+            memory_max_mb: args.memory_max.unwrap_or(0.0),
+            memory_high_mb: args.memory_high.unwrap_or(0.0),
+            cpu_max_cores: args.cpu_max.unwrap_or(0.0),
+            pids_max: args.pids_max.unwrap_or(0),
+            cpus: args.cpus.map(|list| list.0).unwrap_or_default(),
+            nice: args.nice,
+            open_files_max: args.open_files.unwrap_or(0),
+        }),
+        user: args.user.unwrap_or_default(),
+        group: args.group.unwrap_or_default(),
+    })
+}
+
+#[derive(Clone)]
+struct CpuList(Vec<u32>);
+
+/// Parses `0,2,4-7`.
+fn cpu_list(text: &str) -> Result<CpuList, String> {
+    let number = |part: &str| {
+        part.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("`{part}` is not a CPU number (a list looks like 0,2,4-7)"))
+    };
+    let mut cpus = Vec::new();
+    for part in text.split(',') {
+        match part.split_once('-') {
+            Some((first, last)) => cpus.extend(number(first)?..=number(last)?),
+            None => cpus.push(number(part)?),
+        }
+    }
+    Ok(CpuList(cpus))
+}
