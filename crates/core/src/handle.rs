@@ -61,27 +61,19 @@ pub enum StopTarget {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Summary {
     pub total: u32,
-    pub starting: u32,
-    pub running: u32,
-    pub stopping: u32,
-    pub completed: u32,
-    pub failed: u32,
-    pub killed: u32,
-    pub lost: u32,
+    /// Agents in each state, by `AgentState as usize`: read with [`Summary::count`].
+    pub by_state: [u32; AgentState::COUNT],
     pub zombies: u32,
     pub total_memory_mb: f64,
     pub total_cpu_percent: f64,
     pub total_load_percentage: f64,
     pub stalled: u32,
     pub over_limit: u32,
-    pub backing_off: u32,
-    pub timed_out: u32,
     pub capacity: f64,
     pub free_capacity: f64,
     pub max_agents: Option<usize>,
     /// Stored records that could not be loaded and were set aside.
     pub records_set_aside: u32,
-    pub paused: u32,
     /// How new agents are held, and what the host offers (hierarchy, root, controllers).
     pub containment: crate::state::Containment,
     pub containment_detail: String,
@@ -89,6 +81,13 @@ pub struct Summary {
     pub unhealthy: Vec<HealthReport>,
     /// The store's size on disk (records and the event log).
     pub store_bytes: u64,
+}
+
+impl Summary {
+    /// How many agents are in `state`.
+    pub fn count(&self, state: AgentState) -> u32 {
+        self.by_state[state as usize]
+    }
 }
 
 /// Why one agent is not healthy.

@@ -28,6 +28,9 @@ pub enum AgentState {
 }
 
 impl AgentState {
+    /// How many states there are (counts by state are arrays this long).
+    pub const COUNT: usize = AgentState::Paused as usize + 1;
+
     /// The process may still exist.
     pub fn is_live(self) -> bool {
         matches!(

@@ -12,7 +12,7 @@ use crate::handle::{HealthReport, ListFilter, ListPage, Summary};
 use crate::machine::AgentMachine;
 use crate::sampler::SampleTarget;
 use crate::spec::AgentSpec;
-use crate::state::{AgentState, Health};
+use crate::state::Health;
 
 #[derive(Default)]
 pub(crate) struct AgentTable {
@@ -144,19 +144,7 @@ impl AgentTable {
             let is_zombie = sample.is_some_and(|s| s.leader_status == "zombie");
             let health = crate::agent::health(record, is_zombie);
             summary.total += 1;
-            let count = match record.state {
-                AgentState::Starting => &mut summary.starting,
-                AgentState::Running => &mut summary.running,
-                AgentState::Stopping => &mut summary.stopping,
-                AgentState::Completed => &mut summary.completed,
-                AgentState::Failed => &mut summary.failed,
-                AgentState::Killed => &mut summary.killed,
-                AgentState::Lost => &mut summary.lost,
-                AgentState::BackingOff => &mut summary.backing_off,
-                AgentState::TimedOut => &mut summary.timed_out,
-                AgentState::Paused => &mut summary.paused,
-            };
-            *count += 1;
+            summary.by_state[record.state as usize] += 1;
             summary.zombies += u32::from(is_zombie);
             if let Some(sample) = sample {
                 summary.total_memory_mb += sample.memory_bytes as f64 / (1024.0 * 1024.0);

@@ -335,7 +335,7 @@ impl Metrics {
 
     fn set_summary(&self, summary: &Summary) {
         for (state, gauge) in &self.agents_by_state {
-            gauge.set(i64::from(agents_in(summary, *state)));
+            gauge.set(i64::from(summary.count(*state)));
         }
         let unhealthy = [
             ("stalled", summary.stalled),
@@ -376,23 +376,6 @@ impl Recorder for Metrics {
 
     fn sampled(&self, took: Duration) {
         self.samples.observe(took.as_secs_f64());
-    }
-}
-
-/// The summary's count of agents in `state`. No `_` arm: a state the supervisor gains is
-/// counted here or does not build.
-fn agents_in(summary: &Summary, state: AgentState) -> u32 {
-    match state {
-        AgentState::Starting => summary.starting,
-        AgentState::Running => summary.running,
-        AgentState::Stopping => summary.stopping,
-        AgentState::Completed => summary.completed,
-        AgentState::Failed => summary.failed,
-        AgentState::Killed => summary.killed,
-        AgentState::Lost => summary.lost,
-        AgentState::BackingOff => summary.backing_off,
-        AgentState::TimedOut => summary.timed_out,
-        AgentState::Paused => summary.paused,
     }
 }
 
