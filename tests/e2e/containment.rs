@@ -666,7 +666,7 @@ async fn a_daemon_that_is_not_root_keeps_process_groups_and_refuses_other_users(
         .expect("user database")
         .expect("a nobody user");
     let daemon = Daemon::builder()
-        .as_user(nobody.uid.as_raw(), nobody.gid.as_raw())
+        .run_as(nobody.uid.as_raw(), nobody.gid.as_raw())
         .start()
         .await;
     let mut client = daemon.client().await;

@@ -68,7 +68,7 @@ impl DaemonBuilder {
     }
 
     /// Runs agentd as another user (the test must be root), in a folder that user owns.
-    pub fn as_user(mut self, uid: u32, gid: u32) -> DaemonBuilder {
+    pub fn run_as(mut self, uid: u32, gid: u32) -> DaemonBuilder {
         self.user = Some((uid, gid));
         self
     }
