@@ -24,8 +24,9 @@ python3 - "$address" <<'PY'
 import json, sys, urllib.request
 base = "http://" + sys.argv[1]
 spawn = json.dumps({"agentId": "lint", "command": ["sleep", "5"]}).encode()
-urllib.request.urlopen(urllib.request.Request(
-    base + "/v1/agents", spawn, {"Content-Type": "application/json"}, method="POST"))
+# A JSON body says so: agentd refuses a change whose body is not declared JSON.
+headers = {"Content-Type": "application/json"}
+urllib.request.urlopen(urllib.request.Request(base + "/v1/agents", spawn, headers, method="POST"))
 PY
 python3 - "$address" <<'PY' | promtool check metrics
 import sys, urllib.request

@@ -11,14 +11,6 @@ use tonic::Code;
 
 use crate::harness::*;
 
-fn root() -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    if !root {
-        println!("skipped: needs the tests to run as root");
-    }
-    root
-}
-
 fn nobody() -> nix::unistd::User {
     nix::unistd::User::from_name("nobody")
         .expect("user database")
@@ -41,7 +33,7 @@ fn python_as_nobody(script: &str) -> String {
 
 #[tokio::test]
 async fn a_nobody_agent_gets_three_descriptors_a_clean_environment_and_no_privileges() {
-    if !root() {
+    if !requires(Need::Root) {
         return;
     }
     // Started by clone3 into a cgroup, and by std's fork and exec without one.
@@ -51,18 +43,18 @@ async fn a_nobody_agent_gets_three_descriptors_a_clean_environment_and_no_privil
 }
 
 async fn nobody_agent_gets_nothing_of_the_daemon(cgroups: &str) {
-    let daemon = Daemon::start_with_env(
-        &["--pass-env", "AGENTD_TEST_PASSED", "--cgroups", cgroups],
-        &[
+    let daemon = Daemon::builder()
+        .options(&["--pass-env", "AGENTD_TEST_PASSED", "--cgroups", cgroups])
+        .env(&[
             ("AGENTD_TEST_SECRET", "s3cret-of-the-daemon"),
             (
                 "OTEL_EXPORTER_OTLP_HEADERS",
                 "authorization=Bearer s3cret-otlp",
             ),
             ("AGENTD_TEST_PASSED", "passed-on"),
-        ],
-    )
-    .await;
+        ])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     // What the attacker had: the keeper's listening socket on descriptor 3.
     let script = "ls /proc/$$/fd; echo end; \
@@ -107,7 +99,7 @@ async fn nobody_agent_gets_nothing_of_the_daemon(cgroups: &str) {
 
 #[tokio::test]
 async fn the_keeper_refuses_a_peer_of_another_user() {
-    if !root() {
+    if !requires(Need::Root) {
         return;
     }
     let daemon = Daemon::start().await;
@@ -153,7 +145,7 @@ async fn the_keeper_refuses_a_peer_of_another_user() {
 
 #[tokio::test]
 async fn agent_folders_and_files_are_their_users_alone() {
-    if !root() {
+    if !requires(Need::Root) {
         return;
     }
     let daemon = Daemon::start().await;
@@ -201,7 +193,7 @@ fn refused_start(data_dir: &Path, socket: &Path, extra: &[&str]) -> String {
 
 #[test]
 fn a_data_folder_or_socket_folder_others_control_is_refused() {
-    if !root() {
+    if !requires(Need::Root) {
         return;
     }
     use std::os::unix::fs::PermissionsExt;
@@ -241,7 +233,7 @@ fn a_data_folder_or_socket_folder_others_control_is_refused() {
 
 #[tokio::test]
 async fn an_agent_cannot_turn_its_own_folder_against_agentd_or_the_keeper() {
-    if !root() {
+    if !requires(Need::Root) {
         return;
     }
     use std::os::unix::fs::PermissionsExt;
@@ -300,7 +292,7 @@ async fn an_agent_cannot_turn_its_own_folder_against_agentd_or_the_keeper() {
 
 #[tokio::test]
 async fn root_is_an_agent_user_only_when_allowed() {
-    if !root() {
+    if !requires(Need::Root) {
         return;
     }
     let daemon = Daemon::start().await;
@@ -325,7 +317,10 @@ async fn root_is_an_agent_user_only_when_allowed() {
     }
     drop(daemon);
 
-    let daemon = Daemon::start_with(&["--allow-users", "root,nobody"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--allow-users", "root,nobody"])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     let request = pb::SpawnRequest {
         user: "root".into(),
@@ -366,7 +361,7 @@ async fn root_is_an_agent_user_only_when_allowed() {
 
 #[tokio::test]
 async fn the_socket_group_reaches_the_default_socket_path() {
-    if !root() {
+    if !requires(Need::Root) {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -377,16 +372,16 @@ async fn the_socket_group_reaches_the_default_socket_path() {
     let group = nix::unistd::Group::from_gid(nobody().gid)
         .expect("group database")
         .expect("nobody's group");
-    let daemon = Daemon::start_in_with(
-        dir,
-        &[
+    let daemon = Daemon::builder()
+        .dir(dir)
+        .options(&[
             "--socket",
             socket.to_str().expect("path"),
             "--socket-group",
             &group.name,
-        ],
-    )
-    .await;
+        ])
+        .start()
+        .await;
     let script = format!(
         "import socket\n\
          s = socket.socket(socket.AF_UNIX)\n\
@@ -479,12 +474,15 @@ async fn nul_bytes_and_invalid_utf8_are_invalid_arguments_and_nothing_is_stored(
 
 #[tokio::test]
 async fn a_spawn_that_fails_in_the_child_leaves_no_cgroup() {
+    if !requires(Need::Cgroups) {
+        return;
+    }
     let daemon = Daemon::start().await;
     let mut client = daemon.client().await;
-    let Some(root) = daemon.cgroup_root.clone() else {
-        println!("skipped: agents get no cgroups here");
-        return;
-    };
+    let root = daemon
+        .cgroup_root
+        .clone()
+        .expect("agentd manages cgroups on this host");
     // A folder is no program: execve fails in the child, after its cgroup was made.
     let refused = client
         .spawn(spawn_request("not-a-program", vec!["/tmp/".into()]))

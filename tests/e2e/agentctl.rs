@@ -3,7 +3,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Instant;
 
 use agentd_proto::v1 as pb;
 
@@ -20,15 +19,11 @@ fn output(command: &mut Command) -> Output {
 }
 
 /// Waits for a child agentctl to exit, failing at the deadline.
-fn exit_of(child: &mut Child) -> i32 {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait agentctl") {
-            return status.code().expect("an exit code");
-        }
-        assert!(Instant::now() < deadline, "agentctl did not exit");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+async fn exit_of(child: &mut Child) -> i32 {
+    let exit = eventually("agentctl exits", async || {
+        child.try_wait().expect("wait agentctl")
+    });
+    exit.await.code().expect("an exit code")
 }
 
 #[tokio::test]
@@ -63,7 +58,7 @@ async fn ctrl_c_stops_a_run_through_its_ladder() {
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut rest).expect("the rest");
     assert_eq!(rest, "got TERM\n", "the agent saw SIGTERM");
-    assert_eq!(exit_of(&mut run), 7);
+    assert_eq!(exit_of(&mut run).await, 7);
     let mut client = daemon.client().await;
     assert_eq!(
         status(&mut client, "trapper").await.state,
@@ -100,7 +95,7 @@ async fn wait_returns_when_the_agent_ends_or_the_timeout_passes() {
     );
     // Only the end can tell it the code it prints and exits with.
     std::fs::write(&flag, "").expect("flag");
-    assert_eq!(exit_of(&mut wait), 5);
+    assert_eq!(exit_of(&mut wait).await, 5);
     let mut printed = String::new();
     std::io::Read::read_to_string(&mut wait.stdout.take().expect("stdout"), &mut printed)
         .expect("stdout");
@@ -159,15 +154,16 @@ async fn describe_shows_every_field_of_the_status_its_output_and_children() {
     child.parent_agent_id = "parent".into();
     spawn_with(&mut client, child).await;
     wait_for(&mut client, "parent", "has written", |s| s.process_alive).await;
-    let deadline = Instant::now() + DEADLINE;
-    let described = loop {
+    let described = eventually("describe shows the output", async || {
         let described = output(agentctl(&daemon).args(["describe", "parent"]));
         let text = String::from_utf8_lossy(&described.stdout).into_owned();
-        if text.contains("  two\n") || Instant::now() > deadline {
-            break text;
+        if text.contains("  two\n") {
+            Ok(text)
+        } else {
+            Err(Shown(text))
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    })
+    .await;
     let fields = agent_status_fields();
     assert!(fields.len() > 40, "{fields:?}");
     for field in &fields {
@@ -276,11 +272,15 @@ async fn restart_keeps_the_id_starts_a_new_process_and_says_so_in_order() {
     use pb::EventKind::*;
     assert_eq!(kinds, [Stopping, Killed, Restarting, Spawned]);
     assert_eq!(seen[2].1, "restart requested");
-    let deadline = Instant::now() + DEADLINE;
-    while stdout_of(&mut client, "worker").await != "run\nrun\n" {
-        assert!(Instant::now() < deadline, "output not appended");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually("the second run's output is appended", async || {
+        let stdout = stdout_of(&mut client, "worker").await;
+        if stdout == "run\nrun\n" {
+            Ok(())
+        } else {
+            Err(stdout)
+        }
+    })
+    .await;
 
     // The agent's history ends with the replay when asked to.
     let mut history = client
@@ -374,7 +374,7 @@ async fn a_second_ctrl_c_kills_and_detach_leaves_the_agent_running() {
     stderr.read_line(&mut line).expect("a line");
     assert!(line.contains("Ctrl-C again to kill it"), "{line}");
     interrupt(&run);
-    assert_eq!(exit_of(&mut run), 137, "killed by SIGKILL");
+    assert_eq!(exit_of(&mut run).await, 137, "killed by SIGKILL");
 
     let (mut run, _stdout) = run_until_ready(
         &daemon,
@@ -382,7 +382,7 @@ async fn a_second_ctrl_c_kills_and_detach_leaves_the_agent_running() {
         "echo ready; exec sleep 30",
     );
     interrupt(&run);
-    assert_eq!(exit_of(&mut run), 130);
+    assert_eq!(exit_of(&mut run).await, 130);
     let mut client = daemon.client().await;
     assert!(status(&mut client, "detached").await.process_alive);
     kill_all(&mut client).await;

@@ -26,6 +26,9 @@ fn run(command: &mut Command) -> Output {
 
 #[tokio::test]
 async fn a_generated_python_client_spawns_watches_and_cleans_up() {
+    if !requires(Need::Python("grpc_tools")) {
+        return;
+    }
     let daemon = Daemon::start().await;
     let stubs = daemon.dir.path().join("python-stubs");
     std::fs::create_dir_all(&stubs).expect("stubs folder");
@@ -45,6 +48,9 @@ async fn a_generated_python_client_spawns_watches_and_cleans_up() {
 
 #[tokio::test]
 async fn grpcurl_lists_and_calls_the_service_through_reflection() {
+    if !requires(Need::Grpcurl) {
+        return;
+    }
     let daemon = Daemon::start().await;
     let socket = daemon.socket.to_string_lossy().into_owned();
     // grpcurl [flags] ADDRESS [verb or method] [symbol]

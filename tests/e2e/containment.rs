@@ -1,6 +1,6 @@
 //! Containment: a cgroup per agent (stops reach every descendant, limits, freezing,
 //! recovery), and the process-group fallback with `--cgroups=off`. A test that needs
-//! cgroups this host does not offer says so and returns.
+//! cgroups this host does not offer says so and returns (see `Need::Cgroups`).
 
 use agentd_proto::v1 as pb;
 use pb::{AgentState, Containment, EndReason, EventKind, StopOutcome};
@@ -9,31 +9,24 @@ use tonic::Code;
 
 use crate::harness::*;
 
-/// How this daemon holds agents; `None` (after saying why) when it has no cgroups.
-async fn cgroups(client: &mut Client) -> Option<Containment> {
+/// How this daemon holds agents, which must be a cgroup: the test asked for
+/// [`Need::Cgroups`], so agentd must have found them.
+async fn cgroups(client: &mut Client) -> Containment {
     let summary = client
         .get_summary(pb::GetSummaryRequest {})
         .await
         .expect("summary")
         .into_inner();
-    match summary.containment() {
-        Containment::ProcessGroup | Containment::Unspecified => {
-            // As root with a cgroup v2 hierarchy mounted, agentd must have found it.
-            let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-                .is_ok_and(|mounts| mounts.contains(" - cgroup2 "));
-            assert!(
-                !(mounted && nix::unistd::geteuid().is_root()),
-                "agentd runs as root on a host with cgroup v2 but found no cgroups: {}",
-                summary.containment_detail
-            );
-            println!(
-                "skipped: no usable cgroups here: {}",
-                summary.containment_detail
-            );
-            None
-        }
-        other => Some(other),
-    }
+    let containment = summary.containment();
+    assert!(
+        !matches!(
+            containment,
+            Containment::ProcessGroup | Containment::Unspecified
+        ),
+        "agentd runs as root on a host with cgroup v2 but found no cgroups: {}",
+        summary.containment_detail
+    );
+    containment
 }
 
 /// The agent's cgroup folder in the v2 hierarchy (membership, events, freezing).
@@ -78,11 +71,12 @@ fn proc_status_field(pid: i32, field: &str) -> Option<String> {
 
 #[tokio::test]
 async fn a_stop_reaches_setsid_descendants_and_double_forked_daemons() {
+    if !requires(Need::Cgroups) {
+        return;
+    }
     let daemon = Daemon::start().await;
     let mut client = daemon.client().await;
-    let Some(kind) = cgroups(&mut client).await else {
-        return;
-    };
+    let kind = cgroups(&mut client).await;
     let script = "setsid sleep 3690 & (setsid sh -c 'sleep 3692 &'); exec sleep 3691";
     let agent = spawn(&mut client, "t", sh(script)).await;
     assert_eq!(agent.containment, kind as i32, "{agent:#?}");
@@ -99,7 +93,7 @@ async fn a_stop_reaches_setsid_descendants_and_double_forked_daemons() {
     };
     eventually(
         "three sleeps run in the cgroup, two in sessions of their own",
-        || escaped() == (3, 2),
+        async || escaped() == (3, 2),
     )
     .await;
     let tree = members(&dir);
@@ -120,11 +114,12 @@ async fn a_stop_reaches_setsid_descendants_and_double_forked_daemons() {
 
 #[tokio::test]
 async fn nothing_of_agentd_is_left_in_the_hierarchy_after_remove_and_shutdown() {
-    let mut daemon = Daemon::start().await;
-    let mut client = daemon.client().await;
-    if cgroups(&mut client).await.is_none() {
+    if !requires(Need::Cgroups) {
         return;
     }
+    let mut daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    cgroups(&mut client).await;
     let root = daemon
         .cgroup_root
         .clone()
@@ -146,17 +141,18 @@ async fn nothing_of_agentd_is_left_in_the_hierarchy_after_remove_and_shutdown() 
         cgroup_dirs(&root)
     );
     drop(client);
-    assert!(daemon.terminate().success());
+    assert!(daemon.terminate().await.success());
     assert_eq!(cgroup_dirs(&root), Vec::<PathBuf>::new());
 }
 
 #[tokio::test]
 async fn memory_max_ends_a_hog_oom_killed_near_its_limit_and_on_failure_restarts_it() {
-    let daemon = Daemon::start().await;
-    let mut client = daemon.client().await;
-    if cgroups(&mut client).await.is_none() {
+    if !requires(Need::Cgroups) {
         return;
     }
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    cgroups(&mut client).await;
     let mut events = client
         .watch_agents(pb::WatchAgentsRequest {
             agent_ids: vec!["hog".into()],
@@ -214,11 +210,12 @@ async fn memory_max_ends_a_hog_oom_killed_near_its_limit_and_on_failure_restarts
 
 #[tokio::test]
 async fn pids_max_holds_a_fork_bomb_that_then_stops_cleanly() {
-    let daemon = Daemon::start().await;
-    let mut client = daemon.client().await;
-    if cgroups(&mut client).await.is_none() {
+    if !requires(Need::Cgroups) {
         return;
     }
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    cgroups(&mut client).await;
     let bomb = "import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.01)";
     let request = with_resources(
         "bomb",
@@ -230,7 +227,10 @@ async fn pids_max_holds_a_fork_bomb_that_then_stops_cleanly() {
     );
     let agent = spawn_with(&mut client, request).await;
     let dir = unified_dir(&agent.cgroup);
-    eventually("the bomb reaches its limit", || members(&dir).len() == 12).await;
+    eventually("the bomb reaches its limit", async || {
+        members(&dir).len() == 12
+    })
+    .await;
     let held = wait_for(&mut client, "bomb", "sampled at its limit", |s| {
         s.num_processes == 12
     })
@@ -249,11 +249,12 @@ async fn pids_max_holds_a_fork_bomb_that_then_stops_cleanly() {
 
 #[tokio::test]
 async fn cpu_max_of_half_a_core_holds_a_busy_loop_near_fifty_percent() {
-    let daemon = Daemon::start().await;
-    let mut client = daemon.client().await;
-    if cgroups(&mut client).await.is_none() {
+    if !requires(Need::Cgroups) {
         return;
     }
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    cgroups(&mut client).await;
     let mut events = client
         .watch_agents(pb::WatchAgentsRequest {
             agent_ids: vec!["busy".into()],
@@ -290,7 +291,7 @@ async fn cpu_max_of_half_a_core_holds_a_busy_loop_near_fifty_percent() {
 #[tokio::test]
 async fn cpus_pin_an_agent_with_and_without_cgroups() {
     for options in [&[][..], &["--cgroups", "off"][..]] {
-        let daemon = Daemon::start_with(options).await;
+        let daemon = Daemon::builder().options(options).start().await;
         let mut client = daemon.client().await;
         let request = with_resources(
             "pinned",
@@ -312,14 +313,15 @@ async fn cpus_pin_an_agent_with_and_without_cgroups() {
 
 #[tokio::test]
 async fn pause_freezes_the_whole_tree_resume_thaws_it_and_a_paused_agent_stops_cleanly() {
-    let daemon = Daemon::start().await;
-    let mut client = daemon.client().await;
-    if cgroups(&mut client).await.is_none() {
+    if !requires(Need::Cgroups) {
         return;
     }
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    cgroups(&mut client).await;
     let agent = spawn(&mut client, "busy", sh("sleep 1000 & while :; do :; done")).await;
     let dir = unified_dir(&agent.cgroup);
-    eventually("both processes run", || members(&dir).len() == 2).await;
+    eventually("both processes run", async || members(&dir).len() == 2).await;
     wait_for(&mut client, "busy", "sampled busy", |s| {
         s.cpu_percent > 50.0
     })
@@ -333,7 +335,7 @@ async fn pause_freezes_the_whole_tree_resume_thaws_it_and_a_paused_agent_stops_c
         .into_inner()
         .statuses;
     assert_eq!(paused[0].state, AgentState::Paused as i32);
-    eventually("the cgroup is frozen", || {
+    eventually("the cgroup is frozen", async || {
         event_field(&dir, "frozen").as_deref() == Some("1")
     })
     .await;
@@ -357,7 +359,7 @@ async fn pause_freezes_the_whole_tree_resume_thaws_it_and_a_paused_agent_stops_c
         })
         .await
         .expect("resume");
-    eventually("the loop runs again", || {
+    eventually("the loop runs again", async || {
         cpu_time(agent.pid as i32) > frozen_at
     })
     .await;
@@ -383,7 +385,10 @@ async fn pause_freezes_the_whole_tree_resume_thaws_it_and_a_paused_agent_stops_c
 
 #[tokio::test]
 async fn without_cgroups_pause_stops_the_group_and_limits_fall_back_to_setrlimit() {
-    let daemon = Daemon::start_with(&["--cgroups", "off"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--cgroups", "off"])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     let request = with_resources(
         "plain",
@@ -430,7 +435,7 @@ async fn without_cgroups_pause_stops_the_group_and_limits_fall_back_to_setrlimit
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert!(refused.message().contains("cpu_max_cores"), "{refused:?}");
 
-    eventually("both processes run", || {
+    eventually("both processes run", async || {
         children_of(agent.pid as i32).len() == 1
     })
     .await;
@@ -445,7 +450,7 @@ async fn without_cgroups_pause_stops_the_group_and_limits_fall_back_to_setrlimit
         })
         .await
         .expect("pause");
-    eventually("every process is stopped", || {
+    eventually("every process is stopped", async || {
         group.iter().all(|&p| state(p) == "T")
     })
     .await;
@@ -455,7 +460,7 @@ async fn without_cgroups_pause_stops_the_group_and_limits_fall_back_to_setrlimit
         })
         .await
         .expect("resume");
-    eventually("every process runs again", || {
+    eventually("every process runs again", async || {
         group.iter().all(|&p| state(p) == "S")
     })
     .await;
@@ -464,8 +469,7 @@ async fn without_cgroups_pause_stops_the_group_and_limits_fall_back_to_setrlimit
 
 #[tokio::test]
 async fn an_agent_runs_as_nobody_and_cannot_write_the_data_folder() {
-    if !nix::unistd::geteuid().is_root() {
-        println!("skipped: running as another user needs agentd to be root");
+    if !requires(Need::Root) {
         return;
     }
     let daemon = Daemon::start().await;
@@ -505,17 +509,18 @@ async fn an_agent_runs_as_nobody_and_cannot_write_the_data_folder() {
 
 #[tokio::test]
 async fn after_a_crash_cgroups_decide_what_is_adopted_and_what_is_killed() {
-    let daemon = Daemon::start().await;
-    let mut client = daemon.client().await;
-    if cgroups(&mut client).await.is_none() {
+    if !requires(Need::Cgroups) {
         return;
     }
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    cgroups(&mut client).await;
     let root = daemon.cgroup_root.clone().expect("root");
     let tree = "setsid sleep 3600 & exec sleep 3601";
     let kept = spawn(&mut client, "kept", sh(tree)).await;
     let ended = spawn(&mut client, "ended", sh(tree)).await;
     let (kept_dir, ended_dir) = (unified_dir(&kept.cgroup), unified_dir(&ended.cgroup));
-    eventually("both trees run", || {
+    eventually("both trees run", async || {
         members(&kept_dir).len() == 2 && members(&ended_dir).len() == 2
     })
     .await;
@@ -536,9 +541,12 @@ async fn after_a_crash_cgroups_decide_what_is_adopted_and_what_is_killed() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill a leader while agentd is down");
-    eventually("the leader is gone", || !process_exists(ended.pid as i32)).await;
+    eventually("the leader is gone", async || {
+        !process_exists(ended.pid as i32)
+    })
+    .await;
 
-    let daemon = Daemon::start_in(dir).await;
+    let daemon = Daemon::builder().dir(dir).start().await;
     let mut client = daemon.client().await;
     let adopted = wait_for(&mut client, "kept", "adopted with its whole tree", |s| {
         s.num_processes == 2
@@ -551,11 +559,14 @@ async fn after_a_crash_cgroups_decide_what_is_adopted_and_what_is_killed() {
     assert_eq!(adopted.cgroup, kept.cgroup);
     let gone = status(&mut client, "ended").await;
     assert_eq!(gone.state, AgentState::Failed as i32, "{gone:#?}");
-    eventually("the strays are killed and their cgroups removed", || {
-        ended_tree.iter().all(|&pid| !process_exists(pid))
-            && !ended_dir.exists()
-            && !ghost_dir.exists()
-    })
+    eventually(
+        "the strays are killed and their cgroups removed",
+        async || {
+            ended_tree.iter().all(|&pid| !process_exists(pid))
+                && !ended_dir.exists()
+                && !ghost_dir.exists()
+        },
+    )
     .await;
     ghost.wait().expect("reap the ghost");
 
@@ -615,7 +626,11 @@ async fn limits_out_of_range_or_beyond_the_host_are_refused_by_name() {
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert!(status.message().contains(field), "{status:?}");
     }
-    if cgroups(&mut client).await == Some(Containment::CgroupHybrid) {
+    let summary = client
+        .get_summary(pb::GetSummaryRequest {})
+        .await
+        .expect("summary");
+    if summary.into_inner().containment() == Containment::CgroupHybrid {
         let status = refused(pb::Resources {
             memory_high_mb: 100.0,
             ..Default::default()
@@ -644,14 +659,16 @@ async fn limits_out_of_range_or_beyond_the_host_are_refused_by_name() {
 
 #[tokio::test]
 async fn a_daemon_that_is_not_root_keeps_process_groups_and_refuses_other_users() {
-    if !nix::unistd::geteuid().is_root() {
-        println!("skipped: starting agentd as another user needs the test to run as root");
+    if !requires(Need::Root) {
         return;
     }
     let nobody = nix::unistd::User::from_name("nobody")
         .expect("user database")
         .expect("a nobody user");
-    let daemon = Daemon::start_as(nobody.uid.as_raw(), nobody.gid.as_raw()).await;
+    let daemon = Daemon::builder()
+        .run_as(nobody.uid.as_raw(), nobody.gid.as_raw())
+        .start()
+        .await;
     let mut client = daemon.client().await;
     let summary = client
         .get_summary(pb::GetSummaryRequest {})

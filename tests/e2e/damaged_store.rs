@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use agentd_proto::v1 as pb;
 use pb::AgentState;
@@ -38,7 +37,7 @@ impl Drop for Leftovers {
 
 /// A detaching daemon with three sleeping agents, stopped: the agents run on.
 async fn agents_left_running() -> (tempfile::TempDir, Vec<pb::AgentStatus>, Leftovers) {
-    let mut daemon = Daemon::start_with(&DETACH).await;
+    let mut daemon = Daemon::builder().options(&DETACH).start().await;
     let leftovers = Leftovers {
         data_dir: daemon.data_dir.clone(),
         cgroup_root: daemon.cgroup_root.clone(),
@@ -49,21 +48,21 @@ async fn agents_left_running() -> (tempfile::TempDir, Vec<pb::AgentStatus>, Left
         agents.push(spawn(&mut client, id, vec!["sleep".into(), "300".into()]).await);
     }
     drop(client);
-    stop_detached(&mut daemon);
+    stop_detached(&mut daemon).await;
     (daemon.crash(), agents, leftovers)
 }
 
-fn stop_detached(daemon: &mut Daemon) {
-    let exit = daemon.terminate();
+async fn stop_detached(daemon: &mut Daemon) {
+    let exit = daemon.terminate().await;
     assert!(exit.success(), "agentd exited with {exit}");
 }
 
 /// Starts agentd on `dir` expecting a refusal: its exit status is non-zero and its
 /// stderr is returned.
-fn refused_start(dir: &Path) -> String {
+async fn refused_start(dir: &Path) -> String {
     let log = dir.join("refused.log");
     let file = std::fs::File::create(&log).expect("log file");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_agentd"))
+    let child = Command::new(env!("CARGO_BIN_EXE_agentd"))
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--socket")
@@ -74,21 +73,22 @@ fn refused_start(dir: &Path) -> String {
         .stderr(file)
         .spawn()
         .expect("start agentd");
-    let deadline = Instant::now() + DEADLINE;
-    let exit = loop {
-        if let Some(exit) = child.try_wait().expect("wait agentd") {
-            break exit;
+    // Killed if it started after all, when the wait below fails.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "agentd started on a damaged store:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
+    }
+    let mut child = Killed(child);
+    let exit = eventually("agentd refuses the store and exits", async || {
+        match child.0.try_wait().expect("wait agentd") {
+            Some(exit) => Ok(exit),
+            None => Err(Shown(std::fs::read_to_string(&log).unwrap_or_default())),
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    })
+    .await;
     let stderr = std::fs::read_to_string(&log).expect("read the log");
     assert!(!exit.success(), "agentd exited with {exit}:\n{stderr}");
     stderr
@@ -111,8 +111,8 @@ fn store_files(data_dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn assert_refused_and_alive(dir: &Path, agents: &[pb::AgentStatus], words: &[&str]) {
-    let stderr = refused_start(dir);
+async fn assert_refused_and_alive(dir: &Path, agents: &[pb::AgentStatus], words: &[&str]) {
+    let stderr = refused_start(dir).await;
     for word in [
         "cannot be trusted",
         "nothing was killed",
@@ -135,7 +135,11 @@ fn assert_refused_and_alive(dir: &Path, agents: &[pb::AgentStatus], words: &[&st
 
 /// Starts with `--recover-store rebuild` and checks each agent runs, adopted, as before.
 async fn rebuilt(dir: tempfile::TempDir, agents: &[pb::AgentStatus]) -> Daemon {
-    let daemon = Daemon::start_in_with(dir, &["--recover-store", "rebuild"]).await;
+    let daemon = Daemon::builder()
+        .dir(dir)
+        .options(&["--recover-store", "rebuild"])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     for agent in agents {
         let now = status(&mut client, &agent.agent_id).await;
@@ -169,7 +173,8 @@ async fn an_emptied_store_is_refused_and_its_agents_live_on() {
         dir.path(),
         &agents,
         &["agents with running processes: 3 (`a1`, `a2`, `a3`)"],
-    );
+    )
+    .await;
     let daemon = rebuilt(dir, &agents).await;
     kill_all(&mut daemon.client().await).await;
 }
@@ -191,7 +196,8 @@ async fn a_store_with_garbage_at_its_start_is_refused_and_its_agents_live_on() {
         dir.path(),
         &agents,
         &["agents with running processes: 3 (`a1`, `a2`, `a3`)"],
-    );
+    )
+    .await;
     let daemon = rebuilt(dir, &agents).await;
     kill_all(&mut daemon.client().await).await;
 }
@@ -207,7 +213,7 @@ async fn a_store_truncated_halfway_is_refused_and_its_agents_live_on() {
             .expect("open");
         writing.set_len(length / 2).expect("truncate");
     }
-    assert_refused_and_alive(dir.path(), &agents, &[]);
+    assert_refused_and_alive(dir.path(), &agents, &[]).await;
     let daemon = rebuilt(dir, &agents).await;
     kill_all(&mut daemon.client().await).await;
 }
@@ -239,7 +245,7 @@ async fn rolled_back(with_stamp: bool, reasons: &[&str]) {
     copy_dir(&store, &copy);
     std::fs::copy(&stamp, &stamp_copy).expect("copy the stamp");
 
-    let mut daemon = Daemon::start_in_with(dir, &DETACH).await;
+    let mut daemon = Daemon::builder().dir(dir).options(&DETACH).start().await;
     let mut client = daemon.client().await;
     stop(&mut client, &["a1"], true).await;
     assert_eq!(
@@ -248,7 +254,7 @@ async fn rolled_back(with_stamp: bool, reasons: &[&str]) {
     );
     let late = spawn(&mut client, "a4", vec!["sleep".into(), "300".into()]).await;
     drop(client);
-    stop_detached(&mut daemon);
+    stop_detached(&mut daemon).await;
     let dir = daemon.crash();
     std::fs::remove_dir_all(&store).expect("remove the store");
     copy_dir(&copy, &store);
@@ -262,7 +268,7 @@ async fn rolled_back(with_stamp: bool, reasons: &[&str]) {
         "agents the store says run, which do not: 1 (`a1`)",
     ];
     let words: Vec<&str> = reasons.iter().chain(&found).copied().collect();
-    assert_refused_and_alive(dir.path(), &running, &words);
+    assert_refused_and_alive(dir.path(), &running, &words).await;
     let daemon = rebuilt(dir, &running).await;
     let mut client = daemon.client().await;
     // Its stop was acknowledged and forgotten by the keeper: only the old store knew it.
@@ -298,7 +304,7 @@ async fn a_second_daemon_on_the_same_data_folder_is_refused_plainly() {
     let daemon = Daemon::start().await;
     let mut client = daemon.client().await;
     let agent = spawn(&mut client, "a1", vec!["sleep".into(), "300".into()]).await;
-    let stderr = refused_start(daemon.dir.path());
+    let stderr = refused_start(daemon.dir.path()).await;
     assert!(stderr.contains("another agentd runs"), "{stderr}");
     assert!(!stderr.contains("cannot be trusted"), "{stderr}");
     let still = status(&mut client, "a1").await;

@@ -4,8 +4,16 @@
 
 use std::process::Command;
 
+use crate::harness::{Need, requires};
+
 #[test]
 fn the_dashboard_follows_agents_stops_one_and_survives_a_daemon_restart() {
+    if !requires(Need::Chromium) {
+        return;
+    }
+    if !requires(Need::Python("playwright")) {
+        return;
+    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let output = Command::new("python3")
         .arg(root.join("tests/python/dashboard.py"))

@@ -3,8 +3,13 @@
 
 use std::process::Command;
 
+use crate::harness::{Need, requires};
+
 #[test]
 fn the_fleet_coordinator_places_follows_and_survives_a_node_restart() {
+    if !requires(Need::Python("grpc_tools")) {
+        return;
+    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let output = Command::new("python3")
         .arg(root.join("examples/fleet_coordinator.py"))

@@ -13,6 +13,9 @@ use nix::unistd::Pid;
 pub use pb::agent_supervisor_client::AgentSupervisorClient;
 use tonic::transport::{Channel, Endpoint};
 
+mod needs;
+pub use needs::{Need, requires, requires_in_part};
+
 pub type Client = AgentSupervisorClient<Channel>;
 
 /// How long any wait in a test may take before the test fails.
@@ -34,55 +37,71 @@ pub struct Daemon {
     pub health_address: Option<String>,
 }
 
+/// How to start a daemon: `Daemon::builder().options(&[..]).start().await`.
+#[derive(Default)]
+pub struct DaemonBuilder {
+    dir: Option<tempfile::TempDir>,
+    options: Vec<String>,
+    env: Vec<(String, String)>,
+    user: Option<(u32, u32)>,
+}
+
+impl DaemonBuilder {
+    /// An existing folder (a restart keeps the data); a new temp folder otherwise.
+    pub fn dir(mut self, dir: tempfile::TempDir) -> DaemonBuilder {
+        self.dir = Some(dir);
+        self
+    }
+
+    /// Extra command-line options.
+    pub fn options(mut self, options: &[&str]) -> DaemonBuilder {
+        self.options
+            .extend(options.iter().map(|option| option.to_string()));
+        self
+    }
+
+    /// Extra environment variables.
+    pub fn env(mut self, env: &[(&str, &str)]) -> DaemonBuilder {
+        self.env
+            .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    /// Runs agentd as another user (the test must be root), in a folder that user owns.
+    pub fn run_as(mut self, uid: u32, gid: u32) -> DaemonBuilder {
+        self.user = Some((uid, gid));
+        self
+    }
+
+    /// Starts agentd and waits for its ready line.
+    pub async fn start(self) -> Daemon {
+        let dir = self.dir.unwrap_or_else(|| {
+            tempfile::Builder::new()
+                .prefix("agentd-e2e-")
+                .tempdir()
+                .expect("temp dir")
+        });
+        if let Some((uid, gid)) = self.user {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the folder");
+        }
+        let options: Vec<&str> = self.options.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Daemon::launch(dir, &options, &env, self.user).await
+    }
+}
+
 impl Daemon {
+    /// A daemon with the defaults, in a new temp folder.
     pub async fn start() -> Daemon {
-        Daemon::start_with(&[]).await
+        Daemon::builder().start().await
     }
 
-    /// Starts a daemon with extra options.
-    pub async fn start_with(options: &[&str]) -> Daemon {
-        let dir = tempfile::Builder::new()
-            .prefix("agentd-e2e-")
-            .tempdir()
-            .expect("temp dir");
-        Daemon::start_in_with(dir, options).await
-    }
-
-    /// Starts a daemon on an existing folder (a restart keeps the data).
-    pub async fn start_in(dir: tempfile::TempDir) -> Daemon {
-        Daemon::start_in_with(dir, &[]).await
-    }
-
-    pub async fn start_in_with(dir: tempfile::TempDir, options: &[&str]) -> Daemon {
-        Daemon::start_in_with_env(dir, options, &[]).await
-    }
-
-    /// Starts a daemon with extra options and environment variables.
-    pub async fn start_with_env(options: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let dir = tempfile::Builder::new()
-            .prefix("agentd-e2e-")
-            .tempdir()
-            .expect("temp dir");
-        Daemon::start_in_with_env(dir, options, env).await
-    }
-
-    /// Starts a daemon that runs as another user (the test must be root), in a folder that
-    /// user owns.
-    pub async fn start_as(uid: u32, gid: u32) -> Daemon {
-        let dir = tempfile::Builder::new()
-            .prefix("agentd-e2e-")
-            .tempdir()
-            .expect("temp dir");
-        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the folder");
-        Daemon::launch(dir, &[], &[], Some((uid, gid))).await
-    }
-
-    pub async fn start_in_with_env(
-        dir: tempfile::TempDir,
-        options: &[&str],
-        env: &[(&str, &str)],
-    ) -> Daemon {
-        Daemon::launch(dir, options, env, None).await
+    pub fn builder() -> DaemonBuilder {
+        DaemonBuilder::default()
     }
 
     async fn launch(
@@ -183,7 +202,7 @@ impl Daemon {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agentd.log")).unwrap_or_default()
+        log_in(self.dir.path())
     }
 
     pub fn pid(&self) -> i32 {
@@ -220,25 +239,24 @@ impl Daemon {
     }
 
     /// Sends SIGTERM and waits for the daemon to exit.
-    pub fn terminate(&mut self) -> ExitStatus {
+    pub async fn terminate(&mut self) -> ExitStatus {
         kill(Pid::from_raw(self.pid()), Signal::SIGTERM).expect("SIGTERM agentd");
-        self.wait_exit("on SIGTERM")
+        self.wait_exit("on SIGTERM").await
     }
 
     /// Waits for the daemon to exit on its own.
-    pub fn wait_exit(&mut self, why: &str) -> ExitStatus {
-        let mut child = self.child.take().expect("daemon running");
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait agentd") {
-                return status;
+    pub async fn wait_exit(&mut self, why: &str) -> ExitStatus {
+        let dir = self.dir.path().to_path_buf();
+        let child = self.child.as_mut().expect("daemon running");
+        let exit = eventually(&format!("agentd exits {why}"), async || {
+            match child.try_wait().expect("wait agentd") {
+                Some(exit) => Ok(exit),
+                None => Err(Shown(log_in(&dir))),
             }
-            if Instant::now() > deadline {
-                self.child = Some(child);
-                panic!("agentd did not exit {why}\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
+        .await;
+        self.child = None;
+        exit
     }
 
     fn kill(&mut self) {
@@ -259,6 +277,11 @@ impl Drop for Daemon {
             remove_cgroups(root);
         }
     }
+}
+
+/// The daemon's log in its folder.
+fn log_in(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("agentd.log")).unwrap_or_default()
 }
 
 /// The folders of a cgroup path in every hierarchy mounted under /sys/fs/cgroup (the v2
@@ -413,18 +436,15 @@ pub async fn wait_for(
     what: &str,
     done: impl Fn(&pb::AgentStatus) -> bool,
 ) -> pb::AgentStatus {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    eventually(&format!("agent {agent_id} is {what}"), async || {
         let status = status(client, agent_id).await;
         if done(&status) {
-            return status;
+            Ok(status)
+        } else {
+            Err(status)
         }
-        assert!(
-            Instant::now() < deadline,
-            "agent {agent_id} never became {what}: {status:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 pub async fn wait_for_state(
@@ -474,12 +494,57 @@ pub async fn next_event(events: &mut tonic::Streaming<pb::AgentEvent>) -> pb::Ag
         .expect("stream still open")
 }
 
-/// Polls a condition on the host (not the daemon) until it holds.
-pub async fn eventually(what: &str, condition: impl Fn() -> bool) {
+/// The one way a test waits for something: polls `probe` until it settles, failing after
+/// [`DEADLINE`] with `what` it waited for and the last thing it saw. A probe answers a `bool`,
+/// an `Option` (the value once there) or a `Result` (`Err` carries what was seen meanwhile).
+pub async fn eventually<S: Settled>(what: &str, mut probe: impl AsyncFnMut() -> S) -> S::Value {
     let deadline = Instant::now() + DEADLINE;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+    loop {
+        match probe().await.settled() {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "timed out after {DEADLINE:?} waiting until {what}; last seen: {seen}"
+            ),
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What a probe of [`eventually`] answers.
+pub trait Settled {
+    type Value;
+    /// The value once settled; what was seen while not.
+    fn settled(self) -> Result<Self::Value, String>;
+}
+
+impl Settled for bool {
+    type Value = ();
+    fn settled(self) -> Result<(), String> {
+        self.then_some(()).ok_or_else(|| "false".into())
+    }
+}
+
+impl<T> Settled for Option<T> {
+    type Value = T;
+    fn settled(self) -> Result<T, String> {
+        self.ok_or_else(|| "nothing yet".into())
+    }
+}
+
+impl<T, E: std::fmt::Debug> Settled for Result<T, E> {
+    type Value = T;
+    fn settled(self) -> Result<T, String> {
+        self.map_err(|seen| format!("{seen:#?}"))
+    }
+}
+
+/// Text that a failure message shows as it is (its `Debug` adds no quotes or escapes).
+pub struct Shown(pub String);
+
+impl std::fmt::Debug for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 

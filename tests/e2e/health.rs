@@ -349,7 +349,7 @@ async fn an_ended_agent_still_says_what_its_run_cost() {
                   while time.process_time() < end:\n    pass\n\
                   time.sleep(0.5)";
     for options in [&[][..], &["--cgroups", "off"]] {
-        let daemon = Daemon::start_with(options).await;
+        let daemon = Daemon::builder().options(options).start().await;
         let mut client = daemon.client().await;
         let command = vec!["python3".into(), "-c".into(), script.into()];
         spawn(&mut client, "busy", command).await;

@@ -22,7 +22,10 @@ async fn history(client: &mut Client, agent_id: &str) -> pb::GetAgentHistoryResp
 
 #[tokio::test]
 async fn samples_are_kept_per_interval_and_survive_the_run() {
-    let daemon = Daemon::start_with(&["--http-listen", "127.0.0.1:0"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--http-listen", "127.0.0.1:0"])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     // 48 MiB held, then idle: the idle samples change nothing and are still read back at
     // each interval.
@@ -35,16 +38,12 @@ async fn samples_are_kept_per_interval_and_survive_the_run() {
     )
     .await;
 
-    let deadline = std::time::Instant::now() + DEADLINE;
-    let kept = loop {
+    let kept = eventually("ten samples show the memory", async || {
         let kept = history(&mut client, "hist").await;
         let big = kept.samples.iter().filter(|s| s.memory_mb > 48.0).count();
-        if big >= 10 {
-            break kept;
-        }
-        assert!(std::time::Instant::now() < deadline, "{kept:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        if big >= 10 { Ok(kept) } else { Err(kept) }
+    })
+    .await;
     assert_eq!(kept.agent_id, "hist");
     assert_eq!(seconds(kept.interval.as_ref()), 0.1);
     assert_eq!(seconds(kept.window.as_ref()), 600.0);
@@ -151,7 +150,7 @@ async fn samples_are_kept_per_interval_and_survive_the_run() {
 
 #[tokio::test]
 async fn history_off_is_a_clear_precondition() {
-    let daemon = Daemon::start_with(&["--history", "0"]).await;
+    let daemon = Daemon::builder().options(&["--history", "0"]).start().await;
     let mut client = daemon.client().await;
     spawn(&mut client, "quiet", sh("sleep 30")).await;
     let off = client
@@ -185,8 +184,7 @@ async fn the_gap_between_runs_reads_as_nothing_running() {
     spawn_with(&mut client, request).await;
 
     // Processes per sample, once the second run has been sampled.
-    let deadline = std::time::Instant::now() + DEADLINE;
-    let processes: Vec<u32> = loop {
+    let processes: Vec<u32> = eventually("the second run is sampled", async || {
         let kept = history(&mut client, "gappy").await;
         let processes: Vec<u32> = kept.samples.iter().map(|s| s.num_processes).collect();
         let second_run = processes
@@ -195,11 +193,12 @@ async fn the_gap_between_runs_reads_as_nothing_running() {
             .skip_while(|&&n| n == 0)
             .any(|&n| n > 0);
         if second_run {
-            break processes;
+            Ok(processes)
+        } else {
+            Err(processes)
         }
-        assert!(std::time::Instant::now() < deadline, "{processes:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     let first: Vec<u32> = processes.iter().copied().take_while(|&n| n > 0).collect();
     let gap = processes[first.len()..]
         .iter()

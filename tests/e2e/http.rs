@@ -31,7 +31,7 @@ fn assert_error(answer: &HttpAnswer, status: u16, code: &str) {
 
 #[tokio::test]
 async fn rest_routes_answer_with_the_json_of_the_grpc_messages() {
-    let daemon = Daemon::start_with(&HTTP).await;
+    let daemon = Daemon::builder().options(&HTTP).start().await;
     let http = daemon.http();
     let mut client = daemon.client().await;
 
@@ -144,15 +144,17 @@ async fn rest_routes_answer_with_the_json_of_the_grpc_messages() {
 
 #[tokio::test]
 async fn every_error_has_its_http_twin() {
-    let daemon = Daemon::start_with(&[
-        "--http-listen",
-        "127.0.0.1:0",
-        "--max-agents",
-        "1",
-        "--event-retention-count",
-        "3",
-    ])
-    .await;
+    let daemon = Daemon::builder()
+        .options(&[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--max-agents",
+            "1",
+            "--event-retention-count",
+            "3",
+        ])
+        .start()
+        .await;
     let http = daemon.http();
     let spawn = |id: &str| json!({"agentId": id, "command": ["sleep", "30"]});
 
@@ -217,7 +219,7 @@ async fn every_error_has_its_http_twin() {
 
 #[tokio::test]
 async fn a_daemon_shutting_down_is_not_ready_and_refuses_spawns() {
-    let mut daemon = Daemon::start_with(&HTTP).await;
+    let mut daemon = Daemon::builder().options(&HTTP).start().await;
     let http = daemon.http();
     // An agent that ignores SIGTERM keeps the shutdown's ladder busy for a while.
     let stubborn = json!({
@@ -233,20 +235,19 @@ async fn a_daemon_shutting_down_is_not_ready_and_refuses_spawns() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("SIGTERM agentd");
-    let deadline = std::time::Instant::now() + DEADLINE;
-    while http.get("/readyz").await.status != 503 {
-        assert!(std::time::Instant::now() < deadline, "still ready");
-        tokio::task::yield_now().await;
-    }
+    eventually("/readyz answers 503", async || {
+        http.get("/readyz").await.status == 503
+    })
+    .await;
     let refused = http.post("/v1/agents", json!({"command": ["true"]})).await;
     assert_error(&refused, 503, "UNAVAILABLE");
     assert_eq!(http.get("/healthz").await.status, 200);
-    assert!(daemon.wait_exit("after the shutdown").success());
+    assert!(daemon.wait_exit("after the shutdown").await.success());
 }
 
 #[tokio::test]
 async fn followed_output_streams_until_the_end_and_resumes_from_an_offset() {
-    let daemon = Daemon::start_with(&HTTP).await;
+    let daemon = Daemon::builder().options(&HTTP).start().await;
     let http = daemon.http();
     let script = "for i in 1 2 3; do echo line$i; sleep 0.2; done";
     let spawned = http
@@ -276,13 +277,15 @@ async fn followed_output_streams_until_the_end_and_resumes_from_an_offset() {
 
 #[tokio::test]
 async fn pages_list_every_one_of_2500_agents_exactly_once() {
-    let daemon = Daemon::start_with(&[
-        "--http-listen",
-        "127.0.0.1:0",
-        "--retain-finished-count",
-        "5000",
-    ])
-    .await;
+    let daemon = Daemon::builder()
+        .options(&[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--retain-finished-count",
+            "5000",
+        ])
+        .start()
+        .await;
     let client = daemon.client().await;
     let mut spawners = tokio::task::JoinSet::new();
     for worker in 0..8 {
@@ -359,8 +362,10 @@ const LIFECYCLE: &str = "kind=EVENT_KIND_SPAWNED&kind=EVENT_KIND_EXITED&kind=EVE
 
 #[tokio::test]
 async fn events_resume_with_last_event_id_across_a_daemon_restart() {
-    let daemon =
-        Daemon::start_with(&["--http-listen", "127.0.0.1:0", "--on-shutdown", "detach"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--http-listen", "127.0.0.1:0", "--on-shutdown", "detach"])
+        .start()
+        .await;
     let http = daemon.http();
     let mut events = SseReader::new(
         http.send("GET", &format!("/v1/events?{LIFECYCLE}"), &[], None)
@@ -384,7 +389,7 @@ async fn events_resume_with_last_event_id_across_a_daemon_restart() {
 
     // The daemon goes away; what happens meanwhile is for the next one to tell.
     let dir = daemon.crash();
-    let daemon = Daemon::start_in_with(dir, &HTTP).await;
+    let daemon = Daemon::builder().dir(dir).options(&HTTP).start().await;
     let http = daemon.http();
     let mut client = daemon.client().await;
     let third = spawn_request("third", vec!["true".into()]);
@@ -490,14 +495,19 @@ fn sample(samples: &[Value], name: &str, labels: Value) -> f64 {
 
 #[tokio::test]
 async fn metrics_parse_in_both_formats_and_count_what_happens() {
-    let daemon = Daemon::start_with(&[
-        "--http-listen",
-        "127.0.0.1:0",
-        "--metrics-per-agent",
-        "--metrics-agent-label",
-        "team",
-    ])
-    .await;
+    if !requires(Need::Python("prometheus_client")) {
+        return;
+    }
+    let daemon = Daemon::builder()
+        .options(&[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--metrics-per-agent",
+            "--metrics-agent-label",
+            "team",
+        ])
+        .start()
+        .await;
     let http = daemon.http();
     let mut client = daemon.client().await;
     let scrape = || async {
@@ -628,7 +638,10 @@ fn normalized(value: Value) -> Value {
 
 #[tokio::test]
 async fn rest_json_is_the_json_protobuf_itself_writes() {
-    let daemon = Daemon::start_with(&HTTP).await;
+    if !requires(Need::Grpcurl) {
+        return;
+    }
+    let daemon = Daemon::builder().options(&HTTP).start().await;
     let http = daemon.http();
     let mut client = daemon.client().await;
     let mut request = spawn_request("mapped", sh("echo hi; exit 2"));
@@ -660,15 +673,20 @@ async fn rest_json_is_the_json_protobuf_itself_writes() {
 
 #[tokio::test]
 async fn an_event_stream_that_is_not_read_is_ended_as_a_slow_watcher() {
-    let daemon = Daemon::start_with(&[
-        "--http-listen",
-        "127.0.0.1:0",
-        "--watch-buffer",
-        "1",
-        "--sample-interval",
-        "10ms",
-    ])
-    .await;
+    if !requires(Need::Python("prometheus_client")) {
+        return;
+    }
+    let daemon = Daemon::builder()
+        .options(&[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--watch-buffer",
+            "1",
+            "--sample-interval",
+            "10ms",
+        ])
+        .start()
+        .await;
     let http = daemon.http();
     let mut client = daemon.client().await;
     for i in 0..20 {
@@ -681,27 +699,16 @@ async fn an_event_stream_that_is_not_read_is_ended_as_a_slow_watcher() {
     }
     // Health samples of 20 agents every 10 ms fill the socket's buffers, then the queue.
     let response = http.send("GET", "/v1/events", &[], None).await;
-    let metrics = || async {
-        let text = http.get("/metrics").await.text();
-        parse_metrics(&text, "text")
-    };
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let samples = metrics().await;
-        if sample(
+    eventually("the slow watcher is ended", async || {
+        let samples = parse_metrics(&http.get("/metrics").await.text(), "text");
+        let ended = sample(
             &samples,
             "agentd_watchers_ended_total",
             json!({"reason": "slow"}),
-        ) == 1.0
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the watcher was never ended"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+        if ended == 1.0 { Ok(()) } else { Err(ended) }
+    })
+    .await;
     // Reading now: what was buffered, then why it ended.
     let mut events = SseReader::new(response);
     let last = loop {
@@ -721,7 +728,7 @@ async fn an_event_stream_that_is_not_read_is_ended_as_a_slow_watcher() {
 
 #[tokio::test]
 async fn the_summary_tells_what_the_host_offers() {
-    let daemon = Daemon::start_with(&HTTP).await;
+    let daemon = Daemon::builder().options(&HTTP).start().await;
     let host = daemon.http().get("/v1/summary").await.json()["host"].clone();
     let online = std::fs::read_to_string("/proc/stat")
         .expect("/proc/stat")

@@ -364,7 +364,7 @@ async fn orphans_are_reaped_and_no_zombie_remains() {
     )
     .await;
     let keeper = keeper_of(&daemon.data_dir).expect("a keeper runs");
-    eventually("the keeper adopted the orphaned sleeps", || {
+    eventually("the keeper adopted the orphaned sleeps", async || {
         let children = children_of(keeper);
         children
             .iter()
@@ -374,7 +374,7 @@ async fn orphans_are_reaped_and_no_zombie_remains() {
     })
     .await;
     wait_for_state(&mut client, "orphans", AgentState::Completed).await;
-    eventually("every orphan is reaped, no zombie left", || {
+    eventually("every orphan is reaped, no zombie left", async || {
         children_of(keeper).is_empty()
             && children_of(daemon.pid())
                 .iter()

@@ -164,7 +164,10 @@ async fn binary_output_passes_through_untouched() {
 
 #[tokio::test]
 async fn rotation_keeps_its_files_and_a_follower_misses_nothing() {
-    let daemon = Daemon::start_with(&["--log-max-bytes", "16K", "--log-keep", "3"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--log-max-bytes", "16K", "--log-keep", "3"])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     // About 600 KB, written over a second or so: many rotations at one sample per 100 ms.
     let pad = "x".repeat(100);
@@ -212,7 +215,7 @@ async fn rotation_keeps_its_files_and_a_follower_misses_nothing() {
             .filter(|e| e.file_name().to_string_lossy().starts_with("stdout.log."))
             .count()
     };
-    eventually("the last rotations are done", || segments() == 3).await;
+    eventually("the last rotations are done", async || segments() == 3).await;
     std::fs::write(dir.join("done"), "").expect("done");
     wait_for_state(&mut client, "chatty", AgentState::Completed).await;
     assert_eq!(segments(), 3);
@@ -282,7 +285,7 @@ async fn remove_refuses_a_running_agent_and_cleans_an_ended_one() {
     let dir = std::path::PathBuf::from(&running.agent_dir);
     assert!(!dir.exists(), "the folder is moved away at once");
     let trash = daemon.data_dir.join("trash");
-    eventually("the folder is deleted", || {
+    eventually("the folder is deleted", async || {
         std::fs::read_dir(&trash).is_ok_and(|mut entries| entries.next().is_none())
     })
     .await;
@@ -321,7 +324,10 @@ async fn remove_refuses_a_running_agent_and_cleans_an_ended_one() {
 
 #[tokio::test]
 async fn retention_removes_the_oldest_finished_agents() {
-    let daemon = Daemon::start_with(&["--retain-finished-count", "2"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--retain-finished-count", "2"])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     let mut dirs = Vec::new();
     for i in 0..4 {
@@ -342,44 +348,41 @@ async fn retention_removes_the_oldest_finished_agents() {
             .map(|a| a.agent_id)
             .collect::<Vec<_>>()
     };
-    let deadline = std::time::Instant::now() + DEADLINE;
-    while listed().await != ["done-2", "done-3", "running"] {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "retention did not remove the oldest: {:?}",
-            listed().await
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually("retention removes the oldest", async || {
+        let listed = listed().await;
+        if listed == ["done-2", "done-3", "running"] {
+            Ok(())
+        } else {
+            Err(listed)
+        }
+    })
+    .await;
     for dir in &dirs[..2] {
         let dir = std::path::PathBuf::from(dir);
-        eventually("a removed agent's folder is deleted", || !dir.exists()).await;
+        eventually("a removed agent's folder is deleted", async || {
+            !dir.exists()
+        })
+        .await;
     }
     stop(&mut client, &["running"], true).await;
 
-    let aged = Daemon::start_with(&["--retain-finished-age", "300ms"]).await;
+    let aged = Daemon::builder()
+        .options(&["--retain-finished-age", "300ms"])
+        .start()
+        .await;
     let mut client = aged.client().await;
     spawn(&mut client, "short-lived", vec!["true".into()]).await;
     wait_for(&mut client, "short-lived", "completed", |s| {
         s.state == AgentState::Completed as i32
     })
     .await;
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        match client
+    eventually("it is removed after its age", async || {
+        let answer = client
             .status(pb::StatusRequest {
                 agent_id: "short-lived".into(),
             })
-            .await
-        {
-            Err(status) if status.code() == Code::NotFound => break,
-            _ => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "not removed after its age"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        }
-    }
+            .await;
+        matches!(answer, Err(status) if status.code() == Code::NotFound)
+    })
+    .await;
 }

@@ -26,9 +26,12 @@ async fn a_crashed_daemon_keeps_records_and_adopts_running_agents() {
         "agents outlive a crashed daemon"
     );
     kill(Pid::from_raw(victim.pid as i32), Signal::SIGKILL).expect("kill victim");
-    eventually("the victim is gone", || !process_exists(victim.pid as i32)).await;
+    eventually("the victim is gone", async || {
+        !process_exists(victim.pid as i32)
+    })
+    .await;
 
-    let daemon = Daemon::start_in(dir).await;
+    let daemon = Daemon::builder().dir(dir).start().await;
     let mut client = daemon.client().await;
     let adopted = status(&mut client, "survivor").await;
     assert_eq!(adopted.state, AgentState::Running as i32);
@@ -75,16 +78,16 @@ async fn sigterm_stops_every_agent_and_exits_zero() {
     let mut client = daemon.client().await;
     let agent = spawn(&mut client, "worker", vec!["sleep".into(), "300".into()]).await;
     drop(client);
-    let exit = daemon.terminate();
+    let exit = daemon.terminate().await;
     assert!(exit.success(), "agentd exited with {exit}");
     assert!(!process_exists(agent.pid as i32));
     assert!(!daemon.socket.exists(), "the socket is removed on exit");
-    eventually("the keeper left with nothing to keep", || {
+    eventually("the keeper left with nothing to keep", async || {
         keeper_of(&daemon.data_dir).is_none()
     })
     .await;
 
-    let daemon = Daemon::start_in(daemon.crash()).await;
+    let daemon = Daemon::builder().dir(daemon.crash()).start().await;
     let mut client = daemon.client().await;
     let stopped = status(&mut client, "worker").await;
     assert_eq!(stopped.state, AgentState::Killed as i32);

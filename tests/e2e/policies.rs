@@ -322,7 +322,7 @@ async fn cascade_stops_a_three_level_tree_children_first_and_concurrently() {
     spawn(&mut client, "bystander", vec!["sleep".into(), "300".into()]).await;
     for agent in &agents {
         let ready = std::path::Path::new(&agent.agent_dir).join("ready");
-        eventually("the agent set its trap", || ready.exists()).await;
+        eventually("the agent set its trap", async || ready.exists()).await;
     }
     let subtree = client
         .list_agents(pb::ListAgentsRequest {
@@ -415,7 +415,10 @@ async fn children_follow_a_parent_that_exits_when_they_ask_to() {
 
 #[tokio::test]
 async fn capacity_and_agent_limits_reject_the_spawn_that_would_exceed_them() {
-    let daemon = Daemon::start_with(&["--capacity", "50", "--max-agents", "3"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--capacity", "50", "--max-agents", "3"])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     let loaded = |id: &str, load: f64| pb::SpawnRequest {
         load_percentage: load,
@@ -459,14 +462,17 @@ async fn capacity_and_agent_limits_reject_the_spawn_that_would_exceed_them() {
 
 #[tokio::test]
 async fn a_detached_daemon_leaves_agents_running_and_the_next_one_adopts_them() {
-    let mut daemon = Daemon::start_with(&["--on-shutdown", "detach"]).await;
+    let mut daemon = Daemon::builder()
+        .options(&["--on-shutdown", "detach"])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     let agent = spawn(&mut client, "survivor", vec!["sleep".into(), "300".into()]).await;
     drop(client);
-    assert!(daemon.terminate().success());
+    assert!(daemon.terminate().await.success());
     assert!(process_exists(agent.pid as i32), "detach killed the agent");
 
-    let daemon = Daemon::start_in(daemon.crash()).await;
+    let daemon = Daemon::builder().dir(daemon.crash()).start().await;
     let mut client = daemon.client().await;
     let adopted = status(&mut client, "survivor").await;
     assert_eq!(adopted.state, AgentState::Running as i32);
@@ -508,7 +514,7 @@ async fn restart_count_and_backoff_survive_a_daemon_restart() {
     spawn(&mut client, "flush", vec!["true".into()]).await;
     drop(client);
 
-    let daemon = Daemon::start_in(daemon.crash()).await;
+    let daemon = Daemon::builder().dir(daemon.crash()).start().await;
     let mut client = daemon.client().await;
     let after = status(&mut client, "phoenix").await;
     assert_eq!(after.state, AgentState::BackingOff as i32);

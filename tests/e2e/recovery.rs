@@ -26,7 +26,7 @@ async fn an_agent_with_a_non_ascii_name_is_sampled_adopted_and_stopped() {
     .await;
     drop(client);
 
-    let daemon = Daemon::start_in(daemon.crash()).await;
+    let daemon = Daemon::builder().dir(daemon.crash()).start().await;
     let mut client = daemon.client().await;
     let adopted = status(&mut client, "researcher").await;
     assert_eq!(
@@ -45,25 +45,33 @@ async fn an_agent_with_a_non_ascii_name_is_sampled_adopted_and_stopped() {
 
 #[tokio::test]
 async fn a_panicking_supervisor_makes_the_daemon_exit_non_zero() {
-    let mut daemon = Daemon::start_with_env(&[], &[("AGENTD_TEST_PANIC", "supervisor")]).await;
+    let mut daemon = Daemon::builder()
+        .options(&[])
+        .env(&[("AGENTD_TEST_PANIC", "supervisor")])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     let refused = client
         .spawn(spawn_request("a", vec!["sleep".into(), "300".into()]))
         .await
         .expect_err("the supervisor panics on a spawn");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    let exit = daemon.wait_exit("after its supervisor panicked");
+    let exit = daemon.wait_exit("after its supervisor panicked").await;
     assert!(!exit.success(), "agentd exited with {exit}");
     assert!(daemon.log().contains("supervisor stopped unexpectedly"));
 }
 
 #[tokio::test]
 async fn a_panicking_sampler_makes_the_daemon_exit_non_zero() {
-    let mut daemon = Daemon::start_with_env(&[], &[("AGENTD_TEST_PANIC", "sampler")]).await;
+    let mut daemon = Daemon::builder()
+        .options(&[])
+        .env(&[("AGENTD_TEST_PANIC", "sampler")])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     // The sampler only panics once it has an agent to sample.
     spawn(&mut client, "a", vec!["sleep".into(), "300".into()]).await;
-    let exit = daemon.wait_exit("after its sampler panicked");
+    let exit = daemon.wait_exit("after its sampler panicked").await;
     assert!(!exit.success(), "agentd exited with {exit}");
     assert!(daemon.log().contains("the sampler thread panicked"));
 }
@@ -112,7 +120,7 @@ async fn a_crash_during_a_spawn_storm_leaves_no_unknown_process() {
             }
         });
     }
-    eventually("200 spawns are acknowledged", || {
+    eventually("200 spawns are acknowledged", async || {
         acknowledged.lock().is_ok_and(|a| a.len() >= 200)
     })
     .await;
@@ -120,7 +128,7 @@ async fn a_crash_during_a_spawn_storm_leaves_no_unknown_process() {
     while storm.join_next().await.is_some() {}
     let acknowledged = acknowledged.lock().expect("lock").clone();
 
-    let daemon = Daemon::start_in(dir).await;
+    let daemon = Daemon::builder().dir(dir).start().await;
     let mut client = daemon.client().await;
     let agents = client
         .list_agents(pb::ListAgentsRequest::default())
@@ -142,7 +150,7 @@ async fn a_crash_during_a_spawn_storm_leaves_no_unknown_process() {
         .collect();
     eventually(
         "every process agentd started is one of its running agents",
-        || {
+        async || {
             agents_under(&daemon.data_dir)
                 .iter()
                 .all(|pid| known.contains(pid))
@@ -166,7 +174,7 @@ async fn exits_while_agentd_is_down_and_after_it_returns_are_reported_exactly() 
     let three = spawn(&mut client, "exits-3", three).await;
     let victim = spawn(&mut client, "victim", vec!["sleep".into(), "300".into()]).await;
     let stdout = std::path::Path::new(&three.agent_dir).join("stdout.log");
-    eventually("the trap is set", || {
+    eventually("the trap is set", async || {
         std::fs::read_to_string(&stdout).is_ok_and(|out| out.contains("ready"))
     })
     .await;
@@ -174,12 +182,12 @@ async fn exits_while_agentd_is_down_and_after_it_returns_are_reported_exactly() 
 
     let dir = daemon.crash();
     kill(Pid::from_raw(three.pid as i32), Signal::SIGUSR1).expect("signal the agent");
-    eventually("it exited while agentd was down", || {
+    eventually("it exited while agentd was down", async || {
         !process_exists(three.pid as i32)
     })
     .await;
 
-    let daemon = Daemon::start_in(dir).await;
+    let daemon = Daemon::builder().dir(dir).start().await;
     let mut client = daemon.client().await;
     let three = status(&mut client, "exits-3").await;
     assert_eq!(

@@ -219,7 +219,10 @@ async fn a_fifo_for_a_status_file_does_not_stop_the_sampler() {
 #[tokio::test]
 async fn an_env_value_never_shows_anywhere() {
     const SECRET: &str = "planted-secret-7f3a9c";
-    let daemon = Daemon::start_with(&["--http-listen", "127.0.0.1:0", "--metrics-per-agent"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--http-listen", "127.0.0.1:0", "--metrics-per-agent"])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     let with_secret = |id: &str, command: Vec<String>| {
         let mut request = spawn_request(id, command);

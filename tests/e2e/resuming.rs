@@ -94,7 +94,10 @@ async fn a_resumed_watch_gets_exactly_the_missed_events_then_live_ones() {
 
 #[tokio::test]
 async fn resuming_from_a_trimmed_or_unknown_sequence_is_out_of_range() {
-    let daemon = Daemon::start_with(&["--event-retention-count", "3"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--event-retention-count", "3"])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     for i in 0..4 {
         let id = format!("short-{i}");
@@ -133,9 +136,9 @@ async fn sequences_keep_increasing_across_a_restart() {
     let before = read_until(&mut events, "before", EventKind::Exited).await;
     let last_before = before.last().expect("events").0;
     drop((events, client));
-    assert!(daemon.terminate().success());
+    assert!(daemon.terminate().await.success());
 
-    let daemon = Daemon::start_in(daemon.crash()).await;
+    let daemon = Daemon::builder().dir(daemon.crash()).start().await;
     let mut client = daemon.client().await;
     // The log survived: a resume from before the restart still works.
     let mut replay = watch(&mut client, lifecycle_watch(Some(0))).await;
@@ -158,7 +161,10 @@ async fn a_watcher_that_never_reads_is_ended_and_the_rest_see_everything() {
     const READERS: usize = 49;
     const AGENTS: usize = 100;
     const HEALTH_EVENTS: usize = 3000;
-    let daemon = Daemon::start_with(&["--watch-buffer", "32"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--watch-buffer", "32"])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     let mut readers = Vec::new();
     for _ in 0..READERS {

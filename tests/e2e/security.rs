@@ -146,7 +146,7 @@ pub(crate) async fn secured(dir: &Path, pki: &Pki, listen: &str, extra: &[&str])
         tokens.to_str().expect("path"),
     ];
     options.extend(extra);
-    Daemon::start_with(&options).await
+    Daemon::builder().options(&options).start().await
 }
 
 pub(crate) fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
@@ -374,19 +374,21 @@ async fn mtls_expired_certificates_and_a_reload_on_sighup() {
     std::fs::copy(&cert, &live_cert).expect("copy");
     std::fs::copy(&key, &live_key).expect("copy");
     let tokens = token_file(dir.path(), &format!("{ADMIN} admin\n{READER} read\n"));
-    let daemon = Daemon::start_with(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--tls-cert",
-        live_cert.to_str().expect("path"),
-        "--tls-key",
-        live_key.to_str().expect("path"),
-        "--tls-client-ca",
-        clients.ca_path().to_str().expect("path"),
-        "--token-file",
-        tokens.to_str().expect("path"),
-    ])
-    .await;
+    let daemon = Daemon::builder()
+        .options(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            live_cert.to_str().expect("path"),
+            "--tls-key",
+            live_key.to_str().expect("path"),
+            "--tls-client-ca",
+            clients.ca_path().to_str().expect("path"),
+            "--token-file",
+            tokens.to_str().expect("path"),
+        ])
+        .start()
+        .await;
     let address = address(&daemon);
     let summary = || with_token(pb::GetSummaryRequest {}, ADMIN);
     let answers = |client: Result<Client, tonic::transport::Error>| async move {
@@ -445,17 +447,10 @@ async fn mtls_expired_certificates_and_a_reload_on_sighup() {
     )
     .expect("SIGHUP");
     let client = Some((client_cert.as_path(), client_key.as_path()));
-    let deadline = std::time::Instant::now() + DEADLINE;
-    let mut reloaded = loop {
-        if let Ok(client) = grpc_over_tls(&address, &second.ca_path(), client).await {
-            break client;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the new certificate never served"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let mut reloaded = eventually("the new certificate serves", async || {
+        grpc_over_tls(&address, &second.ca_path(), client).await
+    })
+    .await;
     assert!(
         !answers(grpc_over_tls(&address, &first.ca_path(), client).await).await,
         "the old certificate is still served"
@@ -494,7 +489,7 @@ async fn mtls_expired_certificates_and_a_reload_on_sighup() {
         nix::sys::signal::Signal::SIGHUP,
     )
     .expect("SIGHUP");
-    eventually("the failed reload is logged", || {
+    eventually("the failed reload is logged", async || {
         daemon.log().contains("TLS files not reloaded")
     })
     .await;
@@ -514,17 +509,19 @@ async fn an_expired_server_certificate_is_refused_by_clients() {
     let pki = Pki::new(dir.path(), "a");
     let (cert, key) = pki.issue("server", true);
     let tokens = token_file(dir.path(), &format!("{ADMIN} admin\n"));
-    let daemon = Daemon::start_with(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--tls-cert",
-        cert.to_str().expect("path"),
-        "--tls-key",
-        key.to_str().expect("path"),
-        "--token-file",
-        tokens.to_str().expect("path"),
-    ])
-    .await;
+    let daemon = Daemon::builder()
+        .options(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().expect("path"),
+            "--tls-key",
+            key.to_str().expect("path"),
+            "--token-file",
+            tokens.to_str().expect("path"),
+        ])
+        .start()
+        .await;
     let connected = grpc_over_tls(&address(&daemon), &pki.ca_path(), None).await;
     let error = match connected {
         Err(error) => format!("{error:?}"),
@@ -617,7 +614,10 @@ async fn the_http_api_takes_tokens_and_session_cookies() {
 
 #[tokio::test]
 async fn the_socket_can_belong_to_a_group() {
-    let daemon = Daemon::start_with(&["--socket-group", "nogroup"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--socket-group", "nogroup"])
+        .start()
+        .await;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::metadata(&daemon.socket).expect("socket");
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
@@ -661,30 +661,33 @@ async fn agentctl_grpcurl_and_python_over_tls_with_a_token() {
     let listed = agentctl(READER, &["list"]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains("tls-a"));
 
-    // grpcurl, as the README shows it.
-    let grpcurl = |token: &str| {
-        Command::new("grpcurl")
-            .arg("-cacert")
-            .arg(&ca)
-            .args(["-H", &format!("authorization: Bearer {token}"), &address])
-            .args(["agentd.v1.AgentSupervisor/GetSummary"])
-            .output()
-            .expect("grpcurl (tests/setup.sh installs it)")
-    };
-    let summary = grpcurl(READER);
-    assert!(
-        summary.status.success()
-            && String::from_utf8_lossy(&summary.stdout).contains("\"total\": 1"),
-        "{}{}",
-        String::from_utf8_lossy(&summary.stdout),
-        String::from_utf8_lossy(&summary.stderr)
-    );
-    let refused = grpcurl("wrong-token-0123456789");
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"));
+    if requires_in_part("the grpcurl part", Need::Grpcurl) {
+        // grpcurl, as the README shows it.
+        let grpcurl = |token: &str| {
+            Command::new("grpcurl")
+                .arg("-cacert")
+                .arg(&ca)
+                .args(["-H", &format!("authorization: Bearer {token}"), &address])
+                .args(["agentd.v1.AgentSupervisor/GetSummary"])
+                .output()
+                .expect("grpcurl (tests/setup.sh installs it)")
+        };
+        let summary = grpcurl(READER);
+        assert!(
+            summary.status.success()
+                && String::from_utf8_lossy(&summary.stdout).contains("\"total\": 1"),
+            "{}{}",
+            String::from_utf8_lossy(&summary.stdout),
+            String::from_utf8_lossy(&summary.stderr)
+        );
+        let refused = grpcurl("wrong-token-0123456789");
+        assert!(!refused.status.success());
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"));
+    }
 
-    // Python's grpcio over TLS with the token as metadata.
-    let script = r#"
+    if requires_in_part("the Python part", Need::Python("grpc")) {
+        // Python's grpcio over TLS with the token as metadata.
+        let script = r#"
 import sys, grpc
 address, ca, token = sys.argv[1:4]
 channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(open(ca, "rb").read()))
@@ -698,24 +701,28 @@ except grpc.RpcError as error:
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
 print("python over tls ok")
 "#;
-    let python = Command::new("python3")
-        .args(["-c", script, &address])
-        .arg(&ca)
-        .arg(READER)
-        .output()
-        .expect("python3");
-    assert!(
-        String::from_utf8_lossy(&python.stdout).contains("python over tls ok"),
-        "{}",
-        String::from_utf8_lossy(&python.stderr)
-    );
+        let python = Command::new("python3")
+            .args(["-c", script, &address])
+            .arg(&ca)
+            .arg(READER)
+            .output()
+            .expect("python3");
+        assert!(
+            String::from_utf8_lossy(&python.stdout).contains("python over tls ok"),
+            "{}",
+            String::from_utf8_lossy(&python.stderr)
+        );
+    }
     let mut local = daemon.client().await;
     kill_all(&mut local).await;
 }
 
 #[tokio::test]
 async fn limits_answer_resource_exhausted_with_a_reason_and_fields_are_named() {
-    let daemon = Daemon::start_with(&["--max-watchers", "2"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--max-watchers", "2"])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     spawn(&mut client, "kept", sh("sleep 30")).await;
 
@@ -759,14 +766,10 @@ async fn limits_answer_resource_exhausted_with_a_reason_and_fields_are_named() {
     assert_eq!(third.code(), Code::ResourceExhausted, "{third:?}");
     assert_eq!(reason(&third).as_deref(), Some("TOO_MANY_WATCHERS"));
     drop(first);
-    let deadline = std::time::Instant::now() + DEADLINE;
-    while watch(&mut client).await.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a closed watcher's place never came back"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually("a closed watcher's place comes back", async || {
+        watch(&mut client).await
+    })
+    .await;
 
     // A rejected field is named in google.rpc.BadRequest, not only in the message.
     let bad = client
@@ -786,7 +789,10 @@ async fn limits_answer_resource_exhausted_with_a_reason_and_fields_are_named() {
 
 #[tokio::test]
 async fn connections_over_the_limit_are_closed() {
-    let daemon = Daemon::start_with(&["--listen", "127.0.0.1:0", "--max-connections", "1"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--listen", "127.0.0.1:0", "--max-connections", "1"])
+        .start()
+        .await;
     let address = address(&daemon);
     // One connection holds the only place.
     let mut first = AgentSupervisorClient::new(
@@ -815,15 +821,15 @@ async fn connections_over_the_limit_are_closed() {
     };
     let refused = tokio::time::timeout(DEADLINE, second).await;
     assert_eq!(refused.ok(), Some(true), "a second connection was served");
-    eventually("the refusal is logged", || {
+    eventually("the refusal is logged", async || {
         daemon.log().contains("--max-connections reached")
     })
     .await;
     // Once the first closes, its place is free again.
     drop(first);
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let served = match Endpoint::from_shared(format!("http://{address}"))
+    eventually(
+        "the place comes back",
+        async || match Endpoint::from_shared(format!("http://{address}"))
             .expect("endpoint")
             .connect()
             .await
@@ -833,21 +839,17 @@ async fn connections_over_the_limit_are_closed() {
                 .await
                 .is_ok(),
             Err(_) => false,
-        };
-        if served {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the place never came back"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn the_health_listener_answers_probes_and_nothing_else() {
-    let daemon = Daemon::start_with(&["--health-listen", "127.0.0.1:0"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--health-listen", "127.0.0.1:0"])
+        .start()
+        .await;
     let address = daemon.health_address.clone().expect("health address");
     let channel = Endpoint::from_shared(format!("http://{address}"))
         .expect("endpoint")

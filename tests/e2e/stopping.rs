@@ -10,7 +10,7 @@ use crate::harness::*;
 /// Waits until the agent created `ready` in its folder: its traps are set.
 async fn wait_ready(agent: &pb::AgentStatus) {
     let ready = std::path::Path::new(&agent.agent_dir).join("ready");
-    eventually("the agent set its traps", || ready.exists()).await;
+    eventually("the agent set its traps", async || ready.exists()).await;
 }
 
 fn with_quick_ladder(agent_id: &str, command: Vec<String>) -> pb::SpawnRequest {
@@ -97,7 +97,7 @@ async fn a_lingering_child_keeps_the_ladder_going_and_dies_with_its_agent() {
     );
     let spawned = spawn_with(&mut client, request).await;
     let pid_file = std::path::Path::new(&spawned.agent_dir).join("child.pid");
-    eventually("the child wrote its pid", || {
+    eventually("the child wrote its pid", async || {
         std::fs::read_to_string(&pid_file).is_ok_and(|s| s.ends_with('\n'))
     })
     .await;

@@ -23,14 +23,14 @@ async fn agentd_tells_systemd_ready_watchdog_and_stopping() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
-    let mut daemon = Daemon::start_with_env(
-        &["--log-format", "json"],
-        &[
+    let mut daemon = Daemon::builder()
+        .options(&["--log-format", "json"])
+        .env(&[
             ("NOTIFY_SOCKET", path.to_str().expect("path")),
             ("WATCHDOG_USEC", "200000"),
-        ],
-    )
-    .await;
+        ])
+        .start()
+        .await;
     let ready = next(&socket);
     assert!(ready.starts_with("READY=1\n"), "{ready}");
     assert!(
@@ -62,7 +62,7 @@ async fn agentd_tells_systemd_ready_watchdog_and_stopping() {
         "{first}"
     );
 
-    assert!(daemon.terminate().success());
+    assert!(daemon.terminate().await.success());
     let mut last = next(&socket);
     while last == "WATCHDOG=1" {
         last = next(&socket);

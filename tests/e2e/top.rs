@@ -2,7 +2,6 @@
 //! then `y` stops the selected one. It talks to agentd over TCP (`--addr`).
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use agentd_proto::v1 as pb;
 
@@ -55,19 +54,16 @@ impl Tmux {
     }
 
     /// Polls the screen until `done` holds, failing at the deadline.
-    fn wait(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
+    async fn wait(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        eventually(&format!("the screen shows {what}"), async || {
             let screen = self.screen();
             if done(&screen) {
-                return screen;
+                Ok(screen)
+            } else {
+                Err(Shown(screen))
             }
-            assert!(
-                Instant::now() < deadline,
-                "the screen never showed {what}:\n{screen}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
+        .await
     }
 
     fn session_alive(&self) -> bool {
@@ -97,7 +93,13 @@ fn order(screen: &str, agents: &[&str]) -> Vec<String> {
 
 #[tokio::test]
 async fn top_shows_agents_sorts_on_a_key_and_stops_the_selected_one() {
-    let daemon = Daemon::start_with(&["--listen", "127.0.0.1:0"]).await;
+    if !requires(Need::Tmux) {
+        return;
+    }
+    let daemon = Daemon::builder()
+        .options(&["--listen", "127.0.0.1:0"])
+        .start()
+        .await;
     let mut client = daemon.client().await;
     let hold = |mib: u32| {
         vec![
@@ -126,9 +128,11 @@ async fn top_shows_agents_sorts_on_a_key_and_stops_the_selected_one() {
         "{} --addr {address} top",
         agentctl_path().display()
     ));
-    let screen = tmux.wait("the three agents by id", |screen| {
-        order(screen, &agents) == agents && screen.contains("live")
-    });
+    let screen = tmux
+        .wait("the three agents by id", |screen| {
+            order(screen, &agents) == agents && screen.contains("live")
+        })
+        .await;
     assert!(screen.contains("3 running"), "{screen}");
 
     // `m` sorts by memory, largest first (the selection stays on its agent); `g` goes to the
@@ -136,22 +140,26 @@ async fn top_shows_agents_sorts_on_a_key_and_stops_the_selected_one() {
     tmux.keys(&["m"]);
     tmux.wait("the agents by memory", |screen| {
         order(screen, &agents) == ["c-large", "b-medium", "a-small"] && screen.contains("memory↓")
-    });
+    })
+    .await;
     tmux.keys(&["g"]);
     tmux.wait("the selected agent's output", |screen| {
         screen.contains("output of c-large") && screen.contains("holding 90 MiB")
-    });
+    })
+    .await;
 
     // `s` asks, `y` stops the selected agent (the largest) with its ladder.
     tmux.keys(&["s"]);
     tmux.wait("the confirmation", |screen| {
         screen.contains("c-large? y to confirm")
-    });
+    })
+    .await;
     tmux.keys(&["y"]);
     wait_for_state(&mut client, "c-large", pb::AgentState::Killed).await;
     tmux.wait("the stopped agent", |screen| {
         screen.contains("c-large stopped")
-    });
+    })
+    .await;
     for agent in ["a-small", "b-medium"] {
         assert_eq!(
             status(&mut client, agent).await.state,
@@ -160,10 +168,6 @@ async fn top_shows_agents_sorts_on_a_key_and_stops_the_selected_one() {
     }
 
     tmux.keys(&["q"]);
-    let deadline = Instant::now() + DEADLINE;
-    while tmux.session_alive() {
-        assert!(Instant::now() < deadline, "top did not quit on `q`");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually("top quits on `q`", async || !tmux.session_alive()).await;
     kill_all(&mut client).await;
 }

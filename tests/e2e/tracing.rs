@@ -59,7 +59,7 @@ impl Collector {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", self.endpoint.as_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", batch_ms),
         ];
-        Daemon::start_with_env(options, &env).await
+        Daemon::builder().options(options).env(&env).start().await
     }
 
     /// The first span received (now or within the deadline) that `wanted` picks.
@@ -130,6 +130,12 @@ fn traced<T>(message: T, trace_id: &str) -> tonic::Request<T> {
 
 #[tokio::test]
 async fn spans_continue_the_callers_trace_and_reach_the_agent() {
+    if !requires(Need::Python("grpc")) {
+        return;
+    }
+    if !requires(Need::Python("opentelemetry.proto")) {
+        return;
+    }
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut collector = Collector::start().await;
     let daemon = collector
@@ -206,6 +212,12 @@ async fn spans_continue_the_callers_trace_and_reach_the_agent() {
 
 #[tokio::test]
 async fn a_stop_ladder_and_restarts_are_spans() {
+    if !requires(Need::Python("grpc")) {
+        return;
+    }
+    if !requires(Need::Python("opentelemetry.proto")) {
+        return;
+    }
     const STOP_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
     const RESTART_TRACE: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90";
     const WATCH_TRACE: &str = "5c6d7e8f90a1b2c3d4e5f60718293a4b";
@@ -228,7 +240,7 @@ async fn a_stop_ladder_and_restarts_are_spans() {
     spawn_with(&mut client, stubborn).await;
     assert_eq!(next_event(&mut events).await.agent_id, "stubborn");
     let stdout = daemon.data_dir.join("agents/stubborn/stdout.log");
-    eventually("the agent ignores SIGTERM", || {
+    eventually("the agent ignores SIGTERM", async || {
         std::fs::read_to_string(&stdout).is_ok_and(|out| out.contains("ready"))
     })
     .await;
@@ -336,6 +348,12 @@ async fn a_stop_ladder_and_restarts_are_spans() {
 
 #[tokio::test]
 async fn the_last_spans_are_sent_at_exit() {
+    if !requires(Need::Python("grpc")) {
+        return;
+    }
+    if !requires(Need::Python("opentelemetry.proto")) {
+        return;
+    }
     const EXIT_TRACE: &str = "6e7f8091a2b3c4d5e6f708192a3b4c5d";
     let mut collector = Collector::start().await;
     // Nothing would be sent for ten minutes but for the flush at exit.
@@ -349,13 +367,10 @@ async fn the_last_spans_are_sent_at_exit() {
         .await
         .expect_err("no such agent");
     assert_eq!(missing.code(), tonic::Code::NotFound);
-    // On another thread, so this runtime goes on to close the client's connection and
+    // The wait is async, so this runtime goes on to close the client's connection and
     // agentd need not wait for it.
     drop(client);
-    let exited = tokio::task::spawn_blocking(move || daemon.terminate())
-        .await
-        .expect("waiting for agentd");
-    assert!(exited.success());
+    assert!(daemon.terminate().await.success());
     let status = collector.call("Status", EXIT_TRACE).await;
     assert_eq!(status["attributes"]["rpc.grpc.status_code"], 5, "{status}");
     assert_eq!(status["attributes"]["agent.id"], "nobody", "{status}");

@@ -270,8 +270,10 @@ async fn a_page_on_another_port_cannot_ride_the_session_cookie() {
 
 #[tokio::test]
 async fn a_listener_without_tokens_refuses_other_pages_and_rebound_names() {
-    let daemon =
-        Daemon::start_with(&["--http-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"]).await;
+    let daemon = Daemon::builder()
+        .options(&["--http-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
+        .start()
+        .await;
     let address = daemon.http_address.clone().expect("HTTP address");
     let port = port(&address);
     let (own_ip, own_name) = (format!("127.0.0.1:{port}"), format!("localhost:{port}"));
@@ -433,7 +435,7 @@ async fn idle_connections_from_one_address_cannot_lock_out_the_admin() {
         "{} idle connections held from one address",
         held.len()
     );
-    eventually("the refusals are logged", || {
+    eventually("the refusals are logged", async || {
         daemon.log().contains("--max-connections-per-peer reached")
     })
     .await;
@@ -793,7 +795,7 @@ async fn a_token_file_other_users_can_read_is_refused() {
         nix::sys::signal::Signal::SIGHUP,
     )
     .expect("SIGHUP");
-    eventually("the refused reload is logged", || {
+    eventually("the refused reload is logged", async || {
         daemon.log().contains("token file not reloaded") && daemon.log().contains("chmod 600")
     })
     .await;
