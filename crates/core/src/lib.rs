@@ -10,6 +10,7 @@ mod agent_dir;
 mod cgroup;
 mod clock;
 mod config;
+mod egress;
 mod error;
 mod events;
 mod files;
@@ -42,6 +43,9 @@ pub use agent::{AgentRecord, AgentStatus};
 pub use cgroup::CgroupSetting;
 pub use config::{
     FinishedRetention, Limits as DaemonLimits, ShutdownPolicy, StoreRecovery, SupervisorConfig,
+};
+pub use egress::{
+    Denial as EgressDenial, Egress, EgressCounts, EgressResolve, HostRule, serve as serve_egress,
 };
 pub use error::{Error, Result};
 pub use events::{
