@@ -25,6 +25,7 @@ mod policies;
 mod recovery;
 mod rejects;
 mod resuming;
+mod sandbox;
 mod security;
 mod stopping;
 mod systemd;

@@ -137,6 +137,14 @@ enum Action {
     },
     /// Print events as they happen
     Watch(watch::WatchArgs),
+    /// Replace a sandboxed agent's allowed hosts (UpdateSandbox); its proxy applies them to
+    /// the next connection. No --allow-host: nothing allowed
+    Sandbox {
+        agent_id: String,
+        /// HOST[:PORT] (or *.DOMAIN[:PORT]) it may reach; repeatable
+        #[arg(long = "allow-host", value_name = "HOST[:PORT]")]
+        allow_hosts: Vec<String>,
+    },
 }
 
 /// Parses a `KEY=VALUE` option.
@@ -206,6 +214,10 @@ async fn run(options: Options) -> anyhow::Result<u8> {
         Action::Pause { agent_ids } => pause::pause(client, agent_ids, out).await?,
         Action::Resume { agent_ids } => pause::resume(client, agent_ids, out).await?,
         Action::Restart { agent_ids } => pause::restart(client, agent_ids, out).await?,
+        Action::Sandbox {
+            agent_id,
+            allow_hosts,
+        } => pause::update_sandbox(client, agent_id, allow_hosts, out).await?,
         Action::Summary => summary::summary(client, out).await?,
         Action::Watch(args) => watch::watch(client, args, out).await?,
     }

@@ -1,5 +1,5 @@
-//! `pause`, `resume` and `restart`: each acts on agents by id and answers with their
-//! statuses.
+//! `pause`, `resume`, `restart` and `sandbox`: each acts on agents by id and answers with
+//! their statuses.
 
 use agentd_proto::v1 as pb;
 
@@ -32,5 +32,20 @@ pub async fn restart(
     let request = pb::RestartRequest { agent_ids };
     let response = client.restart(request).await?.into_inner();
     out.answer(&response, |response| print_rows(&response.statuses));
+    Ok(())
+}
+
+pub async fn update_sandbox(
+    client: &mut Client,
+    agent_id: String,
+    allow_hosts: Vec<String>,
+    out: Output,
+) -> anyhow::Result<()> {
+    let request = pb::UpdateSandboxRequest {
+        agent_id,
+        allow_hosts,
+    };
+    let response = client.update_sandbox(request).await?.into_inner();
+    out.answer(&response, |response| print_rows(response.status.as_slice()));
     Ok(())
 }

@@ -111,6 +111,24 @@ pub struct SpawnArgs {
     /// Run with this group (name or id) [default: the user's]
     #[arg(long)]
     group: Option<String>,
+    /// Confine the agent (the default sandbox: system folders read-only, its own folder and
+    /// working dir writable, network through agentd's proxy with no host allowed, no
+    /// capabilities, a seccomp filter). Implied by --read, --write, --net and --allow-host
+    #[arg(long)]
+    sandbox: bool,
+    /// A path the sandboxed agent may also read beneath; repeatable
+    #[arg(long = "read", value_name = "PATH")]
+    read_paths: Vec<String>,
+    /// A path the sandboxed agent may also write beneath; repeatable
+    #[arg(long = "write", value_name = "PATH")]
+    write_paths: Vec<String>,
+    /// The sandboxed agent's network: host, none, or proxy [default: proxy]
+    #[arg(long = "net", value_parser = ["host", "none", "proxy"])]
+    network: Option<String>,
+    /// HOST[:PORT] (or *.DOMAIN[:PORT]) the sandboxed agent may reach through its proxy;
+    /// repeatable
+    #[arg(long = "allow-host", value_name = "HOST[:PORT]")]
+    allow_hosts: Vec<String>,
     /// The program and its arguments
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -185,7 +203,53 @@ pub fn request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
         }),
         user: args.user.unwrap_or_default(),
         group: args.group.unwrap_or_default(),
+        sandbox: sandbox(
+            args.sandbox,
+            args.network,
+            args.allow_hosts,
+            args.read_paths,
+            args.write_paths,
+        )?,
     })
+}
+
+/// The sandbox the options ask for; `None` when none of them is given.
+fn sandbox(
+    on: bool,
+    network: Option<String>,
+    allow_hosts: Vec<String>,
+    read_paths: Vec<String>,
+    write_paths: Vec<String>,
+) -> anyhow::Result<Option<pb::Sandbox>> {
+    let asked = on
+        || network.is_some()
+        || !allow_hosts.is_empty()
+        || !read_paths.is_empty()
+        || !write_paths.is_empty();
+    if !asked {
+        return Ok(None);
+    }
+    let network = match network.as_deref() {
+        Some(name) => parse_enum(name, "NETWORK_MODE_", pb::NetworkMode::from_str_name)?,
+        None => pb::NetworkMode::Unspecified as i32,
+    };
+    let absolute = |paths: Vec<String>| -> anyhow::Result<Vec<String>> {
+        paths
+            .into_iter()
+            .map(|path| {
+                std::path::absolute(&path)
+                    .map(|path| path.to_string_lossy().into_owned())
+                    .with_context(|| format!("making `{path}` absolute"))
+            })
+            .collect()
+    };
+    Ok(Some(pb::Sandbox {
+        network,
+        allow_hosts,
+        read_paths: absolute(read_paths)?,
+        write_paths: absolute(write_paths)?,
+        allow_namespaces: false,
+    }))
 }
 
 #[derive(Clone)]

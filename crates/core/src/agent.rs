@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::egress::EgressCounts;
 use crate::health::{HealthIssue, HealthMetric};
 use crate::spec::AgentSpec;
 use crate::state::{AgentState, Containment, EndReason, Exit, Health, Hold, TreeSample};
@@ -72,6 +73,9 @@ pub struct AgentRecord {
     /// Limits enforced without a cgroup, and how.
     #[serde(default)]
     pub limit_fallbacks: Vec<String>,
+    /// A `PROXY` agent's connections through its proxy, in all its runs.
+    #[serde(default)]
+    pub egress: EgressCounts,
 }
 
 impl AgentRecord {
@@ -104,6 +108,7 @@ impl AgentRecord {
             containment: Containment::ProcessGroup,
             cgroup: None,
             limit_fallbacks: Vec::new(),
+            egress: EgressCounts::default(),
         }
     }
 

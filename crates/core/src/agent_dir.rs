@@ -4,11 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use crate::agent::AgentRecord;
+use crate::confine::Confinement;
 use crate::error::{Error, Result};
 use crate::files::{STATUS_FILE, no_follow, open_for_writing};
 use crate::keeper::{KEEPER_DIR_VAR, SpawnOrder};
 use crate::launch::{self, ProcessSetup};
 use crate::os::Os;
+use crate::sandbox::{Network, Sandbox};
 use crate::spec::RunAs;
 
 /// An agent's folder, made ready for a launch: prompt written, output files open.
@@ -118,6 +120,9 @@ impl AgentFiles {
         // What every agent gets, then the spawn's, then agentd's own variables: a later
         // entry wins.
         let mut env = base_env.for_agent(spec.run_as.as_ref());
+        if let Some(sandbox) = &spec.sandbox {
+            env.extend(sandbox.env(dir));
+        }
         env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.extend([
             ("AGENTD_AGENT_ID".into(), spec.agent_id.clone()),
@@ -146,14 +151,42 @@ impl AgentFiles {
             joins: None,
             setup: ProcessSetup {
                 run_as: spec.run_as.clone(),
+                confine: spec
+                    .sandbox
+                    .as_ref()
+                    .map(|sandbox| confinement(sandbox, dir, working_dir)),
                 ..ProcessSetup::default()
             },
+            network: spec.sandbox.as_ref().map(|sandbox| sandbox.network),
         })
         .map_err(|source| Error::Spawn {
             id: spec.agent_id.clone(),
             program: spec.command.first().cloned().unwrap_or_default(),
             source,
         })
+    }
+}
+
+/// What the keeper confines a sandboxed agent to: its folder and working folder besides
+/// the policy's paths, all as the kernel resolves them (the mount plan compares real paths).
+fn confinement(sandbox: &Sandbox, dir: &Path, working_dir: &Path) -> Confinement {
+    let real = |path: &Path| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut write = sandbox.write_paths.clone();
+    write.extend([real(dir), real(working_dir)]);
+    let mut read = sandbox.read_paths.clone();
+    // On the host's network the agent resolves names itself, and `/etc/resolv.conf` often
+    // points into `/run`.
+    if sandbox.network == Network::Host
+        && let Ok(resolv) = std::fs::canonicalize("/etc/resolv.conf")
+        && !resolv.starts_with("/etc")
+    {
+        read.push(resolv);
+    }
+    Confinement {
+        net_ns: None,
+        read,
+        write,
+        namespaces: sandbox.allow_namespaces,
     }
 }
 

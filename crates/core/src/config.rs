@@ -32,6 +32,19 @@ pub struct SupervisorConfig {
     pub allow_users: Vec<String>,
     /// What to do with a store that cannot be trusted; `None` refuses to start.
     pub recover_store: Option<StoreRecovery>,
+    pub sandbox: SandboxConfig,
+}
+
+/// Sandboxes, daemon-wide.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxConfig {
+    /// `--default-sandbox`: every agent that names no sandbox gets the default one.
+    pub default_on: bool,
+    /// `--egress-resolve NAME=ADDR`: names the proxies answer without DNS, and may reach
+    /// even on loopback or a private network.
+    pub egress_resolve: Vec<String>,
+    /// What no agent may be given besides the data folder: agentd's sockets elsewhere.
+    pub private: Vec<PathBuf>,
 }
 
 /// How to start on a store that cannot be trusted (unreadable, empty while agents exist,
@@ -103,6 +116,7 @@ impl SupervisorConfig {
             pass_env: Vec::new(),
             allow_users: Vec::new(),
             recover_store: None,
+            sandbox: SandboxConfig::default(),
         }
     }
 }

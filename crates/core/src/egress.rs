@@ -50,6 +50,9 @@ pub struct Egress {
     denied: AtomicU64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
+    /// A sub-agent's proxy lets through only what its parent's allows too, as that stands
+    /// now: narrowing a parent with UpdateSandbox narrows its whole subtree at once.
+    parent: Option<Arc<Egress>>,
 }
 
 /// What an agent's proxy has done so far.
@@ -66,8 +69,10 @@ pub struct EgressCounts {
 }
 
 impl Egress {
-    pub fn new(rules: Vec<HostRule>) -> Arc<Egress> {
+    /// With a sub-agent's `parent`: bounded by the parent's rules as well as its own.
+    pub fn within(rules: Vec<HostRule>, parent: Option<Arc<Egress>>) -> Arc<Egress> {
         Arc::new(Egress {
+            parent,
             rules: RwLock::new(rules.into()),
             allowed: AtomicU64::new(0),
             denied: AtomicU64::new(0),
@@ -81,11 +86,18 @@ impl Egress {
         *self.rules.write().unwrap_or_else(PoisonError::into_inner) = rules.into();
     }
 
-    pub fn rules(&self) -> Arc<[HostRule]> {
-        self.rules
+    /// Whether its rules, and those of every sandboxed ancestor, let `host:port` through.
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        let own = self
+            .rules
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .iter()
+            .any(|rule| rule.allows(host, port));
+        own && self
+            .parent
+            .as_ref()
+            .is_none_or(|parent| parent.allows(host, port))
     }
 
     pub fn counts(&self) -> EgressCounts {

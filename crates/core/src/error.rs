@@ -62,6 +62,8 @@ pub enum Error {
         user: String,
         why: String,
     },
+    #[error("sandbox: {problem}")]
+    SandboxWider { problem: String },
     #[error("agent `{id}` already exists")]
     AlreadyExists { id: String },
     /// The working directory the spawn named is missing or not a directory.

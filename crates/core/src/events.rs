@@ -43,6 +43,18 @@ pub enum EventKind {
     Resumed,
     /// The kernel's OOM killer ended the run (over `memory_max_mb`).
     OomKilled,
+    /// The agent's proxy refused a connection.
+    EgressDenied,
+    /// UpdateSandbox changed the agent's `allow_hosts`.
+    SandboxUpdated,
+}
+
+/// A connection a sandboxed agent's proxy refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeniedConnection {
+    pub host: String,
+    pub port: u16,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,6 +69,9 @@ pub struct Event {
     /// The measurement behind a STALLED or ALERT event.
     #[serde(default)]
     pub alert: Option<Alert>,
+    /// The connection an EGRESS_DENIED event refused.
+    #[serde(default)]
+    pub denied: Option<DeniedConnection>,
     /// The event as the APIs send it, made once per format by the first watcher that sends
     /// it: a hundred watchers of one event cost one encoding, not a hundred.
     #[serde(skip)]
@@ -247,6 +262,18 @@ impl EventBus {
         alert: Option<Alert>,
         status: impl FnOnce() -> AgentStatus,
     ) {
+        self.emit_denied(kind, message, alert, None, status)
+    }
+
+    /// [`EventBus::emit`], with the connection an EGRESS_DENIED event refused.
+    pub fn emit_denied(
+        &mut self,
+        kind: EventKind,
+        message: String,
+        alert: Option<Alert>,
+        denied: Option<DeniedConnection>,
+        status: impl FnOnce() -> AgentStatus,
+    ) {
         let logged = kind != EventKind::Health;
         // A health sample nobody watches is not an event: it takes no sequence number.
         if !logged && self.sender.receiver_count() == 0 {
@@ -270,6 +297,7 @@ impl EventBus {
             status: status(),
             message,
             alert,
+            denied,
             encoded: Encodings::default(),
         });
         if logged {
@@ -364,6 +392,7 @@ impl EventBus {
                 status,
                 message: String::new(),
                 alert: None,
+                denied: None,
                 encoded: Encodings::default(),
             })
             .collect();
@@ -389,6 +418,7 @@ mod tests {
             status: crate::agent::AgentStatus::new(&record, false, None, None),
             message: String::new(),
             alert: None,
+            denied: None,
             encoded: Default::default(),
         }
     }

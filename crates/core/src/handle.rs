@@ -8,6 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::agent::AgentStatus;
+use crate::sandbox::SandboxSupport;
 
 use crate::error::{Error, Result};
 use crate::events::{EventFilter, Subscription};
@@ -81,6 +82,8 @@ pub struct Summary {
     pub unhealthy: Vec<HealthReport>,
     /// The store's size on disk (records and the event log).
     pub store_bytes: u64,
+    /// What the host offers for sandboxes.
+    pub sandbox: Option<SandboxSupport>,
 }
 
 impl Summary {
@@ -141,6 +144,8 @@ pub(crate) enum Command {
     /// Pause (`true`) or resume (`false`) these agents.
     Pause(Vec<String>, bool, oneshot::Sender<Result<Vec<AgentStatus>>>),
     Restart(Vec<String>, oneshot::Sender<Result<Vec<AgentStatus>>>),
+    /// Replace a `PROXY` agent's `allow_hosts`.
+    UpdateSandbox(String, Vec<String>, oneshot::Sender<Result<AgentStatus>>),
     /// The process groups a group check found empty (agent id, group id).
     GroupsGone(Vec<(String, i32)>),
     /// The keeper reaped one of its children.
@@ -234,6 +239,20 @@ impl SupervisorHandle {
             .await??;
         self.store.flush().await?;
         Ok(statuses)
+    }
+
+    /// Replaces a `PROXY` agent's `allow_hosts`; its proxy applies them to the next
+    /// connection.
+    pub async fn update_sandbox(
+        &self,
+        agent_id: String,
+        allow_hosts: Vec<String>,
+    ) -> Result<AgentStatus> {
+        let status = self
+            .request(|reply| Command::UpdateSandbox(agent_id, allow_hosts, reply))
+            .await??;
+        self.store.flush().await?;
+        Ok(status)
     }
 
     pub async fn summary(&self) -> Result<Summary> {

@@ -34,6 +34,7 @@ use crate::cgroup::Joins;
 use crate::files;
 use crate::launch::{self, ProcessSetup};
 use crate::process;
+use crate::sandbox::Network;
 use crate::spec::Resources;
 use crate::state::Exit;
 
@@ -42,8 +43,10 @@ pub const KEEPER_ARG: &str = "--run-as-keeper";
 /// The keeper's protocol version: 1 starts agents in cgroups (`SpawnOrder::joins`), 2
 /// remembers which children agentd has a record of on disk (`Request::Recorded`). A
 /// keeper left running by an older agentd would ignore the cgroups it is given, and close
-/// the connection on a request it does not know.
-const VERSION: u32 = 2;
+/// the connection on a request it does not know. 3 confines sandboxed agents
+/// (`ProcessSetup::confine`): an older keeper would start them unconfined.
+const VERSION: u32 = 3;
+const CONFINE_VERSION: u32 = 3;
 const CGROUPS_VERSION: u32 = 1;
 const RECORDED_VERSION: u32 = 2;
 
@@ -55,6 +58,8 @@ pub(crate) struct Hello {
     pub cgroups: bool,
     /// It remembers which children are recorded (`AckSink::recorded`).
     pub records: bool,
+    /// It confines sandboxed agents.
+    pub confines: bool,
 }
 
 /// The keeper's socket, in the data folder.
@@ -106,6 +111,9 @@ pub(crate) struct SpawnOrder {
     pub joins: Option<Joins>,
     #[serde(default)]
     pub setup: ProcessSetup,
+    /// A sandboxed agent's network; agentd makes its namespace (`setup.confine.net_ns`).
+    #[serde(skip)]
+    pub network: Option<Network>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -199,6 +207,7 @@ impl KeeperClient {
                 exits,
                 cgroups: version >= CGROUPS_VERSION,
                 records: version >= RECORDED_VERSION,
+                confines: version >= CONFINE_VERSION,
             }),
             other => Err(unexpected(&other)),
         }
@@ -212,6 +221,7 @@ impl KeeperClient {
                 start_ticks,
                 cgroup: None,
                 fallbacks: Vec::new(),
+                proxy: None,
             }),
             Reply::Failed {
                 errno: Some(errno), ..

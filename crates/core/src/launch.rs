@@ -22,6 +22,7 @@ use nix::libc;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Joins;
+use crate::confine::{Confinement, Prepared};
 use crate::process::proc_stat;
 use crate::spec::RunAs;
 
@@ -57,6 +58,8 @@ pub struct ProcessSetup {
     /// `sched_setaffinity`, where no cpuset controller holds the agent.
     pub cpus: Vec<u32>,
     pub run_as: Option<RunAs>,
+    /// Sandboxed: its namespaces, files and system calls (see `confine.rs`).
+    pub confine: Option<Confinement>,
 }
 
 /// [`ProcessSetup`] turned into plain values before the fork, so the child only makes
@@ -69,10 +72,19 @@ struct ChildSetup {
     run_as: Option<(u32, u32, Vec<libc::gid_t>)>,
     /// agentd runs as root, so it can empty the bounding set of an agent with a user.
     privileged: bool,
+    /// The confinement and the working folder to enter once its mounts are in place.
+    confine: Option<(Prepared, CString)>,
 }
 
 impl ChildSetup {
-    fn new(setup: &ProcessSetup, cgroup_fds: Vec<i32>) -> ChildSetup {
+    fn new(setup: &ProcessSetup, cgroup_fds: Vec<i32>, cwd: &Path) -> io::Result<ChildSetup> {
+        let confine = match &setup.confine {
+            Some(confinement) => Some((
+                Prepared::new(confinement)?,
+                c_string(cwd.as_os_str().as_bytes())?,
+            )),
+            None => None,
+        };
         let rlimits = setup
             .rlimits
             .iter()
@@ -101,7 +113,7 @@ impl ChildSetup {
                 set
             }
         });
-        ChildSetup {
+        Ok(ChildSetup {
             cgroup_fds,
             rlimits,
             nice: setup.nice,
@@ -111,7 +123,8 @@ impl ChildSetup {
                 .as_ref()
                 .map(|run_as| (run_as.uid, run_as.gid, run_as.groups.clone())),
             privileged: nix::unistd::geteuid().is_root(),
-        }
+            confine,
+        })
     }
 
     /// Runs in the child between `fork` and `exec`: system calls only, no allocation.
@@ -124,6 +137,9 @@ impl ChildSetup {
             }
         };
         crate::cgroup::join_self(&self.cgroup_fds)?;
+        if let Some((confine, cwd)) = &self.confine {
+            confine.enter(cwd)?;
+        }
         for (resource, limit) in &self.rlimits {
             // SAFETY: a valid resource and a pointer to a live rlimit.
             check(unsafe { libc::setrlimit(*resource, limit) })?;
@@ -146,6 +162,16 @@ impl ChildSetup {
             }
             check(unsafe { libc::setuid(*uid) })?;
             drop_capabilities()?;
+        }
+        if let Some((confine, _)) = &self.confine {
+            // No capabilities, even for an agent that runs as root.
+            if self.run_as.is_none() {
+                if self.privileged {
+                    drop_bounding_set()?;
+                }
+                drop_capabilities()?;
+            }
+            confine.restrict()?;
         }
         Ok(())
     }
@@ -233,7 +259,8 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
     let v1_fds = v1_files.iter().map(AsRawFd::as_raw_fd).collect();
     let pid = match launch.joins {
         Some(joins) => {
-            match clone_into(&launch, &joins.v2, ChildSetup::new(launch.setup, v1_fds))? {
+            let setup = ChildSetup::new(launch.setup, v1_fds, launch.working_dir)?;
+            match clone_into(&launch, &joins.v2, setup)? {
                 Some(pid) => pid,
                 // clone3 or CLONE_INTO_CGROUP unknown to this kernel: join after the fork.
                 None => {
@@ -247,7 +274,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
                             .open(joins.v2.join("cgroup.procs"))?,
                     );
                     let fds = files.iter().map(AsRawFd::as_raw_fd).collect();
-                    let setup = ChildSetup::new(launch.setup, fds);
+                    let setup = ChildSetup::new(launch.setup, fds, launch.working_dir)?;
                     let pid = command_spawn(launch, Some(setup));
                     drop(files);
                     pid?
@@ -256,7 +283,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         }
         None if *launch.setup == ProcessSetup::default() => command_spawn(launch, None)?,
         None => {
-            let setup = ChildSetup::new(launch.setup, Vec::new());
+            let setup = ChildSetup::new(launch.setup, Vec::new(), launch.working_dir)?;
             command_spawn(launch, Some(setup))?
         }
     };
@@ -266,6 +293,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         start_ticks: proc_stat(pid).map(|stat| stat.start_ticks),
         cgroup: None,
         fallbacks: Vec::new(),
+        proxy: None,
     })
 }
 
@@ -519,4 +547,6 @@ pub struct Started {
     pub cgroup: Option<std::path::PathBuf>,
     /// Limits enforced without a cgroup, and how.
     pub fallbacks: Vec<String>,
+    /// A `PROXY` agent's proxy listener, bound inside its network namespace.
+    pub proxy: Option<std::net::TcpListener>,
 }

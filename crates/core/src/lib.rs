@@ -10,6 +10,7 @@ mod agent_dir;
 mod cgroup;
 mod clock;
 mod config;
+mod confine;
 mod egress;
 mod error;
 mod events;
@@ -22,6 +23,7 @@ mod launch;
 mod lifecycle;
 mod logs;
 mod machine;
+mod netns;
 mod os;
 mod process;
 #[cfg(test)]
@@ -30,6 +32,7 @@ mod rebuild;
 mod recorder;
 mod recover;
 mod sampler;
+mod sandbox;
 mod spec;
 mod state;
 mod stop;
@@ -42,14 +45,13 @@ mod trust;
 pub use agent::{AgentRecord, AgentStatus};
 pub use cgroup::CgroupSetting;
 pub use config::{
-    FinishedRetention, Limits as DaemonLimits, ShutdownPolicy, StoreRecovery, SupervisorConfig,
-};
-pub use egress::{
-    Denial as EgressDenial, Egress, EgressCounts, EgressResolve, HostRule, serve as serve_egress,
+    FinishedRetention, Limits as DaemonLimits, SandboxConfig, ShutdownPolicy, StoreRecovery,
+    SupervisorConfig,
 };
 pub use error::{Error, Result};
 pub use events::{
-    Event, EventFilter, EventKind, EventRetention, Format as EventFormat, Replay, Subscription,
+    DeniedConnection, Event, EventFilter, EventKind, EventRetention, Format as EventFormat, Replay,
+    Subscription,
 };
 pub use files::check_folder;
 pub use handle::{
@@ -62,6 +64,7 @@ pub use keeper::{KEEPER_ARG, KEEPER_DIR_VAR, run_keeper};
 pub use lifecycle::{Backoff, LifecyclePolicy, ParentExit, RestartPolicy};
 pub use logs::{FolderWatch, LogError, LogFile, LogRotation, LogStream};
 pub use recorder::Recorder;
+pub use sandbox::{Network, Sandbox, SandboxRequest, SandboxSupport};
 pub use spec::{AgentSpec, Limits, Resources, RunAs, SpawnRequest, StopPolicy};
 pub use state::{AgentState, Containment, EndReason, Exit, Health};
 pub use stop::{StopOptions, StopOutcome, StopReport};

@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -19,10 +19,12 @@ use crate::cgroup::{Cgroups, Controller, Detected};
 use crate::error::{Error, Result};
 use crate::keeper::{KeeperClient, SpawnOrder};
 use crate::launch::{ProcessSetup, Rlimit, Started};
+use crate::netns;
 use crate::process::{
     GroupProbe, MarkedLeader, ProcStat, marked_leaders, pidfd_open, proc_stat, proc_units,
     reap_one, signal_group, signal_process, uptime,
 };
+use crate::sandbox::{Network, SandboxSupport};
 use crate::spec::{AgentSpec, Resources};
 use crate::state::Containment;
 use crate::state::Exit;
@@ -34,6 +36,10 @@ pub(crate) trait Os: Send + Sync {
     fn containment(&self) -> (Containment, String);
     /// Refuses limits (and a user) this host cannot enforce for a new agent.
     fn check_spec(&self, spec: &AgentSpec) -> Result<()>;
+    /// What this host offers for sandboxes.
+    fn sandbox_support(&self) -> SandboxSupport;
+    /// The proxy's listener again, inside the network namespace of a running agent.
+    fn proxy_listener(&self, pid: i32) -> io::Result<std::net::TcpListener>;
     /// Starts a leader process in its own group (and cgroup), as a child of the keeper,
     /// which reports its exit.
     fn spawn(&self, order: SpawnOrder) -> io::Result<Started>;
@@ -78,10 +84,11 @@ pub(crate) struct System {
     cgroups: Option<Cgroups>,
     described: String,
     root: bool,
+    sandbox: SandboxSupport,
 }
 
 impl System {
-    pub fn new(keeper: KeeperClient, detected: Detected) -> System {
+    pub fn new(keeper: KeeperClient, detected: Detected, sandbox: SandboxSupport) -> System {
         let described = detected.describe();
         System {
             units: proc_units(),
@@ -92,6 +99,7 @@ impl System {
             },
             described,
             root: nix::unistd::geteuid().is_root(),
+            sandbox,
         }
     }
 
@@ -159,6 +167,13 @@ impl Os for System {
                 "agentd does not run as root, so it cannot start an agent as another user".into(),
             );
         }
+        if let Some(sandbox) = &spec.sandbox {
+            let own_user = spec
+                .run_as
+                .as_ref()
+                .is_none_or(|run_as| run_as.uid == nix::unistd::geteuid().as_raw());
+            self.sandbox.check(sandbox, own_user)?;
+        }
         let has = |controller| self.cgroups.as_ref().is_some_and(|c| c.has(controller));
         let v2_memory = self
             .cgroups
@@ -186,12 +201,35 @@ impl Os for System {
         Ok(())
     }
 
+    fn sandbox_support(&self) -> SandboxSupport {
+        self.sandbox.clone()
+    }
+
+    fn proxy_listener(&self, pid: i32) -> io::Result<std::net::TcpListener> {
+        netns::listen_in(pid)
+    }
+
     fn spawn(&self, mut order: SpawnOrder) -> io::Result<Started> {
         let (setup, fallbacks) = self.fallbacks(&order.resources);
         order.setup = ProcessSetup {
             run_as: order.setup.run_as.take(),
+            confine: order.setup.confine.take(),
             ..setup
         };
+        // Its own network: made here, joined by the child through this process's descriptor
+        // (the keeper runs as agentd's user and opens it by path), held until it has.
+        let net = match order.network {
+            Some(Network::None) => Some(netns::create(false)?),
+            Some(Network::Proxy) => Some(netns::create(true)?),
+            Some(Network::Host) | None => None,
+        };
+        if let (Some(net), Some(confine)) = (&net, &mut order.setup.confine) {
+            confine.net_ns = Some(PathBuf::from(format!(
+                "/proc/{}/fd/{}",
+                std::process::id(),
+                net.ns.as_raw_fd()
+            )));
+        }
         let cgroup = match &self.cgroups {
             Some(cgroups) => {
                 let rel = cgroups.path_of(&order.agent_id);
@@ -208,6 +246,7 @@ impl Os for System {
         Ok(Started {
             cgroup,
             fallbacks,
+            proxy: net.and_then(|net| net.listener),
             ..started
         })
     }

@@ -10,6 +10,7 @@ use proptest::prelude::*;
 use crate::error::Error;
 use crate::health::{HealthAction, HealthPolicy};
 use crate::lifecycle::{Backoff, LifecyclePolicy, ParentExit, RestartPolicy};
+use crate::sandbox::SandboxRequest;
 use crate::spec::{Resources, SpawnRequest};
 
 fn config() -> ProptestConfig {
@@ -64,6 +65,23 @@ fn action() -> impl Strategy<Value = HealthAction> {
     ]
 }
 
+/// Hosts and paths, valid often enough that the later checks are reached too.
+fn sandbox() -> BoxedStrategy<Option<SandboxRequest>> {
+    let hosts =
+        proptest::collection::vec(prop_oneof![text(20), "[*a-z.]{1,12}(:[0-9]{1,6})?"], 0..3);
+    let reads = proptest::collection::vec(prop_oneof![text(20), Just("/usr".to_string())], 0..2);
+    let writes = proptest::collection::vec(text(20), 0..2);
+    proptest::option::of((hosts, reads, writes).prop_map(
+        |(allow_hosts, read_paths, write_paths)| SandboxRequest {
+            allow_hosts,
+            read_paths,
+            write_paths,
+            ..SandboxRequest::default()
+        },
+    ))
+    .boxed()
+}
+
 prop_compose! {
     fn spawn_request()(
         // Ids and commands valid often enough that the later checks are reached too.
@@ -88,7 +106,8 @@ prop_compose! {
                       proptest::option::of(number()), proptest::option::of(any::<u32>()),
                       proptest::collection::vec(any::<u32>(), 0..3), proptest::option::of(any::<i32>()),
                       proptest::option::of(any::<u32>())),
-        run_as in (text(10), text(10)),
+        // With the sandbox in one argument: each argument costs the generated code stack.
+        confinement in ((text(10), text(10)), sandbox()),
     ) -> SpawnRequest {
         let default_backoff = Backoff::default();
         SpawnRequest {
@@ -139,8 +158,9 @@ prop_compose! {
                 nice: resources.5,
                 open_files_max: resources.6,
             },
-            user: run_as.0,
-            group: run_as.1,
+            user: confinement.0.0,
+            group: confinement.0.1,
+            sandbox: confinement.1,
         }
     }
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::health::{HealthAction, HealthPolicy};
 use crate::lifecycle::{LifecyclePolicy, RestartPolicy};
+use crate::sandbox::{Sandbox, SandboxRequest};
 
 /// A spawn as the client sent it, before validation.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +39,8 @@ pub struct SpawnRequest {
     pub user: String,
     /// A group name or numeric id; empty: the user's primary group.
     pub group: String,
+    /// Confinement; `None`: none (unless `--default-sandbox` or a sandboxed parent).
+    pub sandbox: Option<SandboxRequest>,
 }
 
 /// What an agent may use. `None` or empty: no limit.
@@ -273,6 +276,9 @@ pub struct AgentSpec {
     pub resources: Resources,
     #[serde(default)]
     pub run_as: Option<RunAs>,
+    /// Confined: what it may read, write and connect to (see `sandbox.rs`).
+    #[serde(default)]
+    pub sandbox: Option<Sandbox>,
 }
 
 /// The stop ladder: `signal`, wait `first_grace`, `signal` again, wait `second_grace`, SIGKILL.
@@ -382,6 +388,7 @@ impl SpawnRequest {
         check_len("user", &self.user, Limits::TEXT_LEN)?;
         check_len("group", &self.group, Limits::TEXT_LEN)?;
         let run_as = RunAs::resolve(&self.user, &self.group)?;
+        let sandbox = self.sandbox.map(SandboxRequest::validate).transpose()?;
         let spec = AgentSpec {
             agent_id: self.agent_id,
             request_id: self.request_id,
@@ -399,6 +406,7 @@ impl SpawnRequest {
             lifecycle,
             resources: self.resources,
             run_as,
+            sandbox,
         };
         Ok((spec, self.prompt))
     }

@@ -368,6 +368,25 @@ impl AgentSupervisor for AgentSupervisorService {
         .await
     }
 
+    async fn update_sandbox(
+        &self,
+        request: Request<pb::UpdateSandboxRequest>,
+    ) -> Result<Response<pb::UpdateSandboxResponse>, Status> {
+        self.timed("UpdateSandbox", async move {
+            let request = request.into_inner();
+            traced_agents(&[&request.agent_id]);
+            let status = self
+                .supervisor
+                .update_sandbox(request.agent_id, request.allow_hosts)
+                .await
+                .map_err(error_status)?;
+            Ok(Response::new(pb::UpdateSandboxResponse {
+                status: Some(convert::status(&status)),
+            }))
+        })
+        .await
+    }
+
     async fn restart(
         &self,
         request: Request<pb::RestartRequest>,

@@ -140,12 +140,7 @@ impl Proxy {
             port,
             problem,
         };
-        if !self
-            .egress
-            .rules()
-            .iter()
-            .any(|rule| rule.allows(name, port))
-        {
+        if !self.egress.allows(name, port) {
             return Err(denied(format!("no allow_hosts entry allows {name}:{port}")));
         }
         let addresses: Vec<SocketAddr> = match self.resolve.address(name) {

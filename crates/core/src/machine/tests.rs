@@ -81,6 +81,7 @@ fn spec(change: impl FnOnce(&mut AgentSpec)) -> AgentSpec {
         lifecycle: LifecyclePolicy::default(),
         resources: Default::default(),
         run_as: None,
+        sandbox: None,
     };
     change(&mut spec);
     spec

@@ -19,6 +19,7 @@ use crate::launch::Started;
 use crate::os::Os;
 use crate::process::{MarkedLeader, ProcStat};
 use crate::recorder::Recorder;
+use crate::sandbox::SandboxSupport;
 use crate::spec::AgentSpec;
 use crate::state::Containment;
 use crate::state::Hold;
@@ -128,6 +129,21 @@ impl Os for FakeOs {
         Ok(())
     }
 
+    fn sandbox_support(&self) -> SandboxSupport {
+        SandboxSupport {
+            landlock_abi: 0,
+            seccomp: false,
+            network_namespaces: false,
+            user_namespaces: false,
+            privileged: false,
+            keeper: false,
+        }
+    }
+
+    fn proxy_listener(&self, _pid: i32) -> io::Result<std::net::TcpListener> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
     fn spawn(&self, order: SpawnOrder) -> io::Result<Started> {
         let mut tables = lock(&self.tables);
         if tables.unstartable.contains(&order.agent_id) {
@@ -143,6 +159,7 @@ impl Os for FakeOs {
             start_ticks: Some(ticks),
             cgroup: None,
             fallbacks: Vec::new(),
+            proxy: None,
         })
     }
 

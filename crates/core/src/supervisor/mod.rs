@@ -21,6 +21,7 @@ use crate::agent::AgentStatus;
 use crate::agent_dir::BaseEnv;
 use crate::clock::Clock;
 use crate::config::{FinishedRetention, Limits, SupervisorConfig};
+use crate::egress::{Denial, EgressResolve};
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventKind};
 use crate::handle::Command;
@@ -42,6 +43,7 @@ mod groups;
 mod recovery;
 mod retention;
 mod samples;
+mod sandboxes;
 mod spawning;
 mod start;
 mod stopping;
@@ -116,6 +118,7 @@ pub(crate) struct SupervisorTask {
     history_capacity: usize,
     history_window: Duration,
     sample_interval: Duration,
+    sandboxes: sandboxes::Sandboxes,
 }
 
 /// What the task does after an input, in the order the inputs asked for it.
@@ -159,17 +162,17 @@ pub(crate) struct Parts {
     pub commands: mpsc::WeakSender<Command>,
 }
 
+/// What a new task's other inputs arrive on: adopted agents' exits, the acknowledgements
+/// for the keeper, and the proxies' denials.
+type Inboxes = (
+    mpsc::UnboundedReceiver<String>,
+    mpsc::UnboundedReceiver<Ack>,
+    mpsc::UnboundedReceiver<Denial>,
+);
+
 impl SupervisorTask {
-    /// A task with no agents yet, with the receivers of adopted agents' exits and of the
-    /// acknowledgements for the keeper.
-    fn new(
-        parts: Parts,
-        config: &SupervisorConfig,
-    ) -> Result<(
-        SupervisorTask,
-        mpsc::UnboundedReceiver<String>,
-        mpsc::UnboundedReceiver<Ack>,
-    )> {
+    /// A task with no agents yet, with the receivers of its other inputs (`Inboxes`).
+    fn new(parts: Parts, config: &SupervisorConfig) -> Result<(SupervisorTask, Inboxes)> {
         let cgroup_watch = os::ChangeWatch::new().map_err(|source| Error::Setup {
             what: "watching cgroups with inotify".into(),
             source,
@@ -181,6 +184,16 @@ impl SupervisorTask {
             config.event_buffer,
             config.event_retention,
         )?;
+        let resolve = EgressResolve::parse(&config.sandbox.egress_resolve).map_err(|problem| {
+            Error::Invalid {
+                field: "--egress-resolve",
+                problem,
+            }
+        })?;
+        let mut private = vec![config.data_dir.clone()];
+        private.extend(config.sandbox.private.iter().cloned());
+        let (sandboxes, denials) =
+            sandboxes::Sandboxes::new(config.sandbox.default_on, resolve, private);
         let task = SupervisorTask {
             page_size: parts.os.proc_units().1,
             os: parts.os,
@@ -222,8 +235,9 @@ impl SupervisorTask {
             history_capacity: history_capacity(config.history, config.sample_interval),
             history_window: config.history,
             sample_interval: config.sample_interval,
+            sandboxes,
         };
-        Ok((task, adopted_exits, ack_queue))
+        Ok((task, (adopted_exits, ack_queue, denials)))
     }
 
     async fn run(
@@ -231,6 +245,7 @@ impl SupervisorTask {
         mut commands: mpsc::Receiver<Command>,
         mut sigchld: tokio::signal::unix::Signal,
         mut adopted_exits: mpsc::UnboundedReceiver<String>,
+        mut denials: mpsc::UnboundedReceiver<Denial>,
     ) {
         let mut last_group_check = tokio::time::Instant::now();
         let cgroup_watch = self.cgroup_watch.clone();
@@ -247,6 +262,7 @@ impl SupervisorTask {
                     self.reap();
                 }
                 Some(agent_id) = adopted_exits.recv() => self.leader_exited(&agent_id, None),
+                Some(denial) = denials.recv() => self.egress_denied(denial),
                 changed = cgroup_watch.changed() => match changed {
                     Ok(watches) => self.cgroups_changed(watches),
                     Err(error) => self.failure = Some(format!("watching cgroups: {error}")),
@@ -295,7 +311,11 @@ impl SupervisorTask {
                 let mut summary = self.table.summary(&self.limits, self.records_set_aside);
                 (summary.containment, summary.containment_detail) = self.os.containment();
                 summary.store_bytes = self.store.size_on_disk();
+                summary.sandbox = Some(self.os.sandbox_support());
                 let _ = reply.send(summary);
+            }
+            Command::UpdateSandbox(agent_id, hosts, reply) => {
+                let _ = reply.send(self.update_sandbox(&agent_id, hosts));
             }
             Command::Pause(agent_ids, pause, reply) => {
                 let _ = reply.send(self.pause(&agent_ids, pause));
@@ -536,6 +556,10 @@ impl SupervisorTask {
                 }
                 Effect::RunEnded(reason) => {
                     self.recorder.run_ended(reason);
+                    self.queue.push_back(Work::Step {
+                        agent_id: agent_id.to_string(),
+                        step: Self::end_proxy,
+                    });
                     // Between runs nothing runs: the series says so until the next one's
                     // first sample, instead of repeating the last one across the gap.
                     if let Some(history) = self.histories.get_mut(agent_id) {

@@ -37,6 +37,7 @@ impl SupervisorTask {
         self.events
             .emit(EventKind::Removed, String::new(), None, || status.clone());
         self.histories.remove(agent_id);
+        self.forget_proxy(agent_id);
         if let Some(machine) = self.table.remove(agent_id) {
             // The folder moves out of `agents/` at once, so the id can be spawned again right
             // away; deleting a large output can take a while, so that is off the task.

@@ -16,6 +16,7 @@ impl SupervisorTask {
     /// A sampler batch: new samples (each a HEALTH event), progress from status files (each
     /// a heartbeat), every health check of every running agent, then retention.
     pub(super) fn samples(&mut self, batch: SampleBatch) {
+        self.refresh_egress_counts();
         self.recorder.sampled(batch.took);
         let at = self.clock.wall();
         for (agent_id, sample) in batch.samples {

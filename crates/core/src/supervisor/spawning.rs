@@ -53,7 +53,10 @@ impl SupervisorTask {
         launched: Result<launch::Started>,
     ) -> Result<()> {
         match launched {
-            Ok(started) => {
+            Ok(mut started) => {
+                if let Some(listener) = started.proxy.take() {
+                    self.serve_proxy(agent_id, listener);
+                }
                 let request_id = self
                     .table
                     .get(agent_id)
@@ -131,7 +134,8 @@ impl SupervisorTask {
         if request.agent_id.is_empty() {
             request.agent_id = self.generate_id();
         }
-        let (spec, prompt) = request.validate()?;
+        let (mut spec, prompt) = request.validate()?;
+        self.settle_sandbox(&mut spec)?;
         self.os.check_spec(&spec)?;
         if let Some(run_as) = &spec.run_as {
             check_user_allowed(&spec.agent_id, run_as, &self.allow_users)?;

@@ -20,6 +20,7 @@ use crate::rebuild;
 use crate::recorder::Recorder;
 use crate::recover::KeeperState;
 use crate::sampler;
+use crate::sandbox::SandboxSupport;
 use crate::store::Store;
 
 use super::recovery::trusted_store;
@@ -101,7 +102,9 @@ impl Supervisor {
             cgroup::Detected::Cgroups(cgroups) => Some(cgroups.clone()),
             cgroup::Detected::None(_) => None,
         };
-        let system = Arc::new(os::System::new(keeper, detected));
+        let sandbox = SandboxSupport::detect(hello.confines);
+        tracing::info!("sandboxes: {}", sandbox.describe());
+        let system = Arc::new(os::System::new(keeper, detected, sandbox));
         let (store, records, rebuilt) = trusted_store(
             opened,
             rebuilding,
@@ -129,7 +132,7 @@ impl Supervisor {
             data_lock: Some(data_lock),
             commands: commands_tx.downgrade(),
         };
-        let (mut task, adopted_exits, ack_queue) = SupervisorTask::new(parts, &config)?;
+        let (mut task, (adopted_exits, ack_queue, denials)) = SupervisorTask::new(parts, &config)?;
         let recovered_exits: Vec<i32> = exits.iter().map(|exit| exit.pid).collect();
         task.recover(KeeperState { children, exits }, records, rebuilt)?;
         task.reap();
@@ -139,7 +142,8 @@ impl Supervisor {
             .keeper()
             .ack(recovered_exits)
             .map_err(keeper_failed)?;
-        tokio::spawn(task.run(commands, sigchld, adopted_exits));
+        task.serve_adopted_proxies();
+        tokio::spawn(task.run(commands, sigchld, adopted_exits, denials));
         tokio::spawn(forward_kept_exits(kept_exits, commands_tx.clone()));
         tokio::spawn(acknowledge_exits(
             ack_queue,

@@ -65,7 +65,7 @@ impl Driver {
             data_lock: None,
             commands: commands_tx.downgrade(),
         };
-        let (task, _, _) = SupervisorTask::new(parts, &config).expect("task");
+        let (task, _) = SupervisorTask::new(parts, &config).expect("task");
         Driver {
             task,
             os,

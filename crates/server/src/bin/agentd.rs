@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentd_core::{
-    CgroupSetting, DaemonLimits, EventRetention, FinishedRetention, LogRotation, ShutdownPolicy,
-    StoreRecovery, Supervisor, SupervisorConfig, TRACE_TARGET,
+    CgroupSetting, DaemonLimits, EventRetention, FinishedRetention, LogRotation, SandboxConfig,
+    ShutdownPolicy, StoreRecovery, Supervisor, SupervisorConfig, TRACE_TARGET,
 };
 use agentd_proto::settings;
 use agentd_server::{
@@ -148,6 +148,20 @@ struct Options {
         value_delimiter = ','
     )]
     allow_users: Vec<String>,
+    /// Every agent that names no sandbox gets the default one (files: the system folders,
+    /// its own folder and working dir; network PROXY with no host allowed; no capabilities;
+    /// a seccomp filter). A sub-agent of a sandboxed agent always gets its parent's
+    #[arg(long, env = "AGENTD_DEFAULT_SANDBOX")]
+    default_sandbox: bool,
+    /// NAME=ADDR: sandboxed agents' proxies answer NAME with ADDR (an IP address) without
+    /// DNS, and may reach it even on loopback or a private network (repeatable, or a comma
+    /// list), like curl's --resolve
+    #[arg(
+        long = "egress-resolve",
+        env = "AGENTD_EGRESS_RESOLVE",
+        value_delimiter = ','
+    )]
+    egress_resolve: Vec<String>,
     /// `auto`: each agent gets its own cgroup where the host allows (stops reach every
     /// descendant, limits, freezing); `off`: process groups and setrlimit only
     #[arg(long, env = "AGENTD_CGROUPS", default_value = "auto", value_parser = ["auto", "off"])]
@@ -291,6 +305,11 @@ async fn serve(options: Options) -> anyhow::Result<()> {
     };
     config.pass_env = options.pass_env;
     config.allow_users = options.allow_users;
+    config.sandbox = SandboxConfig {
+        default_on: options.default_sandbox,
+        egress_resolve: options.egress_resolve,
+        private: vec![socket.clone()],
+    };
     config.recover_store = options
         .recover_store
         .as_deref()

@@ -46,7 +46,7 @@ impl BenchProxy {
                 let task = serve(
                     listener,
                     "bench".into(),
-                    Egress::new(rules),
+                    Egress::within(rules, None),
                     resolve,
                     denials,
                 )

@@ -31,7 +31,7 @@ impl Drop for TestProxy {
 fn start(allow: &[&str], resolve: &[&str]) -> TestProxy {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding the proxy");
     let address = listener.local_addr().expect("its address");
-    let egress = Egress::new(rules(allow));
+    let egress = Egress::within(rules(allow), None);
     let resolve: Vec<String> = resolve.iter().map(|entry| entry.to_string()).collect();
     let resolve = EgressResolve::parse(&resolve).expect("valid resolve entries");
     let (sender, denials) = unbounded_channel();

@@ -1,0 +1,662 @@
+//! Confinement of one sandboxed agent, set up by its own process between clone and exec:
+//! its network namespace, a mount namespace that hides what it may not reach, no
+//! capabilities, a Landlock domain for its files and a seccomp filter for its system calls.
+//!
+//! The keeper turns a [`Confinement`] into plain values before the clone ([`Prepared`]): the
+//! Landlock ruleset is built and the seccomp program compiled there, and the mount namespace
+//! becomes a list of [`Step`]s of prepared strings. The child then only makes system calls.
+//!
+//! Why a mount namespace as well as Landlock: Landlock (before ABI 9) has no right for
+//! connecting to a Unix socket by path, so agentd's own socket, the keeper's and every other
+//! socket on the host would stay reachable. Every top-level folder that is not a system folder
+//! is covered by an empty read-only tmpfs, with the paths the agent may use bound back in;
+//! `/tmp` and `/dev/shm` are private tmpfs; secrets inside the system folders (`/etc/shadow`,
+//! SSH host keys) are covered by `/dev/null` or an empty tmpfs.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::libc;
+use serde::{Deserialize, Serialize};
+
+/// Top-level folders an agent sees as the host has them (Landlock still decides what it may
+/// do in them).
+const SYSTEM: &[&str] = &[
+    "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "dev", "proc", "sys",
+];
+
+/// Private, writable, empty at start: each sandboxed agent has its own.
+const PRIVATE: &[&str] = &["/tmp", "/dev/shm"];
+
+/// Read and executed by every sandboxed agent.
+const SYSTEM_READ: &[&str] = &[
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc",
+    "/proc",
+    "/sys/devices/system/cpu",
+];
+
+/// Device files every program may open for reading and writing.
+const DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
+
+/// Secrets inside the system folders, covered wherever they exist.
+const SECRETS: &[&str] = &[
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/security/opasswd",
+    "/etc/krb5.keytab",
+    "/etc/ssl/private",
+    "/etc/sudoers",
+    "/etc/sudoers.d",
+];
+
+/// The first descriptor number the mount steps hold paths at.
+const HOLD_BASE: i32 = 900;
+
+/// What agentd asks the keeper to confine an agent to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confinement {
+    /// The network namespace to join, as a path the keeper can open
+    /// (`/proc/AGENTD/fd/N`); `None` keeps the host's network.
+    pub net_ns: Option<PathBuf>,
+    /// Read and executed beneath these (besides the system folders).
+    pub read: Vec<PathBuf>,
+    /// Read, written, created and removed beneath these.
+    pub write: Vec<PathBuf>,
+    /// Whether the agent may create namespaces (`unshare`, `setns`, `clone` with `CLONE_NEW*`).
+    pub namespaces: bool,
+}
+
+/// One mount-namespace operation, made of values prepared before the clone.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Open `path` (`O_PATH`) as descriptor `slot`, before what hides it is mounted.
+    Hold {
+        path: CString,
+        slot: i32,
+    },
+    /// An empty tmpfs on `target` (`options`: its mode and size).
+    Tmpfs {
+        target: CString,
+        options: CString,
+    },
+    MakeDir {
+        path: CString,
+    },
+    /// An empty file to bind a file onto.
+    MakeFile {
+        path: CString,
+    },
+    /// Binds `source` (`/proc/self/fd/SLOT` or `/dev/null`) onto `target`, with what is
+    /// mounted below it.
+    Bind {
+        source: CString,
+        target: CString,
+    },
+    /// Makes the mount at `target` read-only (`bind`: a bind mount).
+    ReadOnly {
+        target: CString,
+        bind: bool,
+    },
+}
+
+/// What the host's root holds, as the plan needs it.
+pub(crate) struct HostView {
+    /// Top-level folders (not symbolic links).
+    pub top_dirs: Vec<String>,
+    /// Secrets that exist: path and whether it is a folder.
+    pub secrets: Vec<(PathBuf, bool)>,
+}
+
+impl HostView {
+    pub(crate) fn read() -> io::Result<HostView> {
+        let mut top_dirs = Vec::new();
+        for entry in std::fs::read_dir("/")? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                top_dirs.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        top_dirs.sort();
+        let mut secrets = Vec::new();
+        let mut note = |path: PathBuf| {
+            if let Ok(meta) = std::fs::symlink_metadata(&path)
+                && !meta.file_type().is_symlink()
+            {
+                secrets.push((path, meta.is_dir()));
+            }
+        };
+        SECRETS.iter().for_each(|path| note(PathBuf::from(path)));
+        // SSH host keys: every `*_key` (the `.pub` halves are public).
+        if let Ok(entries) = std::fs::read_dir("/etc/ssh") {
+            for entry in entries.flatten() {
+                if entry.file_name().as_bytes().ends_with(b"_key") {
+                    note(entry.path());
+                }
+            }
+        }
+        // The system log socket, where one exists.
+        if std::fs::symlink_metadata("/dev/log").is_ok() {
+            note(PathBuf::from("/dev/log"));
+        }
+        Ok(HostView { top_dirs, secrets })
+    }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))
+}
+
+/// The mount steps that leave `allowed` (canonical, absolute) and the system folders in
+/// view, and nothing else of the host's top-level folders.
+pub(crate) fn mount_plan(allowed: &[PathBuf], host: &HostView) -> io::Result<Vec<Step>> {
+    let mut steps = Vec::new();
+    let mut slot = HOLD_BASE;
+    // Where the hiding tmpfs go: every top-level folder not a system one and not allowed
+    // whole, and the private ones; each with the allowed paths beneath it.
+    let mut covers: Vec<(PathBuf, bool)> = host
+        .top_dirs
+        .iter()
+        .filter(|name| !SYSTEM.contains(&name.as_str()) && name.as_str() != "tmp")
+        .map(|name| (Path::new("/").join(name), false))
+        .filter(|(top, _)| !allowed.iter().any(|path| path == top))
+        .collect();
+    covers.extend(PRIVATE.iter().map(|path| (PathBuf::from(path), true)));
+    for (cover, private) in covers {
+        if !cover.is_dir() {
+            continue;
+        }
+        // Beneath this cover, and not beneath another allowed path (that one brings it).
+        let kept: Vec<&PathBuf> = allowed
+            .iter()
+            .filter(|path| path.starts_with(&cover) && **path != cover)
+            .filter(|path| {
+                !allowed
+                    .iter()
+                    .any(|other| other != *path && other != &cover && path.starts_with(other))
+            })
+            .collect();
+        let first = slot;
+        for path in &kept {
+            steps.push(Step::Hold {
+                path: c_path(path)?,
+                slot,
+            });
+            slot += 1;
+        }
+        let options = if private {
+            "mode=1777,size=50%"
+        } else {
+            "mode=0755,size=64k"
+        };
+        steps.push(Step::Tmpfs {
+            target: c_path(&cover)?,
+            options: CString::new(options).map_err(io::Error::other)?,
+        });
+        for (index, path) in kept.iter().enumerate() {
+            let relative = path.strip_prefix(&cover).map_err(io::Error::other)?;
+            let mut at = cover.clone();
+            let parts: Vec<_> = relative.components().collect();
+            for (depth, part) in parts.iter().enumerate() {
+                at.push(part);
+                let last = depth + 1 == parts.len();
+                if last && !path.is_dir() {
+                    steps.push(Step::MakeFile { path: c_path(&at)? });
+                } else {
+                    steps.push(Step::MakeDir { path: c_path(&at)? });
+                }
+            }
+            steps.push(Step::Bind {
+                source: CString::new(format!("/proc/self/fd/{}", first + index as i32))
+                    .map_err(io::Error::other)?,
+                target: c_path(path)?,
+            });
+        }
+        if !private {
+            steps.push(Step::ReadOnly {
+                target: c_path(&cover)?,
+                bind: false,
+            });
+        }
+    }
+    for (secret, is_dir) in &host.secrets {
+        // A secret the agent was given explicitly stays in view.
+        if allowed.iter().any(|path| secret.starts_with(path)) {
+            continue;
+        }
+        let target = c_path(secret)?;
+        if *is_dir {
+            steps.push(Step::Tmpfs {
+                target: target.clone(),
+                options: CString::new("mode=0000,size=4k").map_err(io::Error::other)?,
+            });
+            steps.push(Step::ReadOnly {
+                target,
+                bind: false,
+            });
+        } else {
+            steps.push(Step::Bind {
+                source: CString::new("/dev/null").map_err(io::Error::other)?,
+                target: target.clone(),
+            });
+            steps.push(Step::ReadOnly { target, bind: true });
+        }
+    }
+    Ok(steps)
+}
+
+/// A [`Confinement`] turned into values the child only passes to system calls.
+pub(crate) struct Prepared {
+    net_ns: Option<OwnedFd>,
+    steps: Vec<Step>,
+    landlock: OwnedFd,
+    /// The private folders' Landlock rule, added once their tmpfs are mounted (a rule made
+    /// before would name the host's folder, not the agent's own).
+    private: Vec<CString>,
+    /// Every right the ruleset handles on this kernel.
+    all_rights: u64,
+    seccomp: Vec<seccompiler::sock_filter>,
+}
+
+impl Prepared {
+    /// In the keeper, before the clone.
+    pub(crate) fn new(confinement: &Confinement) -> io::Result<Prepared> {
+        let net_ns = match &confinement.net_ns {
+            Some(path) => Some(OwnedFd::from(std::fs::File::open(path)?)),
+            None => None,
+        };
+        let mut allowed: Vec<PathBuf> = confinement.read.clone();
+        allowed.extend(confinement.write.iter().cloned());
+        let steps = mount_plan(&allowed, &HostView::read()?)?;
+        Ok(Prepared {
+            net_ns,
+            steps,
+            landlock: landlock_ruleset(&confinement.read, &confinement.write)?,
+            private: PRIVATE
+                .iter()
+                .map(|path| c_path(Path::new(path)))
+                .collect::<io::Result<_>>()?,
+            all_rights: all_rights(),
+            seccomp: seccomp_program(confinement.namespaces)?,
+        })
+    }
+
+    /// In the child, as root, before its limits and its user: the namespaces. `cwd` is
+    /// entered again afterwards, so it is the path as the new mounts show it.
+    pub(crate) fn enter(&self, cwd: &CString) -> io::Result<()> {
+        let check = |result: libc::c_int| {
+            if result < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        // SAFETY: system calls on descriptors and strings that live until exec.
+        unsafe {
+            if let Some(net) = &self.net_ns {
+                check(libc::setns(net.as_raw_fd(), libc::CLONE_NEWNET))?;
+            }
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            for step in &self.steps {
+                match step {
+                    Step::Hold { path, slot } => {
+                        let fd = libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+                        check(fd)?;
+                        check(libc::dup3(fd, *slot, libc::O_CLOEXEC))?;
+                        libc::close(fd);
+                    }
+                    Step::Tmpfs { target, options } => check(libc::mount(
+                        c"tmpfs".as_ptr(),
+                        target.as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV,
+                        options.as_ptr().cast(),
+                    ))?,
+                    Step::MakeDir { path } => {
+                        if libc::mkdir(path.as_ptr(), 0o755) < 0
+                            && *libc::__errno_location() != libc::EEXIST
+                        {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    Step::MakeFile { path } => {
+                        let fd = libc::open(
+                            path.as_ptr(),
+                            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                            0o644,
+                        );
+                        check(fd)?;
+                        libc::close(fd);
+                    }
+                    Step::Bind { source, target } => check(libc::mount(
+                        source.as_ptr(),
+                        target.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    ))?,
+                    Step::ReadOnly { target, bind } => {
+                        let flags = libc::MS_REMOUNT
+                            | libc::MS_RDONLY
+                            | libc::MS_NOSUID
+                            | libc::MS_NODEV
+                            | if *bind { libc::MS_BIND } else { 0 };
+                        check(libc::mount(
+                            std::ptr::null(),
+                            target.as_ptr(),
+                            std::ptr::null(),
+                            flags,
+                            std::ptr::null(),
+                        ))?
+                    }
+                }
+            }
+            for step in &self.steps {
+                if let Step::Hold { slot, .. } = step {
+                    libc::close(*slot);
+                }
+            }
+            for path in &self.private {
+                let fd = libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+                check(fd)?;
+                let rule = PathBeneath {
+                    allowed_access: self.all_rights,
+                    parent_fd: fd,
+                };
+                let added = libc::syscall(
+                    libc::SYS_landlock_add_rule,
+                    self.landlock.as_raw_fd(),
+                    LANDLOCK_RULE_PATH_BENEATH,
+                    &rule as *const PathBeneath,
+                    0,
+                );
+                libc::close(fd);
+                if added < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            check(libc::chdir(cwd.as_ptr()))
+        }
+    }
+
+    /// In the child, last before exec (after `no_new_privs`): Landlock, then seccomp.
+    pub(crate) fn restrict(&self) -> io::Result<()> {
+        let check = |result: libc::c_long| {
+            if result < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        let program = libc::sock_fprog {
+            len: self.seccomp.len() as u16,
+            filter: self.seccomp.as_ptr().cast_mut().cast(),
+        };
+        // SAFETY: a ruleset descriptor of ours, and a pointer to a live filter program.
+        unsafe {
+            check(libc::syscall(
+                libc::SYS_landlock_restrict_self,
+                self.landlock.as_raw_fd(),
+                0,
+            ))?;
+            check(libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                &program as *const libc::sock_fprog,
+            ))
+        }
+    }
+}
+
+/// `struct landlock_path_beneath_attr` (packed, as the kernel has it).
+#[repr(C, packed)]
+struct PathBeneath {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
+const LANDLOCK_RULE_PATH_BENEATH: libc::c_int = 1;
+
+/// The newest Landlock ABI whose rights this code has been written for.
+const NEWEST_ABI: landlock::ABI = landlock::ABI::V9;
+
+/// The filesystem rights the ruleset handles here: those of [`NEWEST_ABI`] this kernel
+/// knows.
+fn all_rights() -> u64 {
+    use landlock::{ABI, Access, AccessFs};
+    let abi = ABI::from(landlock_abi().min(NEWEST_ABI as i32));
+    AccessFs::from_all(abi).bits()
+}
+
+/// The Landlock ABI this kernel offers; 0 without Landlock.
+pub fn landlock_abi() -> i32 {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: the version query takes no ruleset.
+    let abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    i32::try_from(abi).unwrap_or(0).max(0)
+}
+
+/// The agent's Landlock domain: read and execute beneath the system folders and `read`, read
+/// and write beneath `write`, the usual device files; signals and abstract Unix sockets only
+/// within its own domain (ABI 6). Rights this kernel does not know are left out (the
+/// supervisor refuses a policy that needs one).
+fn landlock_ruleset(read: &[PathBuf], write: &[PathBuf]) -> io::Result<OwnedFd> {
+    use landlock::{
+        ABI, Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, Scope,
+    };
+    let fail = |error: landlock::RulesetError| io::Error::other(format!("landlock: {error}"));
+    let all = AccessFs::from_all(NEWEST_ABI);
+    let read_access = AccessFs::from_read(NEWEST_ABI);
+    let devices = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
+    let mut rules: Vec<(&Path, landlock::BitFlags<AccessFs>)> = Vec::new();
+    rules.extend(
+        SYSTEM_READ
+            .iter()
+            .map(|path| (Path::new(*path), read_access)),
+    );
+    rules.extend(DEVICES.iter().map(|path| (Path::new(*path), devices)));
+    rules.push((Path::new("/dev"), AccessFs::ReadDir.into()));
+    rules.extend(read.iter().map(|path| (path.as_path(), read_access)));
+    rules.extend(write.iter().map(|path| (path.as_path(), all)));
+    let mut ruleset = Ruleset::default()
+        .handle_access(all)
+        .map_err(fail)?
+        .scope(Scope::from_all(ABI::V6))
+        .map_err(fail)?
+        .create()
+        .map_err(fail)?;
+    for (path, access) in rules {
+        let fd = match PathFd::new(path) {
+            Ok(fd) => fd,
+            // A system folder this host does not have.
+            Err(_) if !path.exists() => continue,
+            Err(error) => return Err(io::Error::other(format!("landlock: {error}"))),
+        };
+        // A rule on a file takes only the rights a file has.
+        let access = if path.is_dir() {
+            access
+        } else {
+            access & AccessFs::from_file(NEWEST_ABI)
+        };
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(fd, access))
+            .map_err(fail)?;
+    }
+    Option::<OwnedFd>::from(ruleset).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this kernel has no Landlock: the agent's files cannot be confined",
+        )
+    })
+}
+
+/// System calls no agent needs, refused with `EPERM`; `namespaces` leaves namespace creation
+/// allowed. `clone3` is refused with `ENOSYS` (its flags cannot be read by a filter), which
+/// makes the C library fall back to `clone`, whose flags are checked.
+fn seccomp_program(namespaces: bool) -> io::Result<Vec<seccompiler::sock_filter>> {
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    };
+    use std::collections::BTreeMap;
+    let fail = |error: seccompiler::BackendError| io::Error::other(format!("seccomp: {error}"));
+    let mut denied: Vec<libc::c_long> = vec![
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_move_mount,
+        libc::SYS_open_tree,
+        libc::SYS_fsopen,
+        libc::SYS_fsconfig,
+        libc::SYS_fsmount,
+        libc::SYS_fspick,
+        libc::SYS_mount_setattr,
+        libc::SYS_swapon,
+        libc::SYS_swapoff,
+        libc::SYS_reboot,
+        libc::SYS_kexec_load,
+        libc::SYS_kexec_file_load,
+        libc::SYS_init_module,
+        libc::SYS_finit_module,
+        libc::SYS_delete_module,
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_keyctl,
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        libc::SYS_userfaultfd,
+        libc::SYS_acct,
+        libc::SYS_quotactl,
+        libc::SYS_syslog,
+        libc::SYS_settimeofday,
+        libc::SYS_clock_settime,
+        libc::SYS_clock_adjtime,
+        libc::SYS_adjtimex,
+        libc::SYS_sethostname,
+        libc::SYS_setdomainname,
+        libc::SYS_open_by_handle_at,
+        libc::SYS_name_to_handle_at,
+        libc::SYS_fanotify_init,
+        libc::SYS_vhangup,
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
+    ];
+    #[cfg(target_arch = "x86_64")]
+    denied.extend([libc::SYS_iopl, libc::SYS_ioperm, libc::SYS_uselib]);
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        denied.into_iter().map(|nr| (nr, Vec::new())).collect();
+    if !namespaces {
+        rules.insert(libc::SYS_unshare, Vec::new());
+        rules.insert(libc::SYS_setns, Vec::new());
+        // A clone with any namespace flag: one rule per flag (a rule matches on equality).
+        let flags = [
+            libc::CLONE_NEWNS,
+            libc::CLONE_NEWUSER,
+            libc::CLONE_NEWNET,
+            libc::CLONE_NEWPID,
+            libc::CLONE_NEWIPC,
+            libc::CLONE_NEWUTS,
+            libc::CLONE_NEWCGROUP,
+        ];
+        let clone = flags
+            .into_iter()
+            .map(|flag| {
+                let flag = flag as u64;
+                SeccompCondition::new(
+                    0,
+                    SeccompCmpArgLen::Qword,
+                    SeccompCmpOp::MaskedEq(flag),
+                    flag,
+                )
+                .and_then(|condition| SeccompRule::new(vec![condition]))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(fail)?;
+        rules.insert(libc::SYS_clone, clone);
+    }
+    let arch: seccompiler::TargetArch =
+        std::env::consts::ARCH
+            .try_into()
+            .map_err(|error: seccompiler::BackendError| {
+                io::Error::other(format!("seccomp: {error}"))
+            })?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|error| io::Error::other(format!("seccomp: {error}")))?;
+    let program: seccompiler::BpfProgram = filter.try_into().map_err(fail)?;
+    let mut prefix = prefix(namespaces);
+    prefix.extend(program);
+    Ok(prefix)
+}
+
+/// What the filter checks before seccompiler's rules: the architecture; on x86_64, no x32
+/// system call numbers (they would pass under other numbers); and `clone3` answered `ENOSYS`
+/// unless namespaces are allowed.
+fn prefix(namespaces: bool) -> Vec<seccompiler::sock_filter> {
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const JGE_K: u16 = 0x35;
+    const RET_K: u16 = 0x06;
+    const RET_KILL_PROCESS: u32 = 0x8000_0000;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    #[cfg(target_arch = "x86_64")]
+    const AUDIT_ARCH: u32 = 0xC000_003E;
+    #[cfg(target_arch = "aarch64")]
+    const AUDIT_ARCH: u32 = 0xC000_00B7;
+    let op = |code, k, jt, jf| seccompiler::sock_filter { code, jt, jf, k };
+    let mut program = vec![
+        op(LD_W_ABS, 4, 0, 0),
+        op(JEQ_K, AUDIT_ARCH, 1, 0),
+        op(RET_K, RET_KILL_PROCESS, 0, 0),
+        op(LD_W_ABS, 0, 0, 0),
+    ];
+    if cfg!(target_arch = "x86_64") {
+        program.push(op(JGE_K, 0x4000_0000, 0, 1));
+        program.push(op(RET_K, RET_ERRNO | libc::EPERM as u32, 0, 0));
+    }
+    if !namespaces {
+        program.push(op(JEQ_K, libc::SYS_clone3 as u32, 0, 1));
+        program.push(op(RET_K, RET_ERRNO | libc::ENOSYS as u32, 0, 0));
+    }
+    program
+}

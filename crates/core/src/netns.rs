@@ -1,0 +1,96 @@
+//! Network namespaces for sandboxed agents: made by agentd before the spawn (the keeper's
+//! child joins it), with loopback up and, for `PROXY`, the proxy's listener bound inside it.
+//! A socket keeps the namespace it was created in, so agentd serves the listener from its
+//! own namespace; the agent reaches nothing else.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use nix::libc;
+
+/// Where the proxy listens inside every agent's namespace (each has its own loopback).
+pub const PROXY_PORT: u16 = 3128;
+
+/// The proxy's address as the agent sees it.
+pub fn proxy_url() -> String {
+    format!("http://127.0.0.1:{PROXY_PORT}")
+}
+
+/// A new network namespace with only loopback.
+pub(crate) struct AgentNet {
+    /// Holds the namespace until the agent has joined it.
+    pub ns: OwnedFd,
+    /// The proxy's listener, bound inside it (`PROXY` only).
+    pub listener: Option<TcpListener>,
+}
+
+/// Makes a namespace on a thread of its own (a namespace belongs to the thread that
+/// unshares it), so no other thread of agentd ever leaves the host's network.
+pub(crate) fn create(proxy: bool) -> io::Result<AgentNet> {
+    on_own_thread(move || {
+        // SAFETY: plain flags; affects this thread only.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        loopback_up()?;
+        let listener = if proxy { Some(listen()?) } else { None };
+        let ns = OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net")?);
+        Ok(AgentNet { ns, listener })
+    })
+}
+
+/// The proxy's listener again inside the namespace of a running agent (after agentd
+/// restarted: the agent's namespace outlived the old listener).
+pub(crate) fn listen_in(pid: i32) -> io::Result<TcpListener> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    on_own_thread(move || {
+        // SAFETY: a namespace descriptor of ours; affects this thread only.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        listen()
+    })
+}
+
+fn on_own_thread<T: Send>(work: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(work)
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
+    })
+}
+
+fn listen() -> io::Result<TcpListener> {
+    let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_PORT)))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// `ip link set lo up`, with the ioctl that does it.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: a new datagram socket, owned at once.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if socket < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `socket` is a descriptor we own.
+    let socket = unsafe { OwnedFd::from_raw_fd(socket) };
+    // SAFETY: an all-zero ifreq is valid; the name is copied in with its NUL.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: a valid ifreq for the flag requests on a socket of ours.
+    unsafe {
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
