@@ -729,3 +729,47 @@ attempt("proxy", lambda: os.environ["HTTPS_PROXY"])
     denied(&answers, "agentd_socket");
     assert_eq!(ok(&answers, "proxy"), "ok 'http://127.0.0.1:3128'");
 }
+
+#[tokio::test]
+async fn after_a_daemon_restart_an_adopted_agent_still_has_its_proxy() {
+    if !requires(Need::Root) {
+        return;
+    }
+    let port = upstream("still here").await;
+    let options = ["--egress-resolve", "allowed.test=127.0.0.1"];
+    let daemon = Daemon::builder().options(&options).start().await;
+    let mut client = daemon.client().await;
+    // It waits for the word, then goes out: by then the daemon that made its proxy is gone.
+    let script = r#"
+import time
+go = os.environ["AGENTD_AGENT_DIR"] + "/go"
+deadline = time.time() + 60
+while not os.path.exists(go) and time.time() < deadline:
+    time.sleep(0.02)
+attempt("allowed", lambda: via_proxy("allowed.test"))
+"#;
+    let request = pb::SpawnRequest {
+        env: [("PORT".to_string(), port.to_string())].into(),
+        sandbox: Some(pb::Sandbox {
+            allow_hosts: vec!["allowed.test".into()],
+            ..sandbox()
+        }),
+        ..spawn_request("survivor", python(&format!("{THROUGH_PROXY}\n{script}")))
+    };
+    let spawned = spawn_with(&mut client, request).await;
+    let daemon = Daemon::builder()
+        .options(&options)
+        .dir(daemon.crash())
+        .start()
+        .await;
+    let mut client = daemon.client().await;
+    let adopted = status(&mut client, "survivor").await;
+    assert!(adopted.adopted, "{adopted:?}");
+    std::fs::write(Path::new(&spawned.agent_dir).join("go"), "").expect("the word");
+    let ended = wait_for(&mut client, "survivor", "no longer running", |status| {
+        status.state != AgentState::Running as i32
+    })
+    .await;
+    let answers = answers(&ended);
+    assert_eq!(ok(&answers, "allowed"), "ok 'still here'");
+}
