@@ -398,6 +398,52 @@ async fn spawn_latency(options: &Options, rows: &mut Rows) -> Result<()> {
     Ok(())
 }
 
+/// Spawn latency of sandboxed agents (the default sandbox: Landlock, mount and network
+/// namespaces, seccomp, and a proxy served into each namespace) against plain ones, taking
+/// turns on one daemon; then the time to stop all of them (the namespaces torn down). Needs
+/// root; without it the rows are left out and a line says so.
+async fn sandbox_cost(options: &Options, rows: &mut Rows) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("sandbox rows left out: sandboxes need agentd to run as root");
+        return Ok(());
+    }
+    let daemon = Daemon::start_with(&[]).await?;
+    let mut client = daemon.client().await?;
+    let (mut plain, mut boxed) = (Vec::new(), Vec::new());
+    for i in 0..options.latency_spawns {
+        let started = Instant::now();
+        client.spawn(sleeper(format!("plain-{i}"))).await?;
+        plain.push(ms(started.elapsed()));
+        let started = Instant::now();
+        client
+            .spawn(pb::SpawnRequest {
+                sandbox: Some(pb::Sandbox::default()),
+                ..sleeper(format!("boxed-{i}"))
+            })
+            .await?;
+        boxed.push(ms(started.elapsed()));
+    }
+    let mut differences: Vec<f64> = boxed.iter().zip(&plain).map(|(b, p)| b - p).collect();
+    differences.sort_by(f64::total_cmp);
+    rows.insert(
+        "spawn: default sandbox (PROXY) minus none, median of pairs (ms)".into(),
+        differences
+            .get(differences.len() / 2)
+            .copied()
+            .unwrap_or(0.0),
+    );
+    insert_percentiles(rows, "spawn", ", 1 in flight, default sandbox", &mut boxed);
+    let stopped = stop_all(&mut client, true).await?;
+    rows.insert(
+        format!(
+            "stop: {} sandboxed and {} plain agents, SIGKILL (ms)",
+            options.latency_spawns, options.latency_spawns
+        ),
+        ms(stopped),
+    );
+    daemon.close().await
+}
+
 /// The agent stamps the wall clock in nanoseconds and exits; the delay runs from that stamp
 /// until the EXITED event reaches the client.
 async fn exit_visible(options: &Options, rows: &mut Rows) -> Result<()> {
@@ -782,6 +828,7 @@ async fn main() -> Result<()> {
     }
     let mut rows = Rows::new();
     spawn_latency(&options, &mut rows).await?;
+    sandbox_cost(&options, &mut rows).await?;
     for &n in &options.n {
         spawn_status_list_stop(&options, n, &mut rows).await?;
     }
