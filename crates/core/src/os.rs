@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -85,6 +86,8 @@ pub(crate) struct System {
     described: String,
     root: bool,
     sandbox: SandboxSupport,
+    /// Network namespaces made ahead, from the first sandboxed spawn on.
+    nets: std::sync::OnceLock<Arc<netns::NetPool>>,
 }
 
 impl System {
@@ -100,6 +103,7 @@ impl System {
             described,
             root: nix::unistd::geteuid().is_root(),
             sandbox,
+            nets: std::sync::OnceLock::new(),
         }
     }
 
@@ -218,9 +222,10 @@ impl Os for System {
         };
         // Its own network: made here, joined by the child through this process's descriptor
         // (the keeper runs as agentd's user and opens it by path), held until it has.
+        let nets = || self.nets.get_or_init(netns::NetPool::start);
         let net = match order.network {
-            Some(Network::None) => Some(netns::create(false)?),
-            Some(Network::Proxy) => Some(netns::create(true)?),
+            Some(Network::None) => Some(nets().take(false)?),
+            Some(Network::Proxy) => Some(nets().take(true)?),
             Some(Network::Host) | None => None,
         };
         if let (Some(net), Some(confine)) = (&net, &mut order.setup.confine) {
