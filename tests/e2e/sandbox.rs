@@ -329,6 +329,17 @@ while True:
         .expect("status");
     let allowed = updated.sandbox.expect("sandbox").allow_hosts;
     assert!(allowed.contains(&"later.test".to_string()), "{allowed:?}");
+    // The same change over REST, repeated: the answer shows the hosts.
+    let answer = daemon
+        .http()
+        .post(
+            "/v1/agents/net:sandbox",
+            serde_json::json!({ "allowHosts": allowed }),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let shown = &answer.json()["status"]["sandbox"]["allowHosts"];
+    assert!(shown.to_string().contains("later.test"), "{shown}");
     let ended = wait_for_state(&mut client, "net", AgentState::Completed).await;
     let answers = answers(&ended);
     assert_eq!(ok(&answers, "allowed"), "ok 'hello from upstream'");

@@ -502,7 +502,7 @@ async fn remove(State(api): State<Api>, Path(agent_id): Path<String>) -> Answer 
     ok(response.get_ref())
 }
 
-/// `POST /v1/agents/{id}:stop`, `:pause`, `:resume`, `:restart` (custom methods, as Google's API style
+/// `POST /v1/agents/{id}:stop`, `:pause`, `:resume`, `:restart`, `:sandbox` (custom methods, as Google's API style
 /// guide writes them).
 async fn agent_verb(
     State(api): State<Api>,
@@ -548,6 +548,15 @@ async fn agent_verb(
         "restart" => {
             let request = pb::RestartRequest { agent_ids };
             let response = api.service.restart(tonic::Request::new(request)).await?;
+            ok(response.get_ref())
+        }
+        "sandbox" => {
+            let mut request: pb::UpdateSandboxRequest = body(&bytes)?;
+            request.agent_id = agent_id.to_string();
+            let response = api
+                .service
+                .update_sandbox(tonic::Request::new(request))
+                .await?;
             ok(response.get_ref())
         }
         _ => Err(no_such_route(&method, &uri)),
