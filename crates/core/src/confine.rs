@@ -660,3 +660,65 @@ fn prefix(namespaces: bool) -> Vec<seccompiler::sock_filter> {
     }
     program
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(step: &Step) -> String {
+        let s = |c: &CString| c.to_string_lossy().into_owned();
+        match step {
+            Step::Hold { path, slot } => format!("hold {} {slot}", s(path)),
+            Step::Tmpfs { target, .. } => format!("tmpfs {}", s(target)),
+            Step::MakeDir { path } => format!("mkdir {}", s(path)),
+            Step::MakeFile { path } => format!("touch {}", s(path)),
+            Step::Bind { source, target } => format!("bind {} {}", s(source), s(target)),
+            Step::ReadOnly { target, .. } => format!("ro {}", s(target)),
+        }
+    }
+
+    #[test]
+    fn the_mount_plan_hides_every_other_top_level_folder_and_binds_the_allowed_ones_back() {
+        let host = HostView {
+            top_dirs: ["etc", "home", "root", "tmp", "usr", "var"]
+                .map(String::from)
+                .into(),
+            secrets: vec![(PathBuf::from("/etc/shadow"), false)],
+        };
+        // /var/tmp beneath a hidden folder; /home allowed whole; /var/tmp/x inside /var/tmp.
+        let allowed = [
+            PathBuf::from("/var/tmp"),
+            PathBuf::from("/var/tmp/x"),
+            PathBuf::from("/home"),
+        ];
+        let steps: Vec<String> = mount_plan(&allowed, &host)
+            .expect("plan")
+            .iter()
+            .map(text)
+            .collect();
+        let has = |line: &str| steps.iter().any(|step| step == line);
+        assert!(!has("tmpfs /home"), "{steps:#?}");
+        assert!(has("tmpfs /root") && has("ro /root"), "{steps:#?}");
+        assert!(has("hold /var/tmp 900"), "{steps:#?}");
+        assert!(
+            has("mkdir /var/tmp") && has("bind /proc/self/fd/900 /var/tmp"),
+            "{steps:#?}"
+        );
+        // Held before the cover, bound after it, made read-only last.
+        let at = |line: &str| steps.iter().position(|step| step == line).expect(line);
+        assert!(at("hold /var/tmp 900") < at("tmpfs /var"));
+        assert!(at("tmpfs /var") < at("bind /proc/self/fd/900 /var/tmp"));
+        assert!(at("bind /proc/self/fd/900 /var/tmp") < at("ro /var"));
+        // The outer path brings the inner one.
+        assert!(
+            !steps.iter().any(|step| step.contains("/var/tmp/x")),
+            "{steps:#?}"
+        );
+        // Private and writable: never made read-only.
+        assert!(has("tmpfs /tmp") && !has("ro /tmp"), "{steps:#?}");
+        assert!(
+            has("bind /dev/null /etc/shadow") && has("ro /etc/shadow"),
+            "{steps:#?}"
+        );
+    }
+}
