@@ -295,7 +295,7 @@ impl Prepared {
                 .map(|path| c_path(Path::new(path)))
                 .collect::<io::Result<_>>()?,
             all_rights: all_rights(),
-            seccomp: seccomp_program(confinement.namespaces)?,
+            seccomp: seccomp_cached(confinement.namespaces)?,
         })
     }
 
@@ -521,6 +521,19 @@ fn landlock_ruleset(read: &[PathBuf], write: &[PathBuf]) -> io::Result<OwnedFd> 
             "this kernel has no Landlock: the agent's files cannot be confined",
         )
     })
+}
+
+/// The filter for `namespaces`, compiled once per keeper (it is the same for every agent).
+fn seccomp_cached(namespaces: bool) -> io::Result<Vec<seccompiler::sock_filter>> {
+    use std::sync::OnceLock;
+    static PROGRAMS: [OnceLock<Vec<seccompiler::sock_filter>>; 2] =
+        [OnceLock::new(), OnceLock::new()];
+    let slot = &PROGRAMS[usize::from(namespaces)];
+    if let Some(program) = slot.get() {
+        return Ok(program.clone());
+    }
+    let program = seccomp_program(namespaces)?;
+    Ok(slot.get_or_init(|| program).clone())
 }
 
 /// System calls no agent needs, refused with `EPERM`; `namespaces` leaves namespace creation
