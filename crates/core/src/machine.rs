@@ -16,17 +16,14 @@
 //! empty ([`AgentMachine::leader_exited`], [`AgentMachine::group_gone`]).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 
 use crate::agent::{AgentRecord, AgentStatus};
-use crate::egress::EgressCounts;
 use crate::events::EventKind;
 use crate::health::Alert;
 use crate::lifecycle::{RunEnd, wants_restart};
-use crate::spec::AgentSpec;
 use crate::state::{AgentState, Containment, EndReason, Exit, StopReason, TreeSample};
 use crate::stop::{Step, StopOutcome};
 
@@ -261,17 +258,6 @@ impl AgentMachine {
 
     pub fn record(&self) -> &AgentRecord {
         &self.record
-    }
-
-    /// Its proxy's counts, as they stand (written with the record's next change).
-    pub fn set_egress(&mut self, counts: EgressCounts) {
-        self.record.egress = counts;
-    }
-
-    /// Its spec with a new sandbox (UpdateSandbox).
-    pub fn set_spec(&mut self, spec: Arc<AgentSpec>, out: &mut Vec<Effect>) {
-        self.record.spec = spec;
-        out.push(Effect::Persist);
     }
 
     #[cfg(test)]

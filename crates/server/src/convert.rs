@@ -7,12 +7,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use agentd_core::{
     AgentHistory, AgentState, AgentStatus, Alert, Backoff, Containment, EndReason, Error, Event,
     EventKind, Exit, Health, HealthAction, HealthMetric, HealthPolicy, LifecyclePolicy, ListFilter,
-    ListPage, Network, ParentExit, ProgressReport, ReapReport, Resources, RestartPolicy, Sandbox,
-    SandboxRequest, SpawnRequest, StopOutcome, StopReport, Summary,
+    ListPage, ParentExit, ProgressReport, ReapReport, Resources, RestartPolicy, SpawnRequest,
+    StopOutcome, StopReport, Summary,
 };
 use agentd_proto::v1 as pb;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
+
+mod sandbox;
 
 /// A supervisor enum and the `agentd.v1` enum that mirrors it, variant for variant. Declared
 /// once per pair with [`mirror!`], which writes both directions.
@@ -357,50 +359,8 @@ pub fn spawn_request(request: pb::SpawnRequest) -> Result<SpawnRequest, Status> 
         resources: resources(request.resources.unwrap_or_default()),
         user: request.user,
         group: request.group,
-        sandbox: request.sandbox.map(sandbox_request).transpose()?,
+        sandbox: request.sandbox.map(sandbox::request).transpose()?,
     })
-}
-
-fn sandbox_request(sandbox: pb::Sandbox) -> Result<SandboxRequest, Status> {
-    let network = match pb::NetworkMode::try_from(sandbox.network) {
-        Ok(pb::NetworkMode::Unspecified) => None,
-        Ok(pb::NetworkMode::Host) => Some(Network::Host),
-        Ok(pb::NetworkMode::None) => Some(Network::None),
-        Ok(pb::NetworkMode::Proxy) => Some(Network::Proxy),
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "invalid `sandbox.network`: {} is not a NetworkMode (give HOST, NONE or PROXY)",
-                sandbox.network
-            )));
-        }
-    };
-    Ok(SandboxRequest {
-        network,
-        allow_hosts: sandbox.allow_hosts,
-        read_paths: sandbox.read_paths,
-        write_paths: sandbox.write_paths,
-        allow_namespaces: sandbox.allow_namespaces,
-    })
-}
-
-fn sandbox_message(sandbox: &Sandbox) -> pb::Sandbox {
-    let path = |path: &std::path::PathBuf| path.to_string_lossy().into_owned();
-    pb::Sandbox {
-        network: match sandbox.network {
-            Network::Host => pb::NetworkMode::Host,
-            Network::None => pb::NetworkMode::None,
-            Network::Proxy => pb::NetworkMode::Proxy,
-        }
-        .into(),
-        allow_hosts: sandbox
-            .allow_hosts
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
-        read_paths: sandbox.read_paths.iter().map(path).collect(),
-        write_paths: sandbox.write_paths.iter().map(path).collect(),
-        allow_namespaces: sandbox.allow_namespaces,
-    }
 }
 
 /// Zero means no limit; ranges are the supervisor's to check.
@@ -589,17 +549,8 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
             .as_ref()
             .map_or(String::new(), |run_as| run_as.gid.to_string()),
         limit_fallbacks: record.limit_fallbacks.clone(),
-        sandbox: spec.sandbox.as_ref().map(sandbox_message),
-        egress: spec
-            .sandbox
-            .as_ref()
-            .filter(|sandbox| sandbox.network == Network::Proxy)
-            .map(|_| pb::Egress {
-                allowed: record.egress.allowed,
-                denied: record.egress.denied,
-                bytes_up: record.egress.bytes_up,
-                bytes_down: record.egress.bytes_down,
-            }),
+        sandbox: spec.sandbox.as_ref().map(sandbox::message),
+        egress: sandbox::egress(record),
     }
 }
 
@@ -670,14 +621,7 @@ pub fn summary(summary: &Summary) -> pb::GetSummaryResponse {
         store_bytes: summary.store_bytes,
         // The service adds the host's figures: they are not the supervisor's.
         host: None,
-        sandbox: summary.sandbox.as_ref().map(|support| pb::SandboxSupport {
-            landlock_abi: support.landlock_abi,
-            seccomp: support.seccomp,
-            network_namespaces: support.network_namespaces,
-            user_namespaces: support.user_namespaces,
-            privileged: support.privileged,
-            detail: support.describe(),
-        }),
+        sandbox: summary.sandbox.as_ref().map(sandbox::support),
         unhealthy: summary
             .unhealthy
             .iter()

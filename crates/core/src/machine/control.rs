@@ -1,11 +1,27 @@
-//! What a client asks of a machine besides a stop: pause, resume and restart.
+//! What a client asks of a machine besides a stop: pause, resume, restart and a new
+//! sandbox; and the proxy's counts.
 
+use std::sync::Arc;
+
+use crate::egress::EgressCounts;
 use crate::events::EventKind;
+use crate::spec::AgentSpec;
 use crate::state::{AgentState, StopReason};
 
 use super::{AgentMachine, Effect, Now, Phase};
 
 impl AgentMachine {
+    /// Its proxy's counts, as they stand (written with the record's next change).
+    pub fn set_egress(&mut self, counts: EgressCounts) {
+        self.record.egress = counts;
+    }
+
+    /// Its spec with a new sandbox (UpdateSandbox).
+    pub fn set_spec(&mut self, spec: Arc<AgentSpec>, out: &mut Vec<Effect>) {
+        self.record.spec = spec;
+        out.push(Effect::Persist);
+    }
+
     /// Freezes a running agent. `Err` with its state when it is not running; pausing a
     /// paused agent changes nothing.
     pub fn pause(&mut self, now: Now, out: &mut Vec<Effect>) -> Result<(), AgentState> {
