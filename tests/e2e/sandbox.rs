@@ -68,11 +68,53 @@ fn sandbox() -> pb::Sandbox {
     pb::Sandbox::default()
 }
 
+/// Asks the kernel's audit (over netlink, as `auditctl -e` does) whether it is on, and turns
+/// it on or off.
+const AUDIT: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 9)
+s.bind((0, 0))
+s.send(struct.pack("IHHII", 16, 1000, 1, 1, 0))
+print(struct.unpack("II", s.recv(8192)[16:24])[1])
+if len(sys.argv) > 1:
+    status = struct.pack("8I", 1, int(sys.argv[1]), 0, 0, 0, 0, 0, 0)
+    s.send(struct.pack("IHHII", 16 + len(status), 1001, 5, 2, 0) + status)
+    sys.exit(struct.unpack("i", s.recv(8192)[16:20])[0] != 0)
+"#;
+
+/// The kernel's audit on (Landlock reports denials only then) while it lives, as it was
+/// after.
+struct AuditOn(String);
+
+impl AuditOn {
+    fn new() -> AuditOn {
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new(PYTHON)
+                .args(["-c", AUDIT])
+                .args(args)
+                .output()
+                .expect("python");
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        AuditOn(run(&["1"]))
+    }
+}
+
+impl Drop for AuditOn {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(PYTHON)
+            .args(["-c", AUDIT, &self.0])
+            .output();
+    }
+}
+
 #[tokio::test]
 async fn a_sandboxed_agent_reads_and_writes_only_what_it_was_given() {
     if !requires(Need::Root) {
         return;
     }
+    let _audit = AuditOn::new();
     let daemon = Daemon::start().await;
     let mut client = daemon.client().await;
     // Another agent, unsandboxed, whose prompt and output are its own.
@@ -180,6 +222,28 @@ attempt("home", lambda: E["HOME"])
         std::fs::read_to_string(given.path().join("notes.txt")).expect("notes"),
         "given to read"
     );
+    // With the kernel's audit on, Landlock reported its refusals (ABI 7 and later), and
+    // agentd counted them for this agent.
+    let support = client
+        .get_summary(pb::GetSummaryRequest::default())
+        .await
+        .expect("summary")
+        .into_inner()
+        .sandbox
+        .expect("sandbox support");
+    assert_eq!(
+        support.file_denials_counted,
+        support.landlock_abi >= 7,
+        "{support:?}"
+    );
+    if support.file_denials_counted {
+        let counted = wait_for(&mut client, "boxed", "counted its refused files", |s| {
+            s.denials.is_some_and(|d| d.files >= 3)
+        })
+        .await;
+        assert_eq!(counted.denials.map(|d| d.syscalls), Some(0));
+    }
+    assert_eq!(status(&mut client, "victim").await.denials, None);
     kill_all(&mut client).await;
 }
 
@@ -403,6 +467,15 @@ async fn a_sandboxed_agent_cannot_change_the_host_or_touch_other_processes() {
     }
     let daemon = Daemon::start().await;
     let mut client = daemon.client().await;
+    let mut events = client
+        .watch_agents(pb::WatchAgentsRequest {
+            agent_ids: vec!["prober".into()],
+            kinds: vec![pb::EventKind::SandboxDenied as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
     let sibling = spawn_with(
         &mut client,
         pb::SpawnRequest {
@@ -483,6 +556,37 @@ print("caps=ok " + " ".join(caps))
     assert_eq!(
         status(&mut client, "sibling").await.state,
         AgentState::Running as i32
+    );
+    // The kernel reported every refused call (the ten above, and the setuid program's),
+    // and agentd counted them for the prober and told its watchers which.
+    let support = client
+        .get_summary(pb::GetSummaryRequest::default())
+        .await
+        .expect("summary")
+        .into_inner()
+        .sandbox
+        .expect("sandbox support");
+    assert!(support.syscall_denials_counted, "{support:?}");
+    wait_for(&mut client, "prober", "counted its refused calls", |s| {
+        s.denials.is_some_and(|d| d.syscalls >= 10)
+    })
+    .await;
+    let mut named = Vec::new();
+    while !named.iter().any(|m: &String| m.ends_with(": mount")) {
+        let event = next_event(&mut events).await;
+        assert_eq!(event.kind, pb::EventKind::SandboxDenied as i32, "{event:?}");
+        named.push(event.message);
+    }
+    assert!(
+        named.iter().all(|m| m.starts_with("system call refused: ")),
+        "{named:?}"
+    );
+    assert_eq!(
+        status(&mut client, "sibling")
+            .await
+            .denials
+            .map(|d| d.syscalls),
+        Some(0)
     );
     kill_all(&mut client).await;
 }

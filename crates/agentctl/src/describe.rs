@@ -63,7 +63,7 @@ const GROUPS: &[(&str, &[&str])] = &[
         "Limits and policies",
         &["resources", "limit_fallbacks", "restart_policy"],
     ),
-    ("Sandbox", &["sandbox", "egress"]),
+    ("Sandbox", &["sandbox", "egress", "denials"]),
     (
         "Lifecycle",
         &[

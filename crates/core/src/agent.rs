@@ -76,6 +76,18 @@ pub struct AgentRecord {
     /// A `PROXY` agent's connections through its proxy, in all its runs.
     #[serde(default)]
     pub egress: EgressCounts,
+    /// What the kernel refused a sandboxed agent, in all its runs.
+    #[serde(default)]
+    pub denials: SandboxDenials,
+}
+
+/// What the kernel's audit records said a sandboxed agent was refused (`audit.rs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxDenials {
+    /// Landlock: files (and sockets and scopes where the kernel confines them).
+    pub files: u64,
+    /// seccomp: system calls.
+    pub syscalls: u64,
 }
 
 impl AgentRecord {
@@ -109,6 +121,7 @@ impl AgentRecord {
             cgroup: None,
             limit_fallbacks: Vec::new(),
             egress: EgressCounts::default(),
+            denials: SandboxDenials::default(),
         }
     }
 

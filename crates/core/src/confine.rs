@@ -273,7 +273,12 @@ pub(crate) struct Prepared {
     private: Vec<CString>,
     /// Every right the ruleset handles on this kernel.
     all_rights: u64,
+    /// `landlock_restrict_self` flags: denials after the exec logged, where the kernel can.
+    landlock_flags: u32,
     seccomp: Vec<seccompiler::sock_filter>,
+    /// `clone3` answered `ENOSYS` (unless namespaces are allowed), in a filter of its own
+    /// that is not logged: every fork tries it first, and that is no denial.
+    quiet: Option<[seccompiler::sock_filter; 4]>,
 }
 
 impl Prepared {
@@ -295,7 +300,13 @@ impl Prepared {
                 .map(|path| c_path(Path::new(path)))
                 .collect::<io::Result<_>>()?,
             all_rights: all_rights(),
+            landlock_flags: if landlock_abi() >= 7 {
+                LANDLOCK_RESTRICT_SELF_LOG_NEW_EXEC_ON
+            } else {
+                0
+            },
             seccomp: seccomp_cached(confinement.namespaces)?,
+            quiet: (!confinement.namespaces).then(clone3_enosys),
         })
     }
 
@@ -404,7 +415,8 @@ impl Prepared {
         }
     }
 
-    /// In the child, last before exec (after `no_new_privs`): Landlock, then seccomp.
+    /// In the child, last before exec (after `no_new_privs`): Landlock, then seccomp. The
+    /// kernel reports their denials to its audit log (see `audit.rs`).
     pub(crate) fn restrict(&self) -> io::Result<()> {
         let check = |result: libc::c_long| {
             if result < 0 {
@@ -413,24 +425,36 @@ impl Prepared {
                 Ok(())
             }
         };
-        let program = libc::sock_fprog {
-            len: self.seccomp.len() as u16,
-            filter: self.seccomp.as_ptr().cast_mut().cast(),
+        let install = |filter: &[seccompiler::sock_filter], flags: libc::c_ulong| {
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut().cast(),
+            };
+            // SAFETY: a pointer to a live filter program.
+            check(unsafe {
+                libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    flags,
+                    &program as *const libc::sock_fprog,
+                )
+            })
         };
-        // SAFETY: a ruleset descriptor of ours, and a pointer to a live filter program.
-        unsafe {
-            check(libc::syscall(
+        // SAFETY: a ruleset descriptor of ours.
+        check(unsafe {
+            libc::syscall(
                 libc::SYS_landlock_restrict_self,
                 self.landlock.as_raw_fd(),
-                0,
-            ))?;
-            check(libc::syscall(
-                libc::SYS_seccomp,
-                libc::SECCOMP_SET_MODE_FILTER,
-                0,
-                &program as *const libc::sock_fprog,
-            ))
+                self.landlock_flags,
+            )
+        })?;
+        if let Some(quiet) = &self.quiet {
+            install(quiet, 0)?;
         }
+        install(
+            &self.seccomp,
+            libc::SECCOMP_FILTER_FLAG_LOG as libc::c_ulong,
+        )
     }
 }
 
@@ -442,6 +466,9 @@ struct PathBeneath {
 }
 
 const LANDLOCK_RULE_PATH_BENEATH: libc::c_int = 1;
+/// Landlock ABI 7: log denials made after the exec too (by default only those made by the
+/// program that called `landlock_restrict_self`, here agentd's child before it execs).
+const LANDLOCK_RESTRICT_SELF_LOG_NEW_EXEC_ON: u32 = 1 << 1;
 
 /// The newest Landlock ABI whose rights this code has been written for.
 const NEWEST_ABI: landlock::ABI = landlock::ABI::V9;
@@ -523,6 +550,73 @@ fn landlock_ruleset(read: &[PathBuf], write: &[PathBuf]) -> io::Result<OwnedFd> 
     })
 }
 
+/// System calls no agent needs, refused with `EPERM`, and their names (for denial events).
+const DENIED_SYSCALLS: &[(libc::c_long, &str)] = &[
+    (libc::SYS_mount, "mount"),
+    (libc::SYS_umount2, "umount2"),
+    (libc::SYS_pivot_root, "pivot_root"),
+    (libc::SYS_move_mount, "move_mount"),
+    (libc::SYS_open_tree, "open_tree"),
+    (libc::SYS_fsopen, "fsopen"),
+    (libc::SYS_fsconfig, "fsconfig"),
+    (libc::SYS_fsmount, "fsmount"),
+    (libc::SYS_fspick, "fspick"),
+    (libc::SYS_mount_setattr, "mount_setattr"),
+    (libc::SYS_swapon, "swapon"),
+    (libc::SYS_swapoff, "swapoff"),
+    (libc::SYS_reboot, "reboot"),
+    (libc::SYS_kexec_load, "kexec_load"),
+    (libc::SYS_kexec_file_load, "kexec_file_load"),
+    (libc::SYS_init_module, "init_module"),
+    (libc::SYS_finit_module, "finit_module"),
+    (libc::SYS_delete_module, "delete_module"),
+    (libc::SYS_bpf, "bpf"),
+    (libc::SYS_perf_event_open, "perf_event_open"),
+    (libc::SYS_keyctl, "keyctl"),
+    (libc::SYS_add_key, "add_key"),
+    (libc::SYS_request_key, "request_key"),
+    (libc::SYS_ptrace, "ptrace"),
+    (libc::SYS_process_vm_readv, "process_vm_readv"),
+    (libc::SYS_process_vm_writev, "process_vm_writev"),
+    (libc::SYS_userfaultfd, "userfaultfd"),
+    (libc::SYS_acct, "acct"),
+    (libc::SYS_quotactl, "quotactl"),
+    (libc::SYS_syslog, "syslog"),
+    (libc::SYS_settimeofday, "settimeofday"),
+    (libc::SYS_clock_settime, "clock_settime"),
+    (libc::SYS_clock_adjtime, "clock_adjtime"),
+    (libc::SYS_adjtimex, "adjtimex"),
+    (libc::SYS_sethostname, "sethostname"),
+    (libc::SYS_setdomainname, "setdomainname"),
+    (libc::SYS_open_by_handle_at, "open_by_handle_at"),
+    (libc::SYS_name_to_handle_at, "name_to_handle_at"),
+    (libc::SYS_fanotify_init, "fanotify_init"),
+    (libc::SYS_vhangup, "vhangup"),
+    (libc::SYS_io_uring_setup, "io_uring_setup"),
+    (libc::SYS_io_uring_enter, "io_uring_enter"),
+    (libc::SYS_io_uring_register, "io_uring_register"),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_iopl, "iopl"),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_ioperm, "ioperm"),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_uselib, "uselib"),
+];
+
+/// The name of a system call the filter refuses, for a denial the kernel reported.
+pub fn syscall_name(nr: i64) -> Option<&'static str> {
+    let namespaces: &[(libc::c_long, &str)] = &[
+        (libc::SYS_unshare, "unshare"),
+        (libc::SYS_setns, "setns"),
+        (libc::SYS_clone, "clone"),
+    ];
+    DENIED_SYSCALLS
+        .iter()
+        .chain(namespaces)
+        .find(|&&(number, _)| number == nr)
+        .map(|&(_, name)| name)
+}
+
 /// The filter for `namespaces`, compiled once per keeper (it is the same for every agent).
 fn seccomp_cached(namespaces: bool) -> io::Result<Vec<seccompiler::sock_filter>> {
     use std::sync::OnceLock;
@@ -537,63 +631,17 @@ fn seccomp_cached(namespaces: bool) -> io::Result<Vec<seccompiler::sock_filter>>
 }
 
 /// System calls no agent needs, refused with `EPERM`; `namespaces` leaves namespace creation
-/// allowed. `clone3` is refused with `ENOSYS` (its flags cannot be read by a filter), which
-/// makes the C library fall back to `clone`, whose flags are checked.
+/// allowed (without it, `clone3` is refused by [`clone3_enosys`]).
 fn seccomp_program(namespaces: bool) -> io::Result<Vec<seccompiler::sock_filter>> {
     use seccompiler::{
         SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
     };
     use std::collections::BTreeMap;
     let fail = |error: seccompiler::BackendError| io::Error::other(format!("seccomp: {error}"));
-    let mut denied: Vec<libc::c_long> = vec![
-        libc::SYS_mount,
-        libc::SYS_umount2,
-        libc::SYS_pivot_root,
-        libc::SYS_move_mount,
-        libc::SYS_open_tree,
-        libc::SYS_fsopen,
-        libc::SYS_fsconfig,
-        libc::SYS_fsmount,
-        libc::SYS_fspick,
-        libc::SYS_mount_setattr,
-        libc::SYS_swapon,
-        libc::SYS_swapoff,
-        libc::SYS_reboot,
-        libc::SYS_kexec_load,
-        libc::SYS_kexec_file_load,
-        libc::SYS_init_module,
-        libc::SYS_finit_module,
-        libc::SYS_delete_module,
-        libc::SYS_bpf,
-        libc::SYS_perf_event_open,
-        libc::SYS_keyctl,
-        libc::SYS_add_key,
-        libc::SYS_request_key,
-        libc::SYS_ptrace,
-        libc::SYS_process_vm_readv,
-        libc::SYS_process_vm_writev,
-        libc::SYS_userfaultfd,
-        libc::SYS_acct,
-        libc::SYS_quotactl,
-        libc::SYS_syslog,
-        libc::SYS_settimeofday,
-        libc::SYS_clock_settime,
-        libc::SYS_clock_adjtime,
-        libc::SYS_adjtimex,
-        libc::SYS_sethostname,
-        libc::SYS_setdomainname,
-        libc::SYS_open_by_handle_at,
-        libc::SYS_name_to_handle_at,
-        libc::SYS_fanotify_init,
-        libc::SYS_vhangup,
-        libc::SYS_io_uring_setup,
-        libc::SYS_io_uring_enter,
-        libc::SYS_io_uring_register,
-    ];
-    #[cfg(target_arch = "x86_64")]
-    denied.extend([libc::SYS_iopl, libc::SYS_ioperm, libc::SYS_uselib]);
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        denied.into_iter().map(|nr| (nr, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED_SYSCALLS
+        .iter()
+        .map(|&(nr, _)| (nr, Vec::new()))
+        .collect();
     if !namespaces {
         rules.insert(libc::SYS_unshare, Vec::new());
         rules.insert(libc::SYS_setns, Vec::new());
@@ -637,21 +685,34 @@ fn seccomp_program(namespaces: bool) -> io::Result<Vec<seccompiler::sock_filter>
     )
     .map_err(|error| io::Error::other(format!("seccomp: {error}")))?;
     let program: seccompiler::BpfProgram = filter.try_into().map_err(fail)?;
-    let mut prefix = prefix(namespaces);
+    let mut prefix = prefix();
     prefix.extend(program);
     Ok(prefix)
 }
 
-/// What the filter checks before seccompiler's rules: the architecture; on x86_64, no x32
-/// system call numbers (they would pass under other numbers); and `clone3` answered `ENOSYS`
-/// unless namespaces are allowed.
-fn prefix(namespaces: bool) -> Vec<seccompiler::sock_filter> {
-    const LD_W_ABS: u16 = 0x20;
-    const JEQ_K: u16 = 0x15;
+const LD_W_ABS: u16 = 0x20;
+const JEQ_K: u16 = 0x15;
+const RET_K: u16 = 0x06;
+const RET_ERRNO: u32 = 0x0005_0000;
+
+/// `clone3` refused with `ENOSYS` (its flags cannot be read by a filter), which makes the C
+/// library fall back to `clone`, whose flags are checked.
+fn clone3_enosys() -> [seccompiler::sock_filter; 4] {
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    let op = |code, k, jt, jf| seccompiler::sock_filter { code, jt, jf, k };
+    [
+        op(LD_W_ABS, 0, 0, 0),
+        op(JEQ_K, libc::SYS_clone3 as u32, 0, 1),
+        op(RET_K, RET_ERRNO | libc::ENOSYS as u32, 0, 0),
+        op(RET_K, RET_ALLOW, 0, 0),
+    ]
+}
+
+/// What the filter checks before seccompiler's rules: the architecture, and on x86_64 no x32
+/// system call numbers (they would pass under other numbers).
+fn prefix() -> Vec<seccompiler::sock_filter> {
     const JGE_K: u16 = 0x35;
-    const RET_K: u16 = 0x06;
     const RET_KILL_PROCESS: u32 = 0x8000_0000;
-    const RET_ERRNO: u32 = 0x0005_0000;
     #[cfg(target_arch = "x86_64")]
     const AUDIT_ARCH: u32 = 0xC000_003E;
     #[cfg(target_arch = "aarch64")]
@@ -666,10 +727,6 @@ fn prefix(namespaces: bool) -> Vec<seccompiler::sock_filter> {
     if cfg!(target_arch = "x86_64") {
         program.push(op(JGE_K, 0x4000_0000, 0, 1));
         program.push(op(RET_K, RET_ERRNO | libc::EPERM as u32, 0, 0));
-    }
-    if !namespaces {
-        program.push(op(JEQ_K, libc::SYS_clone3 as u32, 0, 1));
-        program.push(op(RET_K, RET_ERRNO | libc::ENOSYS as u32, 0, 0));
     }
     program
 }

@@ -47,6 +47,8 @@ pub enum EventKind {
     EgressDenied,
     /// UpdateSandbox changed the agent's `allow_hosts`.
     SandboxUpdated,
+    /// The kernel refused a sandboxed agent a file or a system call.
+    SandboxDenied,
 }
 
 /// A connection a sandboxed agent's proxy refused.

@@ -150,6 +150,8 @@ pub(crate) enum Command {
     GroupsGone(Vec<(String, i32)>),
     /// The keeper reaped one of its children.
     KeptExit(KeptExit),
+    /// The kernel refused a process something (a sandboxed agent's, perhaps).
+    KernelDenied(crate::audit::KernelDenial),
     /// A command sent inside a span (tracing is on): the supervisor's spans for it continue it.
     Traced(tracing::Span, Box<Command>),
     /// Something the supervisor depends on broke (the sampler thread died): it stops, and

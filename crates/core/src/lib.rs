@@ -7,6 +7,7 @@
 
 mod agent;
 mod agent_dir;
+mod audit;
 mod cgroup;
 mod clock;
 mod config;

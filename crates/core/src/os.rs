@@ -206,7 +206,8 @@ impl Os for System {
     }
 
     fn sandbox_support(&self) -> SandboxSupport {
-        self.sandbox.clone()
+        let listening = self.sandbox.syscall_denials;
+        self.sandbox.clone().reporting(listening)
     }
 
     fn proxy_listener(&self, pid: i32) -> io::Result<std::net::TcpListener> {

@@ -269,6 +269,10 @@ pub struct SandboxSupport {
     pub privileged: bool,
     /// The keeper that runs knows how to confine (one left by an older agentd does not).
     pub keeper: bool,
+    /// agentd reads the kernel's audit records (`audit.rs`): seccomp denials are counted.
+    pub syscall_denials: bool,
+    /// Landlock reports denials and the kernel's audit is on: file denials are counted.
+    pub file_denials: bool,
 }
 
 impl SandboxSupport {
@@ -287,14 +291,26 @@ impl SandboxSupport {
             user_namespaces,
             privileged: nix::unistd::geteuid().is_root(),
             keeper,
+            syscall_denials: false,
+            file_denials: false,
         }
+    }
+
+    /// With what agentd learns of the kernel's reports: whether it reads them, and whether
+    /// audit is on now.
+    pub(crate) fn reporting(mut self, listening: bool) -> SandboxSupport {
+        self.syscall_denials = listening;
+        self.file_denials =
+            listening && self.landlock_abi >= 7 && crate::audit::enabled() == Some(true);
+        self
     }
 
     /// One line for the log and GetSummary.
     pub fn describe(&self) -> String {
         let yes = |on: bool| if on { "yes" } else { "no" };
         format!(
-            "Landlock ABI {}, seccomp {}, network namespaces {}, user namespaces {}, agentd {}",
+            "Landlock ABI {}, seccomp {}, network namespaces {}, user namespaces {}, agentd {}; \
+             denials: {}",
             self.landlock_abi,
             yes(self.seccomp),
             yes(self.network_namespaces),
@@ -303,6 +319,13 @@ impl SandboxSupport {
                 "root (sandboxes available)"
             } else {
                 "not root (no sandboxes: they need mount and network namespaces)"
+            },
+            match (self.syscall_denials, self.file_denials) {
+                (false, _) => "not counted (the kernel's audit records cannot be read)",
+                (true, true) => "system calls and files counted",
+                (true, false) if self.landlock_abi < 7 =>
+                    "system calls counted, files not (Landlock reports from ABI 7)",
+                (true, false) => "system calls counted, files only while the kernel's audit is on",
             }
         )
     }

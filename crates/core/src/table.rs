@@ -80,6 +80,23 @@ impl AgentTable {
         }
     }
 
+    /// The agent whose leader is `pid` (a child of ours, or adopted): a live one, or with
+    /// `ended`, one whose last run it led.
+    pub fn by_leader(&self, pid: i32, ended: bool) -> Option<&String> {
+        let fits = |machine: &AgentMachine| {
+            let record = machine.record();
+            record.pid == Some(pid) && (ended || record.state.is_live())
+        };
+        self.by_pid
+            .get(&pid)
+            .filter(|id| self.agents.get(*id).is_some_and(fits))
+            .or_else(|| {
+                self.agents
+                    .iter()
+                    .find_map(|(id, machine)| fits(machine).then_some(id))
+            })
+    }
+
     pub fn take_child(&mut self, pid: i32) -> Option<String> {
         self.by_pid.remove(&pid)
     }

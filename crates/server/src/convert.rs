@@ -84,7 +84,7 @@ mirror!(Health = pb::Health, unspecified: None, [
 mirror!(EventKind = pb::EventKind, unspecified: None, [
     Spawned, Exited, Failed, Stopping, Killed, Health, Progress, Lost, Adopted, Snapshot,
     Stalled, Alert, Recovered, Restarting, TimedOut, Removed, Paused, Resumed, OomKilled,
-    EgressDenied, SandboxUpdated,
+    EgressDenied, SandboxUpdated, SandboxDenied,
 ]);
 mirror!(EndReason = pb::EndReason, unspecified: Some(EndReason::Unspecified), [
     Unspecified, Exited, Signaled, Stopped, TimedOut, HealthAction, StartFailed, OomKilled, Lost,
@@ -551,6 +551,7 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
         limit_fallbacks: record.limit_fallbacks.clone(),
         sandbox: spec.sandbox.as_ref().map(sandbox::message),
         egress: sandbox::egress(record),
+        denials: sandbox::denials(record),
     }
 }
 

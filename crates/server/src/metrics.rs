@@ -58,6 +58,9 @@ pub struct Metrics {
     agent_cpu: Family<Vec<(String, String)>, FloatGauge>,
     agent_memory: Family<Vec<(String, String)>, Gauge>,
     agent_restarts: Family<Vec<(String, String)>, Gauge>,
+    /// A sandboxed agent's refusals so far, by `kind`: connection (its proxy), file
+    /// (Landlock), syscall (seccomp).
+    agent_denials: Family<Vec<(String, String)>, Gauge>,
     /// One scrape at a time: a scrape clears and refills the gauges.
     scrape: tokio::sync::Mutex<()>,
 }
@@ -133,6 +136,7 @@ impl Metrics {
             agent_cpu: Family::default(),
             agent_memory: Family::default(),
             agent_restarts: Family::default(),
+            agent_denials: Family::default(),
             per_agent,
             scrape: tokio::sync::Mutex::new(()),
             registry: Registry::with_prefix("agentd"),
@@ -226,6 +230,12 @@ impl Metrics {
                 "Times the restart policy started the agent again",
                 metrics.agent_restarts.clone(),
             );
+            r.register(
+                "agent_sandbox_denials",
+                "What a sandboxed agent was refused so far, by kind: connection (its proxy), \
+                 file (Landlock), syscall (seccomp)",
+                metrics.agent_denials.clone(),
+            );
         }
         metrics
     }
@@ -275,6 +285,7 @@ impl Metrics {
             self.agent_cpu.clear();
             self.agent_memory.clear();
             self.agent_restarts.clear();
+            self.agent_denials.clear();
             for status in page
                 .agents
                 .iter()
@@ -295,6 +306,20 @@ impl Metrics {
                 self.agent_restarts
                     .get_or_create(&labels)
                     .set(i64::from(status.record.restart_count));
+                if status.record.spec.sandbox.is_some() {
+                    let record = &status.record;
+                    for (kind, count) in [
+                        ("connection", record.egress.denied),
+                        ("file", record.denials.files),
+                        ("syscall", record.denials.syscalls),
+                    ] {
+                        let mut labels = labels.clone();
+                        labels.push(("kind".to_string(), kind.to_string()));
+                        self.agent_denials
+                            .get_or_create(&labels)
+                            .set(i64::try_from(count).unwrap_or(i64::MAX));
+                    }
+                }
             }
         }
         let mut text = String::new();

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::agent::SandboxDenials;
 use crate::egress::EgressCounts;
 use crate::events::EventKind;
 use crate::spec::AgentSpec;
@@ -14,6 +15,11 @@ impl AgentMachine {
     /// Its proxy's counts, as they stand (written with the record's next change).
     pub fn set_egress(&mut self, counts: EgressCounts) {
         self.record.egress = counts;
+    }
+
+    /// What the kernel refused it, to count one more (written with the record's next change).
+    pub fn denials_mut(&mut self) -> &mut SandboxDenials {
+        &mut self.record.denials
     }
 
     /// Its spec with a new sandbox (UpdateSandbox).

@@ -137,6 +137,8 @@ impl Os for FakeOs {
             user_namespaces: false,
             privileged: false,
             keeper: false,
+            syscall_denials: false,
+            file_denials: false,
         }
     }
 

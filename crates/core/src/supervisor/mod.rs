@@ -379,6 +379,7 @@ impl SupervisorTask {
                 }
                 let _ = self.acks.send(Ack::Exit(exit.pid));
             }
+            Command::KernelDenied(denial) => self.kernel_denied(denial),
             Command::Fatal(problem) => self.failure = Some(problem),
             Command::Traced(span, command) => {
                 let _entered = span.enter();

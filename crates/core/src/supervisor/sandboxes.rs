@@ -6,11 +6,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::agent::AgentStatus;
+use crate::audit::{DenialKind, KernelDenial};
 use crate::egress::{self, Denial, Egress, EgressResolve};
 use crate::error::{Error, Result};
 use crate::events::{DeniedConnection, EventKind};
@@ -30,7 +32,13 @@ pub(super) struct Sandboxes {
     /// Each `PROXY` agent's rules and counts, while it is known.
     proxies: HashMap<String, Proxy>,
     denials: mpsc::UnboundedSender<Denial>,
+    /// Per agent, when its current second of SANDBOX_DENIED events began, and how many it
+    /// had.
+    denial_events: HashMap<String, (Instant, u32)>,
 }
+
+/// SANDBOX_DENIED events per agent and second; denials past them are only counted.
+const DENIAL_EVENTS_PER_SECOND: u32 = 10;
 
 struct Proxy {
     egress: Arc<Egress>,
@@ -54,6 +62,7 @@ impl Sandboxes {
                 .collect(),
             proxies: HashMap::new(),
             denials,
+            denial_events: HashMap::new(),
         };
         (sandboxes, received)
     }
@@ -213,6 +222,7 @@ impl SupervisorTask {
     /// The agent is gone for good.
     pub(super) fn forget_proxy(&mut self, agent_id: &str) {
         self.sandboxes.proxies.remove(agent_id);
+        self.sandboxes.denial_events.remove(agent_id);
     }
 
     /// The latest counts into the records, before a sample round's statuses go out.
@@ -249,6 +259,59 @@ impl SupervisorTask {
         let machine = &*machine;
         self.events
             .emit_denied(EventKind::EgressDenied, message, None, Some(denied), || {
+                machine.status(now)
+            });
+    }
+
+    /// Counts what the kernel refused for the agent whose leader comes first in the
+    /// denial's process chain, and tells watchers (within `DENIAL_EVENTS_PER_SECOND`). A
+    /// leader that has exited since (its record read after its end) still gets its count.
+    pub(super) fn kernel_denied(&mut self, denial: KernelDenial) {
+        let live = denial
+            .pids
+            .iter()
+            .find_map(|&pid| self.table.by_leader(pid, false));
+        let ended = || {
+            let pid = *denial.pids.first()?;
+            self.table.by_leader(pid, true)
+        };
+        let Some(agent_id) = live.or_else(ended).cloned() else {
+            return;
+        };
+        // Only sandboxed agents have agentd's filter and domain.
+        let Some(machine) = self
+            .table
+            .get_mut(&agent_id)
+            .filter(|machine| machine.record().spec.sandbox.is_some())
+        else {
+            return;
+        };
+        let (message, counts) = match denial.kind {
+            DenialKind::File => ("file", &mut machine.denials_mut().files),
+            DenialKind::Syscall => ("system call", &mut machine.denials_mut().syscalls),
+        };
+        *counts += 1;
+        let message = format!("{message} refused: {}", denial.what);
+        tracing::info!(%agent_id, "{message}");
+        self.recorder.event(EventKind::SandboxDenied);
+        let now = self.clock.mono();
+        let (since, count) = self
+            .sandboxes
+            .denial_events
+            .entry(agent_id.clone())
+            .or_insert((now, 0));
+        if now.duration_since(*since) >= Duration::from_secs(1) {
+            (*since, *count) = (now, 0);
+        }
+        *count += 1;
+        if *count > DENIAL_EVENTS_PER_SECOND {
+            return;
+        }
+        let Ok(machine) = self.table.get(&agent_id) else {
+            return;
+        };
+        self.events
+            .emit_denied(EventKind::SandboxDenied, message, None, None, || {
                 machine.status(now)
             });
     }

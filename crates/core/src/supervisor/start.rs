@@ -102,7 +102,11 @@ impl Supervisor {
             cgroup::Detected::Cgroups(cgroups) => Some(cgroups.clone()),
             cgroup::Detected::None(_) => None,
         };
-        let sandbox = SandboxSupport::detect(hello.confines);
+        let audit = crate::audit::open();
+        if let Err(error) = &audit {
+            tracing::debug!("reading the kernel's audit records: {error}");
+        }
+        let sandbox = SandboxSupport::detect(hello.confines).reporting(audit.is_ok());
         tracing::info!("sandboxes: {}", sandbox.describe());
         let system = Arc::new(os::System::new(keeper, detected, sandbox));
         let (store, records, rebuilt) = trusted_store(
@@ -144,6 +148,12 @@ impl Supervisor {
             .map_err(keeper_failed)?;
         task.serve_adopted_proxies();
         tokio::spawn(task.run(commands, sigchld, adopted_exits, denials));
+        if let Ok(socket) = audit {
+            crate::audit::listen(socket, commands_tx.clone()).map_err(|source| Error::Setup {
+                what: "starting the thread that reads the kernel's audit records".into(),
+                source,
+            })?;
+        }
         tokio::spawn(forward_kept_exits(kept_exits, commands_tx.clone()));
         tokio::spawn(acknowledge_exits(
             ack_queue,

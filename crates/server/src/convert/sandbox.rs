@@ -62,6 +62,14 @@ pub(super) fn egress(record: &AgentRecord) -> Option<pb::Egress> {
         })
 }
 
+/// What the kernel refused a sandboxed agent; none for an agent without a sandbox.
+pub(super) fn denials(record: &AgentRecord) -> Option<pb::SandboxDenials> {
+    record.spec.sandbox.as_ref().map(|_| pb::SandboxDenials {
+        files: record.denials.files,
+        syscalls: record.denials.syscalls,
+    })
+}
+
 pub(super) fn support(support: &SandboxSupport) -> pb::SandboxSupport {
     pb::SandboxSupport {
         landlock_abi: support.landlock_abi,
@@ -70,5 +78,7 @@ pub(super) fn support(support: &SandboxSupport) -> pb::SandboxSupport {
         user_namespaces: support.user_namespaces,
         privileged: support.privileged,
         detail: support.describe(),
+        syscall_denials_counted: support.syscall_denials,
+        file_denials_counted: support.file_denials,
     }
 }

@@ -197,7 +197,7 @@ function rowElement(i) {
       `<span class="c-cpu num"></span><span class="c-mem num"></span>` +
       `<span class="c-spark"><canvas class="spark" width="120" height="18"></canvas></span>` +
       `<span class="c-run num"></span><span class="c-prog prog"><span class="bar"><div></div></span><span></span></span>` +
-      `<span class="c-restarts num"></span>`;
+      `<span class="c-restarts num"></span><span class="c-denied num"></span>`;
     row.addEventListener("click", () => select(row.dataset.id));
     $("visible").appendChild(row);
     pool[i] = row;
@@ -242,6 +242,12 @@ function renderRows() {
     setText(cells[7].lastChild, progress ? progress.toFixed(0) + "%" : "");
     cells[7].title = s.progressMessage || "";
     setText(cells[8], String(num(s.restartCount)));
+    // A sandboxed agent's refusals: its proxy's, Landlock's and seccomp's.
+    const denied = [num(s.egress && s.egress.denied), num(s.denials && s.denials.files),
+      num(s.denials && s.denials.syscalls)];
+    setText(cells[9], s.sandbox ? String(denied[0] + denied[1] + denied[2]) : "");
+    cells[9].title = s.sandbox ? `connections ${denied[0]}, files ${denied[1]}, system calls ${denied[2]}` : "";
+    cells[9].classList.toggle("alarm", denied[0] + denied[1] + denied[2] > 0);
     if (!a.history) loadSpark(id, a);
   }
   for (let i = used; i < pool.length; i++) {
