@@ -108,6 +108,14 @@ def main():
             expect(row(page, "late")).to_be_visible(timeout=2000)
             expect(row(page, "late").locator(".c-state")).to_have_text("completed", timeout=DEADLINE * 1000)
 
+            # A sandboxed agent's refused system calls show in its row as they happen.
+            if os.geteuid() == 0:
+                probe = ("import ctypes, time; libc = ctypes.CDLL(None); "
+                         "libc.mount(b'none', b'/mnt', b'tmpfs', 0, None); libc.syscall(250, 0); time.sleep(300)")
+                api.spawn("boxed", ["/usr/bin/python3", "-c", probe], sandbox={})
+                expect(row(page, "boxed").locator(".c-denied")).to_have_text("2", timeout=DEADLINE * 1000)
+                expect(row(page, "late").locator(".c-denied")).to_have_text("")
+
             # The Stop button stops an agent (after the confirmation, accepted above).
             api.spawn("victim", ["sleep", "300"], stopPolicy={"firstGrace": "0.5s"})
             expect(row(page, "victim").locator(".c-state")).to_have_text("running", timeout=DEADLINE * 1000)
