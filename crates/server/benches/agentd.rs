@@ -66,6 +66,10 @@ struct Options {
     /// Requests in flight for the wall-time rows.
     #[arg(long, default_value_t = 8)]
     in_flight: usize,
+    /// Sandboxed agents (each its own namespaces and proxy) run at once for the sandboxed
+    /// fleet rows.
+    #[arg(long, default_value_t = 1000)]
+    sandboxed: usize,
     /// Print the rows as one JSON object.
     #[arg(long)]
     json: bool,
@@ -548,6 +552,13 @@ async fn idle_cost(
         options.in_flight,
     )
     .await?;
+    idle_rows(&daemon, &format!("{n} idle agents{suffix}"), options, rows).await?;
+    daemon.close().await
+}
+
+/// The supervisor's and the keeper's RSS and CPU over `--idle-seconds`, as rows named
+/// `label: ...`.
+async fn idle_rows(daemon: &Daemon, label: &str, options: &Options, rows: &mut Rows) -> Result<()> {
     let (pid, keeper) = (daemon.process.id(), daemon.keeper()?);
     let (before, _) = cpu_and_rss(pid)?;
     let (keeper_before, _) = cpu_and_rss(keeper)?;
@@ -556,18 +567,43 @@ async fn idle_cost(
     let (after, rss) = cpu_and_rss(pid)?;
     let (keeper_after, keeper_rss) = cpu_and_rss(keeper)?;
     let seconds = started.elapsed().as_secs_f64();
-    rows.insert(format!("{n} idle agents{suffix}: supervisor RSS (MB)"), rss);
+    rows.insert(format!("{label}: supervisor RSS (MB)"), rss);
     rows.insert(
-        format!("{n} idle agents{suffix}: supervisor CPU (% of a core)"),
+        format!("{label}: supervisor CPU (% of a core)"),
         (after - before) / seconds * 100.0,
     );
+    rows.insert(format!("{label}: keeper RSS (MB)"), keeper_rss);
     rows.insert(
-        format!("{n} idle agents{suffix}: keeper RSS (MB)"),
-        keeper_rss,
-    );
-    rows.insert(
-        format!("{n} idle agents{suffix}: keeper CPU (% of a core)"),
+        format!("{label}: keeper CPU (% of a core)"),
         (keeper_after - keeper_before) / seconds * 100.0,
+    );
+    Ok(())
+}
+
+/// `--sandboxed` agents with the default sandbox (each its own mount and network namespace,
+/// and a proxy served into it) at once: the wall time to spawn them, agentd's cost while they
+/// idle, and the time to stop them all. Needs root.
+async fn sandboxed_fleet(options: &Options, rows: &mut Rows) -> Result<()> {
+    let n = options.sandboxed;
+    if n == 0 || !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let daemon = Daemon::start_with(&[]).await?;
+    let mut client = daemon.client().await?;
+    let requests = (0..n).map(|i| pb::SpawnRequest {
+        sandbox: Some(pb::Sandbox::default()),
+        ..sleeper(format!("boxed-{i}"))
+    });
+    let took = spawn_all(&client, requests.collect(), options.in_flight).await?;
+    let label = format!("{n} sandboxed agents");
+    rows.insert(
+        format!("{label}: spawn, {} in flight (ms)", options.in_flight),
+        ms(took),
+    );
+    idle_rows(&daemon, &format!("{label}, idle"), options, rows).await?;
+    rows.insert(
+        format!("{label}: stop all, SIGKILL (ms)"),
+        ms(stop_all(&mut client, true).await?),
     );
     daemon.close().await
 }
@@ -825,10 +861,12 @@ async fn main() -> Result<()> {
         options.subscribers = 3;
         options.fanout = 5;
         options.churn = 5;
+        options.sandboxed = 5;
     }
     let mut rows = Rows::new();
     spawn_latency(&options, &mut rows).await?;
     sandbox_cost(&options, &mut rows).await?;
+    sandboxed_fleet(&options, &mut rows).await?;
     for &n in &options.n {
         spawn_status_list_stop(&options, n, &mut rows).await?;
     }
