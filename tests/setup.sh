@@ -18,3 +18,7 @@ if [ -n "$missing" ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
+# Debian's kernel and QEMU for tests/vm/run.sh (as root; CI runs it).
+if [ "$(id -u)" -eq 0 ]; then
+  vm/setup.sh
+fi

@@ -20,6 +20,8 @@ pub type Client = AgentSupervisorClient<Channel>;
 
 /// How long any wait in a test may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
+/// Set to 1 to start every daemon in a systemd scope of its own (`Daemon::launch`).
+pub const SCOPE_VAR: &str = "AGENTD_TEST_SCOPE";
 
 pub struct Daemon {
     child: Option<Child>,
@@ -104,6 +106,7 @@ impl Daemon {
         DaemonBuilder::default()
     }
 
+    /// `AGENTD_TEST_SCOPE=1`: start each daemon in a systemd scope with `Delegate=yes`.
     async fn launch(
         dir: tempfile::TempDir,
         options: &[&str],
@@ -122,7 +125,26 @@ impl Daemon {
             .append(true)
             .open(dir.path().join("agentd.log"))
             .expect("daemon log");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_agentd"));
+        let agentd = env!("CARGO_BIN_EXE_agentd");
+        let mut command = match (std::env::var_os(SCOPE_VAR).is_some_and(|v| v == "1"), user) {
+            // Under systemd (the VM tests), each daemon in a delegated scope of its own, as
+            // `deploy/agentd.service` gives it one. systemd-run execs agentd in its own place.
+            (true, None) => {
+                let mut command = Command::new("systemd-run");
+                command
+                    .args([
+                        "--scope",
+                        "--quiet",
+                        "--collect",
+                        "-p",
+                        "Delegate=yes",
+                        "--",
+                    ])
+                    .arg(agentd);
+                command
+            }
+            _ => Command::new(agentd),
+        };
         if let Some((uid, gid)) = user {
             command.uid(uid).gid(gid).env("HOME", dir.path());
         }

@@ -469,6 +469,9 @@ fn reload_on_hangup(security: &Security) -> anyhow::Result<()> {
     let security = security.clone();
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
+            if security.tls.is_none() && security.guard.is_none() {
+                tracing::info!("SIGHUP: no TLS files or token file to read again");
+            }
             if let Some(tls) = &security.tls {
                 match tls.reload() {
                     Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),

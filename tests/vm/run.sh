@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# agentd on the hosts users run: boots Debian's kernel with systemd as PID 1 on a pure cgroup
+# v2 hierarchy (tests/vm/boot.sh; provisioned by tests/vm/setup.sh) and runs there, one boot
+# each:
+#   1. tests/vm/systemd.sh: agentd installed from deploy/agentd.service, started by systemd;
+#   2. the containment and lifecycle end-to-end tests, each daemon in a systemd scope of its
+#      own with Delegate=yes (AGENTD_TEST_SCOPE=1), as the unit gives agentd one.
+# Prints each stage's summary lines and wall time; fails when either fails.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+repo=$PWD
+"$repo/tests/vm/setup.sh"
+# The test binary, built if needed (cargo names it on stderr).
+e2e=$(cargo test -p agentd-server --test e2e --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p' | tail -1)
+[ -n "$e2e" ] || { echo "tests/vm/run.sh: no e2e test binary" >&2; exit 1; }
+e2e=$(realpath "$e2e")
+bin=$(dirname "$(dirname "$e2e")")
+[ -x "$bin/agentd" ] && [ -x "$bin/agentctl" ] || { echo "no agentd or agentctl in $bin" >&2; exit 1; }
+
+status=0
+start=$SECONDS
+echo "--- vm 1/2: deploy/agentd.service under systemd"
+tests/vm/boot.sh -- sh "$repo/tests/vm/systemd.sh" "$repo" "$bin" 2>&1 \
+  | grep -E '^(ok|FAILED|not checked|vm):|^    ' || status=1
+echo "--- vm 1/2: $((SECONDS - start)) s"
+
+# Left out, said here: a restarted daemon gets a new scope, so its cgroup root is not the one
+# it had before the crash (under deploy/agentd.service it keeps its unit's).
+skip=(--skip containment::after_a_crash_cgroups_decide_what_is_adopted_and_what_is_killed)
+echo "skipped in the VM: ${skip[1]}"
+start=$SECONDS
+echo "--- vm 2/2: containment and lifecycle tests"
+tests/vm/boot.sh -C "$repo/crates/server" -- env AGENTD_TEST_SCOPE=1 AGENTD_TEST_ALL=1 \
+  "$e2e" containment:: lifecycle:: "${skip[@]}" --test-threads 2 2>&1 \
+  | grep -vE '^test .* \.\.\. ok$' || status=1
+echo "--- vm 2/2: $((SECONDS - start)) s"
+exit "$status"
