@@ -264,8 +264,9 @@ impl SupervisorTask {
     }
 
     /// Counts what the kernel refused for the agent whose leader comes first in the
-    /// denial's process chain, and tells watchers (within `DENIAL_EVENTS_PER_SECOND`). A
-    /// leader that has exited since (its record read after its end) still gets its count.
+    /// denial's process chain, and tells watchers and the log (within
+    /// `DENIAL_EVENTS_PER_SECOND`). A leader that has exited since (its record read after its
+    /// end) still gets its count.
     pub(super) fn kernel_denied(&mut self, denial: KernelDenial) {
         let live = denial
             .pids
@@ -291,9 +292,6 @@ impl SupervisorTask {
             DenialKind::Syscall => ("system call", &mut machine.denials_mut().syscalls),
         };
         *counts += 1;
-        let message = format!("{message} refused: {}", denial.what);
-        tracing::info!(%agent_id, "{message}");
-        self.recorder.event(EventKind::SandboxDenied);
         let now = self.clock.mono();
         let (since, count) = self
             .sandboxes
@@ -307,6 +305,9 @@ impl SupervisorTask {
         if *count > DENIAL_EVENTS_PER_SECOND {
             return;
         }
+        let message = format!("{message} refused: {}", denial.what);
+        tracing::info!(%agent_id, "{message}");
+        self.recorder.event(EventKind::SandboxDenied);
         let Ok(machine) = self.table.get(&agent_id) else {
             return;
         };
