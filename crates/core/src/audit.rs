@@ -19,8 +19,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use nix::libc;
 use tokio::sync::mpsc;
 
-use crate::handle::Command;
-
 /// One thing the kernel refused.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KernelDenial {
@@ -54,13 +52,14 @@ pub(crate) fn open() -> io::Result<OwnedFd> {
     netlink(READLOG_GROUP)
 }
 
-/// Reads what `open` joined on a thread of its own for as long as agentd runs, sending
-/// denials to the driver.
-pub(crate) fn listen(socket: OwnedFd, commands: mpsc::Sender<Command>) -> io::Result<()> {
+/// Reads what `open` joined on a thread of its own for as long as agentd runs; the denials
+/// come out of the channel it answers (a full channel drops them, and says so in the log).
+pub(crate) fn listen(socket: OwnedFd) -> io::Result<mpsc::Receiver<KernelDenial>> {
+    let (denials, received) = mpsc::channel(1024);
     std::thread::Builder::new()
         .name("agentd-audit".into())
-        .spawn(move || read(&socket, &commands))?;
-    Ok(())
+        .spawn(move || read(&socket, &denials))?;
+    Ok(received)
 }
 
 /// Whether the kernel's audit is on (Landlock reports only then); `None` where it cannot be
@@ -142,7 +141,7 @@ fn netlink(groups: u32) -> io::Result<OwnedFd> {
     }
 }
 
-fn read(socket: &OwnedFd, commands: &mpsc::Sender<Command>) {
+fn read(socket: &OwnedFd, denials: &mpsc::Sender<KernelDenial>) {
     let mut buffer = vec![0u8; 64 * 1024];
     let mut reader = Reader::default();
     let mut found = Vec::new();
@@ -188,7 +187,7 @@ fn read(socket: &OwnedFd, commands: &mpsc::Sender<Command>) {
         for mut denial in found.drain(..) {
             let pid = denial.pids[0];
             denial.pids.extend(ancestors(pid));
-            match commands.try_send(Command::KernelDenied(denial)) {
+            match denials.try_send(denial) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => dropped += 1,
                 Err(mpsc::error::TrySendError::Closed(_)) => return,

@@ -149,10 +149,18 @@ impl Supervisor {
         task.serve_adopted_proxies();
         tokio::spawn(task.run(commands, sigchld, adopted_exits, denials));
         if let Ok(socket) = audit {
-            crate::audit::listen(socket, commands_tx.clone()).map_err(|source| Error::Setup {
+            let mut denials = crate::audit::listen(socket).map_err(|source| Error::Setup {
                 what: "starting the thread that reads the kernel's audit records".into(),
                 source,
             })?;
+            let commands = commands_tx.clone();
+            tokio::spawn(async move {
+                while let Some(denial) = denials.recv().await {
+                    if commands.send(Command::KernelDenied(denial)).await.is_err() {
+                        return;
+                    }
+                }
+            });
         }
         tokio::spawn(forward_kept_exits(kept_exits, commands_tx.clone()));
         tokio::spawn(acknowledge_exits(
