@@ -24,14 +24,10 @@ tests/vm/boot.sh -- sh "$repo/tests/vm/systemd.sh" "$repo" "$bin" 2>&1 \
   | grep -E '^(ok|FAILED|not checked|vm):|^    ' || status=1
 echo "--- vm 1/2: $((SECONDS - start)) s"
 
-# Left out, said here: a restarted daemon gets a new scope, so its cgroup root is not the one
-# it had before the crash (under deploy/agentd.service it keeps its unit's).
-skip=(--skip containment::after_a_crash_cgroups_decide_what_is_adopted_and_what_is_killed)
-echo "skipped in the VM: ${skip[1]}"
 start=$SECONDS
 echo "--- vm 2/2: containment and lifecycle tests"
 tests/vm/boot.sh -C "$repo/crates/server" -- env AGENTD_TEST_SCOPE=1 AGENTD_TEST_ALL=1 \
-  "$e2e" containment:: lifecycle:: "${skip[@]}" --test-threads 2 2>&1 \
+  "$e2e" containment:: lifecycle:: --test-threads 2 2>&1 \
   | grep -vE '^test .* \.\.\. ok$' || status=1
 echo "--- vm 2/2: $((SECONDS - start)) s"
 exit "$status"

@@ -131,11 +131,16 @@ pub fn detect(setting: &CgroupSetting, data_dir: &Path) -> Detected {
     let own = PathBuf::from(own.trim_start_matches('/'));
     let hybrid = !v1.is_empty();
     let delegated = !hybrid && !own.as_os_str().is_empty() && is_delegated(&unified.join(&own));
+    // Under systemd the keeper may run in a delegated scope of its own (`keeper_scope`): the
+    // agents go there, so agentd's own unit never enables controllers (see `keeper_scope`).
+    let scope = Path::new("system.slice").join(keeper_scope(data_dir));
+    let in_scope = !hybrid && is_delegated(&unified.join(&scope));
     let (root, created_parent) = match &setting.root {
         Some(root) => (
             PathBuf::from(root.to_string_lossy().trim_start_matches('/')),
             None,
         ),
+        None if in_scope => (scope.join("agents"), None),
         None if delegated => (own.join("agents"), None),
         None => (
             Path::new("agentd").join(escape_path(data_dir)),
@@ -144,8 +149,14 @@ pub fn detect(setting: &CgroupSetting, data_dir: &Path) -> Detected {
     };
     let prepared = if hybrid {
         prepare_hybrid(&unified, &root, &v1)
+    } else if in_scope && setting.root.is_none() {
+        prepare_v2(&unified, &root, Some((&scope, "keeper")))
     } else {
-        prepare_v2(&unified, &root, delegated.then_some(own.as_path()))
+        prepare_v2(
+            &unified,
+            &root,
+            delegated.then_some((own.as_path(), "supervisor")),
+        )
     };
     match prepared {
         Ok(controllers) => Detected::Cgroups(Cgroups {
@@ -194,16 +205,16 @@ fn prepare_hybrid(
 }
 
 /// A pure v2 host: the root's ancestors enable every controller they can for it. When the
-/// root is under agentd's own delegated cgroup, agentd first moves its own processes to a
-/// sibling leaf (`supervisor`), since a cgroup with processes cannot enable controllers for
-/// its children.
+/// root is under a delegated cgroup (agentd's own, or the keeper's scope), its processes
+/// first move to a sibling leaf (`supervisor`, `keeper`), since a cgroup with processes
+/// cannot enable controllers for its children.
 fn prepare_v2(
     unified: &Path,
     root: &Path,
-    delegated_own: Option<&Path>,
+    delegated: Option<(&Path, &str)>,
 ) -> io::Result<Vec<(Controller, Place)>> {
-    if let Some(own) = delegated_own {
-        let leaf = unified.join(own).join("supervisor");
+    if let Some((own, leaf)) = delegated {
+        let leaf = unified.join(own).join(leaf);
         fs::create_dir_all(&leaf)?;
         for pid in read_pids(&unified.join(own).join("cgroup.procs"))? {
             match fs::write(leaf.join("cgroup.procs"), pid.to_string()) {
@@ -313,6 +324,41 @@ fn is_delegated(dir: &Path) -> bool {
         };
         len > 0 && value[0] == b'1'
     })
+}
+
+/// The scope the keeper of `data_dir` runs in under systemd: `agentd-keeper-var-lib-agentd.scope`.
+pub fn keeper_scope(data_dir: &Path) -> String {
+    format!("agentd-keeper-{}.scope", escape_path(data_dir))
+}
+
+/// Whether a new keeper should run in a delegated systemd scope of its own
+/// (`keeper_scope`): systemd is PID 1, the hierarchy is pure v2, agentd is root and was given
+/// a delegated cgroup (`Delegate=yes`). Then the agents live in that scope, not in agentd's
+/// unit: systemd starts a unit's new main process in the unit's cgroup, which the kernel
+/// refuses once controllers are enabled there for children that still run (a restart while
+/// agents run would fail with 219/CGROUP; systemd 254's `DelegateSubgroup=` is not there on
+/// Debian 12 or RHEL 9).
+pub fn keeper_in_scope() -> bool {
+    if !Path::new("/run/systemd/system").is_dir() || !nix::unistd::geteuid().is_root() {
+        return false;
+    }
+    let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let mounts = parse_mounts(&mounts);
+    let Some(unified) = mounts.iter().find(|mount| mount.fstype == "cgroup2") else {
+        return false;
+    };
+    if mounts.iter().any(|mount| mount.fstype == "cgroup") {
+        return false;
+    }
+    fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("0::").map(str::to_string))
+        })
+        .is_some_and(|own| is_delegated(&unified.point.join(own.trim_start_matches('/'))))
 }
 
 /// `systemd-escape --path`: `/var/lib/agentd` → `var-lib-agentd`, one folder name per

@@ -372,7 +372,20 @@ fn start(data_dir: &Path, socket: &Path, program: &Path) -> io::Result<()> {
             .open(data_dir.join("keeper.log"))?
     };
     let listener_fd = listener.as_raw_fd();
-    let mut command = std::process::Command::new(program);
+    // Under systemd, in a delegated scope of its own (`cgroup::keeper_in_scope`);
+    // systemd-run registers the scope and execs the keeper in its own place.
+    let mut command = if crate::cgroup::keeper_in_scope() {
+        let mut command = std::process::Command::new("systemd-run");
+        command
+            .args(["--scope", "--quiet", "--collect", "-p", "Delegate=yes"])
+            .args(["--slice", "system.slice", "--unit"])
+            .arg(crate::cgroup::keeper_scope(data_dir))
+            .arg("--")
+            .arg(program);
+        command
+    } else {
+        std::process::Command::new(program)
+    };
     command
         .arg(KEEPER_ARG)
         .arg(data_dir)
