@@ -42,8 +42,8 @@ $ctl spawn --id limited --memory-high 64 --memory-max 128 --cpu-max 0.5 --pids-m
   || fail "spawn with limits"
 $ctl spawn --id plain -- sleep 1000 >/dev/null || fail "spawn"
 service=/sys/fs/cgroup/system.slice/agentd.service
-scope=agentd-keeper-var-lib-agentd.scope
-keeper=/sys/fs/cgroup/system.slice/$scope
+keeper=$(ls -d /sys/fs/cgroup/system.slice/agentd-keeper-var-lib-agentd.*.scope)
+scope=${keeper##*/}
 limited=/sys/fs/cgroup$(cgroup_of limited)
 case "$limited" in
   "$keeper"/agents/*) ;;

@@ -133,8 +133,11 @@ pub fn detect(setting: &CgroupSetting, data_dir: &Path) -> Detected {
     let delegated = !hybrid && !own.as_os_str().is_empty() && is_delegated(&unified.join(&own));
     // Under systemd the keeper may run in a delegated scope of its own (`keeper_scope`): the
     // agents go there, so agentd's own unit never enables controllers (see `keeper_scope`).
-    let scope = Path::new("system.slice").join(keeper_scope(data_dir));
-    let in_scope = !hybrid && is_delegated(&unified.join(&scope));
+    let scope = (!hybrid)
+        .then(|| keeper_scope_in_use(&unified, data_dir))
+        .flatten();
+    let in_scope = scope.is_some();
+    let scope = scope.unwrap_or_default();
     let (root, created_parent) = match &setting.root {
         Some(root) => (
             PathBuf::from(root.to_string_lossy().trim_start_matches('/')),
@@ -326,9 +329,40 @@ fn is_delegated(dir: &Path) -> bool {
     })
 }
 
-/// The scope the keeper of `data_dir` runs in under systemd: `agentd-keeper-var-lib-agentd.scope`.
+/// A new scope for the keeper of `data_dir` under systemd:
+/// `agentd-keeper-var-lib-agentd.1796520000123.scope` (a name per start: a scope whose keeper
+/// died lives on while its agents run, and must not stop a new keeper from starting).
 pub fn keeper_scope(data_dir: &Path) -> String {
-    format!("agentd-keeper-{}.scope", escape_path(data_dir))
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.as_millis())
+        .unwrap_or_default();
+    format!("agentd-keeper-{}.{millis}.scope", escape_path(data_dir))
+}
+
+/// The delegated scope (relative to `unified`) the running keeper of `data_dir` is in: of
+/// its scopes, the newest with a process in its `keeper` leaf or at its top (a keeper just
+/// started, not yet moved).
+fn keeper_scope_in_use(unified: &Path, data_dir: &Path) -> Option<PathBuf> {
+    let prefix = format!("agentd-keeper-{}.", escape_path(data_dir));
+    let slice = Path::new("system.slice");
+    let has_processes = |dir: &Path| {
+        fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|pids| !pids.trim().is_empty())
+    };
+    let mut scopes: Vec<(u128, PathBuf)> = fs::read_dir(unified.join(slice))
+        .ok()?
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            let stamp = name.strip_prefix(&prefix)?.strip_suffix(".scope")?;
+            Some((stamp.parse().ok()?, slice.join(&name)))
+        })
+        .filter(|(_, scope)| {
+            let dir = unified.join(scope);
+            is_delegated(&dir) && (has_processes(&dir.join("keeper")) || has_processes(&dir))
+        })
+        .collect();
+    scopes.sort();
+    scopes.pop().map(|(_, scope)| scope)
 }
 
 /// Whether a new keeper should run in a delegated systemd scope of its own
