@@ -100,6 +100,50 @@ systemctl start agentd || fail "systemctl start after stop"
   || fail "the started agentd adopts the running agents"
 ok "systemctl start: the agents adopted, same pids"
 $ctl spawn --id again -- sleep 1000 >/dev/null || fail "spawn after the restart"
+# Sandboxes on this kernel's Landlock (6.1: ABI 2, no scopes for signals): an agent that runs
+# as agentd's own user is refused, never confined less than asked; one with a user of its own
+# is confined (files by Landlock ABI 2 and the mount namespace, no network, seccomp).
+abi=$(python3 -c 'import ctypes; print(ctypes.CDLL(None).syscall(444, None, 0, 1))')
+if [ "$abi" -lt 6 ]; then
+  $ctl spawn --id boxed-root --sandbox -- sleep 100 >/dev/null 2>/tmp/refused \
+    && fail "a sandbox for agentd's own user below Landlock ABI 6 is refused"
+  grep -q "ABI 6" /tmp/refused || fail "the refusal says why: $(cat /tmp/refused)"
+  ok "Landlock ABI $abi: a sandbox for agentd's own user refused: $(head -c 150 /tmp/refused)"
+fi
+echo "the host's secret" >/var/tmp/vm-secret && chmod 644 /var/tmp/vm-secret
+mkdir -p /var/tmp/vm-probe
+cat >/var/tmp/vm-probe/probe.py <<'PROBE'
+import ctypes, os, socket
+def attempt(name, f):
+    try:
+        f()
+        print(f"{name}=ok")
+    except Exception as e:
+        print(f"{name}=denied {type(e).__name__}")
+attempt("read_secret", lambda: open("/var/tmp/vm-secret").read())
+attempt("write_etc", lambda: open("/etc/vm-planted", "w").write("x"))
+attempt("write_own", lambda: open(os.environ["AGENTD_AGENT_DIR"] + "/mine", "w").write("x"))
+attempt("read_passwd", lambda: open("/etc/passwd").read())
+attempt("connect_out", lambda: socket.create_connection(("10.0.2.2", 80), timeout=2))
+attempt("agentd_socket", lambda: socket.socket(socket.AF_UNIX).connect("/var/lib/agentd/agentd.sock"))
+libc = ctypes.CDLL(None, use_errno=True)
+print("mount=" + ("ok" if libc.mount(b"none", b"/mnt", b"tmpfs", 0, None) == 0 else "denied"))
+PROBE
+chmod -R a+rX /var/tmp/vm-probe
+$ctl spawn --id boxed --sandbox --net none --user nobody \
+  --read /var/tmp/vm-probe -- /usr/bin/python3 /var/tmp/vm-probe/probe.py \
+  >/dev/null 2>/tmp/err || fail "a sandbox for a user of its own: $(cat /tmp/err)"
+$ctl wait boxed >/dev/null || fail "the probe ran: $($ctl logs boxed)"
+$ctl logs boxed --stdout >/tmp/probe
+for name in read_secret write_etc connect_out agentd_socket mount; do
+  grep -q "^$name=denied" /tmp/probe || fail "$name refused: $(cat /tmp/probe)"
+done
+for name in write_own read_passwd; do
+  grep -q "^$name=ok" /tmp/probe || fail "$name allowed: $(cat /tmp/probe)"
+done
+[ ! -e /etc/vm-planted ] || fail "nothing planted in /etc"
+ok "Landlock ABI $abi: a sandboxed agent as nobody confined: $(tr '\n' ' ' </tmp/probe)"
+
 $ctl stop --all >/dev/null || fail "stop all"
 alive "$limited_pid" || alive "$plain_pid" && fail "agentctl stop --all ends them"
 systemctl stop agentd
