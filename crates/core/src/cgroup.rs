@@ -131,8 +131,8 @@ pub fn detect(setting: &CgroupSetting, data_dir: &Path) -> Detected {
     let own = PathBuf::from(own.trim_start_matches('/'));
     let hybrid = !v1.is_empty();
     let delegated = !hybrid && !own.as_os_str().is_empty() && is_delegated(&unified.join(&own));
-    // Under systemd the keeper may run in a delegated scope of its own (`keeper_scope`): the
-    // agents go there, so agentd's own unit never enables controllers (see `keeper_scope`).
+    // Under systemd the keeper may run in a delegated scope of its own (`keeper_in_scope`):
+    // the agents go there, so agentd's own unit never enables controllers.
     let scope = (!hybrid)
         .then(|| keeper_scope_in_use(&unified, data_dir))
         .flatten();
