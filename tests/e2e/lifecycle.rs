@@ -190,11 +190,12 @@ async fn tree_memory_counts_children_and_identity_reaches_the_agent() {
     request.labels.insert("team".into(), "research".into());
     spawn_with(&mut client, request).await;
 
+    // Processes and threads are read one after the other: a sample may see a child in one
+    // and not yet in the other.
     let status = wait_for(&mut client, "tree", "sampled with its children", |s| {
-        s.num_processes >= 3
+        s.num_processes >= 3 && s.num_threads >= 3
     })
     .await;
-    assert!(status.num_threads >= 3);
     assert_eq!(status.model, "claude");
     assert_eq!(status.parent_agent_id, "@coordinator");
     assert_eq!(

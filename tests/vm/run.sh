@@ -24,10 +24,14 @@ tests/vm/boot.sh -- sh "$repo/tests/vm/systemd.sh" "$repo" "$bin" 2>&1 \
   | grep -E '^(ok|FAILED|not checked|vm):|^    ' || status=1
 echo "--- vm 1/2: $((SECONDS - start)) s"
 
+# Left out, said here: a load test whose 30 s bound is for real hardware (TCG runs the guest
+# several times slower); it runs on the host with the rest.
+skip=(--skip lifecycle::many_spawns_in_flight_on_one_connection_all_answer)
+echo "skipped in the VM: ${skip[1]}"
 start=$SECONDS
 echo "--- vm 2/2: containment and lifecycle tests"
 tests/vm/boot.sh -C "$repo/crates/server" -- env AGENTD_TEST_SCOPE=1 AGENTD_TEST_ALL=1 \
-  "$e2e" containment:: lifecycle:: --test-threads 2 2>&1 \
+  "$e2e" containment:: lifecycle:: "${skip[@]}" --test-threads 2 2>&1 \
   | grep -vE '^test .* \.\.\. ok$' || status=1
 echo "--- vm 2/2: $((SECONDS - start)) s"
 exit "$status"
