@@ -205,12 +205,13 @@ async fn every_error_has_its_http_twin() {
     // Events beyond the three kept: resuming from the first is gone.
     http.post("/v1/agents/one:stop", json!({"force": true}))
         .await;
+    // One at a time (`--max-agents 1`): each has ended before the next is asked for.
+    let mut client = daemon.client().await;
     for id in ["a", "b"] {
         http.post("/v1/agents", json!({"agentId": id, "command": ["true"]}))
             .await;
+        wait_for_state(&mut client, id, AgentState::Completed).await;
     }
-    let mut client = daemon.client().await;
-    wait_for_state(&mut client, "b", AgentState::Completed).await;
     let gone = http
         .send("GET", "/v1/events", &[("last-event-id", "1")], None)
         .await;
