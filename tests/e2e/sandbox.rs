@@ -68,6 +68,17 @@ fn sandbox() -> pb::Sandbox {
     pb::Sandbox::default()
 }
 
+/// What GetSummary says this host offers for sandboxes.
+async fn support(client: &mut Client) -> pb::SandboxSupport {
+    client
+        .get_summary(pb::GetSummaryRequest::default())
+        .await
+        .expect("summary")
+        .into_inner()
+        .sandbox
+        .expect("sandbox support")
+}
+
 /// Asks the kernel's audit (over netlink, as `auditctl -e` does) whether it is on, and turns
 /// it on or off.
 const AUDIT: &str = r#"
@@ -224,13 +235,7 @@ attempt("home", lambda: E["HOME"])
     );
     // With the kernel's audit on, Landlock reported its refusals (ABI 7 and later), and
     // agentd counted them for this agent.
-    let support = client
-        .get_summary(pb::GetSummaryRequest::default())
-        .await
-        .expect("summary")
-        .into_inner()
-        .sandbox
-        .expect("sandbox support");
+    let support = support(&mut client).await;
     assert_eq!(
         support.file_denials_counted,
         support.landlock_abi >= 7,
@@ -559,13 +564,7 @@ print("caps=ok " + " ".join(caps))
     );
     // The kernel reported every refused call (the ten above, and the setuid program's),
     // and agentd counted them for the prober and told its watchers which.
-    let support = client
-        .get_summary(pb::GetSummaryRequest::default())
-        .await
-        .expect("summary")
-        .into_inner()
-        .sandbox
-        .expect("sandbox support");
+    let support = support(&mut client).await;
     assert!(support.syscall_denials_counted, "{support:?}");
     wait_for(&mut client, "prober", "counted its refused calls", |s| {
         s.denials.is_some_and(|d| d.syscalls >= 10)
