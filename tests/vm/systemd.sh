@@ -100,16 +100,29 @@ systemctl start agentd || fail "systemctl start after stop"
   || fail "the started agentd adopts the running agents"
 ok "systemctl start: the agents adopted, same pids"
 $ctl spawn --id again -- sleep 1000 >/dev/null || fail "spawn after the restart"
-# Sandboxes on this kernel's Landlock (6.1: ABI 2, no scopes for signals): an agent that runs
-# as agentd's own user is refused, never confined less than asked; one with a user of its own
-# is confined (files by Landlock ABI 2 and the mount namespace, no network, seccomp).
+# Sandboxes on this kernel's Landlock (6.1: ABI 2, which cannot scope signals): an agent that
+# runs as agentd's own user gets a PID namespace of its own, so it can name (and signal) no
+# process outside it; one with a user of its own is confined as well (files by Landlock ABI 2
+# and the mount namespace, no network, seccomp).
 abi=$(python3 -c 'import ctypes; print(ctypes.CDLL(None).syscall(444, None, 0, 1))')
+$ctl spawn --id boxed-own --sandbox --net none --env "AGENTD_MAIN=$(main_pid)" -- \
+  /usr/bin/python3 -c '
+import os, signal
+print("pids=" + ",".join(sorted(p for p in os.listdir("/proc") if p.isdigit())))
+try:
+    os.kill(int(os.environ["AGENTD_MAIN"]), signal.SIGTERM)
+    print("kill_agentd=ok")
+except OSError as e:
+    print(f"kill_agentd=denied {type(e).__name__}")
+' >/dev/null 2>/tmp/err || fail "a sandbox for agentd's own user: $(cat /tmp/err)"
+$ctl wait boxed-own >/dev/null || fail "the own-user probe ran: $($ctl logs boxed-own)"
+$ctl logs boxed-own --stdout >/tmp/probe
 if [ "$abi" -lt 6 ]; then
-  $ctl spawn --id boxed-root --sandbox -- sleep 100 >/dev/null 2>/tmp/refused \
-    && fail "a sandbox for agentd's own user below Landlock ABI 6 is refused"
-  grep -q "ABI 6" /tmp/refused || fail "the refusal says why: $(cat /tmp/refused)"
-  ok "Landlock ABI $abi: a sandbox for agentd's own user refused: $(head -c 150 /tmp/refused)"
+  grep -qx "pids=1,2" /tmp/probe || fail "its own PID namespace: $(cat /tmp/probe)"
 fi
+grep -q "^kill_agentd=denied" /tmp/probe || fail "agentd cannot be signalled: $(cat /tmp/probe)"
+alive "$(main_pid)" || fail "agentd lives on"
+ok "Landlock ABI $abi: a sandbox for agentd's own user: $(tr '\n' ' ' </tmp/probe)"
 echo "the host's secret" >/var/tmp/vm-secret && chmod 644 /var/tmp/vm-secret
 mkdir -p /var/tmp/vm-probe
 cat >/var/tmp/vm-probe/probe.py <<'PROBE'

@@ -78,6 +78,9 @@ pub struct Cgroups {
     controllers: Vec<(Controller, Place)>,
     /// A folder above the root that agentd created and may remove once empty.
     created_parent: Option<PathBuf>,
+    /// `cgroup.kill` (Linux 5.14); without it SIGKILL goes to each member in turn.
+    /// `AGENTD_TEST_NO_CGROUP_KILL` makes agentd act as on an older kernel (for the tests).
+    kill_file: bool,
 }
 
 /// What detection found: cgroups to use, or why agents keep process groups.
@@ -165,6 +168,8 @@ pub fn detect(setting: &CgroupSetting, data_dir: &Path) -> Detected {
             delegated.then_some((own.as_path(), "supervisor")),
         )
     };
+    let kill_file = unified.join(&root).join("cgroup.kill").exists()
+        && std::env::var_os("AGENTD_TEST_NO_CGROUP_KILL").is_none();
     match prepared {
         Ok(controllers) => Detected::Cgroups(Cgroups {
             containment: if hybrid {
@@ -176,6 +181,7 @@ pub fn detect(setting: &CgroupSetting, data_dir: &Path) -> Detected {
             root,
             controllers,
             created_parent,
+            kill_file,
         }),
         Err(error) => Detected::None(format!(
             "cannot use cgroup root `/{}`: {error}",
@@ -460,13 +466,18 @@ impl Cgroups {
             _ => "v2",
         };
         format!(
-            "cgroup {kind} at {}, root /{}, controllers: {}",
+            "cgroup {kind} at {}, root /{}, controllers: {}{}",
             self.unified.display(),
             self.root.display(),
             if controllers.is_empty() {
                 "none".into()
             } else {
                 controllers.join(", ")
+            },
+            if self.kill_file {
+                ""
+            } else {
+                "; no cgroup.kill (SIGKILL to each member)"
             }
         )
     }
@@ -621,7 +632,7 @@ impl Cgroups {
     /// process forked meanwhile. `Ok(false)`: no member was left.
     pub fn signal(&self, rel: &Path, signal: Signal) -> io::Result<bool> {
         let dir = self.unified.join(rel);
-        if signal == Signal::SIGKILL {
+        if signal == Signal::SIGKILL && self.kill_file {
             match fs::write(dir.join("cgroup.kill"), "1") {
                 Ok(()) => return Ok(self.populated(rel)),
                 Err(error) if absent(&error) && !dir.exists() => return Ok(false),

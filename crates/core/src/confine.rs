@@ -6,6 +6,11 @@
 //! Landlock ruleset is built and the seccomp program compiled there, and the mount namespace
 //! becomes a list of [`Step`]s of prepared strings. The child then only makes system calls.
 //!
+//! Below Landlock ABI 6 (Linux 6.12), which scopes signals to the sandbox, the agent runs in a
+//! PID namespace of its own (see `launch.rs`), with its own `/proc`: it can name no process
+//! outside it, so it can signal none (agentd, the keeper, other agents, whatever else runs as
+//! its user).
+//!
 //! Why a mount namespace as well as Landlock: Landlock (before ABI 9) has no right for
 //! connecting to a Unix socket by path, so agentd's own socket, the keeper's and every other
 //! socket on the host would stay reachable. Every top-level folder that is not a system folder
@@ -21,6 +26,11 @@ use std::path::{Path, PathBuf};
 
 use nix::libc;
 use serde::{Deserialize, Serialize};
+
+mod seccomp;
+
+pub use seccomp::syscall_name;
+use seccomp::{clone3_enosys, seccomp_cached};
 
 /// Top-level folders an agent sees as the host has them (Landlock still decides what it may
 /// do in them).
@@ -268,17 +278,19 @@ pub(crate) struct Prepared {
     net_ns: Option<OwnedFd>,
     steps: Vec<Step>,
     landlock: OwnedFd,
-    /// The private folders' Landlock rule, added once their tmpfs are mounted (a rule made
-    /// before would name the host's folder, not the agent's own).
-    private: Vec<CString>,
-    /// Every right the ruleset handles on this kernel.
-    all_rights: u64,
+    /// Landlock rules added once the mounts are in place (a rule made before would name the
+    /// host's folder, not the agent's own): the private folders (every right the ruleset
+    /// handles) and, in a PID namespace, the agent's own `/proc` (read).
+    after_mounts: Vec<(CString, u64)>,
     /// `landlock_restrict_self` flags: denials after the exec logged, where the kernel can.
     landlock_flags: u32,
     seccomp: Vec<seccompiler::sock_filter>,
     /// `clone3` answered `ENOSYS` (unless namespaces are allowed), in a filter of its own
     /// that is not logged: every fork tries it first, and that is no denial.
     quiet: Option<[seccompiler::sock_filter; 4]>,
+    /// Landlock cannot scope signals on this kernel: the agent gets a PID namespace and a
+    /// `/proc` of its own.
+    pub(crate) pid_namespace: bool,
 }
 
 impl Prepared {
@@ -291,15 +303,20 @@ impl Prepared {
         let mut allowed: Vec<PathBuf> = confinement.read.clone();
         allowed.extend(confinement.write.iter().cloned());
         let steps = mount_plan(&allowed, &HostView::read()?)?;
+        let pid_namespace = landlock_abi() < LANDLOCK_SCOPES_ABI;
+        let (all, read) = rights();
+        let mut after_mounts = PRIVATE
+            .iter()
+            .map(|path| Ok((c_path(Path::new(path))?, all)))
+            .collect::<io::Result<Vec<_>>>()?;
+        if pid_namespace {
+            after_mounts.push((c"/proc".into(), read));
+        }
         Ok(Prepared {
             net_ns,
             steps,
             landlock: landlock_ruleset(&confinement.read, &confinement.write)?,
-            private: PRIVATE
-                .iter()
-                .map(|path| c_path(Path::new(path)))
-                .collect::<io::Result<_>>()?,
-            all_rights: all_rights(),
+            after_mounts,
             landlock_flags: if landlock_abi() >= 7 {
                 LANDLOCK_RESTRICT_SELF_LOG_NEW_EXEC_ON
             } else {
@@ -307,6 +324,7 @@ impl Prepared {
             },
             seccomp: seccomp_cached(confinement.namespaces)?,
             quiet: (!confinement.namespaces).then(clone3_enosys),
+            pid_namespace,
         })
     }
 
@@ -392,11 +410,21 @@ impl Prepared {
                     libc::close(*slot);
                 }
             }
-            for path in &self.private {
+            if self.pid_namespace {
+                // This process is already in its PID namespace: the new `/proc` shows it.
+                check(libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ))?;
+            }
+            for (path, rights) in &self.after_mounts {
                 let fd = libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
                 check(fd)?;
                 let rule = PathBeneath {
-                    allowed_access: self.all_rights,
+                    allowed_access: *rights,
                     parent_fd: fd,
                 };
                 let added = libc::syscall(
@@ -470,15 +498,21 @@ const LANDLOCK_RULE_PATH_BENEATH: libc::c_int = 1;
 /// program that called `landlock_restrict_self`, here agentd's child before it execs).
 const LANDLOCK_RESTRICT_SELF_LOG_NEW_EXEC_ON: u32 = 1 << 1;
 
+/// The Landlock ABI that scopes signals and abstract Unix sockets to the sandbox.
+pub const LANDLOCK_SCOPES_ABI: i32 = 6;
+
 /// The newest Landlock ABI whose rights this code has been written for.
 const NEWEST_ABI: landlock::ABI = landlock::ABI::V9;
 
-/// The filesystem rights the ruleset handles here: those of [`NEWEST_ABI`] this kernel
-/// knows.
-fn all_rights() -> u64 {
+/// The filesystem rights the ruleset handles here (those of [`NEWEST_ABI`] this kernel
+/// knows), and of them the rights to read and execute.
+fn rights() -> (u64, u64) {
     use landlock::{ABI, Access, AccessFs};
     let abi = ABI::from(landlock_abi().min(NEWEST_ABI as i32));
-    AccessFs::from_all(abi).bits()
+    (
+        AccessFs::from_all(abi).bits(),
+        AccessFs::from_read(abi).bits(),
+    )
 }
 
 /// The Landlock ABI this kernel offers; 0 without Landlock.
@@ -548,187 +582,6 @@ fn landlock_ruleset(read: &[PathBuf], write: &[PathBuf]) -> io::Result<OwnedFd> 
             "this kernel has no Landlock: the agent's files cannot be confined",
         )
     })
-}
-
-/// System calls no agent needs, refused with `EPERM`, and their names (for denial events).
-const DENIED_SYSCALLS: &[(libc::c_long, &str)] = &[
-    (libc::SYS_mount, "mount"),
-    (libc::SYS_umount2, "umount2"),
-    (libc::SYS_pivot_root, "pivot_root"),
-    (libc::SYS_move_mount, "move_mount"),
-    (libc::SYS_open_tree, "open_tree"),
-    (libc::SYS_fsopen, "fsopen"),
-    (libc::SYS_fsconfig, "fsconfig"),
-    (libc::SYS_fsmount, "fsmount"),
-    (libc::SYS_fspick, "fspick"),
-    (libc::SYS_mount_setattr, "mount_setattr"),
-    (libc::SYS_swapon, "swapon"),
-    (libc::SYS_swapoff, "swapoff"),
-    (libc::SYS_reboot, "reboot"),
-    (libc::SYS_kexec_load, "kexec_load"),
-    (libc::SYS_kexec_file_load, "kexec_file_load"),
-    (libc::SYS_init_module, "init_module"),
-    (libc::SYS_finit_module, "finit_module"),
-    (libc::SYS_delete_module, "delete_module"),
-    (libc::SYS_bpf, "bpf"),
-    (libc::SYS_perf_event_open, "perf_event_open"),
-    (libc::SYS_keyctl, "keyctl"),
-    (libc::SYS_add_key, "add_key"),
-    (libc::SYS_request_key, "request_key"),
-    (libc::SYS_ptrace, "ptrace"),
-    (libc::SYS_process_vm_readv, "process_vm_readv"),
-    (libc::SYS_process_vm_writev, "process_vm_writev"),
-    (libc::SYS_userfaultfd, "userfaultfd"),
-    (libc::SYS_acct, "acct"),
-    (libc::SYS_quotactl, "quotactl"),
-    (libc::SYS_syslog, "syslog"),
-    (libc::SYS_settimeofday, "settimeofday"),
-    (libc::SYS_clock_settime, "clock_settime"),
-    (libc::SYS_clock_adjtime, "clock_adjtime"),
-    (libc::SYS_adjtimex, "adjtimex"),
-    (libc::SYS_sethostname, "sethostname"),
-    (libc::SYS_setdomainname, "setdomainname"),
-    (libc::SYS_open_by_handle_at, "open_by_handle_at"),
-    (libc::SYS_name_to_handle_at, "name_to_handle_at"),
-    (libc::SYS_fanotify_init, "fanotify_init"),
-    (libc::SYS_vhangup, "vhangup"),
-    (libc::SYS_io_uring_setup, "io_uring_setup"),
-    (libc::SYS_io_uring_enter, "io_uring_enter"),
-    (libc::SYS_io_uring_register, "io_uring_register"),
-    #[cfg(target_arch = "x86_64")]
-    (libc::SYS_iopl, "iopl"),
-    #[cfg(target_arch = "x86_64")]
-    (libc::SYS_ioperm, "ioperm"),
-    #[cfg(target_arch = "x86_64")]
-    (libc::SYS_uselib, "uselib"),
-];
-
-/// The name of a system call the filter refuses, for a denial the kernel reported.
-pub fn syscall_name(nr: i64) -> Option<&'static str> {
-    let namespaces: &[(libc::c_long, &str)] = &[
-        (libc::SYS_unshare, "unshare"),
-        (libc::SYS_setns, "setns"),
-        (libc::SYS_clone, "clone"),
-    ];
-    DENIED_SYSCALLS
-        .iter()
-        .chain(namespaces)
-        .find(|&&(number, _)| number == nr)
-        .map(|&(_, name)| name)
-}
-
-/// The filter for `namespaces`, compiled once per keeper (it is the same for every agent).
-fn seccomp_cached(namespaces: bool) -> io::Result<Vec<seccompiler::sock_filter>> {
-    use std::sync::OnceLock;
-    static PROGRAMS: [OnceLock<Vec<seccompiler::sock_filter>>; 2] =
-        [OnceLock::new(), OnceLock::new()];
-    let slot = &PROGRAMS[usize::from(namespaces)];
-    if let Some(program) = slot.get() {
-        return Ok(program.clone());
-    }
-    let program = seccomp_program(namespaces)?;
-    Ok(slot.get_or_init(|| program).clone())
-}
-
-/// System calls no agent needs, refused with `EPERM`; `namespaces` leaves namespace creation
-/// allowed (without it, `clone3` is refused by [`clone3_enosys`]).
-fn seccomp_program(namespaces: bool) -> io::Result<Vec<seccompiler::sock_filter>> {
-    use seccompiler::{
-        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    };
-    use std::collections::BTreeMap;
-    let fail = |error: seccompiler::BackendError| io::Error::other(format!("seccomp: {error}"));
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED_SYSCALLS
-        .iter()
-        .map(|&(nr, _)| (nr, Vec::new()))
-        .collect();
-    if !namespaces {
-        rules.insert(libc::SYS_unshare, Vec::new());
-        rules.insert(libc::SYS_setns, Vec::new());
-        // A clone with any namespace flag: one rule per flag (a rule matches on equality).
-        let flags = [
-            libc::CLONE_NEWNS,
-            libc::CLONE_NEWUSER,
-            libc::CLONE_NEWNET,
-            libc::CLONE_NEWPID,
-            libc::CLONE_NEWIPC,
-            libc::CLONE_NEWUTS,
-            libc::CLONE_NEWCGROUP,
-        ];
-        let clone = flags
-            .into_iter()
-            .map(|flag| {
-                let flag = flag as u64;
-                SeccompCondition::new(
-                    0,
-                    SeccompCmpArgLen::Qword,
-                    SeccompCmpOp::MaskedEq(flag),
-                    flag,
-                )
-                .and_then(|condition| SeccompRule::new(vec![condition]))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(fail)?;
-        rules.insert(libc::SYS_clone, clone);
-    }
-    let arch: seccompiler::TargetArch =
-        std::env::consts::ARCH
-            .try_into()
-            .map_err(|error: seccompiler::BackendError| {
-                io::Error::other(format!("seccomp: {error}"))
-            })?;
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch,
-    )
-    .map_err(|error| io::Error::other(format!("seccomp: {error}")))?;
-    let program: seccompiler::BpfProgram = filter.try_into().map_err(fail)?;
-    let mut prefix = prefix();
-    prefix.extend(program);
-    Ok(prefix)
-}
-
-const LD_W_ABS: u16 = 0x20;
-const JEQ_K: u16 = 0x15;
-const RET_K: u16 = 0x06;
-const RET_ERRNO: u32 = 0x0005_0000;
-
-/// `clone3` refused with `ENOSYS` (its flags cannot be read by a filter), which makes the C
-/// library fall back to `clone`, whose flags are checked.
-fn clone3_enosys() -> [seccompiler::sock_filter; 4] {
-    const RET_ALLOW: u32 = 0x7fff_0000;
-    let op = |code, k, jt, jf| seccompiler::sock_filter { code, jt, jf, k };
-    [
-        op(LD_W_ABS, 0, 0, 0),
-        op(JEQ_K, libc::SYS_clone3 as u32, 0, 1),
-        op(RET_K, RET_ERRNO | libc::ENOSYS as u32, 0, 0),
-        op(RET_K, RET_ALLOW, 0, 0),
-    ]
-}
-
-/// What the filter checks before seccompiler's rules: the architecture, and on x86_64 no x32
-/// system call numbers (they would pass under other numbers).
-fn prefix() -> Vec<seccompiler::sock_filter> {
-    const JGE_K: u16 = 0x35;
-    const RET_KILL_PROCESS: u32 = 0x8000_0000;
-    #[cfg(target_arch = "x86_64")]
-    const AUDIT_ARCH: u32 = 0xC000_003E;
-    #[cfg(target_arch = "aarch64")]
-    const AUDIT_ARCH: u32 = 0xC000_00B7;
-    let op = |code, k, jt, jf| seccompiler::sock_filter { code, jt, jf, k };
-    let mut program = vec![
-        op(LD_W_ABS, 4, 0, 0),
-        op(JEQ_K, AUDIT_ARCH, 1, 0),
-        op(RET_K, RET_KILL_PROCESS, 0, 0),
-        op(LD_W_ABS, 0, 0, 0),
-    ];
-    if cfg!(target_arch = "x86_64") {
-        program.push(op(JGE_K, 0x4000_0000, 0, 1));
-        program.push(op(RET_K, RET_ERRNO | libc::EPERM as u32, 0, 0));
-    }
-    program
 }
 
 #[cfg(test)]

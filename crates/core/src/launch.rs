@@ -127,6 +127,13 @@ impl ChildSetup {
         })
     }
 
+    /// The agent runs in a PID namespace of its own (see `confine.rs`).
+    fn pid_namespace(&self) -> bool {
+        self.confine
+            .as_ref()
+            .is_some_and(|(confine, _)| confine.pid_namespace)
+    }
+
     /// Runs in the child between `fork` and `exec`: system calls only, no allocation.
     fn apply(&self) -> io::Result<()> {
         let check = |result: libc::c_int| {
@@ -260,7 +267,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
     let pid = match launch.joins {
         Some(joins) => {
             let setup = ChildSetup::new(launch.setup, v1_fds, launch.working_dir)?;
-            match clone_into(&launch, &joins.v2, setup)? {
+            match clone_into(&launch, Some(&joins.v2), setup)? {
                 Some(pid) => pid,
                 // clone3 or CLONE_INTO_CGROUP unknown to this kernel: join after the fork.
                 None => {
@@ -284,7 +291,13 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         None if *launch.setup == ProcessSetup::default() => command_spawn(launch, None)?,
         None => {
             let setup = ChildSetup::new(launch.setup, Vec::new(), launch.working_dir)?;
-            command_spawn(launch, Some(setup))?
+            if setup.pid_namespace() {
+                clone_into(&launch, None, setup)?.ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::Unsupported, "no clone3 on this kernel")
+                })?
+            } else {
+                command_spawn(launch, Some(setup))?
+            }
         }
     };
     drop(v1_files);
@@ -407,35 +420,45 @@ fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
 /// Creates the process inside `cgroup` and runs the command in it; answers once `execve`
 /// succeeded, or with the error that stopped the child. `Ok(None)`: this kernel has no
 /// `clone3` or no `CLONE_INTO_CGROUP` (before 5.7), and nothing was started.
-fn clone_into(launch: &Launch<'_>, cgroup: &Path, setup: ChildSetup) -> io::Result<Option<i32>> {
+///
+/// In a PID namespace of its own, the agent is not the child cloned here (that one makes the
+/// namespace and exits) but its sibling, made with `CLONE_PARENT`: the keeper is its parent,
+/// reaps it and reads its real exit status, and its pid comes back on a pipe.
+fn clone_into(
+    launch: &Launch<'_>,
+    cgroup: Option<&Path>,
+    setup: ChildSetup,
+) -> io::Result<Option<i32>> {
     let exec = Exec::new(launch)?;
     let (argv, envp) = (pointers(&exec.argv), pointers(&exec.envp));
     let cwd = c_string(launch.working_dir.as_os_str().as_bytes())?;
     let stdin = File::open("/dev/null")?;
-    let dir = File::open(cgroup)?;
+    let dir = cgroup.map(File::open).transpose()?;
     let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let pid_pipe = if setup.pid_namespace() {
+        Some(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
+    } else {
+        None
+    };
     let stdio = [
         stdin.as_raw_fd(),
         launch.stdout.as_raw_fd(),
         launch.stderr.as_raw_fd(),
     ];
     let mut pidfd: i32 = -1;
-    let args = CloneArgs {
-        flags: CLONE_INTO_CGROUP | libc::CLONE_PIDFD as u64,
+    let mut args = CloneArgs {
+        flags: libc::CLONE_PIDFD as u64,
         pidfd: &mut pidfd as *mut i32 as u64,
         exit_signal: libc::SIGCHLD as u64,
-        cgroup: dir.as_raw_fd() as u64,
         ..CloneArgs::default()
     };
+    if let Some(dir) = &dir {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = dir.as_raw_fd() as u64;
+    }
     // SAFETY: `args` is a valid clone_args of the size passed. Without CLONE_VM the child
     // gets a copy of this process, as with fork, and runs `child`, which never returns.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
+    let pid = unsafe { clone3(&args) };
     if pid < 0 {
         let error = io::Error::last_os_error();
         return match error.raw_os_error() {
@@ -444,24 +467,33 @@ fn clone_into(launch: &Launch<'_>, cgroup: &Path, setup: ChildSetup) -> io::Resu
         };
     }
     if pid == 0 {
+        let report = Report {
+            errno: report_write.as_raw_fd(),
+            agent_pid: pid_pipe.as_ref().map(|(_, write)| write.as_raw_fd()),
+        };
         // SAFETY: in the new process; only system calls on values prepared above.
-        unsafe {
-            child(
-                &stdio,
-                &cwd,
-                &setup,
-                &exec.candidates,
-                &argv,
-                &envp,
-                report_write.as_raw_fd(),
-            )
-        }
+        unsafe { child(&stdio, &cwd, &setup, &exec.candidates, &argv, &envp, report) }
     }
     drop(report_write);
     // SAFETY: clone3 filled in a descriptor of ours for the child.
-    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) };
-    let pid = i32::try_from(pid)
+    let mut pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) };
+    let mut pid = i32::try_from(pid)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "pid out of range"))?;
+    if let Some((pid_read, pid_write)) = pid_pipe {
+        drop(pid_write);
+        let mut agent = [0u8; 4];
+        // Nothing: the namespace's maker failed, and said why on `report`.
+        if nix::unistd::read(&pid_read, &mut agent)? == 4 {
+            pid = i32::from_ne_bytes(agent);
+            // SAFETY: plain integers; the agent is our child, not yet reaped, so its pid
+            // names it.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+            if fd >= 0 {
+                // SAFETY: pidfd_open returned a descriptor of ours.
+                pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+            }
+        }
+    }
     // The write end closes on a successful exec; an errno comes first if anything failed
     // (the child then exits, and the reaper collects it).
     let mut errno = [0u8; 4];
@@ -482,6 +514,138 @@ fn clone_into(launch: &Launch<'_>, cgroup: &Path, setup: ChildSetup) -> io::Resu
     }
 }
 
+/// # Safety
+/// As `fork`: the child gets a copy of this process and must only make system calls.
+unsafe fn clone3(args: &CloneArgs) -> libc::c_long {
+    // SAFETY: a valid clone_args of the size passed.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    }
+}
+
+/// Makes the agent's PID namespace, between clone and exec: its first process (the
+/// namespace's init, [`namespace_init`]) and then the agent, both children of the keeper
+/// (`CLONE_PARENT`). Returns in the agent; this process writes the agent's pid on
+/// `pid_report` and exits, or reports an errno on `report`.
+///
+/// # Safety
+/// Only in the child of a clone: system calls only.
+unsafe fn enter_pid_namespace(report: i32, pid_report: i32) {
+    // SAFETY (whole body): system calls on integers and buffers of this function.
+    unsafe {
+        let fail = || -> ! {
+            let errno = *libc::__errno_location();
+            libc::write(report, (&errno as *const i32).cast(), 4);
+            libc::_exit(127)
+        };
+        let mut sync = [0i32; 2];
+        if libc::unshare(libc::CLONE_NEWPID) < 0 || libc::pipe2(sync.as_mut_ptr(), 0) < 0 {
+            fail();
+        }
+        // `exit_signal` must be 0 with CLONE_PARENT: the children exit with ours (SIGCHLD).
+        let sibling = CloneArgs {
+            flags: libc::CLONE_PARENT as u64,
+            ..CloneArgs::default()
+        };
+        match clone3(&sibling) {
+            0 => namespace_init(sync[0]),
+            init if init < 0 => fail(),
+            _ => {}
+        }
+        let agent = clone3(&sibling);
+        if agent == 0 {
+            libc::close(sync[0]);
+            libc::close(sync[1]);
+            return;
+        }
+        if agent < 0 {
+            fail();
+        }
+        let agent = agent as i32;
+        libc::write(pid_report, (&agent as *const i32).cast(), 4);
+        // The init may now watch the agent: it is there.
+        libc::write(sync[1], [1u8].as_ptr().cast(), 1);
+        libc::_exit(0)
+    }
+}
+
+/// SIGCHLD's handler in the namespace's init: it only interrupts `ppoll`.
+extern "C" fn woken(_: libc::c_int) {}
+
+/// The first process of an agent's PID namespace, as long as the agent runs: it reaps the
+/// orphans reparented to it there and exits once the agent (pid 2 there, its sibling) has,
+/// which ends whatever is left in the namespace. It keeps no descriptor but `sync`, no
+/// capability, and is not dumpable (nothing there can read its memory or `/proc` entries);
+/// as a namespace's init with no handler but SIGCHLD's, no signal from inside reaches it,
+/// and from outside only SIGKILL and SIGSTOP.
+///
+/// # Safety
+/// Only in the child of a clone: system calls only.
+unsafe fn namespace_init(sync: i32) -> ! {
+    // SAFETY (whole body): system calls on integers and on this function's own buffers.
+    unsafe {
+        if sync > 0 {
+            libc::syscall(libc::SYS_close_range, 0, sync - 1, 0);
+        }
+        libc::syscall(libc::SYS_close_range, sync + 1, u32::MAX, 0);
+        libc::setpgid(0, 0);
+        libc::prctl(libc::PR_SET_NAME, c"agentd-init".as_ptr(), 0, 0, 0);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        if drop_capabilities().is_err() {
+            libc::_exit(1);
+        }
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = woken as extern "C" fn(libc::c_int) as usize;
+        action.sa_flags = libc::SA_NOCLDSTOP;
+        libc::sigaction(libc::SIGCHLD, &action, std::ptr::null_mut());
+        let mut child: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut child);
+        libc::sigaddset(&mut child, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &child, std::ptr::null_mut());
+        let mut byte = 0u8;
+        loop {
+            match libc::read(sync, (&mut byte as *mut u8).cast(), 1) {
+                1 => break,
+                n if n < 0 && *libc::__errno_location() == libc::EINTR => {}
+                // The agent was never made.
+                _ => libc::_exit(0),
+            }
+        }
+        libc::close(sync);
+        let agent = libc::syscall(libc::SYS_pidfd_open, 2, 0);
+        if agent < 0 {
+            // Gone already.
+            libc::_exit(0);
+        }
+        let mut exited = libc::pollfd {
+            fd: agent as i32,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let mut any: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut any);
+        loop {
+            while libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) > 0 {}
+            // SIGCHLD, blocked but for this wait, interrupts it.
+            if libc::ppoll(&mut exited, 1, std::ptr::null(), &any) > 0 {
+                libc::_exit(0);
+            }
+        }
+    }
+}
+
+/// Where the new process reports: the errno of its first failure, and in a PID namespace of
+/// its own the agent's pid.
+#[derive(Clone, Copy)]
+struct Report {
+    errno: i32,
+    agent_pid: Option<i32>,
+}
+
 /// The new process, between clone and exec. Reports the errno of the first failure on
 /// `report` and exits 127.
 ///
@@ -494,12 +658,12 @@ unsafe fn child(
     candidates: &[CString],
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
-    report: i32,
+    report: Report,
 ) -> ! {
     // SAFETY (whole body): system calls on descriptors and buffers that live until exec.
     unsafe {
         let fail = |errno: i32| -> ! {
-            libc::write(report, (&errno as *const i32).cast(), 4);
+            libc::write(report.errno, (&errno as *const i32).cast(), 4);
             libc::_exit(127)
         };
         let errno = || *libc::__errno_location();
@@ -508,6 +672,9 @@ unsafe fn child(
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        if let Some(agent_pid) = report.agent_pid {
+            enter_pid_namespace(report.errno, agent_pid);
+        }
         for (target, &fd) in stdio.iter().enumerate() {
             let target = target as i32;
             let done = if fd == target {

@@ -172,11 +172,7 @@ impl Os for System {
             );
         }
         if let Some(sandbox) = &spec.sandbox {
-            let own_user = spec
-                .run_as
-                .as_ref()
-                .is_none_or(|run_as| run_as.uid == nix::unistd::geteuid().as_raw());
-            self.sandbox.check(sandbox, own_user)?;
+            self.sandbox.check(sandbox)?;
         }
         let has = |controller| self.cgroups.as_ref().is_some_and(|c| c.has(controller));
         let v2_memory = self

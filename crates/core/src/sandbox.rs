@@ -309,9 +309,14 @@ impl SandboxSupport {
     pub fn describe(&self) -> String {
         let yes = |on: bool| if on { "yes" } else { "no" };
         format!(
-            "Landlock ABI {}, seccomp {}, network namespaces {}, user namespaces {}, agentd {}; \
-             denials: {}",
+            "Landlock ABI {}{}, seccomp {}, network namespaces {}, user namespaces {}, \
+             agentd {}; denials: {}",
             self.landlock_abi,
+            if (1..crate::confine::LANDLOCK_SCOPES_ABI).contains(&self.landlock_abi) {
+                " (signals scoped by a PID namespace per agent)"
+            } else {
+                ""
+            },
             yes(self.seccomp),
             yes(self.network_namespaces),
             yes(self.user_namespaces),
@@ -331,8 +336,8 @@ impl SandboxSupport {
     }
 
     /// Refuses a policy this host cannot enforce whole: never a weaker sandbox than asked.
-    /// `own_user`: the agent would run as agentd's own user.
-    pub(crate) fn check(&self, sandbox: &Sandbox, own_user: bool) -> Result<()> {
+    /// (Below Landlock ABI 6, signals are scoped by a PID namespace instead: `confine.rs`.)
+    pub(crate) fn check(&self, sandbox: &Sandbox) -> Result<()> {
         let unsupported = |problem: String| {
             Err(Error::Unsupported {
                 field: "sandbox",
@@ -367,14 +372,6 @@ impl SandboxSupport {
             return unsupported(format!(
                 "network {} needs network namespaces, which this kernel lacks",
                 sandbox.network.name().to_uppercase()
-            ));
-        }
-        if own_user && self.landlock_abi < 6 {
-            return unsupported(format!(
-                "an agent that runs as agentd's own user could signal agentd and other agents: \
-                 Landlock ABI 6 (Linux 6.12) scopes signals to the sandbox, and this kernel \
-                 has ABI {}; give the agent a `user` of its own",
-                self.landlock_abi
             ));
         }
         Ok(())
