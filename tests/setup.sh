@@ -10,6 +10,7 @@ if command -v pyenv >/dev/null; then pyenv rehash || true; fi
 missing=""
 command -v chromium >/dev/null || missing="$missing chromium"
 command -v tmux >/dev/null || missing="$missing tmux"
+command -v curl >/dev/null || missing="$missing curl"
 if [ -n "$missing" ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "tests/setup.sh: the tests need$missing; install as root: apt-get install$missing" >&2

@@ -15,6 +15,7 @@ mod containment;
 mod damaged_store;
 mod dashboard;
 mod fleet;
+mod gateway;
 mod health;
 mod history;
 mod http;

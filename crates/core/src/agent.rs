@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::egress::EgressCounts;
 use crate::health::{HealthIssue, HealthMetric};
 use crate::spec::AgentSpec;
+use crate::spend::Spend;
 use crate::state::{AgentState, Containment, EndReason, Exit, Health, Hold, TreeSample};
 
 /// Everything stored about an agent. Field changes need a new record version in `store`.
@@ -79,6 +80,13 @@ pub struct AgentRecord {
     /// What the kernel refused a sandboxed agent, in all its runs.
     #[serde(default)]
     pub denials: SandboxDenials,
+    /// What it spent through the LLM gateway, in all its runs.
+    #[serde(default)]
+    pub spend: Spend,
+    /// Its key to the LLM gateway (`spend.rs`), made at spawn when agentd has providers.
+    /// Never shown.
+    #[serde(default)]
+    pub gateway_key: Option<String>,
 }
 
 /// What the kernel's audit records said a sandboxed agent was refused (`audit.rs`).
@@ -122,6 +130,8 @@ impl AgentRecord {
             limit_fallbacks: Vec::new(),
             egress: EgressCounts::default(),
             denials: SandboxDenials::default(),
+            spend: Spend::default(),
+            gateway_key: None,
         }
     }
 

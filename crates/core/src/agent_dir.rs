@@ -12,6 +12,7 @@ use crate::launch::{self, ProcessSetup};
 use crate::os::Os;
 use crate::sandbox::{Network, Sandbox};
 use crate::spec::RunAs;
+use crate::spend::GatewayEnv;
 
 /// An agent's folder, made ready for a launch: prompt written, output files open.
 pub(crate) struct AgentFiles {
@@ -124,6 +125,9 @@ impl AgentFiles {
             env.extend(sandbox.env(dir));
         }
         env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let (Some(gateway), Some(key)) = (&base_env.gateway, &record.gateway_key) {
+            env.extend(gateway.vars(key));
+        }
         env.extend([
             ("AGENTD_AGENT_ID".into(), spec.agent_id.clone()),
             (
@@ -205,6 +209,8 @@ pub(crate) struct BaseEnv {
     other_path: String,
     /// agentd's own user, for an agent that names none.
     own: Option<Login>,
+    /// The LLM gateway's variables, for agents with a key to it.
+    pub(crate) gateway: Option<GatewayEnv>,
 }
 
 /// The variables that say who a process runs as.
@@ -232,7 +238,7 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 
 impl BaseEnv {
     /// Reads agentd's environment once: the defaults and the `pass` names, where set.
-    pub(crate) fn from_daemon(pass: &[String]) -> BaseEnv {
+    pub(crate) fn from_daemon(pass: &[String], gateway: Option<GatewayEnv>) -> BaseEnv {
         let passed = DEFAULT_PASSED
             .iter()
             .copied()
@@ -250,6 +256,7 @@ impl BaseEnv {
             own_path,
             other_path,
             own: Login::of(nix::unistd::geteuid().as_raw()),
+            gateway,
         }
     }
 

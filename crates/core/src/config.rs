@@ -33,6 +33,8 @@ pub struct SupervisorConfig {
     /// What to do with a store that cannot be trusted; `None` refuses to start.
     pub recover_store: Option<StoreRecovery>,
     pub sandbox: SandboxConfig,
+    /// The LLM gateway agents get variables for (`--llm-providers`), if it runs.
+    pub gateway: Option<crate::spend::GatewayEnv>,
 }
 
 /// Sandboxes, daemon-wide.
@@ -117,6 +119,7 @@ impl SupervisorConfig {
             allow_users: Vec::new(),
             recover_store: None,
             sandbox: SandboxConfig::default(),
+            gateway: None,
         }
     }
 }

@@ -152,6 +152,9 @@ pub(crate) enum Command {
     KeptExit(KeptExit),
     /// The kernel refused a process something (a sandboxed agent's, perhaps).
     KernelDenied(crate::audit::KernelDenial),
+    /// The LLM gateway read what a request cost the agent (agent id, model, usage).
+    Spent(String, String, crate::spend::Usage),
+    GatewayKeys(oneshot::Sender<std::sync::Arc<crate::spend::GatewayKeys>>),
     /// A command sent inside a span (tracing is on): the supervisor's spans for it continue it.
     Traced(tracing::Span, Box<Command>),
     /// Something the supervisor depends on broke (the sampler thread died): it stops, and
@@ -273,6 +276,20 @@ impl SupervisorHandle {
 
     pub async fn reap(&self) -> Result<ReapReport> {
         self.request(Command::Reap).await
+    }
+
+    /// Adds what one LLM request cost to the agent's spend (the gateway read it). Not
+    /// waited for.
+    pub fn spent(&self, agent_id: &str, model: &str, usage: crate::spend::Usage) {
+        let command = Command::Spent(agent_id.to_string(), model.to_string(), usage);
+        if let Err(error) = self.commands.try_send(command) {
+            tracing::warn!(%agent_id, %error, "spend not recorded: the supervisor is busy or gone");
+        }
+    }
+
+    /// The keys the LLM gateway recognizes, kept by the supervisor.
+    pub async fn gateway_keys(&self) -> Result<std::sync::Arc<crate::spend::GatewayKeys>> {
+        self.request(Command::GatewayKeys).await
     }
 
     /// Subscribes to events; see [`Watch`].

@@ -12,7 +12,9 @@ use crate::handle::{HealthReport, ListFilter, ListPage, Summary};
 use crate::machine::AgentMachine;
 use crate::sampler::SampleTarget;
 use crate::spec::AgentSpec;
+use crate::spend::GatewayKeys;
 use crate::state::Health;
+use std::sync::Arc;
 
 #[derive(Default)]
 pub(crate) struct AgentTable {
@@ -21,6 +23,8 @@ pub(crate) struct AgentTable {
     by_pid: HashMap<i32, String>,
     /// Idempotency keys of spawns that started a process.
     by_request: HashMap<String, String>,
+    /// Every agent's LLM gateway key, shared with the gateway.
+    keys: Arc<GatewayKeys>,
 }
 
 impl AgentTable {
@@ -62,13 +66,24 @@ impl AgentTable {
             self.by_request
                 .insert(record.spec.request_id.clone(), agent_id.clone());
         }
+        if let Some(key) = &record.gateway_key {
+            self.keys.insert(key, &agent_id);
+        }
         self.agents.insert(agent_id, machine);
     }
 
     pub fn remove(&mut self, agent_id: &str) -> Option<AgentMachine> {
         self.by_request.retain(|_, id| id != agent_id);
         self.by_pid.retain(|_, id| id != agent_id);
-        self.agents.remove(agent_id)
+        let machine = self.agents.remove(agent_id)?;
+        if let Some(key) = &machine.record().gateway_key {
+            self.keys.remove(key);
+        }
+        Some(machine)
+    }
+
+    pub fn gateway_keys(&self) -> &Arc<GatewayKeys> {
+        &self.keys
     }
 
     /// A leader that is our child: its reaped exit belongs to this agent.

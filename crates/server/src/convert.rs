@@ -552,6 +552,28 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
         sandbox: spec.sandbox.as_ref().map(sandbox::message),
         egress: sandbox::egress(record),
         denials: sandbox::denials(record),
+        spend: (record.spend.total.requests > 0).then(|| spend(&record.spend)),
+    }
+}
+
+fn usage(usage: &agentd_core::Usage) -> pb::Usage {
+    pb::Usage {
+        input_tokens: usage.input_tokens,
+        output_tokens: usage.output_tokens,
+        cached_input_tokens: usage.cached_input_tokens,
+        requests: usage.requests,
+        cost_micros: usage.cost_micros,
+    }
+}
+
+fn spend(spend: &agentd_core::Spend) -> pb::Spend {
+    pb::Spend {
+        total: Some(usage(&spend.total)),
+        models: spend
+            .models
+            .iter()
+            .map(|(model, spent)| (model.clone(), usage(spent)))
+            .collect(),
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod connection;
 mod convert;
+pub mod gateway;
 mod grpc_auth;
 mod host;
 mod http;

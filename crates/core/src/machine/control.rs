@@ -18,6 +18,10 @@ impl AgentMachine {
     }
 
     /// What the kernel refused it, to count one more (written with the record's next change).
+    pub fn spend_mut(&mut self) -> &mut crate::spend::Spend {
+        &mut self.record.spend
+    }
+
     pub fn denials_mut(&mut self) -> &mut SandboxDenials {
         &mut self.record.denials
     }

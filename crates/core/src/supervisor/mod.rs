@@ -45,6 +45,7 @@ mod retention;
 mod samples;
 mod sandboxes;
 mod spawning;
+mod spend;
 mod start;
 mod stopping;
 #[cfg(test)]
@@ -218,7 +219,7 @@ impl SupervisorTask {
             shutting_down: false,
             ids_generated: 0,
             limits: config.limits,
-            base_env: BaseEnv::from_daemon(&config.pass_env),
+            base_env: BaseEnv::from_daemon(&config.pass_env, config.gateway.clone()),
             allow_users: config.allow_users.clone(),
             finished_retention: config.finished_retention,
             commands: parts.commands,
@@ -380,6 +381,10 @@ impl SupervisorTask {
                 let _ = self.acks.send(Ack::Exit(exit.pid));
             }
             Command::KernelDenied(denial) => self.kernel_denied(denial),
+            Command::Spent(agent_id, model, usage) => self.spent(&agent_id, &model, &usage),
+            Command::GatewayKeys(reply) => {
+                let _ = reply.send(self.table.gateway_keys().clone());
+            }
             Command::Fatal(problem) => self.failure = Some(problem),
             Command::Traced(span, command) => {
                 let _entered = span.enter();

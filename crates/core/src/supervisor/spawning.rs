@@ -15,6 +15,7 @@ use crate::machine::{AgentMachine, Launched};
 use crate::process;
 use crate::rebuild;
 use crate::spec::{RunAs, SpawnRequest, check_id};
+use crate::spend;
 use crate::state::TreeSample;
 use crate::trace;
 
@@ -163,7 +164,14 @@ impl SupervisorTask {
         };
         // What a rebuild of the record starts from, should the store be lost.
         rebuild::write_spec(&self.specs_dir, &spec)?;
-        let record = AgentRecord::new(Arc::new(spec), agent_dir, self.clock.wall());
+        let mut record = AgentRecord::new(Arc::new(spec), agent_dir, self.clock.wall());
+        if self.base_env.gateway.is_some() {
+            let key = spend::new_key().map_err(|source| Error::Setup {
+                what: "making the agent's LLM gateway key".into(),
+                source,
+            })?;
+            record.gateway_key = Some(key);
+        }
         let machine = AgentMachine::starting(record, self.now());
         // The STARTING record reaches the disk before the process exists.
         self.store.put(machine.record())?;

@@ -10,7 +10,8 @@ use agentd_core::{
 };
 use agentd_proto::settings;
 use agentd_server::{
-    Listener, Metrics, PerAgent, Security, ServeOptions, auth, connection, notify, telemetry, tls,
+    Listener, Metrics, PerAgent, Security, ServeOptions, auth, connection, gateway, notify,
+    telemetry, tls,
 };
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -42,6 +43,14 @@ struct Options {
     /// probes that cannot do TLS (Kubernetes' gRPC probe). It tells nothing but "serving"
     #[arg(long, env = "AGENTD_HEALTH_LISTEN")]
     health_listen: Option<String>,
+    /// LLM providers (TOML, see README "Spend"): agentd serves their APIs to agents on
+    /// loopback with a key per agent, the real keys kept here, and counts what each agent
+    /// spends
+    #[arg(long, env = "AGENTD_LLM_PROVIDERS")]
+    llm_providers: Option<PathBuf>,
+    /// The LLM gateway's address [default: 127.0.0.1 and the port it had before, else any]
+    #[arg(long, env = "AGENTD_LLM_LISTEN", requires = "llm_providers")]
+    llm_listen: Option<String>,
     /// PEM certificate chain for the TCP listeners (reloaded on SIGHUP)
     #[arg(long, env = "AGENTD_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -319,6 +328,15 @@ async fn serve(options: Options) -> anyhow::Result<()> {
         labels: options.metrics_agent_labels,
     }));
     prepare_socket_path(&socket)?;
+    let gateway = match &options.llm_providers {
+        Some(path) => {
+            let providers = gateway::load_providers(path)?;
+            let listener = gateway::bind(&data_dir, options.llm_listen.as_deref()).await?;
+            config.gateway = Some(gateway::env(listener.local_addr()?, &providers));
+            Some((providers, listener))
+        }
+        None => None,
+    };
     let supervisor = Supervisor::start(config, metrics.clone())
         .with_context(|| format!("starting the supervisor in `{}`", data_dir.display()))?;
     let containment = supervisor.summary().await?.containment_detail;
@@ -355,7 +373,22 @@ async fn serve(options: Options) -> anyhow::Result<()> {
         serving += &format!(", health probes on {}", listener.local_addr()?);
         listeners.push(Listener::Health(listener));
     }
-    reload_on_hangup(&security)?;
+    let gateway = match gateway {
+        Some((providers, listener)) => {
+            gateway::remember(&data_dir, &listener)?;
+            serving += &format!(
+                ", LLM gateway on http://{} ({})",
+                listener.local_addr()?,
+                gateway::names(&providers)
+            );
+            let keys = supervisor.gateway_keys().await?;
+            let gateway = gateway::Gateway::new(providers, keys, supervisor.clone())?;
+            tokio::spawn(gateway.clone().serve(listener));
+            Some(gateway)
+        }
+        None => None,
+    };
+    reload_on_hangup(&security, gateway)?;
     println!(
         "agentd {} ready on {serving} (pid {}, data {}, agents in {containment})",
         env!("CARGO_PKG_VERSION"),
@@ -464,12 +497,18 @@ async fn security(options: &Options) -> anyhow::Result<Security> {
 
 /// On SIGHUP: the certificate, key and client CA, and the token file, read again. A file
 /// that does not load leaves what is in use, and says why in the log.
-fn reload_on_hangup(security: &Security) -> anyhow::Result<()> {
+fn reload_on_hangup(
+    security: &Security,
+    gateway: Option<Arc<gateway::Gateway>>,
+) -> anyhow::Result<()> {
     let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
     let security = security.clone();
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            if security.tls.is_none() && security.guard.is_none() {
+            if let Some(gateway) = &gateway {
+                gateway::reload_keys(gateway);
+            }
+            if security.tls.is_none() && security.guard.is_none() && gateway.is_none() {
                 tracing::info!("SIGHUP: no TLS files or token file to read again");
             }
             if let Some(tls) = &security.tls {

@@ -1,0 +1,415 @@
+//! The LLM gateway (`--llm-providers`): each provider's API served to agents on loopback, at
+//! `http://127.0.0.1:PORT/NAME/...`, forwarded to the provider's `base_url` with the real key
+//! in place of the agent's gateway key. The key names the agent (`agentd_core::GatewayKeys`),
+//! so what each request costs is added to that agent's spend.
+//!
+//! A request is forwarded as it came apart from the key (and, for a streamed Chat
+//! Completions request that did not ask for usage, `stream_options.include_usage`, whose
+//! answer the client is then not shown). Answers pass through as they arrive; `usage.rs`
+//! reads them on the way.
+
+mod providers;
+mod usage;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use agentd_core::{GatewayEnv, GatewayKeys, SupervisorHandle, Usage};
+use anyhow::Context;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+
+pub use providers::load as load_providers;
+use providers::{Kind, Provider};
+
+/// The largest request body forwarded.
+const MAX_REQUEST: usize = 32 << 20;
+/// The most of a whole (not streamed) answer kept to read its usage.
+const MAX_ANSWER_READ: usize = 16 << 20;
+/// Where the gateway's port is kept, so agents keep their URL across restarts.
+const PORT_FILE: &str = "llm-gateway.port";
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+
+pub struct Gateway {
+    providers: Vec<Provider>,
+    keys: Arc<GatewayKeys>,
+    supervisor: SupervisorHandle,
+    client: HttpsClient,
+}
+
+/// Binds the gateway's listener on loopback: `address`, or the port it had before (kept in
+/// the data folder), or any free one.
+pub async fn bind(data_dir: &Path, address: Option<&str>) -> anyhow::Result<TcpListener> {
+    let port_file = data_dir.join(PORT_FILE);
+    let listener = match address {
+        Some(address) => TcpListener::bind(address)
+            .await
+            .with_context(|| format!("--llm-listen `{address}`"))?,
+        None => {
+            let before = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|text| text.trim().parse::<u16>().ok());
+            let again = match before {
+                Some(port) => TcpListener::bind(("127.0.0.1", port)).await.ok(),
+                None => None,
+            };
+            match again {
+                Some(listener) => listener,
+                None => TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .context("binding the LLM gateway on 127.0.0.1")?,
+            }
+        }
+    };
+    Ok(listener)
+}
+
+/// Keeps the port for the next start (once the data folder has been made and checked).
+pub fn remember(data_dir: &Path, listener: &TcpListener) -> anyhow::Result<()> {
+    let port_file = data_dir.join(PORT_FILE);
+    let port = listener.local_addr()?.port();
+    std::fs::write(&port_file, format!("{port}\n"))
+        .with_context(|| format!("writing `{}`", port_file.display()))
+}
+
+/// The variables agents get: the first provider of each kind is the one their SDK finds.
+pub fn env(address: SocketAddr, providers: &[Provider]) -> GatewayEnv {
+    let first = |kind| {
+        providers
+            .iter()
+            .find(|provider| provider.kind == kind)
+            .map(|provider| provider.name.clone())
+    };
+    GatewayEnv {
+        url: format!("http://{address}"),
+        openai: first(Kind::Openai),
+        anthropic: first(Kind::Anthropic),
+    }
+}
+
+pub fn names(providers: &[Provider]) -> String {
+    providers
+        .iter()
+        .map(|provider| provider.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Reads every provider's key file again (SIGHUP); a key that cannot be read keeps the old.
+pub fn reload_keys(gateway: &Gateway) {
+    for provider in &gateway.providers {
+        match provider.reload_key() {
+            Ok(()) => tracing::info!(provider = %provider.name, "LLM provider key read again"),
+            Err(error) => tracing::error!("{error:#}; the key in use stays"),
+        }
+    }
+}
+
+impl Gateway {
+    pub fn new(
+        providers: Vec<Provider>,
+        keys: Arc<GatewayKeys>,
+        supervisor: SupervisorHandle,
+    ) -> anyhow::Result<Arc<Gateway>> {
+        for provider in &providers {
+            if provider.requests_per_minute.is_some() || provider.tokens_per_minute.is_some() {
+                tracing::warn!(
+                    provider = %provider.name,
+                    "requests_per_minute and tokens_per_minute are read but not enforced yet"
+                );
+            }
+        }
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()
+            .context("reading the system's trusted certificates")?
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(Arc::new(Gateway {
+            providers,
+            keys,
+            supervisor,
+            client: Client::builder(TokioExecutor::new()).build(https),
+        }))
+    }
+
+    pub async fn serve(self: Arc<Gateway>, listener: TcpListener) -> std::io::Result<()> {
+        let router = axum::Router::new().fallback(forward).with_state(self);
+        axum::serve(listener, router).await
+    }
+}
+
+/// An error in the provider's own format, so its SDK shows it as it would the provider's.
+fn refuse(kind: Kind, status: StatusCode, kind_name: &str, message: &str) -> Response {
+    let body = match kind {
+        Kind::Openai => serde_json::json!({
+            "error": {"message": message, "type": kind_name, "param": null, "code": null}
+        }),
+        Kind::Anthropic => serde_json::json!({
+            "type": "error", "error": {"type": kind_name, "message": message}
+        }),
+    };
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The key the client sent: `Authorization: Bearer KEY` (OpenAI) or `x-api-key` (Anthropic).
+fn client_key(headers: &HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+}
+
+/// Headers not passed on: the client's key, and what belongs to one connection.
+const DROPPED: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+];
+
+async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let path = request.uri().path().to_string();
+    let (name, rest) = match path.trim_start_matches('/').split_once('/') {
+        Some((name, rest)) => (name.to_string(), format!("/{rest}")),
+        None => (path.trim_start_matches('/').to_string(), String::new()),
+    };
+    let Some(provider) = gateway.providers.iter().find(|p| p.name == name) else {
+        return refuse(
+            Kind::Openai,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!(
+                "agentd's LLM gateway has no provider `{name}`: it serves {}",
+                names(&gateway.providers)
+            ),
+        );
+    };
+    let kind = provider.kind;
+    let agent_id = match client_key(request.headers()).and_then(|key| gateway.keys.agent(key)) {
+        Some(agent_id) => agent_id,
+        None => {
+            return refuse(
+                kind,
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "not an agentd gateway key: use the key agentd gave this agent \
+                 (OPENAI_API_KEY or ANTHROPIC_API_KEY in its environment)",
+            );
+        }
+    };
+    let (parts, body) = request.into_parts();
+    let body = match http_body_util::Limited::new(body, MAX_REQUEST)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(error) => {
+            return refuse(
+                kind,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                &format!("reading the request (at most {MAX_REQUEST} bytes): {error}"),
+            );
+        }
+    };
+    let info = usage::request_info(&body);
+    let asked = usage::ask_for_usage(kind, &rest, &body);
+    let hide_usage = asked.is_some();
+    let body = asked.map(Bytes::from).unwrap_or(body);
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let url = format!("{}{rest}{query}", provider.base_url);
+    let mut upstream = axum::http::Request::builder()
+        .method(parts.method)
+        .uri(&url);
+    if let Some(headers) = upstream.headers_mut() {
+        for (name, value) in &parts.headers {
+            if !DROPPED.contains(&name.as_str()) {
+                headers.append(name, value.clone());
+            }
+        }
+        let key = provider.key();
+        let auth = match kind {
+            Kind::Openai => ("authorization", format!("Bearer {key}")),
+            Kind::Anthropic => ("x-api-key", key),
+        };
+        match HeaderValue::from_str(&auth.1) {
+            Ok(value) => {
+                headers.insert(auth.0, value);
+            }
+            Err(_) => {
+                return refuse(
+                    kind,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "api_error",
+                    "the provider's key in agentd's key file is not a valid header value",
+                );
+            }
+        }
+    }
+    let upstream = match upstream.body(Body::from(body)) {
+        Ok(request) => request,
+        Err(error) => {
+            return refuse(
+                kind,
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &error.to_string(),
+            );
+        }
+    };
+    let answer = match gateway.client.request(upstream).await {
+        Ok(answer) => answer,
+        Err(error) => {
+            tracing::warn!(%agent_id, provider = %provider.name, "LLM provider unreachable: {error:#}");
+            return refuse(
+                kind,
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                &format!(
+                    "agentd's gateway could not reach provider `{}`",
+                    provider.name
+                ),
+            );
+        }
+    };
+    let (parts, body) = answer.into_parts();
+    let streamed = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("text/event-stream"));
+    let success = parts.status.is_success();
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let reading = Reading {
+        gateway: gateway.clone(),
+        agent_id,
+        provider: provider.name.clone(),
+        kind,
+        model: info.model,
+        events: (streamed || info.stream).then(|| usage::EventStream::new(kind, hide_usage)),
+        whole: Vec::new(),
+        success,
+    };
+    tokio::spawn(reading.run(body, sender));
+    let stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
+    let mut response = Response::new(Body::from_stream(stream));
+    *response.status_mut() = parts.status;
+    for (name, value) in &parts.headers {
+        if !DROPPED.contains(&name.as_str()) || name == header::TRANSFER_ENCODING {
+            response.headers_mut().append(name, value.clone());
+        }
+    }
+    response.headers_mut().remove(header::TRANSFER_ENCODING);
+    response
+}
+
+/// One answer on its way to the client, read for its usage.
+struct Reading {
+    gateway: Arc<Gateway>,
+    agent_id: String,
+    provider: String,
+    kind: Kind,
+    model: String,
+    events: Option<usage::EventStream>,
+    whole: Vec<u8>,
+    success: bool,
+}
+
+impl Reading {
+    async fn run(
+        mut self,
+        mut body: hyper::body::Incoming,
+        sender: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    ) {
+        let mut client_gone = false;
+        while let Some(frame) = body.frame().await {
+            let data = match frame {
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue,
+                },
+                Err(error) => {
+                    let _ = sender.send(Err(std::io::Error::other(error))).await;
+                    break;
+                }
+            };
+            let out = match &mut self.events {
+                Some(events) => Bytes::from(events.feed(&data)),
+                None => {
+                    if self.whole.len() + data.len() <= MAX_ANSWER_READ {
+                        self.whole.extend_from_slice(&data);
+                    }
+                    data
+                }
+            };
+            if !out.is_empty() && sender.send(Ok(out)).await.is_err() {
+                client_gone = true;
+                break;
+            }
+        }
+        if let Some(events) = &mut self.events {
+            let rest = events.finish();
+            if !rest.is_empty() && !client_gone {
+                let _ = sender.send(Ok(Bytes::from(rest))).await;
+            }
+        }
+        drop(sender);
+        self.settle();
+    }
+
+    /// Adds the request to the agent's spend: its tokens where the answer said them.
+    fn settle(self) {
+        let (model, mut spent) = match &self.events {
+            Some(events) => (events.model.clone(), events.usage.unwrap_or_default()),
+            None => usage::from_body(self.kind, &self.whole).unwrap_or_default(),
+        };
+        let model = if model.is_empty() { self.model } else { model };
+        spent.requests = 1;
+        if let Some(provider) = self
+            .gateway
+            .providers
+            .iter()
+            .find(|p| p.name == self.provider)
+            && let Some(price) = provider.price(&model)
+        {
+            spent.cost_micros = price.cost_micros(&spent);
+        }
+        if !self.success && spent.tokens() == 0 {
+            spent = Usage {
+                requests: 1,
+                ..Usage::default()
+            };
+        }
+        self.gateway
+            .supervisor
+            .spent(&self.agent_id, &format!("{}/{model}", self.provider), spent);
+    }
+}
