@@ -63,8 +63,8 @@ async fn run_agent(client: &mut Client, agent_id: &str, script: &str) -> String 
     out
 }
 
-#[tokio::test]
-async fn agents_reach_providers_with_their_own_keys_and_their_spend_is_counted() {
+/// The test provider, and a daemon whose gateway serves it as `openai` and `anthropic`.
+async fn gateway_daemon() -> (Provider, tempfile::TempDir, Daemon) {
     let provider = Provider::start();
     let dir = tempfile::tempdir().expect("temp dir");
     let key_file = dir.path().join("provider.key");
@@ -103,6 +103,12 @@ output = 15.0
         .options(&["--llm-providers", &providers])
         .start()
         .await;
+    (provider, dir, daemon)
+}
+
+#[tokio::test]
+async fn agents_reach_providers_with_their_own_keys_and_their_spend_is_counted() {
+    let (_provider, _dir, daemon) = gateway_daemon().await;
     let mut client = daemon.client().await;
 
     // Chat Completions whole and streamed (without asking for usage: the gateway asks, and
@@ -185,5 +191,224 @@ curl -sS -w ' %{{http_code}}\n' "$ANTHROPIC_BASE_URL/v1/messages" -H "x-api-key:
         "{out}"
     );
     assert!(status(&mut client, "forger").await.spend.is_none());
+    kill_all(&mut client).await;
+}
+
+/// A child's request as `sh` runs it: Chat Completions with at most 5 output tokens, whose
+/// answer uses 7 input and 3 output tokens; prints the HTTP status.
+const ASK: &str = r#"ask() { curl -sS -o /dev/null -w '%{http_code}\n' "$OPENAI_BASE_URL/chat/completions" -H "Authorization: Bearer $OPENAI_API_KEY" -d '{"model":"gpt-test","max_tokens":5,"messages":[{"role":"user","content":"a b c"}]}'; }"#;
+
+fn with_budget(
+    agent_id: &str,
+    parent: &str,
+    script: &str,
+    budget: Option<pb::Budget>,
+) -> pb::SpawnRequest {
+    pb::SpawnRequest {
+        parent_agent_id: parent.to_string(),
+        budget,
+        ..spawn_request(agent_id, sh(&format!("{ASK}\n{script}")))
+    }
+}
+
+fn tokens(tokens: u64, on_limit: pb::OnLimit) -> Option<pb::Budget> {
+    Some(pb::Budget {
+        tokens,
+        on_limit: on_limit as i32,
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn a_tree_spending_into_its_budget_is_paused_at_the_limit_and_resumed_when_raised() {
+    let (_provider, _dir, daemon) = gateway_daemon().await;
+    let mut client = daemon.client().await;
+    let mut events = client
+        .watch_agents(pb::WatchAgentsRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    spawn_with(
+        &mut client,
+        with_budget("boss", "", "sleep 1000", tokens(100, pb::OnLimit::Pause)),
+    )
+    .await;
+    // A child may not ask for more than its parent has left.
+    let refused = client
+        .spawn(with_budget(
+            "greedy",
+            "boss",
+            "true",
+            tokens(1000, pb::OnLimit::Pause),
+        ))
+        .await
+        .expect_err("a child budget above the parent's is refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .contains("budget.tokens 1000 is more than parent `boss` has left (100)"),
+        "{refused:?}"
+    );
+    // Three children spend into the parent's budget at once, 10 tokens a request.
+    for child in ["w1", "w2", "w3"] {
+        spawn_with(
+            &mut client,
+            with_budget(
+                child,
+                "boss",
+                "for i in $(seq 30); do until [ \"$(ask)\" = 200 ]; do sleep 0.1; done; done",
+                None,
+            ),
+        )
+        .await;
+    }
+    let reached = loop {
+        let event = next_event(&mut events).await;
+        if event.kind == pb::EventKind::BudgetExhausted as i32 {
+            break event;
+        }
+    };
+    assert_eq!(reached.agent_id, "boss");
+    assert!(
+        reached.message.contains("budget reached (tokens)"),
+        "{reached:?}"
+    );
+    for agent in ["boss", "w1", "w2", "w3"] {
+        wait_for(&mut client, agent, "paused at the budget", |s| {
+            s.state == pb::AgentState::Paused as i32
+        })
+        .await;
+    }
+    let boss = status(&mut client, "boss").await;
+    let tree = boss.tree_spend.expect("tree spend");
+    // At the limit, passed by at most one request in flight (its reservation: 5 output
+    // tokens and a token per 4 bytes of its body).
+    assert!(
+        (100..=100 + 60).contains(&(tree.input_tokens + tree.output_tokens)),
+        "{tree:?}"
+    );
+    assert_eq!(boss.budget_reached, "tokens");
+    let mut children = pb::Usage::default();
+    for child in ["w1", "w2", "w3"] {
+        let own = status(&mut client, child)
+            .await
+            .spend
+            .and_then(|s| s.total)
+            .unwrap_or_default();
+        children.requests += own.requests;
+        children.input_tokens += own.input_tokens;
+        children.output_tokens += own.output_tokens;
+        children.cost_micros += own.cost_micros;
+    }
+    assert_eq!(
+        (
+            tree.requests,
+            tree.input_tokens,
+            tree.output_tokens,
+            tree.cost_micros
+        ),
+        (
+            children.requests,
+            children.input_tokens,
+            children.output_tokens,
+            children.cost_micros
+        )
+    );
+    assert_eq!(tree.input_tokens, 7 * tree.requests);
+
+    // Raised: the tree resumes, and the children finish their requests.
+    let raised = client
+        .set_budget(pb::SetBudgetRequest {
+            agent_id: "boss".into(),
+            budget: tokens(100_000, pb::OnLimit::Pause),
+        })
+        .await
+        .expect("SetBudget")
+        .into_inner()
+        .status
+        .expect("status");
+    assert_eq!(raised.budget_reached, "");
+    for child in ["w1", "w2", "w3"] {
+        wait_for_state(&mut client, child, pb::AgentState::Completed).await;
+    }
+    assert_eq!(
+        status(&mut client, "boss").await.state,
+        pb::AgentState::Running as i32
+    );
+    let tree = status(&mut client, "boss")
+        .await
+        .tree_spend
+        .expect("tree spend");
+    // Each child retried its refused request until it passed: 30 requests each, counted
+    // exactly.
+    assert_eq!(
+        (tree.requests, tree.input_tokens, tree.output_tokens),
+        (90, 630, 270)
+    );
+    kill_all(&mut client).await;
+}
+
+#[tokio::test]
+async fn at_a_stop_budget_the_agent_is_stopped_and_at_a_reject_budget_refused() {
+    let (_provider, _dir, daemon) = gateway_daemon().await;
+    let mut client = daemon.client().await;
+    let requests = |requests, on_limit: pb::OnLimit| {
+        Some(pb::Budget {
+            requests,
+            on_limit: on_limit as i32,
+            ..Default::default()
+        })
+    };
+    spawn_with(
+        &mut client,
+        with_budget(
+            "stopper",
+            "",
+            "for i in 1 2 3; do ask; done; sleep 1000",
+            requests(2, pb::OnLimit::Stop),
+        ),
+    )
+    .await;
+    let stopped = wait_for(&mut client, "stopper", "stopped at its budget", |s| {
+        s.state == pb::AgentState::Killed as i32
+    })
+    .await;
+    assert_eq!(
+        stopped.end_reason,
+        pb::EndReason::Budget as i32,
+        "{stopped:?}"
+    );
+    assert_eq!(
+        stopped.spend.and_then(|s| s.total).map(|t| t.requests),
+        Some(2)
+    );
+
+    spawn_with(
+        &mut client,
+        with_budget(
+            "rejected",
+            "",
+            "for i in 1 2 3 4; do ask; done",
+            requests(2, pb::OnLimit::Reject),
+        ),
+    )
+    .await;
+    let done = wait_for_state(&mut client, "rejected", pb::AgentState::Completed).await;
+    let out =
+        std::fs::read_to_string(PathBuf::from(&done.agent_dir).join("stdout.log")).expect("output");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["200", "200", "429", "429"]
+    );
+    assert_eq!(
+        done.spend.and_then(|s| s.total).map(|t| t.requests),
+        Some(2)
+    );
+    assert_eq!(done.budget_reached, "requests");
     kill_all(&mut client).await;
 }

@@ -65,6 +65,10 @@ const GROUPS: &[(&str, &[&str])] = &[
     ),
     ("Sandbox", &["sandbox", "egress", "denials"]),
     (
+        "Spend",
+        &["spend", "tree_spend", "budget", "budget_reached"],
+    ),
+    (
         "Lifecycle",
         &[
             "state",

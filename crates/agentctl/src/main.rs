@@ -10,6 +10,7 @@ mod pause;
 mod rm;
 mod run;
 mod spawn;
+mod spend;
 mod status;
 mod stop;
 mod summary;
@@ -145,6 +146,20 @@ enum Action {
         #[arg(long = "allow-host", value_name = "HOST[:PORT]")]
         allow_hosts: Vec<String>,
     },
+    /// Replace an agent's budget (SetBudget), which covers its whole tree; no limit given:
+    /// no budget. A tree paused at its budget resumes once the new one has room
+    Budget {
+        agent_id: String,
+        #[command(flatten)]
+        budget: spend::BudgetArgs,
+    },
+    /// What agents spent through agentd's LLM gateway: requests, tokens, dollars, their
+    /// trees' totals and budgets
+    Spend {
+        /// Only this agent and its descendants
+        #[arg(long)]
+        tree: Option<String>,
+    },
 }
 
 /// Parses a `KEY=VALUE` option.
@@ -218,6 +233,10 @@ async fn run(options: Options) -> anyhow::Result<u8> {
             agent_id,
             allow_hosts,
         } => pause::update_sandbox(client, agent_id, allow_hosts, out).await?,
+        Action::Budget { agent_id, budget } => {
+            spend::set_budget(client, agent_id, budget, out).await?
+        }
+        Action::Spend { tree } => spend::spend(client, tree, out).await?,
         Action::Summary => summary::summary(client, out).await?,
         Action::Watch(args) => watch::watch(client, args, out).await?,
     }

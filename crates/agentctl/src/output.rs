@@ -72,7 +72,7 @@ pub fn one_line(text: &str) -> String {
 
 /// One line per row, whatever the cells hold (see [`one_line`]), and a line wider than the
 /// terminal (or `COLUMNS`) has its last column cut with `…`.
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| h.to_string()).collect())
         .chain(
             rows.iter()

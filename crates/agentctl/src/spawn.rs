@@ -129,6 +129,8 @@ pub struct SpawnArgs {
     /// repeatable
     #[arg(long = "allow-host", value_name = "HOST[:PORT]")]
     allow_hosts: Vec<String>,
+    #[command(flatten)]
+    budget: crate::spend::BudgetArgs,
     /// The program and its arguments
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -210,6 +212,7 @@ pub fn request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
             args.read_paths,
             args.write_paths,
         )?,
+        budget: args.budget.budget()?,
     })
 }
 

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::egress::EgressCounts;
 use crate::health::{HealthIssue, HealthMetric};
 use crate::spec::AgentSpec;
-use crate::spend::Spend;
+use crate::spend::{Spend, Usage};
 use crate::state::{AgentState, Containment, EndReason, Exit, Health, Hold, TreeSample};
 
 /// Everything stored about an agent. Field changes need a new record version in `store`.
@@ -83,6 +83,12 @@ pub struct AgentRecord {
     /// What it spent through the LLM gateway, in all its runs.
     #[serde(default)]
     pub spend: Spend,
+    /// What it and its descendants spent, against its budget.
+    #[serde(default)]
+    pub tree_spend: Usage,
+    /// The budget limit reached, while it stays reached (acted on once).
+    #[serde(default)]
+    pub budget_reached: Option<String>,
     /// Its key to the LLM gateway (`spend.rs`), made at spawn when agentd has providers.
     /// Never shown.
     #[serde(default)]
@@ -131,6 +137,8 @@ impl AgentRecord {
             egress: EgressCounts::default(),
             denials: SandboxDenials::default(),
             spend: Spend::default(),
+            tree_spend: Usage::default(),
+            budget_reached: None,
             gateway_key: None,
         }
     }

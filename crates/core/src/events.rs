@@ -49,6 +49,10 @@ pub enum EventKind {
     SandboxUpdated,
     /// The kernel refused a sandboxed agent a file or a system call.
     SandboxDenied,
+    /// A budget was reached.
+    BudgetExhausted,
+    /// SetBudget changed a budget.
+    BudgetUpdated,
 }
 
 /// A connection a sandboxed agent's proxy refused.

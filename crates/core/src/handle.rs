@@ -153,8 +153,20 @@ pub(crate) enum Command {
     /// The kernel refused a process something (a sandboxed agent's, perhaps).
     KernelDenied(crate::audit::KernelDenial),
     /// The LLM gateway read what a request cost the agent (agent id, model, usage).
-    Spent(String, String, crate::spend::Usage),
-    GatewayKeys(oneshot::Sender<std::sync::Arc<crate::spend::GatewayKeys>>),
+    /// With the budgets it reached.
+    Spent(
+        String,
+        String,
+        crate::spend::Usage,
+        Vec<crate::spend::Exhausted>,
+    ),
+    BudgetReached(crate::spend::Exhausted),
+    Spending(oneshot::Sender<std::sync::Arc<crate::spend::Spending>>),
+    SetBudget(
+        String,
+        Option<crate::spend::Budget>,
+        oneshot::Sender<Result<AgentStatus>>,
+    ),
     /// A command sent inside a span (tracing is on): the supervisor's spans for it continue it.
     Traced(tracing::Span, Box<Command>),
     /// Something the supervisor depends on broke (the sampler thread died): it stops, and
@@ -280,16 +292,39 @@ impl SupervisorHandle {
 
     /// Adds what one LLM request cost to the agent's spend (the gateway read it). Not
     /// waited for.
-    pub fn spent(&self, agent_id: &str, model: &str, usage: crate::spend::Usage) {
-        let command = Command::Spent(agent_id.to_string(), model.to_string(), usage);
+    pub fn spent(
+        &self,
+        agent_id: &str,
+        model: &str,
+        usage: crate::spend::Usage,
+        reached: Vec<crate::spend::Exhausted>,
+    ) {
+        let command = Command::Spent(agent_id.to_string(), model.to_string(), usage, reached);
         if let Err(error) = self.commands.try_send(command) {
             tracing::warn!(%agent_id, %error, "spend not recorded: the supervisor is busy or gone");
         }
     }
 
-    /// The keys the LLM gateway recognizes, kept by the supervisor.
-    pub async fn gateway_keys(&self) -> Result<std::sync::Arc<crate::spend::GatewayKeys>> {
-        self.request(Command::GatewayKeys).await
+    /// What the LLM gateway shares with the supervisor: agents' keys and budgets.
+    pub async fn spending(&self) -> Result<std::sync::Arc<crate::spend::Spending>> {
+        self.request(Command::Spending).await
+    }
+
+    /// A request the gateway refused at a budget: the supervisor acts on it (once).
+    pub fn budget_reached(&self, exhausted: crate::spend::Exhausted) {
+        if let Err(error) = self.commands.try_send(Command::BudgetReached(exhausted)) {
+            tracing::warn!(%error, "budget not acted on: the supervisor is busy or gone");
+        }
+    }
+
+    /// Replaces an agent's budget; see `supervisor/spend.rs`.
+    pub async fn set_budget(
+        &self,
+        agent_id: String,
+        budget: Option<crate::spend::Budget>,
+    ) -> Result<AgentStatus> {
+        self.request(|reply| Command::SetBudget(agent_id, budget, reply))
+            .await?
     }
 
     /// Subscribes to events; see [`Watch`].

@@ -68,7 +68,9 @@ pub use logs::{FolderWatch, LogError, LogFile, LogRotation, LogStream};
 pub use recorder::Recorder;
 pub use sandbox::{Network, Sandbox, SandboxRequest, SandboxSupport};
 pub use spec::{AgentSpec, Limits, Resources, RunAs, SpawnRequest, StopPolicy};
-pub use spend::{GatewayEnv, GatewayKeys, Spend, Usage};
+pub use spend::{
+    Budget, Exhausted, GatewayEnv, GatewayKeys, Ledger, OnLimit, Reserve, Spend, Spending, Usage,
+};
 pub use state::{AgentState, Containment, EndReason, Exit, Health};
 pub use stop::{StopOptions, StopOutcome, StopReport};
 pub use supervisor::Supervisor;

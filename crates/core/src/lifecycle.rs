@@ -147,7 +147,9 @@ pub(crate) fn wants_restart(policy: RestartPolicy, end: &RunEnd) -> bool {
     let on_failure = policy != RestartPolicy::Never;
     match end {
         RunEnd::Stopped(reason) if reason.client_asked() => false,
-        RunEnd::Stopped(StopReason::ParentExited | StopReason::Health) => false,
+        RunEnd::Stopped(StopReason::ParentExited | StopReason::Health | StopReason::Budget) => {
+            false
+        }
         RunEnd::Stopped(StopReason::MaxRuntime) => policy == RestartPolicy::Always,
         RunEnd::Stopped(_) | RunEnd::FailedToStart | RunEnd::Lost => on_failure,
         RunEnd::Exited(Some(Exit::Code(0))) => policy == RestartPolicy::Always,

@@ -458,6 +458,18 @@ impl AgentMachine {
                 EndReason::HealthAction,
                 None,
             ),
+            Some(StopReason::Budget) => (
+                AgentState::Killed,
+                EventKind::Killed,
+                EndReason::Budget,
+                Some(format!(
+                    "stopped at a budget: {}",
+                    self.record
+                        .budget_reached
+                        .as_deref()
+                        .unwrap_or("its tree's")
+                )),
+            ),
             Some(
                 StopReason::Requested
                 | StopReason::Shutdown

@@ -161,6 +161,7 @@ prop_compose! {
             user: confinement.0.0,
             group: confinement.0.1,
             sandbox: confinement.1,
+            budget: None,
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::health::{HealthAction, HealthPolicy};
 use crate::lifecycle::{LifecyclePolicy, RestartPolicy};
 use crate::sandbox::{Sandbox, SandboxRequest};
+use crate::spend::Budget;
 
 /// A spawn as the client sent it, before validation.
 #[derive(Debug, Clone, Default)]
@@ -41,6 +42,8 @@ pub struct SpawnRequest {
     pub group: String,
     /// Confinement; `None`: none (unless `--default-sandbox` or a sandboxed parent).
     pub sandbox: Option<SandboxRequest>,
+    /// What it and its descendants may spend through the LLM gateway.
+    pub budget: Option<Budget>,
 }
 
 /// What an agent may use. `None` or empty: no limit.
@@ -279,6 +282,9 @@ pub struct AgentSpec {
     /// Confined: what it may read, write and connect to (see `sandbox.rs`).
     #[serde(default)]
     pub sandbox: Option<Sandbox>,
+    /// What it and its descendants may spend through the LLM gateway (`spend.rs`).
+    #[serde(default)]
+    pub budget: Option<Budget>,
 }
 
 /// The stop ladder: `signal`, wait `first_grace`, `signal` again, wait `second_grace`, SIGKILL.
@@ -389,6 +395,7 @@ impl SpawnRequest {
         check_len("group", &self.group, Limits::TEXT_LEN)?;
         let run_as = RunAs::resolve(&self.user, &self.group)?;
         let sandbox = self.sandbox.map(SandboxRequest::validate).transpose()?;
+        let budget = self.budget.filter(|budget| !budget.is_unlimited());
         let spec = AgentSpec {
             agent_id: self.agent_id,
             request_id: self.request_id,
@@ -407,6 +414,7 @@ impl SpawnRequest {
             resources: self.resources,
             run_as,
             sandbox,
+            budget,
         };
         Ok((spec, self.prompt))
     }

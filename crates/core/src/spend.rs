@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +37,301 @@ impl Usage {
     pub fn tokens(&self) -> u64 {
         self.input_tokens + self.output_tokens
     }
+
+    fn sub(&mut self, other: &Usage) {
+        self.input_tokens = self.input_tokens.saturating_sub(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_sub(other.output_tokens);
+        self.cached_input_tokens = self
+            .cached_input_tokens
+            .saturating_sub(other.cached_input_tokens);
+        self.requests = self.requests.saturating_sub(other.requests);
+        self.cost_micros = self.cost_micros.saturating_sub(other.cost_micros);
+    }
+}
+
+/// What happens when a budget is reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLimit {
+    /// The agent and its tree are frozen until the budget is raised.
+    #[default]
+    Pause,
+    /// The agent and its tree are stopped (the ladder), end reason BUDGET.
+    Stop,
+    /// The gateway refuses its requests (429); it runs on.
+    Reject,
+}
+
+impl OnLimit {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnLimit::Pause => "pause",
+            OnLimit::Stop => "stop",
+            OnLimit::Reject => "reject",
+        }
+    }
+}
+
+/// Limits on what an agent and all its descendants spend together; `None`: no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Budget {
+    /// Input plus output tokens.
+    pub tokens: Option<u64>,
+    pub cost_micros: Option<u64>,
+    pub requests: Option<u64>,
+    pub on_limit: OnLimit,
+}
+
+impl Budget {
+    /// No limit at all (0 in the API is none).
+    pub fn is_unlimited(&self) -> bool {
+        self.tokens.is_none() && self.cost_micros.is_none() && self.requests.is_none()
+    }
+
+    fn limits(&self, used: &Usage) -> [(&'static str, Option<u64>, u64); 3] {
+        [
+            ("tokens", self.tokens, used.tokens()),
+            ("cost", self.cost_micros, used.cost_micros),
+            ("requests", self.requests, used.requests),
+        ]
+    }
+
+    /// The first limit `used` has reached.
+    pub fn reached(&self, used: &Usage) -> Option<&'static str> {
+        self.limits(used)
+            .into_iter()
+            .find(|(_, limit, used)| limit.is_some_and(|limit| *used >= limit))
+            .map(|(name, ..)| name)
+    }
+
+    /// The first limit `used` is over.
+    fn exceeded(&self, used: &Usage) -> Option<&'static str> {
+        self.limits(used)
+            .into_iter()
+            .find(|(_, limit, used)| limit.is_some_and(|limit| *used > limit))
+            .map(|(name, ..)| name)
+    }
+
+    /// What is left after `used` (limits only where this budget has them).
+    fn left(&self, used: &Usage) -> Budget {
+        Budget {
+            tokens: self.tokens.map(|limit| limit.saturating_sub(used.tokens())),
+            cost_micros: self
+                .cost_micros
+                .map(|limit| limit.saturating_sub(used.cost_micros)),
+            requests: self
+                .requests
+                .map(|limit| limit.saturating_sub(used.requests)),
+            on_limit: self.on_limit,
+        }
+    }
+
+    /// The smaller of each limit.
+    fn tighter(self, other: Budget) -> Budget {
+        let min = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Budget {
+            tokens: min(self.tokens, other.tokens),
+            cost_micros: min(self.cost_micros, other.cost_micros),
+            requests: min(self.requests, other.requests),
+            on_limit: self.on_limit,
+        }
+    }
+
+    /// The first limit of this budget above `left` (a parent's remainder), with both.
+    pub fn over(&self, left: &Budget) -> Option<(&'static str, u64, u64)> {
+        [
+            ("tokens", self.tokens, left.tokens),
+            ("cost_micros", self.cost_micros, left.cost_micros),
+            ("requests", self.requests, left.requests),
+        ]
+        .into_iter()
+        .find_map(|(name, asked, left)| match (asked, left) {
+            (Some(asked), Some(left)) if asked > left => Some((name, asked, left)),
+            _ => None,
+        })
+    }
+}
+
+/// A budget reached: whose, which limit, and what it says to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exhausted {
+    pub owner: String,
+    pub limit: &'static str,
+    pub on_limit: OnLimit,
+}
+
+/// Spend against budgets, per agent tree, shared by the gateway (which reserves a request's
+/// worst case before forwarding it and settles on what it used) and the supervisor (which
+/// opens and closes accounts and changes budgets). Each account holds what its agent and
+/// all its descendants spent and have in flight, so a check walks up the tree only.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    accounts: Mutex<HashMap<String, Account>>,
+    /// Told whenever a reservation is settled: a request that waits for room tries again.
+    pub settled: tokio::sync::Notify,
+}
+
+/// What [`Ledger::reserve`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reserve {
+    /// Held: forward the request.
+    Held,
+    /// With the requests in flight it could pass a limit: try again once one settles.
+    Wait,
+    /// A budget on its chain is reached.
+    Refused(Exhausted),
+}
+
+#[derive(Debug, Default)]
+struct Account {
+    parent: Option<String>,
+    budget: Option<Budget>,
+    /// Spent by the agent and its descendants.
+    spent: Usage,
+    /// Reserved by requests in flight, of the agent and its descendants.
+    reserved: Usage,
+}
+
+impl Ledger {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Account>> {
+        self.accounts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The agent and its ancestors, nearest first.
+    fn chain(accounts: &HashMap<String, Account>, agent_id: &str) -> Vec<String> {
+        let mut chain = Vec::new();
+        let mut next = Some(agent_id.to_string());
+        while let Some(id) = next {
+            let Some(account) = accounts.get(&id) else {
+                break;
+            };
+            if chain.contains(&id) {
+                break;
+            }
+            next = account.parent.clone();
+            chain.push(id);
+        }
+        chain
+    }
+
+    /// `spent`: what the agent and its descendants spent before (from its record).
+    pub(crate) fn open(
+        &self,
+        agent_id: &str,
+        parent: Option<&str>,
+        budget: Option<Budget>,
+        spent: Usage,
+    ) {
+        self.lock().insert(
+            agent_id.to_string(),
+            Account {
+                parent: parent.map(str::to_string),
+                budget,
+                spent,
+                reserved: Usage::default(),
+            },
+        );
+    }
+
+    /// A removed agent: its spend stays counted in its ancestors'.
+    pub(crate) fn close(&self, agent_id: &str) {
+        self.lock().remove(agent_id);
+    }
+
+    pub(crate) fn set_budget(&self, agent_id: &str, budget: Option<Budget>) {
+        if let Some(account) = self.lock().get_mut(agent_id) {
+            account.budget = budget;
+        }
+    }
+
+    /// The tightest of what the agent's and its ancestors' budgets have left: the most a
+    /// new child's budget may ask for. `None`: no budget above.
+    pub(crate) fn left(&self, agent_id: &str) -> Option<Budget> {
+        let accounts = self.lock();
+        Self::chain(&accounts, agent_id)
+            .iter()
+            .filter_map(|id| {
+                let account = &accounts[id];
+                let mut used = account.spent;
+                used.add(&account.reserved);
+                Some(account.budget?.left(&used))
+            })
+            .reduce(Budget::tighter)
+    }
+
+    /// Holds `worst` for a request of `agent_id` against every budget on its chain. A budget
+    /// already reached refuses it. One that the request could pass, with what is in flight,
+    /// makes it wait for those to settle; alone in flight it goes, so a tree passes its
+    /// budget by at most one request's reservation.
+    pub fn reserve(&self, agent_id: &str, worst: &Usage) -> Reserve {
+        let mut accounts = self.lock();
+        let chain = Self::chain(&accounts, agent_id);
+        let mut wait = false;
+        for id in &chain {
+            let account = &accounts[id];
+            let Some(budget) = &account.budget else {
+                continue;
+            };
+            if let Some(limit) = budget.reached(&account.spent) {
+                return Reserve::Refused(Exhausted {
+                    owner: id.clone(),
+                    limit,
+                    on_limit: budget.on_limit,
+                });
+            }
+            let mut after = account.spent;
+            after.add(&account.reserved);
+            after.add(worst);
+            wait |= budget.exceeded(&after).is_some() && account.reserved.requests > 0;
+        }
+        if wait {
+            return Reserve::Wait;
+        }
+        for id in &chain {
+            if let Some(account) = accounts.get_mut(id) {
+                account.reserved.add(worst);
+            }
+        }
+        Reserve::Held
+    }
+
+    /// Replaces a reservation with what the request used; answers the budgets on the chain
+    /// that are now reached.
+    pub fn settle(&self, agent_id: &str, reserved: &Usage, used: &Usage) -> Vec<Exhausted> {
+        let mut accounts = self.lock();
+        let chain = Self::chain(&accounts, agent_id);
+        let mut reached = Vec::new();
+        for id in chain {
+            let Some(account) = accounts.get_mut(&id) else {
+                continue;
+            };
+            account.reserved.sub(reserved);
+            account.spent.add(used);
+            if let Some(budget) = &account.budget
+                && let Some(limit) = budget.reached(&account.spent)
+            {
+                reached.push(Exhausted {
+                    owner: id,
+                    limit,
+                    on_limit: budget.on_limit,
+                });
+            }
+        }
+        drop(accounts);
+        self.settled.notify_waiters();
+        reached
+    }
+
+    /// Whether the agent's own budget (if any) is reached.
+    pub(crate) fn reached(&self, agent_id: &str) -> Option<&'static str> {
+        let accounts = self.lock();
+        let account = accounts.get(agent_id)?;
+        account.budget?.reached(&account.spent)
+    }
 }
 
 /// An agent's spend in all its runs: the total and each model's share.
@@ -52,6 +347,13 @@ impl Spend {
         self.total.add(usage);
         self.models.entry(model.to_string()).or_default().add(usage);
     }
+}
+
+/// What the supervisor shares with the LLM gateway.
+#[derive(Debug, Default)]
+pub struct Spending {
+    pub keys: GatewayKeys,
+    pub ledger: Ledger,
 }
 
 /// Gateway keys and the agents they name, shared by the supervisor (which makes and drops
@@ -133,6 +435,55 @@ mod tests {
         let (a, b) = (new_key().unwrap(), new_key().unwrap());
         assert_eq!(a.len(), "agentd-".len() + 64);
         assert_ne!(a, b);
+    }
+
+    fn usage(tokens: u64) -> Usage {
+        Usage {
+            input_tokens: tokens,
+            requests: 1,
+            ..Usage::default()
+        }
+    }
+
+    #[test]
+    fn a_tree_budget_holds_requests_in_flight_and_refuses_once_reached() {
+        let ledger = Ledger::default();
+        let budget = Budget {
+            tokens: Some(100),
+            ..Budget::default()
+        };
+        ledger.open("boss", None, Some(budget), Usage::default());
+        ledger.open("w1", Some("boss"), None, Usage::default());
+        ledger.open("w2", Some("boss"), None, Usage::default());
+        assert_eq!(ledger.reserve("w1", &usage(60)), Reserve::Held);
+        // 60 in flight and 60 more could pass 100: wait for the first.
+        assert_eq!(ledger.reserve("w2", &usage(60)), Reserve::Wait);
+        assert!(ledger.settle("w1", &usage(60), &usage(30)).is_empty());
+        assert_eq!(ledger.reserve("w2", &usage(60)), Reserve::Held);
+        // Alone in flight a request goes even where it could pass the limit.
+        assert_eq!(ledger.reserve("w1", &usage(80)), Reserve::Wait);
+        let reached = ledger.settle("w2", &usage(60), &usage(75));
+        assert_eq!(reached.len(), 1);
+        assert_eq!(
+            (reached[0].owner.as_str(), reached[0].limit),
+            ("boss", "tokens")
+        );
+        assert!(matches!(
+            ledger.reserve("w1", &usage(1)),
+            Reserve::Refused(_)
+        ));
+        // A child budget may ask for no more than is left; raising the parent's makes room.
+        assert_eq!(ledger.left("w1").and_then(|left| left.tokens), Some(0));
+        ledger.set_budget(
+            "boss",
+            Some(Budget {
+                tokens: Some(1000),
+                ..budget
+            }),
+        );
+        assert_eq!(ledger.left("w2").and_then(|left| left.tokens), Some(895));
+        assert_eq!(ledger.reserve("w2", &usage(10)), Reserve::Held);
+        assert_eq!(ledger.reached("boss"), None);
     }
 
     #[test]

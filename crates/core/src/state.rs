@@ -68,6 +68,8 @@ pub enum EndReason {
     OomKilled,
     /// Gone, and how it ended could not be learned.
     Lost,
+    /// Stopped at its budget, or an ancestor's (on_limit stop).
+    Budget,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +129,8 @@ pub(crate) enum StopReason {
     StartupTimeout,
     /// A client asked for a restart: the run is started again as soon as it has ended.
     Restart,
+    /// Its budget, or an ancestor's, was reached and says stop.
+    Budget,
 }
 
 impl StopReason {
@@ -145,6 +149,7 @@ impl StopReason {
             StopReason::MaxRuntime => "max runtime",
             StopReason::StartupTimeout => "startup timeout",
             StopReason::Restart => "restart",
+            StopReason::Budget => "budget",
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::handle::{HealthReport, ListFilter, ListPage, Summary};
 use crate::machine::AgentMachine;
 use crate::sampler::SampleTarget;
 use crate::spec::AgentSpec;
-use crate::spend::GatewayKeys;
+use crate::spend::Spending;
 use crate::state::Health;
 use std::sync::Arc;
 
@@ -23,8 +23,8 @@ pub(crate) struct AgentTable {
     by_pid: HashMap<i32, String>,
     /// Idempotency keys of spawns that started a process.
     by_request: HashMap<String, String>,
-    /// Every agent's LLM gateway key, shared with the gateway.
-    keys: Arc<GatewayKeys>,
+    /// Every agent's LLM gateway key and budget account, shared with the gateway.
+    spending: Arc<Spending>,
 }
 
 impl AgentTable {
@@ -67,8 +67,12 @@ impl AgentTable {
                 .insert(record.spec.request_id.clone(), agent_id.clone());
         }
         if let Some(key) = &record.gateway_key {
-            self.keys.insert(key, &agent_id);
+            self.spending.keys.insert(key, &agent_id);
         }
+        let parent = Some(record.spec.parent_agent_id.as_str()).filter(|p| !p.is_empty());
+        self.spending
+            .ledger
+            .open(&agent_id, parent, record.spec.budget, record.tree_spend);
         self.agents.insert(agent_id, machine);
     }
 
@@ -77,13 +81,14 @@ impl AgentTable {
         self.by_pid.retain(|_, id| id != agent_id);
         let machine = self.agents.remove(agent_id)?;
         if let Some(key) = &machine.record().gateway_key {
-            self.keys.remove(key);
+            self.spending.keys.remove(key);
         }
+        self.spending.ledger.close(agent_id);
         Some(machine)
     }
 
-    pub fn gateway_keys(&self) -> &Arc<GatewayKeys> {
-        &self.keys
+    pub fn spending(&self) -> &Arc<Spending> {
+        &self.spending
     }
 
     /// A leader that is our child: its reaped exit belongs to this agent.

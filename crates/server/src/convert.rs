@@ -15,6 +15,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 mod sandbox;
+pub(crate) mod spend;
 
 /// A supervisor enum and the `agentd.v1` enum that mirrors it, variant for variant. Declared
 /// once per pair with [`mirror!`], which writes both directions.
@@ -84,10 +85,11 @@ mirror!(Health = pb::Health, unspecified: None, [
 mirror!(EventKind = pb::EventKind, unspecified: None, [
     Spawned, Exited, Failed, Stopping, Killed, Health, Progress, Lost, Adopted, Snapshot,
     Stalled, Alert, Recovered, Restarting, TimedOut, Removed, Paused, Resumed, OomKilled,
-    EgressDenied, SandboxUpdated, SandboxDenied,
+    EgressDenied, SandboxUpdated, SandboxDenied, BudgetExhausted, BudgetUpdated,
 ]);
 mirror!(EndReason = pb::EndReason, unspecified: Some(EndReason::Unspecified), [
     Unspecified, Exited, Signaled, Stopped, TimedOut, HealthAction, StartFailed, OomKilled, Lost,
+    Budget,
 ]);
 mirror!(StopOutcome = pb::StopOutcome, unspecified: None, [
     ExitedOnFirstSignal, Escalated, Killed, AlreadyExited,
@@ -360,6 +362,7 @@ pub fn spawn_request(request: pb::SpawnRequest) -> Result<SpawnRequest, Status> 
         user: request.user,
         group: request.group,
         sandbox: request.sandbox.map(sandbox::request).transpose()?,
+        budget: request.budget.map(spend::budget_request).transpose()?,
     })
 }
 
@@ -552,28 +555,10 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
         sandbox: spec.sandbox.as_ref().map(sandbox::message),
         egress: sandbox::egress(record),
         denials: sandbox::denials(record),
-        spend: (record.spend.total.requests > 0).then(|| spend(&record.spend)),
-    }
-}
-
-fn usage(usage: &agentd_core::Usage) -> pb::Usage {
-    pb::Usage {
-        input_tokens: usage.input_tokens,
-        output_tokens: usage.output_tokens,
-        cached_input_tokens: usage.cached_input_tokens,
-        requests: usage.requests,
-        cost_micros: usage.cost_micros,
-    }
-}
-
-fn spend(spend: &agentd_core::Spend) -> pb::Spend {
-    pb::Spend {
-        total: Some(usage(&spend.total)),
-        models: spend
-            .models
-            .iter()
-            .map(|(model, spent)| (model.clone(), usage(spent)))
-            .collect(),
+        spend: (record.spend.total.requests > 0).then(|| spend::spend(&record.spend)),
+        budget: spec.budget.as_ref().map(spend::budget),
+        tree_spend: (record.tree_spend.requests > 0).then(|| spend::usage(&record.tree_spend)),
+        budget_reached: record.budget_reached.clone().unwrap_or_default(),
     }
 }
 

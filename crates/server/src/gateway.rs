@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use agentd_core::{GatewayEnv, GatewayKeys, SupervisorHandle, Usage};
+use agentd_core::{Exhausted, GatewayEnv, Reserve, Spending, SupervisorHandle, Usage};
 use anyhow::Context;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -42,7 +42,7 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
 pub struct Gateway {
     providers: Vec<Provider>,
-    keys: Arc<GatewayKeys>,
+    spending: Arc<Spending>,
     supervisor: SupervisorHandle,
     client: HttpsClient,
 }
@@ -118,7 +118,7 @@ pub fn reload_keys(gateway: &Gateway) {
 impl Gateway {
     pub fn new(
         providers: Vec<Provider>,
-        keys: Arc<GatewayKeys>,
+        spending: Arc<Spending>,
         supervisor: SupervisorHandle,
     ) -> anyhow::Result<Arc<Gateway>> {
         for provider in &providers {
@@ -137,7 +137,7 @@ impl Gateway {
             .build();
         Ok(Arc::new(Gateway {
             providers,
-            keys,
+            spending,
             supervisor,
             client: Client::builder(TokioExecutor::new()).build(https),
         }))
@@ -209,7 +209,8 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
         );
     };
     let kind = provider.kind;
-    let agent_id = match client_key(request.headers()).and_then(|key| gateway.keys.agent(key)) {
+    let key = client_key(request.headers());
+    let agent_id = match key.and_then(|key| gateway.spending.keys.agent(key)) {
         Some(agent_id) => agent_id,
         None => {
             return refuse(
@@ -237,6 +238,38 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
         }
     };
     let info = usage::request_info(&body);
+    let mut worst = usage::worst_case(body.len(), &info);
+    if let Some(price) = provider.price(&info.model) {
+        worst.cost_micros = price.cost_micros(&worst);
+    }
+    // Waits while requests in flight could take a budget past its limit (each settle wakes
+    // the waiters to try again).
+    loop {
+        let settled = gateway.spending.ledger.settled.notified();
+        tokio::pin!(settled);
+        settled.as_mut().enable();
+        match gateway.spending.ledger.reserve(&agent_id, &worst) {
+            Reserve::Held => break,
+            Reserve::Wait => settled.await,
+            Reserve::Refused(exhausted) => {
+                let message = over_budget(&agent_id, &exhausted);
+                gateway.supervisor.budget_reached(exhausted);
+                let error_type = match kind {
+                    Kind::Openai => "insufficient_quota",
+                    Kind::Anthropic => "rate_limit_error",
+                };
+                return refuse(kind, StatusCode::TOO_MANY_REQUESTS, error_type, &message);
+            }
+        }
+    }
+    // Settled on what the request used once the answer has passed, or on nothing if it
+    // never reaches the provider (dropped).
+    let settle = Settle {
+        gateway: gateway.clone(),
+        agent_id: agent_id.clone(),
+        provider: provider.name.clone(),
+        worst: Some(worst),
+    };
     let asked = usage::ask_for_usage(kind, &rest, &body);
     let hide_usage = asked.is_some();
     let body = asked.map(Bytes::from).unwrap_or(body);
@@ -310,8 +343,7 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let reading = Reading {
         gateway: gateway.clone(),
-        agent_id,
-        provider: provider.name.clone(),
+        settle,
         kind,
         model: info.model,
         events: (streamed || info.stream).then(|| usage::EventStream::new(kind, hide_usage)),
@@ -331,11 +363,63 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
     response
 }
 
-/// One answer on its way to the client, read for its usage.
-struct Reading {
+/// Why a request was refused at a budget.
+fn over_budget(agent_id: &str, exhausted: &Exhausted) -> String {
+    let whose = if exhausted.owner == agent_id {
+        "its budget".to_string()
+    } else {
+        format!("the budget of its ancestor `{}`", exhausted.owner)
+    };
+    format!(
+        "agentd: agent `{agent_id}` is at {whose} ({} reached, on_limit {}): no more requests \
+         until it is raised (SetBudget, `agentctl budget`)",
+        exhausted.limit,
+        exhausted.on_limit.name()
+    )
+}
+
+/// A request's reservation against budgets, settled once.
+struct Settle {
     gateway: Arc<Gateway>,
     agent_id: String,
     provider: String,
+    worst: Option<Usage>,
+}
+
+impl Settle {
+    /// What the request used replaces its reservation, and the agent's spend grows by it.
+    fn done(&mut self, model: &str, used: Usage) {
+        let Some(worst) = self.worst.take() else {
+            return;
+        };
+        let reached = self
+            .gateway
+            .spending
+            .ledger
+            .settle(&self.agent_id, &worst, &used);
+        if used.requests > 0 {
+            let model = format!("{}/{model}", self.provider);
+            self.gateway
+                .supervisor
+                .spent(&self.agent_id, &model, used, reached);
+        } else {
+            for exhausted in reached {
+                self.gateway.supervisor.budget_reached(exhausted);
+            }
+        }
+    }
+}
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        self.done("", Usage::default());
+    }
+}
+
+/// One answer on its way to the client, read for its usage.
+struct Reading {
+    gateway: Arc<Gateway>,
+    settle: Settle,
     kind: Kind,
     model: String,
     events: Option<usage::EventStream>,
@@ -386,7 +470,7 @@ impl Reading {
     }
 
     /// Adds the request to the agent's spend: its tokens where the answer said them.
-    fn settle(self) {
+    fn settle(mut self) {
         let (model, mut spent) = match &self.events {
             Some(events) => (events.model.clone(), events.usage.unwrap_or_default()),
             None => usage::from_body(self.kind, &self.whole).unwrap_or_default(),
@@ -397,7 +481,7 @@ impl Reading {
             .gateway
             .providers
             .iter()
-            .find(|p| p.name == self.provider)
+            .find(|p| p.name == self.settle.provider)
             && let Some(price) = provider.price(&model)
         {
             spent.cost_micros = price.cost_micros(&spent);
@@ -408,8 +492,6 @@ impl Reading {
                 ..Usage::default()
             };
         }
-        self.gateway
-            .supervisor
-            .spent(&self.agent_id, &format!("{}/{model}", self.provider), spent);
+        self.settle.done(&model, spent);
     }
 }

@@ -387,6 +387,29 @@ impl AgentSupervisor for AgentSupervisorService {
         .await
     }
 
+    async fn set_budget(
+        &self,
+        request: Request<pb::SetBudgetRequest>,
+    ) -> Result<Response<pb::SetBudgetResponse>, Status> {
+        self.timed("SetBudget", async move {
+            let request = request.into_inner();
+            traced_agents(&[&request.agent_id]);
+            let budget = request
+                .budget
+                .map(convert::spend::budget_request)
+                .transpose()?;
+            let status = self
+                .supervisor
+                .set_budget(request.agent_id, budget)
+                .await
+                .map_err(error_status)?;
+            Ok(Response::new(pb::SetBudgetResponse {
+                status: Some(convert::status(&status)),
+            }))
+        })
+        .await
+    }
+
     async fn restart(
         &self,
         request: Request<pb::RestartRequest>,

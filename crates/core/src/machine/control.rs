@@ -22,6 +22,14 @@ impl AgentMachine {
         &mut self.record.spend
     }
 
+    pub fn tree_spend_mut(&mut self) -> &mut crate::spend::Usage {
+        &mut self.record.tree_spend
+    }
+
+    pub fn budget_reached_mut(&mut self) -> &mut Option<String> {
+        &mut self.record.budget_reached
+    }
+
     pub fn denials_mut(&mut self) -> &mut SandboxDenials {
         &mut self.record.denials
     }

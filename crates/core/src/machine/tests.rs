@@ -82,6 +82,7 @@ fn spec(change: impl FnOnce(&mut AgentSpec)) -> AgentSpec {
         resources: Default::default(),
         run_as: None,
         sandbox: None,
+        budget: None,
     };
     change(&mut spec);
     spec

@@ -381,9 +381,18 @@ impl SupervisorTask {
                 let _ = self.acks.send(Ack::Exit(exit.pid));
             }
             Command::KernelDenied(denial) => self.kernel_denied(denial),
-            Command::Spent(agent_id, model, usage) => self.spent(&agent_id, &model, &usage),
-            Command::GatewayKeys(reply) => {
-                let _ = reply.send(self.table.gateway_keys().clone());
+            Command::Spent(agent_id, model, usage, reached) => {
+                self.spent(&agent_id, &model, &usage);
+                for exhausted in reached {
+                    self.budget_reached(exhausted);
+                }
+            }
+            Command::BudgetReached(exhausted) => self.budget_reached(exhausted),
+            Command::Spending(reply) => {
+                let _ = reply.send(self.table.spending().clone());
+            }
+            Command::SetBudget(agent_id, budget, reply) => {
+                let _ = reply.send(self.set_budget(&agent_id, budget));
             }
             Command::Fatal(problem) => self.failure = Some(problem),
             Command::Traced(span, command) => {

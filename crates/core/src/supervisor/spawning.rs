@@ -150,6 +150,7 @@ impl SupervisorTask {
             return Err(Error::AlreadyExists { id: spec.agent_id });
         }
         self.table.admit(&spec, &self.limits)?;
+        self.within_parent(&spec.parent_agent_id, spec.budget.as_ref())?;
         let agent_id = spec.agent_id.clone();
         let agent_dir = self.agents_dir.join(&agent_id);
         let owner = spec.run_as.as_ref().map(|run_as| (run_as.uid, run_as.gid));

@@ -381,8 +381,8 @@ async fn serve(options: Options) -> anyhow::Result<()> {
                 listener.local_addr()?,
                 gateway::names(&providers)
             );
-            let keys = supervisor.gateway_keys().await?;
-            let gateway = gateway::Gateway::new(providers, keys, supervisor.clone())?;
+            let spending = supervisor.spending().await?;
+            let gateway = gateway::Gateway::new(providers, spending, supervisor.clone())?;
             tokio::spawn(gateway.clone().serve(listener));
             Some(gateway)
         }

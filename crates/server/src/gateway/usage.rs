@@ -20,6 +20,9 @@ use super::providers::Kind;
 pub struct RequestInfo {
     pub model: String,
     pub stream: bool,
+    /// The most output it asked for (`max_tokens`, `max_completion_tokens`,
+    /// `max_output_tokens`), if it said.
+    pub max_output: Option<u64>,
 }
 
 pub fn request_info(body: &[u8]) -> RequestInfo {
@@ -29,6 +32,24 @@ pub fn request_info(body: &[u8]) -> RequestInfo {
     RequestInfo {
         model: value["model"].as_str().unwrap_or_default().to_string(),
         stream: value["stream"].as_bool().unwrap_or(false),
+        max_output: ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|name| value[*name].as_u64()),
+    }
+}
+
+/// Output reserved for a request that does not say its most.
+pub const DEFAULT_MAX_OUTPUT: u64 = 4096;
+
+/// The most a request can use, reserved against budgets before it is forwarded: its input
+/// counted as a token per 4 bytes of the body (more than its text takes), and the output it
+/// allows.
+pub fn worst_case(body_len: usize, info: &RequestInfo) -> Usage {
+    Usage {
+        input_tokens: (body_len as u64).div_ceil(4),
+        output_tokens: info.max_output.unwrap_or(DEFAULT_MAX_OUTPUT),
+        requests: 1,
+        ..Usage::default()
     }
 }
 
