@@ -191,6 +191,77 @@ curl -sS -w ' %{{http_code}}\n' "$ANTHROPIC_BASE_URL/v1/messages" -H "x-api-key:
         "{out}"
     );
     assert!(status(&mut client, "forger").await.spend.is_none());
+
+    // Another agent's key is refused: it is honoured only from that agent's processes.
+    spawn(
+        &mut client,
+        "holder",
+        sh("echo $OPENAI_API_KEY; exec sleep 1000"),
+    )
+    .await;
+    let holder_dir = PathBuf::from(status(&mut client, "holder").await.agent_dir);
+    let key = eventually("the holder printed its key", async || {
+        let out = std::fs::read_to_string(holder_dir.join("stdout.log")).unwrap_or_default();
+        match out.trim() {
+            key if key.starts_with("agentd-") => Ok(key.to_string()),
+            other => Err(Shown(other.to_string())),
+        }
+    })
+    .await;
+    let out = run_agent(
+        &mut client,
+        "thief",
+        &format!(
+            r#"curl -sS -w ' %{{http_code}}\n' "$OPENAI_BASE_URL/chat/completions" -H "Authorization: Bearer {key}" -d '{{"model":"gpt-test","messages":[]}}'"#
+        ),
+    )
+    .await;
+    assert!(
+        out.trim_end().ends_with(" 403") && out.contains("does not come from its processes"),
+        "{out}"
+    );
+    assert!(status(&mut client, "holder").await.spend.is_none());
+    assert!(status(&mut client, "thief").await.spend.is_none());
+    kill_all(&mut client).await;
+}
+
+#[tokio::test]
+async fn the_openai_and_anthropic_sdks_work_through_the_gateway_from_the_environment_alone() {
+    if !requires(Need::Python("openai")) || !requires(Need::Python("anthropic")) {
+        return;
+    }
+    let (_provider, _dir, daemon) = gateway_daemon().await;
+    let mut client = daemon.client().await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/llm_agent.py");
+    let script = std::fs::canonicalize(script).expect("the agent script");
+    let out = run_agent(
+        &mut client,
+        "sdk",
+        &format!("exec python3 {}", script.display()),
+    )
+    .await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "chat two one 7",
+            "chat-stream c b a no-usage",
+            "responses-stream 4",
+            "messages q p 2",
+            "messages-stream r s t 3",
+        ]
+        .map(|line| line.replace("r s t", "t s r")),
+        "{out}"
+    );
+    let spend = status(&mut client, "sdk").await.spend.expect("spend");
+    let total = spend.total.expect("total");
+    assert_eq!(total.requests, 5, "{spend:?}");
+    // 7 input tokens each; output 2 + 3 + 4 + 2 + 3.
+    assert_eq!(
+        (total.input_tokens, total.output_tokens),
+        (35, 14),
+        "{spend:?}"
+    );
     kill_all(&mut client).await;
 }
 

@@ -91,8 +91,11 @@ class Provider(BaseHTTPRequestHandler):
                 ("message_start", json.dumps({"type": "message_start", "message": {
                     "id": "m1", "type": "message", "role": "assistant", "model": model, "content": [],
                     "usage": {"input_tokens": 5, "cache_read_input_tokens": 2, "output_tokens": 1}}})),
+                ("content_block_start", json.dumps({"type": "content_block_start", "index": 0,
+                                                    "content_block": {"type": "text", "text": ""}})),
                 ("content_block_delta", json.dumps({"type": "content_block_delta", "index": 0,
                                                     "delta": {"type": "text_delta", "text": text}})),
+                ("content_block_stop", json.dumps({"type": "content_block_stop", "index": 0})),
                 ("message_delta", json.dumps({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
                                               "usage": {"output_tokens": output}})),
                 ("message_stop", json.dumps({"type": "message_stop"})),

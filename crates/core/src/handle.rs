@@ -167,6 +167,8 @@ pub(crate) enum Command {
         Option<crate::spend::Budget>,
         oneshot::Sender<Result<AgentStatus>>,
     ),
+    /// The processes an agent holds now (none once it ended).
+    AgentProcesses(String, oneshot::Sender<Vec<i32>>),
     /// A command sent inside a span (tracing is on): the supervisor's spans for it continue it.
     Traced(tracing::Span, Box<Command>),
     /// Something the supervisor depends on broke (the sampler thread died): it stops, and
@@ -315,6 +317,12 @@ impl SupervisorHandle {
         if let Err(error) = self.commands.try_send(Command::BudgetReached(exhausted)) {
             tracing::warn!(%error, "budget not acted on: the supervisor is busy or gone");
         }
+    }
+
+    /// The processes an agent holds now: its cgroup's or its process group's members.
+    pub async fn agent_processes(&self, agent_id: String) -> Result<Vec<i32>> {
+        self.request(|reply| Command::AgentProcesses(agent_id, reply))
+            .await
     }
 
     /// Replaces an agent's budget; see `supervisor/spend.rs`.

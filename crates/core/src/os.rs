@@ -54,6 +54,8 @@ pub(crate) trait Os: Send + Sync {
     fn reap_one(&self) -> Option<(i32, Exit)>;
     /// Is a process that is not a zombie still held?
     fn group_alive(&self, hold: Hold<'_>) -> bool;
+    /// The processes held: the cgroup's members, or the process group's.
+    fn held_processes(&self, hold: Hold<'_>) -> Vec<i32>;
     /// Which of these process groups still have a member that is not a zombie (one scan for
     /// all).
     fn live_groups(&self, pgids: &[i32]) -> HashSet<i32>;
@@ -318,6 +320,16 @@ impl Os for System {
 
     fn reap_one(&self) -> Option<(i32, Exit)> {
         reap_one()
+    }
+
+    fn held_processes(&self, hold: Hold<'_>) -> Vec<i32> {
+        match (&self.cgroups, hold.cgroup) {
+            (Some(cgroups), Some(cgroup)) => cgroups.members(cgroup),
+            _ => crate::process::all_processes()
+                .filter(|(_, stat)| stat.pgrp == hold.pgid)
+                .map(|(pid, _)| pid)
+                .collect(),
+        }
     }
 
     fn group_alive(&self, hold: Hold<'_>) -> bool {

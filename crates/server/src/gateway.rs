@@ -8,6 +8,7 @@
 //! answer the client is then not shown). Answers pass through as they arrive; `usage.rs`
 //! reads them on the way.
 
+mod peer;
 mod providers;
 mod usage;
 
@@ -16,9 +17,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use agentd_core::{Exhausted, GatewayEnv, Reserve, Spending, SupervisorHandle, Usage};
-use anyhow::Context;
+use anyhow::{Context, bail};
 use axum::body::Body;
-use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
@@ -35,6 +35,9 @@ use providers::{Kind, Provider};
 const MAX_REQUEST: usize = 32 << 20;
 /// The most of a whole (not streamed) answer kept to read its usage.
 const MAX_ANSWER_READ: usize = 16 << 20;
+/// After an accept error (out of descriptors), the loop waits this long before accepting
+/// again, rather than spin.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 /// Where the gateway's port is kept, so agents keep their URL across restarts.
 const PORT_FILE: &str = "llm-gateway.port";
 
@@ -52,9 +55,19 @@ pub struct Gateway {
 pub async fn bind(data_dir: &Path, address: Option<&str>) -> anyhow::Result<TcpListener> {
     let port_file = data_dir.join(PORT_FILE);
     let listener = match address {
-        Some(address) => TcpListener::bind(address)
-            .await
-            .with_context(|| format!("--llm-listen `{address}`"))?,
+        Some(address) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("--llm-listen `{address}`"))?;
+            // Connections are matched to agents through `/proc/net/tcp`: this host's IPv4
+            // loopback only.
+            if !matches!(listener.local_addr()?, SocketAddr::V4(v4) if v4.ip().is_loopback()) {
+                bail!(
+                    "--llm-listen `{address}`: the gateway serves agents on this host, on an IPv4 loopback address (127.0.0.1:PORT)"
+                );
+            }
+            listener
+        }
         None => {
             let before = std::fs::read_to_string(&port_file)
                 .ok()
@@ -143,9 +156,80 @@ impl Gateway {
         }))
     }
 
-    pub async fn serve(self: Arc<Gateway>, listener: TcpListener) -> std::io::Result<()> {
-        let router = axum::Router::new().fallback(forward).with_state(self);
-        axum::serve(listener, router).await
+    /// Serves each connection on a task of its own, which knows where it comes from.
+    pub async fn serve(self: Arc<Gateway>, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "LLM gateway: accepting a connection");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            let Ok(local) = stream.local_addr() else {
+                continue;
+            };
+            let gateway = self.clone();
+            tokio::spawn(async move {
+                let connection = Arc::new(Connection {
+                    peer,
+                    local,
+                    agent: std::sync::Mutex::new(None),
+                });
+                let service = hyper::service::service_fn(move |request| {
+                    let (gateway, connection) = (gateway.clone(), connection.clone());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            forward(gateway, connection, request).await,
+                        )
+                    }
+                });
+                let served = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                if let Err(error) = served {
+                    tracing::debug!(%error, %peer, "LLM gateway connection");
+                }
+            });
+        }
+    }
+}
+
+/// One client connection: where it comes from, and the agent it was found to belong to.
+struct Connection {
+    peer: SocketAddr,
+    local: SocketAddr,
+    agent: std::sync::Mutex<Option<String>>,
+}
+
+impl Connection {
+    /// Whether the connection comes from one of `agent_id`'s processes (checked once, then
+    /// remembered for the connection).
+    async fn belongs_to(&self, gateway: &Gateway, agent_id: &str) -> bool {
+        let lock = || {
+            self.agent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if lock().as_deref() == Some(agent_id) {
+            return true;
+        }
+        let Some(inode) = peer::socket_inode(self.peer, self.local) else {
+            return false;
+        };
+        let pids = gateway
+            .supervisor
+            .agent_processes(agent_id.to_string())
+            .await
+            .unwrap_or_default();
+        let held = tokio::task::spawn_blocking(move || peer::held_by(inode, &pids))
+            .await
+            .unwrap_or(false);
+        if held {
+            *lock() = Some(agent_id.to_string());
+        }
+        held
     }
 }
 
@@ -191,7 +275,11 @@ const DROPPED: &[&str] = &[
     "upgrade",
 ];
 
-async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+async fn forward(
+    gateway: Arc<Gateway>,
+    connection: Arc<Connection>,
+    request: hyper::Request<hyper::body::Incoming>,
+) -> Response {
     let path = request.uri().path().to_string();
     let (name, rest) = match path.trim_start_matches('/').split_once('/') {
         Some((name, rest)) => (name.to_string(), format!("/{rest}")),
@@ -222,6 +310,17 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
             );
         }
     };
+    if !connection.belongs_to(&gateway, &agent_id).await {
+        return refuse(
+            kind,
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            &format!(
+                "this key is agent `{agent_id}`'s, and this connection does not come from its \
+                 processes: each agent uses its own key"
+            ),
+        );
+    }
     let (parts, body) = request.into_parts();
     let body = match http_body_util::Limited::new(body, MAX_REQUEST)
         .collect()

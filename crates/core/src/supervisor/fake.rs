@@ -198,6 +198,13 @@ impl Os for FakeOs {
         lock(&self.tables).live.contains_key(&hold.pgid)
     }
 
+    fn held_processes(&self, hold: Hold<'_>) -> Vec<i32> {
+        match self.group_alive(hold) {
+            true => vec![hold.pgid],
+            false => Vec::new(),
+        }
+    }
+
     fn live_groups(&self, pgids: &[i32]) -> HashSet<i32> {
         let tables = lock(&self.tables);
         pgids

@@ -391,6 +391,13 @@ impl SupervisorTask {
             Command::Spending(reply) => {
                 let _ = reply.send(self.table.spending().clone());
             }
+            Command::AgentProcesses(agent_id, reply) => {
+                let held = self.table.get(&agent_id).ok().and_then(|m| {
+                    let record = m.record();
+                    (record.state.is_live()).then(|| record.hold()).flatten()
+                });
+                let _ = reply.send(held.map_or_else(Vec::new, |hold| self.os.held_processes(hold)));
+            }
             Command::SetBudget(agent_id, budget, reply) => {
                 let _ = reply.send(self.set_budget(&agent_id, budget));
             }
