@@ -100,7 +100,13 @@ output = 15.0
     .expect("providers file");
     let providers = providers.to_string_lossy().into_owned();
     let daemon = Daemon::builder()
-        .options(&["--llm-providers", &providers])
+        .options(&[
+            "--llm-providers",
+            &providers,
+            "--http-listen",
+            "127.0.0.1:0",
+            "--metrics-per-agent",
+        ])
         .start()
         .await;
     (provider, dir, daemon)
@@ -222,6 +228,33 @@ curl -sS -w ' %{{http_code}}\n' "$ANTHROPIC_BASE_URL/v1/messages" -H "x-api-key:
     );
     assert!(status(&mut client, "holder").await.spend.is_none());
     assert!(status(&mut client, "thief").await.spend.is_none());
+
+    // Prometheus: the gateway's requests by outcome, each agent's spend.
+    let metrics = daemon.http().get("/metrics").await.text();
+    for line in [
+        r#"agentd_llm_requests_total{provider="openai",outcome="forwarded"} 2"#,
+        r#"agentd_llm_requests_total{provider="anthropic",outcome="forwarded"} 1"#,
+        r#"agentd_llm_requests_total{provider="openai",outcome="refused_key"} 2"#,
+        r#"agentd_llm_requests_total{provider="anthropic",outcome="refused_key"} 1"#,
+        r#"agentd_llm_tokens_total{provider="openai",kind="output"} 7"#,
+        r#"agentd_agent_llm_requests{agent_id="caller"} 3"#,
+        r#"agentd_agent_llm_tokens{agent_id="caller",kind="cached_input"} 6"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
+    }
+    let cost = format!(
+        r#"agentd_agent_llm_cost_micros{{agent_id="caller"}} {}"#,
+        total.cost_micros
+    );
+    assert!(
+        metrics.lines().any(|l| l == cost),
+        "no `{cost}` in\n{metrics}"
+    );
+    // The real key shows nowhere agentd writes.
+    assert!(!metrics.contains(REAL_KEY) && !daemon.log().contains(REAL_KEY));
     kill_all(&mut client).await;
 }
 
@@ -481,5 +514,62 @@ async fn at_a_stop_budget_the_agent_is_stopped_and_at_a_reject_budget_refused() 
         Some(2)
     );
     assert_eq!(done.budget_reached, "requests");
+
+    // An agent that calls a provider itself reports what it spent: counted the same way,
+    // against its budget, and shown apart.
+    spawn_with(
+        &mut client,
+        with_budget(
+            "self-caller",
+            "",
+            "exec sleep 1000",
+            requests(3, pb::OnLimit::Reject),
+        ),
+    )
+    .await;
+    let report = |agent_id: &str, model: &str, requests: u64| pb::ReportUsageRequest {
+        agent_id: agent_id.into(),
+        model: model.into(),
+        usage: Some(pb::Usage {
+            input_tokens: 1200,
+            output_tokens: 300,
+            requests,
+            cost_micros: 960,
+            ..Default::default()
+        }),
+    };
+    let reported = client
+        .report_usage(report("self-caller", "openai/gpt-own", 2))
+        .await
+        .expect("ReportUsage")
+        .into_inner()
+        .status
+        .expect("status");
+    let spend = reported.spend.expect("spend");
+    assert_eq!(
+        spend.reported.map(|r| (r.requests, r.input_tokens)),
+        Some((2, 1200))
+    );
+    assert_eq!(spend.total.map(|t| t.cost_micros), Some(960));
+    assert!(spend.models.contains_key("openai/gpt-own"), "{spend:?}");
+    assert_eq!(reported.budget_reached, "");
+    let bad = client
+        .report_usage(report("self-caller", "", 1))
+        .await
+        .expect_err("no model");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    let bad = client
+        .report_usage(report("nobody", "m", 1))
+        .await
+        .expect_err("unknown agent");
+    assert_eq!(bad.code(), tonic::Code::NotFound, "{bad:?}");
+    let over = client
+        .report_usage(report("self-caller", "openai/gpt-own", 1))
+        .await
+        .expect("ReportUsage")
+        .into_inner()
+        .status
+        .expect("status");
+    assert_eq!(over.budget_reached, "requests");
     kill_all(&mut client).await;
 }

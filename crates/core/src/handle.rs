@@ -169,6 +169,13 @@ pub(crate) enum Command {
     ),
     /// The processes an agent holds now (none once it ended).
     AgentProcesses(String, oneshot::Sender<Vec<i32>>),
+    /// What an agent reports it spent itself (agent id, model, usage).
+    ReportUsage(
+        String,
+        String,
+        crate::spend::Usage,
+        oneshot::Sender<Result<AgentStatus>>,
+    ),
     /// A command sent inside a span (tracing is on): the supervisor's spans for it continue it.
     Traced(tracing::Span, Box<Command>),
     /// Something the supervisor depends on broke (the sampler thread died): it stops, and
@@ -323,6 +330,17 @@ impl SupervisorHandle {
     pub async fn agent_processes(&self, agent_id: String) -> Result<Vec<i32>> {
         self.request(|reply| Command::AgentProcesses(agent_id, reply))
             .await
+    }
+
+    /// Counts what an agent reports it spent calling a provider itself.
+    pub async fn report_usage(
+        &self,
+        agent_id: String,
+        model: String,
+        usage: crate::spend::Usage,
+    ) -> Result<AgentStatus> {
+        self.request(|reply| Command::ReportUsage(agent_id, model, usage, reply))
+            .await?
     }
 
     /// Replaces an agent's budget; see `supervisor/spend.rs`.

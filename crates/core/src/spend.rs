@@ -340,6 +340,8 @@ impl Ledger {
 pub struct Spend {
     pub total: Usage,
     pub models: BTreeMap<String, Usage>,
+    /// Of the total, what the agent reported itself (ReportUsage).
+    pub reported: Usage,
 }
 
 impl Spend {

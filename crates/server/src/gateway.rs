@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::Metrics;
 use agentd_core::{Exhausted, GatewayEnv, Reserve, Spending, SupervisorHandle, Usage};
 use anyhow::{Context, bail};
 use axum::body::Body;
@@ -47,6 +48,7 @@ pub struct Gateway {
     providers: Vec<Provider>,
     spending: Arc<Spending>,
     supervisor: SupervisorHandle,
+    metrics: Arc<Metrics>,
     client: HttpsClient,
 }
 
@@ -133,6 +135,7 @@ impl Gateway {
         providers: Vec<Provider>,
         spending: Arc<Spending>,
         supervisor: SupervisorHandle,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Gateway>> {
         for provider in &providers {
             if provider.requests_per_minute.is_some() || provider.tokens_per_minute.is_some() {
@@ -152,6 +155,7 @@ impl Gateway {
             providers,
             spending,
             supervisor,
+            metrics,
             client: Client::builder(TokioExecutor::new()).build(https),
         }))
     }
@@ -301,6 +305,9 @@ async fn forward(
     let agent_id = match key.and_then(|key| gateway.spending.keys.agent(key)) {
         Some(agent_id) => agent_id,
         None => {
+            gateway
+                .metrics
+                .llm_request(&provider.name, "refused_key", &Usage::default());
             return refuse(
                 kind,
                 StatusCode::UNAUTHORIZED,
@@ -311,6 +318,9 @@ async fn forward(
         }
     };
     if !connection.belongs_to(&gateway, &agent_id).await {
+        gateway
+            .metrics
+            .llm_request(&provider.name, "refused_key", &Usage::default());
         return refuse(
             kind,
             StatusCode::FORBIDDEN,
@@ -351,6 +361,9 @@ async fn forward(
             Reserve::Held => break,
             Reserve::Wait => settled.await,
             Reserve::Refused(exhausted) => {
+                gateway
+                    .metrics
+                    .llm_request(&provider.name, "refused_budget", &Usage::default());
                 let message = over_budget(&agent_id, &exhausted);
                 gateway.supervisor.budget_reached(exhausted);
                 let error_type = match kind {
@@ -496,6 +509,13 @@ impl Settle {
             .spending
             .ledger
             .settle(&self.agent_id, &worst, &used);
+        let outcome = match used.requests {
+            0 => "unreachable",
+            _ => "forwarded",
+        };
+        self.gateway
+            .metrics
+            .llm_request(&self.provider, outcome, &used);
         if used.requests > 0 {
             let model = format!("{}/{model}", self.provider);
             self.gateway

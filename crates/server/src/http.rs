@@ -502,8 +502,8 @@ async fn remove(State(api): State<Api>, Path(agent_id): Path<String>) -> Answer 
     ok(response.get_ref())
 }
 
-/// `POST /v1/agents/{id}:stop`, `:pause`, `:resume`, `:restart`, `:sandbox`, `:budget` (custom
-/// methods, as Google's API style guide writes them).
+/// `POST /v1/agents/{id}:stop`, `:pause`, `:resume`, `:restart`, `:sandbox`, `:budget`, `:usage`
+/// (custom methods, as Google's API style guide writes them).
 async fn agent_verb(
     State(api): State<Api>,
     Path(target): Path<String>,
@@ -548,6 +548,15 @@ async fn agent_verb(
         "restart" => {
             let request = pb::RestartRequest { agent_ids };
             let response = api.service.restart(tonic::Request::new(request)).await?;
+            ok(response.get_ref())
+        }
+        "usage" => {
+            let mut request: pb::ReportUsageRequest = body(&bytes)?;
+            request.agent_id = agent_id.to_string();
+            let response = api
+                .service
+                .report_usage(tonic::Request::new(request))
+                .await?;
             ok(response.get_ref())
         }
         "budget" => {

@@ -61,6 +61,16 @@ pub struct Metrics {
     /// A sandboxed agent's refusals so far, by `kind`: connection (its proxy), file
     /// (Landlock), syscall (seccomp).
     agent_denials: Family<Vec<(String, String)>, Gauge>,
+    /// What an agent spent through the gateway so far: tokens by `kind` (input, output,
+    /// cached_input), requests, and cost in micro-dollars.
+    agent_llm_tokens: Family<Vec<(String, String)>, Gauge>,
+    agent_llm_requests: Family<Vec<(String, String)>, Gauge>,
+    agent_llm_cost: Family<Vec<(String, String)>, Gauge>,
+    /// The gateway's requests by provider and outcome (forwarded, refused_budget,
+    /// refused_key, unreachable), and what the forwarded ones used, by provider.
+    llm_requests: Family<Labels<2>, Counter>,
+    llm_tokens: Family<Labels<2>, Counter>,
+    llm_cost: Family<Labels<1>, Counter>,
     /// One scrape at a time: a scrape clears and refills the gauges.
     scrape: tokio::sync::Mutex<()>,
 }
@@ -137,6 +147,12 @@ impl Metrics {
             agent_memory: Family::default(),
             agent_restarts: Family::default(),
             agent_denials: Family::default(),
+            agent_llm_tokens: Family::default(),
+            agent_llm_requests: Family::default(),
+            agent_llm_cost: Family::default(),
+            llm_requests: Family::default(),
+            llm_tokens: Family::default(),
+            llm_cost: Family::default(),
             per_agent,
             scrape: tokio::sync::Mutex::new(()),
             registry: Registry::with_prefix("agentd"),
@@ -198,6 +214,23 @@ impl Metrics {
         );
         r.register("events", "Events emitted, by kind", events);
         r.register(
+            "llm_requests",
+            "Requests to the LLM gateway, by provider and outcome: forwarded, refused_budget, \
+             refused_key, unreachable",
+            metrics.llm_requests.clone(),
+        );
+        r.register(
+            "llm_tokens",
+            "Tokens the LLM gateway's forwarded requests used, by provider and kind: input \
+             (cached included), cached_input, output",
+            metrics.llm_tokens.clone(),
+        );
+        r.register(
+            "llm_cost_micros",
+            "What the LLM gateway's forwarded requests cost, in micro-dollars, by provider",
+            metrics.llm_cost.clone(),
+        );
+        r.register(
             "sample_duration_seconds",
             "Time to measure every live agent once",
             metrics.samples.clone(),
@@ -236,8 +269,52 @@ impl Metrics {
                  file (Landlock), syscall (seccomp)",
                 metrics.agent_denials.clone(),
             );
+            r.register(
+                "agent_llm_tokens",
+                "Tokens an agent used through the LLM gateway so far, by kind: input (cached \
+                 included), cached_input, output",
+                metrics.agent_llm_tokens.clone(),
+            );
+            r.register(
+                "agent_llm_requests",
+                "Requests an agent made through the LLM gateway so far",
+                metrics.agent_llm_requests.clone(),
+            );
+            r.register(
+                "agent_llm_cost_micros",
+                "What an agent spent through the LLM gateway so far, in micro-dollars",
+                metrics.agent_llm_cost.clone(),
+            );
         }
         metrics
+    }
+
+    /// One request at the LLM gateway: its outcome and, when forwarded, what it used.
+    pub fn llm_request(&self, provider: &str, outcome: &'static str, used: &agentd_core::Usage) {
+        self.llm_requests
+            .get_or_create_owned(&[
+                ("provider", provider.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
+        if used.requests == 0 {
+            return;
+        }
+        for (kind, count) in [
+            ("input", used.input_tokens),
+            ("cached_input", used.cached_input_tokens),
+            ("output", used.output_tokens),
+        ] {
+            self.llm_tokens
+                .get_or_create_owned(&[
+                    ("provider", provider.to_string()),
+                    ("kind", kind.to_string()),
+                ])
+                .inc_by(count);
+        }
+        self.llm_cost
+            .get_or_create_owned(&[("provider", provider.to_string())])
+            .inc_by(used.cost_micros);
     }
 
     /// Records one RPC; `Spawn` also counts in `agentd_spawns_total`.
@@ -286,17 +363,42 @@ impl Metrics {
             self.agent_memory.clear();
             self.agent_restarts.clear();
             self.agent_denials.clear();
+            self.agent_llm_tokens.clear();
+            self.agent_llm_requests.clear();
+            self.agent_llm_cost.clear();
+            // Spend stays shown after an agent ended: what it cost is still true.
+            for status in page
+                .agents
+                .iter()
+                .filter(|s| s.record.spend.total.requests > 0)
+            {
+                let labels = self.agent_labels(&status.record.spec);
+                let spent = &status.record.spend.total;
+                let gauge = |count: u64| i64::try_from(count).unwrap_or(i64::MAX);
+                for (kind, count) in [
+                    ("input", spent.input_tokens),
+                    ("cached_input", spent.cached_input_tokens),
+                    ("output", spent.output_tokens),
+                ] {
+                    let mut labels = labels.clone();
+                    labels.push(("kind".to_string(), kind.to_string()));
+                    self.agent_llm_tokens
+                        .get_or_create(&labels)
+                        .set(gauge(count));
+                }
+                self.agent_llm_requests
+                    .get_or_create(&labels)
+                    .set(gauge(spent.requests));
+                self.agent_llm_cost
+                    .get_or_create(&labels)
+                    .set(gauge(spent.cost_micros));
+            }
             for status in page
                 .agents
                 .iter()
                 .filter(|s| s.record.state.holds_capacity())
             {
-                let spec = &status.record.spec;
-                let mut labels = vec![("agent_id".to_string(), spec.agent_id.clone())];
-                for name in &self.per_agent.labels {
-                    let value = spec.labels.get(name).cloned().unwrap_or_default();
-                    labels.push((format!("label_{}", label_name(name)), value));
-                }
+                let labels = self.agent_labels(&status.record.spec);
                 self.agent_cpu
                     .get_or_create(&labels)
                     .set(status.cpu_percent);
@@ -325,6 +427,16 @@ impl Metrics {
         let mut text = String::new();
         encode(&mut text, &self.registry).map_err(|_| Status::internal("encoding the metrics"))?;
         Ok(text)
+    }
+
+    /// An agent's series labels: its id and the labels `--metrics-agent-label` names.
+    fn agent_labels(&self, spec: &agentd_core::AgentSpec) -> Vec<(String, String)> {
+        let mut labels = vec![("agent_id".to_string(), spec.agent_id.clone())];
+        for name in &self.per_agent.labels {
+            let value = spec.labels.get(name).cloned().unwrap_or_default();
+            labels.push((format!("label_{}", label_name(name)), value));
+        }
+        labels
     }
 
     /// The same metrics in Prometheus' older text format (0.0.4), for scrapers that do not

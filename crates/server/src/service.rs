@@ -387,6 +387,26 @@ impl AgentSupervisor for AgentSupervisorService {
         .await
     }
 
+    async fn report_usage(
+        &self,
+        request: Request<pb::ReportUsageRequest>,
+    ) -> Result<Response<pb::ReportUsageResponse>, Status> {
+        self.timed("ReportUsage", async move {
+            let request = request.into_inner();
+            traced_agents(&[&request.agent_id]);
+            let usage = convert::spend::usage_request(request.usage.unwrap_or_default());
+            let status = self
+                .supervisor
+                .report_usage(request.agent_id, request.model, usage)
+                .await
+                .map_err(error_status)?;
+            Ok(Response::new(pb::ReportUsageResponse {
+                status: Some(convert::status(&status)),
+            }))
+        })
+        .await
+    }
+
     async fn set_budget(
         &self,
         request: Request<pb::SetBudgetRequest>,

@@ -398,6 +398,9 @@ impl SupervisorTask {
                 });
                 let _ = reply.send(held.map_or_else(Vec::new, |hold| self.os.held_processes(hold)));
             }
+            Command::ReportUsage(agent_id, model, usage, reply) => {
+                let _ = reply.send(self.report_usage(&agent_id, &model, usage));
+            }
             Command::SetBudget(agent_id, budget, reply) => {
                 let _ = reply.send(self.set_budget(&agent_id, budget));
             }

@@ -40,6 +40,47 @@ impl SupervisorTask {
         }
     }
 
+    /// What an agent reports it spent calling a provider itself: counted as the gateway's,
+    /// against its tree's budgets (no reservation: it is spent already), and marked reported.
+    pub(super) fn report_usage(
+        &mut self,
+        agent_id: &str,
+        model: &str,
+        mut usage: Usage,
+    ) -> Result<AgentStatus> {
+        check_id("agent_id", agent_id)?;
+        if model.is_empty() || model.len() > 256 || model.chars().any(char::is_control) {
+            return Err(Error::Invalid {
+                field: "model",
+                problem: "name the model, PROVIDER/MODEL (at most 256 characters)".into(),
+            });
+        }
+        self.table.get(agent_id)?;
+        usage.requests = usage.requests.max(1);
+        if usage.cached_input_tokens > usage.input_tokens {
+            return Err(Error::Invalid {
+                field: "usage.cached_input_tokens",
+                problem: format!(
+                    "{} cached of {} input tokens: cached tokens are counted in the input",
+                    usage.cached_input_tokens, usage.input_tokens
+                ),
+            });
+        }
+        let reached = self
+            .table
+            .spending()
+            .ledger
+            .settle(agent_id, &Usage::default(), &usage);
+        if let Some(machine) = self.table.get_mut(agent_id) {
+            machine.spend_mut().reported.add(&usage);
+        }
+        self.spent(agent_id, model, &usage);
+        for exhausted in reached {
+            self.budget_reached(exhausted);
+        }
+        Ok(self.table.get(agent_id)?.status(self.clock.mono()))
+    }
+
     /// A budget was reached: told once (BUDGET_EXHAUSTED), and acted on as it says.
     pub(super) fn budget_reached(&mut self, exhausted: Exhausted) {
         let Exhausted {

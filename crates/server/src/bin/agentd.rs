@@ -382,7 +382,8 @@ async fn serve(options: Options) -> anyhow::Result<()> {
                 gateway::names(&providers)
             );
             let spending = supervisor.spending().await?;
-            let gateway = gateway::Gateway::new(providers, spending, supervisor.clone())?;
+            let gateway =
+                gateway::Gateway::new(providers, spending, supervisor.clone(), metrics.clone())?;
             tokio::spawn(gateway.clone().serve(listener));
             Some(gateway)
         }

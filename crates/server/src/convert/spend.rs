@@ -22,6 +22,17 @@ pub(super) fn spend(spend: &Spend) -> pb::Spend {
             .iter()
             .map(|(model, spent)| (model.clone(), usage(spent)))
             .collect(),
+        reported: (spend.reported.requests > 0).then(|| usage(&spend.reported)),
+    }
+}
+
+pub(crate) fn usage_request(usage: pb::Usage) -> Usage {
+    Usage {
+        input_tokens: usage.input_tokens,
+        output_tokens: usage.output_tokens,
+        cached_input_tokens: usage.cached_input_tokens,
+        requests: usage.requests,
+        cost_micros: usage.cost_micros,
     }
 }
 
