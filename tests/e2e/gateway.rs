@@ -36,6 +36,21 @@ impl Provider {
     }
 }
 
+impl Provider {
+    /// Each request the provider received: its model and when (the provider's clock).
+    fn arrivals(&self) -> Vec<(String, f64)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("provider");
+        stream
+            .write_all(b"GET /arrivals HTTP/1.0\r\n\r\n")
+            .expect("ask for arrivals");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("arrivals");
+        let body = answer.split("\r\n\r\n").nth(1).expect("a body");
+        serde_json::from_str(body).expect("JSON arrivals")
+    }
+}
+
 impl Drop for Provider {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -571,5 +586,32 @@ async fn at_a_stop_budget_the_agent_is_stopped_and_at_a_reject_budget_refused() 
         .status
         .expect("status");
     assert_eq!(over.budget_reached, "requests");
+    kill_all(&mut client).await;
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_holds_every_agents_requests_to_that_provider() {
+    let (provider, _dir, daemon) = gateway_daemon().await;
+    let mut client = daemon.client().await;
+    let ask = |model: &str| {
+        format!(
+            r#"curl -sS -o /dev/null -w '%{{http_code}}\n' "$OPENAI_BASE_URL/chat/completions" -H "Authorization: Bearer $OPENAI_API_KEY" -d '{{"model":"{model}","max_tokens":5,"messages":[{{"role":"user","content":"a"}}]}}'"#
+        )
+    };
+    // The provider answers the first agent 429, Retry-After: 1 (passed on to it as it is).
+    let out = run_agent(&mut client, "first", &ask("busy")).await;
+    assert_eq!(out.trim(), "429");
+    // The second agent's request waits out the provider's second instead of hitting it.
+    let out = run_agent(&mut client, "second", &ask("gpt-test")).await;
+    assert_eq!(out.trim(), "200");
+    let arrivals = provider.arrivals();
+    let at = |model: &str| {
+        arrivals
+            .iter()
+            .find(|(m, _)| m == model)
+            .map(|(_, at)| *at)
+            .unwrap_or_else(|| panic!("no {model} in {arrivals:?}"))
+    };
+    assert!(at("gpt-test") - at("busy") >= 0.95, "{arrivals:?}");
     kill_all(&mut client).await;
 }

@@ -3,13 +3,18 @@ Responses and Anthropic's Messages, whole or streamed (server-sent events), with
 each API gives it. Only the key in argv[1] is accepted. Prints its port, then serves.
 
 Every answer uses 7 input tokens (2 of them cached) and as many output tokens as words in the
-last message's text.
+last message's text. The first request for the model `busy` is answered 429 with
+`Retry-After: 1`. `GET /arrivals` lists each request's model and arrival time.
 """
 import json
 import sys
+import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 KEY = sys.argv[1]
+ARRIVALS = []
+LOCK = threading.Lock()
 
 
 class Provider(BaseHTTPRequestHandler):
@@ -38,8 +43,25 @@ class Provider(BaseHTTPRequestHandler):
             self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")
 
+    def do_GET(self):
+        if self.path == "/arrivals":
+            with LOCK:
+                return self.answer(200, ARRIVALS)
+        self.answer(404, {"error": {"message": f"no {self.path}"}})
+
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+        with LOCK:
+            ARRIVALS.append([body.get("model", ""), time.time()])
+            busy = body.get("model") == "busy" and sum(1 for m, _ in ARRIVALS if m == "busy") == 1
+        if busy:
+            data = json.dumps({"error": {"message": "rate limited", "type": "rate_limit_error"}}).encode()
+            self.send_response(429)
+            self.send_header("retry-after", "1")
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            return self.wfile.write(data)
         anthropic = self.path == "/v1/messages"
         key = self.headers.get("x-api-key") if anthropic else self.headers.get("authorization", "")[7:]
         if key != KEY:

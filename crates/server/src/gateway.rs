@@ -8,6 +8,7 @@
 //! answer the client is then not shown). Answers pass through as they arrive; `usage.rs`
 //! reads them on the way.
 
+mod limits;
 mod peer;
 mod providers;
 mod usage;
@@ -137,14 +138,6 @@ impl Gateway {
         supervisor: SupervisorHandle,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Gateway>> {
-        for provider in &providers {
-            if provider.requests_per_minute.is_some() || provider.tokens_per_minute.is_some() {
-                tracing::warn!(
-                    provider = %provider.name,
-                    "requests_per_minute and tokens_per_minute are read but not enforced yet"
-                );
-            }
-        }
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_native_roots()
             .context("reading the system's trusted certificates")?
@@ -162,6 +155,10 @@ impl Gateway {
 
     /// Serves each connection on a task of its own, which knows where it comes from.
     pub async fn serve(self: Arc<Gateway>, listener: TcpListener) {
+        for index in 0..self.providers.len() {
+            let gateway = self.clone();
+            tokio::spawn(async move { gateway.providers[index].limits.run().await });
+        }
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -374,6 +371,8 @@ async fn forward(
             }
         }
     }
+    // Its turn under the provider's rate limits (shared by all agents, in turns).
+    provider.limits.acquire(&agent_id, worst.tokens()).await;
     // Settled on what the request used once the answer has passed, or on nothing if it
     // never reaches the provider (dropped).
     let settle = Settle {
@@ -446,6 +445,15 @@ async fn forward(
         }
     };
     let (parts, body) = answer.into_parts();
+    if parts.status == StatusCode::TOO_MANY_REQUESTS
+        && let Some(wait) = (parts.headers.get(header::RETRY_AFTER))
+            .and_then(|value| value.to_str().ok())
+            .and_then(limits::retry_after)
+    {
+        // The provider is at its limit: every agent's requests wait, not only this one's.
+        tracing::info!(provider = %provider.name, ?wait, "LLM provider answered 429: holding its requests");
+        provider.limits.hold(wait);
+    }
     let streamed = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -509,6 +517,16 @@ impl Settle {
             .spending
             .ledger
             .settle(&self.agent_id, &worst, &used);
+        if let Some(provider) = self
+            .gateway
+            .providers
+            .iter()
+            .find(|p| p.name == self.provider)
+        {
+            provider
+                .limits
+                .refund(worst.tokens().saturating_sub(used.tokens()));
+        }
         let outcome = match used.requests {
             0 => "unreachable",
             _ => "forwarded",

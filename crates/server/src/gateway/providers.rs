@@ -71,8 +71,8 @@ pub struct Provider {
     key_file: PathBuf,
     key: RwLock<String>,
     prices: BTreeMap<String, Price>,
-    pub requests_per_minute: Option<u32>,
-    pub tokens_per_minute: Option<u64>,
+    /// Its rate limits, shared by every agent.
+    pub limits: super::limits::Limits,
 }
 
 impl Provider {
@@ -140,6 +140,11 @@ pub fn load(path: &Path) -> anyhow::Result<Vec<Provider>> {
         {
             bail!("provider name `{name}`: use letters, digits, `-` and `_` (it is a URL path)");
         }
+        if config.requests_per_minute == Some(0) || config.tokens_per_minute == Some(0) {
+            bail!(
+                "provider `{name}`: a rate limit of 0 would refuse everything: leave it out for none"
+            );
+        }
         if providers.iter().any(|other| other.name == name) {
             bail!("provider `{name}` is listed twice");
         }
@@ -168,8 +173,10 @@ pub fn load(path: &Path) -> anyhow::Result<Vec<Provider>> {
             key_file: config.api_key_file,
             key: RwLock::new(key),
             prices: config.prices,
-            requests_per_minute: config.requests_per_minute,
-            tokens_per_minute: config.tokens_per_minute,
+            limits: super::limits::Limits::new(
+                config.requests_per_minute,
+                config.tokens_per_minute,
+            ),
         });
     }
     Ok(providers)
