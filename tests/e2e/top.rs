@@ -134,6 +134,24 @@ async fn top_shows_agents_sorts_on_a_key_and_stops_the_selected_one() {
         })
         .await;
     assert!(screen.contains("3 running"), "{screen}");
+    // What an agent spent (here reported by itself) shows in its row.
+    client
+        .report_usage(pb::ReportUsageRequest {
+            agent_id: "a-small".into(),
+            model: "openai/gpt-x".into(),
+            usage: Some(pb::Usage {
+                cost_micros: 1500,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("ReportUsage");
+    tmux.wait("the agent's spend", |screen| {
+        screen
+            .lines()
+            .any(|line| line.contains("a-small") && line.contains("$0.0015"))
+    })
+    .await;
 
     // `m` sorts by memory, largest first (the selection stays on its agent); `g` goes to the
     // top row, and the output pane follows the selected agent.

@@ -116,6 +116,16 @@ def main():
                 expect(row(page, "boxed").locator(".c-denied")).to_have_text("2", timeout=DEADLINE * 1000)
                 expect(row(page, "late").locator(".c-denied")).to_have_text("")
 
+            # Spend (here reported by the agent itself) shows in its row, the tree's in its parent's.
+            api.spawn("spender", ["sleep", "300"])
+            api.spawn("helper", ["sleep", "300"], parentAgentId="spender")
+            expect(row(page, "helper").locator(".c-state")).to_have_text("running", timeout=DEADLINE * 1000)
+            api.call("POST", "/v1/agents/helper:usage",
+                     {"model": "openai/gpt-x", "usage": {"inputTokens": "100", "costMicros": "1500"}})
+            expect(row(page, "helper").locator(".c-spend")).to_have_text("$0.0015", timeout=DEADLINE * 1000)
+            expect(row(page, "spender").locator(".c-spend")).to_have_text("$0.0015", timeout=DEADLINE * 1000)
+            expect(row(page, "late").locator(".c-spend")).to_have_text("")
+
             # The Stop button stops an agent (after the confirmation, accepted above).
             api.spawn("victim", ["sleep", "300"], stopPolicy={"firstGrace": "0.5s"})
             expect(row(page, "victim").locator(".c-state")).to_have_text("running", timeout=DEADLINE * 1000)

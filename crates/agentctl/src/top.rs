@@ -496,7 +496,7 @@ impl Top {
     fn draw_table(&mut self, frame: &mut Frame, area: Rect) {
         let header = Row::new([
             "AGENT", "STATE", "HEALTH", "CPU%", "MEM MiB", "THR", "RUNTIME", "PROGRESS", "RST",
-            "COMMAND",
+            "SPEND", "COMMAND",
         ])
         .style(Style::new().add_modifier(Modifier::BOLD | Modifier::REVERSED));
         let rows = self.rows.iter().map(|(id, depth)| {
@@ -527,6 +527,7 @@ impl Top {
                 duration(runtime(s, *at)),
                 progress_bar(s.progress),
                 s.restart_count.to_string(),
+                spend(s),
                 one_line(&s.cmdline.join(" ")),
             ])
             .style(state_style(s.state))
@@ -549,6 +550,7 @@ impl Top {
             Constraint::Length(8),
             Constraint::Length(15),
             Constraint::Length(3),
+            Constraint::Length(9),
             Constraint::Fill(1),
         ];
         let table = Table::new(rows, widths)
@@ -746,4 +748,24 @@ async fn stop(mut client: Client, agent_id: String, force: bool, updates: mpsc::
         .map(|_| ())
         .map_err(|status| status.message().to_string());
     let _ = updates.send(Update::Stopped(agent_id, result)).await;
+}
+
+/// What the agent and its sub-agents spent through the LLM gateway, in dollars; `!` once a
+/// budget is reached.
+fn spend(s: &pb::AgentStatus) -> String {
+    let own = s
+        .spend
+        .as_ref()
+        .and_then(|spend| spend.total)
+        .map_or(0, |t| t.cost_micros);
+    let tree = s.tree_spend.map_or(0, |t| t.cost_micros);
+    if s.spend.is_none() && s.tree_spend.is_none() {
+        return String::new();
+    }
+    let dollars = own.max(tree) as f64 / 1e6;
+    let reached = if s.budget_reached.is_empty() { "" } else { "!" };
+    match dollars < 1.0 {
+        true => format!("${dollars:.4}{reached}"),
+        false => format!("${dollars:.2}{reached}"),
+    }
 }

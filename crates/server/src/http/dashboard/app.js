@@ -29,6 +29,19 @@ function fmtMem(mb) {
   return mb >= 1024 ? (mb / 1024).toFixed(2) + " GiB" : mb.toFixed(1) + " MiB";
 }
 
+function fmtDollars(micros) {
+  const dollars = micros / 1e6;
+  return "$" + (dollars < 1 ? dollars.toFixed(4) : dollars.toFixed(2));
+}
+
+function fmtBudget(b) {
+  const limits = [];
+  if (num(b.tokens)) limits.push(`${num(b.tokens)} tokens`);
+  if (num(b.costMicros)) limits.push(fmtDollars(num(b.costMicros)));
+  if (num(b.requests)) limits.push(`${num(b.requests)} requests`);
+  return limits.join(", ");
+}
+
 function fmtDuration(s) {
   s = Math.max(0, Math.floor(s));
   const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
@@ -197,7 +210,7 @@ function rowElement(i) {
       `<span class="c-cpu num"></span><span class="c-mem num"></span>` +
       `<span class="c-spark"><canvas class="spark" width="120" height="18"></canvas></span>` +
       `<span class="c-run num"></span><span class="c-prog prog"><span class="bar"><div></div></span><span></span></span>` +
-      `<span class="c-restarts num"></span><span class="c-denied num"></span>`;
+      `<span class="c-restarts num"></span><span class="c-denied num"></span><span class="c-spend num"></span>`;
     row.addEventListener("click", () => select(row.dataset.id));
     $("visible").appendChild(row);
     pool[i] = row;
@@ -248,6 +261,16 @@ function renderRows() {
     setText(cells[9], s.sandbox ? String(denied[0] + denied[1] + denied[2]) : "");
     cells[9].title = s.sandbox ? `connections ${denied[0]}, files ${denied[1]}, system calls ${denied[2]}` : "";
     cells[9].classList.toggle("alarm", denied[0] + denied[1] + denied[2] > 0);
+    // What its tree spent through the LLM gateway (its own, for an agent with no children),
+    // against its budget.
+    const own = num(s.spend && s.spend.total && s.spend.total.costMicros);
+    const tree = num(s.treeSpend && s.treeSpend.costMicros);
+    setText(cells[10], s.treeSpend || s.spend ? fmtDollars(Math.max(own, tree)) : "");
+    const budget = s.budget ? ` · budget ${fmtBudget(s.budget)}` : "";
+    cells[10].title = s.treeSpend || s.spend || s.budget ?
+      `own ${fmtDollars(own)} · with its sub-agents ${fmtDollars(tree)}${budget}` +
+      (s.budgetReached ? ` · reached: ${s.budgetReached}` : "") : "";
+    cells[10].classList.toggle("alarm", Boolean(s.budgetReached));
     if (!a.history) loadSpark(id, a);
   }
   for (let i = used; i < pool.length; i++) {
