@@ -51,6 +51,9 @@ pub struct Gateway {
     supervisor: SupervisorHandle,
     metrics: Arc<Metrics>,
     client: HttpsClient,
+    /// The sockets each agent's processes had open when last looked at: a new connection
+    /// found among them needs no new look.
+    sockets: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<u64>>>,
 }
 
 /// Binds the gateway's listener on loopback: `address`, or the port it had before (kept in
@@ -138,17 +141,22 @@ impl Gateway {
         supervisor: SupervisorHandle,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Gateway>> {
+        // Small requests and answers: without TCP_NODELAY each waits out a delayed ACK.
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.enforce_http(false);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_native_roots()
             .context("reading the system's trusted certificates")?
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(connector);
         Ok(Arc::new(Gateway {
             providers,
             spending,
             supervisor,
             metrics,
+            sockets: Default::default(),
             client: Client::builder(TokioExecutor::new()).build(https),
         }))
     }
@@ -171,6 +179,7 @@ impl Gateway {
             let Ok(local) = stream.local_addr() else {
                 continue;
             };
+            let _ = stream.set_nodelay(true);
             let gateway = self.clone();
             tokio::spawn(async move {
                 let connection = Arc::new(Connection {
@@ -219,14 +228,27 @@ impl Connection {
         let Some(inode) = peer::socket_inode(self.peer, self.local) else {
             return false;
         };
-        let pids = gateway
-            .supervisor
-            .agent_processes(agent_id.to_string())
-            .await
-            .unwrap_or_default();
-        let held = tokio::task::spawn_blocking(move || peer::held_by(inode, &pids))
-            .await
-            .unwrap_or(false);
+        let known = |gateway: &Gateway| {
+            (gateway.sockets.lock())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(agent_id)
+                .is_some_and(|sockets| sockets.contains(&inode))
+        };
+        let mut held = known(gateway);
+        if !held {
+            let pids = gateway
+                .supervisor
+                .agent_processes(agent_id.to_string())
+                .await
+                .unwrap_or_default();
+            let sockets = tokio::task::spawn_blocking(move || peer::sockets_of(&pids))
+                .await
+                .unwrap_or_default();
+            held = sockets.contains(&inode);
+            (gateway.sockets.lock())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(agent_id.to_string(), sockets);
+        }
         if held {
             *lock() = Some(agent_id.to_string());
         }
@@ -343,7 +365,7 @@ async fn forward(
             );
         }
     };
-    let info = usage::request_info(&body);
+    let (info, asked) = usage::inspect(kind, &rest, &body);
     let mut worst = usage::worst_case(body.len(), &info);
     if let Some(price) = provider.price(&info.model) {
         worst.cost_micros = price.cost_micros(&worst);
@@ -381,7 +403,6 @@ async fn forward(
         provider: provider.name.clone(),
         worst: Some(worst),
     };
-    let asked = usage::ask_for_usage(kind, &rest, &body);
     let hide_usage = asked.is_some();
     let body = asked.map(Bytes::from).unwrap_or(body);
     let query = parts

@@ -25,17 +25,21 @@ pub struct RequestInfo {
     pub max_output: Option<u64>,
 }
 
-pub fn request_info(body: &[u8]) -> RequestInfo {
-    let Ok(value) = serde_json::from_slice::<Value>(body) else {
-        return RequestInfo::default();
+/// What the gateway needs of a request body (read once), and for a streamed Chat
+/// Completions request that did not ask for usage, the body asking for it.
+pub fn inspect(kind: Kind, path: &str, body: &[u8]) -> (RequestInfo, Option<Vec<u8>>) {
+    let Ok(mut value) = serde_json::from_slice::<Value>(body) else {
+        return (RequestInfo::default(), None);
     };
-    RequestInfo {
+    let info = RequestInfo {
         model: value["model"].as_str().unwrap_or_default().to_string(),
         stream: value["stream"].as_bool().unwrap_or(false),
         max_output: ["max_tokens", "max_completion_tokens", "max_output_tokens"]
             .iter()
             .find_map(|name| value[*name].as_u64()),
-    }
+    };
+    let asked = ask_for_usage(kind, path, &mut value);
+    (info, asked)
 }
 
 /// Output reserved for a request that does not say its most.
@@ -55,11 +59,10 @@ pub fn worst_case(body_len: usize, info: &RequestInfo) -> Usage {
 
 /// A streamed Chat Completions request that did not ask for usage: the body asking for it,
 /// so the gateway can count the tokens (and hide the answer from the client).
-pub fn ask_for_usage(kind: Kind, path: &str, body: &[u8]) -> Option<Vec<u8>> {
+fn ask_for_usage(kind: Kind, path: &str, value: &mut Value) -> Option<Vec<u8>> {
     if kind != Kind::Openai || !path.ends_with("/chat/completions") {
         return None;
     }
-    let mut value = serde_json::from_slice::<Value>(body).ok()?;
     if value["stream"].as_bool() != Some(true)
         || value["stream_options"]["include_usage"].as_bool() == Some(true)
     {
@@ -72,7 +75,7 @@ pub fn ask_for_usage(kind: Kind, path: &str, body: &[u8]) -> Option<Vec<u8>> {
     options
         .as_object_mut()?
         .insert("include_usage".into(), Value::Bool(true));
-    serde_json::to_vec(&value).ok()
+    serde_json::to_vec(value).ok()
 }
 
 fn count(value: &Value) -> u64 {
@@ -291,27 +294,39 @@ mod tests {
 
     #[test]
     fn usage_is_asked_for_only_where_the_client_did_not() {
-        let asked = ask_for_usage(
+        let asked = inspect(
             Kind::Openai,
             "/v1/chat/completions",
             br#"{"model":"m","stream":true}"#,
         )
+        .1
         .unwrap();
         let asked: Value = serde_json::from_slice(&asked).unwrap();
         assert_eq!(asked["stream_options"]["include_usage"], Value::Bool(true));
         assert!(
-            ask_for_usage(Kind::Openai, "/v1/chat/completions", br#"{"stream":false}"#).is_none()
+            inspect(Kind::Openai, "/v1/chat/completions", br#"{"stream":false}"#)
+                .1
+                .is_none()
         );
         assert!(
-            ask_for_usage(
+            inspect(
                 Kind::Openai,
                 "/v1/chat/completions",
                 br#"{"stream":true,"stream_options":{"include_usage":true}}"#
             )
+            .1
             .is_none()
         );
-        assert!(ask_for_usage(Kind::Openai, "/v1/responses", br#"{"stream":true}"#).is_none());
-        assert!(ask_for_usage(Kind::Anthropic, "/v1/messages", br#"{"stream":true}"#).is_none());
+        assert!(
+            inspect(Kind::Openai, "/v1/responses", br#"{"stream":true}"#)
+                .1
+                .is_none()
+        );
+        assert!(
+            inspect(Kind::Anthropic, "/v1/messages", br#"{"stream":true}"#)
+                .1
+                .is_none()
+        );
     }
 
     #[test]
