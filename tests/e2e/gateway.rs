@@ -615,3 +615,39 @@ async fn a_429_with_retry_after_holds_every_agents_requests_to_that_provider() {
     assert!(at("gpt-test") - at("busy") >= 0.95, "{arrivals:?}");
     kill_all(&mut client).await;
 }
+
+#[tokio::test]
+async fn a_proxy_sandboxed_agent_reaches_the_gateway_in_its_own_namespace() {
+    if !requires(Need::Root) {
+        return;
+    }
+    let (_provider, _dir, daemon) = gateway_daemon().await;
+    let mut client = daemon.client().await;
+    // Its own network (nothing but its proxy, and the gateway on the same URL as on the
+    // host): the request goes straight to the gateway, which knows it by the namespace.
+    let request = pb::SpawnRequest {
+        sandbox: Some(pb::Sandbox::default()),
+        ..spawn_request(
+            "boxed",
+            sh(&format!(
+                "{ASK}\nask; curl -sS -o /dev/null -w '%{{http_code}}\\n' http://example.com/ || true"
+            )),
+        )
+    };
+    spawn_with(&mut client, request).await;
+    let done = wait_for(&mut client, "boxed", "ended", |s| {
+        s.state != pb::AgentState::Running as i32 && s.state != pb::AgentState::Starting as i32
+    })
+    .await;
+    let out =
+        std::fs::read_to_string(PathBuf::from(&done.agent_dir).join("stdout.log")).expect("output");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("200"), "{out}");
+    // Everything else still goes through its proxy, which allows no host.
+    assert_eq!(lines.next(), Some("403"), "{out}");
+    assert_eq!(
+        done.spend.and_then(|s| s.total).map(|t| t.requests),
+        Some(1)
+    );
+    kill_all(&mut client).await;
+}

@@ -222,6 +222,7 @@ impl KeeperClient {
                 cgroup: None,
                 fallbacks: Vec::new(),
                 proxy: None,
+                gateway: None,
             }),
             Reply::Failed {
                 errno: Some(errno), ..

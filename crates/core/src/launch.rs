@@ -307,6 +307,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         cgroup: None,
         fallbacks: Vec::new(),
         proxy: None,
+        gateway: None,
     })
 }
 
@@ -716,4 +717,6 @@ pub struct Started {
     pub fallbacks: Vec<String>,
     /// A `PROXY` agent's proxy listener, bound inside its network namespace.
     pub proxy: Option<std::net::TcpListener>,
+    /// And the LLM gateway's, when agentd runs one.
+    pub gateway: Option<std::net::TcpListener>,
 }

@@ -69,7 +69,8 @@ pub use recorder::Recorder;
 pub use sandbox::{Network, Sandbox, SandboxRequest, SandboxSupport};
 pub use spec::{AgentSpec, Limits, Resources, RunAs, SpawnRequest, StopPolicy};
 pub use spend::{
-    Budget, Exhausted, GatewayEnv, GatewayKeys, Ledger, OnLimit, Reserve, Spend, Spending, Usage,
+    Budget, Exhausted, GatewayEnv, GatewayKeys, InNamespace, Ledger, OnLimit, Reserve, Spend,
+    Spending, Usage,
 };
 pub use state::{AgentState, Containment, EndReason, Exit, Health};
 pub use stop::{StopOptions, StopOutcome, StopReport};

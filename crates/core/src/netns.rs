@@ -1,5 +1,6 @@
 //! Network namespaces for sandboxed agents: made by agentd before the spawn (the keeper's
-//! child joins it), with loopback up and, for `PROXY`, the proxy's listener bound inside it.
+//! child joins it), with loopback up and, for `PROXY`, the proxy's listener bound inside it
+//! (and the LLM gateway's, on the port it has on the host, when agentd runs one).
 //! A socket keeps the namespace it was created in, so agentd serves the listener from its
 //! own namespace; the agent reaches nothing else.
 
@@ -24,6 +25,8 @@ pub(crate) struct AgentNet {
     pub ns: OwnedFd,
     /// The proxy's listener, bound inside it (`PROXY` only).
     pub listener: Option<TcpListener>,
+    /// The LLM gateway's listener, bound inside it (`PROXY` only, with a gateway).
+    pub gateway: Option<TcpListener>,
 }
 
 /// Namespaces made ahead on a thread of their own, so a spawn does not wait for one: making
@@ -33,16 +36,19 @@ pub(crate) struct NetPool {
     /// Ready namespaces: `[without a listener, with one]`.
     ready: Mutex<[Vec<AgentNet>; 2]>,
     taken: Condvar,
+    /// The LLM gateway's port, bound in every `PROXY` namespace too.
+    gateway: Option<u16>,
 }
 
 /// Namespaces of each kind kept ready.
 const READY: usize = 4;
 
 impl NetPool {
-    pub(crate) fn start() -> Arc<NetPool> {
+    pub(crate) fn start(gateway: Option<u16>) -> Arc<NetPool> {
         let pool = Arc::new(NetPool {
             ready: Mutex::new([Vec::new(), Vec::new()]),
             taken: Condvar::new(),
+            gateway,
         });
         let filling = pool.clone();
         let spawned = std::thread::Builder::new()
@@ -60,7 +66,7 @@ impl NetPool {
         self.taken.notify_one();
         match ready {
             Some(net) => Ok(net),
-            None => create(proxy),
+            None => create(proxy, self.gateway),
         }
     }
 
@@ -84,7 +90,7 @@ impl NetPool {
                     }
                 }
             };
-            match create(short == 1) {
+            match create(short == 1, self.gateway) {
                 Ok(net) => self.lock()[short].push(net),
                 Err(error) => {
                     tracing::warn!(%error, "making a network namespace ahead; spawns make their own");
@@ -97,29 +103,41 @@ impl NetPool {
 
 /// Makes a namespace on a thread of its own (a namespace belongs to the thread that
 /// unshares it), so no other thread of agentd ever leaves the host's network.
-fn create(proxy: bool) -> io::Result<AgentNet> {
+fn create(proxy: bool, gateway: Option<u16>) -> io::Result<AgentNet> {
     on_own_thread(move || {
         // SAFETY: plain flags; affects this thread only.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } < 0 {
             return Err(io::Error::last_os_error());
         }
         loopback_up()?;
-        let listener = if proxy { Some(listen()?) } else { None };
+        let listener = if proxy {
+            Some(listen(PROXY_PORT)?)
+        } else {
+            None
+        };
+        let gateway = match (proxy, gateway) {
+            (true, Some(port)) => Some(listen(port)?),
+            _ => None,
+        };
         let ns = OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net")?);
-        Ok(AgentNet { ns, listener })
+        Ok(AgentNet {
+            ns,
+            listener,
+            gateway,
+        })
     })
 }
 
-/// The proxy's listener again inside the namespace of a running agent (after agentd
-/// restarted: the agent's namespace outlived the old listener).
-pub(crate) fn listen_in(pid: i32) -> io::Result<TcpListener> {
+/// A listener on `port` (the proxy's, or the gateway's) again inside the namespace of a
+/// running agent (after agentd restarted: the agent's namespace outlived the old listener).
+pub(crate) fn listen_in(pid: i32, port: u16) -> io::Result<TcpListener> {
     let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
     on_own_thread(move || {
         // SAFETY: a namespace descriptor of ours; affects this thread only.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        listen()
+        listen(port)
     })
 }
 
@@ -132,8 +150,8 @@ fn on_own_thread<T: Send>(work: impl FnOnce() -> io::Result<T> + Send) -> io::Re
     })
 }
 
-fn listen() -> io::Result<TcpListener> {
-    let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_PORT)))?;
+fn listen(port: u16) -> io::Result<TcpListener> {
+    let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }

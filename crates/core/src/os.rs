@@ -41,6 +41,8 @@ pub(crate) trait Os: Send + Sync {
     fn sandbox_support(&self) -> SandboxSupport;
     /// The proxy's listener again, inside the network namespace of a running agent.
     fn proxy_listener(&self, pid: i32) -> io::Result<std::net::TcpListener>;
+    /// The LLM gateway's listener again inside it, when agentd runs a gateway.
+    fn gateway_listener(&self, pid: i32) -> io::Result<Option<std::net::TcpListener>>;
     /// Starts a leader process in its own group (and cgroup), as a child of the keeper,
     /// which reports its exit.
     fn spawn(&self, order: SpawnOrder) -> io::Result<Started>;
@@ -90,10 +92,17 @@ pub(crate) struct System {
     sandbox: SandboxSupport,
     /// Network namespaces made ahead, from the first sandboxed spawn on.
     nets: std::sync::OnceLock<Arc<netns::NetPool>>,
+    /// The LLM gateway's port, served inside `PROXY` agents' namespaces too.
+    gateway_port: Option<u16>,
 }
 
 impl System {
-    pub fn new(keeper: KeeperClient, detected: Detected, sandbox: SandboxSupport) -> System {
+    pub fn new(
+        keeper: KeeperClient,
+        detected: Detected,
+        sandbox: SandboxSupport,
+        gateway_port: Option<u16>,
+    ) -> System {
         let described = detected.describe();
         System {
             units: proc_units(),
@@ -106,6 +115,7 @@ impl System {
             root: nix::unistd::geteuid().is_root(),
             sandbox,
             nets: std::sync::OnceLock::new(),
+            gateway_port,
         }
     }
 
@@ -209,7 +219,13 @@ impl Os for System {
     }
 
     fn proxy_listener(&self, pid: i32) -> io::Result<std::net::TcpListener> {
-        netns::listen_in(pid)
+        netns::listen_in(pid, netns::PROXY_PORT)
+    }
+
+    fn gateway_listener(&self, pid: i32) -> io::Result<Option<std::net::TcpListener>> {
+        self.gateway_port
+            .map(|port| netns::listen_in(pid, port))
+            .transpose()
     }
 
     fn spawn(&self, mut order: SpawnOrder) -> io::Result<Started> {
@@ -221,8 +237,11 @@ impl Os for System {
         };
         // Its own network: made here, joined by the child through this process's descriptor
         // (the keeper runs as agentd's user and opens it by path), held until it has.
-        let nets = || self.nets.get_or_init(netns::NetPool::start);
-        let net = match order.network {
+        let nets = || {
+            self.nets
+                .get_or_init(|| netns::NetPool::start(self.gateway_port))
+        };
+        let mut net = match order.network {
             Some(Network::None) => Some(nets().take(false)?),
             Some(Network::Proxy) => Some(nets().take(true)?),
             Some(Network::Host) | None => None,
@@ -250,7 +269,8 @@ impl Os for System {
         Ok(Started {
             cgroup,
             fallbacks,
-            proxy: net.and_then(|net| net.listener),
+            proxy: net.as_mut().and_then(|net| net.listener.take()),
+            gateway: net.and_then(|net| net.gateway),
             ..started
         })
     }

@@ -252,6 +252,10 @@ impl Sandbox {
                 env.push((name.to_string(), url.clone()));
                 env.push((name.to_lowercase(), url.clone()));
             }
+            // Its own loopback (the LLM gateway is served there) is reached directly.
+            for name in ["NO_PROXY", "no_proxy"] {
+                env.push((name.to_string(), "127.0.0.1,localhost".to_string()));
+            }
         }
         env
     }

@@ -356,6 +356,49 @@ impl Spend {
 pub struct Spending {
     pub keys: GatewayKeys,
     pub ledger: Ledger,
+    /// Gateway listeners bound inside `PROXY` agents' namespaces, for the gateway to serve.
+    pub namespaces: Namespaces,
+}
+
+/// A gateway listener inside one agent's network namespace: whoever connects there is that
+/// agent. Served until `stop` is cancelled (its run is over).
+#[derive(Debug)]
+pub struct InNamespace {
+    pub agent_id: String,
+    pub listener: std::net::TcpListener,
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+/// The supervisor sends, the gateway takes the receiving end once.
+#[derive(Debug)]
+pub struct Namespaces {
+    sender: tokio::sync::mpsc::UnboundedSender<InNamespace>,
+    receiver: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<InNamespace>>>,
+}
+
+impl Default for Namespaces {
+    fn default() -> Namespaces {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        Namespaces {
+            sender,
+            receiver: Mutex::new(Some(receiver)),
+        }
+    }
+}
+
+impl Namespaces {
+    pub(crate) fn send(&self, listener: InNamespace) {
+        // Nobody takes them without a gateway (and then no listener is made).
+        let _ = self.sender.send(listener);
+    }
+
+    /// The listeners to serve, for the gateway (once).
+    pub fn take(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<InNamespace>> {
+        self.receiver
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
 }
 
 /// Gateway keys and the agents they name, shared by the supervisor (which makes and drops
@@ -405,6 +448,8 @@ pub(crate) fn new_key() -> std::io::Result<String> {
 pub struct GatewayEnv {
     /// `http://127.0.0.1:PORT`.
     pub url: String,
+    /// Its port: a `PROXY` agent's namespace has the gateway on the same one.
+    pub port: u16,
     /// The first `openai` provider's name: `OPENAI_BASE_URL` is `URL/NAME`.
     pub openai: Option<String>,
     /// The first `anthropic` provider's name: `ANTHROPIC_BASE_URL` is `URL/NAME`.

@@ -37,6 +37,8 @@ use providers::{Kind, Provider};
 const MAX_REQUEST: usize = 32 << 20;
 /// The most of a whole (not streamed) answer kept to read its usage.
 const MAX_ANSWER_READ: usize = 16 << 20;
+/// The longest an answer may go without a byte before the gateway gives up on it.
+const ANSWER_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
 /// After an accept error (out of descriptors), the loop waits this long before accepting
 /// again, rather than spin.
 const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
@@ -111,6 +113,7 @@ pub fn env(address: SocketAddr, providers: &[Provider]) -> GatewayEnv {
     };
     GatewayEnv {
         url: format!("http://{address}"),
+        port: address.port(),
         openai: first(Kind::Openai),
         anthropic: first(Kind::Anthropic),
     }
@@ -162,11 +165,41 @@ impl Gateway {
     }
 
     /// Serves each connection on a task of its own, which knows where it comes from.
+    /// Serves the loopback listener, and the listeners the supervisor binds inside `PROXY`
+    /// agents' namespaces (there, whoever connects is that agent), each connection on a task
+    /// of its own.
     pub async fn serve(self: Arc<Gateway>, listener: TcpListener) {
         for index in 0..self.providers.len() {
             let gateway = self.clone();
             tokio::spawn(async move { gateway.providers[index].limits.run().await });
         }
+        if let Some(mut namespaces) = self.spending.namespaces.take() {
+            let gateway = self.clone();
+            tokio::spawn(async move {
+                while let Some(inside) = namespaces.recv().await {
+                    let listener = match TcpListener::from_std(inside.listener) {
+                        Ok(listener) => listener,
+                        Err(error) => {
+                            tracing::error!(agent_id = %inside.agent_id, %error, "serving the LLM gateway in an agent's namespace");
+                            continue;
+                        }
+                    };
+                    let (gateway, stop) = (gateway.clone(), inside.stop);
+                    let owner = Some(inside.agent_id);
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = gateway.accept(listener, owner) => {}
+                            () = stop.cancelled() => {}
+                        }
+                    });
+                }
+            });
+        }
+        self.accept(listener, None).await
+    }
+
+    /// Accepts connections; `owner`: the agent whose namespace the listener is in.
+    async fn accept(self: Arc<Gateway>, listener: TcpListener, owner: Option<String>) {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -181,10 +214,12 @@ impl Gateway {
             };
             let _ = stream.set_nodelay(true);
             let gateway = self.clone();
+            let owner = owner.clone();
             tokio::spawn(async move {
                 let connection = Arc::new(Connection {
                     peer,
                     local,
+                    owner,
                     agent: std::sync::Mutex::new(None),
                 });
                 let service = hyper::service::service_fn(move |request| {
@@ -210,6 +245,8 @@ impl Gateway {
 struct Connection {
     peer: SocketAddr,
     local: SocketAddr,
+    /// Accepted inside this agent's network namespace: nobody else can connect there.
+    owner: Option<String>,
     agent: std::sync::Mutex<Option<String>>,
 }
 
@@ -217,6 +254,9 @@ impl Connection {
     /// Whether the connection comes from one of `agent_id`'s processes (checked once, then
     /// remembered for the connection).
     async fn belongs_to(&self, gateway: &Gateway, agent_id: &str) -> bool {
+        if let Some(owner) = &self.owner {
+            return owner == agent_id;
+        }
         let lock = || {
             self.agent
                 .lock()
@@ -490,6 +530,7 @@ async fn forward(
         events: (streamed || info.stream).then(|| usage::EventStream::new(kind, hide_usage)),
         whole: Vec::new(),
         success,
+        whole_answer: false,
     };
     tokio::spawn(reading.run(body, sender));
     let stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
@@ -583,6 +624,8 @@ struct Reading {
     events: Option<usage::EventStream>,
     whole: Vec<u8>,
     success: bool,
+    /// The answer reached its end and the client took all of it.
+    whole_answer: bool,
 }
 
 impl Reading {
@@ -592,7 +635,20 @@ impl Reading {
         sender: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
     ) {
         let mut client_gone = false;
-        while let Some(frame) = body.frame().await {
+        loop {
+            let frame = match tokio::time::timeout(ANSWER_IDLE, body.frame()).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    self.whole_answer = true;
+                    break;
+                }
+                Err(_) => {
+                    let _ = sender
+                        .send(Err(std::io::Error::other("the provider went silent")))
+                        .await;
+                    break;
+                }
+            };
             let data = match frame {
                 Ok(frame) => match frame.into_data() {
                     Ok(data) => data,
@@ -619,21 +675,37 @@ impl Reading {
         }
         if let Some(events) = &mut self.events {
             let rest = events.finish();
-            if !rest.is_empty() && !client_gone {
-                let _ = sender.send(Ok(Bytes::from(rest))).await;
+            if !rest.is_empty() && !client_gone && sender.send(Ok(Bytes::from(rest))).await.is_err()
+            {
+                client_gone = true;
             }
         }
+        self.whole_answer &= !client_gone;
         drop(sender);
         self.settle();
     }
 
     /// Adds the request to the agent's spend: its tokens where the answer said them.
     fn settle(mut self) {
-        let (model, mut spent) = match &self.events {
-            Some(events) => (events.model.clone(), events.usage.unwrap_or_default()),
-            None => usage::from_body(self.kind, &self.whole).unwrap_or_default(),
+        let read = match &self.events {
+            Some(events) => events.usage.map(|usage| (events.model.clone(), usage)),
+            None => usage::from_body(self.kind, &self.whole),
         };
+        let (model, mut spent) = read.clone().unwrap_or_default();
         let model = if model.is_empty() { self.model } else { model };
+        if self.success && (read.is_none() || !self.whole_answer) {
+            // An answer whose usage never came, or not all of it (the client left mid-stream,
+            // the provider went silent or does not say): charged at least its reservation, so
+            // leaving early never spends past a budget.
+            tracing::warn!(
+                agent_id = %self.settle.agent_id,
+                provider = %self.settle.provider,
+                "the answer's usage is not known whole: charged its reservation"
+            );
+            let worst = self.settle.worst.unwrap_or_default();
+            spent.input_tokens = spent.input_tokens.max(worst.input_tokens);
+            spent.output_tokens = spent.output_tokens.max(worst.output_tokens);
+        }
         spent.requests = 1;
         if let Some(provider) = self
             .gateway
@@ -643,12 +715,6 @@ impl Reading {
             && let Some(price) = provider.price(&model)
         {
             spent.cost_micros = price.cost_micros(&spent);
-        }
-        if !self.success && spent.tokens() == 0 {
-            spent = Usage {
-                requests: 1,
-                ..Usage::default()
-            };
         }
         self.settle.done(&model, spent);
     }

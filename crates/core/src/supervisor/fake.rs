@@ -142,6 +142,10 @@ impl Os for FakeOs {
         }
     }
 
+    fn gateway_listener(&self, _pid: i32) -> io::Result<Option<std::net::TcpListener>> {
+        Ok(None)
+    }
+
     fn proxy_listener(&self, _pid: i32) -> io::Result<std::net::TcpListener> {
         Err(io::ErrorKind::Unsupported.into())
     }
@@ -162,6 +166,7 @@ impl Os for FakeOs {
             cgroup: None,
             fallbacks: Vec::new(),
             proxy: None,
+            gateway: None,
         })
     }
 

@@ -44,6 +44,8 @@ struct Proxy {
     egress: Arc<Egress>,
     /// Serves its current run; aborted (with every open tunnel) when the run is over.
     serving: Option<JoinHandle<()>>,
+    /// The LLM gateway's listener in its namespace, served by the gateway until cancelled.
+    gateway: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Sandboxes {
@@ -72,6 +74,9 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         if let Some(serving) = self.serving.take() {
             serving.abort();
+        }
+        if let Some(gateway) = self.gateway.take() {
+            gateway.cancel();
         }
     }
 }
@@ -155,6 +160,7 @@ impl SupervisorTask {
             .or_insert_with(|| Proxy {
                 egress: Egress::within(rules, parent),
                 serving: None,
+                gateway: None,
             });
         match egress::serve(
             listener,
@@ -203,7 +209,34 @@ impl SupervisorTask {
                     tracing::error!(%agent_id, %error, "serving an adopted agent's proxy again")
                 }
             }
+            match self.os.gateway_listener(pid) {
+                Ok(Some(listener)) => self.serve_gateway_in(&agent_id, listener),
+                Ok(None) => {}
+                Err(error) => tracing::error!(
+                    %agent_id, %error, "serving the LLM gateway in an adopted agent's namespace again"
+                ),
+            }
         }
+    }
+
+    /// Hands the gateway's listener in a `PROXY` agent's namespace to the gateway, which
+    /// serves it (as this agent) until the run is over.
+    pub(super) fn serve_gateway_in(&mut self, agent_id: &str, listener: std::net::TcpListener) {
+        let Some(proxy) = self.sandboxes.proxies.get_mut(agent_id) else {
+            return;
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        if let Some(old) = proxy.gateway.replace(stop.clone()) {
+            old.cancel();
+        }
+        self.table
+            .spending()
+            .namespaces
+            .send(crate::spend::InNamespace {
+                agent_id: agent_id.to_string(),
+                listener,
+                stop,
+            });
     }
 
     /// The run is over: its proxy stops (its counts stay for its status).
@@ -211,6 +244,9 @@ impl SupervisorTask {
         if let Some(proxy) = self.sandboxes.proxies.get_mut(agent_id) {
             if let Some(serving) = proxy.serving.take() {
                 serving.abort();
+            }
+            if let Some(gateway) = proxy.gateway.take() {
+                gateway.cancel();
             }
             let counts = proxy.egress.counts();
             if let Some(machine) = self.table.get_mut(agent_id) {

@@ -58,6 +58,9 @@ impl SupervisorTask {
                 if let Some(listener) = started.proxy.take() {
                     self.serve_proxy(agent_id, listener);
                 }
+                if let Some(listener) = started.gateway.take() {
+                    self.serve_gateway_in(agent_id, listener);
+                }
                 let request_id = self
                     .table
                     .get(agent_id)

@@ -108,7 +108,8 @@ impl Supervisor {
         }
         let sandbox = SandboxSupport::detect(hello.confines).reporting(audit.is_ok());
         tracing::info!("sandboxes: {}", sandbox.describe());
-        let system = Arc::new(os::System::new(keeper, detected, sandbox));
+        let gateway_port = config.gateway.as_ref().map(|gateway| gateway.port);
+        let system = Arc::new(os::System::new(keeper, detected, sandbox, gateway_port));
         let (store, records, rebuilt) = trusted_store(
             opened,
             rebuilding,
