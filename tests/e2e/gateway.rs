@@ -586,6 +586,29 @@ async fn at_a_stop_budget_the_agent_is_stopped_and_at_a_reject_budget_refused() 
         .status
         .expect("status");
     assert_eq!(over.budget_reached, "requests");
+
+    // Under a cost budget, a model without a price is refused (it would cost nothing here);
+    // and only the APIs whose answers say their usage are forwarded.
+    let cost = Some(pb::Budget {
+        cost_micros: 1_000_000,
+        ..Default::default()
+    });
+    let script = r#"curl -sS -w ' %{http_code}\n' "$OPENAI_BASE_URL/chat/completions" -H "Authorization: Bearer $OPENAI_API_KEY" -d '{"model":"gpt-unpriced","messages":[]}'
+curl -sS -w ' %{http_code}\n' "$OPENAI_BASE_URL/batches" -H "Authorization: Bearer $OPENAI_API_KEY" -d '{}'"#;
+    spawn_with(&mut client, with_budget("careful", "", script, cost)).await;
+    let done = wait_for_state(&mut client, "careful", pb::AgentState::Completed).await;
+    let out =
+        std::fs::read_to_string(PathBuf::from(&done.agent_dir).join("stdout.log")).expect("output");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].ends_with(" 400") && lines[0].contains("no price"),
+        "{out}"
+    );
+    assert!(
+        lines[1].ends_with(" 404") && lines[1].contains("does not forward POST /batches"),
+        "{out}"
+    );
+    assert!(done.spend.is_none(), "{done:?}");
     kill_all(&mut client).await;
 }
 

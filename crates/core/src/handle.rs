@@ -309,9 +309,7 @@ impl SupervisorHandle {
         reached: Vec<crate::spend::Exhausted>,
     ) {
         let command = Command::Spent(agent_id.to_string(), model.to_string(), usage, reached);
-        if let Err(error) = self.commands.try_send(command) {
-            tracing::warn!(%agent_id, %error, "spend not recorded: the supervisor is busy or gone");
-        }
+        self.send_later(command);
     }
 
     /// What the LLM gateway shares with the supervisor: agents' keys and budgets.
@@ -321,8 +319,23 @@ impl SupervisorHandle {
 
     /// A request the gateway refused at a budget: the supervisor acts on it (once).
     pub fn budget_reached(&self, exhausted: crate::spend::Exhausted) {
-        if let Err(error) = self.commands.try_send(Command::BudgetReached(exhausted)) {
-            tracing::warn!(%error, "budget not acted on: the supervisor is busy or gone");
+        self.send_later(Command::BudgetReached(exhausted));
+    }
+
+    /// Sends without waiting: at once, or, while the supervisor's queue is full, from a task
+    /// of its own (spend must not be lost to a busy moment).
+    fn send_later(&self, command: Command) {
+        match self.commands.try_send(command) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(command)) => {
+                let commands = self.commands.clone();
+                tokio::spawn(async move {
+                    let _ = commands.send(command).await;
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::warn!("spend not recorded: the supervisor has stopped");
+            }
         }
     }
 

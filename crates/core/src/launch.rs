@@ -250,6 +250,11 @@ fn drop_capabilities() -> io::Result<()> {
     }
 }
 
+/// Whether a sandboxed agent must get a PID namespace of its own (see `confine.rs`).
+fn setup_needs_pid_namespace(setup: &ProcessSetup) -> bool {
+    setup.confine.is_some() && crate::confine::landlock_abi() < crate::confine::LANDLOCK_SCOPES_ABI
+}
+
 /// Starts the command as the leader of a new process group, in its cgroups from its first
 /// instruction on. The child is never waited for here: the keeper's reaper collects its exit.
 pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
@@ -269,7 +274,16 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
             let setup = ChildSetup::new(launch.setup, v1_fds, launch.working_dir)?;
             match clone_into(&launch, Some(&joins.v2), setup)? {
                 Some(pid) => pid,
-                // clone3 or CLONE_INTO_CGROUP unknown to this kernel: join after the fork.
+                // clone3 or CLONE_INTO_CGROUP unknown to this kernel (or refused by a seccomp
+                // profile agentd runs under): join after the fork, but never without a PID
+                // namespace the sandbox needs.
+                None if setup_needs_pid_namespace(launch.setup) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "clone3 is not available, and this sandbox needs a PID namespace of its \
+                         own (Landlock below ABI 6)",
+                    ));
+                }
                 None => {
                     let mut files = v1_files
                         .iter()
@@ -581,23 +595,41 @@ extern "C" fn woken(_: libc::c_int) {}
 /// orphans reparented to it there and exits once the agent (pid 2 there, its sibling) has,
 /// which ends whatever is left in the namespace. It keeps no descriptor but `sync`, no
 /// capability, and is not dumpable (nothing there can read its memory or `/proc` entries);
-/// as a namespace's init with no handler but SIGCHLD's, no signal from inside reaches it,
-/// and from outside only SIGKILL and SIGSTOP.
+/// as a namespace's init with no handler but SIGCHLD's (which only wakes it), no other
+/// signal from inside reaches it, and from outside only SIGKILL and SIGSTOP.
 ///
 /// # Safety
 /// Only in the child of a clone: system calls only.
 unsafe fn namespace_init(sync: i32) -> ! {
     // SAFETY (whole body): system calls on integers and on this function's own buffers.
     unsafe {
+        // Nothing of the keeper's stays open here (the agent's report pipes above all: the
+        // keeper reads them to their end). Without close_range, one by one.
+        let close_from = |first: i32, last: u32| {
+            if libc::syscall(libc::SYS_close_range, first, last, 0) < 0 {
+                let mut limit: libc::rlimit = std::mem::zeroed();
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+                let end = limit.rlim_cur.min(u64::from(last) + 1).min(1 << 20) as i32;
+                for fd in first..end {
+                    libc::close(fd);
+                }
+            }
+        };
         if sync > 0 {
-            libc::syscall(libc::SYS_close_range, 0, sync - 1, 0);
+            close_from(0, (sync - 1) as u32);
         }
-        libc::syscall(libc::SYS_close_range, sync + 1, u32::MAX, 0);
+        close_from(sync + 1, u32::MAX);
         libc::setpgid(0, 0);
         libc::prctl(libc::PR_SET_NAME, c"agentd-init".as_ptr(), 0, 0, 0);
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         if drop_capabilities().is_err() {
             libc::_exit(1);
+        }
+        // The keeper's handlers mean nothing here: every signal at its default.
+        for signal in 1..32 {
+            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                libc::signal(signal, libc::SIG_DFL);
+            }
         }
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = woken as extern "C" fn(libc::c_int) as usize;

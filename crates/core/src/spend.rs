@@ -27,15 +27,17 @@ pub struct Usage {
 
 impl Usage {
     pub fn add(&mut self, other: &Usage) {
-        self.input_tokens += other.input_tokens;
-        self.output_tokens += other.output_tokens;
-        self.cached_input_tokens += other.cached_input_tokens;
-        self.requests += other.requests;
-        self.cost_micros += other.cost_micros;
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.cached_input_tokens = self
+            .cached_input_tokens
+            .saturating_add(other.cached_input_tokens);
+        self.requests = self.requests.saturating_add(other.requests);
+        self.cost_micros = self.cost_micros.saturating_add(other.cost_micros);
     }
 
     pub fn tokens(&self) -> u64 {
-        self.input_tokens + self.output_tokens
+        self.input_tokens.saturating_add(self.output_tokens)
     }
 
     fn sub(&mut self, other: &Usage) {
@@ -178,8 +180,9 @@ pub struct Ledger {
 /// What [`Ledger::reserve`] decided.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reserve {
-    /// Held: forward the request.
-    Held,
+    /// Held on these accounts (the agent and its ancestors): forward the request, and settle
+    /// on the same ones.
+    Held(Vec<String>),
     /// With the requests in flight it could pass a limit: try again once one settles.
     Wait,
     /// A budget on its chain is reached.
@@ -194,6 +197,8 @@ struct Account {
     spent: Usage,
     /// Reserved by requests in flight, of the agent and its descendants.
     reserved: Usage,
+    /// Its agent was removed; kept while descendants are open.
+    closed: bool,
 }
 
 impl Ledger {
@@ -233,19 +238,60 @@ impl Ledger {
                 budget,
                 spent,
                 reserved: Usage::default(),
+                closed: false,
             },
         );
     }
 
-    /// A removed agent: its spend stays counted in its ancestors'.
+    /// A removed agent: its spend stays counted in its ancestors'. An account with
+    /// descendants still open stays (its budget still covers them) until they close.
     pub(crate) fn close(&self, agent_id: &str) {
-        self.lock().remove(agent_id);
+        let mut accounts = self.lock();
+        let mut next = Some(agent_id.to_string());
+        while let Some(id) = next.take() {
+            let has_children = accounts
+                .values()
+                .any(|account| account.parent.as_deref() == Some(id.as_str()));
+            if has_children {
+                break;
+            }
+            match accounts.remove(&id) {
+                // A parent kept only for its children goes with its last one.
+                Some(account) => {
+                    next = account
+                        .parent
+                        .filter(|parent| accounts.get(parent).is_some_and(|p| p.closed));
+                }
+                None => break,
+            }
+        }
+        if let Some(account) = accounts.get_mut(agent_id) {
+            account.closed = true;
+        }
+        drop(accounts);
+        self.settled.notify_waiters();
     }
 
     pub(crate) fn set_budget(&self, agent_id: &str, budget: Option<Budget>) {
         if let Some(account) = self.lock().get_mut(agent_id) {
             account.budget = budget;
         }
+        self.settled.notify_waiters();
+    }
+
+    /// Whether a budget on the agent's chain limits cost.
+    pub fn cost_limited(&self, agent_id: &str) -> bool {
+        let accounts = self.lock();
+        Self::chain(&accounts, agent_id).iter().any(|id| {
+            accounts[id]
+                .budget
+                .is_some_and(|budget| budget.cost_micros.is_some())
+        })
+    }
+
+    /// The agent and its ancestors (for spend reported without a reservation).
+    pub(crate) fn chain_of(&self, agent_id: &str) -> Vec<String> {
+        Self::chain(&self.lock(), agent_id)
     }
 
     /// The tightest of what the agent's and its ancestors' budgets have left: the most a
@@ -296,16 +342,15 @@ impl Ledger {
                 account.reserved.add(worst);
             }
         }
-        Reserve::Held
+        Reserve::Held(chain)
     }
 
     /// Replaces a reservation with what the request used; answers the budgets on the chain
     /// that are now reached.
-    pub fn settle(&self, agent_id: &str, reserved: &Usage, used: &Usage) -> Vec<Exhausted> {
+    pub fn settle(&self, chain: &[String], reserved: &Usage, used: &Usage) -> Vec<Exhausted> {
         let mut accounts = self.lock();
-        let chain = Self::chain(&accounts, agent_id);
         let mut reached = Vec::new();
-        for id in chain {
+        for id in chain.iter().cloned() {
             let Some(account) = accounts.get_mut(&id) else {
                 continue;
             };
@@ -502,14 +547,17 @@ mod tests {
         ledger.open("boss", None, Some(budget), Usage::default());
         ledger.open("w1", Some("boss"), None, Usage::default());
         ledger.open("w2", Some("boss"), None, Usage::default());
-        assert_eq!(ledger.reserve("w1", &usage(60)), Reserve::Held);
+        assert!(matches!(ledger.reserve("w1", &usage(60)), Reserve::Held(_)));
         // 60 in flight and 60 more could pass 100: wait for the first.
         assert_eq!(ledger.reserve("w2", &usage(60)), Reserve::Wait);
-        assert!(ledger.settle("w1", &usage(60), &usage(30)).is_empty());
-        assert_eq!(ledger.reserve("w2", &usage(60)), Reserve::Held);
+        let w1 = ledger.chain_of("w1");
+        let w2 = ledger.chain_of("w2");
+        assert_eq!(w1, ["w1", "boss"]);
+        assert!(ledger.settle(&w1, &usage(60), &usage(30)).is_empty());
+        assert!(matches!(ledger.reserve("w2", &usage(60)), Reserve::Held(_)));
         // Alone in flight a request goes even where it could pass the limit.
         assert_eq!(ledger.reserve("w1", &usage(80)), Reserve::Wait);
-        let reached = ledger.settle("w2", &usage(60), &usage(75));
+        let reached = ledger.settle(&w2, &usage(60), &usage(75));
         assert_eq!(reached.len(), 1);
         assert_eq!(
             (reached[0].owner.as_str(), reached[0].limit),
@@ -529,8 +577,14 @@ mod tests {
             }),
         );
         assert_eq!(ledger.left("w2").and_then(|left| left.tokens), Some(895));
-        assert_eq!(ledger.reserve("w2", &usage(10)), Reserve::Held);
+        assert!(matches!(ledger.reserve("w2", &usage(10)), Reserve::Held(_)));
         assert_eq!(ledger.reached("boss"), None);
+        // A removed parent's budget still covers the children it leaves.
+        ledger.close("boss");
+        assert_eq!(ledger.chain_of("w1"), ["w1", "boss"]);
+        ledger.close("w1");
+        ledger.close("w2");
+        assert!(ledger.chain_of("w2").is_empty() && ledger.chain_of("boss").is_empty());
     }
 
     #[test]

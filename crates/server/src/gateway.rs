@@ -53,6 +53,8 @@ pub struct Gateway {
     supervisor: SupervisorHandle,
     metrics: Arc<Metrics>,
     client: HttpsClient,
+    /// Requests in the gateway now, per agent.
+    in_flight: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// The sockets each agent's processes had open when last looked at: a new connection
     /// found among them needs no new look.
     sockets: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<u64>>>,
@@ -160,6 +162,7 @@ impl Gateway {
             supervisor,
             metrics,
             sockets: Default::default(),
+            in_flight: Default::default(),
             client: Client::builder(TokioExecutor::new()).build(https),
         }))
     }
@@ -231,6 +234,8 @@ impl Gateway {
                     }
                 });
                 let served = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(30))
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
                 if let Err(error) = served {
@@ -336,7 +341,32 @@ const DROPPED: &[&str] = &[
     "transfer-encoding",
     "te",
     "upgrade",
+    // Answers come uncompressed, so their usage can be read.
+    "accept-encoding",
+    // An agent does not choose whose organization or project the key bills.
+    "openai-organization",
+    "openai-project",
 ];
+
+/// What the gateway forwards, by API: anything else (batches, files, fine-tuning...) could
+/// spend without an answer to read usage from.
+fn allowed(kind: Kind, method: &hyper::Method, path: &str) -> bool {
+    use hyper::Method;
+    match (kind, method) {
+        (Kind::Openai, &Method::POST) => {
+            matches!(path, "/chat/completions" | "/responses" | "/embeddings")
+        }
+        (Kind::Anthropic, &Method::POST) => {
+            matches!(path, "/v1/messages" | "/v1/messages/count_tokens")
+        }
+        (Kind::Openai, &Method::GET) => path == "/models" || path.starts_with("/models/"),
+        (Kind::Anthropic, &Method::GET) => path == "/v1/models" || path.starts_with("/v1/models/"),
+        _ => false,
+    }
+}
+
+/// Requests one agent may have in the gateway at once (each holds its body).
+const PER_AGENT: usize = 32;
 
 async fn forward(
     gateway: Arc<Gateway>,
@@ -390,6 +420,39 @@ async fn forward(
             ),
         );
     }
+    if !allowed(kind, request.method(), &rest) {
+        return refuse(
+            kind,
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            &format!(
+                "agentd's gateway does not forward {} {rest}: it serves {}",
+                request.method(),
+                match kind {
+                    Kind::Openai =>
+                        "POST /chat/completions, /responses, /embeddings and GET /models",
+                    Kind::Anthropic =>
+                        "POST /v1/messages, /v1/messages/count_tokens and GET /v1/models",
+                }
+            ),
+        );
+    }
+    if request.headers().contains_key(header::CONTENT_ENCODING) {
+        return refuse(
+            kind,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "agentd's gateway reads request bodies as they are: send it uncompressed",
+        );
+    }
+    let Some(_slot) = InFlight::take(&gateway, &agent_id) else {
+        return refuse(
+            kind,
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            &format!("agent `{agent_id}` has {PER_AGENT} requests in agentd's gateway already"),
+        );
+    };
     let (parts, body) = request.into_parts();
     let body = match http_body_util::Limited::new(body, MAX_REQUEST)
         .collect()
@@ -406,18 +469,39 @@ async fn forward(
         }
     };
     let (info, asked) = usage::inspect(kind, &rest, &body);
+    if info.background {
+        return refuse(
+            kind,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "agentd's gateway does not forward background responses: their usage never comes \
+             back on this request",
+        );
+    }
+    if provider.price(&info.model).is_none() && gateway.spending.ledger.cost_limited(&agent_id) {
+        return refuse(
+            kind,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &format!(
+                "model `{}` has no price in agentd's providers file, and a cost budget applies \
+                 to agent `{agent_id}`",
+                info.model
+            ),
+        );
+    }
     let mut worst = usage::worst_case(body.len(), &info);
     if let Some(price) = provider.price(&info.model) {
         worst.cost_micros = price.cost_micros(&worst);
     }
     // Waits while requests in flight could take a budget past its limit (each settle wakes
     // the waiters to try again).
-    loop {
+    let chain = loop {
         let settled = gateway.spending.ledger.settled.notified();
         tokio::pin!(settled);
         settled.as_mut().enable();
         match gateway.spending.ledger.reserve(&agent_id, &worst) {
-            Reserve::Held => break,
+            Reserve::Held(chain) => break chain,
             Reserve::Wait => settled.await,
             Reserve::Refused(exhausted) => {
                 gateway
@@ -432,17 +516,19 @@ async fn forward(
                 return refuse(kind, StatusCode::TOO_MANY_REQUESTS, error_type, &message);
             }
         }
-    }
-    // Its turn under the provider's rate limits (shared by all agents, in turns).
-    provider.limits.acquire(&agent_id, worst.tokens()).await;
-    // Settled on what the request used once the answer has passed, or on nothing if it
-    // never reaches the provider (dropped).
-    let settle = Settle {
+    };
+    // Settled on what the request used once the answer has passed; dropped before the
+    // request went out, on nothing, and after, on its reservation.
+    let mut settle = Settle {
         gateway: gateway.clone(),
         agent_id: agent_id.clone(),
         provider: provider.name.clone(),
+        chain,
         worst: Some(worst),
+        sent: false,
     };
+    // Its turn under the provider's rate limits (shared by all agents, in turns).
+    provider.limits.acquire(&agent_id, worst.tokens()).await;
     let hide_usage = asked.is_some();
     let body = asked.map(Bytes::from).unwrap_or(body);
     let query = parts
@@ -460,6 +546,10 @@ async fn forward(
                 headers.append(name, value.clone());
             }
         }
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         let key = provider.key();
         let auth = match kind {
             Kind::Openai => ("authorization", format!("Bearer {key}")),
@@ -490,10 +580,13 @@ async fn forward(
             );
         }
     };
+    settle.sent = true;
     let answer = match gateway.client.request(upstream).await {
         Ok(answer) => answer,
         Err(error) => {
             tracing::warn!(%agent_id, provider = %provider.name, "LLM provider unreachable: {error:#}");
+            // No answer came: not billed as far as anyone can tell.
+            settle.sent = false;
             return refuse(
                 kind,
                 StatusCode::BAD_GATEWAY,
@@ -545,6 +638,46 @@ async fn forward(
     response
 }
 
+/// One of an agent's [`PER_AGENT`] places in the gateway, given back when dropped.
+struct InFlight<'a> {
+    gateway: &'a Gateway,
+    agent_id: String,
+}
+
+impl<'a> InFlight<'a> {
+    fn take(gateway: &'a Gateway, agent_id: &str) -> Option<InFlight<'a>> {
+        let mut counts = gateway
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = counts.entry(agent_id.to_string()).or_default();
+        if *count >= PER_AGENT {
+            return None;
+        }
+        *count += 1;
+        Some(InFlight {
+            gateway,
+            agent_id: agent_id.to_string(),
+        })
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut counts = self
+            .gateway
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.agent_id) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.agent_id);
+            }
+        }
+    }
+}
+
 /// Why a request was refused at a budget.
 fn over_budget(agent_id: &str, exhausted: &Exhausted) -> String {
     let whose = if exhausted.owner == agent_id {
@@ -565,7 +698,11 @@ struct Settle {
     gateway: Arc<Gateway>,
     agent_id: String,
     provider: String,
+    /// The accounts the reservation is held on.
+    chain: Vec<String>,
     worst: Option<Usage>,
+    /// The request went to the provider: from here on it may bill.
+    sent: bool,
 }
 
 impl Settle {
@@ -578,7 +715,7 @@ impl Settle {
             .gateway
             .spending
             .ledger
-            .settle(&self.agent_id, &worst, &used);
+            .settle(&self.chain, &worst, &used);
         if let Some(provider) = self
             .gateway
             .providers
@@ -610,8 +747,14 @@ impl Settle {
 }
 
 impl Drop for Settle {
+    /// Never settled with what the answer said: nothing if the request never left, else its
+    /// reservation (the client left while the provider was answering).
     fn drop(&mut self) {
-        self.done("", Usage::default());
+        let used = match (self.sent, self.worst) {
+            (true, Some(worst)) => worst,
+            _ => Usage::default(),
+        };
+        self.done("", used);
     }
 }
 
@@ -668,7 +811,9 @@ impl Reading {
                     data
                 }
             };
-            if !out.is_empty() && sender.send(Ok(out)).await.is_err() {
+            // A client that stops reading for a minute is gone (its reservation is charged).
+            let sent = tokio::time::timeout(ANSWER_IDLE / 10, sender.send(Ok(out.clone())));
+            if !out.is_empty() && !matches!(sent.await, Ok(Ok(()))) {
                 client_gone = true;
                 break;
             }

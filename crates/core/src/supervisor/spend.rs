@@ -57,6 +57,22 @@ impl SupervisorTask {
         }
         self.table.get(agent_id)?;
         usage.requests = usage.requests.max(1);
+        // A report is one call's or a few: no count a provider could have billed past these.
+        const MOST: u64 = 1 << 40;
+        if [
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.requests,
+            usage.cost_micros,
+        ]
+        .iter()
+        .any(|&value| value > MOST)
+        {
+            return Err(Error::Invalid {
+                field: "usage",
+                problem: format!("each count at most {MOST}"),
+            });
+        }
         if usage.cached_input_tokens > usage.input_tokens {
             return Err(Error::Invalid {
                 field: "usage.cached_input_tokens",
@@ -66,11 +82,8 @@ impl SupervisorTask {
                 ),
             });
         }
-        let reached = self
-            .table
-            .spending()
-            .ledger
-            .settle(agent_id, &Usage::default(), &usage);
+        let ledger = &self.table.spending().ledger;
+        let reached = ledger.settle(&ledger.chain_of(agent_id), &Usage::default(), &usage);
         if let Some(machine) = self.table.get_mut(agent_id) {
             machine.spend_mut().reported.add(&usage);
         }

@@ -10,8 +10,11 @@
 //!   and writes are added to it; streamed, input in `message_start`, the output so far in
 //!   each `message_delta`.
 
+use std::collections::BTreeMap;
+
 use agentd_core::Usage;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::providers::Kind;
 
@@ -23,24 +26,43 @@ pub struct RequestInfo {
     /// The most output it asked for (`max_tokens`, `max_completion_tokens`,
     /// `max_output_tokens`), if it said.
     pub max_output: Option<u64>,
+    /// Choices asked for (`n`), each with that much output.
+    pub choices: u64,
+    /// A Responses request run in the background (its usage never comes back on it).
+    pub background: bool,
 }
 
 /// What the gateway needs of a request body (read once), and for a streamed Chat
 /// Completions request that did not ask for usage, the body asking for it.
 pub fn inspect(kind: Kind, path: &str, body: &[u8]) -> (RequestInfo, Option<Vec<u8>>) {
-    let Ok(mut value) = serde_json::from_slice::<Value>(body) else {
+    // The top level only, each value kept as its text: a large body costs its size once,
+    // not a tree of values.
+    let Ok(mut fields) = serde_json::from_slice::<BTreeMap<String, Box<RawValue>>>(body) else {
         return (RequestInfo::default(), None);
     };
+    let field = |name: &str| -> Value {
+        fields
+            .get(name)
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+            .unwrap_or(Value::Null)
+    };
     let info = RequestInfo {
-        model: value["model"].as_str().unwrap_or_default().to_string(),
-        stream: value["stream"].as_bool().unwrap_or(false),
+        model: field("model").as_str().unwrap_or_default().to_string(),
+        stream: field("stream").as_bool().unwrap_or(false),
         max_output: ["max_tokens", "max_completion_tokens", "max_output_tokens"]
             .iter()
-            .find_map(|name| value[*name].as_u64()),
+            .find_map(|name| field(name).as_u64()),
+        choices: field("n").as_u64().unwrap_or(1).clamp(1, MAX_CHOICES),
+        background: field("background").as_bool().unwrap_or(false),
     };
-    let asked = ask_for_usage(kind, path, &mut value);
+    let asked = ask_for_usage(kind, path, &info, field("stream_options"), &mut fields);
     (info, asked)
 }
+
+/// The most choices (`n`) a request's reservation counts.
+const MAX_CHOICES: u64 = 128;
+/// The most output tokens a request's reservation counts per choice.
+const MAX_OUTPUT: u64 = 1 << 24;
 
 /// Output reserved for a request that does not say its most.
 pub const DEFAULT_MAX_OUTPUT: u64 = 4096;
@@ -51,7 +73,11 @@ pub const DEFAULT_MAX_OUTPUT: u64 = 4096;
 pub fn worst_case(body_len: usize, info: &RequestInfo) -> Usage {
     Usage {
         input_tokens: (body_len as u64).div_ceil(4),
-        output_tokens: info.max_output.unwrap_or(DEFAULT_MAX_OUTPUT),
+        output_tokens: info
+            .max_output
+            .unwrap_or(DEFAULT_MAX_OUTPUT)
+            .min(MAX_OUTPUT)
+            * info.choices.max(1),
         requests: 1,
         ..Usage::default()
     }
@@ -59,23 +85,28 @@ pub fn worst_case(body_len: usize, info: &RequestInfo) -> Usage {
 
 /// A streamed Chat Completions request that did not ask for usage: the body asking for it,
 /// so the gateway can count the tokens (and hide the answer from the client).
-fn ask_for_usage(kind: Kind, path: &str, value: &mut Value) -> Option<Vec<u8>> {
-    if kind != Kind::Openai || !path.ends_with("/chat/completions") {
+fn ask_for_usage(
+    kind: Kind,
+    path: &str,
+    info: &RequestInfo,
+    options: Value,
+    fields: &mut BTreeMap<String, Box<RawValue>>,
+) -> Option<Vec<u8>> {
+    if kind != Kind::Openai || !path.ends_with("/chat/completions") || !info.stream {
         return None;
     }
-    if value["stream"].as_bool() != Some(true)
-        || value["stream_options"]["include_usage"].as_bool() == Some(true)
-    {
+    if options["include_usage"].as_bool() == Some(true) {
         return None;
     }
-    let object = value.as_object_mut()?;
-    let options = object
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(Default::default()));
-    options
-        .as_object_mut()?
-        .insert("include_usage".into(), Value::Bool(true));
-    serde_json::to_vec(value).ok()
+    // Whatever `stream_options` was (absent, null, an object without it), it asks for usage.
+    let mut options = match options {
+        Value::Object(options) => options,
+        _ => serde_json::Map::new(),
+    };
+    options.insert("include_usage".into(), Value::Bool(true));
+    let options = RawValue::from_string(Value::Object(options).to_string()).ok()?;
+    fields.insert("stream_options".into(), options);
+    serde_json::to_vec(fields).ok()
 }
 
 fn count(value: &Value) -> u64 {
@@ -308,6 +339,26 @@ mod tests {
                 .1
                 .is_none()
         );
+        // Null, or an object without it: asked for all the same.
+        for options in ["null", "{\"other\":1}", "7"] {
+            let body = format!(r#"{{"stream":true,"stream_options":{options}}}"#);
+            let asked = inspect(Kind::Openai, "/v1/chat/completions", body.as_bytes())
+                .1
+                .unwrap();
+            let asked: Value = serde_json::from_slice(&asked).unwrap();
+            assert_eq!(
+                asked["stream_options"]["include_usage"],
+                Value::Bool(true),
+                "{body}"
+            );
+        }
+        // n choices reserve n times the output.
+        let (info, _) = inspect(
+            Kind::Openai,
+            "/v1/chat/completions",
+            br#"{"n":3,"max_tokens":10}"#,
+        );
+        assert_eq!(worst_case(0, &info).output_tokens, 30);
         assert!(
             inspect(
                 Kind::Openai,
