@@ -587,6 +587,42 @@ async fn at_a_stop_budget_the_agent_is_stopped_and_at_a_reject_budget_refused() 
         .expect("status");
     assert_eq!(over.budget_reached, "requests");
 
+    // Or in its status file, as running totals: what they grow by is counted.
+    let script = r#"echo '{"progress": 10, "usage": {"openai/own": {"input_tokens": 100, "output_tokens": 10, "requests": 1, "cost_micros": 50}}}' > "$AGENTD_STATUS_FILE"
+until [ -e go ]; do sleep 0.05; done
+echo '{"progress": 20, "usage": {"openai/own": {"input_tokens": 250, "output_tokens": 30, "requests": 2, "cost_micros": 120}}}' > "$AGENTD_STATUS_FILE.new"
+mv "$AGENTD_STATUS_FILE.new" "$AGENTD_STATUS_FILE"
+exec sleep 1000"#;
+    let status_writer = spawn(&mut client, "status-writer", sh(script)).await;
+    let reported = |requests: u64| {
+        move |s: &pb::AgentStatus| {
+            s.spend
+                .as_ref()
+                .and_then(|spend| spend.reported)
+                .is_some_and(|r| r.requests == requests)
+        }
+    };
+    wait_for(
+        &mut client,
+        "status-writer",
+        "the first totals counted",
+        reported(1),
+    )
+    .await;
+    std::fs::write(PathBuf::from(&status_writer.agent_dir).join("go"), "").expect("go");
+    let counted = wait_for(
+        &mut client,
+        "status-writer",
+        "their growth counted",
+        reported(2),
+    )
+    .await;
+    let total = counted.spend.and_then(|s| s.total).expect("total");
+    assert_eq!(
+        (total.input_tokens, total.output_tokens, total.cost_micros),
+        (250, 30, 120)
+    );
+
     // Under a cost budget, a model without a price is refused (it would cost nothing here);
     // and only the APIs whose answers say their usage are forwarded.
     let cost = Some(pb::Budget {

@@ -86,6 +86,10 @@ pub struct AgentRecord {
     /// What it and its descendants spent, against its budget.
     #[serde(default)]
     pub tree_spend: Usage,
+    /// The running totals its status file last reported, per model, and the run they are of
+    /// (its restart count): what they grow by is counted.
+    #[serde(default)]
+    pub status_usage: (u32, BTreeMap<String, Usage>),
     /// The budget limit reached, while it stays reached (acted on once).
     #[serde(default)]
     pub budget_reached: Option<String>,
@@ -138,6 +142,7 @@ impl AgentRecord {
             denials: SandboxDenials::default(),
             spend: Spend::default(),
             tree_spend: Usage::default(),
+            status_usage: (0, BTreeMap::new()),
             budget_reached: None,
             gateway_key: None,
         }

@@ -43,6 +43,10 @@ pub struct Progress {
     pub progress: f64,
     #[serde(default)]
     pub message: String,
+    /// What the agent spent calling providers itself in this run, per `PROVIDER/MODEL`, as
+    /// running totals (agentd counts what they grew by).
+    #[serde(default)]
+    pub usage: std::collections::BTreeMap<String, crate::spend::Usage>,
 }
 
 #[derive(Debug, Default)]
@@ -715,6 +719,9 @@ fn read_progress(path: &std::path::Path) -> Result<Progress, String> {
 
 pub(crate) fn parse_progress(text: &str) -> Result<Progress, String> {
     let progress: Progress = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    if progress.usage.len() > 64 {
+        return Err("usage names more than 64 models".into());
+    }
     if !(0.0..=100.0).contains(&progress.progress) {
         return Err(format!(
             "progress {} is not between 0 and 100",
@@ -734,7 +741,8 @@ mod tests {
             parse_progress(r#"{"progress": 42.5, "message": "reading"}"#),
             Ok(Progress {
                 progress: 42.5,
-                message: "reading".into()
+                message: "reading".into(),
+                usage: Default::default(),
             })
         );
         assert_eq!(

@@ -26,6 +26,12 @@ impl AgentMachine {
         &mut self.record.tree_spend
     }
 
+    pub fn status_usage_mut(
+        &mut self,
+    ) -> &mut (u32, std::collections::BTreeMap<String, crate::spend::Usage>) {
+        &mut self.record.status_usage
+    }
+
     pub fn budget_reached_mut(&mut self) -> &mut Option<String> {
         &mut self.record.budget_reached
     }

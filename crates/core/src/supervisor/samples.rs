@@ -33,7 +33,11 @@ impl SupervisorTask {
                     .record(point, self.history_capacity);
             }
         }
-        for (agent_id, progress) in batch.progress {
+        for (agent_id, mut progress) in batch.progress {
+            let usage = std::mem::take(&mut progress.usage);
+            if !usage.is_empty() {
+                self.status_file_usage(&agent_id, usage);
+            }
             self.input(&agent_id, |m, now, out| {
                 let update = |record: &mut AgentRecord| {
                     let changed = record.progress != progress.progress

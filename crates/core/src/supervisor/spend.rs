@@ -1,6 +1,7 @@
 //! What agents spend through the LLM gateway, added to their records, and their budgets:
 //! reached (their tree paused, stopped, or left to the gateway's refusals) and changed.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::agent::AgentStatus;
@@ -49,14 +50,19 @@ impl SupervisorTask {
         mut usage: Usage,
     ) -> Result<AgentStatus> {
         check_id("agent_id", agent_id)?;
+        self.table.get(agent_id)?;
+        usage.requests = usage.requests.max(1);
+        self.count_reported(agent_id, model, usage)
+    }
+
+    /// Reported usage, checked and counted against the tree's budgets.
+    fn count_reported(&mut self, agent_id: &str, model: &str, usage: Usage) -> Result<AgentStatus> {
         if model.is_empty() || model.len() > 256 || model.chars().any(char::is_control) {
             return Err(Error::Invalid {
                 field: "model",
                 problem: "name the model, PROVIDER/MODEL (at most 256 characters)".into(),
             });
         }
-        self.table.get(agent_id)?;
-        usage.requests = usage.requests.max(1);
         // A report is one call's or a few: no count a provider could have billed past these.
         const MOST: u64 = 1 << 40;
         if [
@@ -92,6 +98,57 @@ impl SupervisorTask {
             self.budget_reached(exhausted);
         }
         Ok(self.table.get(agent_id)?.status(self.clock.mono()))
+    }
+
+    /// Usage an agent's status file reports as running totals per model for its run: what
+    /// each grew by since the last read is counted as ReportUsage counts it (a total that
+    /// went down started again from zero).
+    pub(super) fn status_file_usage(&mut self, agent_id: &str, totals: BTreeMap<String, Usage>) {
+        let Some(machine) = self.table.get_mut(agent_id) else {
+            return;
+        };
+        let run = machine.record().restart_count;
+        let (seen_run, seen) = machine.status_usage_mut();
+        if *seen_run != run {
+            *seen_run = run;
+            seen.clear();
+        }
+        let mut grown = Vec::new();
+        for (model, total) in &totals {
+            let before = seen.get(model).copied().unwrap_or_default();
+            let fields = |u: &Usage| {
+                [
+                    u.input_tokens,
+                    u.output_tokens,
+                    u.cached_input_tokens,
+                    u.requests,
+                    u.cost_micros,
+                ]
+            };
+            let went_down = fields(total)
+                .iter()
+                .zip(fields(&before))
+                .any(|(now, was)| *now < was);
+            let mut delta = *total;
+            if !went_down {
+                delta = Usage {
+                    input_tokens: total.input_tokens - before.input_tokens,
+                    output_tokens: total.output_tokens - before.output_tokens,
+                    cached_input_tokens: total.cached_input_tokens - before.cached_input_tokens,
+                    requests: total.requests - before.requests,
+                    cost_micros: total.cost_micros - before.cost_micros,
+                };
+            }
+            if delta != Usage::default() {
+                grown.push((model.clone(), delta));
+            }
+            seen.insert(model.clone(), *total);
+        }
+        for (model, delta) in grown {
+            if let Err(error) = self.count_reported(agent_id, &model, delta) {
+                tracing::warn!(%agent_id, %model, "ignoring usage in the status file: {error}");
+            }
+        }
     }
 
     /// A budget was reached: told once (BUDGET_EXHAUSTED), and acted on as it says.
