@@ -366,7 +366,7 @@ fn allowed(kind: Kind, method: &hyper::Method, path: &str) -> bool {
 }
 
 /// Requests one agent may have in the gateway at once (each holds its body).
-const PER_AGENT: usize = 32;
+const PER_AGENT: usize = 256;
 
 async fn forward(
     gateway: Arc<Gateway>,
