@@ -452,23 +452,14 @@ impl AgentMachine {
                 EndReason::HealthAction,
                 None,
             ),
-            Some(StopReason::Health) => (
+            Some(reason @ (StopReason::Health | StopReason::Budget)) => (
                 AgentState::Killed,
                 EventKind::Killed,
-                EndReason::HealthAction,
+                match reason {
+                    StopReason::Budget => EndReason::Budget,
+                    _ => EndReason::HealthAction,
+                },
                 None,
-            ),
-            Some(StopReason::Budget) => (
-                AgentState::Killed,
-                EventKind::Killed,
-                EndReason::Budget,
-                Some(format!(
-                    "stopped at a budget: {}",
-                    self.record
-                        .budget_reached
-                        .as_deref()
-                        .unwrap_or("its tree's")
-                )),
             ),
             Some(
                 StopReason::Requested
