@@ -28,7 +28,7 @@ pub async fn list(client: &mut Client, filter: ListArgs, out: Output) -> anyhow:
         .iter()
         .map(|s| parse_enum(s, "AGENT_STATE_", pb::AgentState::from_str_name))
         .collect::<anyhow::Result<_>>()?;
-    let mut request = pb::ListAgentsRequest {
+    let request = pb::ListAgentsRequest {
         states,
         parent_agent_id: filter.parent.unwrap_or_default(),
         labels: filter.labels.into_iter().collect(),
@@ -37,6 +37,16 @@ pub async fn list(client: &mut Client, filter: ListArgs, out: Output) -> anyhow:
         page_token: String::new(),
     };
     // Every page, printed as one answer.
+    let all = all_pages(client, request).await?;
+    out.answer(&all, |all| print_rows(&all.agents));
+    Ok(())
+}
+
+/// Every page of a list, as one answer.
+pub async fn all_pages(
+    client: &mut Client,
+    mut request: pb::ListAgentsRequest,
+) -> anyhow::Result<pb::ListAgentsResponse> {
     let mut all = pb::ListAgentsResponse::default();
     loop {
         let page = client.list_agents(request.clone()).await?.into_inner();
@@ -46,6 +56,5 @@ pub async fn list(client: &mut Client, filter: ListArgs, out: Output) -> anyhow:
         }
         request.page_token = page.next_page_token;
     }
-    out.answer(&all, |all| print_rows(&all.agents));
-    Ok(())
+    Ok(all)
 }

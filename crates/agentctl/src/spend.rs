@@ -77,19 +77,11 @@ pub async fn set_budget(
 
 /// Every agent (or one tree) with what it spent and its budget, and the total.
 pub async fn spend(client: &mut Client, tree: Option<String>, out: Output) -> anyhow::Result<()> {
-    let mut request = pb::ListAgentsRequest {
+    let request = pb::ListAgentsRequest {
         subtree_of: tree.unwrap_or_default(),
         ..Default::default()
     };
-    let mut all = pb::ListAgentsResponse::default();
-    loop {
-        let page = client.list_agents(request.clone()).await?.into_inner();
-        all.agents.extend(page.agents);
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        request.page_token = page.next_page_token;
-    }
+    let all = crate::list::all_pages(client, request).await?;
     out.answer(&all, |all| print_spend(&all.agents));
     Ok(())
 }
