@@ -68,6 +68,25 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{text}` is too large"))
 }
 
+/// An error and its causes on one line, `: ` between them, leaving out a cause whose text is
+/// already there (a transport error repeats its source's text, which repeats its own
+/// source's). For the one line `agentd` and `agentctl` print when they fail.
+pub fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            if !text.is_empty() {
+                text += ": ";
+            }
+            text += &line;
+        }
+        next = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -355,7 +355,7 @@ fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
     dirs
 }
 
-fn kill_agents_under(data_dir: &Path) {
+pub fn kill_agents_under(data_dir: &Path) {
     for pid in processes_under(data_dir) {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }

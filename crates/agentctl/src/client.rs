@@ -103,6 +103,25 @@ async fn tls_channel(
     Ok(channel)
 }
 
+/// Whether agentd runs on this host: over its Unix socket, or at a loopback address.
+pub fn is_local(options: &Options) -> bool {
+    let Some(addr) = &options.addr else {
+        return true;
+    };
+    addr.parse::<tonic::transport::Uri>()
+        .ok()
+        .and_then(|uri| {
+            uri.host()
+                .map(|host| host.trim_matches(['[', ']']).to_string())
+        })
+        .is_some_and(|host| {
+            host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        })
+}
+
 pub async fn connect(options: &Options) -> anyhow::Result<Client> {
     let target = match (&options.addr, &options.socket) {
         (Some(addr), _) => addr.clone(),

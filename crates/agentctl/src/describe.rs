@@ -161,12 +161,7 @@ pub async fn describe(client: &mut Client, agent_id: String, out: Output) -> any
         }
         match *group {
             "Lifecycle" => print_history(&history, now),
-            "Output" => {
-                println!("  files:");
-                for file in FILES {
-                    println!("    {}/{file}", one_line(&status.agent_dir));
-                }
-            }
+            "Output" => print_files(&status.agent_dir),
             _ => {}
         }
     }
@@ -197,6 +192,22 @@ pub async fn describe(client: &mut Client, agent_id: String, out: Output) -> any
     Ok(())
 }
 
+/// The files of the agent's folder that exist; when the folder cannot be read from here
+/// (agentd on another host, or another user's folder), every file it may hold, said so.
+fn print_files(agent_dir: &str) {
+    let dir = std::path::Path::new(agent_dir);
+    let readable = std::fs::read_dir(dir).is_ok();
+    match readable {
+        true => println!("  files:"),
+        false => println!("  files (where present: the folder is not readable from here):"),
+    }
+    for file in FILES {
+        if !readable || dir.join(file).exists() {
+            println!("    {}/{file}", one_line(agent_dir));
+        }
+    }
+}
+
 fn print_history(history: &Result<Vec<pb::AgentEvent>, tonic::Status>, now: SystemTime) {
     println!("  history:");
     let events = match history {
@@ -221,7 +232,8 @@ fn print_history(history: &Result<Vec<pb::AgentEvent>, tonic::Status>, now: Syst
     }
 }
 
-/// The agent's lifecycle events still in the daemon's log, oldest first.
+/// The agent's lifecycle events still in the daemon's log, oldest first: this agent's, not
+/// those of an earlier agent of the same id that was removed.
 async fn history(
     client: &mut Client,
     agent_id: &str,
@@ -229,7 +241,7 @@ async fn history(
     use pb::EventKind::*;
     let kinds = [
         Spawned, Exited, Failed, Stopping, Killed, Lost, Adopted, Restarting, TimedOut, Paused,
-        Resumed, OomKilled,
+        Resumed, OomKilled, Removed,
     ];
     let request = pb::WatchAgentsRequest {
         agent_ids: vec![agent_id.to_string()],
@@ -241,7 +253,11 @@ async fn history(
     let mut events = client.watch_agents(request).await?.into_inner();
     let mut history = Vec::new();
     while let Some(event) = events.message().await? {
-        history.push(event);
+        if event.kind == i32::from(Removed) {
+            history.clear();
+        } else {
+            history.push(event);
+        }
     }
     Ok(history)
 }

@@ -3,14 +3,14 @@
 use agentd_proto::v1 as pb;
 
 use crate::client::Client;
-use crate::names::parse_enum;
+use crate::names::enum_arg;
 use crate::output::{Output, print_rows};
 
 #[derive(clap::Args)]
 pub struct ListArgs {
-    /// Only agents in this state (running, completed, failed...); repeatable
-    #[arg(long = "state")]
-    states: Vec<String>,
+    /// Only agents in this state; repeatable
+    #[arg(long = "state", value_parser = enum_arg("AGENT_STATE_", pb::AgentState::as_str_name))]
+    states: Vec<i32>,
     /// Only children of this parent
     #[arg(long)]
     parent: Option<String>,
@@ -23,13 +23,8 @@ pub struct ListArgs {
 }
 
 pub async fn list(client: &mut Client, filter: ListArgs, out: Output) -> anyhow::Result<()> {
-    let states = filter
-        .states
-        .iter()
-        .map(|s| parse_enum(s, "AGENT_STATE_", pb::AgentState::from_str_name))
-        .collect::<anyhow::Result<_>>()?;
     let request = pb::ListAgentsRequest {
-        states,
+        states: filter.states,
         parent_agent_id: filter.parent.unwrap_or_default(),
         labels: filter.labels.into_iter().collect(),
         subtree_of: filter.subtree.unwrap_or_default(),

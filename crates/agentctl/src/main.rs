@@ -119,7 +119,10 @@ enum Action {
     /// Print an agent's output (both streams unless --stdout or --stderr)
     Logs(logs::LogsArgs),
     /// Delete agents that have ended: record, folder and output
-    Rm { agent_ids: Vec<String> },
+    Rm {
+        #[arg(required = true)]
+        agent_ids: Vec<String>,
+    },
     /// Freeze running agents, every process of each
     Pause {
         #[arg(required = true)]
@@ -189,7 +192,10 @@ async fn main() -> std::process::ExitCode {
                     one_line(status.message()),
                     status.code()
                 ),
-                None => eprintln!("agentctl: {}", one_line(&format!("{error:#}"))),
+                None => eprintln!(
+                    "agentctl: {}",
+                    one_line(&settings::error_text(error.as_ref()))
+                ),
             }
             std::process::ExitCode::FAILURE
         }
@@ -208,19 +214,23 @@ async fn run(options: Options) -> anyhow::Result<u8> {
         );
         return Ok(0);
     }
+    // Relative paths mean what they mean in a shell, when agentd runs on this host.
+    let here = client::is_local(&options)
+        .then(std::env::current_dir)
+        .and_then(Result::ok);
     let mut client = client::connect(&options).await?;
     let client = &mut client;
     let out = Output { json: options.json };
     match options.command {
         // Answered above, before connecting.
         Action::Completions { .. } => {}
-        Action::Run(args) => return run::run_command(client, *args).await,
+        Action::Run(args) => return run::run_command(client, *args, here.as_deref()).await,
         Action::Wait { agent_ids, timeout } => {
             return wait::wait_command(client, &agent_ids, timeout, out).await;
         }
         Action::Top { filter } => return top::top(client.clone(), filter).await,
         Action::Describe { agent_id } => describe::describe(client, agent_id, out).await?,
-        Action::Spawn(args) => spawn::spawn(client, *args, out).await?,
+        Action::Spawn(args) => spawn::spawn(client, *args, here.as_deref(), out).await?,
         Action::Status { agent_id } => status::status(client, agent_id, out).await?,
         Action::List(args) => list::list(client, args, out).await?,
         Action::Stop(args) => stop::stop(client, args, out).await?,

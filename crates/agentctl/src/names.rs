@@ -1,27 +1,74 @@
 //! The API's enums as people write and read them: `--state running` for
 //! `AGENT_STATE_RUNNING`, `running` in a table, and which states are still live.
 
-use agentd_proto::v1 as pb;
-use anyhow::bail;
+use std::ffi::OsStr;
 
-/// Accepts `running`, `RUNNING` or the full `AGENT_STATE_RUNNING`.
-pub fn parse_enum<E: Into<i32>>(
-    text: &str,
-    prefix: &str,
-    parse: fn(&str) -> Option<E>,
-) -> anyhow::Result<i32> {
-    let upper = text.to_ascii_uppercase().replace('-', "_");
-    let full = if upper.starts_with(prefix) {
-        upper
-    } else {
-        format!("{prefix}{upper}")
-    };
-    match parse(&full) {
-        Some(value) => Ok(value.into()),
-        None => bail!(
-            "`{text}` is not a known {}",
-            prefix.trim_end_matches('_').to_lowercase()
-        ),
+use agentd_proto::v1 as pb;
+use clap::builder::{PossibleValue, TypedValueParser};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+
+/// A clap parser for a proto enum's values as people write them: `on-failure`, `ON_FAILURE`
+/// or the full `RESTART_POLICY_ON_FAILURE`. Anything else is a usage error (exit 2) that
+/// lists the values; `--help` and shell completions list them too.
+#[derive(Clone, Copy)]
+pub struct EnumArg<E: 'static> {
+    prefix: &'static str,
+    name: fn(&E) -> &'static str,
+}
+
+/// The parser for the values of `E` named `PREFIX...` (`AgentState`, `"AGENT_STATE_"`).
+pub fn enum_arg<E>(prefix: &'static str, name: fn(&E) -> &'static str) -> EnumArg<E> {
+    EnumArg { prefix, name }
+}
+
+impl<E: TryFrom<i32> + 'static> EnumArg<E> {
+    /// Every value but the unspecified one, as people write it: `on-failure`.
+    fn values(&self) -> impl Iterator<Item = (i32, String)> + '_ {
+        // Enough for every enum of the API; prost gives no list of an enum's values.
+        (1..128).filter_map(|number| {
+            let value = E::try_from(number).ok()?;
+            let name = (self.name)(&value);
+            let short = name.strip_prefix(self.prefix).unwrap_or(name);
+            Some((number, short.to_lowercase().replace('_', "-")))
+        })
+    }
+}
+
+impl<E: TryFrom<i32> + Clone + Send + Sync + 'static> TypedValueParser for EnumArg<E> {
+    type Value = i32;
+
+    fn parse_ref(
+        &self,
+        command: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<i32, clap::Error> {
+        let text = value.to_string_lossy();
+        let wanted = text.to_lowercase().replace('_', "-");
+        let prefix = self.prefix.to_lowercase().replace('_', "-");
+        let wanted = wanted.strip_prefix(&prefix).unwrap_or(&wanted);
+        if let Some((number, _)) = self.values().find(|(_, name)| name == wanted) {
+            return Ok(number);
+        }
+        let mut error = clap::Error::new(ErrorKind::InvalidValue).with_cmd(command);
+        if let Some(arg) = arg {
+            error.insert(
+                ContextKind::InvalidArg,
+                ContextValue::String(arg.to_string()),
+            );
+        }
+        error.insert(ContextKind::InvalidValue, ContextValue::String(text.into()));
+        error.insert(
+            ContextKind::ValidValue,
+            ContextValue::Strings(self.values().map(|(_, name)| name).collect()),
+        );
+        Err(error)
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(
+            self.values().map(|(_, name)| PossibleValue::new(name)),
+        ))
     }
 }
 

@@ -24,10 +24,14 @@ pub struct RunArgs {
     spawn: SpawnArgs,
 }
 
-pub async fn run_command(client: &mut Client, args: RunArgs) -> anyhow::Result<u8> {
+pub async fn run_command(
+    client: &mut Client,
+    args: RunArgs,
+    here: Option<&std::path::Path>,
+) -> anyhow::Result<u8> {
     run(
         client,
-        spawn::request(args.spawn)?,
+        spawn::request(args.spawn, here)?,
         args.detach_on_interrupt,
     )
     .await

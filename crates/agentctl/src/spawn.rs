@@ -1,7 +1,7 @@
 //! `spawn`: start an agent from a command line of options, and `SpawnArgs`, which `run`
 //! shares.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentd_proto::settings;
@@ -9,11 +9,16 @@ use agentd_proto::v1 as pb;
 use anyhow::Context;
 
 use crate::client::Client;
-use crate::names::parse_enum;
+use crate::names::enum_arg;
 use crate::output::{Output, print_rows};
 
-pub async fn spawn(client: &mut Client, args: SpawnArgs, out: Output) -> anyhow::Result<()> {
-    let response = client.spawn(request(args)?).await?.into_inner();
+pub async fn spawn(
+    client: &mut Client,
+    args: SpawnArgs,
+    here: Option<&Path>,
+    out: Output,
+) -> anyhow::Result<()> {
+    let response = client.spawn(request(args, here)?).await?.into_inner();
     out.answer(&response, |response| print_rows(response.status.as_slice()));
     Ok(())
 }
@@ -45,9 +50,13 @@ pub struct SpawnArgs {
     /// KEY=VALUE label; repeatable
     #[arg(long = "label", value_parser = crate::key_value)]
     labels: Vec<(String, String)>,
-    /// Working directory [default: the agent's folder]
+    /// Working directory [default: where agentctl runs; the agent's own folder for a
+    /// sandboxed agent, which may write beneath its working directory, or a remote agentd]
+    #[arg(long, conflicts_with = "in_agent_folder")]
+    cwd: Option<PathBuf>,
+    /// Work in the agent's own folder (DATA_DIR/agents/ID), not where agentctl runs
     #[arg(long)]
-    cwd: Option<String>,
+    in_agent_folder: bool,
     /// Idempotency key: repeating it returns the same agent
     #[arg(long)]
     request_id: Option<String>,
@@ -72,9 +81,9 @@ pub struct SpawnArgs {
     /// Stop the agent (instead of only reporting) when it stalls or crosses a limit
     #[arg(long)]
     stop_when_unhealthy: bool,
-    /// Restart policy: never, on-failure or always
-    #[arg(long, default_value = "never")]
-    restart: String,
+    /// When to start the agent again after it ends
+    #[arg(long, default_value = "never", value_parser = enum_arg("RESTART_POLICY_", pb::RestartPolicy::as_str_name))]
+    restart: i32,
     /// Give up (FAILED) after this many restarts [default: no limit]
     #[arg(long)]
     max_restarts: Option<u32>,
@@ -123,20 +132,28 @@ pub struct SpawnArgs {
     #[arg(long = "write", value_name = "PATH")]
     write_paths: Vec<String>,
     /// The sandboxed agent's network: host, none, or proxy [default: proxy]
-    #[arg(long = "net", value_parser = ["host", "none", "proxy"])]
-    network: Option<String>,
+    #[arg(long = "net", value_parser = enum_arg("NETWORK_MODE_", pb::NetworkMode::as_str_name))]
+    network: Option<i32>,
     /// HOST[:PORT] (or *.DOMAIN[:PORT]) the sandboxed agent may reach through its proxy;
     /// repeatable
     #[arg(long = "allow-host", value_name = "HOST[:PORT]")]
     allow_hosts: Vec<String>,
     #[command(flatten)]
     budget: crate::spend::BudgetArgs,
-    /// The program and its arguments
+    /// The program and its arguments; a relative program (./job.sh) is relative to where
+    /// agentctl runs, and so are relative paths in the arguments unless --cwd or a sandbox
+    /// gives the agent another working directory
     #[arg(required = true, last = true)]
     command: Vec<String>,
 }
 
-pub fn request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
+/// The request the options ask for. `here` is where agentctl runs when agentd runs on this
+/// host (over its socket or loopback); there relative paths mean what they mean in a shell:
+/// the program, `--cwd`, `--read` and `--write` are resolved against it, and the agent works
+/// in it unless it is sandboxed (a sandbox lets its agent write beneath its working
+/// directory: that stays the agent's own folder unless `--cwd` says otherwise). The API
+/// itself takes absolute paths only.
+pub fn request(mut args: SpawnArgs, here: Option<&Path>) -> anyhow::Result<pb::SpawnRequest> {
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(prompt), _) => prompt.clone(),
         (None, Some(file)) => std::fs::read_to_string(file)
@@ -151,6 +168,25 @@ pub fn request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
         first_grace: args.grace.map(Into::into),
         second_grace: args.second_grace.map(Into::into),
     });
+    let sandboxed = args.sandbox
+        || args.network.is_some()
+        || !args.allow_hosts.is_empty()
+        || !args.read_paths.is_empty()
+        || !args.write_paths.is_empty();
+    let working_dir = match (&args.cwd, here) {
+        (Some(dir), Some(here)) => resolve(here, dir),
+        (Some(dir), None) => dir.clone(),
+        (None, Some(here)) if !sandboxed && !args.in_agent_folder => here.to_path_buf(),
+        (None, _) => PathBuf::new(),
+    };
+    if let (Some(here), Some(program)) = (here, args.command.first_mut())
+        && program.contains('/')
+        && Path::new(program.as_str()).is_relative()
+    {
+        *program = resolve(here, Path::new(program.as_str()))
+            .to_string_lossy()
+            .into_owned();
+    }
     let action = if args.stop_when_unhealthy {
         pb::HealthAction::Stop
     } else {
@@ -176,15 +212,11 @@ pub fn request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
         load_percentage: args.load,
         command: args.command,
         env: args.env.into_iter().collect(),
-        working_dir: args.cwd.unwrap_or_default(),
+        working_dir: working_dir.to_string_lossy().into_owned(),
         labels: args.labels.into_iter().collect(),
         stop_policy,
         health_policy: Some(health_policy),
-        restart_policy: parse_enum(
-            &args.restart,
-            "RESTART_POLICY_",
-            pb::RestartPolicy::from_str_name,
-        )?,
+        restart_policy: args.restart,
         restart_backoff: None,
         max_restarts: args.max_restarts.unwrap_or(0),
         max_runtime: args.max_runtime.map(Into::into),
@@ -206,7 +238,7 @@ pub fn request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
         user: args.user.unwrap_or_default(),
         group: args.group.unwrap_or_default(),
         sandbox: sandbox(
-            args.sandbox,
+            sandboxed,
             args.network,
             args.allow_hosts,
             args.read_paths,
@@ -216,26 +248,25 @@ pub fn request(args: SpawnArgs) -> anyhow::Result<pb::SpawnRequest> {
     })
 }
 
-/// The sandbox the options ask for; `None` when none of them is given.
+/// `path` relative to `here` (as it is when absolute), without its `.` components.
+fn resolve(here: &Path, path: &Path) -> PathBuf {
+    here.join(path)
+        .components()
+        .filter(|part| *part != std::path::Component::CurDir)
+        .collect()
+}
+
+/// The sandbox the options ask for; `None` unless `asked`.
 fn sandbox(
-    on: bool,
-    network: Option<String>,
+    asked: bool,
+    network: Option<i32>,
     allow_hosts: Vec<String>,
     read_paths: Vec<String>,
     write_paths: Vec<String>,
 ) -> anyhow::Result<Option<pb::Sandbox>> {
-    let asked = on
-        || network.is_some()
-        || !allow_hosts.is_empty()
-        || !read_paths.is_empty()
-        || !write_paths.is_empty();
     if !asked {
         return Ok(None);
     }
-    let network = match network.as_deref() {
-        Some(name) => parse_enum(name, "NETWORK_MODE_", pb::NetworkMode::from_str_name)?,
-        None => pb::NetworkMode::Unspecified as i32,
-    };
     let absolute = |paths: Vec<String>| -> anyhow::Result<Vec<String>> {
         paths
             .into_iter()
@@ -247,7 +278,7 @@ fn sandbox(
             .collect()
     };
     Ok(Some(pb::Sandbox {
-        network,
+        network: network.unwrap_or(pb::NetworkMode::Unspecified as i32),
         allow_hosts,
         read_paths: absolute(read_paths)?,
         write_paths: absolute(write_paths)?,

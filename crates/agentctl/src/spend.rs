@@ -4,7 +4,7 @@
 use agentd_proto::v1 as pb;
 
 use crate::client::Client;
-use crate::names::parse_enum;
+use crate::names::enum_arg;
 use crate::output::{Output, print_table};
 
 /// The limits `spawn` and `budget` take; none given: no budget.
@@ -21,8 +21,8 @@ pub struct BudgetArgs {
     pub requests: Option<u64>,
     /// At the budget: pause (its tree frozen until raised), stop (the ladder), or reject
     /// (the gateway answers 429) [default: pause]
-    #[arg(long = "on-budget", value_parser = ["pause", "stop", "reject"])]
-    pub on_limit: Option<String>,
+    #[arg(long = "on-budget", value_parser = enum_arg("ON_LIMIT_", pb::OnLimit::as_str_name))]
+    pub on_limit: Option<i32>,
 }
 
 impl BudgetArgs {
@@ -43,15 +43,11 @@ impl BudgetArgs {
             Some(usd) => (usd * 1e6).round() as u64,
             None => 0,
         };
-        let on_limit = match &self.on_limit {
-            Some(name) => parse_enum(name, "ON_LIMIT_", pb::OnLimit::from_str_name)?,
-            None => pb::OnLimit::Pause as i32,
-        };
         Ok(Some(pb::Budget {
             tokens: self.tokens.unwrap_or(0),
             cost_micros,
             requests: self.requests.unwrap_or(0),
-            on_limit,
+            on_limit: self.on_limit.unwrap_or(pb::OnLimit::Pause as i32),
         }))
     }
 }

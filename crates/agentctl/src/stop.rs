@@ -7,6 +7,7 @@ use crate::names::{exit_text, stop_outcome_name};
 use crate::output::{Output, Row, print_rows};
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["agent_ids", "all"])))]
 pub struct StopArgs {
     agent_ids: Vec<String>,
     /// Stop every agent

@@ -6,7 +6,7 @@ use agentd_proto::settings;
 use agentd_proto::v1 as pb;
 
 use crate::client::Client;
-use crate::names::{event_kind_name, exit_text, parse_enum, state_name};
+use crate::names::{enum_arg, event_kind_name, exit_text, state_name};
 use crate::output::{Output, one_line};
 
 #[derive(clap::Args)]
@@ -17,10 +17,9 @@ pub struct WatchArgs {
     /// Only children of this parent
     #[arg(long)]
     parent: Option<String>,
-    /// Only this kind (spawned, exited, failed, stopping, killed, health, progress...);
-    /// repeatable
-    #[arg(long = "kind")]
-    kinds: Vec<String>,
+    /// Only this kind of event; repeatable
+    #[arg(long = "kind", value_parser = enum_arg("EVENT_KIND_", pb::EventKind::as_str_name))]
+    kinds: Vec<i32>,
     /// First print the current status of every matching agent
     #[arg(long, conflicts_with = "after")]
     snapshot: bool,
@@ -36,15 +35,10 @@ pub struct WatchArgs {
 }
 
 pub async fn watch(client: &mut Client, args: WatchArgs, out: Output) -> anyhow::Result<()> {
-    let kinds = args
-        .kinds
-        .iter()
-        .map(|k| parse_enum(k, "EVENT_KIND_", pb::EventKind::from_str_name))
-        .collect::<anyhow::Result<_>>()?;
     let request = pb::WatchAgentsRequest {
         agent_ids: args.agent_ids,
         parent_agent_id: args.parent.unwrap_or_default(),
-        kinds,
+        kinds: args.kinds,
         include_snapshot: args.snapshot,
         after_sequence: args.after,
         health_interval: args.health_interval.map(Into::into),

@@ -109,6 +109,13 @@ pub struct SandboxDenials {
 }
 
 impl AgentRecord {
+    /// A new run starts with no progress: the last run's would read as this one's.
+    pub(crate) fn forget_progress(&mut self) {
+        self.progress = 0.0;
+        self.progress_message.clear();
+        self.progress_details.clear();
+    }
+
     /// The record of an agent about to start for the first time.
     pub(crate) fn new(spec: Arc<AgentSpec>, agent_dir: PathBuf, now: SystemTime) -> AgentRecord {
         AgentRecord {
@@ -201,7 +208,8 @@ pub(crate) fn health(record: &AgentRecord, is_zombie: bool) -> Health {
             Health::OverLimit
         }
         AgentState::Running | AgentState::Stopping => Health::Healthy,
-        AgentState::Completed | AgentState::Killed => Health::Completed,
+        AgentState::Completed => Health::Completed,
+        AgentState::Killed => Health::Stopped,
         AgentState::Failed | AgentState::TimedOut => Health::Failed,
         AgentState::Lost => Health::Unknown,
         AgentState::BackingOff => match record.exit {

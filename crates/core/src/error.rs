@@ -115,6 +115,17 @@ pub enum Error {
         what: String,
         source: std::io::Error,
     },
+    /// Another daemon holds the data folder's lock; `holder` is the pid it wrote there.
+    #[error(
+        "another agentd{} runs on the data folder `{}`: stop it first, or start this one on \
+         another data folder",
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default(),
+        data_dir.display()
+    )]
+    DataDirTaken {
+        data_dir: PathBuf,
+        holder: Option<u32>,
+    },
     /// A watch asked to resume from events the log no longer keeps.
     #[error(
         "events after sequence {after} are no longer retained (the log was trimmed through \

@@ -358,6 +358,7 @@ impl AgentMachine {
             record.restart_count += 1;
             record.last_heartbeat = None;
             record.health_issues.clear();
+            record.forget_progress();
             format!("restart {}", record.restart_count)
         } else {
             String::new()

@@ -84,6 +84,8 @@ pub enum Health {
     Stalled,
     /// Alive, but over a memory or CPU threshold.
     OverLimit,
+    /// Ended because a stop was asked for.
+    Stopped,
 }
 
 /// How the leader process ended.

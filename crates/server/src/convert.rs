@@ -80,7 +80,7 @@ mirror!(AgentState = pb::AgentState, unspecified: None, [
     Starting, Running, Stopping, Completed, Failed, Killed, Lost, BackingOff, TimedOut, Paused,
 ]);
 mirror!(Health = pb::Health, unspecified: None, [
-    Healthy, Zombie, Completed, Failed, Unknown, Stalled, OverLimit,
+    Healthy, Zombie, Completed, Failed, Unknown, Stalled, OverLimit, Stopped,
 ]);
 mirror!(EventKind = pb::EventKind, unspecified: None, [
     Spawned, Exited, Failed, Stopping, Killed, Health, Progress, Lost, Adopted, Snapshot,
@@ -134,7 +134,7 @@ pub fn error_status(error: Error) -> Status {
         },
         Error::AgentDir { .. } | Error::Store { .. } | Error::Record { .. } => Code::Internal,
         Error::StoreUnreadable { .. } | Error::StoreDistrusted { .. } => Code::Internal,
-        Error::Setup { .. } => Code::Internal,
+        Error::Setup { .. } | Error::DataDirTaken { .. } => Code::Internal,
         Error::SequenceCompacted { .. } | Error::SequenceAhead { .. } => Code::OutOfRange,
         Error::ShuttingDown => Code::Unavailable,
     };

@@ -79,7 +79,36 @@ pub fn router(api: Api) -> Router {
             api.clone(),
             require_token,
         ))
+        .layer(axum::middleware::from_fn(refuse_grpc))
         .with_state(api)
+}
+
+/// A gRPC client sent here (`agentctl --addr` with `--http-listen`'s port) is told so in
+/// gRPC's own terms, a trailers-only UNIMPLEMENTED, rather than sent JSON it would misread
+/// as a message.
+async fn refuse_grpc(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/grpc"));
+    if !grpc {
+        return next.run(request).await;
+    }
+    // Printable ASCII without `%`: a grpc-message that needs no percent-encoding.
+    const MESSAGE: &str = "this is agentd's HTTP API (--http-listen): gRPC clients such as \
+                           agentctl and grpcurl need agentd's gRPC address, its Unix socket \
+                           or --listen";
+    let code = (Code::Unimplemented as i32).to_string();
+    (
+        [
+            (header::CONTENT_TYPE.as_str(), "application/grpc"),
+            ("grpc-status", code.as_str()),
+            ("grpc-message", MESSAGE),
+        ],
+        (),
+    )
+        .into_response()
 }
 
 const SESSION_COOKIE: &str = "agentd_session";

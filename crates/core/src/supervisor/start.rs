@@ -221,9 +221,11 @@ pub(super) fn check_owned_dir(path: &Path, what: &str) -> Result<()> {
     })
 }
 
-/// Locks the data folder for this daemon, or says another one runs there.
+/// Locks the data folder for this daemon and writes its pid in the lock file, or says which
+/// other one runs there.
 pub(super) fn lock_data_dir(data_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     use nix::fcntl::{Flock, FlockArg};
+    use std::io::{Read, Seek, Write};
     use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join("agentd.lock");
     let failed = |source| Error::Setup {
@@ -231,23 +233,30 @@ pub(super) fn lock_data_dir(data_dir: &Path) -> Result<nix::fcntl::Flock<std::fs
         source,
     };
     let file = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .open(&path)
         .map_err(failed)?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| match errno {
-        nix::errno::Errno::EWOULDBLOCK => Error::Setup {
-            what: format!(
-                "another agentd runs on the data folder `{}` (it holds `{}`)",
-                data_dir.display(),
-                path.display()
-            ),
-            source: std::io::Error::from(errno),
-        },
-        errno => failed(std::io::Error::from(errno)),
-    })
+    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(Error::DataDirTaken {
+                data_dir: data_dir.to_path_buf(),
+                holder: holder.trim().parse().ok(),
+            });
+        }
+        Err((_, errno)) => return Err(failed(std::io::Error::from(errno))),
+    };
+    lock.set_len(0)
+        .and_then(|()| lock.rewind())
+        .and_then(|()| writeln!(lock, "{}", std::process::id()))
+        .map_err(failed)?;
+    Ok(lock)
 }
 
 pub(super) fn create_private_dir(path: &Path) -> Result<()> {

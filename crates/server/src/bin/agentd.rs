@@ -194,7 +194,19 @@ struct Options {
     log_format: String,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match start() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // One line that says what to change, not a stack trace (with RUST_BACKTRACE set,
+        // anyhow's report would add one).
+        Err(error) => {
+            eprintln!("agentd: {}", settings::error_text(error.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn start() -> anyhow::Result<()> {
     // agentd starts its keeper (the parent of every agent) by running this binary again.
     let mut args = std::env::args_os().skip(1);
     if args
@@ -231,6 +243,7 @@ async fn daemon(options: Options) -> anyhow::Result<()> {
             .boxed(),
         _ => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .boxed(),
     };
     // Traces only when the standard OTEL_* variables ask for them: agentd's own spans, and
@@ -277,6 +290,9 @@ async fn serve(options: Options) -> anyhow::Result<()> {
         bail!("--sample-interval must be at least 10ms");
     }
     let security = security(&options).await?;
+    // Every TCP address first: one that is taken fails the start before anything is made
+    // (cgroups, the keeper, the socket).
+    let (tcp_listeners, tcp_serving) = bind_tcp(&options, &security).await?;
 
     let data_dir = options.data_dir.unwrap_or_else(settings::default_data_dir);
     let socket = options
@@ -346,33 +362,8 @@ async fn serve(options: Options) -> anyhow::Result<()> {
         options.socket_group.as_deref(),
         &data_dir,
     )?)];
-    let mut serving = format!("unix://{}", socket.display());
-    let scheme = if security.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    if let Some(address) = &options.listen {
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .with_context(|| format!("listening on `{address}`"))?;
-        serving += &format!(" and {scheme}://{}", listener.local_addr()?);
-        listeners.push(Listener::Tcp(listener));
-    }
-    if let Some(address) = &options.http_listen {
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .with_context(|| format!("listening for HTTP on `{address}`"))?;
-        serving += &format!(", HTTP API on {scheme}://{}", listener.local_addr()?);
-        listeners.push(Listener::Http(listener));
-    }
-    if let Some(address) = &options.health_listen {
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .with_context(|| format!("listening for health probes on `{address}`"))?;
-        serving += &format!(", health probes on {}", listener.local_addr()?);
-        listeners.push(Listener::Health(listener));
-    }
+    listeners.extend(tcp_listeners);
+    let mut serving = format!("unix://{}{tcp_serving}", socket.display());
     let gateway = match gateway {
         Some((providers, listener)) => {
             gateway::remember(&data_dir, &listener)?;
@@ -419,6 +410,43 @@ async fn serve(options: Options) -> anyhow::Result<()> {
     result?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds `--listen`, `--http-listen` and `--health-listen`; returns them and what the ready
+/// line says of them.
+async fn bind_tcp(
+    options: &Options,
+    security: &Security,
+) -> anyhow::Result<(Vec<Listener>, String)> {
+    let scheme = if security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let bind = async |address: &str, what: &str| {
+        tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("{what} `{address}`"))
+    };
+    let mut listeners = Vec::new();
+    let mut serving = String::new();
+    if let Some(address) = &options.listen {
+        let listener = bind(address, "--listen").await?;
+        serving += &format!(" and {scheme}://{}", listener.local_addr()?);
+        listeners.push(Listener::Tcp(listener));
+    }
+    if let Some(address) = &options.http_listen {
+        let listener = bind(address, "--http-listen").await?;
+        let url = format!("{scheme}://{}", listener.local_addr()?);
+        serving += &format!(", HTTP API on {url} (dashboard: {url}/)");
+        listeners.push(Listener::Http(listener));
+    }
+    if let Some(address) = &options.health_listen {
+        let listener = bind(address, "--health-listen").await?;
+        serving += &format!(", health probes on {}", listener.local_addr()?);
+        listeners.push(Listener::Health(listener));
+    }
+    Ok((listeners, serving))
 }
 
 /// How the TCP listeners are guarded. Whoever can call Spawn runs any command as agentd's
@@ -560,8 +588,16 @@ fn prepare_socket_path(path: &Path) -> anyhow::Result<()> {
                 path.display()
             );
         }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another agentd runs and serves on `{}`", path.display());
+        if let Ok(stream) = std::os::unix::net::UnixStream::connect(path) {
+            let pid =
+                nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                    .map(|peer| format!(" (pid {})", peer.pid()))
+                    .unwrap_or_default();
+            bail!(
+                "another agentd{pid} runs and serves on `{}`: stop it first, or give this one \
+                 another --socket",
+                path.display()
+            );
         }
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale socket `{}`", path.display()))?;
