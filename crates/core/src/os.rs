@@ -28,6 +28,7 @@ use crate::process::{
 use crate::sandbox::{Network, SandboxSupport};
 use crate::spec::{AgentSpec, Resources};
 use crate::state::Containment;
+use crate::trace;
 use crate::state::Exit;
 use crate::state::Hold;
 
@@ -256,12 +257,15 @@ impl Os for System {
         let cgroup = match &self.cgroups {
             Some(cgroups) => {
                 let rel = cgroups.path_of(&order.agent_id);
+                let _span = tracing::info_span!(target: trace::TARGET, "agentd.spawn.cgroup")
+                    .entered();
                 order.joins = Some(cgroups.prepare(&rel, &order.resources)?);
                 Some(rel)
             }
             None => None,
         };
-        let started = self.keeper.spawn(order);
+        let started = tracing::info_span!(target: trace::TARGET, "agentd.spawn.keeper")
+            .in_scope(|| self.keeper.spawn(order));
         if let (Err(_), Some(cgroups), Some(rel)) = (&started, &self.cgroups, &cgroup) {
             let _ = cgroups.remove(rel);
         }

@@ -138,6 +138,7 @@ impl SupervisorTask {
         if request.agent_id.is_empty() {
             request.agent_id = self.generate_id();
         }
+        let checks = tracing::info_span!(target: trace::TARGET, "agentd.spawn.check").entered();
         let (mut spec, prompt) = request.validate()?;
         self.settle_sandbox(&mut spec)?;
         self.os.check_spec(&spec)?;
@@ -154,6 +155,7 @@ impl SupervisorTask {
         }
         self.table.admit(&spec, &self.limits)?;
         self.within_parent(&spec.parent_agent_id, spec.budget.as_ref())?;
+        drop(checks);
         let agent_id = spec.agent_id.clone();
         let agent_dir = self.agents_dir.join(&agent_id);
         let owner = spec.run_as.as_ref().map(|run_as| (run_as.uid, run_as.gid));
@@ -167,7 +169,8 @@ impl SupervisorTask {
             AgentFiles::prepare(&agent_id, &agent_dir, &prompt, owner)?
         };
         // What a rebuild of the record starts from, should the store be lost.
-        rebuild::write_spec(&self.specs_dir, &spec)?;
+        tracing::info_span!(target: trace::TARGET, "agentd.spawn.spec")
+            .in_scope(|| rebuild::write_spec(&self.specs_dir, &spec))?;
         let mut record = AgentRecord::new(Arc::new(spec), agent_dir, self.clock.wall());
         if self.base_env.gateway.is_some() {
             let key = spend::new_key().map_err(|source| Error::Setup {
@@ -178,7 +181,8 @@ impl SupervisorTask {
         }
         let machine = AgentMachine::starting(record, self.now());
         // The STARTING record reaches the disk before the process exists.
-        self.store.put(machine.record())?;
+        tracing::info_span!(target: trace::TARGET, "agentd.spawn.record")
+            .in_scope(|| self.store.put(machine.record()))?;
         let launched = {
             let _exec = exec_span(&agent_id);
             files.launch(machine.record(), &self.base_env, self.os.as_ref())
@@ -188,7 +192,8 @@ impl SupervisorTask {
             self.spawns.0.saturating_add(1),
             self.spawns.1.saturating_add(1),
         );
-        self.launched(&agent_id, launched)?;
+        tracing::info_span!(target: trace::TARGET, "agentd.spawn.started")
+            .in_scope(|| self.launched(&agent_id, launched))?;
         self.table
             .get(&agent_id)
             .map(|m| m.status(self.clock.mono()))
