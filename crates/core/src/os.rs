@@ -28,9 +28,9 @@ use crate::process::{
 use crate::sandbox::{Network, SandboxSupport};
 use crate::spec::{AgentSpec, Resources};
 use crate::state::Containment;
-use crate::trace;
 use crate::state::Exit;
 use crate::state::Hold;
+use crate::trace;
 
 /// What the supervisor task asks of the operating system.
 pub(crate) trait Os: Send + Sync {
@@ -257,8 +257,8 @@ impl Os for System {
         let cgroup = match &self.cgroups {
             Some(cgroups) => {
                 let rel = cgroups.path_of(&order.agent_id);
-                let _span = tracing::info_span!(target: trace::TARGET, "agentd.spawn.cgroup")
-                    .entered();
+                let _span =
+                    tracing::info_span!(target: trace::TARGET, "agentd.spawn.cgroup").entered();
                 order.joins = Some(cgroups.prepare(&rel, &order.resources)?);
                 Some(rel)
             }
