@@ -99,7 +99,8 @@ enum Action {
     /// children
     Describe { agent_id: String },
     /// A full-screen live view of every agent: sort (c cpu, m memory, r runtime, e state,
-    /// i id), t tree, f states, / filter, the selected agent's output, s stop, k kill, q quit
+    /// i id), t tree, f states, / filter, j/k move, the selected agent's output; s stop,
+    /// K kill, R restart, d remove (y confirms), p pause or resume; q quit
     Top {
         /// Only agents whose id, name, type or model holds this text, or with this label
         /// (KEY=VALUE)

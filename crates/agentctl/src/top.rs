@@ -1,25 +1,27 @@
 //! `agentctl top`: a full-screen view of every agent, driven by WatchAgents (a snapshot, then
 //! every event and sample), with sorting, filters, a tree mode, the selected agent's output
-//! tail, and stop / kill with a confirmation. ratatui draws into a buffer and writes only the
-//! cells that changed, so a redraw per sample does not flicker.
+//! tail, and keys that stop, kill, restart, remove, pause and resume the selected agent (with
+//! a confirmation for all but pause and resume). Live agents come before those that ended,
+//! whatever the sort, unless it is by state. ratatui draws into a buffer and writes only the
+//! cells that changed, so a redraw per sample does not flicker. What is drawn is in
+//! `top/screen.rs`; the tasks that talk to agentd are in `top/tasks.rs`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+mod screen;
+mod tasks;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use agentd_proto::v1 as pb;
 use anyhow::Context;
+use ratatui::DefaultTerminal;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
-use ratatui::layout::{Constraint, Layout, Rect};
-use ratatui::style::{Color, Modifier, Style};
-use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Paragraph, Row, Table, TableState};
-use ratatui::{DefaultTerminal, Frame};
+use ratatui::widgets::TableState;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tonic::Code;
 
 use crate::client::Client;
-use crate::names::{exit_text, health_name, is_live, state_name};
+use crate::names::is_live;
 use crate::output::one_line;
 
 /// Lines of the selected agent's output kept.
@@ -88,12 +90,83 @@ impl StateFilter {
     }
 }
 
-/// What the footer is doing: showing keys, asking to confirm, or taking a filter.
+/// What a key asks of the selected agent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// With its ladder.
+    Stop,
+    /// SIGKILL to its whole tree.
+    Kill,
+    Restart,
+    Remove,
+    Pause,
+    Resume,
+}
+
+impl Action {
+    /// `y` is asked first for all that end a run or delete an agent.
+    fn confirms(self) -> bool {
+        !matches!(self, Action::Pause | Action::Resume)
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Action::Stop => "stop",
+            Action::Kill => "kill",
+            Action::Restart => "restart",
+            Action::Remove => "remove",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+        }
+    }
+
+    /// How the confirmation asks, before the agent's id.
+    fn question(self) -> &'static str {
+        match self {
+            Action::Stop => "Stop (its ladder)",
+            Action::Kill => "Kill (SIGKILL its whole tree)",
+            Action::Restart => "Restart",
+            Action::Remove => "Remove (its record, folder and output)",
+            Action::Pause => "Pause",
+            Action::Resume => "Resume",
+        }
+    }
+
+    fn doing(self) -> &'static str {
+        match self {
+            Action::Stop => "stopping",
+            Action::Kill => "killing",
+            Action::Restart => "restarting",
+            Action::Remove => "removing",
+            Action::Pause => "pausing",
+            Action::Resume => "resuming",
+        }
+    }
+
+    fn done(self) -> &'static str {
+        match self {
+            Action::Stop => "stopped",
+            Action::Kill => "killed",
+            Action::Restart => "restarted",
+            Action::Remove => "removed",
+            Action::Pause => "paused",
+            Action::Resume => "resumed",
+        }
+    }
+}
+
+/// What the footer is doing: showing keys, asking to confirm, taking a filter, or saying how
+/// the last action went.
 enum Prompt {
     Keys,
-    Confirm { agent_id: String, force: bool },
+    Confirm {
+        agent_id: String,
+        action: Action,
+    },
     Filter(String),
     Message(String),
+    /// The server's refusal of an action.
+    Failure(String),
 }
 
 /// What the tasks tell the screen.
@@ -103,7 +176,8 @@ enum Update {
     Disconnected(String),
     Summary(Box<pb::GetSummaryResponse>),
     Output(String, Vec<u8>),
-    Stopped(String, Result<(), String>),
+    /// An action on an agent ended: the server's error message if it failed.
+    Done(String, Action, Result<(), String>),
 }
 
 struct Top {
@@ -129,8 +203,8 @@ struct Top {
 pub async fn top(client: Client, filter: Option<String>) -> anyhow::Result<u8> {
     let (updates_tx, mut updates) = mpsc::channel::<Update>(4096);
     let (keys_tx, mut keys) = mpsc::channel::<Event>(64);
-    tokio::spawn(watch(client.clone(), updates_tx.clone()));
-    tokio::spawn(summaries(client.clone(), updates_tx.clone()));
+    tokio::spawn(tasks::watch(client.clone(), updates_tx.clone()));
+    tokio::spawn(tasks::summaries(client.clone(), updates_tx.clone()));
     // crossterm's reads block: one thread for them.
     std::thread::spawn(move || {
         while let Ok(event) = event::read() {
@@ -143,8 +217,8 @@ pub async fn top(client: Client, filter: Option<String>) -> anyhow::Result<u8> {
     let mut terminal = ratatui::try_init().context("setting up the terminal")?;
     let mut app = Top {
         agents: BTreeMap::new(),
-        sort: SortBy::Id,
-        descending: false,
+        sort: SortBy::Cpu,
+        descending: true,
         tree: true,
         states: StateFilter::All,
         filter: filter.unwrap_or_default(),
@@ -213,7 +287,7 @@ impl Top {
                 self.output.clear();
                 self.partial.clear();
                 if let Some(agent_id) = &selected {
-                    output_task = Some(tokio::spawn(follow_output(
+                    output_task = Some(tokio::spawn(tasks::follow_output(
                         client.clone(),
                         agent_id.clone(),
                         updates_tx.clone(),
@@ -250,11 +324,13 @@ impl Top {
                     }
                 }
             }
-            Update::Stopped(agent_id, result) => {
-                self.prompt = Prompt::Message(match result {
-                    Ok(()) => format!("{agent_id} stopped"),
-                    Err(error) => format!("{agent_id}: {error}"),
-                });
+            Update::Done(agent_id, action, result) => {
+                self.prompt = match result {
+                    Ok(()) => Prompt::Message(format!("{agent_id} {}", action.done())),
+                    Err(error) => {
+                        Prompt::Failure(format!("cannot {} {agent_id}: {error}", action.verb()))
+                    }
+                };
             }
         }
     }
@@ -262,21 +338,11 @@ impl Top {
     /// Handles a key; true to quit.
     fn key(&mut self, key: KeyEvent, client: &Client, updates: &mpsc::Sender<Update>) -> bool {
         match &mut self.prompt {
-            Prompt::Confirm { agent_id, force } => {
-                if key.code == KeyCode::Char('y') {
-                    tokio::spawn(stop(
-                        client.clone(),
-                        agent_id.clone(),
-                        *force,
-                        updates.clone(),
-                    ));
-                    self.prompt = Prompt::Message(format!(
-                        "{} {agent_id}...",
-                        if *force { "killing" } else { "stopping" }
-                    ));
-                } else {
-                    self.prompt = Prompt::Keys;
-                }
+            Prompt::Confirm { agent_id, action } => {
+                self.prompt = match key.code {
+                    KeyCode::Char('y') => act(client, std::mem::take(agent_id), *action, updates),
+                    _ => Prompt::Keys,
+                };
                 return false;
             }
             Prompt::Filter(text) => {
@@ -294,7 +360,7 @@ impl Top {
                 }
                 return false;
             }
-            Prompt::Keys | Prompt::Message(_) => self.prompt = Prompt::Keys,
+            Prompt::Keys | Prompt::Message(_) | Prompt::Failure(_) => self.prompt = Prompt::Keys,
         }
         let selected = self.table.selected().unwrap_or(0);
         let last = self.rows.len().saturating_sub(1);
@@ -302,7 +368,7 @@ impl Top {
             KeyCode::Char('q') | KeyCode::Esc => return true,
             KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => return true,
             KeyCode::Down | KeyCode::Char('j') => self.table.select(Some((selected + 1).min(last))),
-            KeyCode::Up => self.table.select(Some(selected.saturating_sub(1))),
+            KeyCode::Up | KeyCode::Char('k') => self.table.select(Some(selected.saturating_sub(1))),
             KeyCode::PageDown => self.table.select(Some((selected + 20).min(last))),
             KeyCode::PageUp => self.table.select(Some(selected.saturating_sub(20))),
             KeyCode::Home | KeyCode::Char('g') => self.table.select(Some(0)),
@@ -315,47 +381,68 @@ impl Top {
             KeyCode::Char('t') => self.tree = !self.tree,
             KeyCode::Char('f') => self.states = self.states.next(),
             KeyCode::Char('/') => self.prompt = Prompt::Filter(self.filter.clone()),
-            KeyCode::Char(verb @ ('s' | 'k')) => {
-                if let Some((agent_id, _)) = self.rows.get(selected) {
-                    self.prompt = Prompt::Confirm {
-                        agent_id: agent_id.clone(),
-                        force: verb == 'k',
-                    };
-                }
+            _ => {
+                let Some((agent_id, _)) = self.rows.get(selected) else {
+                    return false;
+                };
+                let paused = self
+                    .agents
+                    .get(agent_id)
+                    .is_some_and(|(s, _)| s.state == pb::AgentState::Paused as i32);
+                let action = match key.code {
+                    KeyCode::Char('s') => Action::Stop,
+                    KeyCode::Char('K') => Action::Kill,
+                    KeyCode::Char('R') => Action::Restart,
+                    KeyCode::Char('d') | KeyCode::Delete => Action::Remove,
+                    KeyCode::Char('p') if paused => Action::Resume,
+                    KeyCode::Char('p') => Action::Pause,
+                    _ => return false,
+                };
+                let agent_id = agent_id.clone();
+                self.prompt = match action.confirms() {
+                    true => Prompt::Confirm { agent_id, action },
+                    false => act(client, agent_id, action, updates),
+                };
             }
-            _ => {}
         }
         false
     }
 
     /// The same key again turns the order around; a new one starts with the biggest first
-    /// (the id in order).
+    /// (the id in order, the states from running to completed).
     fn sort_by(&mut self, sort: SortBy) {
         if self.sort == sort {
             self.descending = !self.descending;
         } else {
             self.sort = sort;
-            self.descending = sort != SortBy::Id;
+            self.descending = !matches!(sort, SortBy::Id | SortBy::State);
         }
     }
 
-    fn compare(&self, a: &str, b: &str) -> std::cmp::Ordering {
+    /// Agents in `live` (in tree mode, those with a live agent in their subtree) come first,
+    /// in either direction, unless the sort is by state: then the user asked for an order of
+    /// states, which puts the live ones first unless turned around.
+    fn compare(&self, a: &str, b: &str, live: &HashSet<&str>) -> std::cmp::Ordering {
         let (Some((x, x_at)), Some((y, y_at))) = (self.agents.get(a), self.agents.get(b)) else {
             return a.cmp(b);
+        };
+        let group = match self.sort {
+            SortBy::State => std::cmp::Ordering::Equal,
+            _ => live.contains(b).cmp(&live.contains(a)),
         };
         let order = match self.sort {
             SortBy::Id => a.cmp(b),
             SortBy::Cpu => x.cpu_percent.total_cmp(&y.cpu_percent),
-            SortBy::Memory => x.memory_mb.total_cmp(&y.memory_mb),
+            SortBy::Memory => memory(x).total_cmp(&memory(y)),
             SortBy::Runtime => runtime(x, *x_at).total_cmp(&runtime(y, *y_at)),
-            SortBy::State => x.state.cmp(&y.state),
+            SortBy::State => state_rank(x.state).cmp(&state_rank(y.state)),
         };
         let order = if self.descending {
             order.reverse()
         } else {
             order
         };
-        order.then_with(|| a.cmp(b))
+        group.then(order).then_with(|| a.cmp(b))
     }
 
     fn keeps(&self, status: &pb::AgentStatus) -> bool {
@@ -388,33 +475,39 @@ impl Top {
             .filter(|(_, (status, _))| self.keeps(status))
             .map(|(id, _)| id)
             .collect();
+        let set: HashSet<&str> = shown.iter().map(|s| s.as_str()).collect();
+        // In tree mode, an agent's parent when it is shown too.
+        let parent = |id: &str| {
+            let parent = self.agents[id].0.parent_agent_id.as_str();
+            (self.tree && set.contains(parent) && parent != id).then_some(parent)
+        };
+        // The live agents, and in tree mode their ancestors: a live child is not buried
+        // under a parent that ended.
+        let mut live: HashSet<&str> = HashSet::new();
+        for id in &shown {
+            let mut next = is_live(self.agents[*id].0.state).then_some(id.as_str());
+            while let Some(id) = next {
+                next = if live.insert(id) { parent(id) } else { None };
+            }
+        }
         let mut rows = Vec::with_capacity(shown.len());
-        if self.tree {
-            let set: std::collections::HashSet<&str> = shown.iter().map(|s| s.as_str()).collect();
-            let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
-            let mut roots = Vec::new();
-            for id in &shown {
-                let parent = self.agents[*id].0.parent_agent_id.as_str();
-                if set.contains(parent) && parent != id.as_str() {
-                    children.entry(parent).or_default().push(id);
-                } else {
-                    roots.push(id.as_str());
-                }
+        let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut roots = Vec::new();
+        for id in &shown {
+            match parent(id) {
+                Some(parent) => children.entry(parent).or_default().push(id),
+                None => roots.push(id.as_str()),
             }
-            let mut stack: Vec<(&str, usize)> = Vec::new();
-            roots.sort_by(|a, b| self.compare(b, a));
-            stack.extend(roots.into_iter().map(|id| (id, 0)));
-            while let Some((id, depth)) = stack.pop() {
-                rows.push((id.to_string(), depth));
-                if let Some(kids) = children.get_mut(id) {
-                    kids.sort_by(|a, b| self.compare(b, a));
-                    stack.extend(kids.iter().map(|kid| (*kid, depth + 1)));
-                }
+        }
+        let mut stack: Vec<(&str, usize)> = Vec::new();
+        roots.sort_by(|a, b| self.compare(b, a, &live));
+        stack.extend(roots.into_iter().map(|id| (id, 0)));
+        while let Some((id, depth)) = stack.pop() {
+            rows.push((id.to_string(), depth));
+            if let Some(kids) = children.get_mut(id) {
+                kids.sort_by(|a, b| self.compare(b, a, &live));
+                stack.extend(kids.iter().map(|kid| (*kid, depth + 1)));
             }
-        } else {
-            let mut flat = shown;
-            flat.sort_by(|a, b| self.compare(a, b));
-            rows.extend(flat.into_iter().map(|id| (id.clone(), 0)));
         }
         // Keep the same agent selected as rows move.
         let index = self
@@ -427,197 +520,48 @@ impl Top {
         self.table.select(index);
         self.rows = rows;
     }
+}
 
-    fn draw(&mut self, frame: &mut Frame) {
-        let [header, table, output, footer] = Layout::vertical([
-            Constraint::Length(2),
-            Constraint::Min(5),
-            Constraint::Length(10),
-            Constraint::Length(1),
-        ])
-        .areas(frame.area());
-        self.draw_header(frame, header);
-        self.draw_table(frame, table);
-        self.draw_output(frame, output);
-        self.draw_footer(frame, footer);
-    }
+/// Starts `action` on the agent; what the footer says meanwhile.
+fn act(
+    client: &Client,
+    agent_id: String,
+    action: Action,
+    updates: &mpsc::Sender<Update>,
+) -> Prompt {
+    let message = format!("{} {agent_id}...", action.doing());
+    tokio::spawn(tasks::act(
+        client.clone(),
+        agent_id,
+        action,
+        updates.clone(),
+    ));
+    Prompt::Message(message)
+}
 
-    fn draw_header(&self, frame: &mut Frame, area: Rect) {
-        let mut counts: BTreeMap<i32, usize> = BTreeMap::new();
-        for (status, _) in self.agents.values() {
-            *counts.entry(status.state).or_default() += 1;
-        }
-        let mut first = vec![Span::styled(
-            "agentd ",
-            Style::new().add_modifier(Modifier::BOLD),
-        )];
-        first.push(match &self.link {
-            Ok(()) => Span::styled("live ", Style::new().fg(Color::Green)),
-            Err(why) => Span::styled(format!("{why} "), Style::new().fg(Color::Red)),
-        });
-        for (state, count) in counts {
-            first.push(Span::styled(
-                format!(" {count} {}", state_name(state)),
-                state_style(state),
-            ));
-        }
-        let second = match &self.summary {
-            Some(s) => {
-                let host = s.host.unwrap_or_default();
-                format!(
-                    "load {:.0}/{:.0}   cpu {:.1}%  memory {:.1} MiB   host: {} CPUs, load {:.2}, {:.0} of {:.0} MiB free   sort {}{}{}  show {}{}",
-                    s.total_load_percentage,
-                    s.capacity,
-                    s.total_cpu_percent,
-                    s.total_memory_mb,
-                    host.cpus,
-                    host.load_average_1m,
-                    host.memory_available_mb,
-                    host.memory_total_mb,
-                    self.sort.name(),
-                    if self.descending { "↓" } else { "↑" },
-                    if self.tree { " (tree)" } else { "" },
-                    self.states.name(),
-                    if self.filter.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  filter `{}`", self.filter)
-                    },
-                )
-            }
-            None => String::new(),
-        };
-        frame.render_widget(
-            Paragraph::new(vec![Line::from(first), Line::from(second)]),
-            area,
-        );
-    }
-
-    fn draw_table(&mut self, frame: &mut Frame, area: Rect) {
-        let header = Row::new([
-            "AGENT", "STATE", "HEALTH", "CPU%", "MEM MiB", "THR", "RUNTIME", "PROGRESS", "RST",
-            "SPEND", "COMMAND",
-        ])
-        .style(Style::new().add_modifier(Modifier::BOLD | Modifier::REVERSED));
-        let rows = self.rows.iter().map(|(id, depth)| {
-            let (s, at) = &self.agents[id];
-            let live = is_live(s.state);
-            let indent = match depth {
-                0 => String::new(),
-                d => format!("{}└ ", "  ".repeat(d - 1)),
-            };
-            let figures = |value: String| if live { value } else { String::new() };
-            Row::new(vec![
-                format!("{indent}{id}"),
-                match live {
-                    true => state_name(s.state),
-                    false => format!(
-                        "{} {}",
-                        state_name(s.state),
-                        exit_text(s.exit_code, s.exit_signal)
-                    ),
-                },
-                figures(health_name(s.health)),
-                figures(format!("{:.1}", s.cpu_percent)),
-                match live {
-                    true => format!("{:.1}", s.memory_mb),
-                    false => format!("({:.1})", s.peak_memory_mb),
-                },
-                figures(s.num_threads.to_string()),
-                duration(runtime(s, *at)),
-                progress_bar(s.progress),
-                s.restart_count.to_string(),
-                spend(s),
-                one_line(&s.cmdline.join(" ")),
-            ])
-            .style(state_style(s.state))
-        });
-        // As wide as the longest id with its indent, within reason.
-        let id_width = self
-            .rows
-            .iter()
-            .map(|(id, depth)| id.chars().count() + 2 * depth)
-            .max()
-            .unwrap_or(0)
-            .clamp(8, 40);
-        let widths = [
-            Constraint::Length(id_width as u16),
-            Constraint::Length(17),
-            Constraint::Length(10),
-            Constraint::Length(6),
-            Constraint::Length(8),
-            Constraint::Length(4),
-            Constraint::Length(8),
-            Constraint::Length(15),
-            Constraint::Length(3),
-            Constraint::Length(9),
-            Constraint::Fill(1),
-        ];
-        let table = Table::new(rows, widths)
-            .header(header)
-            .row_highlight_style(
-                Style::new()
-                    .bg(Color::DarkGray)
-                    .add_modifier(Modifier::BOLD),
-            )
-            .highlight_symbol("▶ ");
-        frame.render_stateful_widget(table, area, &mut self.table);
-    }
-
-    fn draw_output(&self, frame: &mut Frame, area: Rect) {
-        let title = match &self.selected {
-            Some(id) => format!(" output of {id} "),
-            None => " output ".into(),
-        };
-        let height = usize::from(area.height.saturating_sub(2));
-        let lines: Vec<Line> = self
-            .output
-            .iter()
-            .skip(self.output.len().saturating_sub(height))
-            .map(|line| Line::raw(line.as_str()))
-            .collect();
-        frame.render_widget(
-            Paragraph::new(lines).block(Block::bordered().title(title)),
-            area,
-        );
-    }
-
-    fn draw_footer(&self, frame: &mut Frame, area: Rect) {
-        let line = match &self.prompt {
-            Prompt::Keys => Line::raw(
-                "q quit  ↑↓ select  sort: c cpu  m memory  r runtime  e state  i id  t tree  f states  / filter  s stop  k kill",
-            ),
-            Prompt::Confirm { agent_id, force } => Line::styled(
-                format!(
-                    "{} {agent_id}? y to confirm, any other key to cancel",
-                    if *force {
-                        "Kill (SIGKILL its whole tree)"
-                    } else {
-                        "Stop (its ladder)"
-                    }
-                ),
-                Style::new().fg(Color::Black).bg(Color::Yellow),
-            ),
-            Prompt::Filter(text) => Line::raw(format!(
-                "filter (id, name, type, model, or KEY=VALUE): {text}▏"
-            )),
-            Prompt::Message(message) => Line::raw(message.as_str()),
-        };
-        frame.render_widget(Paragraph::new(line), area);
+/// The memory an agent's row shows: what it holds while live, the most its run held after.
+fn memory(status: &pb::AgentStatus) -> f64 {
+    match is_live(status.state) {
+        true => status.memory_mb,
+        false => status.peak_memory_mb,
     }
 }
 
-fn state_style(state: i32) -> Style {
+/// The order of states when sorting by state: running first, completed last.
+fn state_rank(state: i32) -> u8 {
+    use pb::AgentState::*;
     match pb::AgentState::try_from(state) {
-        Ok(pb::AgentState::Running) => Style::new().fg(Color::Green),
-        Ok(pb::AgentState::Failed | pb::AgentState::Lost) => Style::new().fg(Color::Red),
-        Ok(
-            pb::AgentState::Starting
-            | pb::AgentState::Stopping
-            | pb::AgentState::BackingOff
-            | pb::AgentState::Paused,
-        ) => Style::new().fg(Color::Yellow),
-        _ => Style::new().fg(Color::Gray),
+        Ok(Running) => 0,
+        Ok(Starting) => 1,
+        Ok(Paused) => 2,
+        Ok(BackingOff) => 3,
+        Ok(Stopping) => 4,
+        Ok(Failed) => 5,
+        Ok(Lost) => 6,
+        Ok(TimedOut) => 7,
+        Ok(Killed) => 8,
+        Ok(Completed) => 9,
+        Ok(Unspecified) | Err(_) => 10,
     }
 }
 
@@ -633,139 +577,4 @@ fn runtime(status: &pb::AgentStatus, received: Instant) -> f64 {
         } else {
             0.0
         }
-}
-
-fn duration(seconds: f64) -> String {
-    let s = seconds.max(0.0) as u64;
-    match (s / 3600, s % 3600 / 60, s % 60) {
-        (0, 0, sec) => format!("{sec}s"),
-        (0, m, sec) => format!("{m}m{sec:02}s"),
-        (h, m, _) => format!("{h}h{m:02}m"),
-    }
-}
-
-fn progress_bar(progress: f64) -> String {
-    if progress <= 0.0 {
-        return String::new();
-    }
-    let filled = ((progress.min(100.0) / 10.0).round()) as usize;
-    format!(
-        "{}{} {:>3.0}%",
-        "█".repeat(filled),
-        "░".repeat(10 - filled),
-        progress
-    )
-}
-
-/// Every event, from a snapshot on; after a broken stream, from the last sequence seen (a
-/// snapshot again if the daemon no longer holds it).
-async fn watch(mut client: Client, updates: mpsc::Sender<Update>) {
-    let mut after: Option<u64> = None;
-    loop {
-        let request = pb::WatchAgentsRequest {
-            include_snapshot: after.is_none(),
-            after_sequence: after,
-            ..Default::default()
-        };
-        let why = match client.watch_agents(request).await {
-            Ok(stream) => {
-                let mut stream = stream.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(event)) => {
-                            after = Some(after.map_or(event.sequence, |a| a.max(event.sequence)));
-                            if updates.send(Update::Event(Box::new(event))).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => break "the event stream ended".to_string(),
-                        Err(status) => break status.message().to_string(),
-                    }
-                }
-            }
-            Err(status) if status.code() == Code::OutOfRange => {
-                after = None;
-                continue;
-            }
-            Err(status) => status.message().to_string(),
-        };
-        if updates
-            .send(Update::Disconnected(format!("reconnecting: {why}")))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-async fn summaries(mut client: Client, updates: mpsc::Sender<Update>) {
-    loop {
-        if let Ok(summary) = client.get_summary(pb::GetSummaryRequest {}).await
-            && updates
-                .send(Update::Summary(Box::new(summary.into_inner())))
-                .await
-                .is_err()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-}
-
-async fn follow_output(mut client: Client, agent_id: String, updates: mpsc::Sender<Update>) {
-    let request = pb::StreamLogsRequest {
-        agent_id: agent_id.clone(),
-        tail: 50,
-        follow: true,
-        ..Default::default()
-    };
-    let Ok(stream) = client.stream_logs(request).await else {
-        return;
-    };
-    let mut stream = stream.into_inner();
-    while let Ok(Some(chunk)) = stream.message().await {
-        if updates
-            .send(Update::Output(agent_id.clone(), chunk.data))
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
-}
-
-async fn stop(mut client: Client, agent_id: String, force: bool, updates: mpsc::Sender<Update>) {
-    let request = pb::CleanupRequest {
-        agent_ids: vec![agent_id.clone()],
-        force,
-        ..Default::default()
-    };
-    let result = client
-        .cleanup(request)
-        .await
-        .map(|_| ())
-        .map_err(|status| status.message().to_string());
-    let _ = updates.send(Update::Stopped(agent_id, result)).await;
-}
-
-/// What the agent and its sub-agents spent through the LLM gateway, in dollars; `!` once a
-/// budget is reached.
-fn spend(s: &pb::AgentStatus) -> String {
-    let own = s
-        .spend
-        .as_ref()
-        .and_then(|spend| spend.total)
-        .map_or(0, |t| t.cost_micros);
-    let tree = s.tree_spend.map_or(0, |t| t.cost_micros);
-    if s.spend.is_none() && s.tree_spend.is_none() {
-        return String::new();
-    }
-    let dollars = own.max(tree) as f64 / 1e6;
-    let reached = if s.budget_reached.is_empty() { "" } else { "!" };
-    match dollars < 1.0 {
-        true => format!("${dollars:.4}{reached}"),
-        false => format!("${dollars:.2}{reached}"),
-    }
 }

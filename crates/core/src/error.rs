@@ -25,7 +25,7 @@ pub enum Error {
     #[error("no agent `{id}`")]
     NotFound { id: String },
     /// The agent exists but its process has ended.
-    #[error("agent `{id}` is not running (it is {state:?})")]
+    #[error("agent `{id}` is not running (it is {state})")]
     NotRunning {
         id: String,
         state: crate::state::AgentState,
@@ -48,7 +48,7 @@ pub enum Error {
         capacity: f64,
     },
     /// Remove needs an agent that has ended for good.
-    #[error("agent `{id}` has not ended for good (it is {state:?}): stop it before removing it")]
+    #[error("agent `{id}` has not ended for good (it is {state}): stop it before removing it")]
     NotFinished {
         id: String,
         state: crate::state::AgentState,

@@ -27,6 +27,24 @@ pub enum AgentState {
     Paused,
 }
 
+/// As the API names it, without its prefix: `RUNNING`, `BACKING_OFF`.
+impl std::fmt::Display for AgentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AgentState::Starting => "STARTING",
+            AgentState::Running => "RUNNING",
+            AgentState::Stopping => "STOPPING",
+            AgentState::Completed => "COMPLETED",
+            AgentState::Failed => "FAILED",
+            AgentState::Killed => "KILLED",
+            AgentState::Lost => "LOST",
+            AgentState::BackingOff => "BACKING_OFF",
+            AgentState::TimedOut => "TIMED_OUT",
+            AgentState::Paused => "PAUSED",
+        })
+    }
+}
+
 impl AgentState {
     /// How many states there are (counts by state are arrays this long).
     pub const COUNT: usize = AgentState::Paused as usize + 1;
