@@ -305,7 +305,10 @@ async fn a_second_daemon_on_the_same_data_folder_is_refused_plainly() {
     let mut client = daemon.client().await;
     let agent = spawn(&mut client, "a1", vec!["sleep".into(), "300".into()]).await;
     let stderr = refused_start(daemon.dir.path()).await;
-    assert!(stderr.contains("another agentd runs"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("another agentd (pid {})", daemon.pid())),
+        "{stderr}"
+    );
     assert!(!stderr.contains("cannot be trusted"), "{stderr}");
     let still = status(&mut client, "a1").await;
     assert_eq!(
