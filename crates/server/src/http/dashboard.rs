@@ -1,6 +1,7 @@
 //! The web dashboard at `/`: four files compiled into the binary and served as written (no
 //! build step, nothing fetched from elsewhere). The page itself only uses the public routes:
-//! `/v1/events`, `/v1/summary`, history, output and `:stop`.
+//! `/v1/events`, `/v1/summary`, history, output, `:stop`, `:restart`, `:pause`, `:resume` and
+//! `DELETE /v1/agents/{id}`.
 
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -11,9 +12,13 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
             (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
             // A new agentd binary may bring a new page: always ask.
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            // `data:` images for the favicon, which is written into the page: nothing else
+            // is fetched from anywhere but here.
             (
                 header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static("default-src 'self'; frame-ancestors 'none'"),
+                HeaderValue::from_static(
+                    "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                ),
             ),
             (
                 header::X_CONTENT_TYPE_OPTIONS,

@@ -11,6 +11,8 @@ const CHART = 600;       // samples in the detail charts
 const FEED = 200;        // events in the feed
 const OUTPUT = 64 << 10; // characters of output kept in the detail pane
 const LIVE = new Set(["STARTING", "RUNNING", "STOPPING", "BACKING_OFF", "PAUSED"]);
+// Kinds that come once a second per agent: in the feed only when asked for.
+const NOISE = new Set(["HEALTH", "PROGRESS"]);
 
 const $ = (id) => document.getElementById(id);
 const agents = new Map(); // id -> {s: status, at: ms received, spark: [[t, cpu, mem]], version}
@@ -22,8 +24,10 @@ let selected = null;      // {id, cpu: [[t, v]], mem: [[t, v]], output: AbortCon
 let pendingFeed = [];
 let summary = null;
 
-const short = (name) => (name || "").replace(/^(AGENT_STATE|HEALTH|EVENT_KIND)_/, "");
+const short = (name) => (name || "").replace(/^(AGENT_STATE|HEALTH|EVENT_KIND|END_REASON)_/, "");
 const num = (x) => (typeof x === "number" ? x : Number(x) || 0);
+// An enum's value as words: `AGENT_STATE_BACKING_OFF` is "backing off".
+const words = (name) => short(name).toLowerCase().replace(/_/g, " ");
 
 function fmtMem(mb) {
   return mb >= 1024 ? (mb / 1024).toFixed(2) + " GiB" : mb.toFixed(1) + " MiB";
@@ -54,6 +58,34 @@ function runtime(a) {
   return num(s.runtimeSeconds) + (running ? (performance.now() - a.at) / 1000 : 0);
 }
 
+// How a run ended, short enough for its column: `code 3`, `signal 9`, or why agentd ended it
+// when the state does not say (`out of memory · signal 9`). Empty while it runs.
+const SIGNALS = { 1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 9: "SIGKILL", 11: "SIGSEGV", 15: "SIGTERM" };
+const REASONS = { TIMED_OUT: "timed out", HEALTH_ACTION: "health check", START_FAILED: "start failed",
+  OOM_KILLED: "out of memory", LOST: "lost", BUDGET: "budget" };
+
+function ending(s) {
+  const state = short(s.state);
+  if (state === "BACKING_OFF") return { code: s.lastExitCode, signal: s.lastExitSignal };
+  return LIVE.has(state) ? null : { code: s.exitCode, signal: s.exitSignal };
+}
+
+function exitText(s) {
+  const end = ending(s);
+  if (!end) return "";
+  const how = end.signal != null ? `signal ${end.signal}` : end.code != null ? `code ${end.code}` : "";
+  return [REASONS[short(s.endReason)], how].filter(Boolean).join(" · ");
+}
+
+function exitTitle(s) {
+  const end = ending(s);
+  if (!end) return "";
+  const { code, signal } = end;
+  return [`ended: ${words(s.endReason)}`, code != null ? `exit code ${code}` : "",
+    signal != null ? `signal ${signal}${SIGNALS[signal] ? ` (${SIGNALS[signal]})` : ""}` : "", s.error]
+    .filter(Boolean).join(" · ");
+}
+
 function schedule() {
   dirty = true;
   if (!frame) frame = requestAnimationFrame(render);
@@ -62,8 +94,10 @@ function schedule() {
 // ---- events ----------------------------------------------------------------------------------
 
 // events.js reads /v1/events in a worker and sends a batch every 100 ms.
+let worker = null;
+
 function connect() {
-  const worker = new Worker("/dashboard/events.js");
+  worker = new Worker("/dashboard/events.js");
   worker.onmessage = (e) => {
     const batch = e.data;
     if ("link" in batch) { setLink(batch.link); return; }
@@ -73,6 +107,13 @@ function connect() {
     pendingFeed.push(...batch.feed);
     schedule();
   };
+}
+
+// Health samples reach the feed only while they are shown: the worker leaves them out.
+function showNoise() {
+  const noise = $("feed-noise").checked;
+  $("feed").classList.toggle("noise", noise);
+  worker.postMessage({ noise });
 }
 
 function setLink(up) {
@@ -207,7 +248,7 @@ function rowElement(i) {
     const row = document.createElement("div");
     row.className = "row";
     row.innerHTML = `<span class="c-id"></span><span class="c-state"></span><span class="c-health"></span>` +
-      `<span class="c-cpu num"></span><span class="c-mem num"></span>` +
+      `<span class="c-exit"></span><span class="c-pid num"></span><span class="c-cpu num"></span><span class="c-mem num"></span>` +
       `<span class="c-spark"><canvas class="spark" width="120" height="18"></canvas></span>` +
       `<span class="c-run num"></span><span class="c-prog prog"><span class="bar"><div></div></span><span></span></span>` +
       `<span class="c-restarts num"></span><span class="c-denied num"></span><span class="c-spend num"></span>`;
@@ -231,7 +272,7 @@ function renderRows() {
     row.style.transform = `translateY(${i * ROW}px)`;
     row.classList.toggle("selected", selected !== null && selected.id === id);
     if (row.dataset.id === id && row.dataset.version === String(a.version)) {
-      setText(row.children[6], fmtDuration(runtime(a)));
+      setText(row.children[8], fmtDuration(runtime(a)));
       continue;
     }
     row.dataset.id = id;
@@ -246,31 +287,34 @@ function renderRows() {
     cells[1].className = "c-state s-" + state;
     setText(cells[2], LIVE.has(state) ? health.toLowerCase().replace("_", " ") : "");
     cells[2].className = "c-health h-" + health;
-    setText(cells[3], LIVE.has(state) ? num(s.cpuPercent).toFixed(1) : "");
-    setText(cells[4], LIVE.has(state) ? fmtMem(num(s.memoryMb)) : fmtMem(num(s.peakMemoryMb)));
-    drawSpark(cells[5].firstChild, a.spark);
-    setText(cells[6], fmtDuration(runtime(a)));
+    setText(cells[3], exitText(s));
+    cells[3].title = exitTitle(s);
+    setText(cells[4], LIVE.has(state) && s.pid ? String(s.pid) : "");
+    setText(cells[5], LIVE.has(state) ? num(s.cpuPercent).toFixed(1) : "");
+    setText(cells[6], LIVE.has(state) ? fmtMem(num(s.memoryMb)) : fmtMem(num(s.peakMemoryMb)));
+    drawSpark(cells[7].firstChild, a.spark);
+    setText(cells[8], fmtDuration(runtime(a)));
     const progress = num(s.progress);
-    cells[7].firstChild.firstChild.style.width = Math.min(100, progress) + "%";
-    setText(cells[7].lastChild, progress ? progress.toFixed(0) + "%" : "");
-    cells[7].title = s.progressMessage || "";
-    setText(cells[8], String(num(s.restartCount)));
+    cells[9].firstChild.firstChild.style.width = Math.min(100, progress) + "%";
+    setText(cells[9].lastChild, progress ? progress.toFixed(0) + "%" : "");
+    cells[9].title = s.progressMessage || "";
+    setText(cells[10], String(num(s.restartCount)));
     // A sandboxed agent's refusals: its proxy's, Landlock's and seccomp's.
     const denied = [num(s.egress && s.egress.denied), num(s.denials && s.denials.files),
       num(s.denials && s.denials.syscalls)];
-    setText(cells[9], s.sandbox ? String(denied[0] + denied[1] + denied[2]) : "");
-    cells[9].title = s.sandbox ? `connections ${denied[0]}, files ${denied[1]}, system calls ${denied[2]}` : "";
-    cells[9].classList.toggle("alarm", denied[0] + denied[1] + denied[2] > 0);
+    setText(cells[11], s.sandbox ? String(denied[0] + denied[1] + denied[2]) : "");
+    cells[11].title = s.sandbox ? `connections ${denied[0]}, files ${denied[1]}, system calls ${denied[2]}` : "";
+    cells[11].classList.toggle("alarm", denied[0] + denied[1] + denied[2] > 0);
     // What its tree spent through the LLM gateway (its own, for an agent with no children),
     // against its budget.
     const own = num(s.spend && s.spend.total && s.spend.total.costMicros);
     const tree = num(s.treeSpend && s.treeSpend.costMicros);
-    setText(cells[10], s.treeSpend || s.spend ? fmtDollars(Math.max(own, tree)) : "");
+    setText(cells[12], s.treeSpend || s.spend ? fmtDollars(Math.max(own, tree)) : "");
     const budget = s.budget ? ` · budget ${fmtBudget(s.budget)}` : "";
-    cells[10].title = s.treeSpend || s.spend || s.budget ?
+    cells[12].title = s.treeSpend || s.spend || s.budget ?
       `own ${fmtDollars(own)} · with its sub-agents ${fmtDollars(tree)}${budget}` +
       (s.budgetReached ? ` · reached: ${s.budgetReached}` : "") : "";
-    cells[10].classList.toggle("alarm", Boolean(s.budgetReached));
+    cells[12].classList.toggle("alarm", Boolean(s.budgetReached));
     if (!a.history) loadSpark(id, a);
   }
   for (let i = used; i < pool.length; i++) {
@@ -311,20 +355,36 @@ function drawSpark(canvas, points) {
   g.stroke();
 }
 
+// The feed keeps the newest FEED lifecycle events and, apart, the newest FEED of the noisy
+// kinds (hidden unless asked for), so a flood of progress never pushes a spawn or an exit out.
+const feedCount = { life: 0, noise: 0 };
+
 function renderFeed() {
   if (!pendingFeed.length) return;
   const feed = $("feed");
-  const items = pendingFeed.slice(-FEED).reverse().map(([time, kind, id, message, seq]) => {
+  const kept = { life: 0, noise: 0 }, items = [];
+  for (let i = pendingFeed.length - 1; i >= 0; i--) {
+    const [time, kind, id, message, seq] = pendingFeed[i];
+    const sort = NOISE.has(kind) ? "noise" : "life";
+    if (kept[sort] === FEED) continue;
+    kept[sort]++;
     const li = document.createElement("li");
     li.dataset.seq = seq;
+    li.className = sort;
     const when = time ? new Date(time).toLocaleTimeString() : "";
-    li.innerHTML = `<time>${when}</time><span class="kind s-${kindClass(kind)}">${kind.toLowerCase()}</span>` +
+    li.innerHTML = `<time>${when}</time><span class="kind s-${kindClass(kind)}">${words(kind)}</span>` +
       `${escapeHtml(id)} ${escapeHtml(message || "")}`;
-    return li;
-  });
+    items.push(li);
+  }
   pendingFeed = [];
   feed.prepend(...items);
-  while (feed.children.length > FEED) feed.lastChild.remove();
+  feedCount.life += kept.life;
+  feedCount.noise += kept.noise;
+  for (let li = feed.lastElementChild; li && (feedCount.life > FEED || feedCount.noise > FEED);) {
+    const newer = li.previousElementSibling;
+    if (feedCount[li.className] > FEED) { li.remove(); feedCount[li.className]--; }
+    li = newer;
+  }
 }
 
 function kindClass(kind) {
@@ -343,6 +403,7 @@ async function select(id) {
   $("detail").hidden = false;
   $("d-title").textContent = id;
   $("d-output").textContent = "";
+  $("d-error").hidden = true;
   for (const row of pool) row.dataset.version = ""; // redraw the highlight
   schedule();
   const mine = selected;
@@ -395,10 +456,20 @@ function renderDetail() {
   if (!a) { closeDetail(); return; }
   if (selected.version === a.version) return;
   selected.version = a.version;
-  const s = a.s, live = LIVE.has(short(s.state));
-  $("d-stop").disabled = !live;
-  $("d-kill").disabled = !live;
-  drawChart($("d-cpu"), selected.cpu, 100, "#4cc38a");
+  const s = a.s, state = short(s.state), live = LIVE.has(state);
+  setText($("d-facts"), [words(s.state), live ? words(s.health) : "", s.pid ? `pid ${s.pid}` : "",
+    exitText(s), num(s.restartCount) ? `${num(s.restartCount)} restarts` : ""].filter(Boolean).join(" · "));
+  $("d-facts").title = exitTitle(s);
+  setText($("d-command"), (s.cmdline || []).map(shellQuote).join(" "));
+  // Only what the daemon would do in this state.
+  const shown = { pause: state === "RUNNING", resume: state === "PAUSED", restart: state !== "STARTING",
+    stop: live, kill: live, remove: !live };
+  for (const [name, show] of Object.entries(shown)) {
+    const button = $("d-" + name);
+    button.hidden = !show;
+    button.disabled = Boolean(selected.busy);
+  }
+  drawChart($("d-cpu"), selected.cpu, 1, "#4cc38a");
   drawChart($("d-mem"), selected.mem, 1, "#5aa7f0");
   setText($("d-cpu-now"), live ? num(s.cpuPercent).toFixed(1) : "");
   setText($("d-mem-now"), live ? num(s.memoryMb).toFixed(1) : `peak ${num(s.peakMemoryMb).toFixed(1)}`);
@@ -409,51 +480,146 @@ function renderDetail() {
     const link = document.createElement("a");
     link.textContent = k.s.agentId;
     link.addEventListener("click", () => select(k.s.agentId));
-    li.append(link, ` ${short(k.s.state).toLowerCase()}`);
+    li.append(link, ` ${words(k.s.state)}`);
     return li;
   }));
   if (!kids.length) list.innerHTML = "<li>none</li>";
-  const rows = Object.entries(s).map(([key, value]) => {
-    const shown = typeof value === "object" && value !== null ? JSON.stringify(value) : String(value);
-    return `<tr><td>${escapeHtml(key)}</td><td>${escapeHtml(shown)}</td></tr>`;
-  });
+  const rows = Object.entries(s).filter(([, value]) => !isEmpty(value)).map(([key, value]) =>
+    `<tr><td>${escapeHtml(label(key))}</td><td>${escapeHtml(fieldText(key, value))}</td></tr>`);
   $("d-fields").innerHTML = rows.join("");
 }
 
+// Status fields in words: "process alive", not `processAlive`. Labels not listed here are the
+// field's name split into words.
+const LABELS = { agentId: "agent id", isZombie: "zombie", cpuPercent: "CPU %", memoryMb: "memory (MiB)",
+  peakMemoryMb: "peak memory (MiB)", numThreads: "threads", numProcesses: "processes", cmdline: "command",
+  pid: "PID", runtimeSeconds: "runtime", cpuSeconds: "CPU time (s)", loadPercentage: "declared load %",
+  agentDir: "folder", restartCount: "restarts", costMicros: "cost", memoryMaxMb: "memory max (MiB)",
+  memoryHighMb: "memory high (MiB)", pidsMax: "most processes", cpus: "CPUs", openFilesMax: "most open files",
+  cpuMaxCores: "CPU max (cores)", bytesUp: "bytes up", bytesDown: "bytes down" };
+const MAPS = new Set(["labels", "progressDetails", "models"]); // keys that are the user's own words
+const ENUM = /^(AGENT_STATE|END_REASON|RESTART_POLICY|HEALTH|CONTAINMENT|NETWORK_MODE|ON_LIMIT)_/;
+
+const label = (key) => LABELS[key] || key.replace(/[A-Z]/g, (c) => " " + c.toLowerCase());
+const isEmpty = (value) => value === "" || value === null || value === undefined ||
+  (typeof value === "object" && !Object.keys(value).length);
+
+function fieldText(key, value) {
+  if (typeof value === "boolean") return value ? "yes" : "no";
+  if (key === "cmdline") return value.map(shellQuote).join(" ");
+  if (key === "costMicros") return fmtDollars(num(value));
+  if (key === "runtimeSeconds") return fmtDuration(value);
+  if (Array.isArray(value)) return value.join(", ");
+  if (typeof value === "object") {
+    return Object.entries(value).filter(([, v]) => !isEmpty(v))
+      .map(([k, v]) => `${MAPS.has(key) ? k : label(k)} ${fieldText(k, v)}`).join(", ");
+  }
+  if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toFixed(2);
+  if (ENUM.test(value)) return value.replace(ENUM, "").toLowerCase().replace(/_/g, " ");
+  if (/^\d{4}-\d\d-\d\dT[\d:.]+Z$/.test(value)) return new Date(value).toLocaleString();
+  return String(value);
+}
+
+function shellQuote(word) {
+  return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
+}
+
+// A chart of [[time ms, value]]: y from 0 to a round number above the data (at least `floor`),
+// x over the samples held (at least a minute), both with labels. Drawn at the canvas's size
+// on screen, so text is not stretched.
 function drawChart(canvas, points, floor, color) {
+  const ratio = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth, h = canvas.clientHeight;
+  if (canvas.width !== Math.round(w * ratio)) canvas.width = Math.round(w * ratio);
+  if (canvas.height !== Math.round(h * ratio)) canvas.height = Math.round(h * ratio);
   const g = canvas.getContext("2d");
-  const w = canvas.width, h = canvas.height;
+  g.setTransform(ratio, 0, 0, ratio, 0, 0);
   g.clearRect(0, 0, w, h);
-  if (!points.length) return;
-  const top = Math.max(floor, ...points.map((p) => p[1])) * 1.1;
-  const t0 = points[0][0], span = Math.max(1, points[points.length - 1][0] - t0);
+  const left = 36, right = 8, top = 6, bottom = 16;
+  const pw = w - left - right, ph = h - top - bottom;
+  const max = roundUp(Math.max(floor, ...points.map((p) => p[1])));
+  const t1 = points.length ? points[points.length - 1][0] : Date.now();
+  const t0 = Math.min(points.length ? points[0][0] : t1, t1 - 60000);
+  const x = (t) => left + ((t - t0) / (t1 - t0)) * pw, y = (v) => top + ph - (v / max) * ph;
+  g.font = "10px ui-monospace, monospace";
+  g.lineWidth = 1;
+  g.strokeStyle = "#262c35";
   g.fillStyle = "#8a94a3";
-  g.font = "10px monospace";
-  g.fillText(top.toFixed(0), 2, 10);
+  g.textAlign = "right";
+  g.textBaseline = "middle";
+  g.beginPath();
+  for (const v of [0, max / 2, max]) {
+    g.moveTo(left, Math.round(y(v)) + 0.5);
+    g.lineTo(left + pw, Math.round(y(v)) + 0.5);
+    g.fillText(String(Number(v.toPrecision(3))), left - 4, y(v));
+  }
+  const step = [5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600].map((s) => s * 1000)
+    .find((s) => (t1 - t0) / s <= 5) || 7200000;
+  g.textAlign = "center";
+  g.textBaseline = "top";
+  for (let t = Math.ceil(t0 / step) * step; t <= t1; t += step) {
+    g.moveTo(Math.round(x(t)) + 0.5, top + ph);
+    g.lineTo(Math.round(x(t)) + 0.5, top + ph + 3);
+    const text = clock(t, step < 60000);
+    const half = g.measureText(text).width / 2;
+    g.fillText(text, Math.min(Math.max(x(t), left + half), w - half), top + ph + 4);
+  }
+  g.stroke();
+  if (!points.length) return;
   g.strokeStyle = color;
   g.beginPath();
-  points.forEach(([t, v], i) => {
-    const x = ((t - t0) / span) * (w - 2) + 1, y = h - 1 - (v / top) * (h - 2);
-    i ? g.lineTo(x, y) : g.moveTo(x, y);
-  });
+  points.forEach(([t, v], i) => (i ? g.lineTo(x(t), y(v)) : g.moveTo(x(t), y(v))));
   g.stroke();
 }
 
-async function stopSelected(force) {
-  const id = selected && selected.id;
-  if (!id) return;
+// The smallest of 1, 2, 2.5 and 5 times a power of ten that is at least `v`.
+function roundUp(v) {
+  const power = 10 ** Math.floor(Math.log10(v));
+  return [1, 2, 2.5, 5, 10].map((m) => m * power).find((n) => n >= v * (1 - 1e-9));
+}
+
+function clock(ms, seconds) {
+  const d = new Date(ms), two = (n) => String(n).padStart(2, "0");
+  return `${two(d.getHours())}:${two(d.getMinutes())}` + (seconds ? `:${two(d.getSeconds())}` : "");
+}
+
+// Every change the panel asks for goes the one way Stop always has: a JSON body, which the
+// daemon requires of a change carried by the session cookie (with the page's own Origin, which
+// the browser adds). The daemon's message shows in the panel when it refuses.
+async function act(what, method, suffix, body, question) {
+  const mine = selected;
+  if (!mine || mine.busy || (question && !confirm(question))) return;
+  const error = $("d-error");
+  error.hidden = true;
+  mine.busy = true;
+  mine.version = -1;
+  schedule();
+  let failure = null;
+  try {
+    const answer = await fetch(`/v1/agents/${encodeURIComponent(mine.id)}${suffix}`, {
+      method,
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    if (!answer.ok) {
+      failure = (await answer.json().catch(() => ({ message: `HTTP ${answer.status}` }))).message;
+    }
+  } catch (e) {
+    failure = e.message;
+  }
+  mine.busy = false;
+  mine.version = -1;
+  schedule();
+  if (failure && selected === mine) {
+    error.textContent = `${what} ${mine.id}: ${failure}`;
+    error.hidden = false;
+  }
+}
+
+function stopSelected(force) {
   const verb = force ? "Kill" : "Stop";
   const how = force ? "SIGKILL to its whole process tree" : "its stop ladder (SIGTERM, then SIGKILL)";
-  if (!confirm(`${verb} agent ${id}? agentd sends ${how}.`)) return;
-  const answer = await fetch(`/v1/agents/${encodeURIComponent(id)}:stop`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ force }),
-  });
-  if (!answer.ok) {
-    const error = await answer.json().catch(() => ({ message: `HTTP ${answer.status}` }));
-    alert(`${verb} ${id}: ${error.message}`);
-  }
+  act(verb, "POST", ":stop", { force }, `${verb} agent ${selected.id}? agentd sends ${how}.`);
 }
 
 // ---- helpers -------------------------------------------------------------------------------
@@ -479,12 +645,25 @@ $("login").addEventListener("submit", async (e) => {
 });
 
 $("rows").addEventListener("scroll", schedule, { passive: true });
-window.addEventListener("resize", schedule);
+window.addEventListener("resize", () => {
+  if (selected) selected.version = -1; // charts are drawn at their size on screen
+  schedule();
+});
 $("filter").addEventListener("input", () => { orderDirty = true; schedule(); });
 $("hide-ended").addEventListener("change", () => { orderDirty = true; schedule(); });
+$("feed-noise").addEventListener("change", showNoise);
 $("d-close").addEventListener("click", closeDetail);
 $("d-stop").addEventListener("click", () => stopSelected(false));
 $("d-kill").addEventListener("click", () => stopSelected(true));
+$("d-pause").addEventListener("click", () => act("Pause", "POST", ":pause", {}));
+$("d-resume").addEventListener("click", () => act("Resume", "POST", ":resume", {}));
+$("d-restart").addEventListener("click", () => {
+  const running = ["RUNNING", "PAUSED", "STOPPING"].includes(short(agents.get(selected.id).s.state));
+  act("Restart", "POST", ":restart", {}, running && `Restart agent ${selected.id}? agentd stops it with its ladder first.`);
+});
+$("d-remove").addEventListener("click", () => act("Remove", "DELETE", "", {},
+  `Remove agent ${selected.id}? Its record, folder and output are deleted.`));
 setInterval(schedule, 1000); // runtimes tick even when no event comes
 connect();
+showNoise(); // a reload keeps the box ticked
 pollSummary();

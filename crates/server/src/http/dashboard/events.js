@@ -2,7 +2,8 @@
 // every second are a megabyte of events a second, and parsing them where the page draws made
 // tasks of 60-120 ms. This worker reads /v1/events, drops what it has applied already, parses,
 // and hands the page one batch every 100 ms: the latest status of each agent that changed,
-// the samples for the charts and the lifecycle events for the feed.
+// the samples for the charts and the events for the feed (health samples only while the page
+// shows them).
 "use strict";
 
 const FLUSH_MS = 100;
@@ -12,6 +13,9 @@ let statuses = new Map(); // agent id -> latest status in this batch (null: remo
 let samples = [];         // [agentId, timeMs, cpuPercent, memoryMb]
 let feed = [];            // [time, kind, agentId, message, sequence]
 let reset = false;
+let noise = false;          // the page shows health samples in its feed
+
+onmessage = (e) => { noise = e.data.noise; };
 
 function send(message) { postMessage(message); }
 
@@ -30,8 +34,16 @@ function apply(kind, seq, data) {
   const ev = JSON.parse(data);
   if (kind === "REMOVED") statuses.set(ev.agentId, null);
   else if (ev.status) statuses.set(ev.agentId, ev.status);
-  if (kind === "HEALTH" && ev.status) {
-    samples.push([ev.agentId, Date.parse(ev.time), ev.status.cpuPercent, ev.status.memoryMb]);
+  const status = ev.status;
+  if (kind === "HEALTH" && status) {
+    samples.push([ev.agentId, Date.parse(ev.time), status.cpuPercent, status.memoryMb]);
+    if (noise) {
+      const line = `cpu ${Number(status.cpuPercent).toFixed(1)}% · memory ${Number(status.memoryMb).toFixed(1)} MiB`;
+      feed.push([ev.time, kind, ev.agentId, line, seq]);
+    }
+  } else if (kind === "PROGRESS" && status) {
+    const line = `${Math.round(status.progress)}% ${status.progressMessage || ""}`;
+    feed.push([ev.time, kind, ev.agentId, ev.message || line, seq]);
   } else if (kind !== "SNAPSHOT") {
     feed.push([ev.time, kind, ev.agentId, ev.message, seq]);
   }
