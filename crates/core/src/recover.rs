@@ -142,7 +142,25 @@ fn find(
     cgroups: &[(String, PathBuf, Vec<i32>)],
 ) -> Found {
     let agent_id = record.spec.agent_id.clone();
-    let leaders = marked.remove(&agent_id).unwrap_or_default();
+    let mut leaders = marked.remove(&agent_id).unwrap_or_default();
+    // The keeper names its children too, whatever their environment became since.
+    for child in keeper
+        .children
+        .iter()
+        .filter(|child| child.agent_id == agent_id)
+    {
+        if !leaders.iter().any(|leader| leader.pid == child.pid)
+            && let Some(stat) = os
+                .proc_stat(child.pid)
+                .filter(|stat| child.start_ticks == Some(stat.start_ticks) && stat.state != 'Z')
+        {
+            leaders.push(MarkedLeader {
+                pid: child.pid,
+                stat,
+                agent_id: agent_id.clone(),
+            });
+        }
+    }
     let was_live = record.state.is_live() || record.state == AgentState::BackingOff;
     if !was_live {
         // Younger leaders carrying an ended agent's folder are its descendants.
@@ -177,8 +195,9 @@ fn find(
     let unrecorded = same.is_none();
     let stat = match same {
         Some(stat) => stat,
-        // Else the run whose record did not reach the disk: the oldest leader carrying the
-        // agent's folder (any younger one is its descendant).
+        // Else the run whose record did not reach the disk (a spawn is answered once its
+        // STARTING record is): the oldest leader carrying the agent's folder or named by the
+        // keeper (any younger one is its descendant).
         None => match leaders.into_iter().min_by_key(|l| l.stat.start_ticks) {
             Some(leader) => {
                 tracing::warn!(

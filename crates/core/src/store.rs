@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::watch;
 
 use serde::{Deserialize, Serialize};
 
@@ -56,27 +56,33 @@ pub struct Store {
     durability: Arc<Durability>,
 }
 
-/// Group commit. One `flush_async` runs at a time and covers every write made before it
-/// began; a caller whose writes it covered returns without flushing again. sled's
-/// `flush_async` waits on sled's small thread pool for log writes queued to that same pool, so
-/// many at once can take every pool thread and never finish: one at a time is a correctness
-/// rule, not only a saving. (The sequence reservation's rare synchronous flush, once per
-/// block of sequences, runs on the supervisor's thread and takes no pool thread to wait.)
+/// Group commit. One flush runs at a time, on tokio's blocking pool, and covers every write
+/// made before it began; each caller waits for the first flush that covers its writes. A flush
+/// starts as soon as it is asked for, so it runs while the supervisor goes on: a spawn's
+/// STARTING record is flushed while the keeper forks. It is sled's synchronous flush: its
+/// `flush_async` waits on sled's small thread pool for log writes queued to that same pool,
+/// and many at once took every pool thread and never finished.
 #[derive(Default)]
 struct Durability {
     /// Counts writes.
     written: AtomicU64,
-    /// The `written` count the last finished flush covered.
-    flushed: AtomicU64,
-    /// Held while a flush runs; waiting on it queues callers in order.
-    flushing: Mutex<()>,
-    /// Wakes the background flusher.
-    wake: Notify,
+    /// Whether a flush runs.
+    running: std::sync::Mutex<bool>,
+    /// What the flushes so far covered, for callers to wait on.
+    flushed: watch::Sender<Flushed>,
     /// The last generation handed to a flush, under a lock so that the count and its write
     /// into `meta` go together (a lower one written last would look like a rollback), and
     /// the last one written to the stamp.
     generation: std::sync::Mutex<u64>,
     stamped: AtomicU64,
+}
+
+#[derive(Clone, Default)]
+struct Flushed {
+    /// Every write counted up to this one is on disk.
+    through: u64,
+    /// The last flush that failed, and the count of writes made when it did.
+    failed: Option<(u64, sled::Error)>,
 }
 
 /// What the store says of its own history, read when it is opened.
@@ -189,7 +195,7 @@ impl Store {
     }
 
     /// Before a flush: the next generation and the time, in the meta tree the flush covers.
-    fn begin_flush(&self) -> Result<u64> {
+    fn begin_flush(&self) -> sled::Result<u64> {
         let mut counted = self
             .durability
             .generation
@@ -237,28 +243,61 @@ impl Store {
         self.durability.written.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Wakes the background flusher if anything was written since the last flush.
+    /// The writes counted so far: [`Store::flushed_through`] this count waits for them.
+    pub fn written(&self) -> u64 {
+        self.durability.written.load(Ordering::SeqCst)
+    }
+
+    /// Starts a flush if something written is not on disk and none runs (one that runs goes
+    /// on until it covered every write). The supervisor asks once per turn of its loop, so a
+    /// transition reaches the disk within one flush, not at sled's next periodic one.
     pub fn flush_soon(&self) {
         let durability = &self.durability;
-        if durability.written.load(Ordering::SeqCst) > durability.flushed.load(Ordering::SeqCst) {
-            durability.wake.notify_one();
+        let mut running = lock(&durability.running);
+        if *running || self.written() <= durability.flushed.borrow().through {
+            return;
+        }
+        *running = true;
+        drop(running);
+        let store = self.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || store.flush_while_behind())),
+            Err(_) => store.flush_while_behind(),
         }
     }
 
-    /// Writes reach the disk within one flush of the supervisor turn that made them (see
-    /// [`Store::flush_soon`]), not at sled's next periodic flush, so a daemon killed right
-    /// after a transition still has it on restart. Flushes coalesce: writes made while one
-    /// runs are covered by the next.
-    pub fn start_background_flush(&self) {
-        let store = self.clone();
-        tokio::spawn(async move {
-            loop {
-                store.durability.wake.notified().await;
-                if let Err(error) = store.flush().await {
+    /// Flushes until every write is covered, then says no flush runs.
+    fn flush_while_behind(&self) {
+        let durability = &self.durability;
+        loop {
+            let covering = self.written();
+            let flushed = self.begin_flush().and_then(|generation| {
+                self.db.flush()?;
+                self.finish_flush(generation);
+                Ok(())
+            });
+            let mut running = lock(&durability.running);
+            let written = self.written();
+            match flushed {
+                Ok(()) => {
+                    durability
+                        .flushed
+                        .send_modify(|flushed| flushed.through = flushed.through.max(covering));
+                    if written > covering {
+                        continue;
+                    }
+                }
+                Err(error) => {
+                    // Whoever waits for a write made so far hears of it; the next asks again.
                     tracing::error!(%error, "flushing the agent store");
+                    durability
+                        .flushed
+                        .send_modify(|flushed| flushed.failed = Some((written, error)));
                 }
             }
-        });
+            *running = false;
+            return;
+        }
     }
 
     /// Every readable stored record, in agent id order. A record that cannot be read, or
@@ -408,28 +447,46 @@ impl Store {
 
     /// Puts everything written so far on disk, on this thread (for start-up).
     pub fn flush_now(&self) -> Result<()> {
+        let covering = self.written();
         let generation = self.begin_flush()?;
         self.db.flush()?;
         self.finish_flush(generation);
+        self.durability
+            .flushed
+            .send_modify(|flushed| flushed.through = flushed.through.max(covering));
         Ok(())
     }
 
     /// Waits until everything written so far is on disk.
     pub async fn flush(&self) -> Result<()> {
-        let durability = &self.durability;
-        let wanted = durability.written.load(Ordering::SeqCst);
-        let _flushing = durability.flushing.lock().await;
-        // The flush that ran while this caller waited may have covered its writes.
-        if durability.flushed.load(Ordering::SeqCst) >= wanted {
-            return Ok(());
-        }
-        let covering = durability.written.load(Ordering::SeqCst);
-        let generation = self.begin_flush()?;
-        self.db.flush_async().await?;
-        self.finish_flush(generation);
-        durability.flushed.fetch_max(covering, Ordering::SeqCst);
-        Ok(())
+        self.flushed_through(self.written()).await
     }
+
+    /// Waits until the first `count` writes ([`Store::written`]) are on disk.
+    pub async fn flushed_through(&self, count: u64) -> Result<()> {
+        let mut flushed = self.durability.flushed.subscribe();
+        self.flush_soon();
+        let outcome = flushed
+            .wait_for(|flushed| {
+                flushed.through >= count
+                    || flushed
+                        .failed
+                        .as_ref()
+                        .is_some_and(|(upto, _)| *upto >= count)
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        match &outcome.failed {
+            Some((_, error)) if outcome.through < count => Err(error.clone().into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// This boot's id: boot clock times from another boot mean nothing now.

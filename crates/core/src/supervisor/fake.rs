@@ -58,6 +58,8 @@ struct Tables {
     stubborn: HashSet<String>,
     /// Agents whose command cannot be started.
     unstartable: HashSet<String>,
+    /// Agents whose process wrote over its environment: no scan of `/proc` finds it.
+    unmarked: HashSet<String>,
 }
 
 pub(crate) struct FakeOs {
@@ -85,6 +87,11 @@ impl FakeOs {
     /// Its command is not found.
     pub fn unstartable(&self, agent_id: &str) {
         lock(&self.tables).unstartable.insert(agent_id.into());
+    }
+
+    /// Its process wrote over its environment (as `setproctitle` does).
+    pub fn unmarked(&self, agent_id: &str) {
+        lock(&self.tables).unmarked.insert(agent_id.into());
     }
 
     /// A process that runs now, as if an earlier agentd's keeper had started it.
@@ -265,6 +272,9 @@ impl Os for FakeOs {
         pids.into_iter()
             .filter_map(|pid| {
                 let agent_id = lock(&self.tables).live.get(&pid)?.0.clone();
+                if lock(&self.tables).unmarked.contains(&agent_id) {
+                    return None;
+                }
                 let stat = self.proc_stat(pid)?;
                 Some(MarkedLeader {
                     pid,

@@ -10,6 +10,7 @@ use crate::agent::{AgentRecord, AgentStatus};
 use crate::agent_dir::AgentFiles;
 use crate::error::{Error, Result};
 use crate::files;
+use crate::handle::Spawned;
 use crate::launch;
 use crate::machine::{AgentMachine, Launched};
 use crate::process;
@@ -127,13 +128,21 @@ impl SupervisorTask {
         }
     }
 
-    pub(super) fn spawn(&mut self, mut request: SpawnRequest) -> Result<AgentStatus> {
+    /// Starts an agent. Its answer may be given once the STARTING record is on disk: a
+    /// process whose record has no pid yet is adopted under that record after a crash
+    /// (`recover.rs`), so the RUNNING record is flushed after the answer, and the flush of the
+    /// STARTING one runs while the keeper forks.
+    pub(super) fn spawn(&mut self, mut request: SpawnRequest) -> Result<Spawned> {
         if self.shutting_down {
             return Err(Error::ShuttingDown);
         }
         let now = self.clock.mono();
         if let Some(agent_id) = self.table.by_request(&request.request_id) {
-            return self.table.get(agent_id).map(|m| m.status(now));
+            let status = self.table.get(agent_id).map(|m| m.status(now))?;
+            return Ok(Spawned {
+                status,
+                durable_at: self.store.written(),
+            });
         }
         if request.agent_id.is_empty() {
             request.agent_id = self.generate_id();
@@ -183,6 +192,8 @@ impl SupervisorTask {
         // The STARTING record reaches the disk before the process exists.
         tracing::info_span!(target: trace::TARGET, "agentd.spawn.record")
             .in_scope(|| self.store.put(machine.record()))?;
+        let durable_at = self.store.written();
+        self.store.flush_soon();
         let launched = {
             let _exec = exec_span(&agent_id);
             files.launch(machine.record(), &self.base_env, self.os.as_ref())
@@ -194,9 +205,8 @@ impl SupervisorTask {
         );
         tracing::info_span!(target: trace::TARGET, "agentd.spawn.started")
             .in_scope(|| self.launched(&agent_id, launched))?;
-        self.table
-            .get(&agent_id)
-            .map(|m| m.status(self.clock.mono()))
+        let status = self.table.get(&agent_id)?.status(self.clock.mono());
+        Ok(Spawned { status, durable_at })
     }
 
     /// Lets other users traverse (not list or read) the data folder and `agents/`, so an

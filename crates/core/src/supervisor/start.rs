@@ -127,7 +127,6 @@ impl Supervisor {
                 },
             )?;
         }
-        store.start_background_flush();
         let (commands_tx, commands) = mpsc::channel(1024);
         let parts = Parts {
             os: system.clone(),

@@ -114,6 +114,7 @@ impl Driver {
     async fn spawn(&mut self, request: SpawnRequest) -> crate::error::Result<AgentStatus> {
         self.call(|reply| Command::Spawn(Box::new(request), reply))
             .await
+            .map(|spawned| spawned.status)
     }
 
     async fn status(&mut self, agent_id: &str) -> AgentStatus {
@@ -415,7 +416,9 @@ async fn shutdown_stops_every_agent_then_answers() {
 
 /// Every stored state, recovered by a new task: a live agent whose process the keeper
 /// still runs is adopted, one whose process is gone is LOST, ended ones stay as they were,
-/// and one backing off restarts when its time comes.
+/// and one backing off restarts when its time comes. A spawn answered with only its STARTING
+/// record on disk is adopted through the keeper, though its process wrote over its
+/// environment.
 #[tokio::test]
 async fn recovery_from_every_stored_state() {
     let clock = Arc::new(FakeClock::new());
@@ -471,6 +474,23 @@ async fn recovery_from_every_stored_state() {
             records.push(record);
         }
     }
+    let answered = "answered-unmarked";
+    let (spec, _) = request(answered).validate().expect("valid");
+    let record = AgentRecord::new(
+        Arc::new(spec),
+        earlier.dir.path().join("agents").join(answered),
+        clock.wall(),
+    );
+    let (pid, ticks) = earlier.os.running(answered);
+    earlier.os.unmarked(answered);
+    children.push(KeptChild {
+        agent_id: answered.into(),
+        pid,
+        start_ticks: Some(ticks),
+        recorded: false,
+    });
+    earlier.task.store.put(&record).expect("stored");
+    records.push(record);
     earlier.task.store.flush_now().expect("flushed");
     let stored = earlier.task.store.load_agents().expect("loaded");
     assert_eq!(stored.len(), records.len());
@@ -489,7 +509,10 @@ async fn recovery_from_every_stored_state() {
         .task
         .recover(keeper, stored, None)
         .expect("recovered");
-    let mut found = Vec::new();
+    let mut found = vec![(
+        answered.to_string(),
+        driver.status(answered).await.record.state,
+    )];
     for state in states {
         for alive in ["alive", "gone"] {
             let id = format!("{state:?}-{alive}").to_lowercase();
@@ -499,7 +522,7 @@ async fn recovery_from_every_stored_state() {
     let expected = |id: &str| -> AgentState {
         use AgentState::*;
         match id {
-            "starting-alive" | "running-alive" => Running,
+            "starting-alive" | "running-alive" | "answered-unmarked" => Running,
             "stopping-alive" => Stopping,
             "paused-alive" => Paused,
             "starting-gone" | "running-gone" | "stopping-gone" | "paused-gone" => Lost,
