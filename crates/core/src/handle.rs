@@ -117,15 +117,8 @@ pub struct AgentHistory {
     pub points: Vec<HistoryPoint>,
 }
 
-/// A spawn's answer, and how many of the store's writes must be on disk before it is given.
-pub(crate) struct Spawned {
-    pub status: AgentStatus,
-    /// A count of [`Store::written`](crate::store::Store::written).
-    pub durable_at: u64,
-}
-
 pub(crate) enum Command {
-    Spawn(Box<SpawnRequest>, oneshot::Sender<Result<Spawned>>),
+    Spawn(Box<SpawnRequest>, oneshot::Sender<Result<AgentStatus>>),
     Status(String, oneshot::Sender<Result<AgentStatus>>),
     List(ListFilter, oneshot::Sender<Result<ListPage>>),
     Stop(
@@ -222,17 +215,8 @@ impl SupervisorHandle {
             .await?;
         // Answer only once the record (or the failure) is on disk.
         let flush = tracing::info_span!(target: crate::trace::TARGET, "agentd.spawn.flush");
-        match spawned {
-            Ok(spawned) => {
-                let flushed = self.store.flushed_through(spawned.durable_at);
-                flushed.instrument(flush).await?;
-                Ok(spawned.status)
-            }
-            Err(error) => {
-                self.store.flush().instrument(flush).await?;
-                Err(error)
-            }
-        }
+        self.store.flush().instrument(flush).await?;
+        spawned
     }
 
     pub async fn status(&self, agent_id: String) -> Result<AgentStatus> {

@@ -35,6 +35,16 @@ fn spec_path(specs_dir: &Path, agent_id: &str) -> PathBuf {
 
 /// Writes the agent's spec where a rebuild finds it; not synced (the store's flush is).
 pub(crate) fn write_spec(specs_dir: &Path, spec: &AgentSpec) -> Result<()> {
+    write_spec_into(specs_dir, spec, None)
+}
+
+/// Writes the spec into `premade` (an empty file agentd made ahead, beside the specs folder)
+/// and renames it into place, if given; else creates it in place.
+pub(crate) fn write_spec_into(
+    specs_dir: &Path,
+    spec: &AgentSpec,
+    premade: Option<&Path>,
+) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = spec_path(specs_dir, &spec.agent_id);
@@ -48,15 +58,21 @@ pub(crate) fn write_spec(specs_dir: &Path, spec: &AgentSpec) -> Result<()> {
             key: format!("spec of {}", spec.agent_id),
             source,
         })?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(&path)
-        .and_then(|mut file| file.write_all(&bytes))
-        .map_err(failed)
+    let write = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+            .and_then(|mut file| file.write_all(&bytes))
+    };
+    match premade {
+        Some(premade) => write(premade).and_then(|()| std::fs::rename(premade, &path)),
+        None => write(&path),
+    }
+    .map_err(failed)
 }
 
 /// Writes the specs an earlier agentd did not, from the records of a trusted store, so its

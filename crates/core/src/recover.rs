@@ -195,9 +195,8 @@ fn find(
     let unrecorded = same.is_none();
     let stat = match same {
         Some(stat) => stat,
-        // Else the run whose record did not reach the disk (a spawn is answered once its
-        // STARTING record is): the oldest leader carrying the agent's folder or named by the
-        // keeper (any younger one is its descendant).
+        // Else the run whose record did not reach the disk: the oldest leader carrying the
+        // agent's folder or named by the keeper (any younger one is its descendant).
         None => match leaders.into_iter().min_by_key(|l| l.stat.start_ticks) {
             Some(leader) => {
                 tracing::warn!(

@@ -172,7 +172,7 @@ pub struct Exhausted {
 /// all its descendants spent and have in flight, so a check walks up the tree only.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    accounts: Mutex<HashMap<String, Account>>,
+    accounts: Mutex<Accounts>,
     /// Told whenever a reservation is settled: a request that waits for room tries again.
     pub settled: tokio::sync::Notify,
 }
@@ -189,6 +189,59 @@ pub enum Reserve {
     Refused(Exhausted),
 }
 
+/// The accounts by agent id, and how many open accounts name each parent (counted, so
+/// that closing one of 10,000 does not walk the others).
+#[derive(Debug, Default)]
+struct Accounts {
+    by_id: HashMap<String, Account>,
+    children: HashMap<String, usize>,
+}
+
+impl std::ops::Deref for Accounts {
+    type Target = HashMap<String, Account>;
+    fn deref(&self) -> &Self::Target {
+        &self.by_id
+    }
+}
+
+impl std::ops::DerefMut for Accounts {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.by_id
+    }
+}
+
+impl Accounts {
+    fn insert(&mut self, agent_id: String, account: Account) {
+        if let Some(parent) = &account.parent {
+            *self.children.entry(parent.clone()).or_default() += 1;
+        }
+        if let Some(earlier) = self.by_id.insert(agent_id, account) {
+            self.forget_child_of(earlier.parent.as_deref());
+        }
+    }
+
+    fn remove(&mut self, agent_id: &str) -> Option<Account> {
+        let account = self.by_id.remove(agent_id)?;
+        self.forget_child_of(account.parent.as_deref());
+        Some(account)
+    }
+
+    fn forget_child_of(&mut self, parent: Option<&str>) {
+        if let Some(parent) = parent
+            && let Some(count) = self.children.get_mut(parent)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.children.remove(parent);
+            }
+        }
+    }
+
+    fn has_children(&self, agent_id: &str) -> bool {
+        self.children.contains_key(agent_id)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Account {
     parent: Option<String>,
@@ -202,7 +255,7 @@ struct Account {
 }
 
 impl Ledger {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Account>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Accounts> {
         self.accounts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -249,10 +302,7 @@ impl Ledger {
         let mut accounts = self.lock();
         let mut next = Some(agent_id.to_string());
         while let Some(id) = next.take() {
-            let has_children = accounts
-                .values()
-                .any(|account| account.parent.as_deref() == Some(id.as_str()));
-            if has_children {
+            if accounts.has_children(&id) {
                 break;
             }
             match accounts.remove(&id) {

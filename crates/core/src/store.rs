@@ -57,11 +57,10 @@ pub struct Store {
 }
 
 /// Group commit. One flush runs at a time, on tokio's blocking pool, and covers every write
-/// made before it began; each caller waits for the first flush that covers its writes. A flush
-/// starts as soon as it is asked for, so it runs while the supervisor goes on: a spawn's
-/// STARTING record is flushed while the keeper forks. It is sled's synchronous flush: its
-/// `flush_async` waits on sled's small thread pool for log writes queued to that same pool,
-/// and many at once took every pool thread and never finished.
+/// made before it began; each caller waits for the first flush that covers its writes. It is
+/// sled's synchronous flush: its `flush_async` waits on sled's small thread pool for log
+/// writes queued to that same pool, and many at once took every pool thread and never
+/// finished.
 #[derive(Default)]
 struct Durability {
     /// Counts writes.
@@ -223,16 +222,18 @@ impl Store {
         {
             return;
         }
+        // Always 21 bytes, written over the last: truncating freed the file's block on every
+        // flush, and on a filesystem mounted with `discard` each flush then waited for the
+        // device to discard it.
         let written = {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
+            use std::os::unix::fs::{FileExt, OpenOptionsExt};
             std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
-                .truncate(true)
+                .truncate(false)
                 .mode(0o600)
                 .open(&self.stamp)
-                .and_then(|mut file| file.write_all(format!("{generation}\n").as_bytes()))
+                .and_then(|file| file.write_all_at(format!("{generation:020}\n").as_bytes(), 0))
         };
         if let Err(error) = written {
             tracing::warn!(%error, path = %self.stamp.display(), "writing the store's stamp");
@@ -243,8 +244,8 @@ impl Store {
         self.durability.written.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// The writes counted so far: [`Store::flushed_through`] this count waits for them.
-    pub fn written(&self) -> u64 {
+    /// The writes counted so far.
+    fn written(&self) -> u64 {
         self.durability.written.load(Ordering::SeqCst)
     }
 
@@ -459,11 +460,7 @@ impl Store {
 
     /// Waits until everything written so far is on disk.
     pub async fn flush(&self) -> Result<()> {
-        self.flushed_through(self.written()).await
-    }
-
-    /// Waits until the first `count` writes ([`Store::written`]) are on disk.
-    pub async fn flushed_through(&self, count: u64) -> Result<()> {
+        let count = self.written();
         let mut flushed = self.durability.flushed.subscribe();
         self.flush_soon();
         let outcome = flushed

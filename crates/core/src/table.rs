@@ -25,6 +25,16 @@ pub(crate) struct AgentTable {
     by_request: HashMap<String, String>,
     /// Every agent's LLM gateway key and budget account, shared with the gateway.
     spending: Arc<Spending>,
+    /// The agents that hold capacity: how many, and their load in millionths of a percent
+    /// (sums stay exact), kept as agents come, go and change state, so that admitting a
+    /// spawn does not walk the table.
+    held: (usize, i64),
+    /// Each parent's children by id (whether the parent is in the table or not).
+    children: HashMap<String, BTreeSet<String>>,
+}
+
+fn millionths(load: f64) -> i64 {
+    (load * 1e6).round() as i64
 }
 
 impl AgentTable {
@@ -73,13 +83,67 @@ impl AgentTable {
         self.spending
             .ledger
             .open(&agent_id, parent, record.spec.budget, record.tree_spend);
-        self.agents.insert(agent_id, machine);
+        if record.state.holds_capacity() {
+            self.held_changed(true, record.spec.load_percentage);
+        }
+        if let Some(parent) = parent {
+            self.children
+                .entry(parent.to_string())
+                .or_default()
+                .insert(agent_id.clone());
+        }
+        // An id whose earlier spawn never started a process is spawned again.
+        if let Some(earlier) = self.agents.insert(agent_id, machine) {
+            self.forget(&earlier);
+        }
+    }
+
+    /// Takes a machine that left the table out of the counts and the children.
+    fn forget(&mut self, machine: &AgentMachine) {
+        let record = machine.record();
+        if record.state.holds_capacity() {
+            self.held_changed(false, record.spec.load_percentage);
+        }
+        let (agent_id, parent) = (&record.spec.agent_id, &record.spec.parent_agent_id);
+        // The same agent again under the same parent is still its child.
+        if let Some(children) = self.children.get_mut(parent)
+            && self
+                .agents
+                .get(agent_id)
+                .is_none_or(|now| now.record().spec.parent_agent_id != *parent)
+        {
+            children.remove(agent_id);
+            if children.is_empty() {
+                self.children.remove(parent);
+            }
+        }
+    }
+
+    /// An agent's state changed whether it holds capacity: now it does (`holds`) or not.
+    pub fn held_changed(&mut self, holds: bool, load: f64) {
+        match holds {
+            true => self.held = (self.held.0 + 1, self.held.1 + millionths(load)),
+            false => {
+                self.held = (
+                    self.held.0.saturating_sub(1),
+                    self.held.1 - millionths(load),
+                )
+            }
+        }
     }
 
     pub fn remove(&mut self, agent_id: &str) -> Option<AgentMachine> {
-        self.by_request.retain(|_, id| id != agent_id);
-        self.by_pid.retain(|_, id| id != agent_id);
         let machine = self.agents.remove(agent_id)?;
+        let record = machine.record();
+        if self.by_request.get(&record.spec.request_id) == Some(&record.spec.agent_id) {
+            self.by_request.remove(&record.spec.request_id);
+        }
+        if let Some(pid) = record.pid
+            && self.by_pid.get(&pid) == Some(&record.spec.agent_id)
+        {
+            self.by_pid.remove(&pid);
+        }
+        self.forget(&machine);
         if let Some(key) = &machine.record().gateway_key {
             self.spending.keys.remove(key);
         }
@@ -248,14 +312,18 @@ impl AgentTable {
     /// Refuses `more` agents of `load` in all that would pass the daemon's capacity or agent
     /// limit.
     pub fn has_room(&self, more: usize, load: f64, limits: &Limits) -> Result<()> {
-        let (count, used) = self
-            .agents
-            .values()
-            .map(AgentMachine::record)
-            .filter(|record| record.state.holds_capacity())
-            .fold((0usize, 0.0f64), |(count, load), record| {
-                (count + 1, load + record.spec.load_percentage)
-            });
+        let (count, used) = (self.held.0, self.held.1 as f64 / 1e6);
+        debug_assert_eq!(
+            self.held,
+            self.agents
+                .values()
+                .map(AgentMachine::record)
+                .filter(|record| record.state.holds_capacity())
+                .fold((0, 0), |(count, load), record| {
+                    (count + 1, load + millionths(record.spec.load_percentage))
+                }),
+            "the capacity held, counted as agents change, against a count of the table"
+        );
         if let Some(max) = limits.max_agents
             && count + more > max
         {
@@ -271,19 +339,17 @@ impl AgentTable {
         Ok(())
     }
 
+    /// The agents whose parent is `parent`, in id order.
+    pub fn children_of(&self, parent: &str) -> impl Iterator<Item = &String> {
+        self.children.get(parent).into_iter().flatten()
+    }
+
     /// Each agent's children, by the parent links.
     pub fn children(&self) -> HashMap<String, Vec<String>> {
-        let mut children: HashMap<String, Vec<String>> = HashMap::new();
-        for machine in self.agents.values() {
-            let spec = &machine.record().spec;
-            if !spec.parent_agent_id.is_empty() {
-                children
-                    .entry(spec.parent_agent_id.clone())
-                    .or_default()
-                    .push(spec.agent_id.clone());
-            }
-        }
-        children
+        self.children
+            .iter()
+            .map(|(parent, children)| (parent.clone(), children.iter().cloned().collect()))
+            .collect()
     }
 
     /// The agent and all its descendants.

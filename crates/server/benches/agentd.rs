@@ -545,14 +545,24 @@ async fn idle_cost(
     rows: &mut Rows,
 ) -> Result<()> {
     let daemon = Daemon::start_with(flags).await?;
-    let client = daemon.client().await?;
-    spawn_all(
+    let mut client = daemon.client().await?;
+    let took = spawn_all(
         &client,
         (0..n).map(|i| sleeper(format!("idle-{i}"))).collect(),
         options.in_flight,
     )
     .await?;
-    idle_rows(&daemon, &format!("{n} idle agents{suffix}"), options, rows).await?;
+    let label = format!("{n} idle agents{suffix}");
+    rows.insert(
+        format!("{label}: spawn, {} in flight (s)", options.in_flight),
+        took.as_secs_f64(),
+    );
+    idle_rows(&daemon, &label, options, rows).await?;
+    let stopped = stop_all(&mut client, false).await?;
+    rows.insert(
+        format!("{label}: stop all, SIGTERM (s)"),
+        stopped.as_secs_f64(),
+    );
     daemon.close().await
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agent::AgentStatus;
-use crate::agent_dir::BaseEnv;
+use crate::agent_dir::{BaseEnv, ReadyFolders};
 use crate::clock::Clock;
 use crate::config::{FinishedRetention, Limits, SupervisorConfig};
 use crate::egress::{Denial, EgressResolve};
@@ -66,6 +66,8 @@ pub(crate) struct SupervisorTask {
     specs_dir: PathBuf,
     /// Removed agents' folders wait here to be deleted.
     trash_dir: PathBuf,
+    /// Agent folders made ahead.
+    ready: ReadyFolders,
     /// A blocking thread is deleting the trash.
     trash_emptying: Arc<AtomicBool>,
     table: AgentTable,
@@ -207,6 +209,7 @@ impl SupervisorTask {
             specs_dir: config.data_dir.join(rebuild::SPECS),
             trash_dir: config.data_dir.join("trash"),
             trash_emptying: Arc::default(),
+            ready: ReadyFolders::new(config.data_dir.join("ready")),
             table: AgentTable::default(),
             queue: VecDeque::new(),
             carrying_out: false,
@@ -435,9 +438,12 @@ impl SupervisorTask {
         let machine = self.table.get_mut(agent_id)?;
         let before = machine.deadline();
         let sampled_as = (machine.leader_alive(), machine.record().pid);
+        let held = machine.record().state.holds_capacity();
         let mut effects = Vec::new();
         let result = input(machine, now, &mut effects);
         let after = machine.deadline();
+        let holds = machine.record().state.holds_capacity();
+        let load = machine.record().spec.load_percentage;
         if sampled_as != (machine.leader_alive(), machine.record().pid) {
             self.targets_generation += 1;
         }
@@ -455,6 +461,9 @@ impl SupervisorTask {
             None => {
                 self.groups_watched.remove(agent_id);
             }
+        }
+        if held != holds {
+            self.table.held_changed(holds, load);
         }
         if before != after {
             if let Some(at) = before {

@@ -10,7 +10,6 @@ use crate::agent::{AgentRecord, AgentStatus};
 use crate::agent_dir::AgentFiles;
 use crate::error::{Error, Result};
 use crate::files;
-use crate::handle::Spawned;
 use crate::launch;
 use crate::machine::{AgentMachine, Launched};
 use crate::process;
@@ -128,21 +127,13 @@ impl SupervisorTask {
         }
     }
 
-    /// Starts an agent. Its answer may be given once the STARTING record is on disk: a
-    /// process whose record has no pid yet is adopted under that record after a crash
-    /// (`recover.rs`), so the RUNNING record is flushed after the answer, and the flush of the
-    /// STARTING one runs while the keeper forks.
-    pub(super) fn spawn(&mut self, mut request: SpawnRequest) -> Result<Spawned> {
+    pub(super) fn spawn(&mut self, mut request: SpawnRequest) -> Result<AgentStatus> {
         if self.shutting_down {
             return Err(Error::ShuttingDown);
         }
         let now = self.clock.mono();
         if let Some(agent_id) = self.table.by_request(&request.request_id) {
-            let status = self.table.get(agent_id).map(|m| m.status(now))?;
-            return Ok(Spawned {
-                status,
-                durable_at: self.store.written(),
-            });
+            return self.table.get(agent_id).map(|m| m.status(now));
         }
         if request.agent_id.is_empty() {
             request.agent_id = self.generate_id();
@@ -172,14 +163,16 @@ impl SupervisorTask {
             // Another user must be able to reach its folder, though not list the others.
             self.open_for_other_users()?;
         }
+        let made = self.ready.take();
         let files = {
             let _folder =
                 tracing::info_span!(target: trace::TARGET, "agentd.spawn.folder").entered();
-            AgentFiles::prepare(&agent_id, &agent_dir, &prompt, owner)?
+            AgentFiles::prepare(&agent_id, &agent_dir, &prompt, owner, made.as_ref())?
         };
         // What a rebuild of the record starts from, should the store be lost.
+        let premade = made.as_ref().map(|made| made.spec.as_path());
         tracing::info_span!(target: trace::TARGET, "agentd.spawn.spec")
-            .in_scope(|| rebuild::write_spec(&self.specs_dir, &spec))?;
+            .in_scope(|| rebuild::write_spec_into(&self.specs_dir, &spec, premade))?;
         let mut record = AgentRecord::new(Arc::new(spec), agent_dir, self.clock.wall());
         if self.base_env.gateway.is_some() {
             let key = spend::new_key().map_err(|source| Error::Setup {
@@ -192,8 +185,6 @@ impl SupervisorTask {
         // The STARTING record reaches the disk before the process exists.
         tracing::info_span!(target: trace::TARGET, "agentd.spawn.record")
             .in_scope(|| self.store.put(machine.record()))?;
-        let durable_at = self.store.written();
-        self.store.flush_soon();
         let launched = {
             let _exec = exec_span(&agent_id);
             files.launch(machine.record(), &self.base_env, self.os.as_ref())
@@ -205,8 +196,9 @@ impl SupervisorTask {
         );
         tracing::info_span!(target: trace::TARGET, "agentd.spawn.started")
             .in_scope(|| self.launched(&agent_id, launched))?;
-        let status = self.table.get(&agent_id)?.status(self.clock.mono());
-        Ok(Spawned { status, durable_at })
+        self.table
+            .get(&agent_id)
+            .map(|m| m.status(self.clock.mono()))
     }
 
     /// Lets other users traverse (not list or read) the data folder and `agents/`, so an

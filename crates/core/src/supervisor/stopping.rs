@@ -107,12 +107,17 @@ impl SupervisorTask {
 
     /// The agent ended for good: children that asked to follow their parent are stopped.
     pub(super) fn stop_followers(&mut self, agent_id: &str) {
-        let followers = self.table.ids_where(|child| {
-            let spec = &child.record().spec;
-            spec.parent_agent_id == agent_id
-                && spec.lifecycle.on_parent_exit == ParentExit::Stop
-                && (child.leader_alive() || child.record().state == AgentState::BackingOff)
-        });
+        let followers: Vec<String> = self
+            .table
+            .children_of(agent_id)
+            .filter(|child| {
+                self.table.get(child).is_ok_and(|child| {
+                    child.record().spec.lifecycle.on_parent_exit == ParentExit::Stop
+                        && (child.leader_alive() || child.record().state == AgentState::BackingOff)
+                })
+            })
+            .cloned()
+            .collect();
         for child in followers {
             tracing::info!(agent_id = %child, parent = %agent_id, "stopping: its parent ended");
             drop(self.begin_stop(&child, false, StopReason::ParentExited));

@@ -114,7 +114,6 @@ impl Driver {
     async fn spawn(&mut self, request: SpawnRequest) -> crate::error::Result<AgentStatus> {
         self.call(|reply| Command::Spawn(Box::new(request), reply))
             .await
-            .map(|spawned| spawned.status)
     }
 
     async fn status(&mut self, agent_id: &str) -> AgentStatus {
@@ -416,7 +415,7 @@ async fn shutdown_stops_every_agent_then_answers() {
 
 /// Every stored state, recovered by a new task: a live agent whose process the keeper
 /// still runs is adopted, one whose process is gone is LOST, ended ones stay as they were,
-/// and one backing off restarts when its time comes. A spawn answered with only its STARTING
+/// and one backing off restarts when its time comes. A spawn cut short with only its STARTING
 /// record on disk is adopted through the keeper, though its process wrote over its
 /// environment.
 #[tokio::test]
