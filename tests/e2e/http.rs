@@ -755,3 +755,87 @@ async fn the_summary_tells_what_the_host_offers() {
         assert!(host[load].as_f64().is_some_and(|l| l >= 0.0), "{host}");
     }
 }
+
+/// `view=figures` on `/v1/events`: a health sample's data is the figures a table shows, about
+/// a tenth of the whole; an unknown view is a 400.
+#[tokio::test]
+async fn events_with_the_figures_view_send_short_health_samples() {
+    let daemon = Daemon::builder().options(&HTTP).start().await;
+    let http = daemon.http();
+    http.post(
+        "/v1/agents",
+        json!({"agentId": "sampled", "command": ["sleep", "30"]}),
+    )
+    .await;
+    let health = "kind=EVENT_KIND_HEALTH&agent=sampled";
+    let mut whole = SseReader::new(
+        http.send("GET", &format!("/v1/events?{health}"), &[], None)
+            .await,
+    );
+    let mut figures = SseReader::new(
+        http.send(
+            "GET",
+            &format!("/v1/events?{health}&view=figures"),
+            &[],
+            None,
+        )
+        .await,
+    );
+    let short = figures
+        .until(|e| e.event == "EVENT_KIND_HEALTH")
+        .await
+        .pop()
+        .expect("a sample");
+    let long = whole
+        .until(|e| e.sequence() >= short.sequence())
+        .await
+        .pop()
+        .expect("a sample");
+    assert_eq!(long.sequence(), short.sequence());
+    let (short, long) = (
+        short.json()["status"].clone(),
+        long.json()["status"].clone(),
+    );
+    assert_eq!(short["agentId"], "sampled");
+    assert_eq!(short["state"], "AGENT_STATE_RUNNING");
+    assert_eq!(short["memoryMb"], long["memoryMb"]);
+    assert!(
+        long["cmdline"].is_array() && short.get("cmdline").is_none(),
+        "{short}"
+    );
+    let figures = [
+        "agentId",
+        "state",
+        "processAlive",
+        "processStatus",
+        "cpuPercent",
+        "memoryMb",
+        "peakMemoryMb",
+        "cpuSeconds",
+        "runtimeSeconds",
+        "numThreads",
+        "numProcesses",
+        "health",
+        "healthReason",
+        "progress",
+        "progressMessage",
+        "egress",
+        "denials",
+        "spend",
+        "treeSpend",
+        "budget",
+        "budgetReached",
+    ];
+    let fields: Vec<&String> = short.as_object().expect("an object").keys().collect();
+    assert!(
+        fields.iter().all(|field| figures.contains(&field.as_str())),
+        "only the figures: {short}"
+    );
+    assert!(
+        short.to_string().len() * 2 < long.to_string().len(),
+        "{short} against {long}"
+    );
+
+    let refused = http.get("/v1/events?view=all").await;
+    assert_error(&refused, 400, "INVALID_ARGUMENT");
+}

@@ -112,3 +112,115 @@ async fn a_snapshot_comes_first_then_filtered_health_samples() {
     }
     stop(&mut client, &["watched", "other"], true).await;
 }
+
+/// `EVENT_VIEW_FIGURES`: health samples carry the figures a table shows and nothing else,
+/// beside a watcher of the whole status on the same events; the snapshot and lifecycle
+/// events stay whole. An unknown view is refused.
+#[tokio::test]
+async fn a_figures_view_trims_health_samples_only() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let watch = |view: pb::EventView| pb::WatchAgentsRequest {
+        agent_ids: vec!["counted".into()],
+        kinds: vec![EventKind::Health as i32, EventKind::Killed as i32],
+        include_snapshot: true,
+        view: view.into(),
+        ..Default::default()
+    };
+    let spawned = spawn(&mut client, "counted", vec!["sleep".into(), "300".into()]).await;
+    let mut whole = client
+        .watch_agents(watch(pb::EventView::Full))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut figures = client
+        .watch_agents(watch(pb::EventView::Figures))
+        .await
+        .expect("watch")
+        .into_inner();
+    for events in [&mut whole, &mut figures] {
+        let snapshot = next_event(events).await.status.expect("status");
+        assert_eq!((snapshot.pid, snapshot.cmdline.len()), (spawned.pid, 2));
+    }
+    // The whole watcher subscribed first: it may have a sample more.
+    let figures_sample = next_event(&mut figures).await;
+    let whole_sample = loop {
+        let event = next_event(&mut whole).await;
+        if event.sequence >= figures_sample.sequence {
+            break event;
+        }
+    };
+    assert_eq!(whole_sample.sequence, figures_sample.sequence);
+    assert_eq!(figures_sample.kind, EventKind::Health as i32);
+    let (all, some) = (
+        whole_sample.status.expect("status"),
+        figures_sample.status.expect("status"),
+    );
+    assert!(some.memory_mb > 0.0 && some.num_threads >= 1, "{some:?}");
+    assert_eq!(
+        (
+            some.agent_id.as_str(),
+            some.state,
+            some.memory_mb,
+            some.process_status.as_str()
+        ),
+        (
+            all.agent_id.as_str(),
+            all.state,
+            all.memory_mb,
+            all.process_status.as_str()
+        )
+    );
+    let trimmed = pb::AgentStatus {
+        agent_id: all.agent_id.clone(),
+        state: all.state,
+        process_alive: all.process_alive,
+        process_status: all.process_status.clone(),
+        cpu_percent: all.cpu_percent,
+        memory_mb: all.memory_mb,
+        peak_memory_mb: all.peak_memory_mb,
+        cpu_seconds: all.cpu_seconds,
+        runtime_seconds: all.runtime_seconds,
+        num_threads: all.num_threads,
+        num_processes: all.num_processes,
+        health: all.health,
+        health_reason: all.health_reason.clone(),
+        progress: all.progress,
+        progress_message: all.progress_message.clone(),
+        egress: all.egress,
+        denials: all.denials,
+        spend: all.spend.clone(),
+        tree_spend: all.tree_spend,
+        budget: all.budget,
+        budget_reached: all.budget_reached.clone(),
+        ..Default::default()
+    };
+    assert_eq!(some, trimmed, "only the figures");
+    assert!(
+        prost::Message::encoded_len(&some) * 2 < prost::Message::encoded_len(&all),
+        "{some:?} against {all:?}"
+    );
+
+    stop(&mut client, &["counted"], true).await;
+    let killed = loop {
+        let event = next_event(&mut figures).await;
+        if event.kind == EventKind::Killed as i32 {
+            break event;
+        }
+    };
+    assert_eq!(
+        killed.status.expect("status").cmdline.len(),
+        2,
+        "lifecycle events stay whole"
+    );
+
+    let refused = client
+        .watch_agents(pb::WatchAgentsRequest {
+            view: 7,
+            ..Default::default()
+        })
+        .await
+        .expect_err("an unknown view");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("view"), "{}", refused.message());
+}

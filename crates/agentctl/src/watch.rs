@@ -43,6 +43,7 @@ pub async fn watch(client: &mut Client, args: WatchArgs, out: Output) -> anyhow:
         after_sequence: args.after,
         health_interval: args.health_interval.map(Into::into),
         replay_only: args.replay_only,
+        view: pb::EventView::Full.into(),
     };
     let mut events = client.watch_agents(request).await?.into_inner();
     while let Some(event) = events.message().await? {

@@ -116,12 +116,17 @@ pub enum Format {
     Protobuf,
     /// A whole server-sent event: its `id:`, `event:` and `data:` (JSON) lines.
     ServerSent,
+    /// As `Protobuf` and `ServerSent`, with only the figures of the status (`EVENT_VIEW_FIGURES`).
+    ProtobufFigures,
+    ServerSentFigures,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct Encodings {
     protobuf: OnceLock<Box<[u8]>>,
     server_sent: OnceLock<Box<[u8]>>,
+    protobuf_figures: OnceLock<Box<[u8]>>,
+    server_sent_figures: OnceLock<Box<[u8]>>,
 }
 
 impl Event {
@@ -130,6 +135,8 @@ impl Event {
         let slot = match format {
             Format::Protobuf => &self.encoded.protobuf,
             Format::ServerSent => &self.encoded.server_sent,
+            Format::ProtobufFigures => &self.encoded.protobuf_figures,
+            Format::ServerSentFigures => &self.encoded.server_sent_figures,
         };
         slot.get_or_init(|| encode(self).into_boxed_slice())
     }

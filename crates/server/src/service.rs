@@ -108,11 +108,21 @@ impl AgentSupervisorService {
                 })
                 .await
                 .map_err(error_status)?;
+            let figures = match pb::EventView::try_from(request.view) {
+                Ok(view) => view == pb::EventView::Figures,
+                Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown `view` {}: EVENT_VIEW_FULL (0) or EVENT_VIEW_FIGURES (1)",
+                        request.view
+                    )));
+                }
+            };
             let options = WatchOptions {
                 filter,
                 health_interval,
                 buffer: self.watch_buffer,
                 replay_only: request.replay_only,
+                figures,
             };
             Ok(watch::start(
                 subscription,
@@ -457,7 +467,7 @@ impl AgentSupervisor for AgentSupervisorService {
         request: Request<pb::WatchAgentsRequest>,
     ) -> Result<Response<Self::WatchAgentsStream>, Status> {
         let events = self.watch(request.into_inner()).await?;
-        let events = events.map(|event| event.map(|event| convert::event(&event)));
+        let events = events.map(|event| event.map(|watched| watched.message()));
         Ok(Response::new(Box::pin(events)))
     }
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use agentd_core::{Event, EventFilter, EventKind, Subscription};
+use agentd_core::{Event, EventFilter, EventFormat, EventKind, Subscription};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::mpsc::error::{SendTimeoutError, TrySendError};
 use tokio::sync::{mpsc, oneshot};
@@ -66,6 +66,8 @@ pub struct WatchOptions {
     pub buffer: usize,
     /// End once the replay is sent.
     pub replay_only: bool,
+    /// HEALTH events with only the figures of the status (`EVENT_VIEW_FIGURES`).
+    pub figures: bool,
 }
 
 /// The watcher's events, then, if it was ended, the status saying why. The events are the
@@ -74,16 +76,47 @@ pub struct WatchOptions {
 pub struct WatchStream {
     queue: mpsc::Receiver<Arc<Event>>,
     end: Option<oneshot::Receiver<Status>>,
+    figures: bool,
     /// Held until the client goes away.
     _slot: WatcherSlot,
 }
 
+/// An event as one watcher sends it: whole, or with only the figures of its status (a HEALTH
+/// event to a watcher that asked for `EVENT_VIEW_FIGURES`).
+pub struct Watched {
+    pub event: Arc<Event>,
+    pub figures: bool,
+}
+
+impl Watched {
+    /// Its message, as the watcher sends it.
+    pub fn message(&self) -> agentd_proto::v1::AgentEvent {
+        match self.figures {
+            true => convert::event_figures(&self.event),
+            false => convert::event(&self.event),
+        }
+    }
+
+    /// Its encoding in `whole` or `figures`, made once for every watcher that sends it so.
+    pub fn encoded(
+        &self,
+        (whole, figures): (EventFormat, EventFormat),
+        encode: impl FnOnce(agentd_proto::v1::AgentEvent) -> Vec<u8>,
+    ) -> &[u8] {
+        let format = if self.figures { figures } else { whole };
+        self.event.encoded(format, |_| encode(self.message()))
+    }
+}
+
 impl Stream for WatchStream {
-    type Item = Result<Arc<Event>, Status>;
+    type Item = Result<Watched, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match self.queue.poll_recv(cx) {
-            Poll::Ready(Some(event)) => return Poll::Ready(Some(Ok(event))),
+            Poll::Ready(Some(event)) => {
+                let figures = self.figures && event.kind == EventKind::Health;
+                return Poll::Ready(Some(Ok(Watched { event, figures })));
+            }
             Poll::Ready(None) => {}
             Poll::Pending => return Poll::Pending,
         }
@@ -109,6 +142,7 @@ pub fn start(
     slot: WatcherSlot,
 ) -> WatchStream {
     let (queue_tx, queue) = mpsc::channel(options.buffer.max(1));
+    let figures = options.figures;
     let (end_tx, end) = oneshot::channel();
     metrics.watcher_started();
     tokio::spawn(async move {
@@ -132,6 +166,7 @@ pub fn start(
     WatchStream {
         queue,
         end: Some(end),
+        figures,
         _slot: slot,
     }
 }

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use agentd_core::{Event, EventFormat};
+use agentd_core::EventFormat;
 use agentd_proto::v1 as pb;
 use bytes::BufMut;
 use tonic::Status;
@@ -16,9 +16,8 @@ use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::{Grpc, NamedService, ServerStreamingService};
 
-use crate::convert;
 use crate::service::AgentSupervisorService;
-use crate::watch::WatchStream;
+use crate::watch::{WatchStream, Watched};
 
 const WATCH_AGENTS: &str = "/agentd.v1.AgentSupervisor/WatchAgents";
 
@@ -62,7 +61,7 @@ where
 struct EncodedWatch(Arc<AgentSupervisorService>);
 
 impl ServerStreamingService<pb::WatchAgentsRequest> for EncodedWatch {
-    type Response = Arc<Event>;
+    type Response = Watched;
     type ResponseStream = WatchStream;
     type Future = BoxFuture<tonic::Response<WatchStream>, Status>;
 
@@ -81,7 +80,7 @@ struct EncodedEventCodec;
 type RequestCodec = agentd_proto::Codec<pb::AgentEvent, pb::WatchAgentsRequest>;
 
 impl Codec for EncodedEventCodec {
-    type Encode = Arc<Event>;
+    type Encode = Watched;
     type Decode = pb::WatchAgentsRequest;
     type Encoder = EncodedEventEncoder;
     type Decoder = <RequestCodec as Codec>::Decoder;
@@ -98,13 +97,12 @@ impl Codec for EncodedEventCodec {
 struct EncodedEventEncoder;
 
 impl Encoder for EncodedEventEncoder {
-    type Item = Arc<Event>;
+    type Item = Watched;
     type Error = Status;
 
-    fn encode(&mut self, event: Arc<Event>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        let encoded = event.encoded(EventFormat::Protobuf, |event| {
-            prost::Message::encode_to_vec(&convert::event(event))
-        });
+    fn encode(&mut self, event: Watched, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        let formats = (EventFormat::Protobuf, EventFormat::ProtobufFigures);
+        let encoded = event.encoded(formats, |message| prost::Message::encode_to_vec(&message));
         dst.put_slice(encoded);
         Ok(())
     }

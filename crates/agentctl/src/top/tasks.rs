@@ -12,13 +12,15 @@ use super::{Action, Update};
 use crate::client::Client;
 
 /// Every event, from a snapshot on; after a broken stream, from the last sequence seen (a
-/// snapshot again if the daemon no longer holds it).
+/// snapshot again if the daemon no longer holds it). Health samples carry only the figures
+/// the table shows.
 pub(super) async fn watch(mut client: Client, updates: mpsc::Sender<Update>) {
     let mut after: Option<u64> = None;
     loop {
         let request = pb::WatchAgentsRequest {
             include_snapshot: after.is_none(),
             after_sequence: after,
+            view: pb::EventView::Figures.into(),
             ..Default::default()
         };
         let why = match client.watch_agents(request).await {

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use agentd_core::{Event, EventFormat, LogStream};
+use agentd_core::{EventFormat, LogStream};
 use agentd_proto::v1 as pb;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
@@ -20,7 +20,7 @@ use tonic::{Code, Status};
 use super::{Answer, Api, ApiError, Query, error_response};
 use crate::convert::{self, Mirror, error_body};
 use crate::logs;
-use crate::watch::WatchStream;
+use crate::watch::{WatchStream, Watched};
 
 /// Between two comments on an idle event stream, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -124,6 +124,16 @@ pub(super) async fn events(
         after_sequence,
         health_interval: query.duration("health_interval")?,
         replay_only: query.flag("replay_only")?,
+        view: match query.one("view") {
+            None | Some("full") => pb::EventView::Full,
+            Some("figures") => pb::EventView::Figures,
+            Some(other) => {
+                return Err(ApiError(Status::invalid_argument(format!(
+                    "unknown `view` `{other}`: `full` or `figures`"
+                ))));
+            }
+        }
+        .into(),
     };
     let stream = match api.service.watch(request).await {
         Ok(stream) => stream,
@@ -200,11 +210,24 @@ impl Stream for ServerSentEvents {
 
 /// `id: SEQUENCE`, `event: EVENT_KIND_...`, `data: JSON` (one line: serde_json writes no
 /// newline), and the blank line that ends an event.
-fn frame(event: &Event) -> &[u8] {
-    event.encoded(EventFormat::ServerSent, |event| {
-        let kind = event.kind.to_wire().as_str_name();
-        let mut frame = format!("id: {}\nevent: {kind}\ndata: ", event.sequence).into_bytes();
-        if serde_json::to_writer(&mut frame, &convert::event(event)).is_err() {
+fn frame(watched: &Watched) -> &[u8] {
+    let formats = (EventFormat::ServerSent, EventFormat::ServerSentFigures);
+    watched.encoded(formats, |message| {
+        let kind = watched.event.kind.to_wire().as_str_name();
+        let sequence = watched.event.sequence;
+        let mut frame = format!("id: {sequence}\nevent: {kind}\ndata: ").into_bytes();
+        let json = serde_json::to_value(&message).map(|mut json| {
+            if watched.figures
+                && let Some(status) = json.get_mut("status").and_then(|s| s.as_object_mut())
+            {
+                status.retain(|field, _| convert::FIGURES_JSON.contains(&field.as_str()));
+            }
+            json
+        });
+        if json
+            .and_then(|json| serde_json::to_writer(&mut frame, &json))
+            .is_err()
+        {
             frame.extend_from_slice(b"{}");
         }
         frame.extend_from_slice(b"\n\n");

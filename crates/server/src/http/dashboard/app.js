@@ -103,6 +103,7 @@ function connect() {
     if ("link" in batch) { setLink(batch.link); return; }
     if (batch.reset) { agents.clear(); orderDirty = true; }
     for (const [id, status] of batch.statuses) update(id, status);
+    for (const [id, figures] of batch.figures) patch(id, figures);
     for (const [id, t, cpu, mem] of batch.samples) sample(id, t, num(cpu), num(mem));
     pendingFeed.push(...batch.feed);
     schedule();
@@ -139,6 +140,22 @@ function update(id, status) {
   a.s = status;
   a.at = performance.now();
   a.version++;
+}
+
+// What a health sample carries (`view=figures`); JSON leaves out a field at its default.
+const FIGURES = ["state", "processAlive", "processStatus", "cpuPercent", "memoryMb", "peakMemoryMb",
+  "cpuSeconds", "runtimeSeconds", "numThreads", "numProcesses", "health", "healthReason",
+  "progress", "progressMessage", "egress", "denials", "spend", "treeSpend", "budget", "budgetReached"];
+
+function patch(id, figures) {
+  const a = agents.get(id);
+  if (!a) return;
+  const s = { ...a.s };
+  for (const field of FIGURES) {
+    if (field in figures) s[field] = figures[field];
+    else delete s[field];
+  }
+  update(id, s);
 }
 
 function sample(id, t, cpu, mem) {

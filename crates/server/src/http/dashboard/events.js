@@ -2,14 +2,16 @@
 // every second are a megabyte of events a second, and parsing them where the page draws made
 // tasks of 60-120 ms. This worker reads /v1/events, drops what it has applied already, parses,
 // and hands the page one batch every 100 ms: the latest status of each agent that changed,
-// the samples for the charts and the events for the feed (health samples only while the page
-// shows them).
+// the latest figures of each agent sampled since (health samples carry only the figures a
+// table shows: `view=figures`), the samples for the charts and the events for the feed
+// (health samples only while the page shows them).
 "use strict";
 
 const FLUSH_MS = 100;
 let lastSeq = null; // the last sequence passed on: where a reconnection resumes
 let retry = 500;
 let statuses = new Map(); // agent id -> latest status in this batch (null: removed)
+let figures = new Map();  // agent id -> latest figures sampled after that status
 let samples = [];         // [agentId, timeMs, cpuPercent, memoryMb]
 let feed = [];            // [time, kind, agentId, message, sequence]
 let reset = false;
@@ -20,10 +22,11 @@ onmessage = (e) => { noise = e.data.noise; };
 function send(message) { postMessage(message); }
 
 setInterval(() => {
-  if (!reset && !statuses.size && !feed.length && !samples.length) return;
-  send({ reset, statuses: [...statuses], samples, feed });
+  if (!reset && !statuses.size && !figures.size && !feed.length && !samples.length) return;
+  send({ reset, statuses: [...statuses], figures: [...figures], samples, feed });
   reset = false;
   statuses = new Map();
+  figures = new Map();
   samples = [];
   feed = [];
 }, FLUSH_MS);
@@ -32,8 +35,11 @@ function apply(kind, seq, data) {
   if (kind !== "SNAPSHOT" && lastSeq !== null && seq <= lastSeq) return; // seen already
   if (lastSeq === null || seq > lastSeq) lastSeq = seq;
   const ev = JSON.parse(data);
-  if (kind === "REMOVED") statuses.set(ev.agentId, null);
-  else if (ev.status) statuses.set(ev.agentId, ev.status);
+  if (kind === "HEALTH" && ev.status) figures.set(ev.agentId, ev.status);
+  else if (kind === "REMOVED" || ev.status) {
+    statuses.set(ev.agentId, kind === "REMOVED" ? null : ev.status);
+    figures.delete(ev.agentId);
+  }
   const status = ev.status;
   if (kind === "HEALTH" && status) {
     samples.push([ev.agentId, Date.parse(ev.time), status.cpuPercent, status.memoryMb]);
@@ -53,7 +59,7 @@ function apply(kind, seq, data) {
 async function follow() {
   // A resumption sends the standard `Last-Event-ID`; the daemon then skips the snapshot.
   const headers = lastSeq === null ? {} : { "Last-Event-ID": String(lastSeq) };
-  const answer = await fetch("/v1/events?snapshot=true", { headers, cache: "no-store" });
+  const answer = await fetch("/v1/events?snapshot=true&view=figures", { headers, cache: "no-store" });
   if (answer.status === 410) {
     // The daemon no longer holds our position: start over from a snapshot.
     lastSeq = null;
