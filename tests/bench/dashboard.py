@@ -55,7 +55,7 @@ def post(base, path, body):
 
 
 def stand_ins(base, pid, args):
-    streams = [subprocess.Popen(["curl", "-sN", "-o", "/dev/null", base + "/v1/events?snapshot=true"])
+    streams = [subprocess.Popen(["curl", "-sN", "-o", "/dev/null", f"{base}/v1/events?snapshot=true&view={args.view}"])
                for _ in range(args.pages)]
     summaries = subprocess.Popen(
         ["sh", "-c", f"while :; do for i in $(seq {args.pages}); do curl -s -o /dev/null {base}/v1/summary; "
@@ -75,6 +75,8 @@ def main():
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--pages", type=int, default=10)
     parser.add_argument("--window", type=float, default=30.0, help="seconds per measurement")
+    parser.add_argument("--view", default="figures", choices=["figures", "full"],
+                        help="what the curl stand-ins ask of /v1/events (the page asks for figures)")
     parser.add_argument("--curl", action="store_true",
                         help="instead of browsers, the requests each page makes (the event stream, "
                              "the summary every 2 s) from curl: agentd's cost without 2 cores "

@@ -9,7 +9,8 @@ time from Python over the Unix socket (each agent `sleep 600`, all killed after)
 is one trace: the RPC's span and, inside it, a span per step:
 
     check    validation, sandbox and user checks, capacity (agentd.spawn.check)
-    folder   the agent's folder and its output and prompt files (agentd.spawn.folder)
+    folder   the agent's folder and its output and prompt files, made ahead and renamed
+             into place (agentd.spawn.folder)
     spec     the spec written for a rebuild of the store (agentd.spawn.spec)
     record   the STARTING record put in the store (agentd.spawn.record)
     exec     cgroup, keeper, clone3 and exec confirmed (agentd.spawn.exec), of which:

@@ -8,7 +8,7 @@ OTEL_EXPORTER_OTLP_ENDPOINT pointing at tests/python/otlp_collector.py, and time
 Spawn calls one at a time (each agent `sleep 600`, stopped after), from Python over the Unix
 socket. With `--baseline BIN` (agentd built from an earlier commit) each round also runs
 that binary without the variables, to show what the tracing code costs when it is off.
-Prints p50 and p90 per round, agentd's own CPU time per spawn (from /proc, so the
+Prints p50 and p99 per round, agentd's own CPU time per spawn (from /proc, so the
 stand-in collector's work on the same cores is not counted), and the medians.
 
 The two take turns going first: each daemon's folder is deleted after its run, and on a
@@ -55,7 +55,7 @@ def run(agentd, spawns, env):
         daemon.wait()
         shutil.rmtree(folder, ignore_errors=True)
     times.sort()
-    return times[len(times) // 2], times[len(times) * 9 // 10], cpu_ms / spawns
+    return times[len(times) // 2], times[len(times) * 99 // 100], cpu_ms / spawns
 
 
 def cpu_time_ms(pid):
@@ -87,10 +87,10 @@ def main():
     try:
         for round_ in range(args.rounds):
             for mode, agentd, env in modes if round_ % 2 == 0 else modes[::-1]:
-                p50, p90, cpu_per_spawn = run(agentd, args.spawns, env)
+                p50, p99, cpu_per_spawn = run(agentd, args.spawns, env)
                 results[mode].append(p50)
                 cpu[mode].append(cpu_per_spawn)
-                print(f"round {round_ + 1}, tracing {mode}: spawn p50 {p50:.3f} ms, p90 {p90:.3f} ms, "
+                print(f"round {round_ + 1}, tracing {mode}: spawn p50 {p50:.3f} ms, p99 {p99:.3f} ms, "
                       f"agentd CPU {cpu_per_spawn:.3f} ms per spawn", flush=True)
     finally:
         collector.stdin.close()
