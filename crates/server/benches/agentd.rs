@@ -7,6 +7,7 @@
 //! cargo bench -p agentd-server --bench agentd                 # N=200,1000, 1000 and 10k idle,
 //!                                                              # 10 rounds of 1000 short agents
 //! cargo bench -p agentd-server --bench agentd -- --smoke      # tiny N, a few seconds
+//! AGENTD_BENCH_BINARY=/path/to/older/agentd cargo bench ...   # the same rows, another build
 //! ```
 //!
 //! Nothing here asserts a timing; it only fails when agentd does something wrong (an RPC
@@ -108,7 +109,10 @@ impl Daemon {
     async fn start_with(options: &[&str]) -> Result<Daemon> {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("agentd.sock");
-        let mut process = Command::new(env!("CARGO_BIN_EXE_agentd"))
+        // Another agentd (an earlier build) to measure against: `AGENTD_BENCH_BINARY`.
+        let binary = std::env::var_os("AGENTD_BENCH_BINARY")
+            .map_or_else(|| env!("CARGO_BIN_EXE_agentd").into(), PathBuf::from);
+        let mut process = Command::new(binary)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--socket")

@@ -112,7 +112,7 @@ impl AgentSupervisorService {
                 Ok(view) => view == pb::EventView::Figures,
                 Err(_) => {
                     return Err(Status::invalid_argument(format!(
-                        "unknown `view` {}: EVENT_VIEW_FULL (0) or EVENT_VIEW_FIGURES (1)",
+                        "unknown `view` {}: EVENT_VIEW_FULL (1) or EVENT_VIEW_FIGURES (2)",
                         request.view
                     )));
                 }

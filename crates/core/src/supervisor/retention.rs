@@ -11,6 +11,11 @@ use crate::rebuild;
 
 use super::SupervisorTask;
 
+/// How many agents one round of retention removes. Removing one (its record, folder, spec
+/// and cgroup) costs about 0.3 ms on the supervisor's thread: 9,000 ended at once (a stop of
+/// 10,000) were a stall of seconds for every call, where 256 a second catch up unnoticed.
+const REMOVED_PER_ROUND: usize = 256;
+
 impl SupervisorTask {
     /// Deletes the agent's record, folder and output, if it has ended for good.
     pub(super) fn remove(&mut self, agent_id: &str) -> Result<AgentStatus> {
@@ -91,7 +96,7 @@ impl SupervisorTask {
     }
 
     /// Removes the agents that ended for good longest ago, beyond the count limit or past
-    /// the age limit.
+    /// the age limit, at most [`REMOVED_PER_ROUND`] a round.
     pub(super) fn apply_retention(&mut self) {
         let retention = self.finished_retention;
         let mut finished: Vec<(SystemTime, String)> = self
@@ -114,6 +119,7 @@ impl SupervisorTask {
             .enumerate()
             .filter(|(index, (ended, _))| *index < over || *ended < oldest_allowed)
             .map(|(_, (_, agent_id))| agent_id)
+            .take(REMOVED_PER_ROUND)
             .collect();
         let mut removed = 0;
         for agent_id in expired {
