@@ -2,9 +2,11 @@
 //!
 //! This crate holds generated code: the messages, their proto3 JSON mapping (serde, from
 //! pbjson) and the gRPC client and server; conversions to and from the supervisor's own types
-//! live in `agentd-server`. Besides, [`settings`] holds what the daemon and its clients must
-//! agree on without depending on each other: where the socket is, how a duration is written.
+//! live in `agentd-server`. Besides, [`figures`] says which fields `EVENT_VIEW_FIGURES` keeps,
+//! and [`settings`] holds what the daemon and its clients must agree on without depending on
+//! each other: where the socket is, how a duration is written.
 
+pub mod figures;
 pub mod settings;
 
 /// Messages, enums and the `AgentSupervisor` client and server of package `agentd.v1`.

@@ -803,30 +803,8 @@ async fn events_with_the_figures_view_send_short_health_samples() {
         long["cmdline"].is_array() && short.get("cmdline").is_none(),
         "{short}"
     );
-    let figures = [
-        "agentId",
-        "state",
-        "processAlive",
-        "processStatus",
-        "cpuPercent",
-        "memoryMb",
-        "peakMemoryMb",
-        "cpuSeconds",
-        "runtimeSeconds",
-        "numThreads",
-        "numProcesses",
-        "health",
-        "healthReason",
-        "progress",
-        "progressMessage",
-        "egress",
-        "denials",
-        "spend",
-        "treeSpend",
-        "budget",
-        "budgetReached",
-    ];
     let fields: Vec<&String> = short.as_object().expect("an object").keys().collect();
+    let figures = agentd_proto::figures::FIGURES_JSON;
     assert!(
         fields.iter().all(|field| figures.contains(&field.as_str())),
         "only the figures: {short}"

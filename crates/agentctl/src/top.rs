@@ -306,8 +306,9 @@ impl Top {
                     self.agents.remove(&event.agent_id);
                 } else if let Some(status) = event.status {
                     let status = match self.agents.remove(&event.agent_id) {
+                        // A HEALTH sample carries only the figures (`EVENT_VIEW_FIGURES`).
                         Some((held, _)) if event.kind == pb::EventKind::Health as i32 => {
-                            with_figures(held, status)
+                            held.with_figures(status)
                         }
                         _ => status,
                     };
@@ -583,31 +584,4 @@ fn runtime(status: &pb::AgentStatus, received: Instant) -> f64 {
         } else {
             0.0
         }
-}
-
-/// A HEALTH event's figures (`EVENT_VIEW_FIGURES`) over the status the table holds.
-fn with_figures(held: pb::AgentStatus, figures: pb::AgentStatus) -> pb::AgentStatus {
-    pb::AgentStatus {
-        state: figures.state,
-        process_alive: figures.process_alive,
-        process_status: figures.process_status,
-        cpu_percent: figures.cpu_percent,
-        memory_mb: figures.memory_mb,
-        peak_memory_mb: figures.peak_memory_mb,
-        cpu_seconds: figures.cpu_seconds,
-        runtime_seconds: figures.runtime_seconds,
-        num_threads: figures.num_threads,
-        num_processes: figures.num_processes,
-        health: figures.health,
-        health_reason: figures.health_reason,
-        progress: figures.progress,
-        progress_message: figures.progress_message,
-        egress: figures.egress,
-        denials: figures.denials,
-        spend: figures.spend,
-        tree_spend: figures.tree_spend,
-        budget: figures.budget,
-        budget_reached: figures.budget_reached,
-        ..held
-    }
 }

@@ -5,17 +5,20 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentd_core::{
-    AgentHistory, AgentRecord, AgentState, AgentStatus, Alert, Backoff, Containment, EndReason,
-    Error, Event, EventKind, Exit, Health, HealthAction, HealthMetric, HealthPolicy,
-    LifecyclePolicy, ListFilter, ListPage, ParentExit, ProgressReport, ReapReport, Resources,
-    RestartPolicy, SpawnRequest, StopOutcome, StopReport, Summary,
+    AgentHistory, AgentState, AgentStatus, Backoff, Containment, EndReason, Error, EventKind, Exit,
+    Health, HealthAction, HealthMetric, HealthPolicy, LifecyclePolicy, ListFilter, ListPage,
+    ParentExit, ProgressReport, ReapReport, Resources, RestartPolicy, SpawnRequest, StopOutcome,
+    StopReport, Summary,
 };
 use agentd_proto::v1 as pb;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+mod event;
 mod sandbox;
 pub(crate) mod spend;
+
+pub use event::{event, event_figures};
 
 /// A supervisor enum and the `agentd.v1` enum that mirrors it, variant for variant. Declared
 /// once per pair with [`mirror!`], which writes both directions.
@@ -447,15 +450,6 @@ pub fn progress_report(request: pb::ReportProgressRequest) -> ProgressReport {
     }
 }
 
-fn alert(alert: &Alert) -> pb::Alert {
-    pb::Alert {
-        metric: alert.metric.to_wire().into(),
-        value: alert.value,
-        threshold: alert.threshold,
-        action: alert.action.to_wire().into(),
-    }
-}
-
 fn duration(
     field: &str,
     value: Option<pbjson_types::Duration>,
@@ -511,7 +505,12 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
         num_processes: status.num_processes,
         adopted: record.adopted,
         request_id: spec.request_id.clone(),
-        health_reason: health_reason(record),
+        health_reason: record
+            .health_issues
+            .iter()
+            .map(|issue| issue.reason.as_str())
+            .collect::<Vec<_>>()
+            .join("; "),
         health_since: record
             .health_issues
             .iter()
@@ -555,98 +554,6 @@ pub fn status(status: &AgentStatus) -> pb::AgentStatus {
         tree_spend: (record.tree_spend.requests > 0).then(|| spend::usage(&record.tree_spend)),
         budget_reached: record.budget_reached.clone().unwrap_or_default(),
     }
-}
-
-pub fn event(event: &Event) -> pb::AgentEvent {
-    pb::AgentEvent {
-        status: Some(status(&event.status)),
-        ..event_without_status(event)
-    }
-}
-
-/// The fields [`event_figures`] keeps, as proto3 JSON names them: JSON that writes every
-/// field at its default keeps only these.
-pub const FIGURES_JSON: [&str; 21] = [
-    "agentId",
-    "state",
-    "processAlive",
-    "processStatus",
-    "cpuPercent",
-    "memoryMb",
-    "peakMemoryMb",
-    "cpuSeconds",
-    "runtimeSeconds",
-    "numThreads",
-    "numProcesses",
-    "health",
-    "healthReason",
-    "progress",
-    "progressMessage",
-    "egress",
-    "denials",
-    "spend",
-    "treeSpend",
-    "budget",
-    "budgetReached",
-];
-
-/// The event with only the figures of its status (`EVENT_VIEW_FIGURES`).
-pub fn event_figures(event: &Event) -> pb::AgentEvent {
-    let status = &event.status;
-    let record = &status.record;
-    pb::AgentEvent {
-        status: Some(pb::AgentStatus {
-            agent_id: record.spec.agent_id.clone(),
-            state: record.state.to_wire().into(),
-            process_alive: status.process_alive,
-            process_status: status.process_status.clone(),
-            cpu_percent: status.cpu_percent,
-            memory_mb: status.memory_mb,
-            peak_memory_mb: record.peak_memory_bytes as f64 / (1024.0 * 1024.0),
-            cpu_seconds: record.cpu_seconds,
-            runtime_seconds: status.runtime.as_secs_f64(),
-            num_threads: status.num_threads,
-            num_processes: status.num_processes,
-            health: status.health.to_wire().into(),
-            health_reason: health_reason(record),
-            progress: record.progress,
-            progress_message: record.progress_message.clone(),
-            egress: sandbox::egress(record),
-            denials: sandbox::denials(record),
-            spend: (record.spend.total.requests > 0).then(|| spend::spend(&record.spend)),
-            tree_spend: (record.tree_spend.requests > 0).then(|| spend::usage(&record.tree_spend)),
-            budget: record.spec.budget.as_ref().map(spend::budget),
-            budget_reached: record.budget_reached.clone().unwrap_or_default(),
-            ..Default::default()
-        }),
-        ..event_without_status(event)
-    }
-}
-
-fn event_without_status(event: &Event) -> pb::AgentEvent {
-    pb::AgentEvent {
-        sequence: event.sequence,
-        time: Some(timestamp(event.time)),
-        agent_id: event.status.agent_id().to_string(),
-        kind: event.kind.to_wire().into(),
-        status: None,
-        message: event.message.clone(),
-        alert: event.alert.as_ref().map(alert),
-        denied: event.denied.as_ref().map(|denied| pb::DeniedConnection {
-            host: denied.host.clone(),
-            port: denied.port.into(),
-            reason: denied.reason.clone(),
-        }),
-    }
-}
-
-fn health_reason(record: &AgentRecord) -> String {
-    record
-        .health_issues
-        .iter()
-        .map(|issue| issue.reason.as_str())
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 pub fn stop_report(report: &StopReport) -> pb::StopResult {

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use agentd_core::{EventFormat, LogStream};
+use agentd_proto::figures::FIGURES_JSON;
 use agentd_proto::v1 as pb;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
@@ -18,7 +19,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Status};
 
 use super::{Answer, Api, ApiError, Query, error_response};
-use crate::convert::{self, Mirror, error_body};
+use crate::convert::{Mirror, error_body};
 use crate::logs;
 use crate::watch::{WatchStream, Watched};
 
@@ -220,7 +221,7 @@ fn frame(watched: &Watched) -> &[u8] {
             if watched.figures
                 && let Some(status) = json.get_mut("status").and_then(|s| s.as_object_mut())
             {
-                status.retain(|field, _| convert::FIGURES_JSON.contains(&field.as_str()));
+                status.retain(|field, _| FIGURES_JSON.contains(&field.as_str()));
             }
             json
         });
