@@ -9,6 +9,12 @@ main-thread task and how many passed 50 ms while the agents update every second.
 
     cargo build --release --bin agentd
     python3 tests/bench/dashboard.py --agentd target/release/agentd --agents 1000 --pages 10
+
+With `--top`, instead of pages, `agentctl top` runs in a tmux window of 160x40 for the window:
+agentd's CPU beside it, and agentctl's own.
+
+    cargo build --release --bin agentd --bin agentctl
+    python3 tests/bench/dashboard.py --agents 10000 --top target/release/agentctl
 """
 
 import argparse
@@ -69,6 +75,24 @@ def stand_ins(base, pid, args):
             process.wait()
 
 
+def top(socket, pid, args):
+    session = f"agentd-bench-top-{os.getpid()}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40",
+                    args.top, "--socket", socket, "top"], check=True)
+    try:
+        pane = int(subprocess.run(["tmux", "list-panes", "-t", session, "-F", "#{pane_pid}"],
+                                  check=True, capture_output=True, text=True).stdout.split()[0])
+        # The pane's shell may have run agentctl as its child rather than exec it.
+        children = subprocess.run(["pgrep", "-P", str(pane)], capture_output=True, text=True).stdout.split()
+        client = int(children[0]) if children else pane
+        time.sleep(5)  # the first list of every agent is read
+        own = cpu_seconds(client)
+        watched = cpu_percent(pid, args.window)
+        return watched, 100 * (cpu_seconds(client) - own) / args.window
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--agentd", default="target/release/agentd")
@@ -81,6 +105,8 @@ def main():
                         help="instead of browsers, the requests each page makes (the event stream, "
                              "the summary every 2 s) from curl: agentd's cost without 2 cores "
                              "shared with ten renderers")
+    parser.add_argument("--top", metavar="AGENTCTL",
+                        help="instead of pages, this agentctl's `top` in a tmux window")
     args = parser.parse_args()
 
     data_dir = tempfile.mkdtemp(prefix="agentd-bench-dashboard-")
@@ -111,6 +137,11 @@ def main():
         idle = cpu_percent(daemon.pid, args.window)
         print(f"agentd CPU, {args.agents} agents, no dashboard: {idle:.2f}% of a core")
 
+        if args.top:
+            watched, own = top(os.path.join(data_dir, "agentd.sock"), daemon.pid, args)
+            print(f"agentd CPU, {args.agents} agents, agentctl top: {watched:.2f}% of a core "
+                  f"(+{watched - idle:.2f}); agentctl top itself {own:.2f}%")
+            return
         if args.curl:
             watched = stand_ins(base, daemon.pid, args)
             print(f"agentd CPU, {args.agents} agents, {args.pages} curl stand-ins: {watched:.2f}% of a core "

@@ -13,15 +13,16 @@ is one trace: the RPC's span and, inside it, a span per step:
              into place (agentd.spawn.folder)
     spec     the spec written for a rebuild of the store (agentd.spawn.spec)
     record   the STARTING record put in the store (agentd.spawn.record)
-    exec     cgroup, keeper, clone3 and exec confirmed (agentd.spawn.exec), of which:
+    exec     the order made and sent to the keeper (agentd.spawn.exec), of which:
       cgroup   the agent's cgroup made and limited (agentd.spawn.cgroup)
-      keeper   the order to the keeper and its answer once the program runs (agentd.spawn.keeper)
+    keeper   from the order to the keeper's answer once the program runs: its clone3 and exec
+             (agentd.spawn.keeper; the supervisor meanwhile serves other commands)
     started  the RUNNING record, the event, the first sample (agentd.spawn.started)
     flush    the store flushed: the promise that an acknowledged spawn survives a crash
              (agentd.spawn.flush)
 
-and what is left of the RPC's span (decoding, the queue to the supervisor, encoding) and of the
-client's own time (the transport, Python). Prints p50 and p90 of each, per round and the
+and what is left of the RPC's span (decoding, the queue to the supervisor, the answer's way
+back into its loop, encoding) and of the client's own time (the transport, Python). Prints p50 and p90 of each, per round and the
 median of the rounds. Tracing costs a little itself: tests/bench/tracing.py measures how much.
 """
 
@@ -40,8 +41,8 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 from fleet_coordinator import Node, pb  # noqa: E402  (the stubs it generates)
 
 STEPS = ["check", "folder", "spec", "record", "exec", "cgroup", "keeper", "started", "flush"]
-# The steps that follow one another inside the RPC (cgroup and keeper are inside exec).
-SEQUENTIAL = ["check", "folder", "spec", "record", "exec", "started", "flush"]
+# The steps that follow one another inside the RPC (cgroup is inside exec).
+SEQUENTIAL = ["check", "folder", "spec", "record", "exec", "keeper", "started", "flush"]
 
 
 def run(agentd, spawns, env):

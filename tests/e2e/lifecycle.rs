@@ -1,6 +1,8 @@
 //! Spawning, sampling, exits, reaping.
 
 use agentd_proto::v1 as pb;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use pb::AgentState;
 use tonic::Code;
 
@@ -75,6 +77,28 @@ async fn many_spawns_in_flight_on_one_connection_all_answer() {
     );
     let mut client = client;
     kill_all(&mut client).await;
+}
+
+#[tokio::test]
+async fn a_keeper_killed_under_a_spawn_storm_fails_the_spawns_and_agentd_exits() {
+    let mut daemon = Daemon::start().await;
+    let client = daemon.client().await;
+    let sleeper = || vec!["sleep".to_string(), "300".to_string()];
+    spawn(&mut client.clone(), "first", sleeper()).await;
+    let keeper = keeper_of(&daemon.data_dir).expect("a keeper runs");
+    let mut spawns = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let mut client = client.clone();
+        let request = spawn_request(&format!("s{i}"), sleeper());
+        spawns.spawn(async move { client.spawn(request).await.map(drop) });
+    }
+    kill(Pid::from_raw(keeper), Signal::SIGKILL).expect("kill the keeper");
+    // Orders the keeper never answered fail; none waits forever.
+    tokio::time::timeout(DEADLINE, spawns.join_all())
+        .await
+        .expect("every spawn answered");
+    let exit = daemon.wait_exit("once its keeper is gone").await;
+    assert!(!exit.success(), "{exit:?}");
 }
 
 #[tokio::test]

@@ -186,12 +186,17 @@ def main():
             expect(row(page, "survivor").locator(".c-state")).to_have_text("running")
 
             # No duplicate, nothing missed: the feed holds each lifecycle event once, and
-            # every one the daemon logged.
-            shown = page.eval_on_selector_all("#feed li", "items => items.map(li => Number(li.dataset.seq))")
-            assert len(shown) == len(set(shown)), f"duplicates in the feed: {sorted(shown)}"
+            # every one the daemon logged (an event logged a moment ago may still be on its
+            # way to the page).
+            def feed():
+                return page.eval_on_selector_all("#feed li", "items => items.map(li => Number(li.dataset.seq))")
             logged = events_logged(api)
-            missing = sorted(set(logged) - set(shown))
-            assert not missing, f"events the page never showed: {missing}"
+            try:
+                wait_until("the feed shows every logged event", lambda: set(logged) <= set(feed()))
+            except AssertionError:
+                raise AssertionError(f"events the page never showed: {sorted(set(logged) - set(feed()))}")
+            shown = feed()
+            assert len(shown) == len(set(shown)), f"duplicates in the feed: {sorted(shown)}"
             listed = {a["agentId"] for a in api.call("GET", "/v1/agents")["agents"]}
             on_page = set(page.eval_on_selector_all("#visible .row:not([hidden])", "rows => rows.map(r => r.dataset.id)"))
             assert on_page == listed, (on_page, listed)

@@ -243,33 +243,36 @@ impl AgentFiles {
         }
     }
 
+    /// Orders the agent's process; `done` gets the outcome exactly once, on any thread,
+    /// perhaps before this returns.
     pub(crate) fn launch(
         self,
         record: &AgentRecord,
         base_env: &BaseEnv,
         os: &dyn Os,
-    ) -> Result<launch::Started> {
+        done: impl FnOnce(Result<launch::Started>) + Send + 'static,
+    ) {
         let spec = &record.spec;
         let dir = &record.agent_dir;
         let working_dir = spec.working_dir.as_deref().unwrap_or(dir);
         match std::fs::metadata(working_dir) {
             Ok(meta) if meta.is_dir() => {}
             Ok(_) => {
-                return Err(Error::WorkingDir {
+                return done(Err(Error::WorkingDir {
                     id: spec.agent_id.clone(),
                     path: working_dir.to_path_buf(),
                     source: std::io::Error::new(
                         std::io::ErrorKind::NotADirectory,
                         "not a directory",
                     ),
-                });
+                }));
             }
             Err(source) => {
-                return Err(Error::WorkingDir {
+                return done(Err(Error::WorkingDir {
                     id: spec.agent_id.clone(),
                     path: working_dir.to_path_buf(),
                     source,
-                });
+                }));
             }
         }
         let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
@@ -299,7 +302,8 @@ impl AgentFiles {
             ("AGENTD_PROMPT_FILE".into(), path("prompt.txt")),
             ("AGENTD_STATUS_FILE".into(), path(STATUS_FILE)),
         ]);
-        os.spawn(SpawnOrder {
+        let (id, program) = (spec.agent_id.clone(), spec.command.first().cloned());
+        let order = SpawnOrder {
             agent_id: spec.agent_id.clone(),
             command: spec.command.clone(),
             env,
@@ -317,12 +321,17 @@ impl AgentFiles {
                 ..ProcessSetup::default()
             },
             network: spec.sandbox.as_ref().map(|sandbox| sandbox.network),
-        })
-        .map_err(|source| Error::Spawn {
-            id: spec.agent_id.clone(),
-            program: spec.command.first().cloned().unwrap_or_default(),
-            source,
-        })
+        };
+        os.spawn(
+            order,
+            Box::new(move |started| {
+                done(started.map_err(|source| Error::Spawn {
+                    id,
+                    program: program.unwrap_or_default(),
+                    source,
+                }));
+            }),
+        );
     }
 }
 

@@ -11,9 +11,9 @@
 //! connected, no child runs and no exit is left unacknowledged, or when its data folder is
 //! gone.
 //!
-//! The protocol is one JSON object per line on a Unix stream socket. agentd keeps two
-//! connections: `control` (hello, spawn, ack; request and reply, used only by the supervisor
-//! task) and `watch` (exits, pushed as they are reaped).
+//! The protocol is one JSON object per line on a Unix stream socket. agentd keeps three
+//! connections: `control` (hello and ack at start; request and reply), `orders` (spawns,
+//! pipelined: `orders.rs`) and `watch` (exits, pushed as they are reaped).
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Write};
@@ -37,6 +37,10 @@ use crate::process;
 use crate::sandbox::Network;
 use crate::spec::Resources;
 use crate::state::Exit;
+
+mod orders;
+
+pub(crate) use orders::SpawnDone;
 
 /// The argument that makes the agentd binary run as the keeper.
 pub const KEEPER_ARG: &str = "--run-as-keeper";
@@ -151,11 +155,11 @@ enum Reply {
     Exited(KeptExit),
 }
 
-/// agentd's side: the control connection, used only from the supervisor task. `None` once
-/// a call failed: a reply that came late would answer the next question, so the connection
-/// is never used again.
+/// agentd's side: the control connection (`None` once a call failed: a reply that came late
+/// would answer the next question, so the connection is never used again) and the orders.
 pub(crate) struct KeeperClient {
     control: Mutex<Option<BufReader<UnixStream>>>,
+    orders: orders::Orders,
     socket: PathBuf,
 }
 
@@ -181,8 +185,11 @@ impl KeeperClient {
             };
             same_user(&stream)?;
             stream.set_read_timeout(Some(ANSWER_WITHIN))?;
+            let orders = UnixStream::connect(&socket)?;
+            same_user(&orders)?;
             let client = KeeperClient {
                 control: Mutex::new(Some(BufReader::new(stream))),
+                orders: orders::Orders::start(orders)?,
                 socket: socket.clone(),
             };
             let (exits, acks) = client.watch()?;
@@ -213,23 +220,9 @@ impl KeeperClient {
         }
     }
 
-    /// Starts a process through the keeper.
-    pub fn spawn(&self, order: SpawnOrder) -> io::Result<launch::Started> {
-        match self.call(&Request::Spawn(Box::new(order)))? {
-            Reply::Spawned { pid, start_ticks } => Ok(launch::Started {
-                pid,
-                start_ticks,
-                cgroup: None,
-                fallbacks: Vec::new(),
-                proxy: None,
-                gateway: None,
-            }),
-            Reply::Failed {
-                errno: Some(errno), ..
-            } => Err(io::Error::from_raw_os_error(errno)),
-            Reply::Failed { message, .. } => Err(io::Error::other(message)),
-            other => Err(unexpected(&other)),
-        }
+    /// Starts a process through the keeper; `done` gets the answer, on another thread.
+    pub fn spawn(&self, order: SpawnOrder, done: SpawnDone) {
+        self.orders.send(order, done);
     }
 
     /// The keeper may forget these exits: agentd has them on disk.

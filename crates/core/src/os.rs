@@ -18,7 +18,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::cgroup::{Cgroups, Controller, Detected};
 use crate::error::{Error, Result};
-use crate::keeper::{KeeperClient, SpawnOrder};
+use crate::keeper::{KeeperClient, SpawnDone, SpawnOrder};
 use crate::launch::{ProcessSetup, Rlimit, Started};
 use crate::netns;
 use crate::process::{
@@ -45,8 +45,9 @@ pub(crate) trait Os: Send + Sync {
     /// The LLM gateway's listener again inside it, when agentd runs a gateway.
     fn gateway_listener(&self, pid: i32) -> io::Result<Option<std::net::TcpListener>>;
     /// Starts a leader process in its own group (and cgroup), as a child of the keeper,
-    /// which reports its exit.
-    fn spawn(&self, order: SpawnOrder) -> io::Result<Started>;
+    /// which reports its exit. `done` gets the outcome exactly once, on any thread, perhaps
+    /// before this returns.
+    fn spawn(&self, order: SpawnOrder, done: SpawnDone);
     /// Sends a signal to every process held; `Ok(false)`: none is left.
     fn signal_group(&self, hold: Hold<'_>, signal: Signal) -> io::Result<bool>;
     /// Sends a signal to one process; `Ok(false)`: it is gone.
@@ -87,7 +88,7 @@ pub(crate) trait Os: Send + Sync {
 pub(crate) struct System {
     units: (u64, u64),
     keeper: KeeperClient,
-    cgroups: Option<Cgroups>,
+    cgroups: Option<Arc<Cgroups>>,
     described: String,
     root: bool,
     sandbox: SandboxSupport,
@@ -109,7 +110,7 @@ impl System {
             units: proc_units(),
             keeper,
             cgroups: match detected {
-                Detected::Cgroups(cgroups) => Some(cgroups),
+                Detected::Cgroups(cgroups) => Some(Arc::new(cgroups)),
                 Detected::None(_) => None,
             },
             described,
@@ -229,7 +230,7 @@ impl Os for System {
             .transpose()
     }
 
-    fn spawn(&self, mut order: SpawnOrder) -> io::Result<Started> {
+    fn spawn(&self, mut order: SpawnOrder, done: SpawnDone) {
         let (setup, fallbacks) = self.fallbacks(&order.resources);
         order.setup = ProcessSetup {
             run_as: order.setup.run_as.take(),
@@ -242,10 +243,14 @@ impl Os for System {
             self.nets
                 .get_or_init(|| netns::NetPool::start(self.gateway_port))
         };
-        let mut net = match order.network {
-            Some(Network::None) => Some(nets().take(false)?),
-            Some(Network::Proxy) => Some(nets().take(true)?),
-            Some(Network::Host) | None => None,
+        let net = match order.network {
+            Some(Network::None) => nets().take(false).map(Some),
+            Some(Network::Proxy) => nets().take(true).map(Some),
+            Some(Network::Host) | None => Ok(None),
+        };
+        let mut net = match net {
+            Ok(net) => net,
+            Err(error) => return done(Err(error)),
         };
         if let (Some(net), Some(confine)) = (&net, &mut order.setup.confine) {
             confine.net_ns = Some(PathBuf::from(format!(
@@ -254,29 +259,38 @@ impl Os for System {
                 net.ns.as_raw_fd()
             )));
         }
-        let cgroup = match &self.cgroups {
+        let cgroups = self.cgroups.clone();
+        let cgroup = match &cgroups {
             Some(cgroups) => {
                 let rel = cgroups.path_of(&order.agent_id);
                 let _span =
                     tracing::info_span!(target: trace::TARGET, "agentd.spawn.cgroup").entered();
-                order.joins = Some(cgroups.prepare(&rel, &order.resources)?);
+                match cgroups.prepare(&rel, &order.resources) {
+                    Ok(joins) => order.joins = Some(joins),
+                    Err(error) => return done(Err(error)),
+                }
                 Some(rel)
             }
             None => None,
         };
-        let started = tracing::info_span!(target: trace::TARGET, "agentd.spawn.keeper")
-            .in_scope(|| self.keeper.spawn(order));
-        if let (Err(_), Some(cgroups), Some(rel)) = (&started, &self.cgroups, &cgroup) {
-            let _ = cgroups.remove(rel);
-        }
-        let started = started?;
-        Ok(Started {
-            cgroup,
-            fallbacks,
-            proxy: net.as_mut().and_then(|net| net.listener.take()),
-            gateway: net.and_then(|net| net.gateway),
-            ..started
-        })
+        // From the order to the keeper's answer, which comes on another thread.
+        let span = tracing::info_span!(target: trace::TARGET, "agentd.spawn.keeper");
+        self.keeper.spawn(
+            order,
+            Box::new(move |started| {
+                drop(span);
+                if let (Err(_), Some(cgroups), Some(rel)) = (&started, &cgroups, &cgroup) {
+                    let _ = cgroups.remove(rel);
+                }
+                done(started.map(|started| Started {
+                    cgroup,
+                    fallbacks,
+                    proxy: net.as_mut().and_then(|net| net.listener.take()),
+                    gateway: net.and_then(|net| net.gateway),
+                    ..started
+                }));
+            }),
+        );
     }
 
     fn signal_group(&self, hold: Hold<'_>, signal: Signal) -> io::Result<bool> {

@@ -542,6 +542,29 @@ fn cpu_and_rss(pid: u32) -> Result<(f64, f64)> {
     Ok((ticks / 100.0, rss_kb / 1024.0))
 }
 
+/// The host's busy and total CPU time so far, in ticks (`/proc/stat`; idle and iowait are
+/// not busy).
+fn host_cpu() -> Result<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let ticks = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .context("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .take(8) // guest time is counted in user time already
+        .map(str::parse::<f64>)
+        .collect::<Result<Vec<_>, _>>()?;
+    ensure!(ticks.len() >= 5, "short cpu line in /proc/stat");
+    let total: f64 = ticks.iter().sum();
+    Ok((total - ticks[3] - ticks[4], total))
+}
+
+/// This benchmark's own user plus system CPU seconds.
+fn own_cpu() -> Result<f64> {
+    Ok(cpu_and_rss(std::process::id())?.0)
+}
+
 async fn idle_cost(
     options: &Options,
     n: usize,
@@ -550,16 +573,36 @@ async fn idle_cost(
 ) -> Result<()> {
     let daemon = Daemon::start_with(flags).await?;
     let mut client = daemon.client().await?;
+    let (pid, keeper) = (daemon.process.id(), daemon.keeper()?);
+    let (agentd_before, keeper_before) = (cpu_and_rss(pid)?.0, cpu_and_rss(keeper)?.0);
+    let (host_before, own_before) = (host_cpu()?, own_cpu()?);
     let took = spawn_all(
         &client,
         (0..n).map(|i| sleeper(format!("idle-{i}"))).collect(),
         options.in_flight,
     )
     .await?;
+    let (host_after, own_after) = (host_cpu()?, own_cpu()?);
     let label = format!("{n} idle agents{suffix}");
+    let spawn = format!("{label}: spawn, {} in flight", options.in_flight);
+    rows.insert(format!("{spawn} (s)"), took.as_secs_f64());
+    // Whether the storm is bound by the CPU, and whose: per spawn, in CPU milliseconds.
+    let per_spawn = |seconds: f64| seconds * 1000.0 / n as f64;
     rows.insert(
-        format!("{label}: spawn, {} in flight (s)", options.in_flight),
-        took.as_secs_f64(),
+        format!("{spawn}: host CPU busy (% of all cores)"),
+        (host_after.0 - host_before.0) / (host_after.1 - host_before.1) * 100.0,
+    );
+    rows.insert(
+        format!("{spawn}: agentd CPU per spawn (ms)"),
+        per_spawn(cpu_and_rss(pid)?.0 - agentd_before),
+    );
+    rows.insert(
+        format!("{spawn}: keeper CPU per spawn (ms)"),
+        per_spawn(cpu_and_rss(keeper)?.0 - keeper_before),
+    );
+    rows.insert(
+        format!("{spawn}: bench client CPU per spawn (ms)"),
+        per_spawn(own_after - own_before),
     );
     idle_rows(&daemon, &label, options, rows).await?;
     let stopped = stop_all(&mut client, false).await?;

@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 
 use crate::error::Result;
 use crate::events::EventKind;
-use crate::keeper::SpawnOrder;
+use crate::keeper::{SpawnDone, SpawnOrder};
 use crate::launch::Started;
 use crate::os::Os;
 use crate::process::{MarkedLeader, ProcStat};
@@ -60,6 +60,8 @@ struct Tables {
     unstartable: HashSet<String>,
     /// Agents whose process wrote over its environment: no scan of `/proc` finds it.
     unmarked: HashSet<String>,
+    /// Answers to spawns the keeper has not given yet (`hold_launches`).
+    held: Option<Vec<(io::Result<Started>, SpawnDone)>>,
 }
 
 pub(crate) struct FakeOs {
@@ -94,6 +96,19 @@ impl FakeOs {
         lock(&self.tables).unmarked.insert(agent_id.into());
     }
 
+    /// From now on, the answers to spawns wait for `answer_launches` (the processes run).
+    pub fn hold_launches(&self) {
+        lock(&self.tables).held.get_or_insert_with(Vec::new);
+    }
+
+    /// Gives the answers held, in order, and holds no more.
+    pub fn answer_launches(&self) {
+        let held = lock(&self.tables).held.take().unwrap_or_default();
+        for (started, done) in held {
+            done(started);
+        }
+    }
+
     /// A process that runs now, as if an earlier agentd's keeper had started it.
     pub fn running(&self, agent_id: &str) -> (i32, u64) {
         let mut tables = lock(&self.tables);
@@ -107,6 +122,17 @@ impl FakeOs {
     pub fn exit(&self, agent_id: &str, exit: Exit) {
         let pid = self.pid_of(agent_id).expect("the agent has a live process");
         self.end(&mut lock(&self.tables), pid, exit);
+    }
+
+    /// The agent's live process exits and is reaped by the keeper (not by agentd, as
+    /// `exit` is): its pid and start, for the exit the keeper reports.
+    pub fn reaped_by_keeper(&self, agent_id: &str, exit: Exit) -> (i32, u64) {
+        let pid = self.pid_of(agent_id).expect("the agent has a live process");
+        let mut tables = lock(&self.tables);
+        let ticks = tables.live.get(&pid).map_or(0, |(_, ticks)| *ticks);
+        self.end(&mut tables, pid, exit);
+        tables.exited.retain(|(exited, _)| *exited != pid);
+        (pid, ticks)
     }
 
     pub fn pid_of(&self, agent_id: &str) -> Option<i32> {
@@ -157,24 +183,32 @@ impl Os for FakeOs {
         Err(io::ErrorKind::Unsupported.into())
     }
 
-    fn spawn(&self, order: SpawnOrder) -> io::Result<Started> {
+    fn spawn(&self, order: SpawnOrder, done: SpawnDone) {
         let mut tables = lock(&self.tables);
         if tables.unstartable.contains(&order.agent_id) {
             self.log.push(format!("spawn {} failed", order.agent_id));
-            return Err(io::ErrorKind::NotFound.into());
+            drop(tables);
+            return done(Err(io::ErrorKind::NotFound.into()));
         }
         tables.next_pid += 1;
         let (pid, ticks) = (tables.next_pid, tables.next_pid as u64 * 10);
         self.log.push(format!("spawn {}", order.agent_id));
         tables.live.insert(pid, (order.agent_id, ticks));
-        Ok(Started {
+        let started = Ok(Started {
             pid,
             start_ticks: Some(ticks),
             cgroup: None,
             fallbacks: Vec::new(),
             proxy: None,
             gateway: None,
-        })
+        });
+        match &mut tables.held {
+            Some(held) => held.push((started, done)),
+            None => {
+                drop(tables);
+                done(started);
+            }
+        }
     }
 
     fn signal_group(&self, hold: Hold<'_>, signal: Signal) -> io::Result<bool> {

@@ -81,6 +81,12 @@ pub(crate) struct SupervisorTask {
     stop_waiters: HashMap<String, Vec<oneshot::Sender<StopReport>>>,
     /// Everyone waiting for an agent to run again after a restart they asked for.
     restart_waiters: HashMap<String, Vec<oneshot::Sender<Result<AgentStatus>>>>,
+    /// Agents whose process the keeper is starting (`spawning.rs`), and where the outcomes
+    /// come back.
+    launching: HashMap<String, spawning::Launching>,
+    launches: mpsc::UnboundedSender<spawning::LaunchDone>,
+    /// Commands that wait for the launches under way to end, in order (`handle`).
+    parked: VecDeque<Command>,
     /// The spans of stop ladders and restarts under way (none while tracing is off).
     traces: Traces,
     adopted_exits_tx: mpsc::UnboundedSender<String>,
@@ -165,13 +171,15 @@ pub(crate) struct Parts {
     pub commands: mpsc::WeakSender<Command>,
 }
 
-/// What a new task's other inputs arrive on: adopted agents' exits, the acknowledgements
-/// for the keeper, and the proxies' denials.
-type Inboxes = (
-    mpsc::UnboundedReceiver<String>,
-    mpsc::UnboundedReceiver<Ack>,
-    mpsc::UnboundedReceiver<Denial>,
-);
+/// What a new task's other inputs arrive on.
+struct Inboxes {
+    adopted_exits: mpsc::UnboundedReceiver<String>,
+    /// For the task that acknowledges to the keeper.
+    acks: mpsc::UnboundedReceiver<Ack>,
+    /// The proxies' denials.
+    denials: mpsc::UnboundedReceiver<Denial>,
+    launches: mpsc::UnboundedReceiver<spawning::LaunchDone>,
+}
 
 impl SupervisorTask {
     /// A task with no agents yet, with the receivers of its other inputs (`Inboxes`).
@@ -182,6 +190,7 @@ impl SupervisorTask {
         })?;
         let (adopted_exits_tx, adopted_exits) = mpsc::unbounded_channel();
         let (acks, ack_queue) = mpsc::unbounded_channel();
+        let (launches, launched) = mpsc::unbounded_channel();
         let events = EventBus::open(
             parts.store.clone(),
             config.event_buffer,
@@ -216,6 +225,9 @@ impl SupervisorTask {
             deadlines: BTreeSet::new(),
             stop_waiters: HashMap::new(),
             restart_waiters: HashMap::new(),
+            launching: HashMap::new(),
+            launches,
+            parked: VecDeque::new(),
             traces: Traces::default(),
             adopted_exits_tx,
             acks,
@@ -241,7 +253,13 @@ impl SupervisorTask {
             sample_interval: config.sample_interval,
             sandboxes,
         };
-        Ok((task, (adopted_exits, ack_queue, denials)))
+        let inboxes = Inboxes {
+            adopted_exits,
+            acks: ack_queue,
+            denials,
+            launches: launched,
+        };
+        Ok((task, inboxes))
     }
 
     async fn run(
@@ -250,6 +268,7 @@ impl SupervisorTask {
         mut sigchld: tokio::signal::unix::Signal,
         mut adopted_exits: mpsc::UnboundedReceiver<String>,
         mut denials: mpsc::UnboundedReceiver<Denial>,
+        mut launches: mpsc::UnboundedReceiver<spawning::LaunchDone>,
     ) {
         let mut last_group_check = tokio::time::Instant::now();
         let cgroup_watch = self.cgroup_watch.clone();
@@ -265,6 +284,7 @@ impl SupervisorTask {
                 Some(()) = sigchld.recv() => {
                     self.reap();
                 }
+                Some(done) = launches.recv() => self.launch_done(done),
                 Some(agent_id) = adopted_exits.recv() => self.leader_exited(&agent_id, None),
                 Some(denial) = denials.recv() => self.egress_denied(denial),
                 changed = cgroup_watch.changed() => match changed {
@@ -289,7 +309,59 @@ impl SupervisorTask {
         }
     }
 
+    /// Carries out a command, unless launches are under way and it could touch an agent
+    /// whose process has no pid yet: then it waits until none is (`replay_parked`), and so
+    /// does every command after it, so that none overtakes another.
     fn handle(&mut self, command: Command) {
+        if self.parked.is_empty() && self.passes_launches(&command) {
+            self.dispatch(command);
+        } else {
+            self.parked.push_back(command);
+        }
+    }
+
+    /// Whether a command may be carried out now, with the launches under way: it reads, or
+    /// starts another launch (spawns are pipelined through the keeper), or concerns no
+    /// agent being launched.
+    fn passes_launches(&self, command: &Command) -> bool {
+        self.launching.is_empty()
+            || match command {
+                Command::Spawn(..)
+                | Command::Status(..)
+                | Command::List(..)
+                | Command::History(..)
+                | Command::Summary(..)
+                | Command::Watch(..)
+                | Command::SampleTargets(..)
+                | Command::Samples(..)
+                | Command::Spending(..)
+                | Command::Reap(..)
+                | Command::Fatal(..) => true,
+                // An exit can come before the answer that names its pid; an agent can
+                // report before agentd knows it runs.
+                Command::KeptExit(exit) => !self.launching.contains_key(&exit.agent_id),
+                Command::ReportProgress(report, _) => {
+                    !self.launching.contains_key(&report.agent_id)
+                }
+                Command::AgentProcesses(agent_id, _) => !self.launching.contains_key(agent_id),
+                Command::Traced(_, command) => self.passes_launches(command),
+                _ => false,
+            }
+    }
+
+    /// Carries out the commands that waited, in order, until one must wait again.
+    fn replay_parked(&mut self) {
+        while let Some(command) = self.parked.front() {
+            if !self.passes_launches(command) {
+                return;
+            }
+            if let Some(command) = self.parked.pop_front() {
+                self.dispatch(command);
+            }
+        }
+    }
+
+    fn dispatch(&mut self, command: Command) {
         match command {
             #[cfg(debug_assertions)]
             Command::Spawn(..)
@@ -297,9 +369,7 @@ impl SupervisorTask {
             {
                 panic!("AGENTD_TEST_PANIC=supervisor");
             }
-            Command::Spawn(request, reply) => {
-                let _ = reply.send(self.spawn(*request));
-            }
+            Command::Spawn(request, reply) => self.spawn(*request, reply),
             Command::Status(agent_id, reply) => {
                 let now = self.clock.mono();
                 let _ = reply.send(self.table.get(&agent_id).map(|m| m.status(now)));
@@ -410,7 +480,7 @@ impl SupervisorTask {
             Command::Fatal(problem) => self.failure = Some(problem),
             Command::Traced(span, command) => {
                 let _entered = span.enter();
-                self.handle(*command);
+                self.dispatch(*command);
             }
         }
     }

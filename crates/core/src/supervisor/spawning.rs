@@ -16,6 +16,7 @@ use crate::process;
 use crate::rebuild;
 use crate::spec::{RunAs, SpawnRequest, check_id};
 use crate::spend;
+use crate::state::StopReason;
 use crate::state::TreeSample;
 use crate::trace;
 
@@ -27,24 +28,76 @@ impl SupervisorTask {
         let Ok(machine) = self.table.get(agent_id) else {
             return;
         };
-        let record = machine.record();
-        if record.spec.run_as.is_some()
+        if machine.record().spec.run_as.is_some()
             && let Err(error) = self.open_for_other_users()
         {
             tracing::warn!(%agent_id, %error, "restarting an agent that runs as another user");
         }
+        let files = AgentFiles::reopen(&machine.record().agent_dir);
         let span = self.traces.relaunching(agent_id);
-        let _entered = span.enter();
-        let launched = {
-            let _exec = exec_span(agent_id);
-            AgentFiles::reopen(&record.agent_dir).launch(record, &self.base_env, self.os.as_ref())
+        self.order_launch(agent_id, files, Launching::restart(span));
+    }
+
+    /// Orders an agent's process from the OS; its outcome comes back to the loop as a
+    /// [`LaunchDone`]. Until then the agent is `launching`, and commands that could touch it
+    /// wait (`SupervisorTask::handle`).
+    fn order_launch(&mut self, agent_id: &str, files: AgentFiles, launching: Launching) {
+        let Ok(machine) = self.table.get(agent_id) else {
+            return;
         };
-        // A failed restart is the machine's to handle; nobody waits for the error.
-        let error = self
-            .launched(agent_id, launched)
-            .err()
-            .map(|e| e.to_string());
-        trace::launched(&span, error.as_deref());
+        let launches = self.launches.clone();
+        let id = agent_id.to_string();
+        launching.span.in_scope(|| {
+            let _exec = exec_span(agent_id);
+            files.launch(
+                machine.record(),
+                &self.base_env,
+                self.os.as_ref(),
+                move |started| {
+                    let _ = launches.send(LaunchDone {
+                        agent_id: id,
+                        started,
+                    });
+                },
+            );
+        });
+        self.launching.insert(agent_id.to_string(), launching);
+    }
+
+    /// The keeper answered: the machine learns how the start went, then whoever waits for
+    /// it, then the commands that waited for no launch to be under way.
+    pub(super) fn launch_done(&mut self, LaunchDone { agent_id, started }: LaunchDone) {
+        let Some(launching) = self.launching.remove(&agent_id) else {
+            return;
+        };
+        let launched = {
+            let _entered = launching.span.enter();
+            let launched = tracing::info_span!(target: trace::TARGET, "agentd.spawn.started")
+                .in_scope(|| self.launched(&agent_id, started));
+            if launching.restart {
+                let error = launched.as_ref().err().map(ToString::to_string);
+                trace::launched(&launching.span, error.as_deref());
+            }
+            launched
+        };
+        let status = |task: &Self| {
+            task.table
+                .get(&agent_id)
+                .map(|m| m.status(task.clock.mono()))
+        };
+        let mut waiters = launching.waiters.into_iter();
+        if let Some(first) = waiters.next() {
+            let _ = first.send(launched.and_then(|()| status(self)));
+        }
+        // Spawns with the same request id, which came while it started.
+        for waiter in waiters {
+            let _ = waiter.send(status(self));
+        }
+        if launching.parent_ended {
+            tracing::info!(%agent_id, "stopping: its parent ended while it started");
+            drop(self.begin_stop(&agent_id, false, StopReason::ParentExited));
+        }
+        self.replay_parked();
     }
 
     /// Feeds a launch's result to the machine; answers with the error, if it failed.
@@ -127,13 +180,41 @@ impl SupervisorTask {
         }
     }
 
-    pub(super) fn spawn(&mut self, mut request: SpawnRequest) -> Result<AgentStatus> {
+    /// Answers once the agent runs (or failed to start).
+    pub(super) fn spawn(
+        &mut self,
+        request: SpawnRequest,
+        reply: oneshot::Sender<Result<AgentStatus>>,
+    ) {
+        let answer = match self.begin_spawn(request) {
+            Ok(agent_id) => match self.launching.get_mut(&agent_id) {
+                Some(launching) => return launching.waiters.push(reply),
+                None => self
+                    .table
+                    .get(&agent_id)
+                    .map(|m| m.status(self.clock.mono())),
+            },
+            Err(error) => Err(error),
+        };
+        let _ = reply.send(answer);
+    }
+
+    /// Admits a spawn and orders its process; the agent's id. A spawn whose request id
+    /// was seen is the same agent's.
+    fn begin_spawn(&mut self, mut request: SpawnRequest) -> Result<String> {
         if self.shutting_down {
             return Err(Error::ShuttingDown);
         }
-        let now = self.clock.mono();
         if let Some(agent_id) = self.table.by_request(&request.request_id) {
-            return self.table.get(agent_id).map(|m| m.status(now));
+            return Ok(agent_id.clone());
+        }
+        if !request.request_id.is_empty()
+            && let Some((agent_id, _)) = self
+                .launching
+                .iter()
+                .find(|(_, launching)| launching.request_id == request.request_id)
+        {
+            return Ok(agent_id.clone());
         }
         if request.agent_id.is_empty() {
             request.agent_id = self.generate_id();
@@ -146,17 +227,18 @@ impl SupervisorTask {
             check_user_allowed(&spec.agent_id, run_as, &self.allow_users)?;
         }
         // An id whose earlier spawn never started a process may be tried again.
-        if self
-            .table
-            .get(&spec.agent_id)
-            .is_ok_and(|m| m.record().pid.is_some())
+        if self.launching.contains_key(&spec.agent_id)
+            || self
+                .table
+                .get(&spec.agent_id)
+                .is_ok_and(|m| m.record().pid.is_some())
         {
             return Err(Error::AlreadyExists { id: spec.agent_id });
         }
         self.table.admit(&spec, &self.limits)?;
         self.within_parent(&spec.parent_agent_id, spec.budget.as_ref())?;
         drop(checks);
-        let agent_id = spec.agent_id.clone();
+        let (agent_id, request_id) = (spec.agent_id.clone(), spec.request_id.clone());
         let agent_dir = self.agents_dir.join(&agent_id);
         let owner = spec.run_as.as_ref().map(|run_as| (run_as.uid, run_as.gid));
         if owner.is_some() {
@@ -185,20 +267,13 @@ impl SupervisorTask {
         // The STARTING record reaches the disk before the process exists.
         tracing::info_span!(target: trace::TARGET, "agentd.spawn.record")
             .in_scope(|| self.store.put(machine.record()))?;
-        let launched = {
-            let _exec = exec_span(&agent_id);
-            files.launch(machine.record(), &self.base_env, self.os.as_ref())
-        };
         self.table.insert(machine);
         self.spawns = (
             self.spawns.0.saturating_add(1),
             self.spawns.1.saturating_add(1),
         );
-        tracing::info_span!(target: trace::TARGET, "agentd.spawn.started")
-            .in_scope(|| self.launched(&agent_id, launched))?;
-        self.table
-            .get(&agent_id)
-            .map(|m| m.status(self.clock.mono()))
+        self.order_launch(&agent_id, files, Launching::spawn(request_id));
+        Ok(agent_id)
     }
 
     /// Lets other users traverse (not list or read) the data folder and `agents/`, so an
@@ -343,4 +418,44 @@ pub(super) fn check_user_allowed(agent_id: &str, run_as: &RunAs, allowed: &[Stri
         user: run_as.user.clone(),
         why,
     })
+}
+
+/// An agent whose process the keeper is starting.
+pub(super) struct Launching {
+    /// The Spawn's request id (empty for a restart), and every Spawn waiting for its answer.
+    request_id: String,
+    waiters: Vec<oneshot::Sender<Result<AgentStatus>>>,
+    /// The span the start belongs to: the Spawn's, or the restart's.
+    span: tracing::Span,
+    restart: bool,
+    /// Its parent ended meanwhile, and it follows its parent (`stop_followers`).
+    pub(super) parent_ended: bool,
+}
+
+impl Launching {
+    fn spawn(request_id: String) -> Launching {
+        Launching {
+            request_id,
+            waiters: Vec::new(),
+            span: tracing::Span::current(),
+            restart: false,
+            parent_ended: false,
+        }
+    }
+
+    fn restart(span: tracing::Span) -> Launching {
+        Launching {
+            request_id: String::new(),
+            waiters: Vec::new(),
+            span,
+            restart: true,
+            parent_ended: false,
+        }
+    }
+}
+
+/// How an ordered launch went, back in the supervisor's loop.
+pub(super) struct LaunchDone {
+    agent_id: String,
+    started: Result<launch::Started>,
 }

@@ -24,7 +24,7 @@ use crate::sandbox::SandboxSupport;
 use crate::store::Store;
 
 use super::recovery::trusted_store;
-use super::{Parts, SupervisorTask, acknowledge_exits, forward_kept_exits};
+use super::{Inboxes, Parts, SupervisorTask, acknowledge_exits, forward_kept_exits};
 
 pub struct Supervisor;
 
@@ -136,7 +136,13 @@ impl Supervisor {
             data_lock: Some(data_lock),
             commands: commands_tx.downgrade(),
         };
-        let (mut task, (adopted_exits, ack_queue, denials)) = SupervisorTask::new(parts, &config)?;
+        let (mut task, inboxes) = SupervisorTask::new(parts, &config)?;
+        let Inboxes {
+            adopted_exits,
+            acks: ack_queue,
+            denials,
+            launches,
+        } = inboxes;
         let recovered_exits: Vec<i32> = exits.iter().map(|exit| exit.pid).collect();
         task.recover(KeeperState { children, exits }, records, rebuilt)?;
         task.reap();
@@ -147,7 +153,7 @@ impl Supervisor {
             .ack(recovered_exits)
             .map_err(keeper_failed)?;
         task.serve_adopted_proxies();
-        tokio::spawn(task.run(commands, sigchld, adopted_exits, denials));
+        tokio::spawn(task.run(commands, sigchld, adopted_exits, denials, launches));
         if let Ok(socket) = audit {
             let mut denials = crate::audit::listen(socket).map_err(|source| Error::Setup {
                 what: "starting the thread that reads the kernel's audit records".into(),

@@ -118,6 +118,16 @@ impl SupervisorTask {
             })
             .cloned()
             .collect();
+        // One being launched has no process to stop yet: it is stopped once it has.
+        for child in self.table.children_of(agent_id) {
+            if let Some(launching) = self.launching.get_mut(child)
+                && self.table.get(child).is_ok_and(|child| {
+                    child.record().spec.lifecycle.on_parent_exit == ParentExit::Stop
+                })
+            {
+                launching.parent_ended = true;
+            }
+        }
         for child in followers {
             tracing::info!(agent_id = %child, parent = %agent_id, "stopping: its parent ended");
             drop(self.begin_stop(&child, false, StopReason::ParentExited));

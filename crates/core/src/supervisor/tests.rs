@@ -13,7 +13,7 @@ use crate::clock::{Clock, FakeClock};
 use crate::config::{Limits, SupervisorConfig};
 use crate::error::Error;
 use crate::handle::{Command, StopTarget};
-use crate::keeper::KeptChild;
+use crate::keeper::{KeptChild, KeptExit};
 use crate::lifecycle::{Backoff, ParentExit, RestartPolicy};
 use crate::recover::KeeperState;
 use crate::spec::SpawnRequest;
@@ -31,6 +31,8 @@ struct Driver {
     log: Log,
     /// Commands the task sends itself (cascading stops, group checks).
     commands: mpsc::Receiver<Command>,
+    /// The keeper's answers to spawns.
+    launches: mpsc::UnboundedReceiver<super::spawning::LaunchDone>,
     _commands_tx: mpsc::Sender<Command>,
     dir: tempfile::TempDir,
 }
@@ -65,13 +67,14 @@ impl Driver {
             data_lock: None,
             commands: commands_tx.downgrade(),
         };
-        let (task, _) = SupervisorTask::new(parts, &config).expect("task");
+        let (task, inboxes) = SupervisorTask::new(parts, &config).expect("task");
         Driver {
             task,
             os,
             clock,
             log,
             commands,
+            launches: inboxes.launches,
             _commands_tx: commands_tx,
             dir,
         }
@@ -79,9 +82,18 @@ impl Driver {
 
     /// Sends a command and turns the world until it is answered.
     async fn call<T>(&mut self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> T {
+        let answer = self.send(command);
+        self.until(answer).await
+    }
+
+    /// Sends a command; its answer comes later.
+    fn send<T>(
+        &mut self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> oneshot::Receiver<T> {
         let (reply, answer) = oneshot::channel();
         self.task.handle(command(reply));
-        self.until(answer).await
+        answer
     }
 
     /// Turns the world (reaps, the task's own commands, other tasks) until `answer` comes.
@@ -96,9 +108,12 @@ impl Driver {
         panic!("never answered; the log: {:?}", self.log.take());
     }
 
-    /// What SIGCHLD and the task's own queue would bring.
+    /// What SIGCHLD, the keeper's answers and the task's own queue would bring.
     fn turn(&mut self) {
         self.task.reap();
+        while let Ok(done) = self.launches.try_recv() {
+            self.task.launch_done(done);
+        }
         while let Ok(command) = self.commands.try_recv() {
             self.task.handle(command);
         }
@@ -557,5 +572,119 @@ async fn recovery_from_every_stored_state() {
             .log
             .take()
             .contains(&"spawn backingoff-gone".to_string())
+    );
+}
+
+#[tokio::test]
+async fn spawns_are_pipelined_and_a_stop_waits_for_the_launches_under_way() {
+    let mut driver = Driver::new();
+    driver.os.hold_launches();
+    let first = driver.send(|reply| Command::Spawn(Box::new(request("a1")), reply));
+    let second = driver.send(|reply| Command::Spawn(Box::new(request("a2")), reply));
+    // The second order leaves before the first is answered.
+    assert_eq!(driver.log.take(), lines(&["spawn a1", "spawn a2"]));
+    // A stop of an agent with no pid yet waits, and so does every command after it.
+    let stopped = driver.stop(&["a1"], false);
+    let third = driver.send(|reply| Command::Spawn(Box::new(request("a3")), reply));
+    let listed = driver.send(|reply| Command::Status("a3".into(), reply));
+    driver.turn();
+    assert!(driver.log.take().is_empty());
+
+    driver.os.answer_launches();
+    let started = driver.until(first).await.expect("a1 spawned");
+    assert_eq!(started.record.state, AgentState::Running);
+    let reports = driver.until(stopped).await.expect("a1 stopped");
+    assert_eq!(reports[0].outcome, StopOutcome::ExitedOnFirstSignal);
+    let third = driver.until(third).await.expect("a3 spawned");
+    assert_eq!(third.record.state, AgentState::Running);
+    // A read waits only for the commands before it, not for a3's launch.
+    assert_eq!(
+        driver.until(listed).await.expect("a3").record.state,
+        AgentState::Starting
+    );
+    assert_eq!(
+        driver.until(second).await.expect("a2 spawned").record.state,
+        AgentState::Running
+    );
+    assert_eq!(
+        driver.log.take(),
+        lines(&[
+            "event Spawned",
+            "event Spawned",
+            "event Stopping",
+            "signal a1 SIGTERM",
+            "exit a1",
+            "spawn a3",
+            "event Spawned",
+            "run ended Stopped",
+            "event Killed",
+            "stopped ExitedOnFirstSignal",
+        ])
+    );
+}
+
+#[tokio::test]
+async fn an_exit_reported_before_its_spawn_is_answered_waits_for_the_answer() {
+    let mut driver = Driver::new();
+    driver.os.hold_launches();
+    let spawned = driver.send(|reply| Command::Spawn(Box::new(request("quick")), reply));
+    // The keeper reaps it before agentd reads the answer that names its pid.
+    let (pid, ticks) = driver.os.reaped_by_keeper("quick", Exit::Code(0));
+    driver.task.handle(Command::KeptExit(KeptExit {
+        agent_id: "quick".into(),
+        pid,
+        start_ticks: Some(ticks),
+        exit: Exit::Code(0),
+        ran_for: Duration::ZERO,
+        at: std::time::SystemTime::now(),
+    }));
+    driver.turn();
+    assert_eq!(driver.log.take(), lines(&["spawn quick", "exit quick"]));
+
+    driver.os.answer_launches();
+    let started = driver.until(spawned).await.expect("spawned");
+    assert_eq!(started.record.pid, Some(pid));
+    assert_eq!(
+        driver.status("quick").await.record.state,
+        AgentState::Completed
+    );
+    assert_eq!(
+        driver.log.take(),
+        lines(&["event Spawned", "run ended Exited", "event Exited"])
+    );
+}
+
+#[tokio::test]
+async fn a_follower_whose_parent_ends_while_it_starts_is_stopped_once_it_runs() {
+    let mut driver = Driver::new();
+    driver.spawn(request("parent")).await.expect("parent");
+    driver.os.hold_launches();
+    let mut spawn = request("child");
+    spawn.parent_agent_id = "parent".into();
+    spawn.lifecycle.on_parent_exit = ParentExit::Stop;
+    let spawned = driver.send(|reply| Command::Spawn(Box::new(spawn), reply));
+    driver.os.exit("parent", Exit::Code(0));
+    driver.turn();
+    driver.log.take();
+
+    driver.os.answer_launches();
+    let started = driver.until(spawned).await.expect("child spawned");
+    assert_eq!(started.record.state, AgentState::Running);
+    driver.turn();
+    assert_eq!(
+        driver.status("child").await.record.state,
+        AgentState::Killed
+    );
+    assert_eq!(
+        driver.log.take(),
+        lines(&[
+            "event Spawned",
+            "event Stopping",
+            "signal child SIGTERM",
+            "exit child",
+            "run ended Stopped",
+            "event Killed",
+            "stopped ExitedOnFirstSignal",
+        ])
     );
 }
