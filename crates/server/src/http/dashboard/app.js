@@ -20,7 +20,7 @@ let order = [];           // [{id, depth}] in tree order, filtered
 let orderDirty = true;
 let dirty = true;
 let frame = 0;
-let selected = null;      // {id, cpu: [[t, v]], mem: [[t, v]], output: AbortController}
+let selected = null;      // {id, cpu: [[t, v]], mem: [[t, v]], requests: AbortController}
 let pendingFeed = [];
 let summary = null;
 
@@ -415,8 +415,8 @@ function kindClass(kind) {
 
 async function select(id) {
   if (!id || !agents.has(id)) return;
-  if (selected) selected.output.abort();
-  selected = { id, cpu: [], mem: [], output: new AbortController(), version: -1 };
+  if (selected) selected.requests.abort();
+  selected = { id, cpu: [], mem: [], requests: new AbortController(), version: -1 };
   $("detail").hidden = false;
   $("d-title").textContent = id;
   $("d-output").textContent = "";
@@ -426,7 +426,7 @@ async function select(id) {
   const mine = selected;
   followOutput(mine);
   try {
-    const answer = await fetch(`/v1/agents/${encodeURIComponent(id)}/history`);
+    const answer = await fetch(`/v1/agents/${encodeURIComponent(id)}/history`, { signal: mine.requests.signal });
     if (answer.ok && selected === mine) {
       const history = await answer.json();
       const cpu = history.samples.map((p) => [Date.parse(p.time), num(p.cpuPercent)]);
@@ -445,7 +445,7 @@ async function followOutput(mine) {
   const pre = $("d-output");
   try {
     const answer = await fetch(`/v1/agents/${encodeURIComponent(mine.id)}/logs?follow=true&tail=200`,
-      { signal: mine.output.signal });
+      { signal: mine.requests.signal });
     if (!answer.ok) { pre.textContent = `(no output: HTTP ${answer.status})`; return; }
     const reader = answer.body.pipeThrough(new TextDecoderStream()).getReader();
     for (;;) {
@@ -461,7 +461,7 @@ async function followOutput(mine) {
 }
 
 function closeDetail() {
-  if (selected) selected.output.abort();
+  if (selected) selected.requests.abort();
   selected = null;
   $("detail").hidden = true;
   for (const row of pool) row.dataset.version = "";
@@ -608,6 +608,8 @@ async function act(what, method, suffix, body, question) {
   if (!mine || mine.busy || (question && !confirm(question))) return;
   const error = $("d-error");
   error.hidden = true;
+  // What the panel still reads of an agent being removed would answer 404.
+  if (method === "DELETE") mine.requests.abort();
   mine.busy = true;
   mine.version = -1;
   schedule();
