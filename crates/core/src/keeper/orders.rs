@@ -1,43 +1,84 @@
 //! Spawn orders to the keeper, pipelined on a connection of their own, so the supervisor
-//! never waits for a fork: a writer thread sends every order queued since its last write as
-//! one message (one line each), and a reader thread takes the answers, which come in the
+//! never waits for a fork: a writer task sends every order queued since its last write as
+//! one message (one line each), and a reader task takes the answers, which come in the
 //! same order, and hands each to its order's `done`. While the keeper forks one agent, the
-//! supervisor prepares the next ones.
+//! supervisor prepares the next ones. Both tasks run on agentd's runtime, the supervisor's
+//! own thread: an answer wakes that thread once, as a blocking read did.
 
-use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::sync::mpsc;
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 
 use super::{ANSWER_WITHIN, Reply, Request, SpawnOrder, unexpected};
 use crate::launch::Started;
 
-/// Called once with the keeper's answer to one order (on the reader thread).
+/// Called once with the keeper's answer to one order.
 pub(crate) type SpawnDone = Box<dyn FnOnce(io::Result<Started>) + Send>;
 
+/// The orders sent and not yet answered, oldest first, with when each was sent; `broken`
+/// once the connection failed, after which every order fails as it is made.
+#[derive(Default)]
+struct Pending {
+    orders: VecDeque<(Instant, SpawnDone)>,
+    broken: bool,
+}
+
+type Shared = Arc<Mutex<Pending>>;
+
 pub(super) struct Orders {
-    queue: mpsc::Sender<(SpawnOrder, SpawnDone)>,
+    lines: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Shared,
 }
 
 impl Orders {
-    /// Starts the two threads on `stream`, a connection to the keeper.
-    pub fn start(stream: UnixStream) -> io::Result<Orders> {
-        stream.set_read_timeout(Some(ANSWER_WITHIN))?;
-        let reading = stream.try_clone()?;
-        let (queue, orders) = mpsc::channel();
-        let (pending, answered) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("keeper-orders".into())
-            .spawn(move || write_orders(stream, &orders, &pending))?;
-        std::thread::Builder::new()
-            .name("keeper-answers".into())
-            .spawn(move || read_answers(reading, &answered))?;
-        Ok(Orders { queue })
+    /// Starts the two tasks on `stream`, a connection to the keeper. Must be called inside
+    /// the tokio runtime.
+    pub fn start(stream: std::os::unix::net::UnixStream) -> io::Result<Orders> {
+        stream.set_nonblocking(true)?;
+        let (read, write) = tokio::net::UnixStream::from_std(stream)?.into_split();
+        let (lines, queued) = mpsc::unbounded_channel();
+        let pending = Shared::default();
+        tokio::spawn(write_orders(write, queued, pending.clone()));
+        tokio::spawn(read_answers(read, pending.clone()));
+        Ok(Orders { lines, pending })
     }
 
     pub fn send(&self, order: SpawnOrder, done: SpawnDone) {
-        if let Err(mpsc::SendError((_, done))) = self.queue.send((order, done)) {
-            done(Err(gone()));
+        let mut line = match serde_json::to_vec(&Request::Spawn(Box::new(order))) {
+            Ok(line) => line,
+            Err(error) => return done(Err(io::Error::other(error))),
+        };
+        line.push(b'\n');
+        // Queued for the answer before the order can leave.
+        let mut pending = lock(&self.pending);
+        if pending.broken || self.lines.send(line).is_err() {
+            drop(pending);
+            return done(Err(gone()));
         }
+        pending.orders.push_back((Instant::now(), done));
+    }
+}
+
+fn lock(pending: &Shared) -> std::sync::MutexGuard<'_, Pending> {
+    pending.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The connection failed: every order waiting fails (the first with `error`), and so does
+/// every later one.
+fn fail_all(pending: &Shared, error: io::Error) {
+    tracing::error!(%error, "the keeper's spawn connection failed; spawns fail from now on");
+    let orders = {
+        let mut pending = lock(pending);
+        pending.broken = true;
+        std::mem::take(&mut pending.orders)
+    };
+    let mut first = Some(error);
+    for (_, done) in orders {
+        done(Err(first.take().unwrap_or_else(gone)));
     }
 }
 
@@ -48,84 +89,70 @@ fn gone() -> io::Error {
     )
 }
 
-/// Sends the orders, as many at a time as have queued; each `done` goes to the reader
-/// before its order leaves, so the reader always knows whose the next answer is.
-fn write_orders(
-    mut stream: UnixStream,
-    orders: &mpsc::Receiver<(SpawnOrder, SpawnDone)>,
-    pending: &mpsc::Sender<SpawnDone>,
+/// Sends the orders, every one queued since the last write in one message.
+async fn write_orders(
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut queued: mpsc::UnboundedReceiver<Vec<u8>>,
+    pending: Shared,
 ) {
-    let mut message = Vec::new();
-    while let Ok(first) = orders.recv() {
-        message.clear();
-        for (order, done) in std::iter::once(first).chain(orders.try_iter()) {
-            let start = message.len();
-            match serde_json::to_writer(&mut message, &Request::Spawn(Box::new(order))) {
-                Ok(()) => message.push(b'\n'),
-                Err(error) => {
-                    message.truncate(start);
-                    done(Err(io::Error::other(error)));
-                    continue;
-                }
-            }
-            if let Err(mpsc::SendError(done)) = pending.send(done) {
-                message.truncate(start);
-                done(Err(gone()));
-            }
+    while let Some(mut message) = queued.recv().await {
+        while let Ok(line) = queued.try_recv() {
+            message.extend_from_slice(&line);
         }
-        if let Err(error) = stream.write_all(&message) {
-            // The reader then reads the end of the stream, and fails every order left.
-            tracing::error!(%error, "sending spawn orders to the keeper");
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+        if let Err(error) = write.write_all(&message).await {
+            return fail_all(&pending, error);
         }
     }
 }
 
 /// Hands each answer to its order. Once the connection fails (closed, an answer that does
-/// not parse, or none within `ANSWER_WITHIN`), it is never read again: a late answer
-/// would be taken for the next order's. Every order then fails at once.
-fn read_answers(stream: UnixStream, answered: &mpsc::Receiver<SpawnDone>) {
-    let mut stream = BufReader::new(stream);
-    let mut line = String::new();
-    while let Ok(done) = answered.recv() {
-        line.clear();
-        let reply = match stream.read_line(&mut line) {
-            Ok(0) => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the keeper closed the connection",
-            )),
-            Ok(_) => serde_json::from_str(&line).map_err(io::Error::other),
-            Err(error) => Err(error),
-        };
-        let failure = match reply {
-            Ok(Reply::Spawned { pid, start_ticks }) => {
-                done(Ok(Started {
-                    pid,
-                    start_ticks,
-                    cgroup: None,
-                    fallbacks: Vec::new(),
-                    proxy: None,
-                    gateway: None,
-                }));
+/// not parse or that nobody waits for, or none within `ANSWER_WITHIN`), it is never read
+/// again: a late answer would be taken for the next order's. Every order then fails.
+async fn read_answers(read: tokio::net::unix::OwnedReadHalf, pending: Shared) {
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    let failure = loop {
+        // `next_line` is cancellation safe: a line cut by the timeout is read whole next time.
+        let line = match tokio::time::timeout(ANSWER_WITHIN, lines.next_line()).await {
+            Err(_) => {
+                let late = lock(&pending)
+                    .orders
+                    .front()
+                    .is_some_and(|(sent, _)| sent.elapsed() >= ANSWER_WITHIN);
+                if late {
+                    break io::Error::new(io::ErrorKind::TimedOut, "the keeper did not answer");
+                }
                 continue;
             }
+            Ok(Ok(Some(line))) => line,
+            Ok(Ok(None)) => {
+                break io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the keeper closed the connection",
+                );
+            }
+            Ok(Err(error)) => break error,
+        };
+        let answer = match serde_json::from_str(&line) {
+            Ok(Reply::Spawned { pid, start_ticks }) => Ok(Started {
+                pid,
+                start_ticks,
+                cgroup: None,
+                fallbacks: Vec::new(),
+                proxy: None,
+                gateway: None,
+            }),
             // The keeper could not start this one (fork, set-up or exec): its errno.
-            Ok(Reply::Failed { errno, message }) => {
-                done(Err(match errno {
-                    Some(errno) => io::Error::from_raw_os_error(errno),
-                    None => io::Error::other(message),
-                }));
-                continue;
-            }
-            Ok(other) => unexpected(&other),
-            Err(error) => error,
+            Ok(Reply::Failed { errno, message }) => Err(match errno {
+                Some(errno) => io::Error::from_raw_os_error(errno),
+                None => io::Error::other(message),
+            }),
+            Ok(other) => break unexpected(&other),
+            Err(error) => break io::Error::other(error),
         };
-        tracing::error!(error = %failure, "the keeper's spawn connection failed; spawns fail from now on");
-        done(Err(failure));
-        let _ = stream.get_ref().shutdown(std::net::Shutdown::Both);
-        for done in answered.iter() {
-            done(Err(gone()));
-        }
-        return;
-    }
+        let Some((_, done)) = lock(&pending).orders.pop_front() else {
+            break io::Error::other("an answer from the keeper to no order");
+        };
+        done(answer);
+    };
+    fail_all(&pending, failure);
 }

@@ -298,7 +298,12 @@ impl SupervisorTask {
                 }
             }
             // Once per turn, not per write: a Spawn's own flush then covers all of its writes.
-            self.store.flush_soon();
+            // Not while a launch is under way: its answer writes the record again, and one
+            // flush started now would make that Spawn wait for two. Whoever waits for a write
+            // to be on disk (a Spawn, the acknowledgements to the keeper) asks for a flush.
+            if self.launching.is_empty() {
+                self.store.flush_soon();
+            }
             if let Some(error) = self.events.failure() {
                 self.failure = Some(format!("events can no longer be numbered: {error}"));
             }
