@@ -40,7 +40,7 @@ use crate::state::Exit;
 
 mod orders;
 
-pub(crate) use orders::SpawnDone;
+pub(crate) use orders::{SpawnDone, connection_lost};
 
 /// The argument that makes the agentd binary run as the keeper.
 pub const KEEPER_ARG: &str = "--run-as-keeper";

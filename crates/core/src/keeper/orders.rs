@@ -76,17 +76,41 @@ fn fail_all(pending: &Shared, error: io::Error) {
         pending.broken = true;
         std::mem::take(&mut pending.orders)
     };
-    let mut first = Some(error);
+    let mut first = Some(lost(format!(
+        "the keeper's spawn connection failed: {error}"
+    )));
     for (_, done) in orders {
         done(Err(first.take().unwrap_or_else(gone)));
     }
 }
 
 fn gone() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotConnected,
-        "the keeper stopped answering earlier; restart agentd",
-    )
+    lost("the keeper stopped answering earlier; restart agentd".into())
+}
+
+/// The connection to the keeper failed: an order that fails so may still have been carried
+/// out (the keeper may fork it later), so agentd must stop and adopt what runs at its next
+/// start rather than record a failure.
+#[derive(Debug)]
+struct ConnectionLost(String);
+
+impl std::fmt::Display for ConnectionLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConnectionLost {}
+
+fn lost(why: String) -> io::Error {
+    io::Error::other(ConnectionLost(why))
+}
+
+/// Whether a spawn failed because the connection to the keeper did, not the spawn itself.
+pub(crate) fn connection_lost(error: &io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<ConnectionLost>())
 }
 
 /// Sends the orders, every one queued since the last write in one message.
@@ -98,6 +122,10 @@ async fn write_orders(
     while let Some(mut message) = queued.recv().await {
         while let Ok(line) = queued.try_recv() {
             message.extend_from_slice(&line);
+        }
+        // Orders that failed already must not reach the keeper after all.
+        if lock(&pending).broken {
+            return;
         }
         if let Err(error) = write.write_all(&message).await {
             return fail_all(&pending, error);
@@ -111,8 +139,15 @@ async fn write_orders(
 async fn read_answers(read: tokio::net::unix::OwnedReadHalf, pending: Shared) {
     let mut lines = tokio::io::BufReader::new(read).lines();
     let failure = loop {
-        // `next_line` is cancellation safe: a line cut by the timeout is read whole next time.
-        let line = match tokio::time::timeout(ANSWER_WITHIN, lines.next_line()).await {
+        // Until the oldest order waiting is due; `next_line` is cancellation safe: a line
+        // cut by the timeout is read whole next time.
+        let due = lock(&pending)
+            .orders
+            .front()
+            .map_or(ANSWER_WITHIN, |(sent, _)| {
+                (*sent + ANSWER_WITHIN).saturating_duration_since(Instant::now())
+            });
+        let line = match tokio::time::timeout(due, lines.next_line()).await {
             Err(_) => {
                 let late = lock(&pending)
                     .orders

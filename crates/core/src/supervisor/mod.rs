@@ -327,7 +327,8 @@ impl SupervisorTask {
 
     /// Whether a command may be carried out now, with the launches under way: it reads, or
     /// starts another launch (spawns are pipelined through the keeper), or concerns no
-    /// agent being launched.
+    /// agent being launched. Samples wait: the usage in a status file can reach a budget
+    /// that stops or pauses a whole tree, launching agents included.
     fn passes_launches(&self, command: &Command) -> bool {
         self.launching.is_empty()
             || match command {
@@ -338,7 +339,6 @@ impl SupervisorTask {
                 | Command::Summary(..)
                 | Command::Watch(..)
                 | Command::SampleTargets(..)
-                | Command::Samples(..)
                 | Command::Spending(..)
                 | Command::Reap(..)
                 | Command::Fatal(..) => true,

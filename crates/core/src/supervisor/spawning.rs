@@ -10,6 +10,7 @@ use crate::agent::{AgentRecord, AgentStatus};
 use crate::agent_dir::AgentFiles;
 use crate::error::{Error, Result};
 use crate::files;
+use crate::keeper;
 use crate::launch;
 use crate::machine::{AgentMachine, Launched};
 use crate::process;
@@ -70,6 +71,17 @@ impl SupervisorTask {
         let Some(launching) = self.launching.remove(&agent_id) else {
             return;
         };
+        if let Err(Error::Spawn { source, .. }) = &started
+            && keeper::connection_lost(source)
+        {
+            // The keeper may still start it: the record stays STARTING, and the next agentd
+            // adopts whatever runs (or records it LOST). This one stops.
+            self.failure = Some(source.to_string());
+            for waiter in launching.waiters {
+                let _ = waiter.send(Err(Error::ShuttingDown));
+            }
+            return;
+        }
         let launched = {
             let _entered = launching.span.enter();
             let launched = tracing::info_span!(target: trace::TARGET, "agentd.spawn.started")
