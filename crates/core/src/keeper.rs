@@ -220,7 +220,8 @@ impl KeeperClient {
         }
     }
 
-    /// Starts a process through the keeper; `done` gets the answer, on another thread.
+    /// Starts a process through the keeper; `done` gets the answer later, from the orders'
+    /// reader task.
     pub fn spawn(&self, order: SpawnOrder, done: SpawnDone) {
         self.orders.send(order, done);
     }

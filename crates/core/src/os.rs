@@ -273,7 +273,7 @@ impl Os for System {
             }
             None => None,
         };
-        // From the order to the keeper's answer, which comes on another thread.
+        // From the order to the keeper's answer, which comes later (`keeper/orders.rs`).
         let span = tracing::info_span!(target: trace::TARGET, "agentd.spawn.keeper");
         self.keeper.spawn(
             order,

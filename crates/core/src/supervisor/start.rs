@@ -136,13 +136,15 @@ impl Supervisor {
             data_lock: Some(data_lock),
             commands: commands_tx.downgrade(),
         };
-        let (mut task, inboxes) = SupervisorTask::new(parts, &config)?;
-        let Inboxes {
-            adopted_exits,
-            acks: ack_queue,
-            denials,
-            launches,
-        } = inboxes;
+        let (
+            mut task,
+            Inboxes {
+                adopted_exits,
+                acks: ack_queue,
+                denials,
+                launches,
+            },
+        ) = SupervisorTask::new(parts, &config)?;
         let recovered_exits: Vec<i32> = exits.iter().map(|exit| exit.pid).collect();
         task.recover(KeeperState { children, exits }, records, rebuilt)?;
         task.reap();
