@@ -224,3 +224,53 @@ async fn a_figures_view_trims_health_samples_only() {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(refused.message().contains("view"), "{}", refused.message());
 }
+
+/// With `EVENT_VIEW_FIGURES`, a HEALTH sample comes only when an agent's figures changed: a
+/// busy agent's every round, an idle one's (next to) never. A whole-status watcher gets every
+/// agent's sample every round, and while one is subscribed, so does everyone.
+#[tokio::test]
+async fn a_figures_view_gets_only_the_samples_that_changed() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    spawn(&mut client, "idle", vec!["sleep".into(), "300".into()]).await;
+    spawn(&mut client, "busy", sh("while :; do :; done")).await;
+    let watch = |view: pb::EventView| pb::WatchAgentsRequest {
+        agent_ids: vec!["idle".into(), "busy".into()],
+        kinds: vec![EventKind::Health as i32],
+        view: view.into(),
+        ..Default::default()
+    };
+    let mut figures = client
+        .watch_agents(watch(pb::EventView::Figures))
+        .await
+        .expect("watch")
+        .into_inner();
+    // Samples of each until `agent` has had `rounds` (the daemon samples every 100 ms).
+    async fn count(
+        events: &mut tonic::Streaming<pb::AgentEvent>,
+        agent: &str,
+        rounds: usize,
+    ) -> [usize; 2] {
+        let mut seen = [0, 0];
+        while seen[usize::from(agent == "busy")] < rounds {
+            let event = next_event(events).await;
+            let id = event.status.expect("status").agent_id;
+            seen[usize::from(id == "busy")] += 1;
+        }
+        seen
+    }
+    // The idle agent's first samples may differ (its start, a memory reading taken again).
+    let [idle, _] = count(&mut figures, "busy", 10).await;
+    assert!(idle <= 2, "{idle} samples of an idle agent in 10 rounds");
+
+    let mut whole = client
+        .watch_agents(watch(pb::EventView::Full))
+        .await
+        .expect("watch")
+        .into_inner();
+    let [_, busy] = count(&mut whole, "idle", 5).await;
+    assert!(busy >= 4, "{busy}");
+    // Every round now reaches the figures watcher too.
+    count(&mut figures, "idle", 5).await;
+    stop(&mut client, &["idle", "busy"], true).await;
+}

@@ -8,6 +8,7 @@
 //! a daemon that crashes skips the rest of its block instead of reusing numbers.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -185,6 +186,19 @@ pub struct Subscription {
     pub snapshot: Vec<Event>,
     pub replay: Option<Replay>,
     pub events: broadcast::Receiver<Arc<Event>>,
+    /// Held as long as the subscriber wants a HEALTH sample of each agent every round, its
+    /// figures changed or not; `None` for one that wants only the samples that changed.
+    pub every_round: Option<EveryRound>,
+}
+
+/// A subscriber that wants every sample: while one is held, the sampler sends unchanged
+/// samples too (see [`EventBus::every_round_wanted`]).
+pub struct EveryRound(Arc<AtomicUsize>);
+
+impl Drop for EveryRound {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Logged events after a sequence, up to the moment of subscribing.
@@ -219,6 +233,8 @@ const TRIM_EVERY: usize = 256;
 
 pub(crate) struct EventBus {
     sender: broadcast::Sender<Arc<Event>>,
+    /// Subscribers holding an [`EveryRound`].
+    every_round: Arc<AtomicUsize>,
     last_sequence: u64,
     /// Sequences up to here are reserved on disk.
     reserved: u64,
@@ -241,6 +257,7 @@ impl EventBus {
         let logged = store.count_events();
         let mut bus = EventBus {
             sender,
+            every_round: Arc::default(),
             last_sequence: reserved,
             reserved,
             store,
@@ -261,9 +278,10 @@ impl EventBus {
         Ok(())
     }
 
-    /// Someone subscribes to events (and so may want every HEALTH sample).
-    pub fn watched(&self) -> bool {
-        self.sender.receiver_count() > 0
+    /// A subscriber wants every agent's HEALTH sample each round, even one whose figures did
+    /// not change (a whole-status watcher; a table of figures keeps the last ones it got).
+    pub fn every_round_wanted(&self) -> bool {
+        self.every_round.load(Ordering::Relaxed) > 0
     }
 
     /// Stamps the next sequence and publishes. The status is only built when the event is
@@ -371,6 +389,7 @@ impl EventBus {
         &self,
         statuses: impl Iterator<Item = AgentStatus>,
         after: Option<u64>,
+        every_round: bool,
     ) -> Result<Subscription> {
         let replay = match after {
             None => None,
@@ -409,10 +428,15 @@ impl EventBus {
                 encoded: Encodings::default(),
             })
             .collect();
+        let every_round = every_round.then(|| {
+            self.every_round.fetch_add(1, Ordering::Relaxed);
+            EveryRound(self.every_round.clone())
+        });
         Ok(Subscription {
             snapshot,
             replay,
             events,
+            every_round,
         })
     }
 }

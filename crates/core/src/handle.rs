@@ -29,6 +29,10 @@ pub struct Watch {
     pub include_snapshot: bool,
     /// First replay the logged events after this sequence.
     pub after_sequence: Option<u64>,
+    /// A HEALTH sample of each agent every round, even one whose figures did not change (a
+    /// whole status ages: its runtime, the moment of the sample). Otherwise only the samples
+    /// that changed come, which is all that a table of figures needs.
+    pub every_round: bool,
 }
 
 /// Which agents `list` returns. Empty fields match everything.

@@ -613,7 +613,10 @@ impl AgentMachine {
                 self.enter_step(now, stop, next, out);
             }
             Phase::BackingOff { due, .. } if now.mono >= due => {
+                // Not written: until the start's outcome is, the store's BACKING_OFF holds
+                // (a crash meanwhile restarts it, or adopts what the keeper started).
                 self.record.next_restart_at = None;
+                self.record.state = AgentState::Starting;
                 self.phase = Phase::Starting { restart: true };
                 out.push(Effect::Launch);
             }

@@ -69,8 +69,8 @@ pub struct RoundStart {
     /// The live agents to sample, with their generation; `None` when they are the same as
     /// at the generation the sampler gave.
     pub targets: Option<(u64, Vec<SampleTarget>)>,
-    /// Someone watches events: every sample is sent, even one equal to the agent's last.
-    pub watched: bool,
+    /// A watcher wants every sample, even one equal to the agent's last.
+    pub every_round: bool,
 }
 
 /// Runs the sampling loop on its own thread until `deliver` returns false. Each round also
@@ -102,7 +102,7 @@ pub fn start(
                     if answer.targets.is_some() {
                         live = answer.targets;
                     }
-                    sampler.send_unchanged = answer.watched;
+                    sampler.send_unchanged = answer.every_round;
                     let targets: &[SampleTarget] = live.as_ref().map_or(&[], |(_, t)| t);
                     #[cfg(debug_assertions)]
                     if !targets.is_empty()
@@ -141,8 +141,8 @@ struct Sampler {
     status_seen: HashMap<String, SystemTime>,
     /// Agents with a cgroup are measured through it.
     cgroups: Option<CgroupSampler>,
-    /// The last sample sent for each agent: an unchanged one is not sent again, unless
-    /// someone watches events (`send_unchanged`).
+    /// The last sample sent for each agent: an unchanged one is not sent again, unless a
+    /// watcher wants every round (`send_unchanged`).
     sent: HashMap<String, (i32, TreeSample)>,
     send_unchanged: bool,
     /// CPU ticks each agent's tree used in its current run (its leader's pid), for agents
@@ -150,8 +150,8 @@ struct Sampler {
     run_ticks: HashMap<String, (i32, u64)>,
 }
 
-/// Adds the sample to the batch unless it is the one last sent for the agent (and nobody
-/// watches, who would want every sample as a HEALTH event).
+/// Adds the sample to the batch unless it is the one last sent for the agent (and no watcher
+/// wants every sample as a HEALTH event).
 fn send_if_changed(
     sent: &mut HashMap<String, (i32, TreeSample)>,
     send_unchanged: bool,

@@ -99,15 +99,6 @@ impl AgentSupervisorService {
                     .map(|kind| convert::from_wire("kinds", kind))
                     .collect::<Result<_, _>>()?,
             };
-            let subscription = self
-                .supervisor
-                .watch(Watch {
-                    filter: filter.clone(),
-                    include_snapshot: request.include_snapshot,
-                    after_sequence: request.after_sequence,
-                })
-                .await
-                .map_err(error_status)?;
             let figures = match pb::EventView::try_from(request.view) {
                 Ok(view) => view == pb::EventView::Figures,
                 Err(_) => {
@@ -117,6 +108,17 @@ impl AgentSupervisorService {
                     )));
                 }
             };
+            let subscription = self
+                .supervisor
+                .watch(Watch {
+                    filter: filter.clone(),
+                    include_snapshot: request.include_snapshot,
+                    after_sequence: request.after_sequence,
+                    // A table of figures keeps the last ones: it needs only what changed.
+                    every_round: !figures,
+                })
+                .await
+                .map_err(error_status)?;
             let options = WatchOptions {
                 filter,
                 health_interval,

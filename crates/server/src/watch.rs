@@ -194,6 +194,7 @@ impl Forwarder {
             snapshot,
             replay,
             mut events,
+            every_round: _every_round,
         } = subscription;
         // Snapshot and replay wait for the client: they are bounded, and the live events
         // meanwhile wait in the broadcast ring.

@@ -43,6 +43,14 @@ impl AgentMachine {
         }
     }
 
+    /// Figures no sample carries changed (spend, egress counts): a live agent tells them
+    /// with its last sample, as a HEALTH event.
+    pub fn figures_moved(&self, out: &mut Vec<Effect>) {
+        if self.leader_alive() {
+            self.emit(out, EventKind::Health, String::new());
+        }
+    }
+
     /// Runs every health check of a running agent; once per sampling interval.
     pub fn check_health(&mut self, now: Now, out: &mut Vec<Effect>) {
         if self.phase != Phase::Running {

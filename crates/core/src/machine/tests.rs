@@ -302,6 +302,7 @@ fn restarts_back_off_within_the_jitter_grow_and_reset_after_a_long_run() {
         delays.push(due.duration_since(clock.mono));
         let launch = fire(&mut machine, &mut clock);
         assert_eq!(launch, [Effect::Launch]);
+        assert_eq!(machine.record().state, AgentState::Starting);
         let mut out = Vec::new();
         machine.started(clock.now(), launched(5000 + run, Some(2)), &mut out);
         assert_eq!(machine.record().restart_count, run as u32 + 1);

@@ -127,6 +127,9 @@ pub(crate) struct SupervisorTask {
     history_capacity: usize,
     history_window: Duration,
     sample_interval: Duration,
+    /// Agents whose figures changed where no sample sees (spend, egress counts): each gets
+    /// a HEALTH event at the next round, as a sample that changed would (`samples.rs`).
+    figures_moved: HashSet<String>,
     sandboxes: sandboxes::Sandboxes,
 }
 
@@ -248,6 +251,7 @@ impl SupervisorTask {
             targets_generation: 0,
             spawns: (0, 0),
             histories: HashMap::new(),
+            figures_moved: HashSet::new(),
             history_capacity: history_capacity(config.history, config.sample_interval),
             history_window: config.history,
             sample_interval: config.sample_interval,
@@ -414,10 +418,14 @@ impl SupervisorTask {
                 } else {
                     Vec::new()
                 };
-                let _ = reply.send(
-                    self.events
-                        .subscribe(statuses.into_iter(), watch.after_sequence),
-                );
+                let every_round = watch.every_round
+                    && (watch.filter.kinds.is_empty()
+                        || watch.filter.kinds.contains(&EventKind::Health));
+                let _ = reply.send(self.events.subscribe(
+                    statuses.into_iter(),
+                    watch.after_sequence,
+                    every_round,
+                ));
             }
             Command::Shutdown(reply) => self.shutdown(reply),
             Command::SampleTargets(known, reply) => {
@@ -425,7 +433,7 @@ impl SupervisorTask {
                 let _ = reply.send(sampler::RoundStart {
                     targets: (known != Some(generation))
                         .then(|| (generation, self.table.sample_targets())),
-                    watched: self.events.watched(),
+                    every_round: self.events.every_round_wanted(),
                 });
             }
             Command::Samples(batch) => self.samples(batch),

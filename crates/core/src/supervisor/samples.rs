@@ -20,6 +20,9 @@ impl SupervisorTask {
         self.recorder.sampled(batch.took);
         let at = self.clock.wall();
         for (agent_id, sample) in batch.samples {
+            if !self.figures_moved.is_empty() {
+                self.figures_moved.remove(&agent_id);
+            }
             let point = HistoryPoint::new(at, &sample);
             let kept = self.input(&agent_id, |m, _, out| {
                 let alive = m.leader_alive();
@@ -48,6 +51,10 @@ impl SupervisorTask {
                 };
                 m.heartbeat(now, update, out);
             });
+        }
+        // After the status files' usage, which may have moved some.
+        for agent_id in std::mem::take(&mut self.figures_moved) {
+            self.input(&agent_id, |m, _, out| m.figures_moved(out));
         }
         let checked = self.table.ids_where(|m| {
             m.leader_alive() && m.record().spec.health_policy != HealthPolicy::default()

@@ -265,7 +265,11 @@ impl SupervisorTask {
     pub(super) fn refresh_egress_counts(&mut self) {
         for (agent_id, proxy) in &self.sandboxes.proxies {
             if let Some(machine) = self.table.get_mut(agent_id) {
-                machine.set_egress(proxy.egress.counts());
+                let counts = proxy.egress.counts();
+                if machine.record().egress != counts {
+                    machine.set_egress(counts);
+                    self.figures_moved.insert(agent_id.clone());
+                }
             }
         }
     }

@@ -33,6 +33,7 @@ impl SupervisorTask {
                 break;
             };
             machine.tree_spend_mut().add(usage);
+            self.figures_moved.insert(id.clone());
             if let Err(error) = self.store.put(machine.record()) {
                 tracing::warn!(agent_id = %id, %error, "storing the agent's spend");
             }

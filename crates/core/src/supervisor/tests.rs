@@ -12,7 +12,8 @@ use crate::agent::{AgentRecord, AgentStatus};
 use crate::clock::{Clock, FakeClock};
 use crate::config::{Limits, SupervisorConfig};
 use crate::error::Error;
-use crate::handle::{Command, StopTarget};
+use crate::events::{EventFilter, EventKind};
+use crate::handle::{Command, StopTarget, Watch};
 use crate::keeper::{KeptChild, KeptExit};
 use crate::lifecycle::{Backoff, ParentExit, RestartPolicy};
 use crate::recover::KeeperState;
@@ -687,4 +688,83 @@ async fn a_follower_whose_parent_ends_while_it_starts_is_stopped_once_it_runs() 
             "stopped ExitedOnFirstSignal",
         ])
     );
+}
+
+/// The sampler sends unchanged samples only while a watcher wants every round: one of the
+/// whole status that takes HEALTH events, for as long as its subscription lives.
+#[tokio::test]
+async fn unchanged_samples_go_out_only_while_a_watcher_wants_every_round() {
+    let mut driver = Driver::new();
+    let every_round = async |driver: &mut Driver| {
+        driver
+            .call(|reply| Command::SampleTargets(None, reply))
+            .await
+            .every_round
+    };
+    let watch = async |driver: &mut Driver, every_round: bool, kinds: &[EventKind]| {
+        let watch = Watch {
+            filter: EventFilter {
+                kinds: kinds.iter().copied().collect(),
+                ..EventFilter::default()
+            },
+            every_round,
+            ..Watch::default()
+        };
+        driver
+            .call(|reply| Command::Watch(watch, reply))
+            .await
+            .expect("subscribed")
+    };
+    assert!(!every_round(&mut driver).await);
+    let figures = watch(&mut driver, false, &[]).await;
+    let lifecycle = watch(&mut driver, true, &[EventKind::Exited]).await;
+    assert!(!every_round(&mut driver).await);
+    let whole = watch(&mut driver, true, &[EventKind::Health]).await;
+    let everything = watch(&mut driver, true, &[]).await;
+    assert!(every_round(&mut driver).await);
+    drop(whole);
+    assert!(every_round(&mut driver).await);
+    drop(everything);
+    assert!(!every_round(&mut driver).await);
+    drop((figures, lifecycle));
+}
+
+/// Spend moves figures no sample carries: a watcher of changed figures alone gets a HEALTH
+/// event with it at the next round, for the agent and each ancestor whose tree spend grew.
+#[tokio::test]
+async fn spend_reaches_a_watcher_of_changed_figures_at_the_next_round() {
+    let mut driver = Driver::new();
+    driver.spawn(request("parent")).await.expect("spawned");
+    let mut child = request("child");
+    child.parent_agent_id = "parent".into();
+    driver.spawn(child).await.expect("spawned");
+    let watch = Watch::default();
+    let mut events = driver
+        .call(|reply| Command::Watch(watch, reply))
+        .await
+        .expect("subscribed")
+        .events;
+    let usage = crate::spend::Usage {
+        input_tokens: 100,
+        requests: 1,
+        cost_micros: 250,
+        ..Default::default()
+    };
+    driver
+        .call(|reply| Command::ReportUsage("child".into(), "p/m".into(), usage, reply))
+        .await
+        .expect("counted");
+    driver.task.handle(Command::Samples(Default::default()));
+    let mut told = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if event.kind == EventKind::Health {
+            let record = &event.status.record;
+            told.push((record.spec.agent_id.clone(), record.tree_spend.cost_micros));
+        }
+    }
+    told.sort();
+    assert_eq!(told, [("child".into(), 250), ("parent".into(), 250)]);
+    // Told once: the next round has nothing to tell.
+    driver.task.handle(Command::Samples(Default::default()));
+    assert!(events.try_recv().is_err());
 }

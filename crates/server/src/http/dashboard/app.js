@@ -6,7 +6,8 @@
 
 const ROW = 26;          // px, as --row in style.css
 const OVERSCAN = 8;      // rows drawn beyond the viewport
-const SPARK = 60;        // samples in a row's sparkline
+const SPARK = 60000;     // ms in a row's sparkline
+const SPARK_POINTS = 120; // samples a row keeps for it
 const CHART = 600;       // samples in the detail charts
 const FEED = 200;        // events in the feed
 const OUTPUT = 64 << 10; // characters of output kept in the detail pane
@@ -161,7 +162,7 @@ function patch(id, figures) {
 function sample(id, t, cpu, mem) {
   const a = agents.get(id);
   if (!a) return;
-  push(a.spark, [t, cpu, mem], SPARK);
+  push(a.spark, [t, cpu, mem], SPARK_POINTS);
   if (selected && selected.id === id) {
     push(selected.cpu, [t, cpu], CHART);
     push(selected.mem, [t, mem], CHART);
@@ -279,6 +280,8 @@ function rowElement(i) {
 function renderRows() {
   const view = $("rows");
   const first = Math.max(0, Math.floor(view.scrollTop / ROW) - OVERSCAN);
+  // Live sparklines move on once a second, events or not.
+  const second = String(Math.floor(Date.now() / 1000));
   const last = Math.min(order.length, Math.ceil((view.scrollTop + view.clientHeight) / ROW) + OVERSCAN);
   let used = 0;
   for (let i = first; i < last; i++, used++) {
@@ -288,13 +291,18 @@ function renderRows() {
     row.hidden = false;
     row.style.transform = `translateY(${i * ROW}px)`;
     row.classList.toggle("selected", selected !== null && selected.id === id);
+    const s = a.s, state = short(s.state), health = short(s.health);
     if (row.dataset.id === id && row.dataset.version === String(a.version)) {
       setText(row.children[8], fmtDuration(runtime(a)));
+      if (row.dataset.second !== second && LIVE.has(state)) {
+        row.dataset.second = second;
+        drawSpark(row.children[7].firstChild, a.spark, Date.now());
+      }
       continue;
     }
     row.dataset.id = id;
     row.dataset.version = a.version;
-    const s = a.s, state = short(s.state), health = short(s.health);
+    row.dataset.second = second;
     const cells = row.children;
     const name = s.agentName && s.agentName !== id ? ` (${s.agentName})` : "";
     setHtml(cells[0], (depth ? `<span class="tree">${"  ".repeat(depth - 1)}└ </span>` : "") +
@@ -309,7 +317,7 @@ function renderRows() {
     setText(cells[4], LIVE.has(state) && s.pid ? String(s.pid) : "");
     setText(cells[5], LIVE.has(state) ? num(s.cpuPercent).toFixed(1) : "");
     setText(cells[6], LIVE.has(state) ? fmtMem(num(s.memoryMb)) : fmtMem(num(s.peakMemoryMb)));
-    drawSpark(cells[7].firstChild, a.spark);
+    drawSpark(cells[7].firstChild, a.spark, chartEnd(LIVE.has(state), a.spark));
     setText(cells[8], fmtDuration(runtime(a)));
     const progress = num(s.progress);
     cells[9].firstChild.firstChild.style.width = Math.min(100, progress) + "%";
@@ -343,33 +351,50 @@ function renderRows() {
 // A row's sparkline starts from the daemon's history the first time the row is seen.
 async function loadSpark(id, a) {
   a.history = true;
-  const since = new Date(Date.now() - SPARK * 2000).toISOString();
+  const since = new Date(Date.now() - SPARK).toISOString();
   try {
     const answer = await fetch(`/v1/agents/${encodeURIComponent(id)}/history?since=${since}`);
     if (!answer.ok) return;
     const history = await answer.json();
     const points = history.samples.map((p) => [Date.parse(p.time), num(p.cpuPercent), num(p.memoryMb)]);
     const newest = points.length ? points[points.length - 1][0] : 0;
-    a.spark = points.concat(a.spark.filter((p) => p[0] > newest)).slice(-SPARK);
+    a.spark = points.concat(a.spark.filter((p) => p[0] > newest)).slice(-SPARK_POINTS);
     a.version++;
     schedule();
   } catch (_) { /* drawn from live samples alone */ }
 }
 
-function drawSpark(canvas, points) {
+// The minute up to `until` (now, for a live agent).
+function drawSpark(canvas, points, until) {
   const g = canvas.getContext("2d");
   g.clearRect(0, 0, canvas.width, canvas.height);
-  if (points.length < 2) return;
   // Each row on its own scale (at least 5%), so an agent's shape shows.
-  const top = Math.max(5, ...points.map((p) => p[1]));
+  const from = until - SPARK;
+  const shown = points.filter((p, i) => i === points.length - 1 || points[i + 1][0] > from);
+  const top = Math.max(5, ...shown.map((p) => p[1]));
+  const x = (t) => ((Math.max(t, from) - from) / SPARK) * canvas.width;
+  const y = (v) => canvas.height - 1 - (Math.min(v, top) / top) * (canvas.height - 2);
   g.strokeStyle = "#4cc38a";
+  steps(g, points, until, x, y);
+}
+
+// A sample's value holds until the next one: only samples whose figures changed are sent
+// (`view=figures`), and the last one holds until `until`.
+function steps(g, points, until, x, y) {
+  if (!points.length) return;
   g.beginPath();
-  const dx = canvas.width / (SPARK - 1), offset = SPARK - points.length;
-  points.forEach((p, i) => {
-    const x = (offset + i) * dx, y = canvas.height - 1 - (p[1] / top) * (canvas.height - 2);
-    i ? g.lineTo(x, y) : g.moveTo(x, y);
-  });
+  g.moveTo(x(points[0][0]), y(points[0][1]));
+  for (let i = 1; i < points.length; i++) {
+    g.lineTo(x(points[i][0]), y(points[i - 1][1]));
+    g.lineTo(x(points[i][0]), y(points[i][1]));
+  }
+  g.lineTo(x(Math.max(until, points[points.length - 1][0])), y(points[points.length - 1][1]));
   g.stroke();
+}
+
+// Where a live agent's charts end: now; an ended agent's end at its last sample.
+function chartEnd(live, points) {
+  return live || !points.length ? Date.now() : points[points.length - 1][0];
 }
 
 // The feed keeps the newest FEED lifecycle events and, apart, the newest FEED of the noisy
@@ -416,7 +441,7 @@ function kindClass(kind) {
 async function select(id) {
   if (!id || !agents.has(id)) return;
   if (selected) selected.requests.abort();
-  selected = { id, cpu: [], mem: [], requests: new AbortController(), version: -1 };
+  selected = { id, cpu: [], mem: [], requests: new AbortController(), version: -1, second: 0 };
   $("detail").hidden = false;
   $("d-title").textContent = id;
   $("d-output").textContent = "";
@@ -471,9 +496,14 @@ function closeDetail() {
 function renderDetail() {
   const a = agents.get(selected.id);
   if (!a) { closeDetail(); return; }
-  if (selected.version === a.version) return;
-  selected.version = a.version;
   const s = a.s, state = short(s.state), live = LIVE.has(state);
+  const second = Math.floor(Date.now() / 1000);
+  if (selected.version === a.version) {
+    // Live charts move on once a second, events or not.
+    if (live && selected.second !== second) drawCharts(live, second);
+    return;
+  }
+  selected.version = a.version;
   setText($("d-facts"), [words(s.state), live ? words(s.health) : "", s.pid ? `pid ${s.pid}` : "",
     exitText(s), num(s.restartCount) ? `${num(s.restartCount)} restarts` : ""].filter(Boolean).join(" · "));
   $("d-facts").title = exitTitle(s);
@@ -486,8 +516,7 @@ function renderDetail() {
     button.hidden = !show;
     button.disabled = Boolean(selected.busy);
   }
-  drawChart($("d-cpu"), selected.cpu, 1, "#4cc38a");
-  drawChart($("d-mem"), selected.mem, 1, "#5aa7f0");
+  drawCharts(live, second);
   setText($("d-cpu-now"), live ? num(s.cpuPercent).toFixed(1) : "");
   setText($("d-mem-now"), live ? num(s.memoryMb).toFixed(1) : `peak ${num(s.peakMemoryMb).toFixed(1)}`);
   const kids = [...agents.values()].filter((k) => k.s.parentAgentId === selected.id);
@@ -541,10 +570,16 @@ function shellQuote(word) {
   return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
 }
 
-// A chart of [[time ms, value]]: y from 0 to a round number above the data (at least `floor`),
-// x over the samples held (at least a minute), both with labels. Drawn at the canvas's size
-// on screen, so text is not stretched.
-function drawChart(canvas, points, floor, color) {
+function drawCharts(live, second) {
+  selected.second = second;
+  drawChart($("d-cpu"), selected.cpu, 1, "#4cc38a", chartEnd(live, selected.cpu));
+  drawChart($("d-mem"), selected.mem, 1, "#5aa7f0", chartEnd(live, selected.mem));
+}
+
+// A chart of [[time ms, value]] up to `until`: y from 0 to a round number above the data (at
+// least `floor`), x over the samples held (at least a minute), both with labels. Drawn at the
+// canvas's size on screen, so text is not stretched.
+function drawChart(canvas, points, floor, color, until) {
   const ratio = window.devicePixelRatio || 1;
   const w = canvas.clientWidth, h = canvas.clientHeight;
   if (canvas.width !== Math.round(w * ratio)) canvas.width = Math.round(w * ratio);
@@ -555,7 +590,7 @@ function drawChart(canvas, points, floor, color) {
   const left = 36, right = 8, top = 6, bottom = 16;
   const pw = w - left - right, ph = h - top - bottom;
   const max = roundUp(Math.max(floor, ...points.map((p) => p[1])));
-  const t1 = points.length ? points[points.length - 1][0] : Date.now();
+  const t1 = until;
   const t0 = Math.min(points.length ? points[0][0] : t1, t1 - 60000);
   const x = (t) => left + ((t - t0) / (t1 - t0)) * pw, y = (v) => top + ph - (v / max) * ph;
   g.font = "10px ui-monospace, monospace";
@@ -582,11 +617,8 @@ function drawChart(canvas, points, floor, color) {
     g.fillText(text, Math.min(Math.max(x(t), left + half), w - half), top + ph + 4);
   }
   g.stroke();
-  if (!points.length) return;
   g.strokeStyle = color;
-  g.beginPath();
-  points.forEach(([t, v], i) => (i ? g.lineTo(x(t), y(v)) : g.moveTo(x(t), y(v))));
-  g.stroke();
+  steps(g, points, t1, x, y);
 }
 
 // The smallest of 1, 2, 2.5 and 5 times a power of ten that is at least `v`.

@@ -2,9 +2,9 @@
 // every second are a megabyte of events a second, and parsing them where the page draws made
 // tasks of 60-120 ms. This worker reads /v1/events, drops what it has applied already, parses,
 // and hands the page one batch every 100 ms: the latest status of each agent that changed,
-// the latest figures of each agent sampled since (health samples carry only the figures a
-// table shows: `view=figures`), the samples for the charts and the events for the feed
-// (health samples only while the page shows them).
+// the latest figures of each agent sampled since (with `view=figures`, health samples carry
+// only the figures a table shows, and come only when they changed), the samples for the charts
+// and the events for the feed (health samples only while the page shows them).
 "use strict";
 
 const FLUSH_MS = 100;
