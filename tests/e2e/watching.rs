@@ -226,8 +226,9 @@ async fn a_figures_view_trims_health_samples_only() {
 }
 
 /// With `EVENT_VIEW_FIGURES`, a HEALTH sample comes only when an agent's figures changed: a
-/// busy agent's every round, an idle one's (next to) never. A whole-status watcher gets every
-/// agent's sample every round, and while one is subscribed, so does everyone.
+/// busy agent's every round, an idle one's (next to) never. A whole-status watcher, or one
+/// with a `health_interval`, gets every agent's sample every round, and while one is
+/// subscribed, so does everyone.
 #[tokio::test]
 async fn a_figures_view_gets_only_the_samples_that_changed() {
     let daemon = Daemon::start().await;
@@ -263,6 +264,18 @@ async fn a_figures_view_gets_only_the_samples_that_changed() {
     let [idle, _] = count(&mut figures, "busy", 10).await;
     assert!(idle <= 2, "{idle} samples of an idle agent in 10 rounds");
 
+    // An interval thins the samples: a change dropped would never be seen, so every
+    // round comes, as to a whole-status watcher.
+    let mut thinned = client
+        .watch_agents(pb::WatchAgentsRequest {
+            health_interval: Some(std::time::Duration::from_millis(1).into()),
+            ..watch(pb::EventView::Figures)
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    count(&mut thinned, "idle", 5).await;
+    drop(thinned);
     let mut whole = client
         .watch_agents(watch(pb::EventView::Full))
         .await

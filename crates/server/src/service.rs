@@ -114,8 +114,13 @@ impl AgentSupervisorService {
                     filter: filter.clone(),
                     include_snapshot: request.include_snapshot,
                     after_sequence: request.after_sequence,
-                    // A table of figures keeps the last ones: it needs only what changed.
-                    every_round: !figures,
+                    // A table of figures keeps the last ones: it needs only what changed,
+                    // unless an interval thins the samples (a change dropped would then
+                    // never be seen). One that wants no sample needs none.
+                    every_round: match health_interval {
+                        Some(interval) => !interval.is_zero(),
+                        None => !figures,
+                    },
                 })
                 .await
                 .map_err(error_status)?;
