@@ -114,6 +114,12 @@ seconds() { printf '%d.%d' $(($1 / 1000000000)) $(($1 / 100000000 % 10)); }
   if [ -f "$RUN/started" ]; then
     started=$(($(stat -c %Y "$RUN/started") * 1000000000))
     echo "vm: booted in about $(seconds $((started > T0 ? started - T0 : 0))) s, $(seconds $((T1 - T0))) s in all"
+    # Killed by the timeout: the guest's kernel and systemd say whether it hung as a whole
+    # (a test binary alive would have printed libtest's "running for over 60 seconds").
+    if [ "$rc_q" = 124 ]; then
+      echo "vm: timed out; the console's end:"
+      tail -n 60 "$RUN/console.log" || true
+    fi
   else
     echo "vm: the command never started ($(seconds $((T1 - T0))) s); the console's end:"
     tail -n 40 "$RUN/console.log" || true
