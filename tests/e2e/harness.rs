@@ -292,8 +292,15 @@ impl Daemon {
 impl Drop for Daemon {
     /// Kills the daemon, then every process that still carries this test's agent folder in
     /// its environment (agents, their children, orphans), so no test leaves anything behind.
+    /// A failing test shows the end of the daemon's log with its failure.
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            let log = log_in(self.dir.path());
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("--- the end of agentd.log ---\n{}", tail.join("\n"));
+        }
         kill_agents_under(&self.data_dir);
         if let Some(root) = &self.cgroup_root {
             remove_cgroups(root);

@@ -572,11 +572,12 @@ fn state_rank(state: i32) -> u8 {
     }
 }
 
-/// Seconds the run has lasted: as of the last event, plus the time since while it runs.
+/// Seconds the run has lasted: as of the last event, plus the time since while it runs
+/// (paused too: its time goes on).
 fn runtime(status: &pb::AgentStatus, received: Instant) -> f64 {
     let running = matches!(
         pb::AgentState::try_from(status.state),
-        Ok(pb::AgentState::Running | pb::AgentState::Stopping)
+        Ok(pb::AgentState::Running | pb::AgentState::Stopping | pb::AgentState::Paused)
     );
     status.runtime_seconds
         + if running {

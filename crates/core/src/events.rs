@@ -191,6 +191,18 @@ pub struct Subscription {
     pub every_round: Option<EveryRound>,
 }
 
+/// Which HEALTH samples a subscriber wants.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Samples {
+    #[default]
+    None,
+    /// Those whose figures changed, after one round of every agent's: a table of figures
+    /// that subscribes, or resumes after a gap, starts from figures as of now.
+    Changed,
+    /// Every agent's, every round (see [`EveryRound`]).
+    EveryRound,
+}
+
 /// A subscriber that wants every sample: while one is held, the sampler sends unchanged
 /// samples too (see [`EventBus::every_round_wanted`]).
 pub struct EveryRound(Arc<AtomicUsize>);
@@ -235,6 +247,8 @@ pub(crate) struct EventBus {
     sender: broadcast::Sender<Arc<Event>>,
     /// Subscribers holding an [`EveryRound`].
     every_round: Arc<AtomicUsize>,
+    /// A subscriber of [`Samples::Changed`] came since the last round began.
+    round_owed: bool,
     last_sequence: u64,
     /// Sequences up to here are reserved on disk.
     reserved: u64,
@@ -258,6 +272,7 @@ impl EventBus {
         let mut bus = EventBus {
             sender,
             every_round: Arc::default(),
+            round_owed: false,
             last_sequence: reserved,
             reserved,
             store,
@@ -278,10 +293,11 @@ impl EventBus {
         Ok(())
     }
 
-    /// A subscriber wants every agent's HEALTH sample each round, even one whose figures did
-    /// not change (a whole-status watcher; a table of figures keeps the last ones it got).
-    pub fn every_round_wanted(&self) -> bool {
-        self.every_round.load(Ordering::Relaxed) > 0
+    /// Whether the round beginning sends every agent's HEALTH sample, even one whose figures
+    /// did not change: a whole-status watcher wants that each round, and a new watcher of
+    /// changed figures once (then it keeps the last ones it got).
+    pub fn every_round_wanted(&mut self) -> bool {
+        std::mem::take(&mut self.round_owed) || self.every_round.load(Ordering::Relaxed) > 0
     }
 
     /// Stamps the next sequence and publishes. The status is only built when the event is
@@ -386,10 +402,10 @@ impl EventBus {
     /// Subscribes, then builds the snapshot from `statuses` or checks that a resume from
     /// `after` is possible, all on the supervisor task, so no event falls in between.
     pub fn subscribe(
-        &self,
+        &mut self,
         statuses: impl Iterator<Item = AgentStatus>,
         after: Option<u64>,
-        every_round: bool,
+        samples: Samples,
     ) -> Result<Subscription> {
         let replay = match after {
             None => None,
@@ -428,7 +444,8 @@ impl EventBus {
                 encoded: Encodings::default(),
             })
             .collect();
-        let every_round = every_round.then(|| {
+        self.round_owed |= samples == Samples::Changed;
+        let every_round = (samples == Samples::EveryRound).then(|| {
             self.every_round.fetch_add(1, Ordering::Relaxed);
             EveryRound(self.every_round.clone())
         });

@@ -11,7 +11,7 @@ use crate::agent::AgentStatus;
 use crate::sandbox::SandboxSupport;
 
 use crate::error::{Error, Result};
-use crate::events::{EventFilter, Subscription};
+use crate::events::{EventFilter, Samples, Subscription};
 use crate::health::ProgressReport;
 use crate::history::HistoryPoint;
 use crate::keeper::KeptExit;
@@ -29,10 +29,10 @@ pub struct Watch {
     pub include_snapshot: bool,
     /// First replay the logged events after this sequence.
     pub after_sequence: Option<u64>,
-    /// A HEALTH sample of each agent every round, even one whose figures did not change (a
-    /// whole status ages: its runtime, the moment of the sample). Otherwise only the samples
-    /// that changed come, which is all that a table of figures needs.
-    pub every_round: bool,
+    /// Which HEALTH samples: every agent's every round (a whole status ages: its runtime,
+    /// the moment of the sample), or one round of every agent's and then those that changed,
+    /// which is all that a table of figures needs, or none (as when `filter` takes no HEALTH).
+    pub samples: Samples,
 }
 
 /// Which agents `list` returns. Empty fields match everything.

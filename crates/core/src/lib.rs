@@ -53,7 +53,7 @@ pub use config::{
 pub use error::{Error, Result};
 pub use events::{
     DeniedConnection, Event, EventFilter, EventKind, EventRetention, Format as EventFormat, Replay,
-    Subscription,
+    Samples, Subscription,
 };
 pub use files::check_folder;
 pub use handle::{

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
-use agentd_core::{EventFilter, StopOptions, StopTarget, SupervisorHandle, Watch};
+use agentd_core::{EventFilter, Samples, StopOptions, StopTarget, SupervisorHandle, Watch};
 use agentd_proto::v1 as pb;
 use pb::agent_supervisor_server::AgentSupervisor;
 use tokio_util::sync::CancellationToken;
@@ -116,10 +116,13 @@ impl AgentSupervisorService {
                     after_sequence: request.after_sequence,
                     // A table of figures keeps the last ones: it needs only what changed,
                     // unless an interval thins the samples (a change dropped would then
-                    // never be seen). One that wants no sample needs none.
-                    every_round: match health_interval {
-                        Some(interval) => !interval.is_zero(),
-                        None => !figures,
+                    // never be seen).
+                    samples: match health_interval {
+                        _ if request.replay_only => Samples::None,
+                        Some(interval) if interval.is_zero() => Samples::None,
+                        Some(_) => Samples::EveryRound,
+                        None if figures => Samples::Changed,
+                        None => Samples::EveryRound,
                     },
                 })
                 .await

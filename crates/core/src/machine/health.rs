@@ -43,12 +43,10 @@ impl AgentMachine {
         }
     }
 
-    /// Figures no sample carries changed (spend, egress counts): a live agent tells them
-    /// with its last sample, as a HEALTH event.
+    /// Figures no sample carries changed (spend, egress counts, denials): told as a HEALTH
+    /// event, running or not (a tree's spend grows while its root backs off or has ended).
     pub fn figures_moved(&self, out: &mut Vec<Effect>) {
-        if self.leader_alive() {
-            self.emit(out, EventKind::Health, String::new());
-        }
+        self.emit(out, EventKind::Health, String::new());
     }
 
     /// Runs every health check of a running agent; once per sampling interval.

@@ -23,7 +23,7 @@ use crate::clock::Clock;
 use crate::config::{FinishedRetention, Limits, SupervisorConfig};
 use crate::egress::{Denial, EgressResolve};
 use crate::error::{Error, Result};
-use crate::events::{EventBus, EventKind};
+use crate::events::{EventBus, EventKind, Samples};
 use crate::handle::Command;
 use crate::history::{History, HistoryPoint};
 use crate::keeper::{AckSink, ExitStream};
@@ -127,8 +127,8 @@ pub(crate) struct SupervisorTask {
     history_capacity: usize,
     history_window: Duration,
     sample_interval: Duration,
-    /// Agents whose figures changed where no sample sees (spend, egress counts): each gets
-    /// a HEALTH event at the next round, as a sample that changed would (`samples.rs`).
+    /// Agents whose figures changed where no sample sees (spend, egress counts, denials not
+    /// told): each gets a HEALTH event at the next round (`samples.rs`).
     figures_moved: HashSet<String>,
     sandboxes: sandboxes::Sandboxes,
 }
@@ -418,13 +418,13 @@ impl SupervisorTask {
                 } else {
                     Vec::new()
                 };
-                let every_round = watch.every_round
-                    && (watch.filter.kinds.is_empty()
-                        || watch.filter.kinds.contains(&EventKind::Health));
+                let health = watch.filter.kinds.is_empty()
+                    || watch.filter.kinds.contains(&EventKind::Health);
+                let samples = if health { watch.samples } else { Samples::None };
                 let _ = reply.send(self.events.subscribe(
                     statuses.into_iter(),
                     watch.after_sequence,
-                    every_round,
+                    samples,
                 ));
             }
             Command::Shutdown(reply) => self.shutdown(reply),

@@ -343,6 +343,8 @@ impl SupervisorTask {
         }
         *count += 1;
         if *count > DENIAL_EVENTS_PER_SECOND {
+            // Not told now, but counted: a table sees the count at the next round.
+            self.figures_moved.insert(agent_id);
             return;
         }
         let message = format!("{message} refused: {}", denial.what);

@@ -12,7 +12,7 @@ use crate::agent::{AgentRecord, AgentStatus};
 use crate::clock::{Clock, FakeClock};
 use crate::config::{Limits, SupervisorConfig};
 use crate::error::Error;
-use crate::events::{EventFilter, EventKind};
+use crate::events::{EventFilter, EventKind, Samples};
 use crate::handle::{Command, StopTarget, Watch};
 use crate::keeper::{KeptChild, KeptExit};
 use crate::lifecycle::{Backoff, ParentExit, RestartPolicy};
@@ -690,8 +690,9 @@ async fn a_follower_whose_parent_ends_while_it_starts_is_stopped_once_it_runs() 
     );
 }
 
-/// The sampler sends unchanged samples only while a watcher wants every round: one of the
-/// whole status that takes HEALTH events, for as long as its subscription lives.
+/// The sampler sends unchanged samples while a watcher wants every round (one of the whole
+/// status that takes HEALTH events, for as long as its subscription lives), and for one round
+/// after a watcher of changed figures subscribes, so that it starts from figures as of now.
 #[tokio::test]
 async fn unchanged_samples_go_out_only_while_a_watcher_wants_every_round() {
     let mut driver = Driver::new();
@@ -701,13 +702,13 @@ async fn unchanged_samples_go_out_only_while_a_watcher_wants_every_round() {
             .await
             .every_round
     };
-    let watch = async |driver: &mut Driver, every_round: bool, kinds: &[EventKind]| {
+    let watch = async |driver: &mut Driver, samples: Samples, kinds: &[EventKind]| {
         let watch = Watch {
             filter: EventFilter {
                 kinds: kinds.iter().copied().collect(),
                 ..EventFilter::default()
             },
-            every_round,
+            samples,
             ..Watch::default()
         };
         driver
@@ -716,11 +717,13 @@ async fn unchanged_samples_go_out_only_while_a_watcher_wants_every_round() {
             .expect("subscribed")
     };
     assert!(!every_round(&mut driver).await);
-    let figures = watch(&mut driver, false, &[]).await;
-    let lifecycle = watch(&mut driver, true, &[EventKind::Exited]).await;
+    let lifecycle = watch(&mut driver, Samples::EveryRound, &[EventKind::Exited]).await;
     assert!(!every_round(&mut driver).await);
-    let whole = watch(&mut driver, true, &[EventKind::Health]).await;
-    let everything = watch(&mut driver, true, &[]).await;
+    let figures = watch(&mut driver, Samples::Changed, &[]).await;
+    assert!(every_round(&mut driver).await, "one round for the newcomer");
+    assert!(!every_round(&mut driver).await);
+    let whole = watch(&mut driver, Samples::EveryRound, &[EventKind::Health]).await;
+    let everything = watch(&mut driver, Samples::EveryRound, &[]).await;
     assert!(every_round(&mut driver).await);
     drop(whole);
     assert!(every_round(&mut driver).await);
@@ -730,7 +733,8 @@ async fn unchanged_samples_go_out_only_while_a_watcher_wants_every_round() {
 }
 
 /// Spend moves figures no sample carries: a watcher of changed figures alone gets a HEALTH
-/// event with it at the next round, for the agent and each ancestor whose tree spend grew.
+/// event with it at the next round, for the agent and each ancestor whose tree spend grew,
+/// running or not.
 #[tokio::test]
 async fn spend_reaches_a_watcher_of_changed_figures_at_the_next_round() {
     let mut driver = Driver::new();
@@ -738,6 +742,8 @@ async fn spend_reaches_a_watcher_of_changed_figures_at_the_next_round() {
     let mut child = request("child");
     child.parent_agent_id = "parent".into();
     driver.spawn(child).await.expect("spawned");
+    driver.os.exit("parent", Exit::Code(0));
+    driver.turn();
     let watch = Watch::default();
     let mut events = driver
         .call(|reply| Command::Watch(watch, reply))

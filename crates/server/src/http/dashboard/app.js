@@ -53,11 +53,17 @@ function fmtDuration(s) {
   return h ? `${h}h${String(m).padStart(2, "0")}m` : m ? `${m}m${String(sec).padStart(2, "0")}s` : `${sec}s`;
 }
 
+// A run's time goes on while it is paused.
 function runtime(a) {
   const s = a.s;
-  const running = short(s.state) === "RUNNING" || short(s.state) === "STOPPING";
+  const running = ["RUNNING", "STOPPING", "PAUSED"].includes(short(s.state));
   return num(s.runtimeSeconds) + (running ? (performance.now() - a.at) / 1000 : 0);
 }
+
+// The daemon's clock, as its newest sample's time says (chart times come from it): charts
+// end at its now, whatever the browser's clock says.
+let skew = 0;
+const daemonNow = () => Date.now() + skew;
 
 // How a run ended, short enough for its column: `code 3`, `signal 9`, or why agentd ended it
 // when the state does not say (`out of memory · signal 9`). Empty while it runs.
@@ -106,6 +112,9 @@ function connect() {
     for (const [id, status] of batch.statuses) update(id, status);
     for (const [id, figures] of batch.figures) patch(id, figures);
     for (const [id, t, cpu, mem] of batch.samples) sample(id, t, num(cpu), num(mem));
+    // Samples are live only (a resumption replays older events, never samples).
+    const newest = batch.samples.length ? batch.samples[batch.samples.length - 1][1] : NaN;
+    if (Number.isFinite(newest)) skew = newest - Date.now();
     pendingFeed.push(...batch.feed);
     schedule();
   };
@@ -281,7 +290,7 @@ function renderRows() {
   const view = $("rows");
   const first = Math.max(0, Math.floor(view.scrollTop / ROW) - OVERSCAN);
   // Live sparklines move on once a second, events or not.
-  const second = String(Math.floor(Date.now() / 1000));
+  const second = String(Math.floor(daemonNow() / 1000));
   const last = Math.min(order.length, Math.ceil((view.scrollTop + view.clientHeight) / ROW) + OVERSCAN);
   let used = 0;
   for (let i = first; i < last; i++, used++) {
@@ -294,9 +303,9 @@ function renderRows() {
     const s = a.s, state = short(s.state), health = short(s.health);
     if (row.dataset.id === id && row.dataset.version === String(a.version)) {
       setText(row.children[8], fmtDuration(runtime(a)));
-      if (row.dataset.second !== second && LIVE.has(state)) {
+      if (row.dataset.second !== second && s.processAlive) {
         row.dataset.second = second;
-        drawSpark(row.children[7].firstChild, a.spark, Date.now());
+        drawSpark(row.children[7].firstChild, a.spark, daemonNow());
       }
       continue;
     }
@@ -317,7 +326,7 @@ function renderRows() {
     setText(cells[4], LIVE.has(state) && s.pid ? String(s.pid) : "");
     setText(cells[5], LIVE.has(state) ? num(s.cpuPercent).toFixed(1) : "");
     setText(cells[6], LIVE.has(state) ? fmtMem(num(s.memoryMb)) : fmtMem(num(s.peakMemoryMb)));
-    drawSpark(cells[7].firstChild, a.spark, chartEnd(LIVE.has(state), a.spark));
+    drawSpark(cells[7].firstChild, a.spark, chartEnd(s.processAlive, a.spark));
     setText(cells[8], fmtDuration(runtime(a)));
     const progress = num(s.progress);
     cells[9].firstChild.firstChild.style.width = Math.min(100, progress) + "%";
@@ -351,7 +360,7 @@ function renderRows() {
 // A row's sparkline starts from the daemon's history the first time the row is seen.
 async function loadSpark(id, a) {
   a.history = true;
-  const since = new Date(Date.now() - SPARK).toISOString();
+  const since = new Date(daemonNow() - SPARK).toISOString();
   try {
     const answer = await fetch(`/v1/agents/${encodeURIComponent(id)}/history?since=${since}`);
     if (!answer.ok) return;
@@ -375,7 +384,7 @@ function drawSpark(canvas, points, until) {
   const x = (t) => ((Math.max(t, from) - from) / SPARK) * canvas.width;
   const y = (v) => canvas.height - 1 - (Math.min(v, top) / top) * (canvas.height - 2);
   g.strokeStyle = "#4cc38a";
-  steps(g, points, until, x, y);
+  steps(g, shown, until, x, y);
 }
 
 // A sample's value holds until the next one: only samples whose figures changed are sent
@@ -392,9 +401,9 @@ function steps(g, points, until, x, y) {
   g.stroke();
 }
 
-// Where a live agent's charts end: now; an ended agent's end at its last sample.
-function chartEnd(live, points) {
-  return live || !points.length ? Date.now() : points[points.length - 1][0];
+// Where the charts of an agent whose process runs end: now; else at its last sample.
+function chartEnd(alive, points) {
+  return alive || !points.length ? daemonNow() : points[points.length - 1][0];
 }
 
 // The feed keeps the newest FEED lifecycle events and, apart, the newest FEED of the noisy
@@ -497,10 +506,10 @@ function renderDetail() {
   const a = agents.get(selected.id);
   if (!a) { closeDetail(); return; }
   const s = a.s, state = short(s.state), live = LIVE.has(state);
-  const second = Math.floor(Date.now() / 1000);
+  const second = Math.floor(daemonNow() / 1000);
   if (selected.version === a.version) {
     // Live charts move on once a second, events or not.
-    if (live && selected.second !== second) drawCharts(live, second);
+    if (s.processAlive && selected.second !== second) drawCharts(true, second);
     return;
   }
   selected.version = a.version;
@@ -516,7 +525,7 @@ function renderDetail() {
     button.hidden = !show;
     button.disabled = Boolean(selected.busy);
   }
-  drawCharts(live, second);
+  drawCharts(Boolean(s.processAlive), second);
   setText($("d-cpu-now"), live ? num(s.cpuPercent).toFixed(1) : "");
   setText($("d-mem-now"), live ? num(s.memoryMb).toFixed(1) : `peak ${num(s.peakMemoryMb).toFixed(1)}`);
   const kids = [...agents.values()].filter((k) => k.s.parentAgentId === selected.id);
@@ -570,10 +579,10 @@ function shellQuote(word) {
   return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
 }
 
-function drawCharts(live, second) {
+function drawCharts(alive, second) {
   selected.second = second;
-  drawChart($("d-cpu"), selected.cpu, 1, "#4cc38a", chartEnd(live, selected.cpu));
-  drawChart($("d-mem"), selected.mem, 1, "#5aa7f0", chartEnd(live, selected.mem));
+  drawChart($("d-cpu"), selected.cpu, 1, "#4cc38a", chartEnd(alive, selected.cpu));
+  drawChart($("d-mem"), selected.mem, 1, "#5aa7f0", chartEnd(alive, selected.mem));
 }
 
 // A chart of [[time ms, value]] up to `until`: y from 0 to a round number above the data (at
