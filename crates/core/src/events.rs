@@ -187,7 +187,7 @@ pub struct Subscription {
     pub replay: Option<Replay>,
     pub events: broadcast::Receiver<Arc<Event>>,
     /// Held as long as the subscriber wants a HEALTH sample of each agent every round, its
-    /// figures changed or not; `None` for one that wants only the samples that changed.
+    /// figures changed or not; `None` for one that wants only those that changed, or none.
     pub every_round: Option<EveryRound>,
 }
 
