@@ -186,6 +186,10 @@ pub struct Subscription {
     pub snapshot: Vec<Event>,
     pub replay: Option<Replay>,
     pub events: broadcast::Receiver<Arc<Event>>,
+    /// After the replay, for a watcher of changed figures that resumes: every matching
+    /// agent's status as of now (SNAPSHOT events), as figures may have changed in the gap
+    /// and no sample tells them again.
+    pub current: Vec<Event>,
     /// Held as long as the subscriber wants a HEALTH sample of each agent every round, its
     /// figures changed or not; `None` for one that wants only those that changed, or none.
     pub every_round: Option<EveryRound>,
@@ -196,8 +200,8 @@ pub struct Subscription {
 pub enum Samples {
     #[default]
     None,
-    /// Those whose figures changed, after one round of every agent's: a table of figures
-    /// that subscribes, or resumes after a gap, starts from figures as of now.
+    /// Those whose figures changed: a table of figures, which keeps the last ones it got
+    /// (from a snapshot, or when it resumes from the statuses sent after the replay).
     Changed,
     /// Every agent's, every round (see [`EveryRound`]).
     EveryRound,
@@ -247,8 +251,6 @@ pub(crate) struct EventBus {
     sender: broadcast::Sender<Arc<Event>>,
     /// Subscribers holding an [`EveryRound`].
     every_round: Arc<AtomicUsize>,
-    /// A subscriber of [`Samples::Changed`] came since the last round began.
-    round_owed: bool,
     last_sequence: u64,
     /// Sequences up to here are reserved on disk.
     reserved: u64,
@@ -272,7 +274,6 @@ impl EventBus {
         let mut bus = EventBus {
             sender,
             every_round: Arc::default(),
-            round_owed: false,
             last_sequence: reserved,
             reserved,
             store,
@@ -293,11 +294,10 @@ impl EventBus {
         Ok(())
     }
 
-    /// Whether the round beginning sends every agent's HEALTH sample, even one whose figures
-    /// did not change: a whole-status watcher wants that each round, and a new watcher of
-    /// changed figures once (then it keeps the last ones it got).
-    pub fn every_round_wanted(&mut self) -> bool {
-        std::mem::take(&mut self.round_owed) || self.every_round.load(Ordering::Relaxed) > 0
+    /// A subscriber wants every agent's HEALTH sample each round, even one whose figures did
+    /// not change (a whole-status watcher; a table of figures keeps the last ones it got).
+    pub fn every_round_wanted(&self) -> bool {
+        self.every_round.load(Ordering::Relaxed) > 0
     }
 
     /// Stamps the next sequence and publishes. The status is only built when the event is
@@ -400,9 +400,10 @@ impl EventBus {
     }
 
     /// Subscribes, then builds the snapshot from `statuses` or checks that a resume from
-    /// `after` is possible, all on the supervisor task, so no event falls in between.
+    /// `after` is possible, all on the supervisor task, so no event falls in between. With a
+    /// resume, `statuses` are the ones sent after the replay ([`Subscription::current`]).
     pub fn subscribe(
-        &mut self,
+        &self,
         statuses: impl Iterator<Item = AgentStatus>,
         after: Option<u64>,
         samples: Samples,
@@ -432,7 +433,7 @@ impl EventBus {
         };
         let events = self.sender.subscribe();
         let now = SystemTime::now();
-        let snapshot = statuses
+        let statuses = statuses
             .map(|status| Event {
                 sequence: self.last_sequence,
                 time: now,
@@ -444,7 +445,10 @@ impl EventBus {
                 encoded: Encodings::default(),
             })
             .collect();
-        self.round_owed |= samples == Samples::Changed;
+        let (snapshot, current) = match &replay {
+            None => (statuses, Vec::new()),
+            Some(_) => (Vec::new(), statuses),
+        };
         let every_round = (samples == Samples::EveryRound).then(|| {
             self.every_round.fetch_add(1, Ordering::Relaxed);
             EveryRound(self.every_round.clone())
@@ -453,6 +457,7 @@ impl EventBus {
             snapshot,
             replay,
             events,
+            current,
             every_round,
         })
     }

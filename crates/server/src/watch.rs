@@ -194,6 +194,7 @@ impl Forwarder {
             snapshot,
             replay,
             mut events,
+            current,
             every_round: _every_round,
         } = subscription;
         // Snapshot and replay wait for the client: they are bounded, and the live events
@@ -209,6 +210,9 @@ impl Forwarder {
                     self.send(Arc::new(event)).await.ok()?;
                 }
             }
+        }
+        for event in current {
+            self.send(Arc::new(event)).await.ok()?;
         }
         if self.options.replay_only {
             return None;

@@ -409,7 +409,13 @@ impl SupervisorTask {
             }
             Command::Watch(watch, reply) => {
                 let now = self.clock.mono();
-                let statuses: Vec<AgentStatus> = if watch.include_snapshot {
+                let health = watch.filter.kinds.is_empty()
+                    || watch.filter.kinds.contains(&EventKind::Health);
+                let samples = if health { watch.samples } else { Samples::None };
+                // A table of changed figures that resumes gets them as of now after the
+                // replay: a sample it missed in the gap is not sent again.
+                let resumes = watch.after_sequence.is_some() && samples == Samples::Changed;
+                let statuses: Vec<AgentStatus> = if watch.include_snapshot || resumes {
                     self.table
                         .machines()
                         .map(|machine| machine.status(now))
@@ -418,9 +424,6 @@ impl SupervisorTask {
                 } else {
                     Vec::new()
                 };
-                let health = watch.filter.kinds.is_empty()
-                    || watch.filter.kinds.contains(&EventKind::Health);
-                let samples = if health { watch.samples } else { Samples::None };
                 let _ = reply.send(self.events.subscribe(
                     statuses.into_iter(),
                     watch.after_sequence,
