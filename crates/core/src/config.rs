@@ -15,7 +15,10 @@ pub struct SupervisorConfig {
     pub sample_interval: Duration,
     /// How far back each agent's samples are kept in memory; zero keeps none.
     pub history: Duration,
-    /// Events a subscriber may fall behind by before it is told it lagged.
+    /// Events a subscriber may fall behind by before it is told it lagged. A sampling round
+    /// sends one HEALTH event per live agent at once, before any watcher runs: the ring must
+    /// hold a round of the whole fleet. A slot costs about 40 bytes; an event is released as
+    /// soon as every watcher has read it.
     pub event_buffer: usize,
     pub event_retention: EventRetention,
     pub limits: Limits,
@@ -109,7 +112,7 @@ impl SupervisorConfig {
             data_dir,
             sample_interval: Duration::from_secs(1),
             history: Duration::from_secs(600),
-            event_buffer: 8192,
+            event_buffer: 65_536,
             event_retention: EventRetention::default(),
             limits: Limits::default(),
             log_rotation: LogRotation::default(),
