@@ -159,8 +159,12 @@ impl EventFilter {
     }
 
     pub fn matches(&self, event: &Event) -> bool {
-        (self.kinds.is_empty() || self.kinds.contains(&event.kind))
-            && self.matches_agent(&event.status)
+        self.takes(event.kind) && self.matches_agent(&event.status)
+    }
+
+    /// Whether events of this kind pass (no kinds named: every kind).
+    pub fn takes(&self, kind: EventKind) -> bool {
+        self.kinds.is_empty() || self.kinds.contains(&kind)
     }
 }
 

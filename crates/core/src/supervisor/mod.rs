@@ -409,9 +409,10 @@ impl SupervisorTask {
             }
             Command::Watch(watch, reply) => {
                 let now = self.clock.mono();
-                let health = watch.filter.kinds.is_empty()
-                    || watch.filter.kinds.contains(&EventKind::Health);
-                let samples = if health { watch.samples } else { Samples::None };
+                let samples = match watch.filter.takes(EventKind::Health) {
+                    true => watch.samples,
+                    false => Samples::None,
+                };
                 // A table of changed figures that resumes gets them as of now after the
                 // replay: a sample it missed in the gap is not sent again.
                 let resumes = watch.after_sequence.is_some() && samples == Samples::Changed;
