@@ -58,7 +58,7 @@ impl Driver {
         for folder in ["agents", "specs", "trash"] {
             std::fs::create_dir_all(dir.path().join(folder)).expect("folder");
         }
-        let store = Store::open(&dir.path().join("store")).expect("store");
+        let store = open_store(&dir.path().join("store"));
         let (commands_tx, commands) = mpsc::channel(1 << 16);
         let parts = Parts {
             os: os.clone(),
@@ -148,6 +148,21 @@ impl Driver {
         };
         self.task.handle(Command::Stop(target, options, reply));
         answer
+    }
+}
+
+/// The store, once an earlier task on the same folder lets go of it: a flush it started
+/// (`Store::flush_soon`, a blocking task holding the store) may still hold sled's lock.
+fn open_store(path: &std::path::Path) -> Store {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Store::open(path) {
+            Ok(store) => return store,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(error) => panic!("store: {error:?}"),
+        }
     }
 }
 
